@@ -1,0 +1,1 @@
+"""The ``duet`` command line."""

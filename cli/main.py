@@ -1,0 +1,29 @@
+"""``duet``: one command with a subcommand per job.
+
+Each subcommand lives in its own module and imports its heavy dependencies
+inside the command body, so ``duet --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from cli import curate, demo, generate, model, probe, synth
+
+app = typer.Typer(
+    name="duet",
+    help="Duet: curate footage, train and serve a joint audio-video diffusion model.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+app.command("synth")(synth.synth)
+app.command("probe")(probe.probe)
+app.add_typer(model.app, name="model")
+app.command("generate")(generate.generate)
+app.command("curate")(curate.curate)
+app.command("demo")(demo.demo)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,80 @@
+"""Storage round trips on local disk and on a real S3 API server on loopback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from core import storage
+
+
+@pytest.fixture(params=["local", "file_uri", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path)
+    if request.param == "file_uri":
+        return f"file://{tmp_path}"
+    return request.getfixturevalue("s3_bucket") + "/prefix"
+
+
+def test_write_read_list_remove(root):
+    a = storage.join(root, "a", "one.bin")
+    b = storage.join(root, "a", "deeper", "two.json")
+    storage.write_bytes(a, b"\x00\x01payload")
+    storage.write_json(b, {"k": [1, 2, 3]})
+
+    assert storage.exists(a) and storage.size(a) == 9
+    assert storage.read_bytes(a) == b"\x00\x01payload"
+    assert storage.read_json(b) == {"k": [1, 2, 3]}
+    listed = storage.list_files(storage.join(root, "a"))
+    assert [x.rsplit("/", 1)[-1] for x in listed] == ["two.json", "one.bin"] or sorted(
+        x.rsplit("/", 1)[-1] for x in listed
+    ) == ["one.bin", "two.json"]
+    assert storage.list_files(storage.join(root, "a"), suffixes=(".json",)) == [b]
+    assert storage.glob(storage.join(root, "a", "*.bin")) == [a]
+
+    storage.remove(a)
+    assert not storage.exists(a)
+    with pytest.raises(storage.StorageError, match="no such file"):
+        storage.read_bytes(a)
+
+
+def test_overwrite_is_whole(root):
+    target = storage.join(root, "x.txt")
+    storage.write_text(target, "old" * 1000)
+    storage.write_text(target, "new")
+    assert storage.read_text(target) == "new"
+
+
+def test_local_output_moves_only_on_success(root):
+    target = storage.join(root, "out", "video.mp4")
+    with pytest.raises(RuntimeError):
+        with storage.local_output(target) as path:
+            with open(path, "wb") as fh:
+                fh.write(b"partial")
+            raise RuntimeError("encoder crashed")
+    assert not storage.exists(target)
+
+    with storage.local_output(target) as path:
+        with open(path, "wb") as fh:
+            fh.write(b"complete")
+    assert storage.read_bytes(target) == b"complete"
+    with storage.local_copy(target) as local:
+        assert os.path.exists(local)
+        with open(local, "rb") as fh:
+            assert fh.read() == b"complete"
+
+
+def test_commit_marker(root):
+    out = storage.join(root, "run1")
+    assert not storage.is_committed(out)
+    storage.write_marker(out, {"rows": 3})
+    assert storage.is_committed(out)
+    assert storage.read_json(storage.join(out, storage.MARKER_NAME)) == {"rows": 3}
+
+
+def test_local_atomic_write_leaves_no_temp(tmp_path):
+    target = str(tmp_path / "f.bin")
+    storage.write_bytes(target, b"abc")
+    assert os.listdir(tmp_path) == ["f.bin"]
