@@ -71,7 +71,7 @@ def with_scheme(uri_like: str, path: str) -> str:
     """Re-attach ``uri_like``'s scheme to a bare fsspec path."""
     scheme = scheme_of(uri_like)
     if scheme == "file":
-        return path
+        return f"file://{path}" if uri_like.startswith("file://") else path
     return f"{scheme}://{path}"
 
 
