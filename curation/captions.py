@@ -30,7 +30,9 @@ import numpy as np
 from core import storage
 from curation.records import ClipRecord
 
-DEFAULT_PROMPT = "Describe this video clip in one short sentence: the objects, their colors and what they do."
+DEFAULT_PROMPT = (
+    "Describe this video clip in one short sentence: the objects, their colors and what they do."
+)
 BACKENDS = ("sidecar", "openai", "transformers")
 
 
@@ -66,7 +68,9 @@ class CaptionConfig:
 
 
 def sidecar_uri(source_uri: str) -> str:
-    base, _ = posixpath.splitext(source_uri) if "://" in source_uri else os.path.splitext(source_uri)
+    base, _ = (
+        posixpath.splitext(source_uri) if "://" in source_uri else os.path.splitext(source_uri)
+    )
     return base + ".json"
 
 
@@ -97,7 +101,9 @@ class SidecarCaptioner:
     def caption(self, clip: ClipRecord, keyframes: list[np.ndarray]) -> str:
         best, best_overlap = None, 0.0
         for shot in self.shots_of(clip.source_uri):
-            overlap = min(clip.end_s, float(shot["end_s"])) - max(clip.start_s, float(shot["start_s"]))
+            overlap = min(clip.end_s, float(shot["end_s"])) - max(
+                clip.start_s, float(shot["start_s"])
+            )
             if overlap > best_overlap:
                 best, best_overlap = shot, overlap
         if best is None:
@@ -179,7 +185,9 @@ class TransformersCaptioner:
 
     def __init__(self, config: CaptionConfig):
         if not config.model_path or not os.path.isdir(config.model_path):
-            raise CaptionError(f"transformers caption model directory not found: {config.model_path!r}")
+            raise CaptionError(
+                f"transformers caption model directory not found: {config.model_path!r}"
+            )
         self.config = config
         self.model = os.path.basename(os.path.normpath(config.model_path))
 
@@ -218,12 +226,17 @@ class TransformersCaptioner:
         except (TypeError, ValueError):
             inputs = processor(images=image, return_tensors="pt")
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False)
+            out = model.generate(
+                **inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False
+            )
         decoder = getattr(processor, "tokenizer", processor)
         text = decoder.batch_decode(out, skip_special_tokens=True)[0]
-        prompt = self.config.prompt
-        if text.startswith(prompt):  # decoder-only VLMs echo the prompt
-            text = text[len(prompt) :]
+        # Conditional captioners and decoder-only VLMs echo the prompt (normalised
+        # by their tokenizer, e.g. lower-cased) before the continuation.
+        if "input_ids" in inputs:
+            echoed = decoder.decode(inputs["input_ids"][0], skip_special_tokens=True)
+            if echoed and text.startswith(echoed):
+                text = text[len(echoed) :]
         return text.strip()
 
 

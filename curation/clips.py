@@ -123,7 +123,9 @@ class ClipStage:
         uri = self.clip_uri(out_uri, clip)
         media.write_mp4(
             uri,
-            media.AVClip(frames=frames, fps=decoded.fps, audio=audio, sample_rate=decoded.sample_rate),
+            media.AVClip(
+                frames=frames, fps=decoded.fps, audio=audio, sample_rate=decoded.sample_rate
+            ),
             crf=self.config.crf,
             preset=self.config.preset,
         )
@@ -131,7 +133,9 @@ class ClipStage:
         return clip
 
 
-def clip_audio(decoded: DecodedSource, clip: ClipRecord, shift_ms: float | None = None) -> np.ndarray:
+def clip_audio(
+    decoded: DecodedSource, clip: ClipRecord, shift_ms: float | None = None
+) -> np.ndarray:
     """The source audio under the clip's frames, ``(C, N)``, zero-padded at the edges.
 
     ``shift_ms`` (default: the stored offset when the clip is corrected) takes the

@@ -25,7 +25,7 @@ class DecodedSource:
     audio: np.ndarray  # (C, N) float32, source rate
     sample_rate: int
     small_bgr: np.ndarray  # (T, h, w, 3) uint8 BGR (what PySceneDetect's detectors expect)
-    small_luma: np.ndarray  # (T, h, w) float32 in [0, 255]
+    small_luma: np.ndarray  # (T, h, w) uint8 luma (stages convert the slices they use)
 
     @property
     def num_frames(self) -> int:
@@ -68,17 +68,17 @@ class DecodeStage:
             )
         small_size = self.analysis_size(source.width, source.height)
         frames: list[np.ndarray] = []
-        small: list[np.ndarray] = []
+        small_bgr: list[np.ndarray] = []
+        small_luma: list[np.ndarray] = []
         for _, frame in media.iter_video_frames(source.uri):
             frames.append(frame)
             # INTER_AREA averages pixels: a clean downscale that keeps mean luma exact.
-            small.append(cv2.resize(frame, small_size, interpolation=cv2.INTER_AREA))
+            small = cv2.resize(frame, small_size, interpolation=cv2.INTER_AREA)
+            small_bgr.append(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+            # BT.601 luma, OpenCV's (and ffmpeg's) gray conversion.
+            small_luma.append(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
         if len(frames) < 2:
             raise media.MediaError(source.uri, f"decoded only {len(frames)} video frame(s)")
-        rgb_small = np.stack(small)  # (T, h, w, 3)
-        bgr_small = np.ascontiguousarray(rgb_small[..., ::-1])
-        # ITU-R BT.601 luma, the weighting of ffmpeg's and OpenCV's gray conversion.
-        luma = rgb_small.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         audio, rate = media.read_audio(source.uri)
         return DecodedSource(
             source=source,
@@ -86,6 +86,6 @@ class DecodeStage:
             fps=source.fps,
             audio=audio,
             sample_rate=rate,
-            small_bgr=bgr_small,
-            small_luma=luma,
+            small_bgr=np.stack(small_bgr),
+            small_luma=np.stack(small_luma),
         )

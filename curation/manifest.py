@@ -145,7 +145,9 @@ def clip_row(clip: ClipRecord) -> dict[str, Any]:
         raise ManifestError(f"clip {clip.clip_id}: scores {sorted(unknown)} are not in the schema")
     unknown = set(clip.verdicts) - set(VERDICT_NAMES)
     if unknown:
-        raise ManifestError(f"clip {clip.clip_id}: verdicts {sorted(unknown)} are not in the schema")
+        raise ManifestError(
+            f"clip {clip.clip_id}: verdicts {sorted(unknown)} are not in the schema"
+        )
     row: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "clip_id": clip.clip_id,

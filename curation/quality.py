@@ -49,7 +49,7 @@ class QualityStage:
     def __call__(
         self, clip: ClipRecord, luma: np.ndarray, audio: np.ndarray, sample_rate: int
     ) -> ClipRecord:
-        """``luma``: (T, h, w) float32 of the clip's frames; ``audio``: (C, N) of its span."""
+        """``luma``: (T, h, w) uint8 or float of the clip's frames; ``audio``: (C, N) of its span."""
         cfg = self.config
         scores = dict(clip.scores)
         verdicts = dict(clip.verdicts)
@@ -72,6 +72,7 @@ class QualityStage:
 
 
 def video_scores(luma: np.ndarray, cfg: QualityConfig) -> dict[str, float]:
+    luma = luma.astype(np.float32, copy=False)  # uint8 differences would wrap around
     frame_mean = luma.reshape(luma.shape[0], -1).mean(axis=1)  # (T,)
     if luma.shape[0] > 1:
         delta = np.abs(np.diff(luma, axis=0)).reshape(luma.shape[0] - 1, -1)  # (T-1, h*w)

@@ -31,7 +31,11 @@ def _plots(clips: pa.Table) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     out: dict[str, bytes] = {}
-    keep = np.asarray(clips.column("keep").to_pylist(), dtype=bool) if clips.num_rows else np.zeros(0, bool)
+    keep = (
+        np.asarray(clips.column("keep").to_pylist(), dtype=bool)
+        if clips.num_rows
+        else np.zeros(0, bool)
+    )
 
     names = [n for n in SCORE_NAMES if n not in ("width", "height")]
     cols = 4
@@ -50,7 +54,8 @@ def _plots(clips: pa.Table) -> dict[str, bytes]:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    if clips.num_rows:
+        axes.flat[0].legend(fontsize=7)
     fig.suptitle("score histograms")
     out["scores.png"] = _png(fig)
     plt.close(fig)

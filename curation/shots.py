@@ -31,7 +31,9 @@ class ShotConfig:
 
     def __post_init__(self) -> None:
         if self.cut_detector not in ("adaptive", "content"):
-            raise ValueError(f"cut_detector must be 'adaptive' or 'content', not {self.cut_detector!r}")
+            raise ValueError(
+                f"cut_detector must be 'adaptive' or 'content', not {self.cut_detector!r}"
+            )
         if self.min_shot_s < 0:
             raise ValueError("min_shot_s must be >= 0")
 
@@ -45,9 +47,7 @@ class ShotStage:
     def __init__(self, config: ShotConfig | None = None):
         self.config = config or ShotConfig()
 
-    def detect_boundaries(
-        self, frames_bgr: np.ndarray, fps: float
-    ) -> list[tuple[int, str]]:
+    def detect_boundaries(self, frames_bgr: np.ndarray, fps: float) -> list[tuple[int, str]]:
         """Frame indices where a new shot starts, each with its transition kind.
 
         ``frames_bgr``: (T, h, w, 3) uint8 BGR.

@@ -170,6 +170,7 @@ class SpeechConfig:
     vad_onset: float = 0.5
     vad_offset: float = 0.363
     chunk_size_s: int = 30  # longest VAD chunk fed to Whisper
+    vad_pad_s: float = 0.2  # context kept around each VAD region (word onsets survive)
     # Python of a prebuilt WhisperX env; None = the env keyed by requirements.txt.
     python: str | None = None
     build_env_if_missing: bool = True
@@ -193,6 +194,7 @@ class SpeechConfig:
             "vad_onset": self.vad_onset,
             "vad_offset": self.vad_offset,
             "chunk_size_s": self.chunk_size_s,
+            "vad_pad_s": self.vad_pad_s,
         }
 
     def check_paths(self) -> None:
@@ -421,7 +423,9 @@ class SpeechTranscriber:
     def _python(self) -> str:
         if self.config.python is not None:
             if not Path(self.config.python).exists():
-                raise SpeechEnvError(f"configured WhisperX python does not exist: {self.config.python}")
+                raise SpeechEnvError(
+                    f"configured WhisperX python does not exist: {self.config.python}"
+                )
             return self.config.python
         if self.config.build_env_if_missing:
             return str(speech_env.ensure())
@@ -666,9 +670,7 @@ def _edit_distance(reference: list[str], hypothesis: list[str]) -> int:
     return previous[-1]
 
 
-def word_error_rate(
-    reference: str | Sequence[str], hypothesis: str | Sequence[str]
-) -> float:
+def word_error_rate(reference: str | Sequence[str], hypothesis: str | Sequence[str]) -> float:
     """(S + D + I) / reference words, after :func:`normalize_words`.
 
     Two strings: one utterance. Two equal-length sequences of strings: the corpus WER
@@ -681,9 +683,7 @@ def word_error_rate(
         pairs = [(reference, hypothesis)]
     else:
         if len(reference) != len(hypothesis):
-            raise ValueError(
-                f"{len(reference)} references but {len(hypothesis)} hypotheses"
-            )
+            raise ValueError(f"{len(reference)} references but {len(hypothesis)} hypotheses")
         pairs = list(zip(reference, hypothesis, strict=True))
     edits = 0
     ref_words = 0

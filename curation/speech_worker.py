@@ -278,13 +278,34 @@ class SpeechEngine:
             # subclasses faster_whisper.WhisperModel); the batched pipeline adds
             # cross-attention word timestamps, which WhisperX's own pipeline lacks.
             self.batched = BatchedInferencePipeline(self.pipeline.model)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run VAD and a decode once so their one-off start-up costs (kernel selection,
+        allocator growth: ~10 s on 2 cores) land in load time, not in the first request."""
+        np = self.np
+        tone = 0.1 * np.sin(2 * np.pi * 220 * np.arange(SAMPLE_RATE) / SAMPLE_RATE)
+        audio = np.concatenate([np.zeros(SAMPLE_RATE // 2), tone, np.zeros(SAMPLE_RATE // 2)])
+        audio = audio.astype(np.float32)
+        self.speech_regions(audio)
+        if self.batched is not None:
+            segments, _ = self.batched.transcribe(
+                audio,
+                language=self.language or "en",
+                clip_timestamps=[{"start": 0.0, "end": 2.0}],
+                batch_size=1,
+                beam_size=self.beam_size,
+                word_timestamps=True,
+                vad_filter=False,
+            )
+            list(segments)  # the generator does the work
 
     def describe(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
         import ctranslate2
         import faster_whisper
         import torch
-        import whisperx  # noqa: F401  (imported for its version below)
-        from importlib.metadata import version
 
         return {
             "model": self.model_name,

@@ -135,7 +135,12 @@ def sources_task(
             failed[uri] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"
             logger.error("source %s failed: %s", uri, failed[uri])
         _progress("sources", len(results) + len(failed), total)
-    return {"results": results, "failed": failed, "skipped": len(uris) - len(todo), "ran": len(todo)}
+    return {
+        "results": results,
+        "failed": failed,
+        "skipped": len(uris) - len(todo),
+        "ran": len(todo),
+    }
 
 
 class _SpeechActor:

@@ -32,6 +32,9 @@ class VideoVAEConfig:
     channels: tuple[int, ...] = (32, 64)
     # Levels (by index) that also halve time (causally, first frame alone): two give 4x.
     temporal_down_levels: tuple[int, ...] = (0, 1)
+    # Time kernel of each level's res blocks (1 = per-frame 2D conv). The tiny
+    # preset mixes time only below full resolution, where it is cheap.
+    level_time_kernels: tuple[int, ...] = (3, 3)
     res_blocks_per_level: int = 1
     # Chunked decode: latent frames per chunk and latent frames of left context. The
     # context must cover the decoder's temporal receptive field (7 latent frames for
@@ -173,6 +176,11 @@ class ModelConfig:
                 raise ValueError(f"{name} dim {branch.dim} not divisible by {branch.heads} heads")
             if (branch.dim // branch.heads) % 2:
                 raise ValueError(f"{name} head dim must be even for RoPE")
+        vv = self.video_vae
+        if len(vv.level_time_kernels) != len(vv.channels):
+            raise ValueError("video_vae.level_time_kernels needs one entry per level")
+        if any(lvl >= len(vv.channels) for lvl in vv.temporal_down_levels):
+            raise ValueError("video_vae.temporal_down_levels names a level that does not exist")
         bad = [b for b in self.dit.cross_modal_blocks if not 0 <= b < self.dit.depth]
         if bad:
             raise ValueError(f"cross_modal_blocks {bad} outside 0..{self.dit.depth - 1}")
@@ -243,7 +251,11 @@ def _small() -> ModelConfig:
         height=256,
         audio_latents_per_video_latent=4,
         video_vae=VideoVAEConfig(
-            latent_channels=16, patch_size=1, channels=(64, 128, 256), temporal_down_levels=(1, 2)
+            latent_channels=16,
+            patch_size=1,
+            channels=(64, 128, 256),
+            temporal_down_levels=(1, 2),
+            level_time_kernels=(3, 3, 3),
         ),
         audio_vae=AudioVAEConfig(
             n_fft=1024, n_mels=80, latent_channels=32, channels=(128, 256), vocoder_channels=256
@@ -271,6 +283,7 @@ def _base() -> ModelConfig:
             latent_channels=16,
             patch_size=1,
             channels=(128, 256, 512),
+            level_time_kernels=(3, 3, 3),
             temporal_down_levels=(1, 2),
             res_blocks_per_level=2,
             decode_context_latent_frames=12,
@@ -308,6 +321,7 @@ def _xl() -> ModelConfig:
             latent_channels=32,
             patch_size=1,
             channels=(128, 256, 512),
+            level_time_kernels=(3, 3, 3),
             temporal_down_levels=(1, 2),
             res_blocks_per_level=2,
             decode_context_latent_frames=12,

@@ -43,6 +43,12 @@ class FitSettings:
     batch_size: int = 4
     video_window_frames: int = 9
     kl_weight: float = 1e-6
+    motion_weight: float = 20.0
+    # Train the (convolutional) video VAE on crops of this many pixels (0 = whole
+    # frames), picked among a few candidates for the most motion: cheaper steps whose
+    # pixels are mostly the moving objects a plain loss would neglect.
+    video_crop_px: int = 0
+    crop_candidates: int = 4
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 100
@@ -135,16 +141,32 @@ def fit_pipeline(
     window = 1 + tf * ((window - 1) // tf)
 
     # 1. VAEs -------------------------------------------------------------------
+    sf = cfg.video_vae.spatial_factor
+    crop = settings.video_crop_px
+    if crop and (crop % sf or crop > min(videos.shape[3:])):
+        raise ValueError(f"video_crop_px must be a multiple of {sf} within the frame, got {crop}")
+    motion = (videos - videos.median(dim=2, keepdim=True).values).abs().amax(dim=1)  # (N, T, H, W)
+
+    def pick_window(i: int) -> torch.Tensor:
+        start = int(torch.randint(0, t_frames - window + 1, (1,), generator=gen))
+        clip = videos[i, :, start : start + window]
+        if not crop:
+            return clip
+        h, w = clip.shape[2:]
+        best, best_energy = None, -1.0
+        for _ in range(settings.crop_candidates):
+            y = int(torch.randint(0, (h - crop) // sf + 1, (1,), generator=gen)) * sf
+            x = int(torch.randint(0, (w - crop) // sf + 1, (1,), generator=gen)) * sf
+            energy = float(motion[i, start : start + window, y : y + crop, x : x + crop].sum())
+            if energy > best_energy:
+                best, best_energy = (y, x), energy
+        y, x = best
+        return clip[:, :, y : y + crop, x : x + crop]
+
     def video_vae_loss(step: int):
-        idx = torch.randint(0, n, (b,), generator=gen)
-        starts = torch.randint(0, t_frames - window + 1, (b,), generator=gen)
-        batch = torch.stack(
-            [
-                videos[i, :, s : s + window]
-                for i, s in zip(idx.tolist(), starts.tolist(), strict=True)
-            ]
-        )
-        return pipeline.video_vae.loss(batch, settings.kl_weight, gen)
+        idx = torch.randint(0, n, (b,), generator=gen).tolist()
+        batch = torch.stack([pick_window(i) for i in idx])
+        return pipeline.video_vae.loss(batch, settings.kl_weight, gen, settings.motion_weight)
 
     def audio_vae_loss(step: int):
         idx = torch.randint(0, n, (b,), generator=gen)

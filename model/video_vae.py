@@ -74,12 +74,12 @@ class CausalConv3d(nn.Module):
 
 
 class ResBlock3d(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, time_kernel: int = 3):
         super().__init__()
         self.norm1 = ChannelRMSNorm(cin)
-        self.conv1 = CausalConv3d(cin, cout)
+        self.conv1 = CausalConv3d(cin, cout, time_kernel=time_kernel)
         self.norm2 = ChannelRMSNorm(cout)
-        self.conv2 = CausalConv3d(cout, cout)
+        self.conv2 = CausalConv3d(cout, cout, time_kernel=time_kernel)
         self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,14 +279,30 @@ class VideoVAE(nn.Module):
 
     # -- training ----------------------------------------------------------------
     def loss(
-        self, x: torch.Tensor, kl_weight: float = 1e-6, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        kl_weight: float = 1e-6,
+        generator: torch.Generator | None = None,
+        motion_weight: float = 0.0,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Reconstruction (L1 + MSE) plus a small KL term on the raw posterior."""
+        """Reconstruction (L1 + MSE) plus a small KL term on the raw posterior.
+
+        ``motion_weight`` > 0 up-weights pixels that differ from the window's temporal
+        median (moving objects): small moving objects cover few pixels, and without
+        it an unweighted loss is content to paint the static background alone.
+        """
         mean, logvar = self.encode_distribution(x)
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         z = mean + torch.exp(0.5 * logvar) * noise
         recon = self.decoder(z)
-        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        err = (recon - x).abs() + (recon - x).pow(2)  # (B, 3, T, H, W)
+        if motion_weight > 0:
+            background = x.median(dim=2, keepdim=True).values
+            moving = (x - background).abs().amax(dim=1, keepdim=True)  # (B, 1, T, H, W)
+            weight = 1.0 + motion_weight * moving
+            rec = (err * weight).sum() / (weight.sum() * x.shape[1])
+        else:
+            rec = err.mean()
         kl = 0.5 * torch.mean(mean.pow(2) + logvar.exp() - 1.0 - logvar)
         total = rec + kl_weight * kl
         return total, {"recon": float(rec.detach()), "kl": float(kl.detach())}

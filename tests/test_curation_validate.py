@@ -20,7 +20,9 @@ def _frames(t: int, h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
 
 def _audio(seconds: float, rate: int = 48000) -> np.ndarray:
     n = int(seconds * rate)
-    return (0.1 * np.sin(2 * np.pi * 440 * np.arange(n) / rate)).astype(np.float32)[None].repeat(2, 0)
+    return (
+        (0.1 * np.sin(2 * np.pi * 440 * np.arange(n) / rate)).astype(np.float32)[None].repeat(2, 0)
+    )
 
 
 def write_good(path: str, seconds: float = 3.0, fps: float = 24.0, size=(128, 96)) -> str:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -130,7 +131,9 @@ def test_killed_run_resumes_to_the_same_manifest(full_run, raw_dir, ray_cluster,
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "flows.curate", os.path.join(raw_dir, "*"), out]
     cmd += ["--ray-address", ray_cluster]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     sources = os.path.join(out, "work", "sources")
     deadline = time.time() + 240
     # Kill the driver as soon as the first real (non-quarantined) source has committed
@@ -195,6 +198,55 @@ def test_cli_prints_manifest_and_report_paths(full_run, raw_dir, tmp_path):
     out, _ = full_run
     copy = str(tmp_path / "out_cli")
     shutil.copytree(out, copy)
-    result = CliRunner().invoke(app, ["curate", os.path.join(raw_dir, "synth_*.mp4"), "--out", copy, "--no-speech"])
+    result = CliRunner().invoke(
+        app, ["curate", os.path.join(raw_dir, "synth_*.mp4"), "--out", copy, "--no-speech"]
+    )
     assert result.exit_code == 0, result.output
     assert "clips.parquet" in result.output and "index.html" in result.output
+
+
+def _speech_env_ready() -> bool:
+    from curation import speech_env
+
+    return speech_env.is_ready(speech_env.env_dir())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _speech_env_ready(), reason="WhisperX env not built (make whisperx-env)")
+def test_flow_with_speech_on_talking_avatar(prefect_home, ray_cluster, tmp_path):
+    """WhisperX through the flow: transcripts, word times and the alignment method land
+    in the manifest; the words match the espeak-ng ground truth."""
+    from core.synth import SynthConfig, generate_corpus
+    from curation.speech import word_error_rate
+    from flows.curate import curate
+
+    raw = str(tmp_path / "raw")
+    config = SynthConfig(
+        min_shots=2, max_shots=2, min_shot_s=4.0, max_shot_s=5.0, kinds=("talking_avatar",)
+    )
+    (video,) = generate_corpus(raw, 1, seed=4, config=config)
+    summary = curate(os.path.join(raw, "*.mp4"), str(tmp_path / "out"), speech=True)
+    assert summary["failed"] == {}
+    clips = pl.read_parquet(summary["clips"])
+    sidecar = json.load(open(video[:-4] + ".json"))
+    errors = []
+    for row in clips.iter_rows(named=True):
+        assert row["alignment_method"] in ("wav2vec2", "whisper_word_timestamps")
+        assert row["transcript"] and row["words"]
+        for word in row["words"]:
+            assert 0.0 <= word["start_s"] <= word["end_s"] <= row["duration_s"] + 0.5
+        mid = (row["start_s"] + row["end_s"]) / 2
+        (shot,) = [s for s in sidecar["shots"] if s["start_s"] <= mid < s["end_s"]]
+        # Reference: the ground-truth words spoken inside the clip's time range.
+        reference = [
+            w["word"]
+            for w in shot["speech"]["words"]
+            if w["start_s"] >= row["start_s"] - 0.05 and w["end_s"] <= row["end_s"] + 0.05
+        ]
+        errors.append(word_error_rate(reference, row["transcript"]))
+    wer = float(np.mean(errors))
+    print(f"flow speech WER over {len(errors)} clips: {wer:.3f}")
+    assert wer <= 0.25
+    # Resume covers speech too: a rerun transcribes nothing again.
+    again = curate(os.path.join(raw, "*.mp4"), str(tmp_path / "out"), speech=True)
+    assert again["speech_compute_seconds"] == summary["speech_compute_seconds"]

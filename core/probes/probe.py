@@ -11,7 +11,7 @@ from core.media import AVClip
 from core.probes.captions import caption_adherence, multiset_iou, observed_objects
 from core.probes.detect import detect_objects
 from core.probes.onsets import detect_onsets
-from core.probes.shots import detect_transitions, segments_from_transitions
+from core.probes.shots import detect_transitions, estimate_pan, segments_from_transitions
 from core.probes.sync import MAX_OFFSET_S, estimate_av_offset
 from core.probes.tracks import build_tracks, merge_events, track_events
 
@@ -21,9 +21,7 @@ TRACK_GATE_FRACTION = 0.2
 
 
 def _counter_list(counter: Counter) -> list[dict]:
-    return [
-        {"color": c, "shape": s, "count": n} for (c, s), n in sorted(counter.items())
-    ]
+    return [{"color": c, "shape": s, "count": n} for (c, s), n in sorted(counter.items())]
 
 
 def probe_clip(
@@ -62,6 +60,7 @@ def probe_clip(
                 "end_s": round(b / fps, 6),
                 "objects": _counter_list(observed_objects(detections[a:b])),
                 "num_visual_events": len(merged),
+                "camera_pan_px_per_s": round(estimate_pan(frames[a:b], fps), 3),
             }
         )
     visual_events.sort(key=lambda e: e["time_s"])
@@ -142,7 +141,7 @@ def compare_to_truth(probe: dict, sidecar: dict) -> dict:
     """Errors of a probe result against the synthetic world's sidecar.
 
     Visual event errors are in frames, audio onset errors in ms, transition errors
-    in frames. Attribute accuracy per shot is the multiset IoU of ground-truth
+    in frames, camera pan errors in px/s. Attribute accuracy per shot is the multiset IoU of ground-truth
     (colour, shape) objects and the detections in the shot's interior frames.
     """
     fps = float(sidecar["fps"])
@@ -151,6 +150,10 @@ def compare_to_truth(probe: dict, sidecar: dict) -> dict:
     onsets = probe["audio_onsets_s"]
     visual_errors = _nearest_errors(truth_events, visual, 2.0 / fps)
     onset_errors = _nearest_errors(truth_events, onsets, 0.03)
+    by_type = {}
+    for kind in sorted({e["type"] for s in sidecar["shots"] for e in s["events"]}):
+        times = [e["time_s"] for s in sidecar["shots"] for e in s["events"] if e["type"] == kind]
+        by_type[kind] = _stats(_nearest_errors(times, visual, 2.0 / fps), len(times), fps)
 
     cuts_truth = [t["time_s"] for t in sidecar["transitions"] if t["type"] == "cut"]
     fades_truth = [t for t in sidecar["transitions"] if t["type"] == "fade"]
@@ -165,6 +168,13 @@ def compare_to_truth(probe: dict, sidecar: dict) -> dict:
         near = [f for f in fades_found if abs(f["time_s"] - ft["time_s"]) <= 2.0 / fps]
         if near:
             fade_duration_errors.append(near[0]["duration_s"] - ft["duration_s"])
+
+    pan_errors = []
+    for shot in sidecar["shots"]:
+        middle = 0.5 * (shot["start_s"] + shot["end_s"])
+        found = [p for p in probe["shots"] if p["start_s"] <= middle < p["end_s"]]
+        if found:
+            pan_errors.append(found[0]["camera_pan_px_per_s"] - shot["camera_pan_px_per_s"])
 
     attribute_scores, caption_scores = [], []
     frames = probe.get("frames")
@@ -187,6 +197,7 @@ def compare_to_truth(probe: dict, sidecar: dict) -> dict:
 
     return {
         "visual_event_error_frames": _stats(visual_errors, len(truth_events), fps),
+        "visual_event_error_frames_by_type": by_type,
         "extra_visual_events": max(len(visual) - len(visual_errors), 0),
         "audio_onset_error_ms": _stats(onset_errors, len(truth_events), 1000.0),
         "av_offset_ms": probe["av_offset_ms"],
@@ -195,6 +206,7 @@ def compare_to_truth(probe: dict, sidecar: dict) -> dict:
         "fade_error_frames": _stats(fade_errors, len(fades_truth), fps),
         "fade_duration_error_frames": _stats(fade_duration_errors, len(fades_truth), fps),
         "extra_fades": max(len(fades_found) - len(fade_errors), 0),
+        "camera_pan_error_px_per_s": _stats(pan_errors, len(sidecar["shots"]), 1.0),
         "attribute_accuracy": round(float(np.mean(attribute_scores)), 4)
         if attribute_scores
         else None,

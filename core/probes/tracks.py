@@ -7,8 +7,8 @@ prediction. Tracks never cross a shot boundary.
 Impacts: a contact changes a body's velocity abruptly. On a track sampled every
 frame, the second difference of position is the body's acceleration times 1/fps^2
 (constant under gravity, zero when sliding) except next to a contact, where it
-jumps. Frames whose second difference leaves the robust band around the track's
-median are grouped; a polynomial (a parabola, or a line on short branches) is
+jumps. Sums of two adjacent second differences (minus the local median) that leave
+the robust band mark a contact between those frames; a polynomial (a parabola, or a line on short branches) is
 fitted to up to ``FIT_POINTS`` positions before the group and another after it,
 and the impact time is where the two fits meet: the body's position at contact is
 on both branches. This gives sub-frame times from whole frames.
@@ -68,7 +68,14 @@ def build_tracks(
                         used.add(det_idx[c])
             for i in det_idx:
                 if i not in used:
-                    tr = {"color": key[0], "shape": key[1], "frames": [], "x": [], "y": [], "area": []}
+                    tr = {
+                        "color": key[0],
+                        "shape": key[1],
+                        "frames": [],
+                        "x": [],
+                        "y": [],
+                        "area": [],
+                    }
                     _append(tr, k, dets[i])
                     active.append(tr)
                     used.add(i)
@@ -123,15 +130,15 @@ def _meeting_time(
     lo, hi = t_pre[-1] - t0, t_post[0] - t0
     span = hi - lo
     roots = np.roots(diff) if np.any(diff[:-1]) else np.array([])
-    real = [r.real for r in roots if abs(r.imag) < 1e-9 and lo - 0.5 * span <= r.real <= hi + 0.5 * span]
+    real = [
+        r.real for r in roots if abs(r.imag) < 1e-9 and lo - 0.5 * span <= r.real <= hi + 0.5 * span
+    ]
     if real:
         return float(t0 + min(real, key=lambda r: abs(r)))
     return None
 
 
-def kink_events(
-    times: np.ndarray, positions: np.ndarray, axis: str
-) -> list[dict]:
+def kink_events(times: np.ndarray, positions: np.ndarray, axis: str) -> list[dict]:
     """Abrupt velocity changes of one coordinate of a contiguous track run."""
     n = positions.size
     if n < 7:
@@ -142,20 +149,27 @@ def kink_events(
     padded = np.pad(accel, LOCAL_WINDOW, mode="edge")
     windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * LOCAL_WINDOW + 1)
     base = np.median(windows, axis=1)
-    # Noise from the jerk (difference of accelerations): piecewise-constant
-    # acceleration contributes only at the few regime changes.
-    jerk = np.diff(accel)
-    spread = 1.4826 * float(np.median(np.abs(jerk - np.median(jerk)))) / np.sqrt(2.0) if jerk.size else 0.0
+    # A contact between frames j and j+1 splits its velocity change over the
+    # second differences at j and j+1 in a proportion set by its sub-frame phase;
+    # their sum is the whole change whatever the phase, so detect on pair sums.
+    dev = accel - base  # dev[i] belongs to frame i + 1
+    pair = dev[:-1] + dev[1:]  # pair[i] spans frames i + 1 and i + 2
+    spread = 1.4826 * float(np.median(np.abs(pair - np.median(pair))))
+    floor_px = max(MIN_KINK_PX, KINK_MAD_FACTOR * spread)
     threshold = np.maximum(
-        max(MIN_KINK_PX, KINK_MAD_FACTOR * spread), KINK_BASE_FACTOR * np.abs(base)
+        floor_px, KINK_BASE_FACTOR * np.maximum(np.abs(base[:-1]), np.abs(base[1:]))
     )
-    flagged = np.nonzero(np.abs(accel - base) > threshold)[0] + 1  # frame indices j
+    strength = np.abs(pair)
     groups: list[list[int]] = []
-    for j in flagged:
-        if groups and j - groups[-1][-1] <= 1:
-            groups[-1].append(int(j))
+    for i in np.nonzero(strength > threshold)[0]:
+        lo, hi = max(i - 2, 0), min(i + 3, strength.size)
+        if strength[i] < strength[lo:hi].max():
+            continue  # not the local maximum
+        d1, d2 = abs(dev[i]), abs(dev[i + 1])
+        if min(d1, d2) >= 0.25 * (d1 + d2):
+            groups.append([int(i) + 1, int(i) + 2])
         else:
-            groups.append([int(j)])
+            groups.append([int(i) + 1] if d1 > d2 else [int(i) + 2])
     events = []
     for gi, group in enumerate(groups):
         ja, jb = group[0], group[-1]

@@ -3,8 +3,29 @@
 A fade is a dip to black: the picture and the sound ramp linearly down over the last
 ``fade_s / 2`` of one shot and up over the first ``fade_s / 2`` of the next. The
 transition time is the shot boundary (a frame time; the frame there is black).
-Each video ``NAME.mp4`` gets its ground truth in ``NAME.json`` beside it (schema in
-``SIDECAR_SCHEMA_VERSION``'s docstring below and in the project's common notes).
+Adjacent shots never share a backdrop, so every cut changes most of the frame.
+
+Each video ``NAME.mp4`` gets its ground truth in ``NAME.json`` beside it (times are
+absolute seconds in the video)::
+
+    {"schema_version": 1, "video": "NAME.mp4", "seed", "fps", "width", "height",
+     "sample_rate", "duration_s",
+     "shots": [{"index", "start_s", "end_s", "kind", "caption",
+                "transition_in": "start" | "cut" | "fade", "fade_s",
+                "variant": "day" | "night", "background", "camera_pan_px_per_s",
+                "objects": [{"id", "color", "shape", "radius_px",
+                             "trajectory": [[t_s, x_px, y_px], ...]}],   # every frame
+                "events": [{"type": "impact" | "collision" | "beat", "time_s",
+                            "object_ids"}],
+                "speech": null | {"text", "words": [{"word", "start_s", "end_s"}],
+                                  "voice", "speed_wpm", "pitch"},
+                "bpm"?: float}],
+     "transitions": [{"time_s", "type": "cut"} | {"time_s", "type": "fade", "duration_s"}],
+     "config": {...SynthConfig...}, "corpus_seed"?, "corpus_index"?}
+
+``x_px, y_px`` is the object's area centroid with pixel centres at integer
+coordinates (what ``core.probes`` measures); ``radius_px`` is a circle's radius, a
+square's half side, or two thirds of an upright triangle's height.
 """
 
 from __future__ import annotations
@@ -47,7 +68,9 @@ class SynthConfig:
 
     def validate(self) -> None:
         if not 1 <= self.min_shots <= self.max_shots:
-            raise ValueError(f"need 1 <= min_shots <= max_shots, got {self.min_shots}, {self.max_shots}")
+            raise ValueError(
+                f"need 1 <= min_shots <= max_shots, got {self.min_shots}, {self.max_shots}"
+            )
         if not 0 < self.min_shot_s <= self.max_shot_s:
             raise ValueError("need 0 < min_shot_s <= max_shot_s")
         if self.min_shot_s < 2 * (EVENT_GUARD_S + self.max_fade_s / 2) + 0.5:
@@ -60,7 +83,9 @@ class SynthConfig:
         if unknown or not self.kinds:
             raise ValueError(f"unknown scene kinds {unknown}; known: {SCENE_KINDS}")
         if self.width % 2 or self.height % 2 or self.width < 64 or self.height < 64:
-            raise ValueError(f"width and height must be even and >= 64, got {self.width}x{self.height}")
+            raise ValueError(
+                f"width and height must be even and >= 64, got {self.width}x{self.height}"
+            )
         if self.fps <= 0 or self.sample_rate < 8000:
             raise ValueError("fps must be > 0 and sample_rate >= 8000")
 
@@ -80,14 +105,20 @@ def _shift_times(truth: dict, offset_s: float) -> dict:
     if truth["speech"] is not None:
         speech = dict(truth["speech"])
         speech["words"] = [
-            {**w, "start_s": round(w["start_s"] + offset_s, 6), "end_s": round(w["end_s"] + offset_s, 6)}
+            {
+                **w,
+                "start_s": round(w["start_s"] + offset_s, 6),
+                "end_s": round(w["end_s"] + offset_s, 6),
+            }
             for w in speech["words"]
         ]
         out["speech"] = speech
     return out
 
 
-def generate_video(seed: int, config: SynthConfig | None = None, name: str = "video") -> tuple[AVClip, dict]:
+def generate_video(
+    seed: int, config: SynthConfig | None = None, name: str = "video"
+) -> tuple[AVClip, dict]:
     """One long raw video (all shots, transitions applied) and its sidecar dict."""
     config = config or SynthConfig()
     config.validate()
@@ -95,13 +126,16 @@ def generate_video(seed: int, config: SynthConfig | None = None, name: str = "vi
     fps, sr = config.fps, config.sample_rate
     num_shots = int(rng.integers(config.min_shots, config.max_shots + 1))
     frame_counts = [
-        int(round(rng.uniform(config.min_shot_s, config.max_shot_s) * fps)) for _ in range(num_shots)
+        int(round(rng.uniform(config.min_shot_s, config.max_shot_s) * fps))
+        for _ in range(num_shots)
     ]
     # Transition i sits between shot i and shot i + 1.
     transitions = []
     for _ in range(num_shots - 1):
         if rng.random() < config.fade_probability:
-            half_frames = max(int(round(rng.uniform(config.min_fade_s, config.max_fade_s) * fps / 2)), 1)
+            half_frames = max(
+                int(round(rng.uniform(config.min_fade_s, config.max_fade_s) * fps / 2)), 1
+            )
             transitions.append(("fade", half_frames))
         else:
             transitions.append(("cut", 0))
@@ -111,7 +145,9 @@ def generate_video(seed: int, config: SynthConfig | None = None, name: str = "vi
     frame_cursor = 0
     for i in range(num_shots):
         kind = config.kinds[int(rng.integers(0, len(config.kinds)))]
-        variant = "night" if kind == "day_night" and rng.random() < config.night_probability else "day"
+        variant = (
+            "night" if kind == "day_night" and rng.random() < config.night_probability else "day"
+        )
         names = [n for n in palette.backgrounds(variant) if (variant, n) != previous_backdrop]
         background = names[int(rng.integers(0, len(names)))]
         previous_backdrop = (variant, background)
@@ -154,12 +190,18 @@ def generate_video(seed: int, config: SynthConfig | None = None, name: str = "vi
         lo, hi = boundary - half_frames, boundary + half_frames
         frame_times = np.arange(lo, hi + 1) / fps
         gain = _fade_gain(frame_times, time_s, half_frames / fps)
-        frames[lo : hi + 1] = np.rint(frames[lo : hi + 1] * gain[:, None, None, None]).astype(np.uint8)
+        frames[lo : hi + 1] = np.rint(frames[lo : hi + 1] * gain[:, None, None, None]).astype(
+            np.uint8
+        )
         s_lo, s_hi = int(round(lo / fps * sr)), min(int(round(hi / fps * sr)), total_samples)
         sample_times = np.arange(s_lo, s_hi) / sr
         audio[:, s_lo:s_hi] *= _fade_gain(sample_times, time_s, half_frames / fps)[None, :]
         sidecar_transitions.append(
-            {"time_s": round(time_s, 6), "type": "fade", "duration_s": round(2 * half_frames / fps, 6)}
+            {
+                "time_s": round(time_s, 6),
+                "type": "fade",
+                "duration_s": round(2 * half_frames / fps, 6),
+            }
         )
 
     shots = []

@@ -134,19 +134,22 @@ def simulate_bounce(
     restitution: float,
     duration_s: float,
     times: np.ndarray,
+    release_s: float = 0.0,
 ) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Ballistic fall with floor bounces (y grows downwards).
 
-    Returns y at ``times`` and the impacts as ``(time_s, speed_px_per_s)``. After an
-    impact the ball leaves at ``restitution`` times its incoming speed, or rests on
-    the floor if the next flight would last less than ``MIN_FLIGHT_S``.
+    The ball is held still at ``y0`` until ``release_s``, then moves from there
+    with vertical speed ``vy0``. Returns y at ``times`` and the impacts as
+    ``(time_s, speed_px_per_s)``. After an impact the ball leaves at
+    ``restitution`` times its incoming speed, or rests on the floor if the next
+    flight would last less than ``MIN_FLIGHT_S``.
     """
     if y0 > contact_y:
         raise SceneError("ball starts below the floor")
-    starts = [0.0]
-    states = [(y0, vy0, False)]  # (y, vy, resting)
+    starts = [min(0.0, release_s), release_s]
+    states = [(y0, 0.0, True), (y0, vy0, False)]  # (y, vy, resting)
     impacts: list[tuple[float, float]] = []
-    t, y, v = 0.0, y0, vy0
+    t, y, v = release_s, y0, vy0
     while True:
         # Solve y + v*tau + g/2*tau^2 = contact_y for the positive root.
         a, b, c = 0.5 * gravity, v, y - contact_y
@@ -159,17 +162,17 @@ def simulate_bounce(
         v_out = -restitution * v_in
         if 2.0 * abs(v_out) / gravity < MIN_FLIGHT_S:
             starts.append(t_hit)
-            states.append((contact_y, 0.0, True))
+            states.append((contact_y, 0.0, True))  # at rest on the floor
             break
         starts.append(t_hit)
         states.append((contact_y, v_out, False))
         t, y, v = t_hit, contact_y, v_out
-    seg = np.searchsorted(np.asarray(starts), times, side="right") - 1
+    seg = np.maximum(np.searchsorted(np.asarray(starts), times, side="right") - 1, 0)
     ys = np.empty_like(times)
     for i, (ys0, vs0, resting) in enumerate(states):
         sel = seg == i
         tau = times[sel] - starts[i]
-        ys[sel] = contact_y if resting else ys0 + vs0 * tau + 0.5 * gravity * tau * tau
+        ys[sel] = ys0 if resting else ys0 + vs0 * tau + 0.5 * gravity * tau * tau
     return ys, impacts
 
 
@@ -202,10 +205,23 @@ def _plan_bouncers(
         else:
             vx = 0.0
         contact_y = floor - 0.5 - bottom
-        y0 = rng.uniform(0.12 * spec.height + size * 1.4, 0.55 * spec.height)
-        vy0 = rng.uniform(-0.25, 0.35) * np.sqrt(g * spec.height)
+        # First fall: from a drop height, landing just after the shot's start guard.
+        # A ball that would have to start before the shot is caught mid-fall at
+        # t = 0; one that lands later is held at the top until its release.
+        top = 0.08 * spec.height + 1.4 * size
+        drop = rng.uniform(0.3, 1.0) * (contact_y - top)
+        v_in = np.sqrt(2.0 * g * drop)
+        fall_s = v_in / g
+        first_hit = spec.guard_start_s + rng.uniform(0.02, 0.6)
+        if first_hit >= fall_s:
+            y0, vy0, release = contact_y - drop, 0.0, first_hit - fall_s
+        else:
+            y0 = contact_y - v_in * first_hit + 0.5 * g * first_hit**2
+            vy0, release = v_in - g * first_hit, 0.0
         restitution = rng.uniform(0.78, 0.93)
-        ys, impacts = simulate_bounce(y0, vy0, g, contact_y, restitution, spec.duration_s, times)
+        ys, impacts = simulate_bounce(
+            y0, vy0, g, contact_y, restitution, spec.duration_s, times, release
+        )
         xy[i, :, 0] = x0 + vx * times
         xy[i, :, 1] = ys
         objects.append({"id": i, "color": colors[i], "shape": shapes[i], "radius_px": size})
@@ -217,7 +233,9 @@ def _plan_bouncers(
                     "time_s": t_hit,
                     "object_ids": [i],
                     "x_px": x0 + vx * t_hit,
-                    "loudness": float(np.clip(0.25 + 0.6 * speed / np.sqrt(g * spec.height), 0.25, 0.9)),
+                    "loudness": float(
+                        np.clip(0.25 + 0.6 * speed / np.sqrt(g * spec.height), 0.25, 0.9)
+                    ),
                 }
             )
     if not _events_ok(impact_times, spec):
@@ -262,7 +280,9 @@ def plan_bouncing(rng: np.random.Generator, spec: ShotSpec, kind: str) -> ShotPl
         max_count = int(rng.integers(1, 4))
         shapes_all = [palette.SHAPES[j] for j in rng.integers(0, 3, size=max_count)]
         colors_all = _pick_colors(rng, max_count, distinct=False)
-        pan = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.08, 0.16) * spec.width)
+        # At most 60% of the frame width over the shot, so objects stay in view.
+        speed = min(rng.uniform(0.08, 0.16) * spec.width, 0.6 * spec.width / spec.duration_s)
+        pan = float(rng.choice([-1.0, 1.0]) * speed)
         span = abs(pan) * spec.duration_s
         texture = raster.stripe_texture(
             rng, int(np.ceil(spec.width + span)) + 4, palette.TEXTURE_AMPLITUDE, 6, 28
@@ -270,13 +290,14 @@ def plan_bouncing(rng: np.random.Generator, spec: ShotSpec, kind: str) -> ShotPl
     else:
         raise SceneError(f"not a bouncing scene: {kind}")
 
-    span = abs(pan) * spec.duration_s
     # Screen x = world x - pan * t; keep every object on screen for the whole shot.
     world_lo = max(0.0, pan * spec.duration_s) + 4.0
     world_hi = spec.width + min(0.0, pan * spec.duration_s) - 4.0
     if world_hi - world_lo < 0.3 * spec.width:
         raise SceneError("pan too fast for the shot duration")
-    del span
+    # Each object needs a lane at least as wide as the largest object plus margins.
+    widest = 2.0 * raster.shape_extent("triangle", 0.075 * spec.height)[0] + 6.0
+    max_count = max(1, min(max_count, int((world_hi - world_lo) // widest)))
 
     def attempt(count: int):
         return _plan_bouncers(
@@ -395,9 +416,7 @@ def plan_collision(rng: np.random.Generator, spec: ShotSpec) -> ShotPlan:
     def attempt(_count: int):
         sizes = np.array([_size_px(rng, spec, 0.06, 0.085) for _ in range(2)])
         mass = sizes**2
-        x0 = np.array(
-            [rng.uniform(0.12, 0.35) * spec.width, rng.uniform(0.65, 0.88) * spec.width]
-        )
+        x0 = np.array([rng.uniform(0.12, 0.35) * spec.width, rng.uniform(0.65, 0.88) * spec.width])
         speed = np.array([rng.uniform(0.25, 0.6), -rng.uniform(0.25, 0.6)]) * spec.width
         restitution = rng.uniform(0.85, 1.0)
         xs, evs = simulate_box(
@@ -411,7 +430,12 @@ def plan_collision(rng: np.random.Generator, spec: ShotSpec) -> ShotPlan:
 
     _, planned = _retry(rng, 1, attempt)
     sizes, xs, evs = planned  # type: ignore[misc]
-    y = np.array([spec.floor_y - 0.5 - raster.shape_extent(s, r)[1] for s, r in zip(shapes, sizes, strict=True)])
+    y = np.array(
+        [
+            spec.floor_y - 0.5 - raster.shape_extent(s, r)[1]
+            for s, r in zip(shapes, sizes, strict=True)
+        ]
+    )
     xy = np.stack([xs, np.broadcast_to(y[:, None], xs.shape)], axis=-1)
     objects = [
         {"id": i, "color": colors[i], "shape": shapes[i], "radius_px": float(sizes[i])}
@@ -572,7 +596,9 @@ def render_frames(plan: ShotPlan, spec: ShotSpec) -> np.ndarray:
         if plan.face is not None and mouth is not None:
             fx, fy, r = plan.face["x"], plan.face["y"], plan.face["radius"]
             for side in (-1.0, 1.0):
-                raster.draw_ellipse(image, fx + side * 0.35 * r, fy - 0.25 * r, 0.1 * r, 0.12 * r, feature)
+                raster.draw_ellipse(
+                    image, fx + side * 0.35 * r, fy - 0.25 * r, 0.1 * r, 0.12 * r, feature
+                )
             raster.draw_ellipse(
                 image, fx, fy + 0.42 * r, 0.35 * r, 0.04 * r + 0.3 * r * float(mouth[k]), feature
             )
@@ -633,7 +659,11 @@ def ground_truth(plan: ShotPlan, spec: ShotSpec) -> dict:
         "camera_pan_px_per_s": round(plan.pan_px_per_s, 4),
         "objects": objects,
         "events": [
-            {"type": e["type"], "time_s": round(float(e["time_s"]), 6), "object_ids": e["object_ids"]}
+            {
+                "type": e["type"],
+                "time_s": round(float(e["time_s"]), 6),
+                "object_ids": e["object_ids"],
+            }
             for e in plan.events
         ],
         "speech": speech,

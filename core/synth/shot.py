@@ -6,8 +6,16 @@ import numpy as np
 
 from core.media import AVClip
 from core.synth import palette
-from core.synth.scenes import SCENE_KINDS, VARIANTS, SceneError, ShotSpec, ground_truth
-from core.synth.scenes import plan_shot, render_audio, render_frames
+from core.synth.scenes import (
+    SCENE_KINDS,
+    VARIANTS,
+    SceneError,
+    ShotSpec,
+    ground_truth,
+    plan_shot,
+    render_audio,
+    render_frames,
+)
 
 
 def render_shot(
