@@ -262,8 +262,9 @@ class CaptionStage:
     def __init__(self, config: CaptionConfig | None = None):
         self.config = config or CaptionConfig()
         self.backend = make_backend(self.config)
-        # Model backends are the expensive ones; declare it so Ray can place them.
-        self.resources = {"num_cpus": 1} if self.config.backend == "sidecar" else {"num_cpus": 2}
+        # A local VLM computes here; the sidecar reads JSON and the openai backend
+        # waits on a remote server, so only the transformers backend asks for more.
+        self.resources = {"num_cpus": 2 if self.config.backend == "transformers" else 1}
 
     def __call__(self, clip: ClipRecord, frames: np.ndarray) -> ClipRecord:
         """``frames``: (T, H, W, 3) uint8 RGB of the clip."""

@@ -12,6 +12,7 @@ either.
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -102,7 +103,11 @@ class SourcePipeline:
         self.quality = QualityStage(cfg.quality)
         self.sync = SyncStage(cfg.sync)
         self.captions = CaptionStage(cfg.captions)
-        self.resources = {"num_cpus": 1}
+        stages = (self.validate, self.decode, self.shots, self.clips, self.quality, self.sync)
+        # The source task runs every stage in turn: it needs what the hungriest asks for.
+        self.resources = {
+            "num_cpus": max(s.resources["num_cpus"] for s in (*stages, self.captions))
+        }
 
     def __call__(self, uri: str, out_uri: str) -> SourceResult:
         cpu0 = _cpu_seconds()
@@ -183,3 +188,18 @@ def process_source(uri: str, out_uri: str, config: CurateConfig) -> tuple[Source
     result = SourcePipeline(config)(uri, out_uri)
     commit(out_uri, result)
     return result, False
+
+
+def process_source_remote(
+    uri: str, out_uri: str, config: dict[str, Any], env: dict[str, str]
+) -> dict[str, Any]:
+    """Ray's entry point for one source (lives here, not in ``flows``, so a worker
+    imports only the curation stages, not Prefect).
+
+    ``env``: the driver's storage settings, applied in the worker. Passing them as
+    an argument rather than a per-task runtime_env lets Ray reuse pooled workers
+    instead of starting a dedicated process per distinct environment.
+    """
+    os.environ.update(env)
+    result, skipped = process_source(uri, out_uri, CurateConfig.from_dict(config))
+    return {"result": result.to_dict(), "skipped": skipped}

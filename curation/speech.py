@@ -179,6 +179,8 @@ class SpeechConfig:
     request_timeout_base_s: float = 120.0
     request_timeout_per_audio_s: float = 3.0
     max_restarts: int = 1  # per request, after the worker died under it
+    # Decode a second of audio while loading, so the first request is not ~10 s slow.
+    warm_up: bool = True
 
     def worker_config(self) -> dict[str, Any]:
         return {
@@ -195,6 +197,7 @@ class SpeechConfig:
             "vad_offset": self.vad_offset,
             "chunk_size_s": self.chunk_size_s,
             "vad_pad_s": self.vad_pad_s,
+            "warm_up": self.warm_up,
         }
 
     def check_paths(self) -> None:

@@ -278,7 +278,8 @@ class SpeechEngine:
             # subclasses faster_whisper.WhisperModel); the batched pipeline adds
             # cross-attention word timestamps, which WhisperX's own pipeline lacks.
             self.batched = BatchedInferencePipeline(self.pipeline.model)
-        self._warm_up()
+        if config.get("warm_up", True):
+            self._warm_up()
 
     def _warm_up(self) -> None:
         """Run VAD and a decode once so their one-off start-up costs (kernel selection,

@@ -10,6 +10,7 @@ killed run resumes here too.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -67,3 +68,16 @@ class SourceTranscriber:
         storage.write_json(storage.join(work, RESULT_NAME), payload)
         storage.write_marker(work, {"source_id": result.source_id, "clips": len(fields)})
         return payload
+
+
+class SpeechActor:
+    """Ray actor body: one WhisperX worker process, fed one source's clips per call."""
+
+    def __init__(self, speech_config: dict[str, Any], batch_size: int, env: dict[str, str]):
+        os.environ.update(env)
+        from curation.speech import SpeechConfig, SpeechStage
+
+        self.transcriber = SourceTranscriber(SpeechStage(SpeechConfig(**speech_config)), batch_size)
+
+    def run(self, result: dict[str, Any], out_uri: str) -> dict[str, Any]:
+        return self.transcriber(SourceResult.from_dict(result), out_uri)

@@ -26,17 +26,22 @@ from prefect.cache_policies import NO_CACHE
 
 from core import storage
 from curation import manifest as manifest_mod
-from curation.pipeline import CurateConfig, load_committed, process_source
+from curation.pipeline import (
+    CurateConfig,
+    SourcePipeline,
+    load_committed,
+    process_source_remote,
+)
 from curation.quality import mark_near_duplicates
 from curation.records import ClipRecord, QuarantineRecord, ShotRecord, SourceResult
 from curation.report import write_report
-from curation.transcribe import SourceTranscriber, load_speech
+from curation.transcribe import SpeechActor, load_speech
 
 # Environment the Ray workers need to reach storage (loopback S3 in tests, a real
 # endpoint in production) and Duet's caches; forwarded explicitly because a Ray
 # cluster started before these were set would not see them.
 FORWARDED_ENV_PREFIXES = ("AWS_", "DUET_")
-FORWARDED_ENV = ("HOME", "PATH", "OMP_NUM_THREADS")
+FORWARDED_ENV = ("HOME",)
 
 VIDEO_SIDECAR_SUFFIX = ".json"
 
@@ -87,11 +92,6 @@ def init_ray(ray_address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
-def _process_remote(uri: str, out_uri: str, config: dict[str, Any]) -> dict[str, Any]:
-    result, skipped = process_source(uri, out_uri, CurateConfig.from_dict(config))
-    return {"result": result.to_dict(), "skipped": skipped}
-
-
 @task(name="discover", cache_policy=NO_CACHE)
 def discover_task(input_glob: str) -> list[str]:
     uris = discover_inputs(input_glob)
@@ -116,12 +116,12 @@ def sources_task(
         else:
             todo.append(uri)
     logger.info("%d source(s) already committed, %d to process", len(results), len(todo))
-    remote = ray.remote(_process_remote).options(
+    remote = ray.remote(process_source_remote).options(
         num_cpus=cpus_per_source,
         max_retries=1,  # a worker process that died (OOM, node loss) is retried once
-        runtime_env={"env_vars": forwarded_env()},
     )
-    pending = {remote.remote(uri, out_uri, config): uri for uri in todo}
+    env = forwarded_env()
+    pending = {remote.remote(uri, out_uri, config, env): uri for uri in todo}
     failed: dict[str, str] = {}
     total = len(uris)
     _progress("sources", len(results), total)
@@ -141,16 +141,6 @@ def sources_task(
         "skipped": len(uris) - len(todo),
         "ran": len(todo),
     }
-
-
-class _SpeechActor:
-    def __init__(self, speech_config: dict[str, Any], batch_size: int):
-        from curation.speech import SpeechConfig, SpeechStage
-
-        self.transcriber = SourceTranscriber(SpeechStage(SpeechConfig(**speech_config)), batch_size)
-
-    def run(self, result: dict[str, Any], out_uri: str) -> dict[str, Any]:
-        return self.transcriber(SourceResult.from_dict(result), out_uri)
 
 
 @task(name="speech", cache_policy=NO_CACHE)
@@ -180,10 +170,9 @@ def speech_task(
     total = len(todo) + len(speech)
     _progress("speech", len(speech), total)
     if todo:
-        actor_cls = ray.remote(_SpeechActor).options(
-            runtime_env={"env_vars": forwarded_env()}, **SpeechStage.resources
-        )
-        actors = [actor_cls.remote(speech_config, batch_size) for _ in range(max(1, workers))]
+        actor_cls = ray.remote(SpeechActor).options(**SpeechStage.resources)
+        env = forwarded_env()
+        actors = [actor_cls.remote(speech_config, batch_size, env) for _ in range(max(1, workers))]
         pool = ActorPool(actors)
         for res, payload in zip(
             todo,
@@ -252,15 +241,18 @@ def curate(
     speech_workers: int = 1,
     speech_batch_size: int = 8,
     num_cpus: int | None = None,
-    cpus_per_source: float = 1.0,
+    cpus_per_source: float | None = None,
 ) -> dict[str, Any]:
     """Curate every file matching ``input_glob`` into ``out_uri``.
 
     ``config``: a :class:`CurateConfig` as a dict (``CurateConfig().to_dict()``
     with fields changed); ``speech_config``: ``curation.speech.SpeechConfig``
-    fields. Returns a summary with the manifest and report URIs.
+    fields. ``cpus_per_source`` defaults to what the source pipeline's stages
+    declare. Returns a summary with the manifest and report URIs.
     """
     cfg = CurateConfig.from_dict(config or {})
+    if cpus_per_source is None:
+        cpus_per_source = SourcePipeline(cfg).resources["num_cpus"]
     config_dict = cfg.to_dict()
     started_ray = init_ray(ray_address, num_cpus)
     t0 = time.perf_counter()

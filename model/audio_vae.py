@@ -20,6 +20,11 @@ from torch import nn
 
 from model.configs import AudioVAEConfig
 
+# The posterior's log-variance starts near this value (std ~ 0.02) instead of 0: a
+# unit-variance start drowns the untrained encoder's signal in noise and the
+# decoder learns to ignore the latent (posterior collapse) before it can help.
+LOGVAR_OFFSET = -8.0
+
 LOG_MEL_FLOOR = 1e-5
 # Normalised log-mel = (log(mel) - OFFSET) / SCALE keeps network inputs near [-1, 1].
 LOG_MEL_OFFSET = -5.0
@@ -218,7 +223,7 @@ class AudioVAE(nn.Module):
     def encode_mel_distribution(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, m, t = mel.shape
         mean, logvar = self.encoder(mel.reshape(b, c * m, t)).chunk(2, dim=1)
-        return mean, logvar.clamp(-20.0, 10.0)
+        return mean, (logvar + LOGVAR_OFFSET).clamp(-20.0, 4.0)
 
     def encode(
         self, wav: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None

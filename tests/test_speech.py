@@ -479,41 +479,42 @@ def test_stage_takes_any_rate_and_channels(transcriber):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_killed_worker_is_restarted(transcriber):
-    speech = with_silence(espeak_16k("please listen carefully to the music", "en-us", 150))
-    before = transcriber.transcribe(speech)
+def test_worker_killed_mid_request_is_restarted_and_the_request_retried(transcriber, spoken):
+    long_speech = np.concatenate([audio for _, audio in spoken])  # ~36 s: several s of work
     pid = transcriber.worker_pid
     restarts = transcriber.restarts
-    os.kill(pid, signal.SIGKILL)
-    after = transcriber.transcribe(speech)  # transparently on a fresh worker
+    killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
+    killer.start()
+    try:
+        transcript = transcriber.transcribe(long_speech)
+    finally:
+        killer.cancel()
     assert transcriber.worker_pid not in (None, pid)
     assert transcriber.restarts == restarts + 1
-    assert after.text == before.text
+    assert word_error_rate(" ".join(text for text, _ in spoken), transcript.text) <= 0.2
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_worker_killed_mid_request_gives_clear_error_then_recovers(whisperx_python):
-    long_speech = np.concatenate(
-        [with_silence(espeak_16k(text, voice, speed)) for text, voice, speed in SPOKEN]
-    )
-    with SpeechTranscriber(SpeechConfig(max_restarts=0)) as stt:
-        pid = stt.worker_pid
-        killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
+def test_worker_death_without_restarts_left_is_a_clear_error(whisperx_python, spoken):
+    long_speech = np.concatenate([audio for _, audio in spoken])
+    with SpeechTranscriber(SpeechConfig(max_restarts=0, warm_up=False)) as stt:
+        killer = threading.Timer(0.5, os.kill, (stt.worker_pid, signal.SIGKILL))
         killer.start()
         try:
             with pytest.raises(SpeechWorkerError, match="died 1 time"):
                 stt.transcribe(long_speech)
         finally:
             killer.cancel()
-        assert stt.worker_pid is None
-        assert stt.transcribe(long_speech[: 4 * SAMPLE_RATE]).alignment_method  # recovered
+        assert stt.worker_pid is None  # the next call starts a fresh worker
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_timeout_kills_the_worker(whisperx_python):
-    config = SpeechConfig(request_timeout_base_s=0.05, request_timeout_per_audio_s=0.0)
+    config = SpeechConfig(
+        request_timeout_base_s=0.05, request_timeout_per_audio_s=0.0, warm_up=False
+    )
     with SpeechTranscriber(config) as stt:
         pid = stt.worker_pid
         with pytest.raises(SpeechTimeoutError, match="did not answer"):
@@ -529,7 +530,13 @@ def test_worker_answers_garbage_with_clear_errors(whisperx_python):
     """Raw protocol: a bad request is answered with an error and the worker lives on;
     bytes that are not a frame end it with a fatal message."""
     worker = subprocess.Popen(
-        [whisperx_python, "-I", str(Path(speech_env.__file__).with_name("speech_worker.py"))],
+        [
+            whisperx_python,
+            "-I",
+            str(Path(speech_env.__file__).with_name("speech_worker.py")),
+            "--config",
+            json.dumps({"warm_up": False}),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

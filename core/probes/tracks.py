@@ -1,6 +1,6 @@
 """Object tracks within shots and the visual events read from them.
 
-Tracking: detections of one colour and shape are linked frame to frame by
+Tracking: detections of one colour are linked frame to frame by
 minimum-cost assignment on the distance to each track's constant-velocity
 prediction. Tracks never cross a shot boundary.
 
@@ -18,6 +18,8 @@ it is timed at the middle of the frame interval in which it happened.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -37,7 +39,12 @@ MAX_GAP_FRAMES = 2
 def build_tracks(
     detections: list[list[dict]], segment: tuple[int, int], gate_px: float
 ) -> list[dict]:
-    """Tracks in frames [a, b): ``{"color", "shape", "frames", "x", "y", "area"}`` (lists)."""
+    """Tracks in frames [a, b): ``{"color", "shape", "frames", "x", "y", "area"}`` (lists).
+
+    Detections are linked by colour only: a shape that is misread on one frame
+    (a ball squashed against the floor by anti-aliasing) must not break its track.
+    A track's shape is the one read on most of its frames.
+    """
     a, b = segment
     active: list[dict] = []
     finished: list[dict] = []
@@ -51,10 +58,10 @@ def build_tracks(
                 still.append(tr)
         active = still
         used = set()
-        keys = {(d["color"], d["shape"]) for d in dets} | {(t["color"], t["shape"]) for t in active}
-        for key in keys:
-            det_idx = [i for i, d in enumerate(dets) if (d["color"], d["shape"]) == key]
-            trk_idx = [j for j, t in enumerate(active) if (t["color"], t["shape"]) == key]
+        colors = {d["color"] for d in dets} | {t["color"] for t in active}
+        for color in colors:
+            det_idx = [i for i, d in enumerate(dets) if d["color"] == color]
+            trk_idx = [j for j, t in enumerate(active) if t["color"] == color]
             if det_idx and trk_idx:
                 cost = np.zeros((len(trk_idx), len(det_idx)))
                 for r, j in enumerate(trk_idx):
@@ -68,22 +75,19 @@ def build_tracks(
                         used.add(det_idx[c])
             for i in det_idx:
                 if i not in used:
-                    tr = {
-                        "color": key[0],
-                        "shape": key[1],
-                        "frames": [],
-                        "x": [],
-                        "y": [],
-                        "area": [],
-                    }
+                    tr = {"color": color, "shapes": [], "frames": [], "x": [], "y": [], "area": []}
                     _append(tr, k, dets[i])
                     active.append(tr)
                     used.add(i)
-    return finished + active
+    tracks = finished + active
+    for tr in tracks:
+        tr["shape"] = Counter(tr.pop("shapes")).most_common(1)[0][0]
+    return tracks
 
 
 def _append(track: dict, k: int, det: dict) -> None:
     track["frames"].append(k)
+    track["shapes"].append(det["shape"])
     track["x"].append(det["x"])
     track["y"].append(det["y"])
     track["area"].append(det["area"])
@@ -111,8 +115,9 @@ def _contiguous_runs(frames: list[int]) -> list[tuple[int, int]]:
 
 def _meeting_time(
     t_pre: np.ndarray, p_pre: np.ndarray, t_post: np.ndarray, p_post: np.ndarray
-) -> float | None:
-    """Time where the fits to the two branches meet, between their inner ends.
+) -> tuple[float, float] | None:
+    """(time, velocity jump) where the fits to the two branches meet, between their
+    inner ends; None if they do not meet there.
 
     Each branch gets a parabola when it has 4+ points (gravity, or any steady
     acceleration), else a line.
@@ -133,14 +138,17 @@ def _meeting_time(
     real = [
         r.real for r in roots if abs(r.imag) < 1e-9 and lo - 0.5 * span <= r.real <= hi + 0.5 * span
     ]
-    if real:
-        return float(t0 + min(real, key=lambda r: abs(r)))
-    return None
+    if not real:
+        return None
+    root = min(real, key=lambda r: abs(r))
+    jump = np.polyval(np.polyder(fit_post), root) - np.polyval(np.polyder(fit_pre), root)
+    return float(t0 + root), float(jump)
 
 
 def kink_events(times: np.ndarray, positions: np.ndarray, axis: str) -> list[dict]:
     """Abrupt velocity changes of one coordinate of a contiguous track run."""
     n = positions.size
+    fps = 1.0 / float(np.median(np.diff(times))) if n > 1 else 1.0
     if n < 7:
         return []
     accel = positions[2:] - 2.0 * positions[1:-1] + positions[:-2]  # accel[j-1] at frame j
@@ -163,13 +171,17 @@ def kink_events(times: np.ndarray, positions: np.ndarray, axis: str) -> list[dic
     groups: list[list[int]] = []
     for i in np.nonzero(strength > threshold)[0]:
         lo, hi = max(i - 2, 0), min(i + 3, strength.size)
-        if strength[i] < strength[lo:hi].max():
-            continue  # not the local maximum
+        if lo + int(np.argmax(strength[lo:hi])) != i:
+            continue  # not the (first) local maximum: one contact, one detection
         d1, d2 = abs(dev[i]), abs(dev[i + 1])
         if min(d1, d2) >= 0.25 * (d1 + d2):
-            groups.append([int(i) + 1, int(i) + 2])
+            group = [int(i) + 1, int(i) + 2]
         else:
-            groups.append([int(i) + 1] if d1 > d2 else [int(i) + 2])
+            group = [int(i) + 1] if d1 > d2 else [int(i) + 2]
+        if groups and group[0] <= groups[-1][-1]:
+            groups[-1] = sorted(set(groups[-1]) | set(group))
+        else:
+            groups.append(group)
     events = []
     for gi, group in enumerate(groups):
         ja, jb = group[0], group[-1]
@@ -183,14 +195,17 @@ def kink_events(times: np.ndarray, positions: np.ndarray, axis: str) -> list[dic
         post_hi = min(next_limit, post_start + FIT_POINTS - 1, n - 1)
         if pre_end - pre_lo + 1 < 2 or post_hi - post_start + 1 < 2:
             continue
-        t_hit = _meeting_time(
+        met = _meeting_time(
             times[pre_lo : pre_end + 1],
             positions[pre_lo : pre_end + 1],
             times[post_start : post_hi + 1],
             positions[post_start : post_hi + 1],
         )
-        if t_hit is None:
+        if met is None:
             continue
+        t_hit, jump = met
+        if abs(jump) / fps < MIN_KINK_PX:
+            continue  # acceleration changed (a ball let go), velocity did not: no contact
         v_before = (positions[pre_end] - positions[max(pre_end - 1, 0)]) / max(
             times[pre_end] - times[max(pre_end - 1, 0)], 1e-9
         )
