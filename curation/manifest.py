@@ -95,6 +95,7 @@ CLIP_SCHEMA = pa.schema(
         ("sync_offset_ms", pa.float64()),
         ("sync_confidence", pa.float64()),
         ("sync_verdict", pa.string()),
+        ("sync_method", pa.string()),
         ("sync_corrected", pa.bool_()),
         ("split", pa.string()),
     ]
@@ -187,6 +188,7 @@ def clip_row(clip: ClipRecord) -> dict[str, Any]:
         "sync_offset_ms": clip.sync_offset_ms,
         "sync_confidence": clip.sync_confidence,
         "sync_verdict": clip.sync_verdict,
+        "sync_method": clip.sync_method,
         "sync_corrected": clip.sync_corrected,
         "split": clip.split,
     }

@@ -21,13 +21,17 @@ from curation.records import ClipRecord
 class QualityConfig:
     black_luma: float = 16.0  # mean 8-bit luma at or below which a frame counts as black
     max_black_ratio: float = 0.5
-    # A frame is frozen when fewer than ``frozen_changed_fraction`` of its pixels differ
-    # from the previous frame by more than ``frozen_pixel_delta`` levels: compression
-    # noise moves many pixels a little, real motion moves some pixels a lot.
+    # A frame is unchanged when fewer than ``frozen_changed_fraction`` of its pixels
+    # differ from the previous frame by more than ``frozen_pixel_delta`` levels:
+    # compression noise moves many pixels a little, real motion some pixels a lot.
+    # Frozen frames are those in runs of unchanged frames at least ``frozen_min_run_s``
+    # long: a stuck picture, not the still moment between two beats.
     frozen_pixel_delta: float = 8.0
     frozen_changed_fraction: float = 0.0005
+    frozen_min_run_s: float = 1.0
     max_frozen_ratio: float = 0.5
-    min_motion: float = 0.05  # mean abs luma change per frame (8-bit levels)
+    # Mean abs luma change per frame (8-bit levels): ~1 pixel in 50 moving by one level.
+    min_motion: float = 0.02
     min_loudness_dbfs: float = -60.0
     silence_dbfs: float = -50.0  # 50 ms windows quieter than this count as silent
     max_silence_ratio: float = 0.9
@@ -53,7 +57,7 @@ class QualityStage:
         cfg = self.config
         scores = dict(clip.scores)
         verdicts = dict(clip.verdicts)
-        scores.update(video_scores(luma, cfg))
+        scores.update(video_scores(luma, cfg, clip.fps))
         scores.update(audio_scores(audio, sample_rate, cfg))
         scores["width"] = float(clip.width)
         scores["height"] = float(clip.height)
@@ -71,7 +75,7 @@ class QualityStage:
         return clip
 
 
-def video_scores(luma: np.ndarray, cfg: QualityConfig) -> dict[str, float]:
+def video_scores(luma: np.ndarray, cfg: QualityConfig, fps: float) -> dict[str, float]:
     luma = luma.astype(np.float32, copy=False)  # uint8 differences would wrap around
     frame_mean = luma.reshape(luma.shape[0], -1).mean(axis=1)  # (T,)
     if luma.shape[0] > 1:
@@ -80,12 +84,26 @@ def video_scores(luma: np.ndarray, cfg: QualityConfig) -> dict[str, float]:
         changed = (delta > cfg.frozen_pixel_delta).mean(axis=1)
     else:
         change = changed = np.zeros(1, np.float32)
+    min_run = max(1, int(round(cfg.frozen_min_run_s * fps)))
     return {
         "black_ratio": float(np.mean(frame_mean <= cfg.black_luma)),
-        "frozen_ratio": float(np.mean(changed < cfg.frozen_changed_fraction)),
+        "frozen_ratio": _long_run_fraction(changed < cfg.frozen_changed_fraction, min_run),
         "motion": float(change.mean()),
         "mean_luma": float(frame_mean.mean()),
     }
+
+
+def _long_run_fraction(flags: np.ndarray, min_run: int) -> float:
+    """Fraction of ``flags`` that sit in runs of True at least ``min_run`` long."""
+    covered = 0
+    run = 0
+    for flag in [*flags.tolist(), False]:
+        if flag:
+            run += 1
+        else:
+            covered += run if run >= min_run else 0
+            run = 0
+    return covered / max(len(flags), 1)
 
 
 def audio_scores(audio: np.ndarray, sample_rate: int, cfg: QualityConfig) -> dict[str, float]:

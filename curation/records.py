@@ -139,6 +139,7 @@ class ClipRecord(_Record):
     sync_offset_ms: float = 0.0
     sync_confidence: float = 0.0
     sync_verdict: str = ""  # "in_sync" | "out_of_sync" | "uncertain"
+    sync_method: str = ""  # envelope pairing that gave the offset, e.g. "motion~energy"
     sync_corrected: bool = False
     split: str = ""
     duplicate_of: str = ""

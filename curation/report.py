@@ -57,6 +57,7 @@ def _plots(clips: pa.Table) -> dict[str, bytes]:
     if clips.num_rows:
         axes.flat[0].legend(fontsize=7)
     fig.suptitle("score histograms")
+    fig.tight_layout()
     out["scores.png"] = _png(fig)
     plt.close(fig)
 

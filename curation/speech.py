@@ -258,6 +258,11 @@ def to_mono_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise SpeechInputError(f"sample_rate must be a positive integer, got {sample_rate!r}")
     if audio.ndim == 2:
+        if audio.shape[0] > 8 and audio.shape[1] <= 8:
+            raise SpeechInputError(
+                f"audio of shape {audio.shape} looks channels-last; pass (C, N) as "
+                "core.media.AVClip.audio is"
+            )
         audio = audio.mean(axis=0)  # channels first, as core.media.AVClip.audio
     elif audio.ndim != 1:
         raise SpeechInputError(f"audio must be (C, N) or (N,), got shape {audio.shape}")
@@ -273,25 +278,32 @@ class _WorkerProcess:
     """One running worker: its pipes, its stderr log, deadline-bounded frame I/O."""
 
     def __init__(self, python: str, config: SpeechConfig):
-        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (lives as long as the worker)
+        # The worker's stderr goes to a file, not a pipe: an unread pipe fills up and
+        # blocks the worker; the file's tail goes into error messages.
+        self.log = tempfile.NamedTemporaryFile(
             prefix="duet-speech-worker-", suffix=".log", delete=False
         )
         env = dict(os.environ)
         env.update(OFFLINE_ENV)
         env["OMP_NUM_THREADS"] = str(config.cpu_threads)
-        self.proc = subprocess.Popen(
-            [
-                python,
-                "-I",  # ignore PYTHONPATH etc. of the main env: nothing of it may leak in
-                str(WORKER_SCRIPT),
-                "--config",
-                json.dumps(config.worker_config()),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            env=env,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    python,
+                    "-I",  # ignore PYTHONPATH etc. of the main env: nothing of it may leak in
+                    str(WORKER_SCRIPT),
+                    "--config",
+                    json.dumps(config.worker_config()),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.log,
+                env=env,
+            )
+        except OSError as exc:
+            self.log.close()
+            os.unlink(self.log.name)
+            raise SpeechWorkerError(f"cannot start the speech worker with {python}: {exc}") from exc
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin_fd = self.proc.stdin.fileno()
         self.stdout_fd = self.proc.stdout.fileno()

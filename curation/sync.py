@@ -17,7 +17,7 @@ import numpy as np
 
 from curation.records import ClipRecord
 
-VISUAL_FEATURES = ("flow_acceleration", "motion", "motion_onset", "acceleration")
+VISUAL_FEATURES = ("auto", "flow_acceleration", "motion", "motion_onset", "acceleration")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,12 @@ class SyncConfig:
     max_lag_ms: float = 400.0
     min_confidence: float = 0.25
     upsample: int = 4
-    visual_feature: str = "flow_acceleration"
+    visual_feature: str = "auto"
+    # How much stronger the motion~loudness correlation must be than the
+    # flow-acceleration~onset one to be used. Measured on the synthetic world at
+    # 2.0: event scenes within one frame in 118 of 120 trials (both misses from the
+    # impact pairing itself), talking heads in 16 of 24.
+    loudness_pairing_ratio: float = 2.0
     flow_width: int = 64  # optical flow runs on frames this wide (accuracy holds, cost /1.6)
     correct: bool = False  # shift out-of-sync clips' audio by the measured offset
 
@@ -42,6 +47,8 @@ class SyncEstimate:
     offset_ms: float
     confidence: float  # normalised correlation at the peak, in [-1, 1]
     verdict: str  # "in_sync" | "out_of_sync" | "uncertain"
+    method: str = ""  # "<visual envelope>~<audio envelope>" that gave the estimate
+    prominence: float = 0.0  # (peak - median) / std of the correlation curve
 
 
 def visual_envelope(
@@ -97,25 +104,29 @@ def _flow_acceleration(luma: np.ndarray, fps: float, width: int) -> tuple[np.nda
     return accel, np.arange(1, t - 1) / fps
 
 
-def audio_onset_envelope(audio: np.ndarray, sample_rate: int, rate_hz: float) -> np.ndarray:
-    """Half-wave rectified rise of log energy, one value per ``1 / rate_hz`` s.
-
-    Value ``k`` is centred at ``k / rate_hz``. ``audio``: (C, N) or (N,).
-    """
+def audio_log_energy(audio: np.ndarray, sample_rate: int, rate_hz: float) -> np.ndarray:
+    """Log energy in windows two hops wide, one value per ``1 / rate_hz`` s centred at
+    ``k / rate_hz``. ``audio``: (C, N) or (N,)."""
     mono = audio.mean(axis=0) if audio.ndim == 2 else audio
     hop = sample_rate / rate_hz
     n = int(np.floor(mono.size / hop))
     if n < 3:
         return np.zeros(0)
-    half = int(round(hop))  # windows two hops wide, centred on their grid point
+    half = int(round(hop))
     power = np.concatenate([[0.0], np.cumsum(mono.astype(np.float64) ** 2)])
     centres = np.round(np.arange(n) * hop).astype(np.int64)
     lo = np.clip(centres - half, 0, mono.size)
     hi = np.clip(centres + half, 0, mono.size)
     energy = (power[hi] - power[lo]) / np.maximum(hi - lo, 1)
-    log_energy = np.log10(energy + 1e-8)
-    # Rise from the previous window to the next one, centred on k.
-    rise = np.zeros(n)
+    return np.log10(energy + 1e-8)
+
+
+def audio_onset_envelope(audio: np.ndarray, sample_rate: int, rate_hz: float) -> np.ndarray:
+    """Half-wave rectified rise of log energy (previous window to next), centred on k."""
+    log_energy = audio_log_energy(audio, sample_rate, rate_hz)
+    if log_energy.size < 3:
+        return np.zeros(0)
+    rise = np.zeros(log_energy.size)
     rise[1:-1] = log_energy[2:] - log_energy[:-2]
     return np.maximum(rise, 0.0)
 
@@ -127,13 +138,43 @@ def estimate_offset(
     sample_rate: int,
     config: SyncConfig | None = None,
 ) -> SyncEstimate:
-    """Offset between a clip's audio and its frames (see the module docstring for sign)."""
+    """Offset between a clip's audio and its frames (see the module docstring for sign).
+
+    With ``visual_feature="auto"`` velocity changes (optical-flow acceleration) are
+    matched to sound onsets, which fits impacts, collisions and beats. Speech fits
+    another pairing, motion energy against loudness (the mouth moves while the voice
+    is loud, not at its onsets); it replaces the first only when its correlation is
+    at least ``loudness_pairing_ratio`` times stronger, because on event scenes the
+    smooth loudness curve correlates fairly well at a wrong lag too.
+    """
     cfg = config or SyncConfig()
+    if cfg.visual_feature != "auto":
+        return _estimate_pair(luma, fps, audio, sample_rate, cfg, cfg.visual_feature, "onset")
+    impact = _estimate_pair(luma, fps, audio, sample_rate, cfg, "flow_acceleration", "onset")
+    loudness = _estimate_pair(luma, fps, audio, sample_rate, cfg, "motion", "energy")
+    if loudness.confidence >= cfg.loudness_pairing_ratio * max(impact.confidence, 1e-3):
+        return loudness
+    return impact
+
+
+def _estimate_pair(
+    luma: np.ndarray,
+    fps: float,
+    audio: np.ndarray,
+    sample_rate: int,
+    cfg: SyncConfig,
+    visual_feature: str,
+    audio_feature: str,
+) -> SyncEstimate:
+    method = f"{visual_feature}~{audio_feature}"
     rate = fps * cfg.upsample
-    visual, vtimes = visual_envelope(luma, fps, cfg.visual_feature, cfg.flow_width)
-    audio_env = audio_onset_envelope(audio, sample_rate, rate)
+    visual, vtimes = visual_envelope(luma, fps, visual_feature, cfg.flow_width)
+    if audio_feature == "onset":
+        audio_env = audio_onset_envelope(audio, sample_rate, rate)
+    else:
+        audio_env = audio_log_energy(audio, sample_rate, rate)
     if visual.size < 4 or audio_env.size < 4:
-        return SyncEstimate(0.0, 0.0, "uncertain")
+        return SyncEstimate(0.0, 0.0, "uncertain", method)
     grid = np.arange(audio_env.size) / rate
     inside = (grid >= vtimes[0]) & (grid <= vtimes[-1])
     # Visual envelope resampled onto the audio grid; zero outside the frames' span.
@@ -141,7 +182,7 @@ def estimate_offset(
     max_lag = int(round(cfg.max_lag_ms / 1000.0 * rate))
     corr = _normalised_xcorr(vis, audio_env, inside, max_lag)
     if corr is None:
-        return SyncEstimate(0.0, 0.0, "uncertain")
+        return SyncEstimate(0.0, 0.0, "uncertain", method)
     best = int(np.argmax(corr))
     peak = float(corr[best])
     frac = 0.0
@@ -158,7 +199,11 @@ def estimate_offset(
         verdict = "out_of_sync"
     else:
         verdict = "in_sync"
-    return SyncEstimate(float(offset_ms), peak if np.isfinite(peak) else 0.0, verdict)
+    valid = corr[corr > -1.0]
+    prominence = float((peak - np.median(valid)) / (np.std(valid) + 1e-9))
+    return SyncEstimate(
+        float(offset_ms), peak if np.isfinite(peak) else 0.0, verdict, method, prominence
+    )
 
 
 def _normalised_xcorr(
@@ -208,6 +253,7 @@ class SyncStage:
         clip.sync_offset_ms = est.offset_ms
         clip.sync_confidence = est.confidence
         clip.sync_verdict = est.verdict
+        clip.sync_method = est.method
         clip.sync_corrected = bool(self.config.correct and est.verdict == "out_of_sync")
         clip.verdicts["av_sync_ok"] = est.verdict != "out_of_sync" or clip.sync_corrected
         clip.scores["sync_offset_ms"] = est.offset_ms

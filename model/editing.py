@@ -45,7 +45,7 @@ def prepare_edit(
     check_edit(strength, keep)
     video, audio = pipeline.encode_clip(source)
     tf = pipeline.config.video_vae.temporal_factor
-    num_frames = 1 + tf * ((source.num_frames - 1) // tf)
+    num_frames = 1 + tf * (video.shape[2] - 1)
     noise_v = torch.randn(video.shape, generator=generator).to(video.device)
     noise_a = torch.randn(audio.shape, generator=generator).to(audio.device)
     init_v = (1.0 - strength) * video + strength * noise_v
@@ -63,7 +63,15 @@ def finish_edit(generated: AVClip, source: AVClip, keep: str) -> AVClip:
     if keep == "none":
         return generated
     if keep == "video":
-        frames = source.frames[: generated.num_frames]
+        if abs(source.fps - generated.fps) > 1e-3:
+            n = generated.num_frames
+            idx = np.minimum(
+                np.round(np.arange(n) * source.fps / generated.fps).astype(int),
+                source.num_frames - 1,
+            )
+            frames = source.frames[idx]
+        else:
+            frames = source.frames[: generated.num_frames]
         return AVClip(
             frames=frames.copy(),
             fps=generated.fps,

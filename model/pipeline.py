@@ -83,10 +83,16 @@ class DuetPipeline(nn.Module):
     def clip_to_tensors(self, clip: AVClip, num_frames: int | None = None):
         """AVClip -> video (3, 1+4k, H, W) in [-1, 1] and padded audio (2, N)."""
         c = self.config
-        if abs(clip.fps - c.fps) > 1e-3:
+        if not clip.fps > 0 or clip.num_frames == 0:
             raise ValueError(
-                f"clip fps {clip.fps} differs from the model's {c.fps}; resample first"
+                f"clip needs frames and a positive fps, got {clip.num_frames} @ {clip.fps}"
             )
+        frames = clip.frames
+        if abs(clip.fps - c.fps) > 1e-3:
+            # Nearest-frame retiming to the model's rate (audio is untouched: same clock).
+            n_out = max(1, int(clip.num_frames * c.fps / clip.fps))
+            src = np.round(np.arange(n_out) * clip.fps / c.fps).astype(int)
+            frames = frames[np.minimum(src, clip.num_frames - 1)]
         audio = np.asarray(clip.audio, dtype=np.float32)
         if clip.sample_rate != c.sample_rate:
             from core.media import resample_audio
@@ -94,10 +100,10 @@ class DuetPipeline(nn.Module):
             audio = resample_audio(audio, clip.sample_rate, c.sample_rate)
         tf = c.video_vae.temporal_factor
         if num_frames is None:
-            num_frames = 1 + tf * ((clip.num_frames - 1) // tf)
-        if num_frames > clip.num_frames:
-            raise ValueError(f"clip has {clip.num_frames} frames, {num_frames} requested")
-        video = frames_to_tensor(clip.frames[:num_frames])  # (3, T, H, W)
+            num_frames = 1 + tf * ((frames.shape[0] - 1) // tf)
+        if num_frames > frames.shape[0]:
+            raise ValueError(f"clip has {frames.shape[0]} frames, {num_frames} requested")
+        video = frames_to_tensor(frames[:num_frames])  # (3, T, H, W)
         if video.shape[2:] != (c.height, c.width):
             video = F.interpolate(
                 video, size=(c.height, c.width), mode="bilinear", align_corners=False
@@ -189,3 +195,36 @@ class DuetPipeline(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def parameter_breakdown(cfg: ModelConfig) -> list[tuple[str, int]]:
+    """Trainable parameters per component, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        pipe = DuetPipeline(cfg)
+    dit = pipe.dit
+    video_branch = sum(count_parameters(b.video) for b in dit.blocks)
+    audio_branch = sum(count_parameters(b.audio) for b in dit.blocks)
+    cross = sum(count_parameters(b.cross) for b in dit.blocks if b.cross is not None)
+    embed_v = sum(
+        count_parameters(m) for m in (dit.video_in, dit.time_v, dit.text_v, dit.video_out)
+    )
+    embed_a = sum(
+        count_parameters(m) for m in (dit.audio_in, dit.time_a, dit.text_a, dit.audio_out)
+    )
+    rows = [
+        ("video_vae.encoder", count_parameters(pipe.video_vae.encoder)),
+        ("video_vae.decoder", count_parameters(pipe.video_vae.decoder)),
+        ("audio_vae.encoder", count_parameters(pipe.audio_vae.encoder)),
+        ("audio_vae.decoder", count_parameters(pipe.audio_vae.decoder)),
+        ("vocoder (neural)", count_parameters(pipe.vocoder)),
+        ("dit.video_blocks", video_branch),
+        ("dit.audio_blocks", audio_branch),
+        ("dit.cross_modal", cross),
+        ("dit.video_embed+head", embed_v),
+        ("dit.audio_embed+head", embed_a),
+        ("dit.references+null_text", count_parameters(dit.references) + dit.null_text.numel()),
+    ]
+    total_dit = count_parameters(dit)
+    if sum(n for name, n in rows if name.startswith("dit.")) != total_dit:
+        raise RuntimeError("DiT parameter breakdown does not add up")
+    return rows

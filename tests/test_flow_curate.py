@@ -23,6 +23,9 @@ from core import storage
 from curation.manifest import SCHEMA_VERSION, manifest_uris, read_clips
 from tests.test_curation_validate import EXPECTED_REASON, make_bad_inputs
 
+# Every test here runs the flow (Prefect server + Ray start, ~35 s before the first).
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_VIDEOS = 3
 

@@ -177,6 +177,15 @@ def test_impact_times_within_one_frame(errors):
         assert s["recall"] >= 0.95
         assert s["max_abs"] <= 1.0
     assert sum(e["extra_visual_events"] for e in errors) <= 2
+    # Contacts are timed from sub-frame fits, far inside the one-frame budget; beat
+    # pulses are read from area jumps, so within half a frame.
+    for e in errors:
+        by_type = e["visual_event_error_frames_by_type"]
+        for kind in ("impact", "collision"):
+            if by_type.get(kind, {}).get("matched"):
+                assert by_type[kind]["mean_abs"] <= 0.1
+        if by_type.get("beat", {}).get("matched"):
+            assert by_type["beat"]["max_abs"] <= 0.55
 
 
 @pytest.mark.slow
@@ -282,3 +291,19 @@ def test_camera_pan_speed():
         assert measured == pytest.approx(truth["camera_pan_px_per_s"], rel=0.03)
     still, _ = render_shot("collision", seed=1, duration_s=2.5)
     assert probe_clip(still, include_frames=False)["shots"][0]["camera_pan_px_per_s"] == 0.0
+
+
+def test_probe_video_without_audio(tmp_path):
+    import av
+
+    clip, _ = render_shot("bouncing_balls", seed=3, duration_s=2.0, width=160, height=96)
+    path = str(tmp_path / "silent.mp4")
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        for frame in clip.frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    result = probe_video(path, include_frames=False)
+    assert result["audio_onsets_s"] == [] and result["av_offset_ms"] is None
+    assert result["visual_events"], "the pictures are still measured"

@@ -215,6 +215,10 @@ def test_missing_python_and_missing_model_dirs_are_clear_errors(tmp_path):
     audio = np.zeros(16000, np.float32)
     with pytest.raises(SpeechEnvError, match="does not exist"):
         SpeechTranscriber(SpeechConfig(python=str(tmp_path / "nope"))).transcribe(audio)
+    not_executable = tmp_path / "python"
+    not_executable.write_text("")
+    with pytest.raises(SpeechWorkerError, match="cannot start the speech worker"):
+        SpeechTranscriber(SpeechConfig(python=str(not_executable))).transcribe(audio)
     missing = tmp_path / "wav2vec2-base-960h"
     with pytest.raises(SpeechConfigError, match="wav2vec2 alignment model directory"):
         SpeechTranscriber(SpeechConfig(align_model_dir=str(missing))).start()
@@ -232,6 +236,8 @@ def test_to_mono_16k_downmixes_and_resamples():
         to_mono_16k(stereo, 0)
     with pytest.raises(SpeechInputError, match="shape"):
         to_mono_16k(np.zeros((1, 2, 3), np.float32), 16_000)
+    with pytest.raises(SpeechInputError, match="channels-last"):
+        to_mono_16k(stereo.T, 48_000)
 
 
 def test_stage_declares_resources_and_pickles_without_a_worker():

@@ -3,9 +3,12 @@
 Each pixel is labelled with the nearest prototype colour of the synthetic world
 (every object colour in its day and night-dimmed form, plus every backdrop tone);
 a pixel nearer a backdrop tone, or farther than ``MAX_COLOR_DISTANCE`` from every
-object colour, is background. Anti-aliased edge pixels (half object, half
-backdrop) fall between prototypes and are dropped symmetrically, so the centroid
-of what is left stays on the object's true centroid.
+object colour, is background. A 3x3 opening then removes the thin fringes that
+4:2:0 chroma subsampling paints around objects.
+
+The position of an object is a coverage-weighted centroid (see
+``subpixel_centroid``), accurate to a few hundredths of a pixel after H.264, which
+is what lets the tracks time impacts to a small fraction of a frame.
 
 Connected components of one colour are objects. Shape class: the hole-filled
 component is compared (intersection over union) with an ideal circle, square and

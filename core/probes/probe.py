@@ -102,10 +102,11 @@ def probe_clip(
 
 
 def probe_video(uri: str, include_frames: bool = True) -> dict:
-    """``probe_clip`` of a video file at any URI (needs an audio track)."""
+    """``probe_clip`` of a video file at any URI (silent if it has no audio track)."""
     from core.media import read_clip
 
-    result = probe_clip(read_clip(uri), include_frames=include_frames)
+    # A video without sound still has pictures to measure; its onsets are just empty.
+    result = probe_clip(read_clip(uri, require_audio=False), include_frames=include_frames)
     result["video"] = uri
     return result
 

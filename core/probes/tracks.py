@@ -6,12 +6,15 @@ prediction. Tracks never cross a shot boundary.
 
 Impacts: a contact changes a body's velocity abruptly. On a track sampled every
 frame, the second difference of position is the body's acceleration times 1/fps^2
-(constant under gravity, zero when sliding) except next to a contact, where it
-jumps. Sums of two adjacent second differences (minus the local median) that leave
-the robust band mark a contact between those frames; a polynomial (a parabola, or a line on short branches) is
-fitted to up to ``FIT_POINTS`` positions before the group and another after it,
-and the impact time is where the two fits meet: the body's position at contact is
-on both branches. This gives sub-frame times from whole frames.
+(constant under gravity, zero when sliding or at rest) except next to a contact.
+A contact between frames j and j+1 splits its velocity change over the second
+differences at j and j+1, so sums of adjacent second differences (minus their
+local median) that leave the robust noise band mark contacts. A polynomial (a
+parabola, or a line on short branches) is fitted to up to ``FIT_POINTS``
+positions before the contact and another after it; the impact time is where the
+two fits meet (the body's position at contact is on both branches), which gives
+sub-frame times from whole frames. A meeting without a velocity jump (a ball let
+go from rest changes its acceleration only) is not a contact.
 
 Pulses: a sudden jump of a tracked object's area (``PULSE_AREA_RATIO``) marks a beat;
 it is timed at the middle of the frame interval in which it happened.
@@ -25,9 +28,10 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 FIT_POINTS = 6
-# A kink must beat the robust band of the track's second differences by this much
-# (pixels per frame^2), and 1.5 times the track's typical acceleration, so that a
-# ball coming to rest (second difference g/fps^2 -> 0) is not mistaken for a contact.
+# A contact must change velocity by at least this much (pixels per frame), beat
+# KINK_MAD_FACTOR times the robust noise of the pair sums, and beat 1.5 times the
+# track's local acceleration, so that a ball coming to rest or let go (second
+# difference 0 <-> g/fps^2) is not mistaken for a contact.
 MIN_KINK_PX = 3.0
 KINK_MAD_FACTOR = 6.0
 KINK_BASE_FACTOR = 1.5
@@ -115,9 +119,9 @@ def _contiguous_runs(frames: list[int]) -> list[tuple[int, int]]:
 
 def _meeting_time(
     t_pre: np.ndarray, p_pre: np.ndarray, t_post: np.ndarray, p_post: np.ndarray
-) -> tuple[float, float] | None:
-    """(time, velocity jump) where the fits to the two branches meet, between their
-    inner ends; None if they do not meet there.
+) -> tuple[float, float, float] | None:
+    """(time, velocity jump, acceleration change) where the fits to the two branches
+    meet, between their inner ends; None if they do not meet there.
 
     Each branch gets a parabola when it has 4+ points (gravity, or any steady
     acceleration), else a line.
@@ -142,7 +146,16 @@ def _meeting_time(
         return None
     root = min(real, key=lambda r: abs(r))
     jump = np.polyval(np.polyder(fit_post), root) - np.polyval(np.polyder(fit_pre), root)
-    return float(t0 + root), float(jump)
+    accel_pre = 2.0 * fit_pre[0] if deg_pre == 2 else 0.0
+    accel_post = 2.0 * fit_post[0] if deg_post == 2 else 0.0
+    return float(t0 + root), float(jump), float(accel_post - accel_pre)
+
+
+def _branch_bounds(group: list[int]) -> tuple[int, int]:
+    """(last frame before, first frame after) a contact flagged on ``group`` frames."""
+    if len(group) == 1:
+        return group[0] - 1, group[0] + 1  # the one flagged frame is ambiguous
+    return group[0], group[-1]
 
 
 def kink_events(times: np.ndarray, positions: np.ndarray, axis: str) -> list[dict]:
@@ -184,13 +197,10 @@ def kink_events(times: np.ndarray, positions: np.ndarray, axis: str) -> list[dic
             groups.append(group)
     events = []
     for gi, group in enumerate(groups):
-        ja, jb = group[0], group[-1]
-        if ja == jb:
-            pre_end, post_start = ja - 1, ja + 1  # the one flagged frame is ambiguous
-        else:
-            pre_end, post_start = ja, jb
-        prev_limit = groups[gi - 1][-1] if gi > 0 else 0
-        next_limit = groups[gi + 1][0] if gi + 1 < len(groups) else n - 1
+        pre_end, post_start = _branch_bounds(group)
+        # Branches stop at the neighbouring contacts' own ambiguous frames.
+        prev_limit = _branch_bounds(groups[gi - 1])[1] if gi > 0 else 0
+        next_limit = _branch_bounds(groups[gi + 1])[0] if gi + 1 < len(groups) else n - 1
         pre_lo = max(prev_limit, pre_end - FIT_POINTS + 1, 0)
         post_hi = min(next_limit, post_start + FIT_POINTS - 1, n - 1)
         if pre_end - pre_lo + 1 < 2 or post_hi - post_start + 1 < 2:
@@ -203,9 +213,12 @@ def kink_events(times: np.ndarray, positions: np.ndarray, axis: str) -> list[dic
         )
         if met is None:
             continue
-        t_hit, jump = met
-        if abs(jump) / fps < MIN_KINK_PX:
-            continue  # acceleration changed (a ball let go), velocity did not: no contact
+        t_hit, jump, accel_change = met
+        # A contact jumps the velocity. A change of acceleration alone (a ball let
+        # go, or settling) can fake a small jump where two fits cross, but not one
+        # larger than the acceleration change acting for two frames.
+        if abs(jump) / fps < max(MIN_KINK_PX, 2.0 * abs(accel_change) / fps**2):
+            continue
         v_before = (positions[pre_end] - positions[max(pre_end - 1, 0)]) / max(
             times[pre_end] - times[max(pre_end - 1, 0)], 1e-9
         )

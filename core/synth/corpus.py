@@ -4,6 +4,10 @@ A fade is a dip to black: the picture and the sound ramp linearly down over the 
 ``fade_s / 2`` of one shot and up over the first ``fade_s / 2`` of the next. The
 transition time is the shot boundary (a frame time; the frame there is black).
 Adjacent shots never share a backdrop, so every cut changes most of the frame.
+Shots start on frame boundaries; a shot's track is placed at sample
+``round(start_s * sample_rate)``, so an event sound starts at exactly
+``round(time_s * sample_rate)`` whenever ``sample_rate / fps`` is a whole number
+(48000/24, 44100/30, ...), and within one sample otherwise.
 
 Each video ``NAME.mp4`` gets its ground truth in ``NAME.json`` beside it (times are
 absolute seconds in the video)::
