@@ -422,8 +422,10 @@ class SpeechTranscriber:
         self._finalizer: weakref.finalize | None = None
         self.restarts = 0
         self.audio_seconds = 0.0  # total audio transcribed
-        self.compute_seconds = 0.0  # worker-side time spent on it
+        self.compute_seconds = 0.0  # worker-side wall time spent on it
+        self.cpu_seconds = 0.0  # worker-side CPU time (all threads) spent on it
         self.last_compute_s = 0.0
+        self.last_cpu_s = 0.0
         self.worker_info: dict[str, Any] = {}
 
     # -------------------------------------------------------------- lifecycle
@@ -547,7 +549,9 @@ class SpeechTranscriber:
                 f"the speech worker returned {len(transcripts)} transcripts for {len(arrays)} inputs"
             )
         self.last_compute_s = float(header.get("compute_s", 0.0))
+        self.last_cpu_s = float(header.get("cpu_s", 0.0))
         self.compute_seconds += self.last_compute_s
+        self.cpu_seconds += self.last_cpu_s
         self.audio_seconds += audio_s
         return transcripts
 

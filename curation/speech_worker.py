@@ -525,6 +525,7 @@ def serve(engine: SpeechEngine, stdin: BinaryIO, stdout: BinaryIO) -> int:
             if not isinstance(batch_size, int) or batch_size < 1:
                 raise ProtocolError("'batch_size' must be a positive integer")
             started = time.perf_counter()
+            started_cpu = time.process_time()  # all threads of this process
             transcripts = engine.transcribe_batch(audios, batch_size)
             send(
                 {
@@ -532,6 +533,7 @@ def serve(engine: SpeechEngine, stdin: BinaryIO, stdout: BinaryIO) -> int:
                     "id": request_id,
                     "transcripts": transcripts,
                     "compute_s": time.perf_counter() - started,
+                    "cpu_s": time.process_time() - started_cpu,
                 }
             )
         except Exception as exc:  # a bad request must not kill the worker

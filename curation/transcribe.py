@@ -77,7 +77,12 @@ class SpeechActor:
         os.environ.update(env)
         from curation.speech import SpeechConfig, SpeechStage
 
-        self.transcriber = SourceTranscriber(SpeechStage(SpeechConfig(**speech_config)), batch_size)
+        self.stage = SpeechStage(SpeechConfig(**speech_config))
+        self.transcriber = SourceTranscriber(self.stage, batch_size)
+
+    def close(self) -> None:
+        """Stop the WhisperX worker process before the actor goes away."""
+        self.stage.close()
 
     def run(self, result: dict[str, Any], out_uri: str) -> dict[str, Any]:
         return self.transcriber(SourceResult.from_dict(result), out_uri)

@@ -181,6 +181,7 @@ def speech_task(
         ):
             speech[res["source_id"]] = payload
             _progress("speech", len(speech), total)
+        ray.get([actor.close.remote() for actor in actors])
         for actor in actors:
             ray.kill(actor)
     return speech

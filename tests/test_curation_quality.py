@@ -157,3 +157,15 @@ def test_clip_ids_are_stable_and_distinct():
     assert clip_id_of("/a.mp4", 1.0, 3.0) == clip_id_of("/a.mp4", 1.0, 3.0)
     assert clip_id_of("/a.mp4", 1.0, 3.0) != clip_id_of("/a.mp4", 1.0, 3.5)
     assert clip_id_of("/a.mp4", 1.0, 3.0) != clip_id_of("/b.mp4", 1.0, 3.0)
+
+
+def test_short_stills_are_not_frozen_but_long_ones_are():
+    moving = _moving_luma(t=48)
+    # Half a second of stillness between two moving stretches: a pause, not a defect.
+    paused = np.concatenate([moving[:12], np.repeat(moving[12:13], 12, 0), moving[24:]])
+    clip = QualityStage()(_record(), paused, _tone(), RATE)
+    assert clip.scores["frozen_ratio"] == 0.0 and clip.verdicts["not_frozen"]
+    # 1.5 s of one repeated frame in a 2 s clip: frozen.
+    stuck = np.concatenate([moving[:12], np.repeat(moving[12:13], 36, 0)])
+    clip = QualityStage()(_record(), stuck, _tone(), RATE)
+    assert clip.scores["frozen_ratio"] > 0.5 and not clip.verdicts["not_frozen"]

@@ -117,3 +117,17 @@ def test_silent_or_static_clip_is_uncertain_not_out_of_sync():
     audio = np.zeros((2, 48000 * 2), np.float32)
     est = estimate_offset(luma, 24.0, audio, 48000)
     assert est.verdict == "uncertain"
+
+
+def test_speech_uses_the_motion_loudness_pairing():
+    """A talking head: sound onsets do not line up with velocity changes, loudness
+    lines up with mouth motion; the estimate says which pairing it used."""
+    clip, truth = render_shot("talking_avatar", seed=1, duration_s=4.0)
+    assert truth["speech"] is not None
+    est = estimate_offset(_luma(clip.frames), clip.fps, clip.audio, clip.sample_rate)
+    assert est.method == "motion~energy"
+    assert abs(est.offset_ms) < 1000.0 / clip.fps and est.verdict == "in_sync"
+    events, _ = render_shot("collision", seed=1, duration_s=4.0)
+    assert estimate_offset(_luma(events.frames), 24.0, events.audio, 48000).method == (
+        "flow_acceleration~onset"
+    )

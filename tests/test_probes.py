@@ -307,3 +307,18 @@ def test_probe_video_without_audio(tmp_path):
     result = probe_video(path, include_frames=False)
     assert result["audio_onsets_s"] == [] and result["av_offset_ms"] is None
     assert result["visual_events"], "the pictures are still measured"
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_lip_sync_of_talking_avatar(tmp_path):
+    clip, _ = render_shot("talking_avatar", seed=2, duration_s=3.5)
+    for offset_ms in (0, -80, 120):
+        shift = int(round(offset_ms / 1000 * clip.sample_rate))
+        audio = np.roll(clip.audio, shift, axis=1)  # room tone wraps; speech does not
+        uri = str(tmp_path / f"talk{offset_ms}.mp4")
+        write_mp4(uri, AVClip(clip.frames, clip.fps, audio, clip.sample_rate))
+        measured = probe_clip(read_clip(uri), include_frames=False)
+        assert measured["shots"][0]["lip_sync"]["correlation"] > 0.9
+        assert abs(measured["lip_sync_offset_ms"] - offset_ms) <= 1000.0 / FPS / 4
+    beat, _ = render_shot("beat_pulse", seed=2, duration_s=2.5)
+    assert probe_clip(beat, include_frames=False)["lip_sync_offset_ms"] is None

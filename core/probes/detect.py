@@ -144,7 +144,7 @@ def subpixel_centroid(
 
 
 def detect_objects(frame: np.ndarray, min_area: int = 24) -> list[dict]:
-    """Objects in one frame: ``{"color", "shape", "x", "y", "area", "bbox", "fill", "shape_iou", "touches_edge"}``.
+    """Objects in one frame: ``{"color", "shape", "x", "y", "area", "bbox", "fill", "shape_iou", "touches_edge", "lower_hole_px"}``.
 
     ``x, y`` is the centroid in pixel coordinates (pixel centres at integers),
     ``bbox`` is ``[x0, y0, x1, y1]`` inclusive. Components smaller than ``min_area``
@@ -180,6 +180,9 @@ def detect_objects(frame: np.ndarray, min_area: int = 24) -> list[dict]:
             bh, bw = filled.shape
             shape, match = classify_shape(filled, float(xs.mean()), float(ys.mean()))
             cx, cy = subpixel_centroid(frame, labels, filled, (y0, x0), int(color_index))
+            # Holes below the centroid: for the talking avatar's face, its open mouth.
+            holes = filled & ~opened
+            lower_holes = int(holes[int(np.floor(ys.mean())) + 1 :].sum())
             found.append(
                 {
                     "color": COLOR_NAMES[int(color_index)],
@@ -191,6 +194,7 @@ def detect_objects(frame: np.ndarray, min_area: int = 24) -> list[dict]:
                     "bbox": [int(x0), int(y0), int(x0 + bw - 1), int(y0 + bh - 1)],
                     "fill": round(area / float(bh * bw), 4),
                     "touches_edge": bool(x0 == 0 or y0 == 0 or x0 + bw == w or y0 + bh == h),
+                    "lower_hole_px": lower_holes,
                 }
             )
     found.sort(key=lambda d: (d["x"], d["y"]))

@@ -10,6 +10,7 @@ import numpy as np
 from core.media import AVClip
 from core.probes.captions import caption_adherence, multiset_iou, observed_objects
 from core.probes.detect import detect_objects
+from core.probes.lipsync import estimate_lip_sync, mouth_track
 from core.probes.onsets import detect_onsets
 from core.probes.shots import detect_transitions, estimate_pan, segments_from_transitions
 from core.probes.sync import MAX_OFFSET_S, estimate_av_offset
@@ -31,7 +32,8 @@ def probe_clip(
 
     Returns ``{"schema_version", "fps", "num_frames", "duration_s", "width", "height",
     "sample_rate", "transitions", "shots", "visual_events", "audio_onsets_s",
-    "av_offset_ms", "av_matched", "frames"?}``. ``frames`` (per-frame detections)
+    "av_offset_ms", "av_matched", "lip_sync_offset_ms", "frames"?}``. Offsets are
+    positive when the audio is late. ``frames`` (per-frame detections)
     is left out when ``include_frames`` is False.
     """
     frames, fps = clip.frames, float(clip.fps)
@@ -44,10 +46,24 @@ def probe_clip(
     gate = TRACK_GATE_FRACTION * min(height, width)
     visual_events: list[dict] = []
     shots = []
+    lip_offsets = []
     for index, segment in enumerate(segments):
         seg_events = []
-        for track in build_tracks(detections, segment, gate):
+        tracks = build_tracks(detections, segment, gate)
+        for track in tracks:
             seg_events.extend(track_events(track, fps))
+        lip = None
+        face = mouth_track(tracks)
+        if face is not None and clip.audio.size:
+            lip = estimate_lip_sync(
+                np.asarray(face["frames"]) / fps,
+                np.asarray(face["lower_hole_px"]),
+                clip.audio,
+                clip.sample_rate,
+                fps,
+            )
+            if lip is not None:
+                lip_offsets.append(lip["offset_ms"])
         merged = merge_events(seg_events, fps)
         for ev in merged:
             ev["shot"] = index
@@ -61,6 +77,7 @@ def probe_clip(
                 "objects": _counter_list(observed_objects(detections[a:b])),
                 "num_visual_events": len(merged),
                 "camera_pan_px_per_s": round(estimate_pan(frames[a:b], fps), 3),
+                "lip_sync": lip,
             }
         )
     visual_events.sort(key=lambda e: e["time_s"])
@@ -83,6 +100,7 @@ def probe_clip(
         "audio_onsets_s": [round(t, 6) for t in onsets],
         "av_offset_ms": sync["av_offset_ms"],
         "av_matched": sync["matched"],
+        "lip_sync_offset_ms": round(float(np.median(lip_offsets)), 3) if lip_offsets else None,
     }
     if include_frames:
         result["frames"] = [
@@ -202,6 +220,7 @@ def compare_to_truth(probe: dict, sidecar: dict) -> dict:
         "extra_visual_events": max(len(visual) - len(visual_errors), 0),
         "audio_onset_error_ms": _stats(onset_errors, len(truth_events), 1000.0),
         "av_offset_ms": probe["av_offset_ms"],
+        "lip_sync_offset_ms": probe.get("lip_sync_offset_ms"),
         "cut_error_frames": _stats(cut_errors, len(cuts_truth), fps),
         "extra_cuts": max(len(cuts_found) - len(cut_errors), 0),
         "fade_error_frames": _stats(fade_errors, len(fades_truth), fps),

@@ -43,7 +43,8 @@ MAX_GAP_FRAMES = 2
 def build_tracks(
     detections: list[list[dict]], segment: tuple[int, int], gate_px: float
 ) -> list[dict]:
-    """Tracks in frames [a, b): ``{"color", "shape", "frames", "x", "y", "area"}`` (lists).
+    """Tracks in frames [a, b): ``{"color", "shape", "frames", "x", "y", "area",
+    "lower_hole_px"}`` (lists).
 
     Detections are linked by colour only: a shape that is misread on one frame
     (a ball squashed against the floor by anti-aliasing) must not break its track.
@@ -79,7 +80,15 @@ def build_tracks(
                         used.add(det_idx[c])
             for i in det_idx:
                 if i not in used:
-                    tr = {"color": color, "shapes": [], "frames": [], "x": [], "y": [], "area": []}
+                    tr = {
+                        "color": color,
+                        "shapes": [],
+                        "frames": [],
+                        "x": [],
+                        "y": [],
+                        "area": [],
+                        "lower_hole_px": [],
+                    }
                     _append(tr, k, dets[i])
                     active.append(tr)
                     used.add(i)
@@ -95,6 +104,7 @@ def _append(track: dict, k: int, det: dict) -> None:
     track["x"].append(det["x"])
     track["y"].append(det["y"])
     track["area"].append(det["area"])
+    track["lower_hole_px"].append(det.get("lower_hole_px", 0))
 
 
 def _predict(track: dict, k: int) -> tuple[float, float]:

@@ -197,7 +197,7 @@ def _plan_bouncers(
         lo, hi = x_ranges[i]
         lo, hi = lo + half_w + 2.0, hi - half_w - 2.0
         if hi <= lo:
-            raise SceneError("frame too narrow for this many objects")
+            return None  # lanes too narrow: the retry drops an object
         x0 = rng.uniform(lo, hi)
         if allow_vx:
             room = min(x0 - lo, hi - x0) / spec.duration_s
@@ -260,7 +260,8 @@ def _retry(
         if plan is not None:
             return count, plan
     raise SceneError(
-        "could not place events clear of the shot edges; use longer shots or shorter guards"
+        "could not fit the objects in the frame with events clear of the shot edges; "
+        "use a larger frame, longer shots or shorter guards"
     )
 
 
