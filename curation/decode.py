@@ -66,26 +66,42 @@ class DecodeStage:
                 f"decoded frames would take {expected / 1024**3:.1f} GiB, over the "
                 f"{self.config.max_frame_bytes / 1024**3:.1f} GiB per-source limit",
             )
-        small_size = self.analysis_size(source.width, source.height)
-        frames: list[np.ndarray] = []
-        small_bgr: list[np.ndarray] = []
-        small_luma: list[np.ndarray] = []
+        w, h = self.analysis_size(source.width, source.height)
+        # Filled in place as frames arrive (no list + np.stack copy of the whole
+        # source); grown if the container under-reported its frame count.
+        capacity = max(source.frame_count + 8, 16)
+        frames = np.empty((capacity, source.height, source.width, 3), np.uint8)
+        small_bgr = np.empty((capacity, h, w, 3), np.uint8)
+        small_luma = np.empty((capacity, h, w), np.uint8)
+        count = 0
         for _, frame in media.iter_video_frames(source.uri):
-            frames.append(frame)
+            if count == capacity:
+                capacity *= 2
+                frames = _grow(frames, capacity)
+                small_bgr = _grow(small_bgr, capacity)
+                small_luma = _grow(small_luma, capacity)
+            frames[count] = frame
             # INTER_AREA averages pixels: a clean downscale that keeps mean luma exact.
-            small = cv2.resize(frame, small_size, interpolation=cv2.INTER_AREA)
-            small_bgr.append(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+            small = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
+            cv2.cvtColor(small, cv2.COLOR_RGB2BGR, dst=small_bgr[count])
             # BT.601 luma, OpenCV's (and ffmpeg's) gray conversion.
-            small_luma.append(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
-        if len(frames) < 2:
-            raise media.MediaError(source.uri, f"decoded only {len(frames)} video frame(s)")
+            cv2.cvtColor(small, cv2.COLOR_RGB2GRAY, dst=small_luma[count])
+            count += 1
+        if count < 2:
+            raise media.MediaError(source.uri, f"decoded only {count} video frame(s)")
         audio, rate = media.read_audio(source.uri)
         return DecodedSource(
             source=source,
-            frames=np.stack(frames),
+            frames=frames[:count],
             fps=source.fps,
             audio=audio,
             sample_rate=rate,
-            small_bgr=np.stack(small_bgr),
-            small_luma=np.stack(small_luma),
+            small_bgr=small_bgr[:count],
+            small_luma=small_luma[:count],
         )
+
+
+def _grow(array: np.ndarray, capacity: int) -> np.ndarray:
+    out = np.empty((capacity, *array.shape[1:]), array.dtype)
+    out[: array.shape[0]] = array
+    return out

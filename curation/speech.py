@@ -163,7 +163,9 @@ class SpeechConfig:
     # Local Hugging Face wav2vec2 CTC directory; None = Whisper's own word timestamps.
     align_model_dir: str | None = None
     language: str | None = "en"  # None: detect per batch (multilingual models only)
-    compute_type: str = "float32"  # CTranslate2 compute type on CPU ("int8" is faster)
+    # CTranslate2 compute type. int8: same WER as float32 on the espeak-ng set
+    # (0.039 both) at ~1.5x less CPU time (tiny.en, 2 cores).
+    compute_type: str = "int8"
     beam_size: int = 5
     batch_size: int = 8  # VAD chunks decoded together (across clips)
     cpu_threads: int = 2
@@ -420,7 +422,7 @@ class SpeechTranscriber:
         self._worker: _WorkerProcess | None = None
         self._lock = threading.Lock()
         self._finalizer: weakref.finalize | None = None
-        self.restarts = 0
+        self.restarts = 0  # workers started again after one died
         self.audio_seconds = 0.0  # total audio transcribed
         self.compute_seconds = 0.0  # worker-side wall time spent on it
         self.cpu_seconds = 0.0  # worker-side CPU time (all threads) spent on it
@@ -455,9 +457,7 @@ class SpeechTranscriber:
     def _start_locked(self) -> None:
         if self._worker is not None and self._worker.alive():
             return
-        if self._worker is not None:
-            _kill_worker(self._worker)
-            self._worker = None
+        self._discard_worker()  # a dead one, if any
         self.config.check_paths()
         worker = _WorkerProcess(self._python(), self.config)
         self._finalizer = weakref.finalize(self, _kill_worker, worker)
@@ -579,12 +579,12 @@ class SpeechTranscriber:
                 code = worker.proc.poll()
                 self._discard_worker()
                 failures += 1
-                self.restarts += 1
                 if failures > self.config.max_restarts:
                     raise SpeechWorkerError(
                         f"the speech worker died {failures} time(s) on this request "
                         f"(last exit status {code}: {exc})\n--- worker stderr ---\n{tail}"
                     ) from exc
+                self.restarts += 1  # the loop starts a fresh worker and retries
 
     def _discard_worker(self) -> None:
         if self._worker is not None:

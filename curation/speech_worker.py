@@ -227,7 +227,7 @@ class SpeechEngine:
         self.vad_offset = float(config.get("vad_offset", 0.363))
         # Pyannote's regions hug the voiced part; Whisper transcribes a word's onset
         # better with a little context around it.
-        self.vad_pad_s = float(config.get("vad_pad_s", 0.0))
+        self.vad_pad_s = float(config.get("vad_pad_s", 0.2))
 
         model_dir = config.get("model_dir")
         if model_dir is None:
@@ -245,7 +245,7 @@ class SpeechEngine:
         self.pipeline = whisperx.load_model(
             model_dir,
             device="cpu",
-            compute_type=config.get("compute_type", "float32"),
+            compute_type=config.get("compute_type", "int8"),
             language=self.language,
             vad_method="pyannote",
             vad_options={
@@ -432,12 +432,13 @@ class SpeechEngine:
         import whisperx
 
         duration = audio.shape[0] / SAMPLE_RATE
-        if not self.speech_regions(audio):
-            return self._empty()
+        # WhisperX runs its own VAD here (unpadded: wav2vec2 re-times the words anyway).
         transcribed = self.pipeline.transcribe(
             audio, batch_size=max(1, batch_size), language=self.language
         )
         segments = transcribed["segments"]
+        if not segments:
+            return self._empty()
         aligned = whisperx.align(
             segments,
             self.align_model,

@@ -306,6 +306,9 @@ class NeuralVocoder(nn.Module):
         )
         self.norm_out = nn.GroupNorm(1, ch)
         self.conv_out = nn.Conv1d(ch, 2 * n_bins, 1)
+        # Start from quiet output (magnitude e^-4): audio spectra are mostly near zero,
+        # and a unit-magnitude start spends the first steps just turning it down.
+        nn.init.constant_(self.conv_out.bias[:n_bins], -4.0)
 
     def spectrum(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, M, T) -> complex (B, F, T + 1)."""

@@ -106,9 +106,9 @@ def shot_of_time(plan: ShotPlan, time_s: torch.Tensor) -> torch.Tensor:
 def layout(plan: ShotPlan, cfg: ModelConfig) -> tuple[int, ShotLayout]:
     """Frame count of the whole sequence and the shot of every latent time step.
 
-    Video latent i covers frames 4i-3 .. 4i and audio latent j sits at position
-    (j + 0.5)/m - 0.5 (see model.rope); both map to time through the centre frame
-    4p - 1.5 of a position p.
+    Video latent i shows frames 4i-3 .. 4i, the time interval [(4i-3)/fps, (4i+1)/fps)
+    centred on (4i-1)/fps, and audio latent j sits at position (j + 0.5)/m - 0.5 (see
+    model.rope); a position p therefore stands for the instant (4p - 1) / fps.
     """
     num_frames = cfg.frames_for_duration(plan.duration_s)
     n_video = cfg.num_latent_frames(num_frames)
@@ -116,7 +116,7 @@ def layout(plan: ShotPlan, cfg: ModelConfig) -> tuple[int, ShotLayout]:
     tf = cfg.video_vae.temporal_factor
 
     def to_time(p: torch.Tensor) -> torch.Tensor:
-        return (tf * p - (tf - 1) / 2).clamp_min(0) / cfg.fps
+        return (tf * p - tf / 2 + 1).clamp_min(0) / cfg.fps
 
     video_pos = torch.arange(n_video, dtype=torch.float64)
     audio_pos = (torch.arange(n_video * m, dtype=torch.float64) + 0.5) / m - 0.5

@@ -274,6 +274,13 @@ def test_env_dir_is_keyed_by_requirements_hash(tmp_path, monkeypatch):
         speech_env.python_path(req_a)
 
 
+def test_env_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DUET_CACHE_DIR", str(tmp_path / "empty-cache"))
+    assert speech_env.main(["path"]) == 1
+    assert "make whisperx-env" in capsys.readouterr().err
+    assert speech_env.main(["frobnicate"]) == 2
+
+
 def test_env_build_is_atomic_locked_and_reused(tmp_path, monkeypatch):
     """A tiny env from a requirements file with no packages: same code path as the real one."""
     monkeypatch.setenv("DUET_CACHE_DIR", str(tmp_path / "cache"))
@@ -636,7 +643,8 @@ def test_wav2vec2_alignment_path_runs_offline(whisperx_python, tmp_path):
     text = "the red ball bounces on the gray floor"
     audio = with_silence(espeak_16k(text, "en-us", 150))
     with SpeechTranscriber(SpeechConfig(align_model_dir=str(model_dir))) as stt:
-        transcript = stt.transcribe(audio)
+        transcript, silent = stt.transcribe_batch([audio, np.zeros(SAMPLE_RATE, np.float32)])
+    assert silent.text == "" and silent.words == [] and silent.alignment_method == "wav2vec2"
     assert transcript.alignment_method == ALIGNMENT_WAV2VEC2
     assert word_error_rate(text, transcript.text) <= 0.3  # the text still comes from Whisper
     assert_words_well_formed(transcript, audio.shape[0] / SAMPLE_RATE)

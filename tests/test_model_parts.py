@@ -1,0 +1,361 @@
+"""Model unit tests: configs, VAEs, RoPE alignment, DiT, references, flow matching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.audio_vae import AudioVAE, NeuralVocoder
+from model.configs import PRESETS, ModelConfig, get_config
+from model.dit import DualBranchDiT, TextConditioning, component_parameter_counts
+from model.flow_matching import (
+    add_noise,
+    resolution_shift,
+    sample_timesteps,
+    schedule,
+    shift_timesteps,
+    velocity_target,
+)
+from model.pipeline import parameter_breakdown
+from model.references import ReferenceLatents, RefSlot
+from model.rope import apply_rope, audio_positions, rope_1d, video_positions
+from model.video_vae import VideoVAE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _randomise_zero_init(module: torch.nn.Module, scale: float = 0.05) -> None:
+    """AdaLN-zero makes a fresh DiT the identity; perturb it so every path matters."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def _tiny_inputs(cfg: ModelConfig, batch: int = 2, latent_frames: int = 3):
+    sf = cfg.video_vae.spatial_factor
+    video = torch.randn(batch, cfg.video_vae.latent_channels, latent_frames, cfg.height // sf, cfg.width // sf)
+    audio = torch.randn(batch, cfg.audio_vae.latent_channels, latent_frames * cfg.audio_latents_per_video_latent)
+    t = torch.rand(batch)
+    text = TextConditioning(torch.randn(batch, 6, cfg.text.embed_dim), torch.ones(batch, 6, dtype=torch.bool))
+    return video, audio, t, text
+
+
+# -- configs and parameter counts ---------------------------------------------------
+
+
+def test_parameter_counts_per_preset():
+    totals = {}
+    for name in PRESETS:
+        rows = parameter_breakdown(get_config(name))
+        assert all(n > 0 for _, n in rows), rows
+        totals[name] = sum(n for _, n in rows)
+    assert totals["tiny"] < 5e6
+    assert 50e6 <= totals["small"] <= 150e6
+    assert 1e9 <= totals["base"] <= 2e9
+    assert totals["xl"] > 5e9
+    assert totals["tiny"] < totals["small"] < totals["base"] < totals["xl"]
+
+
+def test_config_roundtrip_and_validation():
+    cfg = get_config("small")
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_config("huge")
+    bad = get_config("tiny")
+    bad.sample_rate = 44100  # 44100 / 64 mel frames per second is no whole hop
+    with pytest.raises(ValueError, match="hop length"):
+        bad.validate()
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        get_config("tiny").num_latent_frames(8)
+
+
+def test_audio_latent_rate_is_integer_multiple_of_video_rate():
+    for name in PRESETS:
+        cfg = get_config(name)
+        ratio = cfg.audio_latent_rate / cfg.video_latent_rate
+        assert ratio == int(ratio) == cfg.audio_latents_per_video_latent
+        # audio samples covered by the latents of 1 + 4k frames = (k + 1) video latent steps
+        assert cfg.audio_samples_for_latents(3) == 3 * cfg.video_vae.temporal_factor * cfg.sample_rate / cfg.fps
+
+
+# -- VAEs -----------------------------------------------------------------------------
+
+
+def test_video_vae_shapes_causality_and_chunked_decode():
+    cfg = get_config("tiny")
+    vae = VideoVAE(cfg.video_vae).eval()
+    x = torch.rand(1, 3, 17, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x)
+        assert z.shape == (1, cfg.video_vae.latent_channels, 5, 8, 8)  # 1 + 4k -> 1 + k, 8x
+        # Causal: changing frames 9.. leaves latents 0..2 (frames 0..8) untouched.
+        x2 = x.clone()
+        x2[:, :, 9:] = 0
+        z2 = vae.encode(x2)
+        assert torch.equal(z2[:, :, :3], z[:, :, :3])
+        assert not torch.equal(z2[:, :, 3:], z[:, :, 3:])
+        # First frame alone: a still image is a one-frame video.
+        assert vae.encode(x[:, :, :1]).shape[2] == 1
+        _randomise_zero_init(vae.decoder, 0.02)
+        zz = torch.randn(1, cfg.video_vae.latent_channels, 12, 8, 8)
+        cfg.video_vae.decode_chunk_latent_frames = 0
+        full = vae.decode(zz)
+        assert full.shape == (1, 3, 45, 64, 64)
+        cfg.video_vae.decode_chunk_latent_frames = 4
+        chunked = vae.decode(zz)
+        cfg.video_vae.decode_chunk_latent_frames = 0
+        cfg.video_vae.decode_tile_latent_px = 4
+        tiled = vae.decode(zz)
+    assert chunked.shape == full.shape == tiled.shape
+    assert (chunked - full).abs().max() < 1e-4
+    assert (tiled - full).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        vae.encode(torch.zeros(1, 3, 6, 64, 64))
+
+
+def test_audio_vae_shapes_and_griffin_lim_keeps_onsets():
+    cfg = get_config("tiny")
+    vae = AudioVAE(cfg.audio_vae, cfg.sample_rate, cfg.mel_hop_length).eval()
+    n_video_latents = 5
+    n = cfg.audio_samples_for_latents(n_video_latents)
+    wav = torch.zeros(1, 2, n)
+    clicks = [0.5, 1.2]
+    burst = torch.sin(torch.arange(300) * 0.7) * torch.exp(-torch.arange(300) / 60.0)
+    for t in clicks:
+        i = int(t * cfg.sample_rate)
+        wav[0, :, i : i + 300] = 0.8 * burst
+    with torch.no_grad():
+        z = vae.encode(wav)
+        assert z.shape == (1, cfg.audio_vae.latent_channels, n_video_latents * cfg.audio_latents_per_video_latent)
+        assert vae.decode(z).shape == wav.shape
+        rebuilt = vae.mel_to_waveform(vae.waveform_to_mel(wav))
+    assert rebuilt.shape == wav.shape
+    frame = cfg.sample_rate // 100  # 10 ms energy frames
+    energy = rebuilt[0, 0, : n // frame * frame].reshape(-1, frame).pow(2).mean(1)
+    peaks = (energy > 0.1 * energy.max()).nonzero().flatten().float() / 100.0
+    for t in clicks:
+        assert (peaks - t).abs().min() < 0.03
+    with pytest.raises(ValueError, match="multiple"):
+        vae.encode(torch.zeros(1, 2, n + 1))
+
+
+def test_neural_vocoder_learns():
+    cfg = get_config("tiny")
+    vae = AudioVAE(cfg.audio_vae, cfg.sample_rate, cfg.mel_hop_length)
+    vocoder = NeuralVocoder(cfg.audio_vae)
+    t = torch.arange(8000) / cfg.sample_rate
+    wav = (0.5 * torch.sin(2 * torch.pi * 440 * t))[None]
+    opt = torch.optim.Adam(vocoder.parameters(), 3e-3)
+    first = None
+    for _ in range(25):
+        loss, _ = vocoder.loss(wav, vae.mel)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.7 * first
+
+
+# -- RoPE time alignment ----------------------------------------------------------------
+
+
+def test_rope_same_instant_same_temporal_position():
+    cfg = get_config("tiny")
+    m = cfg.audio_latents_per_video_latent
+    n_video = 5
+    video_t = video_positions(n_video, 2, 2)[:, 0].view(n_video, -1)[:, 0]  # time of each latent frame
+    audio_t = audio_positions(n_video * m, m)
+    # Audio latents m*i .. m*i + m - 1 cover the frames of video latent i: same mean position.
+    assert torch.allclose(audio_t.view(n_video, m).mean(dim=1), video_t)
+    # The time each position stands for: audio latent j spans samples of the front-padded
+    # waveform; its centre instant maps back to the same video latent index.
+    spl = cfg.audio_samples_for_latents(1) // m
+    pad = 3 * cfg.sample_rate // int(cfg.fps)
+    for j in range(n_video * m):
+        centre_s = ((j + 0.5) * spl - pad) / cfg.sample_rate
+        frame_time = centre_s * cfg.fps  # in frame periods (negative inside the front pad)
+        # Video latent i shows frames 4i-3 .. 4i, i.e. the interval [4i - 3, 4i + 1) in frame
+        # periods, centred on 4i - 1: a frame time c belongs to latent position (c + 1) / 4.
+        assert abs((frame_time + 1) / 4 - audio_t[j].item()) < 1e-5
+    # Cross-modal RoPE scores depend only on the time difference: an audio key at the
+    # same position as a video query scores as if neither were rotated.
+    q = torch.randn(1, 1, 1, 16)
+    k = torch.randn(1, 1, 1, 16)
+    pos_v = video_t[2:3]
+    pos_a = audio_t[2 * m : 3 * m].mean().view(1)
+    cq, sq = rope_1d(pos_v, 16, 10000.0)
+    ck, sk = rope_1d(pos_a, 16, 10000.0)
+    score = (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+    assert torch.allclose(score, (q * k).sum(), atol=1e-5)
+
+
+# -- DiT ---------------------------------------------------------------------------------
+
+
+def test_dit_shapes_and_component_counts():
+    cfg = get_config("tiny")
+    dit = DualBranchDiT(cfg)
+    video, audio, t, text = _tiny_inputs(cfg)
+    out_v, out_a = dit(video, audio, t, text)
+    assert out_v.shape == video.shape and out_a.shape == audio.shape
+    # AdaLN-zero: a fresh model predicts exactly zero velocity.
+    assert torch.count_nonzero(out_v) == 0 and torch.count_nonzero(out_a) == 0
+    counts = component_parameter_counts(dit)
+    assert sum(counts.values()) == sum(p.numel() for p in dit.parameters())
+    with pytest.raises(ValueError, match="audio latents"):
+        dit(video, audio[:, :, :-1], t, text)
+
+
+def test_absent_references_change_no_bit_and_limits_raise():
+    cfg = get_config("tiny")
+    dit = DualBranchDiT(cfg).eval()
+    _randomise_zero_init(dit)
+    video, audio, t, text = _tiny_inputs(cfg)
+    img = RefSlot(torch.randn(2, cfg.video_vae.latent_channels, 1, 8, 8))
+    aud = RefSlot(torch.randn(2, cfg.audio_vae.latent_channels, 8))
+    with torch.no_grad():
+        base = dit(video, audio, t, text, ReferenceLatents(images=[img], audios=[aud]))
+        padded = dit(
+            video,
+            audio,
+            t,
+            text,
+            ReferenceLatents(
+                images=[img, None, RefSlot(img.latent, torch.zeros(2, dtype=torch.bool))] + [None] * 6,
+                videos=[None, None, None],
+                audios=[aud, None, None],
+            ),
+        )
+        none = dit(video, audio, t, text)
+        empty = dit(video, audio, t, text, ReferenceLatents(images=[None] * 9))
+    assert torch.equal(base[0], padded[0]) and torch.equal(base[1], padded[1])
+    assert torch.equal(none[0], empty[0]) and torch.equal(none[1], empty[1])
+    assert not torch.equal(base[0], none[0])  # present references do matter
+    with pytest.raises(ValueError, match="too many image references"):
+        ReferenceLatents(images=[None] * 10)
+    with pytest.raises(ValueError, match="too many video references"):
+        ReferenceLatents(videos=[None] * 4)
+    with pytest.raises(ValueError, match="too many audio references"):
+        ReferenceLatents(audios=[None] * 4)
+
+
+def test_partially_present_reference_is_masked_per_sample():
+    cfg = get_config("tiny")
+    dit = DualBranchDiT(cfg).eval()
+    _randomise_zero_init(dit)
+    video, audio, t, text = _tiny_inputs(cfg)
+    lat = torch.randn(2, cfg.video_vae.latent_channels, 1, 8, 8)
+    with torch.no_grad():
+        mixed = dit(video, audio, t, text, ReferenceLatents(images=[RefSlot(lat, torch.tensor([True, False]))]))
+        alone = dit(video[1:], audio[1:], t[1:], TextConditioning(text.tokens[1:], text.mask[1:]))
+        withref = dit(video[:1], audio[:1], t[:1], TextConditioning(text.tokens[:1], text.mask[:1]),
+                      ReferenceLatents(images=[RefSlot(lat[:1])]))  # fmt: skip
+    assert torch.allclose(mixed[0][1:], alone[0], atol=1e-5)
+    assert torch.allclose(mixed[0][:1], withref[0], atol=1e-5)
+
+
+def test_cross_modal_attention_is_used():
+    cfg = get_config("tiny")
+    dit = DualBranchDiT(cfg).eval()
+    _randomise_zero_init(dit)
+    video, audio, t, text = _tiny_inputs(cfg)
+    with torch.no_grad():
+        _, audio_on = dit(video, audio, t, text)
+        _, audio_off = dit(video, audio, t, text, cross_modal=False)
+        # With the exchange on, the audio output depends on the video input ...
+        _, audio_other_video = dit(torch.randn_like(video), audio, t, text)
+        # ... and with it off, it does not.
+        _, audio_off_other_video = dit(torch.randn_like(video), audio, t, text, cross_modal=False)
+    assert (audio_on - audio_off).abs().max() > 1e-4
+    assert (audio_on - audio_other_video).abs().max() > 1e-4
+    assert torch.equal(audio_off, audio_off_other_video)
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    cfg = get_config("tiny")
+    dit = DualBranchDiT(cfg).train()
+    _randomise_zero_init(dit)
+    video, audio, t, text = _tiny_inputs(cfg)
+
+    def grads():
+        dit.zero_grad()
+        v, a = dit(video, audio, t, text)
+        (v.pow(2).mean() + a.pow(2).mean()).backward()
+        return [p.grad.clone() for p in dit.parameters() if p.grad is not None]
+
+    plain = grads()
+    dit.gradient_checkpointing = True
+    ckpt = grads()
+    assert len(plain) == len(ckpt)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt, strict=True))
+
+
+def test_bf16_autocast_forward():
+    cfg = get_config("tiny")
+    dit = DualBranchDiT(cfg).eval()
+    _randomise_zero_init(dit)
+    video, audio, t, text = _tiny_inputs(cfg)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        v, a = dit(video, audio, t, text)
+    ref_v, _ = dit(video, audio, t, text)
+    assert torch.isfinite(v.float()).all() and torch.isfinite(a.float()).all()
+    assert (v.float() - ref_v).abs().max() < 0.1 * ref_v.abs().max() + 1e-3
+
+
+def test_block_compiles_without_graph_breaks():
+    cfg = get_config("tiny")
+    dit = DualBranchDiT(cfg).eval()
+    video, audio, t, text = _tiny_inputs(cfg)
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.setdefault("args", args)
+
+    block = dit.blocks[1]  # a block with cross-modal attention
+    assert block.cross is not None
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        dit(video, audio, t, text)
+    handle.remove()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(*captured["args"])
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+# -- flow matching -------------------------------------------------------------------------
+
+
+def test_flow_matching_pieces():
+    cfg = get_config("tiny").flow
+    gen = torch.Generator().manual_seed(0)
+    t = sample_timesteps(10000, cfg, 1.0, gen)
+    assert 0 < t.min() and t.max() < 1 and abs(float(t.mean()) - 0.5) < 0.02
+    shifted = sample_timesteps(10000, cfg, 3.0, torch.Generator().manual_seed(0))
+    assert float(shifted.mean()) > float(t.mean()) + 0.1  # more tokens -> noisier
+    assert resolution_shift(256, cfg) == 1.0 and resolution_shift(4096, cfg) == 4.0
+    u = torch.linspace(0, 1, 11)
+    assert torch.allclose(shift_timesteps(u, 1.0), u)
+    times = schedule(10, 3.0)
+    assert times[0] == 1.0 and times[-1] == 0.0 and bool((times[1:] < times[:-1]).all())
+    assert schedule(4, 1.0, t_start=0.3)[0] == pytest.approx(0.3)
+    x0, noise = torch.randn(3, 4), torch.randn(3, 4)
+    tt = torch.tensor([0.0, 0.5, 1.0])
+    xt = add_noise(x0, noise, tt)
+    assert torch.allclose(xt[0], x0[0]) and torch.allclose(xt[2], noise[2])
+    # Following the exact velocity from noise lands on the data.
+    assert torch.allclose(xt[2] - 1.0 * velocity_target(x0, noise)[2], x0[2])
+    with pytest.raises(ValueError):
+        schedule(0, 1.0)
+
+
+def test_frames_and_audio_helpers():
+    cfg = get_config("tiny")
+    assert cfg.frames_for_duration(2.0) == 33
+    assert (cfg.frames_for_duration(0.1) - 1) % 4 == 0
+    assert np.isclose(cfg.video_latent_rate * cfg.audio_latents_per_video_latent, cfg.audio_latent_rate)
