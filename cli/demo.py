@@ -13,8 +13,9 @@ def demo(
     ),
     num_videos: int = typer.Option(20, help="Raw synthetic videos to generate."),
     seed: int = typer.Option(0, help="Seed of the synthetic world."),
+    speech: bool = typer.Option(True, "--speech/--no-speech", help="WhisperX transcripts."),
 ) -> None:
-    """Generate a raw synthetic corpus and print a probe summary against ground truth."""
+    """Synthesise raw footage, probe it against ground truth, curate it into a manifest."""
     from cli.demo_run import run_demo
 
-    run_demo(str(out), num_videos=num_videos, seed=seed)
+    run_demo(str(out), num_videos=num_videos, seed=seed, speech=speech)

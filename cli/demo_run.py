@@ -111,11 +111,40 @@ def _print_probe_table(summary: dict) -> None:
     console.print(table)
 
 
-def run_demo(out_uri: str, num_videos: int = 20, seed: int = 0) -> None:
+def curate_step(raw_uri: str, curated_uri: str, speech: bool) -> dict:
+    """Run the curation flow (Prefect on a local Ray) over the raw corpus."""
+    from flows.curate import curate
+
+    if speech:
+        from curation import speech_env
+
+        # First use on a machine builds WhisperX's isolated environment (minutes);
+        # later runs find it in the cache.
+        speech_env.ensure()
+    console.print("[bold]curating[/bold] (Prefect flow on local Ray)")
+    summary = curate(storage.join(raw_uri, "*.mp4"), curated_uri, speech=speech)
+    table = Table(title="curation")
+    table.add_column("what")
+    table.add_column("value")
+    for key in ("inputs", "sources_run", "sources_skipped", "media_seconds", "sources_wall_s"):
+        value = summary.get(key)
+        table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
+    table.add_row("failed", str(len(summary.get("failed") or [])))
+    for key in ("manifest", "quarantine", "report"):
+        if key in summary:
+            table.add_row(key, str(summary[key]))
+    console.print(table)
+    return summary
+
+
+def run_demo(out_uri: str, num_videos: int = 20, seed: int = 0, speech: bool = True) -> None:
     started = time.perf_counter()
     raw_uri = storage.join(out_uri, "raw")
     videos = synth_step(raw_uri, num_videos, seed)
     probe_step(videos, storage.join(out_uri, "probe_summary.json"))
+    curated = curate_step(raw_uri, storage.join(out_uri, "curated"), speech)
+    if "report" in curated:
+        console.print(f"[bold]curation report:[/bold] {curated['report']}")
     console.print(
         f"[green]demo finished in {time.perf_counter() - started:.0f} s[/green]; outputs under {out_uri}"
     )

@@ -148,7 +148,10 @@ def probe_media(uri: str, check_frame_rate: bool = True) -> MediaInfo:
                     raise MediaError(uri, err.reason) from None
                 frame_count = int(video.frames) or int(round(duration * fps))
                 if check_frame_rate:
-                    vfr = _is_variable_frame_rate(container, video)
+                    try:
+                        vfr = _is_variable_frame_rate(container, video)
+                    except MediaError as err:
+                        raise MediaError(uri, err.reason) from None
             return MediaInfo(
                 uri=uri,
                 container=container.format.name,
@@ -169,9 +172,17 @@ def probe_media(uri: str, check_frame_rate: bool = True) -> MediaInfo:
 
 
 def _is_variable_frame_rate(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, packets: int = 120
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    packets: int = 240,
+    tolerance: float = 0.1,
 ) -> bool:
-    """True when packet durations in the first ``packets`` differ by more than 10%."""
+    """True when frame durations in the first ``packets`` differ by more than ``tolerance``.
+
+    Packets arrive in decode order; with B-frames the last presentation times of a
+    prefix belong to frames still to come, so the tail of the sorted prefix is not
+    judged (it would look like a gap in every B-frame stream).
+    """
     stamps = []
     try:
         for packet in container.demux(stream):
@@ -179,15 +190,16 @@ def _is_variable_frame_rate(
                 stamps.append(float(packet.pts * packet.time_base))
             if len(stamps) >= packets:
                 break
-    except av.error.FFmpegError:
-        return False
-    if len(stamps) < 3:
-        return False
-    gaps = np.diff(np.sort(np.asarray(stamps)))
+    except av.error.FFmpegError as err:
+        raise MediaError("", f"cannot read packets ({err})") from err
+    reorder_slack = 16 if len(stamps) >= packets else 0
+    ordered = np.sort(np.asarray(stamps))[: len(stamps) - reorder_slack]
+    gaps = np.diff(ordered)
     gaps = gaps[gaps > 0]
     if gaps.size < 2:
         return False
-    return bool(gaps.max() > 1.1 * np.median(gaps) or gaps.min() < 0.9 * np.median(gaps))
+    median = float(np.median(gaps))
+    return bool(gaps.max() > (1 + tolerance) * median or gaps.min() < (1 - tolerance) * median)
 
 
 # ---------------------------------------------------------------- video
@@ -376,8 +388,13 @@ def write_mp4(
     crf: int = 18,
     preset: str = "veryfast",
     audio_bitrate: int = 192_000,
+    aac_coder: str | None = None,
 ) -> None:
     """Encode H.264 (yuv420p) + AAC into an MP4 at ``uri``, atomically.
+
+    ``aac_coder="fast"`` selects FFmpeg's fast AAC coder: about 3x cheaper than the
+    default two-loop search, at slightly lower quality -- right for training clips
+    whose audio is re-encoded by a VAE anyway.
 
     Video frame ``i`` is stamped ``i / fps`` and audio sample ``n`` at
     ``n / sample_rate``, so what was in sync in ``clip`` is in sync in the file.
@@ -403,6 +420,8 @@ def write_mp4(
             video.codec_context.time_base = 1 / rate
             audio = container.add_stream("aac", rate=int(clip.sample_rate), layout=layout)
             audio.bit_rate = audio_bitrate
+            if aac_coder is not None:
+                audio.options = {"aac_coder": aac_coder}
             for i in range(t):
                 frame = av.VideoFrame.from_ndarray(clip.frames[i], format="rgb24")
                 frame.pts = i

@@ -28,6 +28,9 @@ class ClipConfig:
     # Encoding is the flow's largest cost; at a fixed CRF a faster preset spends
     # bits instead of CPU (bigger files, same quality target).
     preset: str = "ultrafast"
+    # FFmpeg's fast AAC coder costs a third of the default's CPU; clip audio is
+    # re-encoded by the audio VAE during training, so its last decibel is moot.
+    aac_coder: str = "fast"
 
     def __post_init__(self) -> None:
         if not 0 < self.min_clip_s <= self.max_clip_s:
@@ -130,6 +133,7 @@ class ClipStage:
             ),
             crf=self.config.crf,
             preset=self.config.preset,
+            aac_coder=self.config.aac_coder,
         )
         clip.uri = uri
         return clip

@@ -20,7 +20,8 @@ file paths: WhisperX would shell out to ffmpeg to decode them.
 Messages, main -> worker: ``transcribe`` (``id``, ``num_samples``, ``batch_size``),
 ``ping``, ``shutdown``. Worker -> main: ``ready`` once the models are loaded (or
 ``fatal`` and exit when they cannot be), then per request ``result``
-(``transcripts``), ``error`` (bad request; the worker keeps serving) or ``pong``.
+(``transcripts``, ``compute_s``, ``cpu_s``), ``error`` (bad request; the worker keeps
+serving), ``pong`` or ``bye``; ``fatal`` when the byte stream is out of step (then exit 4).
 
 Offline: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE are forced before any Hugging Face
 import, VAD is WhisperX's bundled pyannote checkpoint (silero would fetch from GitHub

@@ -79,9 +79,8 @@ class ValidateStage:
         if size_bytes == 0:
             return bad("file is empty (0 bytes)", 0)
         try:
-            # The frame-rate check is done here over sorted timestamps (see below).
-            info = media.probe_media(uri, check_frame_rate=False)
-            variable_rate = frame_rate_is_variable(uri)
+            info = media.probe_media(uri)
+            variable_rate = info.variable_frame_rate
         except media.MediaError as err:
             return bad(f"unreadable media: {err.reason}", size_bytes)
         cfg = self.config
@@ -131,37 +130,3 @@ class ValidateStage:
             audio_codec=info.audio_codec,
             size_bytes=size_bytes,
         )
-
-
-def frame_rate_is_variable(uri: str, packets: int = 240, tolerance: float = 0.1) -> bool:
-    """True when frame durations differ by more than ``tolerance`` (relative).
-
-    Packets arrive in decode order; with B-frames the last few presentation times
-    of a prefix are missing frames that are still to come, so the tail of the
-    sorted prefix is not judged.
-    """
-    import av
-    import numpy as np
-
-    stamps: list[float] = []
-    with storage.local_copy(uri) as path:
-        try:
-            with av.open(path, mode="r", timeout=30.0) as container:
-                if not container.streams.video:
-                    return False
-                stream = container.streams.video[0]
-                for packet in container.demux(stream):
-                    if packet.pts is not None:
-                        stamps.append(float(packet.pts * packet.time_base))
-                    if len(stamps) >= packets:
-                        break
-        except av.error.FFmpegError as err:
-            raise media.MediaError(uri, f"cannot read packets ({err})") from err
-    reorder_slack = 16 if len(stamps) >= packets else 0
-    ordered = np.sort(np.asarray(stamps))[: len(stamps) - reorder_slack]
-    gaps = np.diff(ordered)
-    gaps = gaps[gaps > 0]
-    if gaps.size < 2:
-        return False
-    median = float(np.median(gaps))
-    return bool(gaps.max() > (1 + tolerance) * median or gaps.min() < (1 - tolerance) * median)

@@ -425,7 +425,11 @@ def _append_refs(x: torch.Tensor, pos: torch.Tensor, ref: RefTokens | None):
 
 
 def component_parameter_counts(module: nn.Module) -> dict[str, int]:
-    """Trainable parameters of each direct child (for ``duet model info``)."""
-    return {
+    """Parameters of each direct child, plus the module's own under ``"(own)"``."""
+    counts = {
         name: sum(p.numel() for p in child.parameters()) for name, child in module.named_children()
     }
+    own = sum(p.numel() for p in module.parameters(recurse=False))
+    if own:
+        counts["(own)"] = own
+    return counts

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from core import media
-from curation.validate import ValidateConfig, ValidateStage, frame_rate_is_variable
+from curation.validate import ValidateConfig, ValidateStage
 
 
 def _frames(t: int, h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
@@ -156,7 +156,7 @@ def test_good_input_passes_and_reports_its_streams(tmp_path):
     assert record.__class__.__name__ == "SourceRecord"
     assert (record.width, record.height, record.fps) == (128, 96, 24.0)
     assert record.audio_rate == 48000 and record.frame_count == 72
-    assert not frame_rate_is_variable(path)
+    assert not media.probe_media(path).variable_frame_rate
 
 
 def test_limits_are_configurable(tmp_path):
@@ -167,4 +167,4 @@ def test_limits_are_configurable(tmp_path):
 
 
 def test_variable_frame_rate_detected(bad_inputs):
-    assert frame_rate_is_variable(bad_inputs["variable_frame_rate"])
+    assert media.probe_media(bad_inputs["variable_frame_rate"]).variable_frame_rate

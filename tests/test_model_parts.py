@@ -37,10 +37,16 @@ def _randomise_zero_init(module: torch.nn.Module, scale: float = 0.05) -> None:
 
 def _tiny_inputs(cfg: ModelConfig, batch: int = 2, latent_frames: int = 3):
     sf = cfg.video_vae.spatial_factor
-    video = torch.randn(batch, cfg.video_vae.latent_channels, latent_frames, cfg.height // sf, cfg.width // sf)
-    audio = torch.randn(batch, cfg.audio_vae.latent_channels, latent_frames * cfg.audio_latents_per_video_latent)
+    video = torch.randn(
+        batch, cfg.video_vae.latent_channels, latent_frames, cfg.height // sf, cfg.width // sf
+    )
+    audio = torch.randn(
+        batch, cfg.audio_vae.latent_channels, latent_frames * cfg.audio_latents_per_video_latent
+    )
     t = torch.rand(batch)
-    text = TextConditioning(torch.randn(batch, 6, cfg.text.embed_dim), torch.ones(batch, 6, dtype=torch.bool))
+    text = TextConditioning(
+        torch.randn(batch, 6, cfg.text.embed_dim), torch.ones(batch, 6, dtype=torch.bool)
+    )
     return video, audio, t, text
 
 
@@ -80,7 +86,10 @@ def test_audio_latent_rate_is_integer_multiple_of_video_rate():
         ratio = cfg.audio_latent_rate / cfg.video_latent_rate
         assert ratio == int(ratio) == cfg.audio_latents_per_video_latent
         # audio samples covered by the latents of 1 + 4k frames = (k + 1) video latent steps
-        assert cfg.audio_samples_for_latents(3) == 3 * cfg.video_vae.temporal_factor * cfg.sample_rate / cfg.fps
+        assert (
+            cfg.audio_samples_for_latents(3)
+            == 3 * cfg.video_vae.temporal_factor * cfg.sample_rate / cfg.fps
+        )
 
 
 # -- VAEs -----------------------------------------------------------------------------
@@ -131,7 +140,11 @@ def test_audio_vae_shapes_and_griffin_lim_keeps_onsets():
         wav[0, :, i : i + 300] = 0.8 * burst
     with torch.no_grad():
         z = vae.encode(wav)
-        assert z.shape == (1, cfg.audio_vae.latent_channels, n_video_latents * cfg.audio_latents_per_video_latent)
+        assert z.shape == (
+            1,
+            cfg.audio_vae.latent_channels,
+            n_video_latents * cfg.audio_latents_per_video_latent,
+        )
         assert vae.decode(z).shape == wav.shape
         rebuilt = vae.mel_to_waveform(vae.waveform_to_mel(wav))
     assert rebuilt.shape == wav.shape
@@ -168,7 +181,9 @@ def test_rope_same_instant_same_temporal_position():
     cfg = get_config("tiny")
     m = cfg.audio_latents_per_video_latent
     n_video = 5
-    video_t = video_positions(n_video, 2, 2)[:, 0].view(n_video, -1)[:, 0]  # time of each latent frame
+    video_t = video_positions(n_video, 2, 2)[:, 0].view(n_video, -1)[
+        :, 0
+    ]  # time of each latent frame
     audio_t = audio_positions(n_video * m, m)
     # Audio latents m*i .. m*i + m - 1 cover the frames of video latent i: same mean position.
     assert torch.allclose(audio_t.view(n_video, m).mean(dim=1), video_t)
@@ -226,7 +241,8 @@ def test_absent_references_change_no_bit_and_limits_raise():
             t,
             text,
             ReferenceLatents(
-                images=[img, None, RefSlot(img.latent, torch.zeros(2, dtype=torch.bool))] + [None] * 6,
+                images=[img, None, RefSlot(img.latent, torch.zeros(2, dtype=torch.bool))]
+                + [None] * 6,
                 videos=[None, None, None],
                 audios=[aud, None, None],
             ),
@@ -251,7 +267,13 @@ def test_partially_present_reference_is_masked_per_sample():
     video, audio, t, text = _tiny_inputs(cfg)
     lat = torch.randn(2, cfg.video_vae.latent_channels, 1, 8, 8)
     with torch.no_grad():
-        mixed = dit(video, audio, t, text, ReferenceLatents(images=[RefSlot(lat, torch.tensor([True, False]))]))
+        mixed = dit(
+            video,
+            audio,
+            t,
+            text,
+            ReferenceLatents(images=[RefSlot(lat, torch.tensor([True, False]))]),
+        )
         alone = dit(video[1:], audio[1:], t[1:], TextConditioning(text.tokens[1:], text.mask[1:]))
         withref = dit(video[:1], audio[:1], t[:1], TextConditioning(text.tokens[:1], text.mask[:1]),
                       ReferenceLatents(images=[RefSlot(lat[:1])]))  # fmt: skip
@@ -358,4 +380,6 @@ def test_frames_and_audio_helpers():
     cfg = get_config("tiny")
     assert cfg.frames_for_duration(2.0) == 33
     assert (cfg.frames_for_duration(0.1) - 1) % 4 == 0
-    assert np.isclose(cfg.video_latent_rate * cfg.audio_latents_per_video_latent, cfg.audio_latent_rate)
+    assert np.isclose(
+        cfg.video_latent_rate * cfg.audio_latents_per_video_latent, cfg.audio_latent_rate
+    )
