@@ -67,8 +67,22 @@ def bench_preset(name: str, args) -> dict:
     n_lat = cfg.num_latent_frames(num_frames)
     sf = cfg.video_vae.spatial_factor
     dev = args.device
-    video = torch.randn(args.batch, cfg.video_vae.latent_channels, n_lat, cfg.height // sf, cfg.width // sf, device=dev, dtype=dtype)
-    audio = torch.randn(args.batch, cfg.audio_vae.latent_channels, n_lat * cfg.audio_latents_per_video_latent, device=dev, dtype=dtype)
+    video = torch.randn(
+        args.batch,
+        cfg.video_vae.latent_channels,
+        n_lat,
+        cfg.height // sf,
+        cfg.width // sf,
+        device=dev,
+        dtype=dtype,
+    )
+    audio = torch.randn(
+        args.batch,
+        cfg.audio_vae.latent_channels,
+        n_lat * cfg.audio_latents_per_video_latent,
+        device=dev,
+        dtype=dtype,
+    )
     t = torch.full((args.batch,), 0.5, device=dev)
     text = TextConditioning(
         torch.randn(args.batch, 16, cfg.text.embed_dim, device=dev, dtype=dtype),
@@ -97,8 +111,6 @@ def bench_preset(name: str, args) -> dict:
         times.append(time.perf_counter() - start)
     row["ms_per_step"] = round(1000 * statistics.median(times), 2)
     row["result"] = "ok"
-    del model, video, audio
-    gc.collect()
     return row
 
 
@@ -113,7 +125,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block (fullgraph)")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile each block (fullgraph)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, threads {args.threads}, "
@@ -121,6 +135,9 @@ def main() -> None:
     print(f"{'preset':<7}{'size':>10}{'DiT params':>14}{'tokens':>14}{'ms/step':>11}  result")
     for name in args.presets:
         row = bench_preset(name, args)
+        gc.collect()  # free one preset's weights before building the next
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
         print(
             f"{row['preset']:<7}{row['size']:>10}{row['dit_params']:>14,}{row.get('tokens', '-'):>14}"
             f"{row.get('ms_per_step', float('nan')):>11.1f}  {row['result']}",

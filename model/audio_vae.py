@@ -42,13 +42,12 @@ def _mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0) -> torch.Tensor:
     """(n_mels, n_fft // 2 + 1) triangular HTK-mel filters, area-normalised."""
     n_bins = n_fft // 2 + 1
-    freqs = torch.linspace(0.0, sample_rate / 2, n_bins, dtype=torch.float64)
-    mels = torch.linspace(
-        _hz_to_mel(torch.tensor(fmin, dtype=torch.float64)),
-        _hz_to_mel(torch.tensor(sample_rate / 2, dtype=torch.float64)),
-        n_mels + 2,
-        dtype=torch.float64,
-    )
+    # Built on the CPU explicitly (also under a meta-device context), moved with the module.
+    cpu = dict(dtype=torch.float64, device="cpu")
+    freqs = torch.linspace(0.0, sample_rate / 2, n_bins, **cpu)
+    lo = _hz_to_mel(torch.tensor(fmin, **cpu))
+    hi = _hz_to_mel(torch.tensor(sample_rate / 2, **cpu))
+    mels = torch.linspace(float(lo), float(hi), n_mels + 2, **cpu)
     edges = _mel_to_hz(mels)
     lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     up = (freqs[None] - lower) / (centre - lower)

@@ -13,12 +13,15 @@ source into the output unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from core.media import AVClip
 from model.samplers import KeepLatents
+
+if TYPE_CHECKING:
+    from core.media import AVClip
 
 KEEP_MODES = ("none", "audio", "video")
 
@@ -60,6 +63,8 @@ def prepare_edit(
 
 def finish_edit(generated: AVClip, source: AVClip, keep: str) -> AVClip:
     """Copy the kept branch from the source, unchanged, into the generated clip."""
+    from core.media import AVClip
+
     if keep == "none":
         return generated
     if keep == "video":

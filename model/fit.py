@@ -17,10 +17,10 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from core.media import AVClip
 from model.dit import TextConditioning
 from model.flow_matching import (
     add_noise,
@@ -31,21 +31,24 @@ from model.flow_matching import (
 )
 from model.pipeline import DuetPipeline
 
+if TYPE_CHECKING:
+    from core.media import AVClip
+
 
 @dataclass
 class FitSettings:
-    video_vae_steps: int = 300
+    video_vae_steps: int = 800
     audio_vae_steps: int = 300
     vocoder_steps: int = 0
     dit_steps: int = 1500
     # The video VAE's per-position RMS norms diverge above ~1e-3; the audio VAE is happy higher.
     vae_lr: float = 5e-4
     audio_vae_lr: float = 2e-3
-    dit_lr: float = 1e-3
+    dit_lr: float = 3e-3
     batch_size: int = 4
     video_window_frames: int = 9
     kl_weight: float = 1e-6
-    motion_weight: float = 20.0
+    motion_weight: float = 10.0
     # Train the (convolutional) video VAE on crops of this many pixels (0 = whole
     # frames), picked among a few candidates for the most motion: cheaper steps whose
     # pixels are mostly the moving objects a plain loss would neglect.

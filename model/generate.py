@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from core.media import AVClip
 from model.editing import check_edit, finish_edit, prepare_edit
 from model.flow_matching import resolution_shift, schedule
 from model.multishot import ShotPlan, apply_transitions, layout, shot_text
 from model.pipeline import DuetPipeline
 from model.references import ReferenceLatents, RefSlot, check_reference_counts
 from model.samplers import Conditioning, Guidance, sample
+
+if TYPE_CHECKING:
+    from core.media import AVClip
 
 SAMPLERS = ("euler", "heun")
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from core.media import AVClip
 from model.configs import ModelConfig
 from model.dit import ShotLayout, TextConditioning
+
+if TYPE_CHECKING:
+    from core.media import AVClip
 
 TRANSITIONS = ("cut", "fade")
 MAX_SHOTS = 16
@@ -143,6 +146,8 @@ def shot_text(encoder, plan: ShotPlan) -> TextConditioning:
 
 def apply_transitions(clip: AVClip, plan: ShotPlan) -> AVClip:
     """Dip-to-black fades at the plan's fade boundaries (cuts need nothing)."""
+    from core.media import AVClip
+
     frames = clip.frames.astype(np.float32)
     audio = clip.audio.copy()
     frame_times = np.arange(clip.num_frames) / clip.fps

@@ -9,18 +9,22 @@ padded or trimmed to the length the audio latents cover.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.media import AVClip
 from model.audio_vae import AudioVAE, NeuralVocoder
 from model.configs import ModelConfig, get_config
 from model.dit import DualBranchDiT, TextConditioning
 from model.rope import audio_front_pad_samples
 from model.text_encoder import FrozenTextEncoder
 from model.video_vae import VideoVAE, frames_to_tensor, tensor_to_frames
+
+if TYPE_CHECKING:  # core.media needs PyAV; the networks themselves do not
+    from core.media import AVClip
 
 
 class DuetPipeline(nn.Module):
@@ -176,6 +180,8 @@ class DuetPipeline(nn.Module):
         num_frames: int | None = None,
         seed: int = 0,
     ) -> AVClip:
+        from core.media import AVClip
+
         frames = self.video_vae.decode(video)[0]  # (3, T, H, W)
         if num_frames is not None:
             frames = frames[:, :num_frames]

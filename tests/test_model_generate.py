@@ -43,18 +43,27 @@ def _ball_clip(num_frames: int = 17, color=(220, 40, 40)) -> AVClip:
         frames[f][(yy - y) ** 2 + (xx - 32) ** 2 <= 25] = color
     audio = np.zeros((2, int(num_frames / FPS * SR)), dtype=np.float32)
     start = int(impact / FPS * SR)
-    audio[:, start : start + 400] = 0.6 * np.sin(np.arange(400) * 0.5) * np.exp(-np.arange(400) / 80)
+    audio[:, start : start + 400] = (
+        0.6 * np.sin(np.arange(400) * 0.5) * np.exp(-np.arange(400) / 80)
+    )
     return AVClip(frames=frames, fps=FPS, audio=audio, sample_rate=SR)
 
 
 def test_generate_shapes_and_seeded_determinism(pipeline):
-    request = GenerationRequest(prompt="a red circle bounces", duration_s=1.0, seed=3, steps=2, sampler="heun")
+    request = GenerationRequest(
+        prompt="a red circle bounces", duration_s=1.0, seed=3, steps=2, sampler="heun"
+    )
     a = generate(request, pipeline=pipeline)
     b = generate(request, pipeline=pipeline)
-    c = generate(GenerationRequest(prompt="a red circle bounces", duration_s=1.0, seed=4, steps=2), pipeline=pipeline)
+    c = generate(
+        GenerationRequest(prompt="a red circle bounces", duration_s=1.0, seed=4, steps=2),
+        pipeline=pipeline,
+    )
     assert a.clip.frames.shape == (17, 64, 64, 3) and a.clip.frames.dtype == np.uint8
     assert a.clip.audio.shape == (2, 17 * SR // 16) and a.clip.sample_rate == SR
-    assert np.array_equal(a.clip.frames, b.clip.frames) and np.array_equal(a.clip.audio, b.clip.audio)
+    assert np.array_equal(a.clip.frames, b.clip.frames) and np.array_equal(
+        a.clip.audio, b.clip.audio
+    )
     assert not np.array_equal(a.clip.frames, c.clip.frames)
     assert a.metadata["seed"] == 3 and a.metadata["num_frames"] == 17
     with pytest.raises(ValueError, match="prompt"):
@@ -68,7 +77,9 @@ def test_references_condition_generation_and_limits(pipeline):
     base = GenerationRequest(prompt="a ball", duration_s=0.5, seed=1, steps=2, sampler="euler")
     plain = generate(base, pipeline=pipeline)
     refs = ReferenceSet(images=[image], videos=[_ball_clip(9).frames], audios=[_ball_clip().audio])
-    with_refs = generate(GenerationRequest(**{**base.__dict__, "references": refs}), pipeline=pipeline)
+    with_refs = generate(
+        GenerationRequest(**{**base.__dict__, "references": refs}), pipeline=pipeline
+    )
     assert with_refs.metadata["references"] == {"images": 1, "videos": 1, "audios": 1}
     assert not np.array_equal(plain.clip.frames, with_refs.clip.frames)
     with pytest.raises(ValueError, match="too many image references: 10"):
@@ -82,8 +93,13 @@ def test_v2v_near_zero_strength_returns_source_up_to_vae_error(pipeline):
     zv, za = pipeline.encode_clip(source)
     recon = pipeline.decode_latents(zv, za, source.num_frames)
     edited = generate(
-        GenerationRequest(prompt="make it blue", seed=0, steps=1, sampler="euler",
-                          edit=EditSpec(source=source, strength=1e-3)),  # fmt: skip
+        GenerationRequest(
+            prompt="make it blue",
+            seed=0,
+            steps=1,
+            sampler="euler",
+            edit=EditSpec(source=source, strength=1e-3),
+        ),  # fmt: skip
         pipeline=pipeline,
     ).clip
     assert edited.frames.shape == source.frames.shape
@@ -93,31 +109,49 @@ def test_v2v_near_zero_strength_returns_source_up_to_vae_error(pipeline):
     assert to_recon < 0.5  # grey levels: the edit is the VAE round trip
     assert edit_err <= recon_err + 0.5
     strong = generate(
-        GenerationRequest(prompt="make it blue", seed=0, steps=2, edit=EditSpec(source=source, strength=0.9)),
+        GenerationRequest(
+            prompt="make it blue", seed=0, steps=2, edit=EditSpec(source=source, strength=0.9)
+        ),
         pipeline=pipeline,
     ).clip
     assert np.abs(strong.frames.astype(float) - recon.frames).mean() > 5 * max(to_recon, 0.1)
     with pytest.raises(ValueError, match="strength"):
-        generate(GenerationRequest(prompt="x", edit=EditSpec(source=source, strength=0.0)), pipeline=pipeline)
+        generate(
+            GenerationRequest(prompt="x", edit=EditSpec(source=source, strength=0.0)),
+            pipeline=pipeline,
+        )
 
 
 def test_v2v_keep_audio_or_video(pipeline):
     source = _ball_clip()
     keep_audio = generate(
-        GenerationRequest(prompt="night", seed=0, steps=2, edit=EditSpec(source=source, strength=0.8, keep="audio")),
+        GenerationRequest(
+            prompt="night",
+            seed=0,
+            steps=2,
+            edit=EditSpec(source=source, strength=0.8, keep="audio"),
+        ),
         pipeline=pipeline,
     ).clip
     n = keep_audio.audio.shape[1]
     assert np.array_equal(keep_audio.audio, source.audio[:, :n])
     assert not np.array_equal(keep_audio.frames, source.frames)
     keep_video = generate(
-        GenerationRequest(prompt="night", seed=0, steps=2, edit=EditSpec(source=source, strength=0.8, keep="video")),
+        GenerationRequest(
+            prompt="night",
+            seed=0,
+            steps=2,
+            edit=EditSpec(source=source, strength=0.8, keep="video"),
+        ),
         pipeline=pipeline,
     ).clip
     assert np.array_equal(keep_video.frames, source.frames)
     assert not np.array_equal(keep_video.audio, source.audio[:, : keep_video.audio.shape[1]])
     with pytest.raises(ValueError, match="keep"):
-        generate(GenerationRequest(prompt="x", edit=EditSpec(source=source, keep="both")), pipeline=pipeline)
+        generate(
+            GenerationRequest(prompt="x", edit=EditSpec(source=source, keep="both")),
+            pipeline=pipeline,
+        )
 
 
 def test_multishot_layout_text_masks_and_fades(pipeline):
@@ -134,7 +168,10 @@ def test_multishot_layout_text_masks_and_fades(pipeline):
     assert num_frames == cfg.frames_for_duration(2.75)
     assert shots.video_latent_shot.tolist() == sorted(shots.video_latent_shot.tolist())
     assert set(shots.video_latent_shot.tolist()) == {0, 1, 2}
-    assert len(shots.audio_latent_shot) == len(shots.video_latent_shot) * cfg.audio_latents_per_video_latent
+    assert (
+        len(shots.audio_latent_shot)
+        == len(shots.video_latent_shot) * cfg.audio_latents_per_video_latent
+    )
     # Each video latent and its audio group agree on the shot.
     m = cfg.audio_latents_per_video_latent
     groups = shots.audio_latent_shot.view(-1, m)
@@ -170,9 +207,13 @@ def test_shot_text_mask_routes_each_shot_to_its_prompt(pipeline):
 def test_checkpoint_roundtrip_and_cli(pipeline, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     pipeline.save(ckpt)
-    assert (tmp_path / "ckpt" / "model.safetensors").exists() and (tmp_path / "ckpt" / "config.json").exists()
+    assert (tmp_path / "ckpt" / "model.safetensors").exists() and (
+        tmp_path / "ckpt" / "config.json"
+    ).exists()
     loaded = load_pipeline(ckpt, pipeline.text_encoder)
-    for (k, a), (k2, b) in zip(pipeline.state_dict().items(), loaded.state_dict().items(), strict=True):
+    for (k, a), (k2, b) in zip(
+        pipeline.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(a, b)
     with pytest.raises(CheckpointError, match="missing"):
         load_pipeline(str(tmp_path / "nowhere"))
@@ -186,21 +227,51 @@ def test_checkpoint_roundtrip_and_cli(pipeline, tmp_path):
     out = str(tmp_path / "clip.mp4")
     result = runner.invoke(
         app,
-        ["generate", "--prompt", "a red circle bounces", "--out", out, "--checkpoint", ckpt,
-         "--steps", "2", "--duration", "1.0", "--seed", "5"],  # fmt: skip
+        [
+            "generate",
+            "--prompt",
+            "a red circle bounces",
+            "--out",
+            out,
+            "--checkpoint",
+            ckpt,
+            "--steps",
+            "2",
+            "--duration",
+            "1.0",
+            "--seed",
+            "5",
+        ],  # fmt: skip
     )
     assert result.exit_code == 0, result.output
     info = probe_media(out)
     assert info.has_video and info.has_audio and info.width == 64 and info.frame_count == 17
     assert (tmp_path / "clip.json").exists()
-    bad = runner.invoke(app, ["generate", "--prompt", "x", "--out", out, "--checkpoint", ckpt, "--steps", "0"])
+    bad = runner.invoke(
+        app, ["generate", "--prompt", "x", "--out", out, "--checkpoint", ckpt, "--steps", "0"]
+    )
     assert bad.exit_code == 2 and "steps" in bad.output
     # Edit the clip we just wrote, keeping its audio.
     edited = str(tmp_path / "edited.mp4")
     result = runner.invoke(
         app,
-        ["generate", "--prompt", "blue", "--out", edited, "--checkpoint", ckpt, "--steps", "2",
-         "--edit-source", out, "--strength", "0.5", "--keep", "audio"],  # fmt: skip
+        [
+            "generate",
+            "--prompt",
+            "blue",
+            "--out",
+            edited,
+            "--checkpoint",
+            ckpt,
+            "--steps",
+            "2",
+            "--edit-source",
+            out,
+            "--strength",
+            "0.5",
+            "--keep",
+            "audio",
+        ],  # fmt: skip
     )
     assert result.exit_code == 0, result.output
     assert read_clip(edited).num_frames == 17

@@ -22,7 +22,7 @@ import numpy as np
 from core.synth import audio as sfx
 from core.synth import palette, raster
 from core.synth.captions import count_phrase, describe_objects, plural_verb
-from core.synth.speech import VOCABULARY, VOICES, SpeechTrack, envelope_at, synthesize_sentence
+from core.synth.speech import SENTENCES, VOICES, SpeechTrack, envelope_at, synthesize_sentence
 
 SCENE_KINDS: tuple[str, ...] = (
     "bouncing_balls",
@@ -524,20 +524,28 @@ def plan_talking_avatar(rng: np.random.Generator, spec: ShotSpec) -> ShotPlan:
     voice = VOICES[int(rng.integers(0, len(VOICES)))]
     speed = int(rng.integers(140, 181))
     pitch = int(rng.integers(35, 66))
-    num_words = int(rng.integers(3, 7))
-    words = [VOCABULARY[j] for j in rng.integers(0, len(VOCABULARY), size=num_words)]
+    first = int(rng.integers(0, len(SENTENCES)))
     lead_in = spec.guard_start_s + rng.uniform(0.05, 0.3)
     gap_seed = int(rng.integers(0, 2**31))
     limit = spec.duration_s - spec.guard_end_s
-    while True:
+    # The drawn sentence, else the next ones in order of length until one fits.
+    candidates = [SENTENCES[first]] + sorted(
+        (x for x in SENTENCES if x != SENTENCES[first]), key=lambda x: (len(x.split()), x)
+    )
+    for sentence in candidates:
         track = synthesize_sentence(
-            words, spec.sample_rate, np.random.default_rng(gap_seed), lead_in, voice, speed, pitch
+            sentence.split(),
+            spec.sample_rate,
+            np.random.default_rng(gap_seed),
+            lead_in,
+            voice,
+            speed,
+            pitch,
         )
-        if track.words[-1]["end_s"] <= limit or len(words) == 1:
+        if track.words[-1]["end_s"] <= limit:
             break
-        words = words[:-1]
-    if track.words[-1]["end_s"] > limit:
-        raise SceneError("shot too short for a spoken word")
+    else:
+        raise SceneError("shot too short for a spoken sentence")
     radius = 0.3 * spec.height
     face = {
         "x": spec.width / 2.0 + rng.uniform(-0.15, 0.15) * spec.width,

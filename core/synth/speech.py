@@ -19,15 +19,35 @@ from dataclasses import dataclass
 import numpy as np
 
 # Voices shipped with Debian's espeak-ng-data; "+f3" style suffixes are variants.
-VOICES: tuple[str, ...] = ("en-us", "en-gb", "en-us+f3", "en-gb+m3", "en-us+f2", "en-029")
-# Words with no colour, shape or number in them, so a caption's quoted transcript
-# never confuses the caption parser.
-VOCABULARY: tuple[str, ...] = (
-    "hello", "world", "good", "morning", "today", "we", "make", "music", "light",
-    "water", "garden", "window", "happy", "people", "travel", "story", "quiet",
-    "river", "simple", "thank", "you", "welcome", "sound", "picture", "moving",
-    "dance", "listen", "carefully", "this", "is", "the", "future", "video",
-)  # fmt: skip
+# en-029 (Caribbean) is left out: Whisper tiny.en misheard half its words, which
+# would measure the recogniser's accent coverage rather than the pipeline.
+VOICES: tuple[str, ...] = ("en-us", "en-gb", "en-us+f3", "en-gb+m3", "en-us+f2")
+# What the avatar says: short grammatical sentences. Speech recognisers lean on
+# grammar; random word lists would test the recogniser's language model, not the
+# pipeline around it. No sentence names a colour, shape or number (nor "a"/"an"),
+# so a caption quoting the transcript never confuses the caption parser.
+SENTENCES: tuple[str, ...] = (
+    "hello world",
+    "good morning people",
+    "thank you",
+    "welcome to the future",
+    "we make music today",
+    "listen to the river",
+    "the garden is quiet",
+    "this is the video",
+    "people travel today",
+    "we dance in the garden",
+    "listen carefully to the story",
+    "the water is moving",
+    "thank you for the music",
+    "this story is simple",
+    "good morning and welcome",
+    "happy people dance today",
+    "the light is moving",
+    "we listen to the sound",
+    "look out of the window",
+    "this picture is simple",
+)
 ESPEAK_RATE = 22050
 # Samples below this fraction of a word's peak at its ends count as silence.
 TRIM_FRACTION = 0.02
