@@ -72,6 +72,8 @@ def generate(
     from model.generate import EditSpec, GenerationRequest, ReferenceSet, resolve_pipeline
     from model.generate import generate as run_generate
 
+    if not checkpoint:
+        typer.echo(f"note: no --checkpoint, using untrained {preset} weights", err=True)
     try:
         pipeline = resolve_pipeline(None, checkpoint, preset)
         cfg = pipeline.config

@@ -30,6 +30,7 @@ from model.flow_matching import (
     velocity_target,
 )
 from model.pipeline import DuetPipeline
+from model.references import ReferenceLatents, RefSlot
 
 if TYPE_CHECKING:
     from core.media import AVClip
@@ -55,6 +56,10 @@ class FitSettings:
     video_crop_px: int = 0
     crop_candidates: int = 4
     grad_clip: float = 1.0
+    # Teach image-reference conditioning: the clip's own first frame (latent frame 0 is
+    # the VAE's encoding of frame 0 alone, i.e. an image latent) as image slot 0, dropped
+    # with probability flow.ref_dropout so the reference guidance scale has a contrast.
+    first_frame_reference: bool = False
     seed: int = 0
     log_every: int = 100
 
@@ -216,7 +221,11 @@ def fit_pipeline(
         t = sample_timesteps(b, cfg.flow, shift, gen).to(device)
         drop = torch.rand(b, generator=gen) < cfg.flow.text_dropout
         cond = dit.drop_text(TextConditioning(text.tokens[idx], text.mask[idx]), drop)
-        pred_v, pred_a = dit(add_noise(x0v, nv, t), add_noise(x0a, na, t), t, cond)
+        refs = None
+        if settings.first_frame_reference:
+            present = (torch.rand(b, generator=gen) >= cfg.flow.ref_dropout).to(device)
+            refs = ReferenceLatents(images=[RefSlot(x0v[:, :, :1], present)])
+        pred_v, pred_a = dit(add_noise(x0v, nv, t), add_noise(x0a, na, t), t, cond, refs)
         return flow_matching_loss(
             pred_v,
             pred_a,

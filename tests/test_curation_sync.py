@@ -34,10 +34,22 @@ def _luma(frames: np.ndarray) -> np.ndarray:
     return small.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
 
 
-@pytest.mark.parametrize("kind", ["bouncing_balls", "collision", "beat_pulse", "camera_pan"])
-def test_injected_offsets_within_one_frame(kind):
-    clip, truth = render_shot(kind, seed=1, duration_s=4.0)
-    assert truth["events"], "the scene must have audible events"
+@pytest.mark.parametrize(
+    "kind,seed",
+    [
+        ("bouncing_balls", 1),
+        ("collision", 1),
+        ("beat_pulse", 1),
+        ("camera_pan", 1),
+        ("day_night", 1),
+        ("talking_avatar", 1),
+        ("talking_avatar", 2),
+        ("talking_avatar", 3),
+    ],
+)
+def test_injected_offsets_within_one_frame(kind, seed):
+    clip, truth = render_shot(kind, seed=seed, duration_s=4.0)
+    assert truth["events"] or truth["speech"], "the scene must have audible events"
     luma = _luma(clip.frames)
     frame_ms = 1000.0 / clip.fps
     for offset in (0, *OFFSETS_MS):

@@ -275,3 +275,23 @@ def test_checkpoint_roundtrip_and_cli(pipeline, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert read_clip(edited).num_frames == 17
+
+
+def test_fit_runs_every_stage_with_image_references(text_encoder):
+    from model.fit import FitSettings, fit_pipeline
+
+    pipe = DuetPipeline.from_preset("tiny", seed=1, text_encoder=text_encoder)
+    clips = [_ball_clip(9), _ball_clip(9, color=(40, 40, 220))]
+    settings = FitSettings(
+        video_vae_steps=3, audio_vae_steps=3, vocoder_steps=2, dit_steps=3, batch_size=2,
+        video_window_frames=5, video_crop_px=32, first_frame_reference=True, log_every=1,
+    )  # fmt: skip
+    report = fit_pipeline(pipe, clips, ["a red ball", "a blue ball"], settings)
+    assert set(report.losses) == {"video_vae", "audio_vae", "vocoder", "dit"}
+    assert pipe.use_neural_vocoder and not pipe.dit.training
+    assert all(np.isfinite(v).all() for v in report.losses.values())
+    # The VAEs were calibrated: latents of the training clips are roughly unit scale.
+    zv, _ = pipe.encode_clip(clips[0])
+    assert 0.2 < float(zv.std()) < 5.0
+    with pytest.raises(ValueError, match="caption"):
+        fit_pipeline(pipe, clips, ["only one"], settings)
