@@ -35,13 +35,15 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+# WhisperX's isolated environment is built (once per requirements hash, in a
+# cache outside the clone) before the tests and the demo, where its progress shows.
+test: $(STAMP) lint whisperx-env
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
-demo: $(STAMP)
+demo: $(STAMP) whisperx-env
 	$(BIN)/duet demo --out $(DEMO_OUT)
 
 clean:
