@@ -132,14 +132,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, threads {args.threads}, "
           f"batch {args.batch}, frames {args.frames}")  # fmt: skip
-    print(f"{'preset':<7}{'size':>11}{'DiT params':>14}{'tokens':>14}{'ms/step':>11}  result")
+    print(f"{'preset':<7}{'size':>11}{'DiT params':>16}{'tokens':>14}{'ms/step':>11}  result")
     for name in args.presets:
         row = bench_preset(name, args)
         gc.collect()  # free one preset's weights before building the next
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
         print(
-            f"{row['preset']:<7}{row['size']:>11}{row['dit_params']:>14,}{row.get('tokens', '-'):>14}"
+            f"{row['preset']:<7}{row['size']:>11}{row['dit_params']:>16,}{row.get('tokens', '-'):>14}"
             f"{row.get('ms_per_step', float('nan')):>11.1f}  {row['result']}",
             flush=True,
         )

@@ -8,6 +8,10 @@ import uuid
 
 import pytest
 
+# Flows in tests log to the console only: shipping logs to Prefect's temporary API
+# server races its shutdown at the end of the session.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -60,3 +64,20 @@ def s3_bucket(s3_server) -> str:
     client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_temporary_server():
+    """Stop Prefect's temporary API server while pytest's output is still open.
+
+    Left to its own atexit hook, it logs "Stopping temporary server" after pytest
+    has printed its summary and closed stdout, which adds a logging traceback.
+    """
+    yield
+    import sys
+
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is None:
+        return
+    for server in list(server_module.SubprocessASGIServer._instances.values()):
+        server.stop()
