@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -315,31 +315,15 @@ def _base() -> ModelConfig:
 
 
 def _xl() -> ModelConfig:
-    return ModelConfig(
+    # The design target: base's VAEs with a wider video latent, a 3x wider, deeper DiT.
+    base = _base()
+    return replace(
+        base,
         name="xl",
-        fps=24.0,
-        sample_rate=48000,
         width=1024,
         height=576,
-        audio_latents_per_video_latent=4,
-        video_vae=VideoVAEConfig(
-            latent_channels=32,
-            patch_size=1,
-            channels=(128, 256, 512),
-            level_time_kernels=(3, 3, 3),
-            temporal_down_levels=(1, 2),
-            res_blocks_per_level=2,
-            decode_context_latent_frames=12,
-        ),
-        audio_vae=AudioVAEConfig(
-            n_fft=2048,
-            n_mels=128,
-            latent_channels=64,
-            channels=(256, 512),
-            res_blocks_per_level=2,
-            vocoder_channels=512,
-            vocoder_layers=8,
-        ),
+        video_vae=replace(base.video_vae, latent_channels=32),
+        audio_vae=replace(base.audio_vae, n_fft=2048),
         dit=DiTConfig(
             video=BranchConfig(dim=3072, heads=24),
             audio=BranchConfig(dim=1536, heads=12),
