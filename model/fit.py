@@ -56,6 +56,10 @@ class FitSettings:
     video_crop_px: int = 0
     crop_candidates: int = 4
     grad_clip: float = 1.0
+    # Exponential moving average of the DiT weights (0 = off), swapped in after training:
+    # sampling from the average of the last few hundred steps smooths out the noise
+    # that a high learning rate leaves in the final weights.
+    dit_ema_decay: float = 0.0
     # Teach image-reference conditioning: the clip's own first frame (latent frame 0 is
     # the VAE's encoding of frame 0 alone, i.e. an image latent) as image slot 0, dropped
     # with probability flow.ref_dropout so the reference guidance scale has a contrast.
@@ -91,12 +95,14 @@ def _train(
     report: FitReport,
     settings: FitSettings,
     log: Callable[[str], None] | None,
+    ema_decay: float = 0.0,
 ) -> None:
     if steps <= 0:
         return
     module.train()
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ema = [p.detach().clone() for p in params] if ema_decay > 0 else None
     history = report.losses.setdefault(name, [])
     start = time.perf_counter()
     window: list[float] = []
@@ -108,12 +114,22 @@ def _train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         opt.step()
+        if ema is not None:
+            # Warm-up (as in torch's swa_utils / timm): early averages forget the init fast.
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for avg, p in zip(ema, params, strict=True):
+                    avg.lerp_(p.detach(), 1.0 - decay)
         window.append(float(loss.detach()))
         if (step + 1) % settings.log_every == 0 or step == 0 or step == steps - 1:
             history.append(sum(window) / len(window))
             window = []
             if log is not None:
                 log(f"{name} step {step + 1}/{steps} loss {history[-1]:.4f}")
+    if ema is not None:
+        with torch.no_grad():
+            for p, avg in zip(params, ema, strict=True):
+                p.copy_(avg)
     module.eval()
     report.seconds[name] = time.perf_counter() - start
 
@@ -244,6 +260,7 @@ def fit_pipeline(
         report,
         settings,
         log,
+        ema_decay=settings.dit_ema_decay,
     )
     pipeline.eval()
     return report

@@ -142,8 +142,10 @@ class VideoEncoder(nn.Module):
         self.levels = nn.ModuleList()
         cin = ch[0]
         for level, cout in enumerate(ch):
+            kt = cfg.level_time_kernels[level]
             blocks = [
-                ResBlock3d(cin if i == 0 else cout, cout) for i in range(cfg.res_blocks_per_level)
+                ResBlock3d(cin if i == 0 else cout, cout, kt)
+                for i in range(cfg.res_blocks_per_level)
             ]
             down = Downsample(cout, temporal=level in cfg.temporal_down_levels)
             self.levels.append(nn.Sequential(*blocks, down))
@@ -174,8 +176,10 @@ class VideoDecoder(nn.Module):
             cin = ch[level]
             cout = ch[level - 1] if level > 0 else ch[0]
             up = Upsample(cin, temporal=level in cfg.temporal_down_levels)
+            kt = cfg.level_time_kernels[level]
             blocks = [
-                ResBlock3d(cin if i == 0 else cout, cout) for i in range(cfg.res_blocks_per_level)
+                ResBlock3d(cin if i == 0 else cout, cout, kt)
+                for i in range(cfg.res_blocks_per_level)
             ]
             self.levels.append(nn.Sequential(up, *blocks))
         self.norm_out = ChannelRMSNorm(ch[0])
