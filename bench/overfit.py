@@ -70,7 +70,11 @@ RECIPES = {
         ),
     ),
     # The first session's recipe: 16 latent channels, whole frames, batch 4, no EMA.
-    "previous": Recipe("previous", FitSettings(video_vae_steps=1000), video_latent_channels=16),
+    "previous": Recipe(
+        "previous",
+        FitSettings(video_vae_steps=1000, dit_steps=1500, batch_size=4, dit_ema_decay=0.0),
+        video_latent_channels=16,
+    ),
 }
 
 
