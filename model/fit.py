@@ -117,7 +117,7 @@ def _train(
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         opt.step()
         if ema is not None:
-            # Warm-up (as in torch's swa_utils / timm): early averages forget the init fast.
+            # Warm-up (TensorFlow's num_updates rule): early averages forget the init fast.
             decay = min(ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 for avg, p in zip(ema, params, strict=True):

@@ -127,6 +127,17 @@ def test_video_vae_shapes_causality_and_chunked_decode():
         vae.encode(torch.zeros(1, 3, 6, 64, 64))
 
 
+def test_video_vae_levels_use_their_configured_time_kernels():
+    cfg = get_config("tiny").video_vae  # level_time_kernels (1, 3)
+    vae = VideoVAE(cfg)
+    for level, kt in enumerate(cfg.level_time_kernels):
+        enc_block = vae.encoder.levels[level][0]
+        dec_block = vae.decoder.levels[len(cfg.channels) - 1 - level][1]  # after its Upsample
+        for block in (enc_block, dec_block):
+            assert block.conv1.conv.kernel_size[0] == kt
+            assert block.conv2.conv.kernel_size[0] == kt
+
+
 def test_audio_vae_shapes_and_griffin_lim_keeps_onsets():
     cfg = get_config("tiny")
     vae = AudioVAE(cfg.audio_vae, cfg.sample_rate, cfg.mel_hop_length).eval()
