@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core import media, storage
+from core.config import config_from_dict
 from curation.captions import CaptionConfig, CaptionStage
 from curation.clips import ClipConfig, ClipStage
 from curation.decode import DecodeConfig, DecodeStage
@@ -56,19 +57,7 @@ class CurateConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CurateConfig:
-        parts = {
-            "validate": ValidateConfig,
-            "decode": DecodeConfig,
-            "shots": ShotConfig,
-            "clips": ClipConfig,
-            "quality": QualityConfig,
-            "sync": SyncConfig,
-            "captions": CaptionConfig,
-        }
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            kwargs[key] = parts[key](**value) if key in parts else value
-        return cls(**kwargs)
+        return config_from_dict(cls, data)
 
 
 def source_work_uri(out_uri: str, source_id: str) -> str:

@@ -20,6 +20,8 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field, replace
 
+from core.config import config_from_dict
+
 
 @dataclass
 class VideoVAEConfig:
@@ -210,32 +212,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
-        def build(kind, values):
-            kwargs = {}
-            hints = {f.name: f for f in dataclasses.fields(kind)}
-            for key, value in values.items():
-                if key not in hints:
-                    raise ValueError(f"unknown config field {kind.__name__}.{key}")
-                sub = _NESTED.get((kind, key))
-                if sub is not None:
-                    value = build(sub, value)
-                elif isinstance(value, list):
-                    value = tuple(value)
-                kwargs[key] = value
-            return kind(**kwargs)
-
-        return build(cls, data).validate()
-
-
-_NESTED = {
-    (ModelConfig, "video_vae"): VideoVAEConfig,
-    (ModelConfig, "audio_vae"): AudioVAEConfig,
-    (ModelConfig, "text"): TextEncoderConfig,
-    (ModelConfig, "dit"): DiTConfig,
-    (ModelConfig, "flow"): FlowConfig,
-    (DiTConfig, "video"): BranchConfig,
-    (DiTConfig, "audio"): BranchConfig,
-}
+        return config_from_dict(cls, data)
 
 
 def _tiny() -> ModelConfig:
