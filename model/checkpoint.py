@@ -1,53 +1,133 @@
-"""Checkpoints: ``model.safetensors`` plus ``config.json`` beside it, at any URI.
+"""Checkpoints: safetensors weights plus ``config.json`` beside them, at any URI.
 
-Never pickle: tensors go through safetensors, everything else is JSON. The JSON
-carries a ``schema_version``, the full :class:`ModelConfig` and which components
-the tensor file holds, so a checkpoint loads without knowing its preset.
+Never pickle: tensors go through safetensors, everything else is JSON. Layout of a
+checkpoint directory (schema 2)::
+
+    config.json                           schema_version, the caller's metadata, and
+                                          "weight_files": {name: {size, sha256}}
+    model.safetensors                     one file when the weights fit in one shard
+    model-00001-of-0000N.safetensors      ... or N shards of at most max_shard_bytes
+    model.safetensors.index.json          {"metadata": {"total_size"}, "weight_map"}
+
+``config.json`` is written last, so it doubles as the commit marker. Schema 1 (one
+``model.safetensors``, no file table) is still read.
+
+Everything that can be checked is checked before a tensor is read or a network is
+built: the schema version, that every weight file exists with its recorded size
+(truncation), that every safetensors header parses and covers its file, and, for
+:func:`load_pipeline`, that every key and shape matches the config's networks
+(a checkpoint of another preset). File hashes are verified while the data is read.
+Failures raise :class:`CheckpointError` naming the file.
+
+Pipelines load torchtitan style: built on the meta device (no memory, no init),
+then ``load_state_dict(..., assign=True)`` puts the stored tensors in place.
+:func:`gather_full_state_dict` and :func:`load_full_state_dict` convert between a
+full state dict and an FSDP2-sharded module, so a checkpoint written at N workers
+loads at M.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch import nn
 
 from core import storage
 from model.configs import ModelConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 COMPONENTS = ("video_vae", "audio_vae", "dit", "vocoder")
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+# Config fields that existed in older checkpoints and are dropped on load.
+RETIRED_CONFIG_FIELDS = {"dit": ("gradient_checkpointing",)}
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
 
 class CheckpointError(Exception):
-    """A checkpoint is missing, from an unknown schema, or does not fit its config."""
+    """A checkpoint is missing, corrupt, from an unknown schema, or does not fit its config."""
 
 
-def save_state(uri: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write tensors and JSON metadata as a checkpoint directory at uri."""
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str  # safetensors dtype name, e.g. "F32"
+    shape: tuple[int, ...]
+    file: str  # weight file name inside the checkpoint directory
+
+
+# -- writing -----------------------------------------------------------------------
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Keys grouped greedily, in order, into shards of at most max_shard_bytes each
+    (a single tensor larger than that gets a shard of its own)."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, value in tensors.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += nbytes
+    return shards
+
+
+def save_state(
+    uri: str,
+    tensors: dict[str, torch.Tensor],
+    meta: dict,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """Write tensors (one file, or shards with an index) and JSON metadata at uri."""
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    shards = plan_shards(flat, max_shard_bytes)
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [shard_name(i + 1, len(shards)) for i in range(len(shards))]  # fmt: skip
     storage.makedirs(uri)
-    storage.write_bytes(
-        storage.join(uri, WEIGHTS_NAME), save_safetensors(flat, metadata={"format": "pt"})
+    files, weight_map = {}, {}
+    for name, keys in zip(names, shards, strict=True):
+        data = save_safetensors({k: flat[k] for k in keys}, metadata={"format": "pt"})
+        storage.write_bytes(storage.join(uri, name), data)
+        files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        weight_map.update(dict.fromkeys(keys, name))
+    # A previous save with another layout must not leave a stale entry point behind.
+    if len(shards) == 1:
+        storage.remove(storage.join(uri, INDEX_NAME))
+    else:
+        storage.remove(storage.join(uri, WEIGHTS_NAME))
+        total = sum(v.numel() * v.element_size() for v in flat.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        storage.write_json(storage.join(uri, INDEX_NAME), index)
+    storage.write_json(
+        storage.join(uri, CONFIG_NAME),
+        {**meta, "schema_version": SCHEMA_VERSION, "weight_files": files},
     )
-    storage.write_json(storage.join(uri, CONFIG_NAME), {"schema_version": SCHEMA_VERSION, **meta})
 
 
-def load_state(uri: str) -> tuple[dict[str, torch.Tensor], dict]:
-    weights, config = storage.join(uri, WEIGHTS_NAME), storage.join(uri, CONFIG_NAME)
-    for path in (weights, config):
-        if not storage.exists(path):
-            raise CheckpointError(f"checkpoint file missing: {path}")
-    meta = storage.read_json(config)
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(
-            f"{config}: schema_version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}"
-        )
-    return load_safetensors(storage.read_bytes(weights)), meta
-
-
-def save_pipeline(uri: str, pipeline, extra: dict | None = None) -> None:
+def save_pipeline(
+    uri: str, pipeline, extra: dict | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> None:
     tensors = {}
     for name in COMPONENTS:
         for key, value in getattr(pipeline, name).state_dict().items():
@@ -58,27 +138,285 @@ def save_pipeline(uri: str, pipeline, extra: dict | None = None) -> None:
         "use_neural_vocoder": bool(pipeline.use_neural_vocoder),
         "extra": extra or {},
     }
-    save_state(uri, tensors, meta)
+    save_state(uri, tensors, meta, max_shard_bytes)
 
 
-def load_pipeline(uri: str, text_encoder=None):
+# -- checking (no tensor data read) --------------------------------------------------
+
+
+def read_meta(uri: str) -> dict:
+    """config.json of a checkpoint, after its schema version is checked."""
+    config = storage.join(uri, CONFIG_NAME)
+    if not storage.exists(config):
+        raise CheckpointError(f"checkpoint file missing: {config}")
+    try:
+        meta = storage.read_json(config)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config}: not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("schema_version") not in READABLE_SCHEMAS:
+        version = meta.get("schema_version") if isinstance(meta, dict) else None
+        raise CheckpointError(
+            f"{config}: unknown schema_version {version!r}; this Duet reads {READABLE_SCHEMAS}"
+        )
+    return meta
+
+
+def inspect_state(uri: str) -> tuple[dict[str, TensorSpec], dict]:
+    """Key -> dtype/shape/file of every stored tensor, and the metadata.
+
+    Reads config.json, the index and the safetensors headers only.
+    """
+    meta = read_meta(uri)
+    files = meta.get("weight_files")
+    if files is None:  # schema 1
+        files = {WEIGHTS_NAME: {}}
+    specs: dict[str, TensorSpec] = {}
+    for name, info in files.items():
+        path = storage.join(uri, name)
+        if not storage.exists(path):
+            raise CheckpointError(f"checkpoint file missing: {path}")
+        actual = storage.size(path)
+        if "size" in info and actual != info["size"]:
+            raise CheckpointError(
+                f"{path}: {actual} bytes, the checkpoint recorded {info['size']} (truncated "
+                f"or overwritten)"
+            )
+        for key, spec in _read_header(path, name, actual).items():
+            if key in specs:
+                raise CheckpointError(f"{path}: tensor {key!r} also stored in {specs[key].file}")
+            specs[key] = spec
+    index_path = storage.join(uri, INDEX_NAME)
+    if len(files) > 1 or storage.exists(index_path):
+        _check_index(index_path, specs)
+    return specs, meta
+
+
+def _read_header(path: str, name: str, file_size: int) -> dict[str, TensorSpec]:
+    """Parse a safetensors header (8-byte little-endian length + JSON) and check that
+    the data offsets tile the rest of the file exactly."""
+    fs = storage.filesystem(path)
+    with fs.open(storage.strip_scheme(path), "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {len(head)} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(file_size - 8, 100 * 1024**2):
+            raise CheckpointError(f"{path}: corrupt safetensors header (length {n})")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {err}") from err
+    header.pop("__metadata__", None)
+    specs, end = {}, 0
+    for key, entry in header.items():
+        try:
+            dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors entry {key!r}") from err
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+        nbytes = _DTYPES[dtype].itemsize * _numel(shape)
+        if hi - lo != nbytes:
+            raise CheckpointError(f"{path}: tensor {key!r} spans {hi - lo} bytes, needs {nbytes}")
+        specs[key] = TensorSpec(dtype, shape, name)
+        end = max(end, hi)
+    if 8 + n + end != file_size:
+        raise CheckpointError(
+            f"{path}: header describes {8 + n + end} bytes, the file has {file_size} (truncated)"
+        )
+    return specs
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def _check_index(index_path: str, specs: dict[str, TensorSpec]) -> None:
+    if not storage.exists(index_path):
+        raise CheckpointError(f"checkpoint file missing: {index_path}")
+    try:
+        weight_map = storage.read_json(index_path)["weight_map"]
+    except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{index_path}: not a safetensors index: {err}") from err
+    stored = {k: s.file for k, s in specs.items()}
+    if weight_map != stored:
+        diff = sorted(set(weight_map.items()) ^ set(stored.items()))[:5]
+        raise CheckpointError(f"{index_path}: weight_map disagrees with the shards: {diff}")
+
+
+def check_matches(
+    specs: dict[str, TensorSpec], expected: dict[str, torch.Tensor], where: str
+) -> None:
+    """Stored keys and shapes must equal the expected state dict's (shapes only:
+    a dtype cast on load is allowed)."""
+    missing = sorted(set(expected) - set(specs))
+    unexpected = sorted(set(specs) - set(expected))
+    wrong = [
+        f"{k}: stored {list(specs[k].shape)}, model {list(expected[k].shape)}"
+        for k in expected
+        if k in specs and tuple(specs[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[:3]}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        raise CheckpointError(
+            f"{where} does not match the model (another preset or config?): " + "; ".join(parts)
+        )
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+def load_state(uri: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors (CPU) and the metadata; every file checked before any is read."""
+    specs, meta = inspect_state(uri)
+    return _read_tensors(uri, meta, sorted({s.file for s in specs.values()})), meta
+
+
+def _read_tensors(uri: str, meta: dict, names: list[str]) -> dict[str, torch.Tensor]:
+    recorded = meta.get("weight_files", {})
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        path = storage.join(uri, name)
+        data = storage.read_bytes(path)
+        want = recorded.get(name, {}).get("sha256")
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            raise CheckpointError(f"{path}: sha256 differs from the checkpoint's record (corrupt)")
+        try:
+            tensors.update(load_safetensors(data))
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: corrupt safetensors: {err}") from err
+    # safetensors returns keys in an order that varies between processes; callers that
+    # run collectives per key (set_model_state_dict) need the same order on every rank.
+    return dict(sorted(tensors.items()))
+
+
+def model_config(meta: dict, where: str) -> ModelConfig:
+    """The ModelConfig recorded in a checkpoint's metadata (retired fields dropped)."""
+    try:
+        data = json.loads(json.dumps(meta["config"]))
+        for section, names in RETIRED_CONFIG_FIELDS.items():
+            for name in names:
+                data.get(section, {}).pop(name, None)
+        return ModelConfig.from_dict(data)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: bad config: {err}") from err
+
+
+def load_pipeline(
+    uri: str,
+    text_encoder=None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+):
+    """Build the pipeline on the meta device and assign the stored tensors.
+
+    ``dtype`` casts the DiT's floating tensors (the VAEs and vocoder keep theirs);
+    ``device`` places everything (default CPU).
+    """
+    from model.audio_vae import MelSpectrogram
     from model.pipeline import DuetPipeline
 
-    tensors, meta = load_state(uri)
-    try:
-        cfg = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{uri}: bad config: {err}") from err
-    pipeline = DuetPipeline(cfg, text_encoder)
-    for name in meta.get("components", COMPONENTS):
-        if name not in COMPONENTS:
-            raise CheckpointError(f"{uri}: unknown component {name!r}")
+    specs, meta = inspect_state(uri)
+    cfg = model_config(meta, uri)
+    components = meta.get("components", list(COMPONENTS))
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise CheckpointError(f"{uri}: unknown component(s) {unknown}")
+    with torch.device("meta"):
+        pipeline = DuetPipeline(cfg, text_encoder)
+    expected = {
+        f"{name}.{k}": v for name in components for k, v in getattr(pipeline, name).state_dict().items()
+    }  # fmt: skip
+    check_matches(specs, expected, uri)
+
+    device = torch.device(device or "cpu")
+    tensors = _read_tensors(uri, meta, sorted({s.file for s in specs.values()}))
+    for name in components:
         prefix = f"{name}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            getattr(pipeline, name).load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"{uri}: {name} does not match its config: {err}") from err
+        cast = dtype if name == "dit" else None
+        state = {
+            k[len(prefix) :]: _to(v, device, cast) for k, v in tensors.items() if k.startswith(prefix)
+        }  # fmt: skip
+        getattr(pipeline, name).load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (the mel analysis) are not stored: compute them again.
+    a = cfg.audio_vae
+    with torch.device(device):
+        pipeline.audio_vae.mel = MelSpectrogram(
+            cfg.sample_rate, a.n_fft, cfg.mel_hop_length, a.n_mels, a.mel_fmin
+        )
+    left = [n for n, t in _named_tensors(pipeline) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{uri}: the checkpoint does not provide {left[:5]}")
     pipeline.use_neural_vocoder = bool(meta.get("use_neural_vocoder", False))
     pipeline.eval()
     return pipeline
+
+
+def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device)
+
+
+def _named_tensors(module: nn.Module):
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+# -- FSDP2: full <-> sharded state dicts -------------------------------------------------
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def gather_full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on the CPU, under the plain module's keys.
+
+    For an FSDP2-sharded module this is a collective: every rank must call it, and
+    only rank 0 receives the tensors (the others get ``{}``), so a large model is
+    never materialised on every rank at once.
+    """
+    if not _is_sharded(module):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options)
+
+
+def load_full_state_dict(
+    module: nn.Module, state: dict[str, torch.Tensor], broadcast_from_rank0: bool = False
+) -> None:
+    """Load a full state dict into ``module``, plain or FSDP2-sharded (each rank keeps
+    its slice). Parameters on the meta device are replaced (``assign``).
+
+    With ``broadcast_from_rank0`` only rank 0 needs ``state``; the others pass ``{}``.
+    Keys and shapes are checked first (on every rank that holds ``state``).
+    """
+    if state or not broadcast_from_rank0:
+        specs = {k: TensorSpec("", tuple(v.shape), "state") for k, v in state.items()}
+        check_matches(specs, module.state_dict(), "state dict")
+    if not _is_sharded(module):
+        assign = any(t.is_meta for _, t in _named_tensors(module))
+        module.load_state_dict(state, strict=True, assign=assign)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast_from_rank0)
+    # Every key is scattered from rank 0 (distribute_tensor), a collective per key: the
+    # order must be the same on every rank, so follow the module's. The call also pops
+    # entries from the dict it is given: hand it a new one.
+    ordered = {k: state[k] for k in module.state_dict() if k in state}
+    set_model_state_dict(module, ordered, options=options)

@@ -111,7 +111,6 @@ class DiTConfig:
     # References sit at these (negative) times in RoPE space so they never share a
     # temporal position with the generated clip: slot s starts at -(s + 1) * stride.
     ref_time_stride: float = 64.0
-    gradient_checkpointing: bool = False
     qk_norm: bool = True
 
 

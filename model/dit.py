@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from model.configs import BranchConfig, ModelConfig
 from model.references import ReferenceEmbedder, ReferenceLatents, RefTokens
@@ -267,7 +266,6 @@ class DualBranchDiT(nn.Module):
         self.blocks = nn.ModuleList(DualBlock(cfg, i) for i in range(d.depth))
         self.video_out = FinalLayer(dv, self.video_channels * self.patch**2)
         self.audio_out = FinalLayer(da, self.audio_channels)
-        self.gradient_checkpointing = d.gradient_checkpointing
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -335,8 +333,16 @@ class DualBranchDiT(nn.Module):
         references: ReferenceLatents | None = None,
         shots: ShotLayout | None = None,
         cross_modal: bool = True,
+        text_drop: torch.Tensor | None = None,  # (B,) bool: prompt replaced by null_text
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted velocities with the input shapes: (B, Cv, T, H, W), (B, Ca, Na)."""
+        """Predicted velocities with the input shapes: (B, Cv, T, H, W), (B, Ca, Na).
+
+        ``text_drop`` applies :meth:`drop_text` inside forward, where parameters
+        sharded by FSDP2 (``null_text``) are gathered; activation checkpointing,
+        compile and sharding are applied from outside (:mod:`model.parallelize`).
+        """
+        if text_drop is not None:
+            text = self.drop_text(text, text_drop)
         b, cv_, t_lat, h, w = video.shape
         if cv_ != self.video_channels or audio.shape[1] != self.audio_channels:
             raise ValueError(
@@ -398,10 +404,7 @@ class DualBranchDiT(nn.Module):
         for block in self.blocks:
             args = (xv, xa, cv, ca, text_v, text_a, text_mask_v, text_mask_a, rope_v, rope_a,
                     rope_xv, rope_xa, mask_v, mask_a, n_main_v, n_main_a, cross_modal)  # fmt: skip
-            if self.gradient_checkpointing and self.training:
-                xv, xa = checkpoint(block, *args, use_reentrant=False)
-            else:
-                xv, xa = block(*args)
+            xv, xa = block(*args)
 
         out_v = self.video_out(xv[:, :n_main_v], cv)
         out_a = self.audio_out(xa[:, :n_main_a], ca)
