@@ -1,0 +1,56 @@
+"""The training pipeline: ``vae -> pretrain -> sft`` on a curated dataset.
+
+- :mod:`.config`: dataclass configs (loaded by :mod:`core.config`);
+- :mod:`.data`: manifest rows, frame buckets, the resumable epoch sampler;
+- :mod:`.latents`: the pre-encoded latent cache, keyed by the VAE weights;
+- :mod:`.batches`: DiT batches with references and multi-shot sequences from data;
+- :mod:`.loop`: one stage, Ray-free (one process, torchrun, or a Ray Train worker);
+- :mod:`.state`: checkpoints (weights, EMA, optimizer, data position) at any URI;
+- :mod:`.ray_train`: the same loop under Ray Train's ``TorchTrainer``;
+- :mod:`.logs`: TensorBoard events, metrics.jsonl and an HTML report per stage.
+
+:func:`train` runs a list of stages in order, skipping those already finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pipelines.train.config import STAGES, TrainConfig
+
+
+def train(
+    cfg: TrainConfig,
+    stages: tuple[str, ...] = STAGES,
+    runner: str = "local",
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    ray_address: str | None = None,
+    progress: Callable[[str, int, int, dict], None] | None = None,
+) -> dict[str, str]:
+    """Run ``stages`` in order; returns each stage's final checkpoint URI.
+
+    ``runner``: ``"local"`` (this process, or a torchrun group) or ``"ray"``
+    (Ray Train with ``num_workers`` workers). A stage whose final checkpoint exists
+    is skipped, so rerunning the same command resumes where it stopped.
+    """
+    from pipelines.train.loop import final_uri, run_stage, stage_done
+
+    if runner not in ("local", "ray"):
+        raise ValueError(f"runner must be 'local' or 'ray', got {runner!r}")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {STAGES}")
+    finals = {}
+    for stage in stages:
+        if not stage_done(cfg, stage):
+            if runner == "ray":
+                from pipelines.train.ray_train import run_stage_on_ray
+
+                run_stage_on_ray(cfg, stage, num_workers, use_gpu, ray_address, progress)
+            else:
+                from pipelines.train.runtime import local_runtime
+
+                run_stage(cfg, stage, local_runtime(), progress)
+        finals[stage] = final_uri(cfg, stage)
+    return finals

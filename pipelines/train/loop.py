@@ -1,0 +1,537 @@
+"""The training loop: one stage of ``vae -> pretrain -> sft``, Ray-free at its core.
+
+:func:`run_stage` builds the pipeline (fresh, or from the parent stage's final
+checkpoint), applies parallelism from outside (DDP, or FSDP2 through
+``model.parallelize``), resumes from the newest checkpoint if there is one, and runs
+the stage's loss for its steps. It checkpoints every ``checkpoint_every`` steps and
+writes ``RUN/<stage>/final/`` (EMA weights swapped in) at the end. The same function
+runs in one process, under torchrun, and as each Ray Train worker
+(:mod:`pipelines.train.ray_train`); only the :class:`Runtime` differs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core import storage
+from core.config import config_to_dict
+from model.checkpoint import CheckpointError, save_state
+from model.flow_matching import add_noise, resolution_shift, sample_timesteps, velocity_target
+from model.parallelize import apply_ddp, parallelize_dit
+from model.pipeline import DuetPipeline
+from pipelines.train import state as ckpt
+from pipelines.train.batches import BatchBuilder, DiTBatch
+from pipelines.train.config import (
+    PARENT_STAGE,
+    DiTStageConfig,
+    StageConfig,
+    TrainConfig,
+    VAEStageConfig,
+)
+from pipelines.train.data import (
+    ClipRow,
+    EpochSampler,
+    SamplerPosition,
+    data_version,
+    decode_clip,
+    load_clip_rows,
+    sft_subset,
+)
+from pipelines.train.latents import LatentStore, cache_key, encode_cache
+from pipelines.train.logs import MetricsLog
+from pipelines.train.runtime import Runtime
+
+Progress = Callable[[str, int, int, dict], None]
+
+
+class TrainError(RuntimeError):
+    """A stage cannot run: its parent is missing, or the config does not fit the data."""
+
+
+def stage_uri(cfg: TrainConfig, stage: str) -> str:
+    return storage.join(cfg.run_uri, stage)
+
+
+def final_uri(cfg: TrainConfig, stage: str) -> str:
+    return storage.join(stage_uri(cfg, stage), ckpt.FINAL_NAME)
+
+
+def stage_done(cfg: TrainConfig, stage: str) -> bool:
+    return storage.exists(storage.join(final_uri(cfg, stage), "config.json"))
+
+
+def step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
+    """The RNG of one step on one rank: a pure function of its coordinates."""
+    salt = sum((i + 1) * ord(c) for i, c in enumerate(stage))
+    return torch.Generator().manual_seed(((seed * 7919 + salt) * 1_000_003 + step) * 1009 + rank)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def clean_fqn(name: str) -> str:
+    """Parameter name without wrapper prefixes (DDP, compile, checkpoint wrappers)."""
+    for wrapper in ("module.", "_orig_mod.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+# ---------------------------------------------------------------------------------
+# Stage tasks: what is trained, on what, with which loss.
+
+
+class VAEPair(nn.Module):
+    """Both VAEs (and optionally the vocoder) as one module, so DDP sees one forward."""
+
+    def __init__(self, pipeline: DuetPipeline, with_vocoder: bool):
+        super().__init__()
+        self.video_vae = pipeline.video_vae
+        self.audio_vae = pipeline.audio_vae
+        self.vocoder = pipeline.vocoder if with_vocoder else None
+        self.settings: VAEStageConfig | None = None
+
+    def forward(self, windows, audio, has_audio, gen):
+        s = self.settings
+        loss_v, parts = self.video_vae.loss(windows, s.kl_weight, gen, s.motion_weight)
+        metrics = {"video_loss": float(loss_v.detach())}
+        loss = loss_v
+        if bool(has_audio.any()):
+            loss_a, _ = self.audio_vae.loss(audio[has_audio], s.kl_weight, gen)
+            loss = loss + loss_a
+            metrics["audio_loss"] = float(loss_a.detach())
+            if self.vocoder is not None:
+                wav = audio[has_audio][:, 0]
+                loss_voc, _ = self.vocoder.loss(wav, self.audio_vae.mel)
+                loss = loss + loss_voc
+                metrics["vocoder_loss"] = float(loss_voc.detach())
+        return loss, metrics
+
+
+@dataclass
+class StageTask:
+    name: str
+    module: nn.Module  # what the optimizer trains (possibly wrapped)
+    components: tuple[str, ...]  # pipeline components the module's state covers
+    settings: StageConfig
+    rows: list[ClipRow]
+    batch_fn: Callable[[list[int], torch.Generator, int], tuple[torch.Tensor, dict, int]]
+    param_groups: list[dict] = field(default_factory=list)
+    finish: Callable[[], dict] | None = None
+
+
+def _window(video: torch.Tensor, frames: int, tf: int, crop: int, sf: int, gen) -> torch.Tensor:
+    """A random ``1 + tf*j`` frame window on the latent grid, optionally a random crop."""
+    t = video.shape[1]
+    frames = min(frames, t)
+    frames = 1 + tf * ((frames - 1) // tf)
+    start = tf * int(torch.randint(0, (t - frames) // tf + 1, (1,), generator=gen))
+    clip = video[:, start : start + frames]
+    if crop:
+        h, w = clip.shape[2:]
+        y = sf * int(torch.randint(0, (h - crop) // sf + 1, (1,), generator=gen))
+        x = sf * int(torch.randint(0, (w - crop) // sf + 1, (1,), generator=gen))
+        clip = clip[:, :, y : y + crop, x : x + crop]
+    return clip
+
+
+class DecodedClips:
+    """Per-worker decode cache for the VAE stage (a bounded LRU of decoded clips)."""
+
+    def __init__(self, pipeline: DuetPipeline, max_clips: int = 256):
+        self.pipeline = pipeline
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.max_clips = max_clips
+
+    def get(self, row: ClipRow) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = self.cache.pop(row.clip_id, None)
+        if hit is None:
+            hit = decode_clip(row, self.pipeline)
+        self.cache[row.clip_id] = hit
+        while len(self.cache) > self.max_clips:
+            self.cache.pop(next(iter(self.cache)))
+        return hit
+
+
+def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask:
+    s: VAEStageConfig = cfg.vae
+    rows = load_clip_rows(cfg.data, pipeline.config.fps)
+    pair = VAEPair(pipeline, with_vocoder=s.vocoder_steps > 0)
+    pair.settings = s
+    pair.to(rt.device)
+    module: nn.Module = pair
+    if rt.distributed:
+        module = nn.parallel.DistributedDataParallel(pair, find_unused_parameters=True)
+    decoded = DecodedClips(pipeline)
+    mcfg = pipeline.config
+    tf, sf = mcfg.video_vae.temporal_factor, mcfg.video_vae.spatial_factor
+
+    def batch(indices, gen, step):
+        clips = [decoded.get(rows[i]) for i in indices]
+        windows = torch.stack(
+            [_window(v, s.window_frames, tf, s.crop_px, sf, gen) for v, _ in clips]
+        )
+        audio = torch.stack([a for _, a in clips])
+        has_audio = torch.tensor([rows[i].has_audio for i in indices])
+        loss, metrics = module(windows.to(rt.device), audio.to(rt.device), has_audio, gen)
+        return loss, metrics, int(windows[0].numel() // 3)
+
+    groups = [
+        {"params": list(pair.video_vae.parameters()), "lr": s.lr},
+        {"params": list(pair.audio_vae.parameters()), "lr": s.audio_lr},
+    ]
+    if pair.vocoder is not None:
+        groups.append({"params": list(pair.vocoder.parameters()), "lr": s.audio_lr})
+
+    def finish() -> dict:
+        return finish_vae(cfg, pipeline, rows, decoded, rt)
+
+    components = ("video_vae", "audio_vae") + (("vocoder",) if pair.vocoder is not None else ())
+    return StageTask("vae", module, components, s, rows, batch, groups, finish)
+
+
+@torch.no_grad()
+def finish_vae(cfg, pipeline: DuetPipeline, rows, decoded: DecodedClips, rt: Runtime) -> dict:
+    """Latent calibration (same clips on every rank) and held-out reconstruction quality."""
+    pipeline.eval()
+    calib = rows[: min(len(rows), 16)]
+    pipeline.video_vae.calibrate([decoded.get(r)[0][None].to(rt.device) for r in calib])
+    with_audio = [r for r in calib if r.has_audio] or calib
+    pipeline.audio_vae.calibrate([decoded.get(r)[1][None].to(rt.device) for r in with_audio])
+    if cfg.vae.vocoder_steps > 0:
+        pipeline.use_neural_vocoder = True
+    try:
+        held_out = load_clip_rows(cfg.data, pipeline.config.fps, split="val")
+    except Exception:  # no val split: measure on training clips and say so
+        held_out = []
+    source = "val" if held_out else "train"
+    eval_rows = (held_out or rows)[: cfg.vae.eval_clips]
+    psnrs, mels = [], []
+    for row in eval_rows:
+        video, audio = decoded.get(row)
+        rec = pipeline.video_vae.decode(pipeline.video_vae.encode(video[None].to(rt.device)))[0]
+        mse = F.mse_loss(rec.clamp(-1, 1).cpu(), video).item()
+        psnrs.append(10 * math.log10(4.0 / max(mse, 1e-12)))  # range [-1, 1]: peak-to-peak 2
+        if row.has_audio:
+            mel = pipeline.audio_vae.waveform_to_mel(audio[None].to(rt.device))
+            z = pipeline.audio_vae.encode(audio[None].to(rt.device))
+            mel_rec = pipeline.audio_vae.decode_mel(z)
+            n = min(mel.shape[-1], mel_rec.shape[-1])
+            mels.append(float((mel[..., :n] - mel_rec[..., :n]).abs().mean()))
+    return {
+        "eval_split": source,
+        "eval_clips": len(eval_rows),
+        "psnr_db": sum(psnrs) / len(psnrs) if psnrs else float("nan"),
+        "mel_l1": sum(mels) / len(mels) if mels else float("nan"),
+    }
+
+
+def dit_task(cfg: TrainConfig, stage: str, pipeline: DuetPipeline, rt: Runtime) -> StageTask:
+    s: DiTStageConfig = cfg.stage(stage)
+    mcfg = pipeline.config
+    all_rows = load_clip_rows(cfg.data, mcfg.fps)
+    rows = all_rows if stage == "pretrain" else sft_subset(all_rows, cfg.data.sft_top_fraction)
+    pipeline.to(rt.device)
+    store = LatentStore(ensure_latents(cfg, pipeline, all_rows, rt))
+    dit = pipeline.dit
+    dit.train()
+    module: nn.Module = parallelize_dit(dit, cfg.parallel)
+    if rt.distributed and not cfg.parallel.fsdp:
+        module = apply_ddp(module)
+    d = mcfg.dit
+    builder = BatchBuilder(
+        rows,
+        all_rows,
+        store,
+        s.references,
+        mcfg.text.max_tokens,
+        (d.max_image_refs, d.max_video_refs, d.max_audio_refs),
+        d.ref_time_stride,
+        mcfg.audio_latents_per_video_latent,
+    )
+    pairs = builder.shot_pairs()
+    flow = mcfg.flow
+
+    def batch(indices, gen, step):
+        shared = step_generator(cfg.seed, stage + "/shared", step, 0)  # same on every rank
+        multishot = (
+            pairs and float(torch.rand(1, generator=shared)) < s.references.multishot_probability
+        )
+        if multishot:
+            picks = torch.randint(0, len(pairs), (len(indices),), generator=gen).tolist()
+            b = builder.build_multishot([pairs[i] for i in picks], gen)
+        else:
+            b = builder.build(indices, gen)
+        loss, metrics = dit_loss(module, b, flow, mcfg.dit.video_patch, gen, rt.device)
+        metrics["multishot"] = float(bool(multishot))
+        tokens = b.video[0, 0].numel() // mcfg.dit.video_patch**2 + b.audio.shape[-1]
+        return loss, metrics, int(tokens)
+
+    groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": s.lr}]
+    return StageTask(stage, module, ("dit",), s, rows, batch, groups, None)
+
+
+def dit_loss(module, b: DiTBatch, flow, patch: int, gen, device):
+    """Rectified-flow loss on both branches; audio counts only where the clip has sound."""
+    bsz = b.video.shape[0]
+    x0v, x0a = b.video.to(device), b.audio.to(device)
+    nv = torch.randn(x0v.shape, generator=gen).to(device)
+    na = torch.randn(x0a.shape, generator=gen).to(device)
+    num_tokens = x0v.shape[2] * (x0v.shape[3] // patch) * (x0v.shape[4] // patch) + x0a.shape[2]
+    t = sample_timesteps(bsz, flow, resolution_shift(num_tokens, flow), gen).to(device)
+    drop = (torch.rand(bsz, generator=gen) < flow.text_dropout) | b.text_missing
+    text = type(b.text)(
+        b.text.tokens.to(device),
+        b.text.mask.to(device),
+        None if b.text.shot_ids is None else b.text.shot_ids.to(device),
+    )
+    refs = _refs_to(b.references, device)
+    pred_v, pred_a = module(
+        add_noise(x0v, nv, t),
+        add_noise(x0a, na, t),
+        t,
+        text,
+        refs,
+        b.shots,
+        text_drop=drop.to(device),
+    )
+    loss_v = torch.mean((pred_v.float() - velocity_target(x0v, nv).float()) ** 2)
+    per_sample_a = ((pred_a.float() - velocity_target(x0a, na).float()) ** 2).flatten(1).mean(1)
+    weight = b.has_audio.to(device).float()
+    loss_a = (per_sample_a * weight).sum() / weight.sum().clamp_min(1.0)
+    loss = loss_v + flow.audio_loss_weight * loss_a
+    return loss, {"video_loss": float(loss_v.detach()), "audio_loss": float(loss_a.detach())}
+
+
+def _refs_to(refs, device):
+    if refs is None:
+        return None
+    from model.references import ReferenceLatents, RefSlot
+
+    def move(slot):
+        if slot is None:
+            return None
+        present = None if slot.present is None else slot.present.to(device)
+        return RefSlot(slot.latent.to(device), present)
+
+    return ReferenceLatents(
+        [move(s) for s in refs.images],
+        [move(s) for s in refs.videos],
+        [move(s) for s in refs.audios],
+    )
+
+
+def ensure_latents(
+    cfg: TrainConfig, pipeline: DuetPipeline, rows: list[ClipRow], rt: Runtime
+) -> str:
+    """Encode every clip once into the cache keyed by the VAE weights; returns its URI."""
+    base = cfg.data.latent_cache_uri or storage.join(cfg.run_uri, "latents")
+    uri = storage.join(base, cache_key(pipeline, cfg.data.frame_buckets))
+    pipeline.eval()
+    return encode_cache(
+        pipeline, rows, uri, cfg.data.latent_shard_clips, rt.rank, rt.world_size, rt.barrier
+    )
+
+
+# ---------------------------------------------------------------------------------
+# The loop.
+
+
+def parent_checkpoint(cfg: TrainConfig, stage: str) -> str | None:
+    if cfg.init_from:
+        return cfg.init_from
+    parent = PARENT_STAGE[stage]
+    if parent is None:
+        return None
+    uri = final_uri(cfg, parent)
+    if not stage_done(cfg, parent):
+        raise TrainError(f"stage {stage!r} needs {parent!r} first: no final checkpoint at {uri}")
+    return uri
+
+
+def build_pipeline(cfg: TrainConfig, stage: str) -> tuple[DuetPipeline, str]:
+    parent = parent_checkpoint(cfg, stage)
+    if parent is None:
+        torch.manual_seed(cfg.seed)  # fresh weights: the same on every rank
+        return DuetPipeline.from_preset(cfg.preset, seed=cfg.seed), ""
+    pipeline = DuetPipeline.from_checkpoint(parent)
+    if pipeline.config.name != cfg.preset:
+        raise CheckpointError(
+            f"{parent} holds preset {pipeline.config.name!r}, but the config asks for "
+            f"{cfg.preset!r}"
+        )
+    return pipeline, parent
+
+
+def _named_trainable(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {clean_fqn(n): p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _maybe_kill(cfg: TrainConfig, stage: str, step: int, rt: Runtime) -> None:
+    if cfg.debug_kill_at_step != step or rt.rank != cfg.debug_kill_rank:
+        return
+    marker = storage.join(stage_uri(cfg, stage), f"killed_at_{step}")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, f"rank {rt.rank} pid {os.getpid()}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    steps: int
+    resumed_from: str
+    final_uri: str
+    metrics: dict
+    wall_s: float
+    losses: list[tuple[int, float]]
+
+
+def run_stage(
+    cfg: TrainConfig, stage: str, rt: Runtime, progress: Progress | None = None
+) -> StageResult:
+    """Train one stage to its configured step count (resuming if a checkpoint exists)."""
+    started = time.perf_counter()
+    pipeline, parent = build_pipeline(cfg, stage)
+    version = data_version(cfg.data.curated_uri)
+    task = vae_task(cfg, pipeline, rt) if stage == "vae" else dit_task(cfg, stage, pipeline, rt)
+    s = task.settings
+    sampler = EpochSampler(task.rows, s.batch_size, rt.world_size, cfg.seed)
+    optimizer = torch.optim.AdamW(
+        task.param_groups, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99)
+    )
+    params = _named_trainable(task.module)
+    ema = {n: p.detach().clone() for n, p in params.items()} if s.ema_decay > 0 else None
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    here = stage_uri(cfg, stage)
+    resume = rt.restored_checkpoint() or ckpt.latest_checkpoint(here)
+    state = ckpt.TrainState(
+        stage=stage, seed=cfg.seed, parent=parent, data_version=version, config=config_to_dict(cfg)
+    )
+    if resume:
+        state = ckpt.restore_checkpoint(resume, task.components, task.module, optimizer, ema)
+        if state.stage != stage:
+            raise CheckpointError(f"{resume} is a {state.stage!r} checkpoint, not {stage!r}")
+    log = MetricsLog(here, enabled=rt.is_main, resume_step=state.step)
+    position = SamplerPosition(state.epoch, state.batch)
+    window: list[dict] = []
+    losses: list[tuple[int, float]] = []
+    task.module.train()
+    tick = time.perf_counter()
+    tokens_since = 0
+    while state.step < s.steps:
+        step = state.step
+        _maybe_kill(cfg, stage, step, rt)
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = lr_at(step, s.steps, base, s.warmup_steps)
+        indices, position = sampler.next(position, rt.rank)
+        gen = step_generator(cfg.seed, stage, step, rt.rank)
+        loss, metrics, tokens = task.batch_fn(indices, gen, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), s.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            decay = min(s.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for name, avg in ema.items():
+                    avg.lerp_(params[name].detach(), 1.0 - decay)
+        tokens_since += tokens * len(indices)
+        state.step, state.epoch, state.batch = step + 1, position.epoch, position.batch
+        window.append({"loss": float(loss.detach()), "grad_norm": float(grad_norm), **metrics})
+        losses.append((step, float(loss.detach())))
+        if state.step % s.log_every == 0 or state.step == s.steps:
+            elapsed = time.perf_counter() - tick
+            row = {k: sum(w.get(k, 0.0) for w in window) / len(window) for k in window[-1]}
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            row["tokens_per_s"] = tokens_since * rt.world_size / max(elapsed, 1e-9)
+            log.add(state.step, row)
+            if progress is not None and rt.is_main:
+                progress(stage, state.step, s.steps, row)
+            window, tick, tokens_since = [], time.perf_counter(), 0
+        if state.step % s.checkpoint_every == 0 or state.step == s.steps:
+            state.wall_s += time.perf_counter() - started
+            started = time.perf_counter()
+            _save(cfg, stage, task, pipeline, optimizer, ema, state, rt, log)
+    summary = {}
+    if task.finish is not None:
+        summary = task.finish()
+    final = _write_final(cfg, stage, task, pipeline, ema, state, rt, summary, log)
+    return StageResult(stage, state.step, resume or "", final, summary, state.wall_s, losses)
+
+
+def _split_components(task: StageTask, full: dict[str, torch.Tensor]) -> dict[str, dict]:
+    if len(task.components) == 1:
+        return {task.components[0]: full}
+    out: dict[str, dict] = {}
+    for key, value in full.items():
+        comp, rest = key.split(".", 1)
+        out.setdefault(comp, {})[rest] = value
+    return out
+
+
+def _save(cfg, stage, task, pipeline, optimizer, ema, state, rt: Runtime, log) -> None:
+    model_state, opt_tensors, groups, ema_state = ckpt.gather_training_state(
+        task.module, optimizer, ema
+    )
+    state.param_groups = [
+        {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in groups
+    ]
+    here = stage_uri(cfg, stage)
+    target = None
+    if rt.is_main:
+        if rt.under_ray:
+            target = tempfile.mkdtemp(prefix="duet-ckpt-")
+        else:
+            target = ckpt.checkpoint_dir(here, state.step)
+        trained = _split_components(task, model_state)
+        ckpt.write_checkpoint(target, pipeline, trained, opt_tensors, ema_state, state)
+        log.flush()
+    rt.publish({"step": state.step, "stage": stage, **log.last()}, target)
+    if rt.is_main and not rt.under_ray:
+        ckpt.prune_checkpoints(here, cfg.keep_checkpoints)
+    rt.barrier()
+
+
+def _write_final(cfg, stage, task, pipeline, ema, state, rt: Runtime, summary, log) -> str:
+    """The stage's output: the pipeline with EMA weights, and where it came from."""
+    model_state = ckpt.full_model_state(task.module)
+    if ema is not None:
+        ema_full = {name: ckpt._full(t) for name, t in ema.items()}
+        model_state = {k: ema_full.get(k, v) for k, v in model_state.items()}
+    uri = final_uri(cfg, stage)
+    if rt.is_main:
+        extra = {
+            "stage": stage,
+            "steps": state.step,
+            "parent": state.parent,
+            "data_version": state.data_version,
+            "train_config": asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else {},
+            "wall_s": round(state.wall_s, 1),
+            "world_size": rt.world_size,
+            "device": str(rt.device),
+            "metrics": summary,
+        }
+        trained = _split_components(task, model_state)
+        save_state(
+            uri, ckpt.pipeline_tensors(pipeline, trained), ckpt.pipeline_meta(pipeline, extra)
+        )
+        log.write_report(summary)
+    rt.barrier()
+    return uri

@@ -1,0 +1,120 @@
+"""Run a stage under Ray Train: ``TorchTrainer`` around :func:`pipelines.train.loop.run_stage`.
+
+Ray Train starts ``num_workers`` processes with a torch process group (gloo on CPU,
+NCCL on GPU), restarts the group after a worker dies (``FailureConfig``), keeps the
+newest K checkpoints (``CheckpointConfig``) under ``RUN/<stage>/`` through our own
+fsspec filesystem (local or S3), and hands the newest one back to the restarted
+workers through ``ray.train.get_checkpoint()``. A driver that was killed and run
+again finds the same checkpoints in storage and resumes from the newest.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from core import storage
+from core.config import config_to_dict
+from pipelines.train.config import TrainConfig, train_config_from
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    from pipelines.train.loop import run_stage
+    from pipelines.train.runtime import ray_runtime
+
+    cfg = train_config_from(config["train_config"])
+    run_stage(cfg, config["stage"], ray_runtime())
+
+
+def forwarded_env() -> dict[str, str]:
+    """Storage credentials and endpoints the workers need (Ray does not pass the driver's env)."""
+    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+            "AWS_SESSION_TOKEN", "DUET_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # fmt: skip
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env
+
+
+def ensure_ray(ray_address: str | None, num_cpus: int | None = None) -> bool:
+    """Join ``ray_address`` or start a local Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    options: dict[str, Any] = {"log_to_driver": True, "runtime_env": {"env_vars": forwarded_env()}}
+    if ray_address:
+        ray.init(address=ray_address, **options)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
+    return True
+
+
+def _storage(run_uri: str) -> tuple[str, Any]:
+    """Ray Train's (storage_path, storage_filesystem) for a run URI, through fsspec."""
+    import pyarrow.fs
+
+    if storage.scheme_of(run_uri) in ("", "file"):
+        return os.path.abspath(storage.strip_scheme(run_uri)), None
+    fs = storage.filesystem(run_uri)
+    return storage.strip_scheme(run_uri), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def run_stage_on_ray(
+    cfg: TrainConfig,
+    stage: str,
+    num_workers: int,
+    use_gpu: bool = False,
+    ray_address: str | None = None,
+    progress: Callable[[str, int, int, dict], None] | None = None,
+) -> Any:
+    """Train one stage with ``num_workers`` Ray Train workers; returns Ray's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ensure_ray(ray_address)
+    storage_path, filesystem = _storage(cfg.run_uri)
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"train_config": config_to_dict(cfg), "stage": stage},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=stage,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    stop = threading.Event()
+    watcher = None
+    if progress is not None:
+        watcher = threading.Thread(target=_watch, args=(cfg, stage, progress, stop), daemon=True)
+        watcher.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=5)
+
+
+def _watch(cfg: TrainConfig, stage: str, progress, stop: threading.Event) -> None:
+    """Feed the driver's progress bar from the metrics the workers flush to storage."""
+    import json
+
+    from pipelines.train.logs import METRICS_NAME
+
+    uri = storage.join(cfg.run_uri, stage, METRICS_NAME)
+    total = cfg.stage(stage).steps
+    while not stop.wait(2.0):
+        try:
+            lines = storage.read_text(uri).splitlines()
+        except (OSError, storage.StorageError):
+            continue
+        if lines:
+            row = json.loads(lines[-1])
+            progress(stage, int(row["step"]), total, row)
