@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -49,6 +51,10 @@ INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 COMPONENTS = ("video_vae", "audio_vae", "dit", "vocoder")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# Where `duet generate` looks when no checkpoint is named: $DUET_CHECKPOINT, else this
+# directory of the source tree (the shipped default, once there is one).
+DEFAULT_CHECKPOINT_ENV = "DUET_CHECKPOINT"
+DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
 # Config fields that existed in older checkpoints and are dropped on load.
 RETIRED_CONFIG_FIELDS = {"dit": ("gradient_checkpointing",)}
 
@@ -68,6 +74,19 @@ class TensorSpec:
     dtype: str  # safetensors dtype name, e.g. "F32"
     shape: tuple[int, ...]
     file: str  # weight file name inside the checkpoint directory
+
+
+def default_checkpoint() -> str | None:
+    """The checkpoint to use when none is named: ``$DUET_CHECKPOINT`` if set (any URI),
+    else ``checkpoints/default/`` of the source tree if it holds a checkpoint; None if
+    neither exists. The caller decides what no checkpoint means (``duet generate``
+    refuses)."""
+    env = os.environ.get(DEFAULT_CHECKPOINT_ENV, "").strip()
+    if env:
+        return env
+    if (DEFAULT_CHECKPOINT_DIR / CONFIG_NAME).is_file():
+        return str(DEFAULT_CHECKPOINT_DIR)
+    return None
 
 
 # -- writing -----------------------------------------------------------------------

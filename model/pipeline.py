@@ -45,15 +45,21 @@ class DuetPipeline(nn.Module):
         return cls(get_config(name), text_encoder)
 
     @classmethod
-    def from_checkpoint(cls, uri: str, text_encoder: FrozenTextEncoder | None = None):
+    def from_checkpoint(
+        cls,
+        uri: str,
+        text_encoder: FrozenTextEncoder | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         from model.checkpoint import load_pipeline
 
-        return load_pipeline(uri, text_encoder)
+        return load_pipeline(uri, text_encoder, dtype=dtype, device=device)
 
-    def save(self, uri: str, extra: dict | None = None) -> None:
-        from model.checkpoint import save_pipeline
+    def save(self, uri: str, extra: dict | None = None, max_shard_bytes: int | None = None) -> None:
+        from model.checkpoint import DEFAULT_SHARD_BYTES, save_pipeline
 
-        save_pipeline(uri, self, extra)
+        save_pipeline(uri, self, extra, max_shard_bytes or DEFAULT_SHARD_BYTES)
 
     # -- text --------------------------------------------------------------------
     @property
