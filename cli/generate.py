@@ -35,9 +35,15 @@ def generate(
     checkpoint: str = typer.Option(
         None,
         "--checkpoint",
-        help="Checkpoint directory URI; random weights of --preset if omitted.",
+        help="Checkpoint directory URI; default: $DUET_CHECKPOINT, else the shipped "
+        "checkpoints/default/.",
     ),
-    preset: str = typer.Option("tiny", "--preset", help="Preset used when no checkpoint is given."),
+    random_weights: bool = typer.Option(
+        False,
+        "--random-weights",
+        help="Untrained weights of --preset instead of a checkpoint (noise: smoke tests).",
+    ),
+    preset: str = typer.Option("tiny", "--preset", help="Preset for --random-weights."),
     seed: int = typer.Option(0, "--seed"),
     steps: int = typer.Option(20, "--steps"),
     sampler: str = typer.Option("heun", "--sampler", help="euler | heun"),
@@ -69,11 +75,11 @@ def generate(
     """Generate a clip with synchronized audio and write it as an MP4 (plus a JSON sidecar)."""
     from core import storage
     from core.media import MediaError, read_audio, read_clip, read_video, write_mp4
+    from model.checkpoint import CheckpointError
     from model.generate import EditSpec, GenerationRequest, ReferenceSet, resolve_pipeline
     from model.generate import generate as run_generate
 
-    if not checkpoint:
-        typer.echo(f"note: no --checkpoint, using untrained {preset} weights", err=True)
+    checkpoint = _choose_checkpoint(checkpoint, random_weights, preset)
     try:
         pipeline = resolve_pipeline(None, checkpoint, preset)
         cfg = pipeline.config
@@ -106,7 +112,13 @@ def generate(
             edit=edit,
         )
         result = run_generate(request, pipeline=pipeline)
-    except (ValueError, MediaError, storage.StorageError, FileNotFoundError) as err:
+    except (
+        ValueError,
+        MediaError,
+        CheckpointError,
+        storage.StorageError,
+        FileNotFoundError,
+    ) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
 
@@ -116,8 +128,33 @@ def generate(
     )
     metadata = {**result.metadata, "checkpoint": checkpoint, "video": out}
     storage.write_json(sidecar, metadata)
+    clip = result.clip
     typer.echo(
-        f"wrote {out}: {result.clip.num_frames} frames @ {result.clip.fps:g} fps, "
-        f"{result.clip.audio.shape[0]} ch audio @ {result.clip.sample_rate} Hz, "
-        f"{result.metadata['elapsed_s']} s"
+        f"wrote {out}: {clip.num_frames / clip.fps:.2f} s ({clip.num_frames} frames @ "
+        f"{clip.fps:g} fps), {clip.audio.shape[0]} ch audio @ {clip.sample_rate} Hz; "
+        f"generated in {result.metadata['elapsed_s']:.1f} s"
     )
+
+
+def _choose_checkpoint(checkpoint: str | None, random_weights: bool, preset: str) -> str | None:
+    """The checkpoint URI to load, or None for --random-weights; refuse (exit 2) when
+    there is neither a checkpoint nor --random-weights, rather than write noise."""
+    from model.checkpoint import DEFAULT_CHECKPOINT_DIR, DEFAULT_CHECKPOINT_ENV, default_checkpoint
+
+    if checkpoint and random_weights:
+        typer.echo("error: --checkpoint and --random-weights exclude each other", err=True)
+        raise typer.Exit(code=2)
+    if random_weights:
+        typer.echo(f"note: untrained {preset} weights: the clip will be noise", err=True)
+        return None
+    found = checkpoint or default_checkpoint()
+    if not found:
+        typer.echo(
+            "error: no checkpoint to generate from. Pass --checkpoint URI, set "
+            f"{DEFAULT_CHECKPOINT_ENV}, or put a trained checkpoint in "
+            f"{DEFAULT_CHECKPOINT_DIR}. "
+            "--random-weights generates noise from untrained weights.",
+            err=True,
+        )
+        raise typer.Exit(code=2)
+    return found

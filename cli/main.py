@@ -15,6 +15,9 @@ app = typer.Typer(
     help="Duet: curate footage, train and serve a joint audio-video diffusion model.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    # Click's plain help: option names are never cut, text wraps under them at 80
+    # columns (rich's boxed panels cut names such as --caption-backend there).
+    rich_markup_mode=None,
 )
 
 app.command("synth")(synth.synth)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="Inspect model presets.", no_args_is_help=True)
+app = typer.Typer(help="Inspect model presets.", no_args_is_help=True, rich_markup_mode=None)
 
 
 def _fmt(n: int) -> str:

@@ -14,7 +14,8 @@ def probe(
         False, "--frames/--no-frames", help="Include per-frame detections in the printed JSON."
     ),
 ) -> None:
-    """Print the probe JSON of a video; with a sidecar beside it, also its errors."""
+    """Print the probe JSON of a video on stdout; with a ground-truth sidecar beside
+    it, a table of its errors goes to stderr (stdout stays parseable JSON)."""
     import json
 
     from rich.console import Console
@@ -24,7 +25,7 @@ def probe(
     from core.media import MediaError
     from core.probes import compare_to_truth, probe_video
 
-    console = Console()
+    console = Console(stderr=True)
     try:
         result = probe_video(video_uri, include_frames=True)
     except MediaError as err:
