@@ -10,8 +10,10 @@ reason, so callers (the curation flow's quarantine) need one ``except``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -86,6 +88,18 @@ class MediaInfo:
     audio_codec: str
     variable_frame_rate: bool
     size_bytes: int
+    # Display geometry: the coded picture is turned ``rotation`` degrees counter-
+    # clockwise (a phone's display matrix) and its pixels are ``sample_aspect_ratio``
+    # wide (PAL DVD 704x576 at 16:11 displays as 1024x576).
+    rotation: int = 0
+    sample_aspect_ratio: float = 1.0
+    display_width: int = 0
+    display_height: int = 0
+    # The first video frame's time on the container clock: the origin of every time
+    # Duet reports for this source (audio that starts later is padded with silence).
+    start_s: float = 0.0
+    audio_streams: int = 0
+    audio_stream: int = -1  # which audio stream (index among audio streams) is used
 
 
 # ---------------------------------------------------------------- opening
@@ -127,18 +141,22 @@ def probe_media(uri: str, check_frame_rate: bool = True) -> MediaInfo:
     """Container-level facts about ``uri``.
 
     With ``check_frame_rate`` the first packets' timestamps are read to tell a
-    constant from a variable frame rate (containers do not say which).
+    constant from a variable frame rate (containers do not say which), and the
+    first frame is decoded for its display rotation and start time.
     """
-    with storage.local_copy(uri) as path:
+    with local_path(uri) as path:
         size_bytes = os.path.getsize(path)
         with _open_input(uri, path) as container:
             video = container.streams.video[0] if container.streams.video else None
-            audio = container.streams.audio[0] if container.streams.audio else None
+            audio = choose_audio_stream(container)
             if video is None and audio is None:
                 raise MediaError(uri, "no audio or video stream")
             width = height = frame_count = 0
             fps = 0.0
             vfr = False
+            rotation = 0
+            sar = 1.0
+            start_s = 0.0
             duration = _stream_duration(container, video or audio)
             if video is not None:
                 width, height = video.codec_context.width, video.codec_context.height
@@ -147,11 +165,18 @@ def probe_media(uri: str, check_frame_rate: bool = True) -> MediaInfo:
                 except MediaError as err:
                     raise MediaError(uri, err.reason) from None
                 frame_count = int(video.frames) or int(round(duration * fps))
+                sar = float(video.sample_aspect_ratio or 1) or 1.0
+                if video.start_time is not None:
+                    start_s = float(video.start_time * video.time_base)
                 if check_frame_rate:
                     try:
                         vfr = _is_variable_frame_rate(container, video)
+                        rotation, first_s = _first_frame_facts(container, video)
                     except MediaError as err:
                         raise MediaError(uri, err.reason) from None
+                    if first_s is not None:
+                        start_s = first_s
+            dw, dh = display_size(width, height, sar, rotation) if video else (0, 0)
             return MediaInfo(
                 uri=uri,
                 container=container.format.name,
@@ -168,7 +193,51 @@ def probe_media(uri: str, check_frame_rate: bool = True) -> MediaInfo:
                 audio_codec=audio.codec_context.name if audio else "",
                 variable_frame_rate=vfr,
                 size_bytes=size_bytes,
+                rotation=rotation,
+                sample_aspect_ratio=sar,
+                display_width=dw,
+                display_height=dh,
+                start_s=start_s,
+                audio_streams=len(container.streams.audio),
+                audio_stream=list(container.streams.audio).index(audio) if audio else -1,
             )
+
+
+def choose_audio_stream(
+    container: av.container.InputContainer,
+) -> av.audio.stream.AudioStream | None:
+    """The audio stream a player would pick: the one marked default, else the first
+    that carries samples (a file may hold a commentary track or an empty stream too)."""
+    usable = [a for a in container.streams.audio if a.codec_context.sample_rate]
+    for stream in usable:
+        if stream.disposition & av.stream.Disposition.default:
+            return stream
+    return usable[0] if usable else None
+
+
+def _first_frame_facts(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> tuple[int, float | None]:
+    """(rotation in degrees counter-clockwise, time of the first frame) from a decode
+    of the first frame; the display matrix reaches PyAV on decoded frames."""
+    container.seek(0, stream=stream, backward=True, any_frame=False)
+    try:
+        for frame in container.decode(stream):
+            return int(round(frame.rotation / 90.0)) * 90 % 360, (
+                float(frame.time) if frame.time is not None else None
+            )
+    except av.error.FFmpegError as err:
+        raise MediaError("", f"cannot decode the first frame ({err})") from err
+    return 0, None
+
+
+def display_size(width: int, height: int, sar: float, rotation: int) -> tuple[int, int]:
+    """Square-pixel, upright size of a coded ``width x height`` picture (even numbers,
+    as yuv420p encoders need)."""
+    w = width * sar if sar > 0 else width
+    w = max(2, int(round(w / 2)) * 2)
+    h = max(2, int(round(height / 2)) * 2)
+    return (h, w) if rotation in (90, 270) else (w, h)
 
 
 def _is_variable_frame_rate(
@@ -286,10 +355,11 @@ def read_audio(
     with storage.local_copy(uri) as path, _open_input(uri, path) as container:
         if not container.streams.audio:
             raise MediaError(uri, "no audio stream")
-        stream = container.streams.audio[0]
+        stream = choose_audio_stream(container) or container.streams.audio[0]
         src_rate = int(stream.codec_context.sample_rate)
         src_channels = int(stream.codec_context.channels) or 1
-        out_channels = channels or src_channels
+        # 5.1 and other layouts are downmixed to stereo unless asked otherwise.
+        out_channels = channels or min(src_channels, 2)
         layout = {1: "mono", 2: "stereo"}.get(out_channels)
         if layout is None:
             raise MediaError(uri, f"unsupported channel count {out_channels}")
@@ -408,8 +478,8 @@ def write_mp4(
         raise MediaError(uri, f"frames must be uint8, got {clip.frames.dtype}")
     channels = clip.audio.shape[0]
     layout = {1: "mono", 2: "stereo"}.get(channels)
-    if layout is None:
-        raise MediaError(uri, f"audio must have 1 or 2 channels, got {channels}")
+    if layout is None and channels != 0:
+        raise MediaError(uri, f"audio must have 0 (video only), 1 or 2 channels, got {channels}")
     rate = Fraction(clip.fps).limit_denominator(1001)
     with storage.local_output(uri) as path:
         with av.open(path, mode="w", format="mp4") as container:
@@ -418,16 +488,20 @@ def write_mp4(
             video.pix_fmt = "yuv420p"
             video.options = {"crf": str(crf), "preset": preset}
             video.codec_context.time_base = 1 / rate
-            audio = container.add_stream("aac", rate=int(clip.sample_rate), layout=layout)
-            audio.bit_rate = audio_bitrate
-            if aac_coder is not None:
-                audio.options = {"aac_coder": aac_coder}
+            audio = None
+            if layout is not None:
+                audio = container.add_stream("aac", rate=int(clip.sample_rate), layout=layout)
+                audio.bit_rate = audio_bitrate
+                if aac_coder is not None:
+                    audio.options = {"aac_coder": aac_coder}
             for i in range(t):
                 frame = av.VideoFrame.from_ndarray(clip.frames[i], format="rgb24")
                 frame.pts = i
                 frame.time_base = video.codec_context.time_base
                 container.mux(video.encode(frame))
             container.mux(video.encode(None))
+            if audio is None:
+                return
             _encode_audio(
                 container, audio, np.clip(clip.audio, -1.0, 1.0), clip.sample_rate, layout
             )
@@ -444,3 +518,425 @@ def _encode_audio(container, stream, audio: np.ndarray, rate: int, layout: str) 
         frame.time_base = Fraction(1, rate)
         container.mux(stream.encode(frame))
     container.mux(stream.encode(None))
+
+
+# ---------------------------------------------------------------- streaming, any format
+
+
+@contextlib.contextmanager
+def local_path(uri: str) -> Iterator[str]:
+    """A local file holding ``uri``: the file itself when local, else a download
+    streamed to a temporary file (never the whole object in memory: sources run to
+    hours and gigabytes)."""
+    if storage.scheme_of(uri) == "file":
+        path = storage.strip_scheme(uri)
+        if not os.path.exists(path):
+            raise MediaError(uri, "no such file")
+        yield path
+        return
+    suffix = os.path.splitext(uri)[1]
+    fd, tmp = tempfile.mkstemp(suffix=suffix)
+    os.close(fd)
+    try:
+        try:
+            storage.filesystem(uri).get_file(storage.strip_scheme(uri), tmp)
+        except (OSError, ValueError) as err:
+            raise MediaError(uri, f"cannot read ({err})") from err
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+@dataclass
+class DisplayFrame:
+    index: int  # on the constant-rate grid: frame ``index`` shows at ``index / fps``
+    time_s: float  # index / fps, relative to the source's first frame
+    image: np.ndarray  # (H, W, C) uint8, upright, square pixels, in the asked format
+    key_frame: bool  # a keyframe of the source sits on this grid point (stream-copy cut)
+
+
+def iter_display_frames(
+    path: str,
+    fps: float,
+    origin_s: float = 0.0,
+    size: tuple[int, int] | None = None,
+    start_s: float = 0.0,
+    end_s: float | None = None,
+    pixel_format: str = "rgb24",
+    rotation: int | None = None,
+    sample_aspect_ratio: float = 1.0,
+) -> Iterator[DisplayFrame]:
+    """Frames as a viewer sees them, on a constant ``fps`` grid, one at a time.
+
+    - Rotation (display matrix) is applied and non-square pixels are resampled,
+      so frames are upright with square pixels (``size`` is the upright size; by
+      default the display size).
+    - Grid point ``k`` (time ``k / fps`` after ``origin_s``) shows the decoded frame
+      nearest to it: a variable-rate source becomes constant-rate, a timestamp gap
+      repeats the frame before it and keeps later frames on time, as FFmpeg's fps
+      filter does.
+    - Only frames with ``start_s <= k / fps < end_s`` are yielded (seeking first).
+
+    Memory is one decoded frame plus the decoder's own, whatever the duration.
+    """
+    eps = 0.5 / fps
+    first_k = int(math.ceil(start_s * fps - 1e-6)) if start_s > 0 else 0
+    stop_k = int(math.ceil(end_s * fps - 1e-6)) if end_s is not None else None
+    with _open_input(path, path) as container:
+        if not container.streams.video:
+            raise MediaError(path, "no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        cw, ch = stream.codec_context.width, stream.codec_context.height
+        if cw * ch > MAX_PIXELS:
+            raise MediaError(path, f"resolution {cw}x{ch} exceeds the {MAX_PIXELS}-pixel limit")
+        if start_s > 0:
+            target = origin_s + start_s - 1.0 / fps
+            container.seek(max(0, int(target / stream.time_base)), stream=stream, backward=True)
+        k = first_k
+        prev: av.VideoFrame | None = None
+        prev_t = 0.0
+        prev_key = False
+        converted: np.ndarray | None = None
+        key_emitted = False
+
+        def convert(frame: av.VideoFrame) -> np.ndarray:
+            rot = frame.rotation if rotation is None else rotation
+            rot = int(round(rot / 90.0)) * 90 % 360
+            if size is not None:
+                out_w, out_h = size
+            else:
+                out_w, out_h = display_size(frame.width, frame.height, sample_aspect_ratio, rot)
+            # Scale in the coded orientation, then turn: swscale works on the coded frame.
+            cw_, ch_ = (out_h, out_w) if rot in (90, 270) else (out_w, out_h)
+            image = frame.to_ndarray(
+                width=cw_, height=ch_, format=pixel_format, interpolation="AREA"
+            )
+            if rot:
+                image = np.ascontiguousarray(np.rot90(image, k=rot // 90))
+            return image
+
+        def emit_until(limit_t: float) -> Iterator[DisplayFrame]:
+            nonlocal k, converted, key_emitted
+            while k / fps < limit_t and (stop_k is None or k < stop_k):
+                if converted is None:
+                    converted = convert(prev)
+                # A keyframe counts for the first grid point that shows it, and only
+                # when that point is the frame's own time (else the cut would be off).
+                key = prev_key and not key_emitted and abs(k / fps - prev_t) <= eps
+                key_emitted = key_emitted or key
+                yield DisplayFrame(k, k / fps, converted, key)
+                k += 1
+
+        try:
+            for frame in container.decode(stream):
+                t = (float(frame.time) - origin_s) if frame.time is not None else k / fps
+                if prev is not None:
+                    yield from emit_until((prev_t + t) / 2)
+                    if stop_k is not None and k >= stop_k:
+                        return
+                prev, prev_t, prev_key = frame, t, bool(frame.key_frame)
+                converted, key_emitted = None, False
+            if prev is not None:
+                yield from emit_until(prev_t + eps)
+        except av.error.FFmpegError as err:
+            raise MediaError(path, f"video decode failed ({err})") from err
+
+
+class AudioReader:
+    """Sequential reads of one audio stream on the video's clock, with bounded memory.
+
+    ``read(start_s, end_s)`` returns ``(C, N)`` float32 for that span (times
+    relative to ``origin_s``, the first video frame), silence where the stream has
+    none (a late start, a gap, past its end). Requests must move forward; decoded
+    audio before ``release(before_s)`` is dropped, so memory stays at the span
+    between the oldest unreleased time and the newest read.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        origin_s: float = 0.0,
+        stream_index: int | None = None,
+        sample_rate: int | None = None,
+        channels: int | None = None,
+    ):
+        self._container = _open_input(path, path)
+        audio = self._container.streams.audio
+        if not audio:
+            self._container.close()
+            raise MediaError(path, "no audio stream")
+        stream = audio[stream_index] if stream_index is not None and stream_index >= 0 else None
+        stream = stream or choose_audio_stream(self._container) or audio[0]
+        src_channels = int(stream.codec_context.channels) or 1
+        # More than two channels (5.1, 7.1) are downmixed: clips carry mono or stereo.
+        self.channels = channels or min(src_channels, 2)
+        layout = {1: "mono", 2: "stereo"}.get(self.channels)
+        if layout is None:
+            self._container.close()
+            raise MediaError(path, f"unsupported channel count {self.channels}")
+        self.sample_rate = int(sample_rate or stream.codec_context.sample_rate)
+        self.origin_s = origin_s
+        self._resampler = av.AudioResampler(format="fltp", layout=layout, rate=self.sample_rate)
+        self._frames = self._container.decode(stream)
+        self._chunks: list[tuple[int, np.ndarray]] = []  # (first sample, (C, n)), in order
+        self._cursor: int | None = None
+        self._end = 0  # sample position up to which decoding has reached
+        self._done = False
+        self._path = path
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> AudioReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _pull(self) -> None:
+        try:
+            frame = next(self._frames)
+        except StopIteration:
+            outs = self._resampler.resample(None)
+            self._done = True
+            fallback = None
+        except av.error.FFmpegError as err:
+            raise MediaError(self._path, f"audio decode failed ({err})") from err
+        else:
+            outs = self._resampler.resample(frame)
+            fallback = frame.time
+        rate = self.sample_rate
+        for out in outs:
+            t = out.time if out.time is not None else fallback
+            data = out.to_ndarray()
+            if t is None:
+                pos = self._cursor or 0
+            else:
+                pos = int(round((float(t) - self.origin_s) * rate))
+            # Resampler timestamps drift by a sample; lay chunks end to end unless
+            # the gap is real (> 1 ms), so a true gap stays silent.
+            if self._cursor is not None and abs(pos - self._cursor) <= max(1, rate // 1000):
+                pos = self._cursor
+            self._cursor = pos + data.shape[1]
+            self._end = max(self._end, self._cursor)
+            if self._cursor > 0:
+                self._chunks.append((pos, data))
+
+    def read(self, start_s: float, end_s: float) -> np.ndarray:
+        rate = self.sample_rate
+        a = int(round(start_s * rate))
+        b = int(round(end_s * rate))
+        while not self._done and self._end < b:
+            self._pull()
+        out = np.zeros((self.channels, max(b - a, 0)), np.float32)
+        for pos, data in self._chunks:
+            lo, hi = max(pos, a), min(pos + data.shape[1], b)
+            if hi > lo:
+                out[:, lo - a : hi - a] = data[:, lo - pos : hi - pos]
+        return out
+
+    def release(self, before_s: float) -> None:
+        cut = int(round(before_s * self.sample_rate))
+        self._chunks = [(p, d) for p, d in self._chunks if p + d.shape[1] > cut]
+
+
+class Mp4Writer:
+    """Streaming H.264 (+ optional AAC) encoder: frames and audio go in as they come,
+    so a clip of any length costs one frame of memory (plus the encoder's)."""
+
+    def __init__(
+        self,
+        uri: str,
+        width: int,
+        height: int,
+        fps: float,
+        sample_rate: int = 0,
+        channels: int = 0,
+        crf: int = 18,
+        preset: str = "veryfast",
+        audio_bitrate: int = 192_000,
+        aac_coder: str | None = None,
+    ):
+        if height % 2 or width % 2:
+            raise MediaError(
+                uri, f"H.264 yuv420p needs even width and height, got {width}x{height}"
+            )
+        self.uri = uri
+        self._output = storage.local_output(uri)
+        path = self._output.__enter__()
+        self._container = av.open(path, mode="w", format="mp4")
+        rate = Fraction(fps).limit_denominator(1001)
+        self._video = self._container.add_stream("libx264", rate=rate)
+        self._video.width, self._video.height = width, height
+        self._video.pix_fmt = "yuv420p"
+        self._video.options = {"crf": str(crf), "preset": preset}
+        self._video.codec_context.time_base = 1 / rate
+        self._audio = None
+        self._layout = {1: "mono", 2: "stereo"}.get(channels)
+        if channels:
+            if self._layout is None:
+                raise MediaError(uri, f"audio must have 1 or 2 channels, got {channels}")
+            self._audio = self._container.add_stream(
+                "aac", rate=int(sample_rate), layout=self._layout
+            )
+            self._audio.bit_rate = audio_bitrate
+            if aac_coder is not None:
+                self._audio.options = {"aac_coder": aac_coder}
+        self.sample_rate = sample_rate
+        self.frames = 0
+        self._samples = 0
+        self._pending = np.zeros((max(channels, 1), 0), np.float32)
+
+    def add_frame(self, rgb: np.ndarray) -> None:
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame.pts = self.frames
+        frame.time_base = self._video.codec_context.time_base
+        self._container.mux(self._video.encode(frame))
+        self.frames += 1
+
+    def add_audio(self, audio: np.ndarray, final: bool = False) -> None:
+        """``(C, N)`` float32; sent in 1024-sample frames (AAC's own frame size)."""
+        if self._audio is None:
+            return
+        data = np.concatenate([self._pending, np.clip(audio, -1.0, 1.0).astype(np.float32)], 1)
+        chunk = 1024
+        full = data.shape[1] if final else data.shape[1] // chunk * chunk
+        for start in range(0, full, chunk):
+            part = np.ascontiguousarray(data[:, start : min(start + chunk, full)])
+            frame = av.AudioFrame.from_ndarray(part, format="fltp", layout=self._layout)
+            frame.sample_rate = self.sample_rate
+            frame.pts = self._samples
+            frame.time_base = Fraction(1, self.sample_rate)
+            self._samples += part.shape[1]
+            self._container.mux(self._audio.encode(frame))
+        self._pending = data[:, full:]
+
+    def close(self) -> None:
+        """Flush and move the file to ``uri`` (atomically)."""
+        if self.frames == 0:
+            self.abort()
+            raise MediaError(self.uri, "cannot encode a clip with no frames")
+        self._container.mux(self._video.encode(None))
+        if self._audio is not None:
+            self.add_audio(np.zeros((self._pending.shape[0], 0), np.float32), final=True)
+            self._container.mux(self._audio.encode(None))
+        self._container.close()
+        self._output.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._container.close()
+        with contextlib.suppress(Exception):
+            self._output.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+# Codecs an MP4 clip can carry as they are (stream copy); others are re-encoded.
+COPYABLE_VIDEO_CODECS = ("h264", "hevc")
+COPYABLE_AUDIO_CODECS = ("aac", "mp3")
+AUDIO_PREROLL_S = 0.05
+
+
+@dataclass
+class CopiedSpan:
+    start_s: float  # relative to the source's first frame
+    end_s: float
+    frames: int
+
+
+def copy_span(
+    path: str,
+    uri: str,
+    start_s: float,
+    end_s: float,
+    fps: float,
+    origin_s: float = 0.0,
+    audio_stream: int | None = None,
+) -> CopiedSpan:
+    """Cut ``[start_s, end_s)`` into an MP4 at ``uri`` without re-encoding.
+
+    ``start_s`` must be a keyframe's time. The end is pulled back to the last frame
+    whose picture does not depend on a frame past the cut (B-frames reference the
+    next anchor), so every copied frame decodes; the span really written is
+    returned. Audio packets starting inside the span are copied along, their times
+    kept relative to the video, so the clip stays in sync.
+    """
+    eps = 0.5 / fps
+    with _open_input(path, path) as src:
+        video = src.streams.video[0]
+        audio = None
+        if audio_stream is not None and audio_stream >= 0 and src.streams.audio:
+            audio = src.streams.audio[audio_stream]
+        tb = video.time_base
+        t0 = origin_s + start_s
+        t1 = origin_s + end_s
+        src.seek(max(0, int((t0 - eps) / tb)), stream=video, backward=True)
+        packets: list[av.Packet] = []  # video, decode order, from the start keyframe
+        audio_packets: list[av.Packet] = []
+        started = False
+        streams = [video] + ([audio] if audio is not None else [])
+        for packet in src.demux(*streams):
+            if packet.pts is None:
+                continue
+            t = float(packet.pts * packet.time_base)
+            if packet.stream is video:
+                if not started:
+                    if packet.is_keyframe and abs(t - t0) <= eps:
+                        started = True
+                    elif t > t0 + eps and packet.is_keyframe:
+                        raise MediaError(uri, f"no keyframe at {start_s:.3f} s to copy from")
+                    else:
+                        continue
+                if packet.dts is not None and float(packet.dts * tb) >= t1 + 2.0:
+                    break
+                packets.append(packet)
+            elif t0 - AUDIO_PREROLL_S <= t < t1:
+                # Packets from just before the cut too: AAC decodes a frame with the
+                # previous one's overlap, and the muxer's edit list hides the extra.
+                audio_packets.append(packet)
+            if audio is None and packets and float(packets[-1].pts * tb) >= t1 + 2.0:
+                break
+        if not packets:
+            raise MediaError(uri, f"no keyframe at {start_s:.3f} s to copy from")
+        # The longest decode-order prefix whose pictures are exactly the frames before
+        # some time: every picture in it is decodable and none is past the cut.
+        times = [float(p.pts * tb) for p in packets]
+        later_min = [math.inf] * (len(times) + 1)  # min presentation time after i
+        for i in range(len(times) - 1, -1, -1):
+            later_min[i] = min(times[i], later_min[i + 1])
+        keep = 0
+        seen_max = -math.inf
+        for i, t in enumerate(times):
+            if t >= t1 - eps:
+                # Past the cut: pictures after it in decode order may reference it.
+                break
+            seen_max = max(seen_max, t)
+            if later_min[i + 1] > seen_max:
+                keep = i + 1
+        kept = packets[:keep]
+        if not kept:
+            raise MediaError(uri, "nothing to copy between the cut points")
+        last_t = max(float(p.pts * tb) for p in kept)
+        real_end = last_t + 1.0 / fps
+        with storage.local_output(uri) as out_path:
+            with av.open(out_path, mode="w", format="mp4") as out:
+                ov = out.add_stream_from_template(video)
+                oa = out.add_stream_from_template(audio) if audio is not None else None
+                base_v = packets[0].pts
+                for packet in kept:
+                    packet.pts -= base_v
+                    packet.dts = (packet.dts - base_v) if packet.dts is not None else None
+                    packet.stream = ov
+                    out.mux(packet)
+                if oa is not None:
+                    atb = audio.time_base
+                    base_a = int(round(t0 / atb))
+                    for packet in audio_packets:
+                        if float(packet.pts * atb) >= last_t + 1.0 / fps:
+                            break
+                        packet.pts -= base_a
+                        packet.dts = (packet.dts - base_a) if packet.dts is not None else None
+                        packet.stream = oa
+                        out.mux(packet)
+    return CopiedSpan(start_s, real_end - origin_s, len(kept))

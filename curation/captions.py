@@ -11,15 +11,26 @@ model directory's name; empty for the sidecar).
 - ``openai``: any OpenAI-compatible chat/completions endpoint that accepts image
   parts (vLLM serving Qwen2.5-VL, ...), sent the clip's keyframes.
 - ``transformers``: a local vision-language model loaded from a directory.
+- ``auto`` (the default): the sidecar when the source has one, else the model
+  backend the config names (``model`` set: openai; ``model_path`` set:
+  transformers), else none: the clip is kept with an empty caption and
+  ``caption_verdict = "caption_missing"``.
+
+A model backend that fails is retried (``retries``, with backoff); a clip whose
+caption still fails gets ``caption_verdict = "caption_failed"`` and the error,
+never a failed source. After ``max_consecutive_failures`` in a row the backend is
+taken as down for the rest of the source (no more minute-long timeouts per clip).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import posixpath
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -27,13 +38,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from core import storage
+from core import media, storage
 from curation.records import ClipRecord
+from curation.stage import Resources, SourceContext, Stage
 
 DEFAULT_PROMPT = (
     "Describe this video clip in one short sentence: the objects, their colors and what they do."
 )
-BACKENDS = ("sidecar", "openai", "transformers")
+BACKENDS = ("auto", "sidecar", "openai", "transformers")
 
 
 class CaptionError(RuntimeError):
@@ -49,7 +61,7 @@ class CaptionBackend(Protocol):
 
 @dataclass(frozen=True)
 class CaptionConfig:
-    backend: str = "sidecar"
+    backend: str = "auto"
     # openai
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = ""
@@ -61,6 +73,10 @@ class CaptionConfig:
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 48
     num_keyframes: int = 1
+    keyframe_width: int = 448  # keyframes for a model are decoded at this width
+    retries: int = 2  # extra attempts per clip when a model backend fails
+    retry_backoff_s: float = 1.0
+    max_consecutive_failures: int = 3
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -248,28 +264,165 @@ def make_backend(config: CaptionConfig) -> CaptionBackend:
     return TransformersCaptioner(config)
 
 
+def model_backend_of(config: CaptionConfig) -> str:
+    """The model backend ``auto`` falls back to: "openai", "transformers" or ""."""
+    if config.backend in ("openai", "transformers"):
+        return config.backend
+    if config.backend == "auto":
+        if config.model:
+            return "openai"
+        if config.model_path:
+            return "transformers"
+    return ""
+
+
 def keyframes_of(frames: np.ndarray, count: int) -> list[np.ndarray]:
     """``count`` frames evenly inside the clip (centres of equal segments)."""
     t = frames.shape[0]
     return [frames[min(t - 1, int((i + 0.5) * t / count))] for i in range(max(1, count))]
 
 
-class CaptionStage:
-    """Fills ``caption`` / ``caption_backend`` of a clip from its frames."""
+def keyframe_indices(start: int, end: int, count: int) -> list[int]:
+    t = end - start
+    return [start + min(t - 1, int((i + 0.5) * t / count)) for i in range(max(1, count))]
+
+
+class CaptionStage(Stage):
+    """Fills ``caption`` / ``caption_backend`` / ``caption_verdict`` of the window's clip."""
 
     name = "captions"
+    version = "2"
+    kind = "clip"
 
     def __init__(self, config: CaptionConfig | None = None):
         self.config = config or CaptionConfig()
-        self.backend = make_backend(self.config)
+        self.model_backend = model_backend_of(self.config)
+        self._sidecar = SidecarCaptioner()
+        self._model: CaptionBackend | None = None
+        self._model_error = ""
+        self._source = ""
+        self._use_sidecar = False
+        self._failures = 0
+        if self.config.backend in ("openai", "transformers"):
+            # Named explicitly: a bad configuration is an error now, not per clip.
+            self._model = make_backend(self.config)
+
+    @property
+    def resources(self) -> Resources:
         # A local VLM computes here; the sidecar reads JSON and the openai backend
         # waits on a remote server, so only the transformers backend asks for more.
-        self.resources = {"num_cpus": 2 if self.config.backend == "transformers" else 1}
+        return Resources(cpus=2 if self.model_backend == "transformers" else 1)
+
+    def setup(self) -> None:
+        if self.model_backend and self._model is None and not self._model_error:
+            try:
+                cfg = dataclasses.replace(self.config, backend=self.model_backend)
+                self._model = make_backend(cfg)
+            except (CaptionError, ValueError) as err:
+                self._model_error = f"{type(err).__name__}: {err}"
+
+    def _start_source(self, source_uri: str) -> None:
+        self._source = source_uri
+        self._failures = 0
+        if self.config.backend == "sidecar":
+            self._use_sidecar = True
+        elif self.config.backend == "auto":
+            try:
+                self._use_sidecar = storage.exists(sidecar_uri(source_uri))
+            except (OSError, ValueError):
+                self._use_sidecar = False
+        else:
+            self._use_sidecar = False
+
+    def process(self, ctx: SourceContext) -> None:
+        clip = ctx.window.clip
+        if clip.source_uri != self._source:
+            self._start_source(clip.source_uri)
+        if self._use_sidecar:
+            # A sidecar that is present but broken is a data error worth seeing:
+            # it fails this clip's caption, not the source.
+            try:
+                self._fill(clip, self._sidecar.caption(clip, []), self._sidecar)
+            except CaptionError as err:
+                self._failed(clip, err)
+            return
+        if not self.model_backend:
+            clip.caption, clip.caption_verdict = "", "caption_missing"
+            return
+        self.setup()
+        if self._model is None:
+            clip.caption, clip.caption_verdict = "", "caption_failed"
+            clip.caption_error = self._model_error
+            return
+        if self._failures >= self.config.max_consecutive_failures:
+            clip.caption, clip.caption_verdict = "", "caption_failed"
+            clip.caption_error = (
+                f"backend down: {self._failures} clips in a row failed; skipped for this source"
+            )
+            return
+        src = ctx.source
+        width = min(self.config.keyframe_width, clip.width)
+        height = max(2, int(round(clip.height * width / clip.width / 2)) * 2)
+        frames = []
+        for index in keyframe_indices(clip.start_frame, clip.end_frame, self.config.num_keyframes):
+            for frame in media.iter_display_frames(
+                ctx.path,
+                clip.fps,
+                src.start_s,
+                size=(width, height),
+                start_s=index / clip.fps,
+                end_s=(index + 1) / clip.fps,
+                sample_aspect_ratio=src.sample_aspect_ratio,
+            ):
+                frames.append(frame.image)
+        self.caption_frames(clip, frames)
+
+    def caption_frames(self, clip: ClipRecord, keyframes: list[np.ndarray]) -> ClipRecord:
+        """Caption ``clip`` with the model backend from its ``keyframes``, with retries."""
+        self.setup()
+        if self._model is None:
+            raise CaptionError(self._model_error or "no model caption backend configured")
+        last: Exception | None = None
+        for attempt in range(self.config.retries + 1):
+            try:
+                text = self._model.caption(clip, keyframes)
+            except CaptionError as err:
+                last = err
+                if attempt < self.config.retries:
+                    time.sleep(self.config.retry_backoff_s * (2**attempt))
+                continue
+            self._failures = 0
+            return self._fill(clip, text, self._model)
+        self._failures += 1
+        return self._failed(clip, last)
+
+    def _fill(self, clip: ClipRecord, text: str, backend: CaptionBackend) -> ClipRecord:
+        clip.caption = text
+        clip.caption_backend = backend.name
+        clip.caption_model = backend.model
+        clip.caption_verdict = "captioned" if text else "caption_missing"
+        clip.caption_error = ""
+        return clip
+
+    def _failed(self, clip: ClipRecord, err: Exception | None) -> ClipRecord:
+        clip.caption = ""
+        clip.caption_verdict = "caption_failed"
+        clip.caption_error = f"{type(err).__name__}: {err}"[:500] if err else "failed"
+        return clip
 
     def __call__(self, clip: ClipRecord, frames: np.ndarray) -> ClipRecord:
-        """``frames``: (T, H, W, 3) uint8 RGB of the clip."""
+        """Caption one clip from its frames ((T, H, W, 3) uint8 RGB): the configured
+        backend only (no fallback); for tests and tools."""
+        if self.config.backend == "sidecar" or (
+            self.config.backend == "auto" and not self.model_backend
+        ):
+            return self._fill(clip, self._sidecar.caption(clip, []), self._sidecar)
+        self.setup()
+        if self._model is None:
+            raise CaptionError(self._model_error)
         keyframes = keyframes_of(frames, self.config.num_keyframes)
-        clip.caption = self.backend.caption(clip, keyframes)
-        clip.caption_backend = self.backend.name
-        clip.caption_model = self.backend.model
+        clip.caption = self._model.caption(clip, keyframes)
+        clip.caption_backend = self._model.name
+        clip.caption_model = self._model.model
+        clip.caption_verdict = "captioned" if clip.caption else "caption_missing"
         return clip

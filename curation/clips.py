@@ -1,9 +1,16 @@
-"""Shots -> training clips of configurable length, written as H.264 + AAC MP4.
+"""Shots -> training clips of configurable length, written as MP4.
 
 A shot shorter than ``min_clip_s`` yields no clip; a longer one is cut into the
 fewest equal pieces no longer than ``max_clip_s``. Frames next to a boundary are
 trimmed first (``trim_s``) so a cut found one frame late cannot leak a frame of
 the neighbouring shot into a clip, and the dark tail of a fade is trimmed too.
+
+Writing: a clip that starts on a keyframe of an H.264/HEVC source with square,
+upright pixels and a constant rate is *stream-copied* (packets kept, no decode, no
+encode, bit-exact pictures). Encoders put keyframes at scene cuts, so a clip start
+may move up to ``keyframe_snap_s`` onto one, and long shots are split at keyframes
+near the even split points. Every other clip is re-encoded (H.264 + AAC) from a
+seek-and-decode of its own frames, upright and square-pixelled.
 """
 
 from __future__ import annotations
@@ -14,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from core import media, storage
-from curation.decode import DecodedSource
-from curation.records import ClipRecord, ShotRecord, clip_id_of
+from curation.records import ClipRecord, ShotRecord, SourceRecord
+from curation.stage import Resources, SourceContext, Stage
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,8 @@ class ClipConfig:
     # FFmpeg's fast AAC coder costs a third of the default's CPU; clip audio is
     # re-encoded by the audio VAE during training, so its last decibel is moot.
     aac_coder: str = "fast"
+    stream_copy: bool = True  # copy packets where the cut allows; False re-encodes all
+    keyframe_snap_s: float = 0.5  # how far a clip start or split may move onto a keyframe
 
     def __post_init__(self) -> None:
         if not 0 < self.min_clip_s <= self.max_clip_s:
@@ -74,86 +83,161 @@ def clip_spans(
     return [(start + i * size, start + (i + 1) * size) for i in range(pieces)]
 
 
-class ClipStage:
-    """Cuts shots into :class:`ClipRecord` s (no files yet) and writes them on demand."""
+def trim_span(
+    shot_start: int,
+    shot_end: int,
+    transition_in: str,
+    fps: float,
+    config: ClipConfig,
+    frame_luma,
+    ends_on_transition: bool,
+    fades_out: bool,
+) -> tuple[int, int]:
+    """The usable part of a shot: boundary frames trimmed, fade tails dropped.
 
-    resources = {"num_cpus": 1}
-    name = "clips"
+    ``frame_luma(i)``: mean luma of source frame ``i``; ``transition_in`` "continued"
+    for the rest of a long shot whose first pieces were already cut.
+    """
+    trim = int(round(config.trim_s * fps))
+    start, end = shot_start, shot_end
+    if transition_in not in ("start", "continued"):
+        start += trim
+    if ends_on_transition:
+        end -= trim
+    if end - start > 2:
+        values = np.array([frame_luma(i) for i in range(start, end)], np.float32)
+        dark = config.fade_luma_ratio * float(np.median(values))
+        while transition_in == "fade" and start < end - 1 and frame_luma(start) < dark:
+            start += 1
+        while fades_out and end - 1 > start and frame_luma(end - 1) < dark:
+            end -= 1
+    return start, end
+
+
+def snap_start(start: int, end: int, keyframes: list[int], lowest: int, snap: int) -> int:
+    """``start`` moved onto the nearest keyframe in ``[lowest, start + snap]`` (and
+    before ``end``), so the clip can be stream-copied; unchanged when there is none."""
+    near = [k for k in keyframes if lowest <= k <= start + snap and k < end]
+    return min(near, key=lambda k: (abs(k - start), k)) if near else start
+
+
+def split_span(
+    start: int, end: int, fps: float, config: ClipConfig, keyframes: list[int]
+) -> list[tuple[int, int]]:
+    """``[start, end)`` as the fewest equal pieces no longer than ``max_clip_s``; each
+    inner split moves onto a keyframe within ``keyframe_snap_s`` when the pieces stay
+    within the length limits."""
+    min_len = max(1, int(math.ceil(config.min_clip_s * fps - 1e-6)))
+    max_len = int(math.floor(config.max_clip_s * fps + 1e-6))
+    length = end - start
+    if length < min_len:
+        return []
+    pieces = int(math.ceil(length / max_len))
+    size = length // pieces
+    bounds = [start + i * size for i in range(pieces + 1)]
+    snap = int(round(config.keyframe_snap_s * fps))
+    for i in range(1, pieces):
+        near = [k for k in keyframes if abs(k - bounds[i]) <= snap]
+        for k in sorted(near, key=lambda k: abs(k - bounds[i])):
+            if min_len <= k - bounds[i - 1] <= max_len and min_len <= bounds[i + 1] - k <= max_len:
+                bounds[i] = k
+                break
+    return [(bounds[i], bounds[i + 1]) for i in range(pieces)]
+
+
+def can_stream_copy(source: SourceRecord, config: ClipConfig) -> bool:
+    """Whether this source's packets can go into a clip as they are."""
+    return (
+        config.stream_copy
+        and source.video_codec in media.COPYABLE_VIDEO_CODECS
+        and source.rotation == 0
+        and abs(source.sample_aspect_ratio - 1.0) < 1e-3
+        and not source.variable_frame_rate
+        and (not source.has_audio or source.audio_codec in media.COPYABLE_AUDIO_CODECS)
+    )
+
+
+def clip_uri_of(out_uri: str, clip: ClipRecord, fingerprint: str) -> str:
+    # The config fingerprint is in the path: a run with other settings writes other
+    # files, so an older manifest version never points at a file rewritten under it.
+    return storage.join(out_uri, "clips", clip.source_id, fingerprint, f"{clip.clip_id}.mp4")
+
+
+class ClipWriteStage(Stage):
+    """Writes the window's clip: stream copy where it can, else a streaming re-encode."""
+
+    name = "write"
+    version = "2"
+    kind = "clip"
 
     def __init__(self, config: ClipConfig | None = None):
         self.config = config or ClipConfig()
 
-    def __call__(self, decoded: DecodedSource, shots: list[ShotRecord]) -> list[ClipRecord]:
-        src = decoded.source
-        frame_luma = decoded.small_luma.reshape(decoded.num_frames, -1).mean(axis=1)
-        clips: list[ClipRecord] = []
-        for shot in shots:
-            spans = clip_spans(
-                shot,
-                decoded.fps,
-                self.config,
-                frame_luma,
-                ends_on_transition=shot.index < len(shots) - 1,
-                fades_out=shot.index + 1 < len(shots)
-                and shots[shot.index + 1].transition_in == "fade",
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1)
+
+    def process(self, ctx: SourceContext) -> None:
+        window = ctx.window
+        src = ctx.source
+        clip = window.clip
+        uri = clip_uri_of(ctx.out_uri, clip, ctx.fingerprint)
+        if (
+            can_stream_copy(src, self.config)
+            and not clip.sync_corrected
+            and clip.start_frame in window.keyframes
+        ):
+            copied = media.copy_span(
+                ctx.path,
+                uri,
+                clip.start_frame / clip.fps,
+                clip.end_frame / clip.fps,
+                clip.fps,
+                origin_s=src.start_s,
+                audio_stream=src.audio_stream if src.has_audio else None,
             )
-            for k, (a, b) in enumerate(spans):
-                start_s, end_s = a / decoded.fps, b / decoded.fps
-                clips.append(
-                    ClipRecord(
-                        clip_id=clip_id_of(src.uri, start_s, end_s),
-                        source_uri=src.uri,
-                        source_id=src.source_id,
-                        shot_index=shot.index,
-                        clip_index=k,
-                        start_frame=a,
-                        end_frame=b,
-                        start_s=start_s,
-                        end_s=end_s,
-                        fps=decoded.fps,
-                        width=src.width,
-                        height=src.height,
-                        sample_rate=decoded.sample_rate,
-                    )
-                )
-        return clips
-
-    def clip_uri(self, out_uri: str, clip: ClipRecord) -> str:
-        return storage.join(out_uri, "clips", clip.source_id, f"{clip.clip_id}.mp4")
-
-    def write(self, decoded: DecodedSource, clip: ClipRecord, out_uri: str) -> ClipRecord:
-        """Encode the clip's frames and audio (shifted by its offset when corrected)."""
-        frames = decoded.frames[clip.start_frame : clip.end_frame]
-        audio = clip_audio(decoded, clip)
-        uri = self.clip_uri(out_uri, clip)
-        media.write_mp4(
-            uri,
-            media.AVClip(
-                frames=frames, fps=decoded.fps, audio=audio, sample_rate=decoded.sample_rate
-            ),
-            crf=self.config.crf,
-            preset=self.config.preset,
-            aac_coder=self.config.aac_coder,
-        )
+            clip.end_frame = clip.start_frame + copied.frames
+            clip.end_s = clip.end_frame / clip.fps
+            clip.copy_mode = "stream_copy"
+        else:
+            self.reencode(ctx, clip, uri)
+            clip.copy_mode = "reencode"
         clip.uri = uri
-        return clip
 
-
-def clip_audio(
-    decoded: DecodedSource, clip: ClipRecord, shift_ms: float | None = None
-) -> np.ndarray:
-    """The source audio under the clip's frames, ``(C, N)``, zero-padded at the edges.
-
-    ``shift_ms`` (default: the stored offset when the clip is corrected) takes the
-    audio that much later, which cancels a sound track lagging the picture.
-    """
-    if shift_ms is None:
-        shift_ms = clip.sync_offset_ms if clip.sync_corrected else 0.0
-    rate = decoded.sample_rate
-    n = int(round((clip.end_frame - clip.start_frame) / decoded.fps * rate))
-    a = int(round(clip.start_frame / decoded.fps * rate + shift_ms / 1000.0 * rate))
-    out = np.zeros((decoded.audio.shape[0], n), dtype=np.float32)
-    lo, hi = max(a, 0), min(a + n, decoded.audio.shape[1])
-    if hi > lo:
-        out[:, lo - a : hi - a] = decoded.audio[:, lo:hi]
-    return out
+    def reencode(self, ctx: SourceContext, clip: ClipRecord, uri: str) -> None:
+        src = ctx.source
+        cfg = self.config
+        fps = clip.fps
+        writer = media.Mp4Writer(
+            uri,
+            clip.width,
+            clip.height,
+            fps,
+            sample_rate=clip.sample_rate if clip.has_audio else 0,
+            channels=ctx.audio.channels if clip.has_audio and ctx.audio is not None else 0,
+            crf=cfg.crf,
+            preset=cfg.preset,
+            aac_coder=cfg.aac_coder,
+        )
+        try:
+            for frame in media.iter_display_frames(
+                ctx.path,
+                fps,
+                src.start_s,
+                size=(clip.width, clip.height),
+                start_s=clip.start_frame / fps,
+                end_s=clip.end_frame / fps,
+                sample_aspect_ratio=src.sample_aspect_ratio,
+            ):
+                writer.add_frame(frame.image)
+            if clip.has_audio and ctx.audio is not None:
+                # Correction takes the audio ``offset`` later, cancelling a lagging track.
+                shift = clip.sync_offset_ms / 1000.0 if clip.sync_corrected else 0.0
+                span = writer.frames / fps
+                writer.add_audio(ctx.audio.read(clip.start_s + shift, clip.start_s + shift + span))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        clip.end_frame = clip.start_frame + writer.frames
+        clip.end_s = clip.end_frame / fps

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from curation.records import ClipRecord
+from curation.stage import Resources, SourceContext, Stage
 
 
 @dataclass(frozen=True)
@@ -41,32 +42,46 @@ class QualityConfig:
     max_duplicate_bits: int = 8  # of 192 hash bits
 
 
-class QualityStage:
-    """Scores a clip from the source's shared analysis frames and audio."""
+class QualityStage(Stage):
+    """Scores a clip from its analysis frames and audio (clip stage)."""
 
-    resources = {"num_cpus": 1}
     name = "quality"
+    version = "2"
+    kind = "clip"
 
     def __init__(self, config: QualityConfig | None = None):
         self.config = config or QualityConfig()
 
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1)
+
+    def process(self, ctx: SourceContext) -> None:
+        w = ctx.window
+        self(w.clip, w.luma, w.audio, w.sample_rate)
+
     def __call__(
-        self, clip: ClipRecord, luma: np.ndarray, audio: np.ndarray, sample_rate: int
+        self, clip: ClipRecord, luma: np.ndarray, audio: np.ndarray | None, sample_rate: int
     ) -> ClipRecord:
-        """``luma``: (T, h, w) uint8 or float of the clip's frames; ``audio``: (C, N) of its span."""
+        """``luma``: (T, h, w) uint8 or float of the clip's frames; ``audio``: (C, N) of
+        its span, None for a video-only clip (its audio verdicts do not apply)."""
         cfg = self.config
         scores = dict(clip.scores)
         verdicts = dict(clip.verdicts)
         scores.update(video_scores(luma, cfg, clip.fps))
-        scores.update(audio_scores(audio, sample_rate, cfg))
+        if audio is not None:
+            scores.update(audio_scores(audio, sample_rate, cfg))
         scores["width"] = float(clip.width)
         scores["height"] = float(clip.height)
         scores["aspect"] = clip.width / clip.height
         verdicts["not_black"] = scores["black_ratio"] <= cfg.max_black_ratio
         verdicts["not_frozen"] = scores["frozen_ratio"] <= cfg.max_frozen_ratio
         verdicts["has_motion"] = scores["motion"] >= cfg.min_motion
-        verdicts["loud_enough"] = scores["loudness_dbfs"] >= cfg.min_loudness_dbfs
-        verdicts["not_silent"] = scores["silence_ratio"] <= cfg.max_silence_ratio
+        if audio is not None:
+            verdicts["loud_enough"] = scores["loudness_dbfs"] >= cfg.min_loudness_dbfs
+            verdicts["not_silent"] = scores["silence_ratio"] <= cfg.max_silence_ratio
+        else:
+            verdicts["loud_enough"] = verdicts["not_silent"] = None
         verdicts["resolution_ok"] = min(clip.width, clip.height) >= cfg.min_side_px
         verdicts["aspect_ok"] = cfg.min_aspect <= scores["aspect"] <= cfg.max_aspect
         clip.scores = scores
@@ -148,29 +163,76 @@ def hamming(a: str, b: str) -> int:
     return int(bin(int(a, 16) ^ int(b, 16)).count("1"))
 
 
-def mark_near_duplicates(clips: list[ClipRecord], max_bits: int) -> list[ClipRecord]:
+class DuplicateIndex:
+    """Kept clips' hashes, searchable for near-duplicates without comparing all pairs.
+
+    Multi-index hashing: the 192 hash bits are cut into ``max_bits + 1`` bands; two
+    hashes within ``max_bits`` of each other agree exactly on at least one band
+    (pigeonhole), so only clips sharing a band value are compared. Memory is a few
+    dozen bytes per kept clip; the run's manifest is marked shard by shard.
+    """
+
+    def __init__(self, max_bits: int):
+        self.max_bits = max_bits
+        bands = max_bits + 1
+        edges = np.linspace(0, HASH_BITS, bands + 1).round().astype(int)
+        self.bands = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        self.tables: list[dict[int, list[int]]] = [{} for _ in self.bands]
+        self.hashes: list[int] = []
+        self.keys: list[tuple[str, int, str]] = []  # (source_id, shot_index, clip_id)
+
+    def _band_values(self, value: int) -> list[int]:
+        return [(value >> (HASH_BITS - b)) & ((1 << (b - a)) - 1) for a, b in self.bands]
+
+    def nearest(self, phash: str, source_id: str, shot_index: int) -> tuple[str, int]:
+        """(clip id, distance) of the nearest kept clip from another shot, or ("", 192)."""
+        value = int(phash, 16)
+        best, best_bits = "", HASH_BITS
+        seen: set[int] = set()
+        for table, band in zip(self.tables, self._band_values(value), strict=True):
+            for i in table.get(band, ()):
+                if i in seen:
+                    continue
+                seen.add(i)
+                sid, shot, cid = self.keys[i]
+                if (sid, shot) == (source_id, shot_index):
+                    continue
+                bits = (value ^ self.hashes[i]).bit_count()
+                if bits < best_bits or (bits == best_bits and cid < best):
+                    best, best_bits = cid, bits
+        return best, best_bits
+
+    def add(self, phash: str, source_id: str, shot_index: int, clip_id: str) -> None:
+        value = int(phash, 16)
+        i = len(self.hashes)
+        self.hashes.append(value)
+        self.keys.append((source_id, shot_index, clip_id))
+        for table, band in zip(self.tables, self._band_values(value), strict=True):
+            table.setdefault(band, []).append(i)
+
+
+def mark_near_duplicates(
+    clips: list[ClipRecord], max_bits: int, index: DuplicateIndex | None = None
+) -> list[ClipRecord]:
     """Set ``verdicts['not_duplicate']`` on every clip, in a deterministic order.
 
     Clips are visited sorted by (source, start); a clip within ``max_bits`` of an
     earlier kept clip from a *different shot* is a near-duplicate of it. Clips of
     one shot are consecutive pieces of one take, not copies, so they are never
-    compared with each other.
+    compared with each other. ``index`` carries the kept clips of earlier calls
+    (earlier shards of the same run). The reported distance is exact when it is
+    within ``max_bits``; beyond that it is a lower bound's stand-in (192).
     """
+    index = index or DuplicateIndex(max_bits)
     ordered = sorted(clips, key=lambda c: (c.source_uri, c.start_s, c.clip_id))
-    kept: list[ClipRecord] = []
     for clip in ordered:
-        nearest, nearest_bits = None, HASH_BITS
-        for other in kept:
-            same_shot = (other.source_id, other.shot_index) == (clip.source_id, clip.shot_index)
-            if same_shot or not clip.phash or not other.phash:
-                continue
-            bits = hamming(clip.phash, other.phash)
-            if bits < nearest_bits:
-                nearest, nearest_bits = other, bits
-        duplicate = nearest is not None and nearest_bits <= max_bits
+        nearest, nearest_bits = "", HASH_BITS
+        if clip.phash:
+            nearest, nearest_bits = index.nearest(clip.phash, clip.source_id, clip.shot_index)
+        duplicate = bool(nearest) and nearest_bits <= max_bits
         clip.scores["duplicate_distance_bits"] = float(nearest_bits)
         clip.verdicts["not_duplicate"] = not duplicate
-        clip.duplicate_of = nearest.clip_id if duplicate and nearest is not None else ""
-        if not duplicate:
-            kept.append(clip)
+        clip.duplicate_of = nearest if duplicate else ""
+        if not duplicate and clip.phash:
+            index.add(clip.phash, clip.source_id, clip.shot_index, clip.clip_id)
     return clips

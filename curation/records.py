@@ -88,6 +88,16 @@ class SourceRecord(_Record):
     video_codec: str
     audio_codec: str
     size_bytes: int
+    # Real footage: display geometry, where the picture starts, which audio is used.
+    rotation: int = 0  # degrees counter-clockwise, from the display matrix
+    sample_aspect_ratio: float = 1.0
+    display_width: int = 0  # upright, square pixels: what clips are written at
+    display_height: int = 0
+    start_s: float = 0.0  # first video frame on the container clock (time origin)
+    variable_frame_rate: bool = False  # clips are then re-timed to a constant ``fps``
+    has_audio: bool = True
+    audio_streams: int = 1
+    audio_stream: int = 0  # index among the audio streams (-1: none)
 
 
 @dataclass
@@ -125,17 +135,25 @@ class ClipRecord(_Record):
     height: int
     sample_rate: int
     uri: str = ""  # the written MP4
+    has_audio: bool = True  # False: a video-only clip (training's video branch only)
+    copy_mode: str = ""  # "stream_copy" (packets kept) | "reencode"
     scores: dict[str, float] = field(default_factory=dict)
-    verdicts: dict[str, bool] = field(default_factory=dict)
+    # A verdict of None does not apply (audio filters on a video-only clip).
+    verdicts: dict[str, bool | None] = field(default_factory=dict)
     phash: str = ""  # hex perceptual hash of keyframes, for near-duplicate search
     caption: str = ""
     caption_backend: str = ""
     caption_model: str = ""
+    caption_verdict: str = ""  # "captioned" | "caption_missing" | "caption_failed"
+    caption_error: str = ""
     transcript: str = ""
     words: list[dict[str, Any]] = field(default_factory=list)
     language: str = ""
     alignment_method: str = ""
     speech_model: str = ""
+    # "" (speech off) | "transcribed" | "no_speech" | "no_audio" | "speech_failed"
+    speech_verdict: str = ""
+    speech_error: str = ""
     sync_offset_ms: float = 0.0
     sync_confidence: float = 0.0
     sync_verdict: str = ""  # "in_sync" | "out_of_sync" | "uncertain"
@@ -150,7 +168,7 @@ class ClipRecord(_Record):
 
     @property
     def keep(self) -> bool:
-        return all(self.verdicts.values())
+        return all(v for v in self.verdicts.values() if v is not None)
 
 
 @dataclass
@@ -159,9 +177,11 @@ class QuarantineRecord(_Record):
 
     uri: str  # display form (valid UTF-8)
     source_id: str
-    stage: str  # "validate" | "decode" | ...
+    stage: str  # the stage that failed: "validate" | "segment" | "clips" | ... | "executor"
     reason: str
     size_bytes: int = -1
+    # "rejected" (validation said no), else the exception's type: "MediaError", ...
+    error_type: str = "rejected"
 
 
 @dataclass
@@ -174,10 +194,21 @@ class SourceResult(_Record):
     shots: list[dict[str, Any]] = field(default_factory=list)
     clips: list[dict[str, Any]] = field(default_factory=list)
     quarantine: dict[str, Any] | None = None
+    fingerprint: str = ""  # of the config and stage versions that produced it
     # Not part of the manifest: they differ between runs.
     stage_seconds: dict[str, float] = field(default_factory=dict)
     cpu_seconds: float = 0.0
     media_seconds: float = 0.0
+    stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0  # of the worker process after this source
+
+    @property
+    def status(self) -> str:
+        """Where this input went: "curated" (has clips), "no_clips" (usable, but no
+        shot long enough), or "quarantined"."""
+        if self.quarantine:
+            return "quarantined"
+        return "curated" if self.clips else "no_clips"
 
     def clip_records(self) -> list[ClipRecord]:
         return [ClipRecord.from_dict(c) for c in self.clips]

@@ -98,11 +98,32 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def accounting(sources: pa.Table | None, inputs: int | None) -> list[dict[str, Any]]:
+    """Rows that show every input went somewhere: curated + no clips + quarantined."""
+    if sources is None:
+        return []
+    statuses = sources.column("status").to_pylist() if sources.num_rows else []
+    counts = {s: statuses.count(s) for s in ("curated", "no_clips", "quarantined")}
+    total = sum(counts.values())
+    rows = [{"metric": f"sources {k}", "value": v} for k, v in counts.items()]
+    balanced = inputs is None or inputs == total
+    rows.append(
+        {
+            "metric": "inputs = curated + no_clips + quarantined",
+            "value": f"{inputs if inputs is not None else total} = "
+            f"{counts['curated']} + {counts['no_clips']} + {counts['quarantined']}"
+            + ("" if balanced else "  (MISMATCH)"),
+        }
+    )
+    return rows
+
+
 def write_report(
     out_uri: str,
     clips: pa.Table,
     quarantine: pa.Table,
     summary: dict[str, Any],
+    sources: pa.Table | None = None,
 ) -> str:
     """Write ``OUT/report/index.html`` and its PNGs; return the HTML's URI."""
     base = storage.join(out_uri, "report")
@@ -111,14 +132,21 @@ def write_report(
         storage.write_bytes(storage.join(base, name), data)
     kept = sum(bool(v) for v in clips.column("keep").to_pylist()) if clips.num_rows else 0
     total_s = float(np.sum(clips.column("duration_s").to_pylist())) if clips.num_rows else 0.0
-    summary_rows = [{"metric": k, "value": v} for k, v in summary.items()]
     summary_rows = [
+        {"metric": k, "value": v}
+        for k, v in summary.items()
+        if not k.startswith("sources ") or k.startswith("sources run")
+    ]
+    summary_rows = [
+        *accounting(sources, summary.get("inputs")),
         {"metric": "clips", "value": clips.num_rows},
         {"metric": "clips kept", "value": kept},
         {"metric": "clip seconds", "value": round(total_s, 2)},
-        {"metric": "sources quarantined", "value": quarantine.num_rows},
         *summary_rows,
     ]
+    no_clips = []
+    if sources is not None and sources.num_rows:
+        no_clips = [r for r in sources.to_pylist() if r["status"] == "no_clips"]
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Duet curation report</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
@@ -128,7 +156,8 @@ td,th{{border:1px solid #ccc;padding:2px 8px;font-size:13px}}</style></head><bod
 <h2>Scores</h2><img src="scores.png" alt="score histograms">
 <h2>Filters</h2><img src="filters.png" alt="kept and dropped per filter">
 <h2>Durations and sync</h2><img src="durations.png" alt="clip durations and sync offsets">
-<h2>Quarantine</h2>{_table(quarantine.to_pylist(), ["uri", "stage", "reason", "size_bytes"])}
+<h2>Quarantine</h2>{_table(quarantine.to_pylist(), ["uri", "stage", "error_type", "reason", "size_bytes"])}
+<h2>Sources without clips</h2>{_table(no_clips, ["uri", "media_seconds", "fps", "has_audio"])}
 </body></html>
 """
     uri = storage.join(base, "index.html")

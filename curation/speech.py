@@ -608,8 +608,10 @@ class SpeechStage:
     the stage to an actor, which starts its own).
     """
 
+    # Ray actor options of one speech worker (the executor's actor pool uses them).
     resources = {"num_cpus": 1}
     name = "speech"
+    version = "1"  # bump when the transcript for the same audio and config changes
 
     def __init__(self, config: SpeechConfig | None = None):
         self.config = config or SpeechConfig()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from curation.records import ClipRecord
+from curation.stage import Resources, SourceContext, Stage
 
 VISUAL_FEATURES = ("auto", "flow_acceleration", "motion", "motion_onset", "acceleration")
 
@@ -35,6 +36,11 @@ class SyncConfig:
     stationary_motion_share: float = 0.8
     flow_width: int = 64  # optical flow runs on frames this wide (accuracy holds, cost /1.6)
     correct: bool = False  # shift out-of-sync clips' audio by the measured offset
+    # Fades: frames are brought to one brightness before differencing (a fade is a
+    # gain ramp, not motion), and frames darker than this fraction of the clip's
+    # median brightness carry no picture to match and are left out of the match.
+    fade_aware: bool = True
+    dark_fraction: float = 0.35
 
     def __post_init__(self) -> None:
         if self.visual_feature not in VISUAL_FEATURES:
@@ -152,9 +158,33 @@ def estimate_offset(
     cfg = config or SyncConfig()
     if cfg.visual_feature != "auto":
         return _estimate_pair(luma, fps, audio, sample_rate, cfg, cfg.visual_feature, "onset")
-    if motion_concentration(luma) >= cfg.stationary_motion_share:
+    where = luma
+    if cfg.fade_aware:
+        normed, dark = gain_normalised(luma, cfg.dark_fraction)
+        where = normed[~dark] if int((~dark).sum()) >= 2 else normed
+    if motion_concentration(where) >= cfg.stationary_motion_share:
         return _estimate_pair(luma, fps, audio, sample_rate, cfg, "motion", "energy")
     return _estimate_pair(luma, fps, audio, sample_rate, cfg, "flow_acceleration", "onset")
+
+
+def gain_normalised(luma: np.ndarray, dark_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Frames scaled to the clip's median brightness, and which frames are dark.
+
+    A fade multiplies a frame by a gain; dividing it out leaves the scene's own
+    change, so a fade next to speech does not read as motion at the wrong time.
+    """
+    flat = luma.reshape(luma.shape[0], -1).astype(np.float32)
+    means = flat.mean(axis=1)
+    reference = float(np.median(means))
+    if reference <= 1e-3:
+        return luma, np.zeros(luma.shape[0], bool)
+    dark = means < dark_fraction * reference
+    gain = reference / np.maximum(means, 1e-3)
+    gain[dark] = 1.0
+    normed = np.clip(luma.astype(np.float32) * gain[:, None, None], 0, 255)
+    if luma.dtype == np.uint8:
+        normed = normed.astype(np.uint8)
+    return normed, dark
 
 
 def motion_concentration(luma: np.ndarray, top_fraction: float = 0.02) -> float:
@@ -183,6 +213,9 @@ def _estimate_pair(
 ) -> SyncEstimate:
     method = f"{visual_feature}~{audio_feature}"
     rate = fps * cfg.upsample
+    dark = np.zeros(luma.shape[0], bool)
+    if cfg.fade_aware:
+        luma, dark = gain_normalised(luma, cfg.dark_fraction)
     visual, vtimes = visual_envelope(luma, fps, visual_feature, cfg.flow_width)
     if audio_feature == "onset":
         audio_env = audio_onset_envelope(audio, sample_rate, rate)
@@ -192,6 +225,12 @@ def _estimate_pair(
         return SyncEstimate(0.0, 0.0, "uncertain", method)
     grid = np.arange(audio_env.size) / rate
     inside = (grid >= vtimes[0]) & (grid <= vtimes[-1])
+    if dark.any():
+        # Leave out grid points within 1.5 frames of a dark frame (the envelopes
+        # there describe the fade, not the scene).
+        dark_times = np.flatnonzero(dark) / fps
+        near_dark = np.abs(grid[:, None] - dark_times[None, :]).min(axis=1) <= 1.5 / fps
+        inside &= ~near_dark
     # Visual envelope resampled onto the audio grid; zero outside the frames' span.
     vis = np.where(inside, np.interp(grid, vtimes, visual), 0.0)
     max_lag = int(round(cfg.max_lag_ms / 1000.0 * rate))
@@ -252,14 +291,28 @@ def _normalised_xcorr(
     return out
 
 
-class SyncStage:
+class SyncStage(Stage):
     """Measures a clip's offset and stores offset, confidence, verdict and the verdict flag."""
 
-    resources = {"num_cpus": 1}
     name = "sync"
+    version = "2"
+    kind = "clip"
 
     def __init__(self, config: SyncConfig | None = None):
         self.config = config or SyncConfig()
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1)
+
+    def process(self, ctx: SourceContext) -> None:
+        w = ctx.window
+        if w.audio is None:
+            clip = w.clip
+            clip.sync_verdict = "no_audio"
+            clip.verdicts["av_sync_ok"] = None
+            return
+        self(w.clip, w.luma, w.audio, w.sample_rate)
 
     def __call__(
         self, clip: ClipRecord, luma: np.ndarray, audio: np.ndarray, sample_rate: int

@@ -4,12 +4,15 @@ Speech is model-bound and runs in its own worker process (the isolated WhisperX
 env, see ``curation.speech``), so it is a separate pass after the decode-bound
 stages: it reads each clip's audio back from the written MP4 (an AAC decode,
 cheap next to the model), transcribes a source's clips in one batched request,
-and commits ``OUT/work/speech/<source_id>/result.json`` plus a marker, so a
-killed run resumes here too.
+and commits ``OUT/work/speech/<source_id>/<key>/result.json`` plus a marker, so a
+killed run resumes here too. The key names the source pass's fingerprint and
+the speech settings: other clips or another model are transcribed afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from typing import Any
@@ -21,13 +24,18 @@ RESULT_NAME = "result.json"
 SPEECH_RATE = 16000
 
 
-def speech_work_uri(out_uri: str, source_id: str) -> str:
-    return storage.join(out_uri, "work", "speech", source_id)
+def speech_key(source_fingerprint: str, speech_config: dict[str, Any]) -> str:
+    text = json.dumps(speech_config, sort_keys=True, default=str)
+    return f"{source_fingerprint}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
-def load_speech(out_uri: str, source_id: str) -> dict[str, Any] | None:
+def speech_work_uri(out_uri: str, source_id: str, key: str = "") -> str:
+    return storage.join(out_uri, "work", "speech", source_id, key or "default")
+
+
+def load_speech(out_uri: str, source_id: str, key: str = "") -> dict[str, Any] | None:
     """``{"clips": {clip_id: fields}, "media_seconds": .., "compute_seconds": ..}`` or None."""
-    work = speech_work_uri(out_uri, source_id)
+    work = speech_work_uri(out_uri, source_id, key)
     if not storage.is_committed(work):
         return None
     return storage.read_json(storage.join(work, RESULT_NAME))
@@ -40,11 +48,11 @@ class SourceTranscriber:
         self.stage = stage  # curation.speech.SpeechStage (or anything with call_batch)
         self.batch_size = batch_size
 
-    def __call__(self, result: SourceResult, out_uri: str) -> dict[str, Any]:
-        done = load_speech(out_uri, result.source_id)
+    def __call__(self, result: SourceResult, out_uri: str, key: str = "") -> dict[str, Any]:
+        done = load_speech(out_uri, result.source_id, key)
         if done is not None:
             return done
-        clips = result.clip_records()
+        clips = [c for c in result.clip_records() if c.has_audio]
         fields: dict[str, Any] = {}
         media_seconds = 0.0
         t0 = time.perf_counter()
@@ -64,7 +72,7 @@ class SourceTranscriber:
             "compute_seconds": time.perf_counter() - t0,
             "batch_size": self.batch_size,
         }
-        work = speech_work_uri(out_uri, result.source_id)
+        work = speech_work_uri(out_uri, result.source_id, key)
         storage.write_json(storage.join(work, RESULT_NAME), payload)
         storage.write_marker(work, {"source_id": result.source_id, "clips": len(fields)})
         return payload
@@ -79,10 +87,17 @@ class SpeechActor:
 
         self.stage = SpeechStage(SpeechConfig(**speech_config))
         self.transcriber = SourceTranscriber(self.stage, batch_size)
+        self.config_key = {
+            "config": speech_config,
+            "batch": batch_size,
+            "stage": SpeechStage.version,
+        }
 
     def close(self) -> None:
         """Stop the WhisperX worker process before the actor goes away."""
         self.stage.close()
 
     def run(self, result: dict[str, Any], out_uri: str) -> dict[str, Any]:
-        return self.transcriber(SourceResult.from_dict(result), out_uri)
+        source = SourceResult.from_dict(result)
+        key = speech_key(source.fingerprint, self.config_key)
+        return self.transcriber(source, out_uri, key)

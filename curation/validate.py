@@ -1,9 +1,12 @@
 """Validate a raw source before anything decodes it.
 
 Checks the name, the container against the extension, the streams, duration,
-frame rate (constant, in range), resolution and audio presence. A failing
-source becomes a :class:`QuarantineRecord` with a reason a person can act on;
-the flow carries on with the rest.
+frame rate (in range), resolution and, only when asked, audio presence and a
+constant frame rate. Real footage is accepted as it comes: video-only sources
+become video-only clips, variable-frame-rate sources are re-timed to a constant
+rate, rotation and non-square pixels are recorded and applied downstream. A
+failing source becomes a :class:`QuarantineRecord` with a reason a person can act
+on; the flow carries on with the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from curation.records import (
     is_valid_utf8_name,
     source_id_of,
 )
+from curation.stage import Resources, SourceContext, SourceRejected, Stage
 
 # FFmpeg's demuxer names (``container.format.name``) each extension may carry.
 CONTAINERS_BY_EXTENSION = {
@@ -39,20 +43,44 @@ class ValidateConfig:
     max_fps: float = 120.0
     min_side_px: int = 64
     max_pixels: int = 3840 * 2160  # 4K UHD; larger frames exhaust a worker's memory
-    require_audio: bool = True
-    allow_variable_frame_rate: bool = False
+    # Video-only footage trains the video branch; True quarantines it instead.
+    require_audio: bool = False
+    # Variable-frame-rate footage (phones, screen captures) is re-timed to a constant
+    # rate; False quarantines it instead.
+    allow_variable_frame_rate: bool = True
 
 
-class ValidateStage:
-    """``uri -> SourceRecord | QuarantineRecord``; reads headers and a few packets only."""
+class ValidateStage(Stage):
+    """``uri -> SourceRecord | QuarantineRecord``; reads headers, a few packets and
+    the first frame only."""
 
-    resources = {"num_cpus": 1}
     name = "validate"
+    version = "2"
 
     def __init__(self, config: ValidateConfig | None = None):
         self.config = config or ValidateConfig()
 
-    def __call__(self, uri: str) -> SourceRecord | QuarantineRecord:
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1)
+
+    def precheck(self, uri: str) -> None:
+        """Name, extension and size only: run before a remote source is downloaded."""
+        checked = self(uri, path=None, headers_only=True)
+        if isinstance(checked, QuarantineRecord):
+            raise SourceRejected(checked.reason, checked.size_bytes)
+
+    def process(self, ctx: SourceContext) -> None:
+        checked = self(ctx.uri, ctx.path or None)
+        if isinstance(checked, QuarantineRecord):
+            raise SourceRejected(checked.reason, checked.size_bytes)
+        ctx.source = checked
+
+    def __call__(
+        self, uri: str, path: str | None = None, headers_only: bool = False
+    ) -> SourceRecord | QuarantineRecord | None:
+        """``path``: a local copy of ``uri`` already made (else ``uri`` is read).
+        ``headers_only``: stop after the name, extension and size checks (None: passed)."""
         sid = source_id_of(uri)
 
         def bad(reason: str, size_bytes: int = -1) -> QuarantineRecord:
@@ -78,8 +106,10 @@ class ValidateStage:
             return bad(f"cannot read: {err}")
         if size_bytes == 0:
             return bad("file is empty (0 bytes)", 0)
+        if headers_only:
+            return None
         try:
-            info = media.probe_media(uri)
+            info = media.probe_media(path or uri)
             variable_rate = info.variable_frame_rate
         except media.MediaError as err:
             return bad(f"unreadable media: {err.reason}", size_bytes)
@@ -105,7 +135,9 @@ class ValidateStage:
         if variable_rate and not cfg.allow_variable_frame_rate:
             return bad("variable frame rate (constant frame rate required)", size_bytes)
         if not (cfg.min_fps <= info.fps <= cfg.max_fps):
-            return bad(f"frame rate {info.fps:.3f} outside [{cfg.min_fps}, {cfg.max_fps}]")
+            return bad(
+                f"frame rate {info.fps:.3f} outside [{cfg.min_fps}, {cfg.max_fps}]", size_bytes
+            )
         if info.frame_count < cfg.min_frames:
             return bad(
                 f"only {info.frame_count} video frame(s); at least {cfg.min_frames} required",
@@ -129,4 +161,13 @@ class ValidateStage:
             video_codec=info.video_codec,
             audio_codec=info.audio_codec,
             size_bytes=size_bytes,
+            rotation=info.rotation,
+            sample_aspect_ratio=info.sample_aspect_ratio,
+            display_width=info.display_width,
+            display_height=info.display_height,
+            start_s=info.start_s,
+            variable_frame_rate=variable_rate,
+            has_audio=info.has_audio,
+            audio_streams=info.audio_streams,
+            audio_stream=info.audio_stream,
         )

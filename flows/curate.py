@@ -1,16 +1,18 @@
 """Prefect flow ``curate``: raw footage -> clips + versioned Parquet manifest + report.
 
-Prefect orchestrates four tasks (discover, sources, speech, manifest); the
-parallel work inside them runs on Ray: one Ray task per source (declared
-``num_cpus``) runs every decode-bound stage on frames decoded once
-(:class:`curation.pipeline.SourcePipeline`), and a pool of Ray actors runs the
-model-bound speech stage. ``ray_address`` joins an existing cluster; without it
-a local Ray is started.
+The flow only orders steps: discover the inputs, run the sources (the executor in
+``flows.executor`` runs each source's stage list on Ray and streams every finished
+source into the manifest writer), write the manifest version, write the report.
+``ray_address`` joins an existing cluster; without it a local Ray is started.
 
 Resume: every source commits its result (and every speech pass its transcript)
-under ``OUT/work/`` with a marker written last. A rerun after a kill skips what
-is committed and redoes only the rest; the manifest is rebuilt from the committed
-results, sorted, so it equals an uninterrupted run's.
+under ``OUT/work/``, keyed by a fingerprint of the config and the stages' code
+versions, with a marker written last. A rerun skips what is committed for the
+same settings and redoes the rest; the new manifest version is built from the
+committed results, sorted, so it equals an uninterrupted run's.
+
+Accounting: every input ends up in exactly one of ``curated``, ``no_clips`` or
+``quarantined`` (``sources.parquet``); the flow checks that they add up.
 """
 
 from __future__ import annotations
@@ -25,25 +27,20 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core import storage
-from curation import manifest as manifest_mod
-from curation.pipeline import (
-    CurateConfig,
-    SourcePipeline,
-    load_committed,
-    process_source_remote,
-)
-from curation.quality import mark_near_duplicates
-from curation.records import ClipRecord, QuarantineRecord, ShotRecord, SourceResult
+from core.config import load_config
+from curation.manifest import ManifestWriter, read_table
+from curation.pipeline import CurateConfig, SourcePipeline, source_fingerprint
 from curation.report import write_report
-from curation.transcribe import SpeechActor, load_speech
-
-# Environment the Ray workers need to reach storage (loopback S3 in tests, a real
-# endpoint in production) and Duet's caches; forwarded explicitly because a Ray
-# cluster started before these were set would not see them.
-FORWARDED_ENV_PREFIXES = ("AWS_", "DUET_")
-FORWARDED_ENV = ("HOME",)
+from flows import executor
 
 VIDEO_SIDECAR_SUFFIX = ".json"
+
+# Prefect's local API server runs a telemetry service that writes a session row at
+# start-up (racing the server's own start-up writes on SQLite: "database is
+# locked", logged as an ERROR) and then phones Prefect's analytics endpoint, which
+# these machines cannot reach. Off unless the user turned it on. Set before the
+# first flow call starts the server, which reads it from the environment.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Progress callbacks ``(phase, done, total)``; the CLI registers one to drive its
 # progress bar. Kept out of the flow's parameters, which Prefect serialises.
@@ -53,14 +50,6 @@ PROGRESS_HOOKS: list[Callable[[str, int, int], None]] = []
 def _progress(phase: str, done: int, total: int) -> None:
     for hook in list(PROGRESS_HOOKS):
         hook(phase, done, total)
-
-
-def forwarded_env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV
-    }
 
 
 def discover_inputs(input_glob: str) -> list[str]:
@@ -74,22 +63,43 @@ def discover_inputs(input_glob: str) -> list[str]:
     ]
 
 
-def init_ray(ray_address: str | None, num_cpus: int | None) -> bool:
-    """Connect to ``ray_address`` or start a local Ray; True when this call started it."""
-    import ray
+def resolve_config(config: dict[str, Any] | None, config_uri: str | None) -> CurateConfig:
+    """``config_uri`` (TOML/JSON at any URI) with ``config``'s fields over it."""
+    base = load_config(CurateConfig, config_uri).to_dict() if config_uri else {}
+    for key, value in (config or {}).items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return CurateConfig.from_dict(base)
 
-    if ray.is_initialized():
-        return False
-    options: dict[str, Any] = {
-        "ignore_reinit_error": True,
-        "log_to_driver": False,
-        "runtime_env": {"env_vars": forwarded_env()},
-    }
-    if ray_address:
-        ray.init(address=ray_address, **options)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
-    return True
+
+class RunTotals:
+    """What the run cost, summed as sources finish (a few numbers, not the results)."""
+
+    def __init__(self) -> None:
+        self.media_seconds = 0.0
+        self.cpu_seconds = 0.0
+        self.stage_seconds: dict[str, float] = {}
+        self.stage_cpu_seconds: dict[str, float] = {}
+        self.peak_rss_mb = 0.0
+        self.failed: dict[str, str] = {}
+        self.copy_modes: dict[str, int] = {}
+
+    def add(self, result: dict[str, Any]) -> None:
+        self.media_seconds += result.get("media_seconds", 0.0)
+        self.cpu_seconds += result.get("cpu_seconds", 0.0)
+        for name, value in result.get("stage_seconds", {}).items():
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + value
+        for name, value in result.get("stage_cpu_seconds", {}).items():
+            self.stage_cpu_seconds[name] = self.stage_cpu_seconds.get(name, 0.0) + value
+        self.peak_rss_mb = max(self.peak_rss_mb, result.get("peak_rss_mb", 0.0))
+        q = result.get("quarantine") or {}
+        if q.get("stage") == "executor":
+            self.failed[q.get("uri", "")] = f"{q.get('error_type')}: {q.get('reason')}"
+        for clip in result.get("clips", []):
+            mode = clip.get("copy_mode", "")
+            self.copy_modes[mode] = self.copy_modes.get(mode, 0) + 1
 
 
 @task(name="discover", cache_policy=NO_CACHE)
@@ -101,134 +111,73 @@ def discover_task(input_glob: str) -> list[str]:
 
 @task(name="sources", cache_policy=NO_CACHE)
 def sources_task(
-    uris: list[str], out_uri: str, config: dict[str, Any], cpus_per_source: float
-) -> dict[str, Any]:
-    """Run every uncommitted source on Ray; return committed results and failures."""
-    import ray
-
-    logger = get_run_logger()
-    results: dict[str, dict[str, Any]] = {}
-    todo = []
-    for uri in uris:
-        done = load_committed(out_uri, uri)
-        if done is not None:
-            results[uri] = done.to_dict()
-        else:
-            todo.append(uri)
-    logger.info("%d source(s) already committed, %d to process", len(results), len(todo))
-    remote = ray.remote(process_source_remote).options(
-        num_cpus=cpus_per_source,
-        max_retries=1,  # a worker process that died (OOM, node loss) is retried once
-    )
-    env = forwarded_env()
-    pending = {remote.remote(uri, out_uri, config, env): uri for uri in todo}
-    failed: dict[str, str] = {}
-    total = len(uris)
-    _progress("sources", len(results), total)
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        ref = ready[0]
-        uri = pending.pop(ref)
-        try:
-            results[uri] = ray.get(ref)["result"]
-        except Exception as err:  # noqa: BLE001 - one source's failure must not stop the batch
-            failed[uri] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"
-            logger.error("source %s failed: %s", uri, failed[uri])
-        _progress("sources", len(results) + len(failed), total)
-    return {
-        "results": results,
-        "failed": failed,
-        "skipped": len(uris) - len(todo),
-        "ran": len(todo),
-    }
-
-
-@task(name="speech", cache_policy=NO_CACHE)
-def speech_task(
-    results: dict[str, dict[str, Any]],
+    uris: list[str],
     out_uri: str,
-    speech_config: dict[str, Any],
-    workers: int,
-    batch_size: int,
-) -> dict[str, Any]:
-    """Transcribe every source's clips on a pool of speech actors (skips committed ones)."""
-    import ray
-    from ray.util import ActorPool
-
-    from curation.speech import SpeechStage
-
-    speech: dict[str, Any] = {}
-    todo = []
-    for res in results.values():
-        if not res.get("clips"):
-            continue
-        done = load_speech(out_uri, res["source_id"])
-        if done is not None:
-            speech[res["source_id"]] = done
-        else:
-            todo.append(res)
-    total = len(todo) + len(speech)
-    _progress("speech", len(speech), total)
-    if todo:
-        actor_cls = ray.remote(SpeechActor).options(**SpeechStage.resources)
-        env = forwarded_env()
-        actors = [actor_cls.remote(speech_config, batch_size, env) for _ in range(max(1, workers))]
-        pool = ActorPool(actors)
-        for res, payload in zip(
-            todo,
-            pool.map(lambda actor, r: actor.run.remote(r, out_uri), todo),
-            strict=True,
-        ):
-            speech[res["source_id"]] = payload
-            _progress("speech", len(speech), total)
-        ray.get([actor.close.remote() for actor in actors])
-        for actor in actors:
-            ray.kill(actor)
-    return speech
-
-
-def assemble(
-    results: dict[str, dict[str, Any]],
-    speech: dict[str, Any],
     config: CurateConfig,
-) -> tuple[list[ClipRecord], list[QuarantineRecord], list[ShotRecord]]:
-    """Merge per-source results and transcripts, mark duplicates, assign splits."""
-    from curation.manifest import assign_split
+    cpus_per_source: float,
+    speech: bool,
+    speech_config: dict[str, Any],
+    speech_workers: int,
+    speech_batch_size: int,
+    max_in_flight: int | None,
+) -> tuple[ManifestWriter, RunTotals, dict[str, int]]:
+    """Every source through the executor, each streamed into the manifest writer."""
+    writer = ManifestWriter(
+        out_uri,
+        uris,
+        run_config=config.to_dict(),
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        max_duplicate_bits=config.quality.max_duplicate_bits,
+        speech=speech,
+    )
+    totals = RunTotals()
 
-    clips: list[ClipRecord] = []
-    quarantine: list[QuarantineRecord] = []
-    shots: list[ShotRecord] = []
-    for data in results.values():
-        res = SourceResult.from_dict(data)
-        if res.quarantine:
-            quarantine.append(QuarantineRecord.from_dict(res.quarantine))
-            continue
-        shots += res.shot_records()
-        transcripts = (speech.get(res.source_id) or {}).get("clips", {})
-        for clip in res.clip_records():
-            for key, value in transcripts.get(clip.clip_id, {}).items():
-                setattr(clip, key, value)
-            clip.split = assign_split(clip.source_id, config.val_fraction, config.test_fraction)
-            clips.append(clip)
-    mark_near_duplicates(clips, config.quality.max_duplicate_bits)
-    return clips, quarantine, shots
+    def on_done(uri: str, result: dict[str, Any], speech_payload, skipped: bool) -> None:
+        totals.add(result)
+        writer.add(uri, result, speech_payload)
+
+    _progress("sources", 0, len(uris))
+    counts = executor.run_sources(
+        uris,
+        out_uri,
+        config.to_dict(),
+        source_fingerprint(config),
+        on_done,
+        cpus_per_source=cpus_per_source,
+        max_in_flight=max_in_flight,
+        speech=speech,
+        speech_config=speech_config,
+        speech_workers=speech_workers,
+        speech_batch_size=speech_batch_size,
+        on_progress=_progress,
+    )
+    get_run_logger().info(
+        "%d source(s) run, %d already committed, %d failed in the executor",
+        counts["ran"],
+        counts["skipped"],
+        counts["executor_failures"],
+    )
+    return writer, totals, counts
 
 
 @task(name="manifest", cache_policy=NO_CACHE)
-def manifest_task(
-    out_uri: str,
-    results: dict[str, dict[str, Any]],
-    speech: dict[str, Any],
-    config: dict[str, Any],
-    summary: dict[str, Any],
-) -> dict[str, str]:
-    cfg = CurateConfig.from_dict(config)
-    clips, quarantine, shots = assemble(results, speech, cfg)
-    uris = manifest_mod.write_manifest(out_uri, clips, quarantine, shots, run_config=config)
-    clip_table = manifest_mod.clips_table(clips)
-    q_table = manifest_mod.quarantine_table(quarantine)
-    uris["report"] = write_report(out_uri, clip_table, q_table, summary)
-    return uris
+def manifest_task(writer: ManifestWriter, inputs: int, summary: dict[str, Any]) -> dict[str, str]:
+    accounted = sum(writer.counts.values())
+    if accounted != inputs:
+        raise RuntimeError(f"{inputs} inputs but {accounted} accounted for: {writer.counts}")
+    return writer.finish(summary)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(out_uri: str, uris: dict[str, str], summary: dict[str, Any]) -> str:
+    return write_report(
+        out_uri,
+        read_table(uris["clips"]),
+        read_table(uris["quarantine"]),
+        summary,
+        sources=read_table(uris["sources"]),
+    )
 
 
 @flow(name="curate", log_prints=True)
@@ -237,75 +186,86 @@ def curate(
     out_uri: str,
     ray_address: str | None = None,
     config: dict[str, Any] | None = None,
+    config_uri: str | None = None,
     speech: bool = False,
     speech_config: dict[str, Any] | None = None,
     speech_workers: int = 1,
     speech_batch_size: int = 8,
     num_cpus: int | None = None,
     cpus_per_source: float | None = None,
+    max_in_flight: int | None = None,
 ) -> dict[str, Any]:
     """Curate every file matching ``input_glob`` into ``out_uri``.
 
-    ``config``: a :class:`CurateConfig` as a dict (``CurateConfig().to_dict()``
-    with fields changed); ``speech_config``: ``curation.speech.SpeechConfig``
-    fields. ``cpus_per_source`` defaults to what the source pipeline's stages
-    declare. Returns a summary with the manifest and report URIs.
+    ``config_uri``: a TOML/JSON :class:`CurateConfig` at any URI; ``config``: fields
+    as a dict, applied over it. ``speech_config``: ``curation.speech.SpeechConfig``
+    fields. ``cpus_per_source`` defaults to what the stages declare;
+    ``max_in_flight`` to twice the cluster's CPUs. Returns a summary with the
+    manifest and report URIs.
     """
-    cfg = CurateConfig.from_dict(config or {})
+    cfg = resolve_config(config, config_uri)
     if cpus_per_source is None:
         cpus_per_source = SourcePipeline(cfg).resources["num_cpus"]
-    config_dict = cfg.to_dict()
-    started_ray = init_ray(ray_address, num_cpus)
+    started_ray = executor.init_ray(ray_address, num_cpus)
     t0 = time.perf_counter()
     try:
         uris = discover_task(input_glob)
-        sources = sources_task(uris, out_uri, config_dict, cpus_per_source)
-        results = sources["results"]
-        t_sources = time.perf_counter() - t0
-        transcripts: dict[str, Any] = {}
-        if speech:
-            transcripts = speech_task(
-                results, out_uri, speech_config or {}, speech_workers, speech_batch_size
-            )
-        t_speech = time.perf_counter() - t0 - t_sources
-        media_s = sum(r.get("media_seconds", 0.0) for r in results.values())
+        writer, totals, counts = sources_task(
+            uris,
+            out_uri,
+            cfg,
+            cpus_per_source,
+            speech,
+            speech_config or {},
+            speech_workers,
+            speech_batch_size,
+            max_in_flight,
+        )
+        wall = time.perf_counter() - t0
         summary = {
             "inputs": len(uris),
-            "failed": len(sources["failed"]),
-            "media seconds": round(media_s, 2),
-            "decode-bound wall seconds (this run)": round(t_sources, 2),
-            "speech wall seconds (this run)": round(t_speech, 2),
+            **{f"sources {k}": v for k, v in writer.counts.items()},
+            "sources run (this run)": counts["ran"],
+            "sources reused (committed)": counts["skipped"],
+            "executor failures": counts["executor_failures"],
+            "media seconds": round(totals.media_seconds, 2),
+            "wall seconds (this run)": round(wall, 2),
             "speech": "on" if speech else "off",
+            "speech failures": counts["speech_failures"],
             "caption backend": cfg.captions.backend,
+            "clips stream-copied / re-encoded": (
+                f"{totals.copy_modes.get('stream_copy', 0)} / "
+                f"{totals.copy_modes.get('reencode', 0)}"
+            ),
+            "peak worker RSS (MB)": round(totals.peak_rss_mb, 1),
+            **{
+                f"media-s per CPU-s: {name}": round(totals.media_seconds / max(seconds, 1e-9), 2)
+                for name, seconds in sorted(totals.stage_cpu_seconds.items())
+            },
         }
-        outputs = manifest_task(out_uri, results, transcripts, config_dict, summary)
+        outputs = manifest_task(writer, len(uris), summary)
+        report = report_task(out_uri, outputs, summary)
     finally:
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            executor.shutdown_ray()
     return {
         **outputs,
+        "report": report,
         "inputs": len(uris),
-        "failed": sources["failed"],
-        "sources_skipped": sources["skipped"],
-        "sources_run": sources["ran"],
-        "media_seconds": media_s,
-        "sources_wall_s": t_sources,
-        "speech_wall_s": t_speech,
-        "cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in results.values()),
-        "stage_seconds": _sum_stage_seconds(results),
-        "speech_compute_seconds": sum(t.get("compute_seconds", 0.0) for t in transcripts.values()),
-        "speech_media_seconds": sum(t.get("media_seconds", 0.0) for t in transcripts.values()),
+        "counts": dict(writer.counts),
+        "failed": totals.failed,
+        "sources_skipped": counts["skipped"],
+        "sources_run": counts["ran"],
+        "media_seconds": totals.media_seconds,
+        "sources_wall_s": wall,
+        "cpu_seconds": totals.cpu_seconds,
+        "stage_seconds": totals.stage_seconds,
+        "stage_cpu_seconds": totals.stage_cpu_seconds,
+        "peak_worker_rss_mb": totals.peak_rss_mb,
+        "copy_modes": totals.copy_modes,
+        "max_pending_results": writer.max_pending,
+        "fingerprint": source_fingerprint(cfg),
     }
-
-
-def _sum_stage_seconds(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    total: dict[str, float] = {}
-    for res in results.values():
-        for name, seconds in res.get("stage_seconds", {}).items():
-            total[name] = total.get(name, 0.0) + seconds
-    return total
 
 
 if __name__ == "__main__":
@@ -317,6 +277,7 @@ if __name__ == "__main__":
     parser.add_argument("out_uri")
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--config-json", default=None, help="CurateConfig fields as JSON")
+    parser.add_argument("--config-uri", default=None, help="CurateConfig TOML/JSON at a URI")
     parser.add_argument("--num-cpus", type=int, default=None)
     args = parser.parse_args()
     summary = curate(
@@ -324,6 +285,7 @@ if __name__ == "__main__":
         args.out_uri,
         ray_address=args.ray_address,
         config=json.loads(args.config_json) if args.config_json else None,
+        config_uri=args.config_uri,
         num_cpus=args.num_cpus,
     )
     print(json.dumps(summary, indent=2, default=str))
