@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import curate, demo, generate, model, probe, synth
+from cli import curate, demo, generate, model, probe, synth, train
 
 app = typer.Typer(
     name="duet",
@@ -25,6 +25,7 @@ app.command("probe")(probe.probe)
 app.add_typer(model.app, name="model")
 app.command("generate")(generate.generate)
 app.command("curate")(curate.curate)
+app.command("train")(train.train)
 app.command("demo")(demo.demo)
 
 

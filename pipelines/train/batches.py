@@ -122,9 +122,16 @@ class BatchBuilder:
             ):
                 picks.append(([], [], []))
                 continue
+            images = _choose(others, _count(max_img, gen), gen)
+            images = [
+                row
+                if float(torch.rand(1, generator=gen)) < self.sampling.own_frame_probability
+                else r
+                for r in images
+            ]
             picks.append(
                 (
-                    _choose(others, _count(max_img, gen), gen),
+                    images,
                     _choose(others, _count(max_vid, gen), gen),
                     _choose(with_audio, _count(max_aud, gen), gen),
                 )

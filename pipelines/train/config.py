@@ -52,6 +52,10 @@ class ReferenceSampling:
     max_images: int = 9
     max_videos: int = 3
     max_audios: int = 3
+    # An image slot shows the clip's own first frame with this probability (else the
+    # first frame of another clip of the source): subject references in practice
+    # show the subject being generated, and within a source shots may differ.
+    own_frame_probability: float = 0.5
     # Video and audio references are cut to this many video latent steps (at most
     # the model's ref_time_stride, so reference time positions never overlap).
     max_reference_latent_frames: int = 4
@@ -116,6 +120,7 @@ class TrainConfig:
     # it reaches this step, once per run (a marker in storage says it happened).
     debug_kill_at_step: int = -1
     debug_kill_rank: int = 0
+    debug_kill_stage: str = "pretrain"
 
     def stage(self, name: str) -> StageConfig:
         if name not in STAGES:

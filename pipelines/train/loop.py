@@ -27,7 +27,7 @@ from core import storage
 from core.config import config_to_dict
 from model.checkpoint import CheckpointError, save_state
 from model.flow_matching import add_noise, resolution_shift, sample_timesteps, velocity_target
-from model.parallelize import apply_ddp, parallelize_dit
+from model.parallelize import parallelize_dit
 from model.pipeline import DuetPipeline
 from pipelines.train import state as ckpt
 from pipelines.train.batches import BatchBuilder, DiTBatch
@@ -251,7 +251,8 @@ def dit_task(cfg: TrainConfig, stage: str, pipeline: DuetPipeline, rt: Runtime) 
     dit.train()
     module: nn.Module = parallelize_dit(dit, cfg.parallel)
     if rt.distributed and not cfg.parallel.fsdp:
-        module = apply_ddp(module)
+        # Reference-slot and multi-shot parameters are unused on steps without them.
+        module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
     d = mcfg.dit
     builder = BatchBuilder(
         rows,
@@ -382,7 +383,11 @@ def _named_trainable(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _maybe_kill(cfg: TrainConfig, stage: str, step: int, rt: Runtime) -> None:
-    if cfg.debug_kill_at_step != step or rt.rank != cfg.debug_kill_rank:
+    if (cfg.debug_kill_at_step, cfg.debug_kill_rank, cfg.debug_kill_stage) != (
+        step,
+        rt.rank,
+        stage,
+    ):
         return
     marker = storage.join(stage_uri(cfg, stage), f"killed_at_{step}")
     if storage.exists(marker):

@@ -94,12 +94,13 @@ def pipeline_meta(pipeline, extra: dict | None = None) -> dict:
 
 
 def _flatten_optimizer(osd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    # With cpu_offload, only rank 0 receives the full state; the others get {}.
     tensors = {}
-    for fqn, values in osd["state"].items():
+    for fqn, values in osd.get("state", {}).items():
         for key, value in values.items():
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tensors[f"{fqn}/{key}"] = t.detach().cpu().contiguous()
-    groups = [dict(g) for g in osd["param_groups"]]
+    groups = [dict(g) for g in osd.get("param_groups", [])]
     return tensors, groups
 
 
