@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from model.dit import TextConditioning
+from model.ema import ema_update
 from model.flow_matching import (
     add_noise,
     flow_matching_loss,
@@ -117,11 +118,7 @@ def _train(
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         opt.step()
         if ema is not None:
-            # Warm-up (TensorFlow's num_updates rule): early averages forget the init fast.
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for avg, p in zip(ema, params, strict=True):
-                    avg.lerp_(p.detach(), 1.0 - decay)
+            ema_update(ema, params, ema_decay, step)
         window.append(float(loss.detach()))
         if (step + 1) % settings.log_every == 0 or step == 0 or step == steps - 1:
             history.append(sum(window) / len(window))

@@ -295,37 +295,3 @@ def test_fit_runs_every_stage_with_image_references(text_encoder):
     assert 0.2 < float(zv.std()) < 5.0
     with pytest.raises(ValueError, match="caption"):
         fit_pipeline(pipe, clips, ["only one"], settings)
-
-
-def test_fit_ema_swaps_in_the_average_of_the_trajectory():
-    """With an EMA the trained module ends on the running average, not the last step."""
-    from model.fit import FitReport, FitSettings, _train
-
-    def run(decay: float):
-        torch.manual_seed(0)
-        module = torch.nn.Linear(3, 1)
-        trajectory = []
-        x, y = torch.randn(16, 3), torch.randn(16, 1)
-
-        def loss_fn(step):
-            trajectory.append([p.detach().clone() for p in module.parameters()])
-            return torch.mean((module(x) - y) ** 2), {}
-
-        settings = FitSettings(log_every=1000)
-        _train(module, module.parameters(), 20, 0.05, loss_fn, "m", FitReport(), settings,
-               None, ema_decay=decay)  # fmt: skip
-        return module, trajectory
-
-    plain, trajectory = run(0.0)
-    averaged, _ = run(0.9)
-    # Recompute the average from the parameters after every step (the trajectory holds
-    # the parameters before each step, plain's final ones are the last step's result).
-    after = trajectory[1:] + [[p.detach() for p in plain.parameters()]]
-    expected = [p.clone() for p in trajectory[0]]
-    for step, params in enumerate(after):
-        decay = min(0.9, (1 + step) / (10 + step))
-        for avg, p in zip(expected, params, strict=True):
-            avg.lerp_(p, 1.0 - decay)
-    for got, want, last in zip(averaged.parameters(), expected, plain.parameters(), strict=True):
-        torch.testing.assert_close(got.detach(), want)
-        assert not torch.allclose(got.detach(), last.detach())

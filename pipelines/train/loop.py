@@ -26,6 +26,7 @@ from torch import nn
 from core import storage
 from core.config import config_to_dict
 from model.checkpoint import CheckpointError, save_state
+from model.ema import ema_update
 from model.flow_matching import add_noise, resolution_shift, sample_timesteps, velocity_target
 from model.parallelize import parallelize_dit
 from model.pipeline import DuetPipeline
@@ -453,10 +454,7 @@ def run_stage(
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), s.grad_clip)
         optimizer.step()
         if ema is not None:
-            decay = min(s.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for name, avg in ema.items():
-                    avg.lerp_(params[name].detach(), 1.0 - decay)
+            ema_update(ema.values(), [params[name] for name in ema], s.ema_decay, step)
         tokens_since += tokens * len(indices)
         state.step, state.epoch, state.batch = step + 1, position.epoch, position.batch
         window.append({"loss": float(loss.detach()), "grad_norm": float(grad_norm), **metrics})
