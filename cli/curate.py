@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import typer
 
 
@@ -19,7 +16,9 @@ def curate(
         help="Join this Ray cluster (e.g. ray://head:10001); local Ray if unset.",
     ),
     caption_backend: str = typer.Option(
-        "sidecar", "--caption-backend", help="sidecar | openai | transformers"
+        "auto",
+        "--caption-backend",
+        help="auto (sidecar if present, else the model named, else none) | sidecar | openai | transformers",
     ),
     caption_model: str = typer.Option("", "--caption-model", help="Model name (openai backend)."),
     caption_base_url: str = typer.Option(
@@ -41,14 +40,20 @@ def curate(
     sync_tolerance_ms: float = typer.Option(45.0, "--sync-tolerance-ms"),
     correct_sync: bool = typer.Option(False, "--correct-sync/--no-correct-sync"),
     num_cpus: int | None = typer.Option(None, "--num-cpus", help="CPUs for a local Ray."),
-    config_json: Path | None = typer.Option(
-        None, "--config", help="JSON file of CurateConfig fields (overrides the flags above)."
+    config_uri: str | None = typer.Option(
+        None,
+        "--config",
+        help="TOML or JSON CurateConfig at any URI (its fields override the flags above).",
+    ),
+    max_in_flight: int | None = typer.Option(
+        None, "--max-in-flight", help="Sources in flight at once (default: 2 x Ray CPUs)."
     ),
 ) -> None:
     """Curate raw footage into clips, a versioned Parquet manifest and an HTML report."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from core.config import load_config
     from curation.pipeline import CurateConfig
     from flows import curate as flow_module
 
@@ -63,15 +68,18 @@ def curate(
         base_url=caption_base_url,
         model_path=caption_model_path,
     )
-    if config_json is not None:
-        for section, values in json.loads(config_json.read_text()).items():
-            if isinstance(values, dict):
-                config.setdefault(section, {}).update(values)
-            else:
-                config[section] = values
     try:
+        if config_uri is not None:
+            for section, values in load_config(CurateConfig, config_uri).to_dict().items():
+                defaults = CurateConfig().to_dict()[section]
+                if isinstance(values, dict):
+                    # Only what the file changes from the defaults overrides the flags.
+                    changed = {k: v for k, v in values.items() if v != defaults[k]}
+                    config.setdefault(section, {}).update(changed)
+                elif values != defaults:
+                    config[section] = values
         CurateConfig.from_dict(config)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OSError) as err:
         console.print(f"[red]bad configuration:[/red] {err}")
         raise typer.Exit(code=2) from err
     speech_config = {"model_dir": speech_model_dir} if speech_model_dir else {}
@@ -101,14 +109,20 @@ def curate(
                 speech_config=speech_config,
                 speech_workers=speech_workers,
                 num_cpus=num_cpus,
+                max_in_flight=max_in_flight,
             )
         finally:
             flow_module.PROGRESS_HOOKS.remove(on_progress)
-    console.print(f"inputs: {summary['inputs']}  media seconds: {summary['media_seconds']:.1f}")
+    counts = summary["counts"]
+    console.print(
+        f"inputs: {summary['inputs']} = curated {counts['curated']} + no clips "
+        f"{counts['no_clips']} + quarantined {counts['quarantined']}  "
+        f"media seconds: {summary['media_seconds']:.1f}"
+    )
     for uri, error in summary["failed"].items():
         console.print(f"[red]failed[/red] {uri}: {error}")
     # Plain prints: paths must stay on one line for scripts, whatever the terminal width.
-    print(f"manifest: {summary['clips']}")
+    print(f"manifest: {summary['clips']} (version {summary['version']})")
     print(f"quarantine: {summary['quarantine']}")
     print(f"report: {summary['report']}")
     if summary["failed"]:

@@ -176,6 +176,13 @@ def probe_media(uri: str, check_frame_rate: bool = True) -> MediaInfo:
                         raise MediaError(uri, err.reason) from None
                     if first_s is not None:
                         start_s = first_s
+                    # A variable-rate source is re-timed to its nominal rate (the
+                    # container's base rate: a phone's 30 with dropped frames), not
+                    # to the average its drops pull down; unless the base rate is a
+                    # timestamp clock rather than a frame rate.
+                    base = float(video.base_rate or 0)
+                    if vfr and fps <= base <= 2 * fps:
+                        fps = base
             dw, dh = display_size(width, height, sar, rotation) if video else (0, 0)
             return MediaInfo(
                 uri=uri,

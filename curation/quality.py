@@ -187,7 +187,7 @@ class DuplicateIndex:
     def nearest(self, phash: str, source_id: str, shot_index: int) -> tuple[str, int]:
         """(clip id, distance) of the nearest kept clip from another shot, or ("", 192)."""
         value = int(phash, 16)
-        best, best_bits = "", HASH_BITS
+        best, best_bits, best_i = "", HASH_BITS, -1
         seen: set[int] = set()
         for table, band in zip(self.tables, self._band_values(value), strict=True):
             for i in table.get(band, ()):
@@ -198,8 +198,9 @@ class DuplicateIndex:
                 if (sid, shot) == (source_id, shot_index):
                     continue
                 bits = (value ^ self.hashes[i]).bit_count()
-                if bits < best_bits or (bits == best_bits and cid < best):
-                    best, best_bits = cid, bits
+                # Ties go to the earliest kept clip (the run's first copy).
+                if bits < best_bits or (bits == best_bits and i < best_i):
+                    best, best_bits, best_i = cid, bits, i
         return best, best_bits
 
     def add(self, phash: str, source_id: str, shot_index: int, clip_id: str) -> None:

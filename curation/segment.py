@@ -22,7 +22,7 @@ import numpy as np
 
 from core import media
 from curation.clips import ClipConfig, snap_start, split_span, trim_span
-from curation.records import ClipRecord, ShotRecord, clip_id_of
+from curation.records import ClipRecord, ShotRecord, SourceRecord, clip_id_of
 from curation.shots import ShotConfig, StreamingShotDetector
 from curation.stage import ClipWindow, Resources, SourceContext, SourceRejected, Stage
 
@@ -239,3 +239,27 @@ class _OpenShot:
         # Frames just before the boundary may still be needed: none are (the shot
         # before it is closed), so everything before it goes.
         self.drop_before(boundary)
+
+
+def analysis_frames(
+    path: str, source: SourceRecord, analysis_width: int = 160
+) -> tuple[np.ndarray, np.ndarray]:
+    """The whole source's analysis frames, ``(T, h, w, 3)`` BGR and ``(T, h, w)`` luma.
+
+    For tests and tools on short sources; the flow streams (:class:`SegmentStage`).
+    """
+    w, h = analysis_size(source.display_width, source.display_height, analysis_width)
+    bgr = [
+        f.image
+        for f in media.iter_display_frames(
+            path,
+            source.fps,
+            source.start_s,
+            size=(w, h),
+            pixel_format="bgr24",
+            sample_aspect_ratio=source.sample_aspect_ratio,
+        )
+    ]
+    frames = np.stack(bgr)
+    luma = np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in bgr])
+    return frames, luma

@@ -180,7 +180,9 @@ def gain_normalised(luma: np.ndarray, dark_fraction: float) -> tuple[np.ndarray,
         return luma, np.zeros(luma.shape[0], bool)
     dark = means < dark_fraction * reference
     gain = reference / np.maximum(means, 1e-3)
-    gain[dark] = 1.0
+    # Only frames well off the clip's brightness are fading; scaling the others by
+    # their small fluctuations (a mouth opening) would smear motion over the frame.
+    gain[dark | (np.abs(gain - 1.0) < 0.1)] = 1.0
     normed = np.clip(luma.astype(np.float32) * gain[:, None, None], 0, 255)
     if luma.dtype == np.uint8:
         normed = normed.astype(np.uint8)

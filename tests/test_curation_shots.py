@@ -8,8 +8,8 @@ import pytest
 from core import storage
 from core.synth import SynthConfig, generate_corpus
 from curation.clips import ClipConfig, clip_spans
-from curation.decode import DecodeStage
 from curation.records import ShotRecord
+from curation.segment import analysis_frames
 from curation.shots import ShotConfig, ShotStage, merge_boundaries
 from curation.validate import ValidateStage
 
@@ -24,10 +24,21 @@ def decoded_corpus(tmp_path_factory):
     uris = generate_corpus(root, 4, seed=5, config=config)
     out = []
     for uri in uris:
-        decoded = DecodeStage()(ValidateStage()(uri))
+        source = ValidateStage()(uri)
+        bgr, _ = analysis_frames(uri, source)
         sidecar = storage.read_json(uri[:-4] + ".json")
-        out.append((decoded, sidecar))
+        out.append((Analysed(source.source_id, bgr, source.fps), sidecar))
     return out
+
+
+class Analysed:
+    def __init__(self, source_id: str, bgr: np.ndarray, fps: float):
+        self.source_id, self.bgr, self.fps = source_id, bgr, fps
+        self.num_frames = bgr.shape[0]
+
+
+def shots_of(stage: ShotStage, analysed: Analysed) -> list[ShotRecord]:
+    return stage(analysed.bgr, analysed.fps, analysed.source_id)
 
 
 def boundary_f1(decoded_corpus, stage: ShotStage) -> tuple[float, int, int, int, int]:
@@ -40,7 +51,7 @@ def boundary_f1(decoded_corpus, stage: ShotStage) -> tuple[float, int, int, int,
         for t in sidecar["transitions"]:
             tol = 1 if t["type"] == "cut" else t["duration_s"] * fps / 2 + 1
             truth.append((t["time_s"] * fps, tol, t["type"]))
-        shots = stage(decoded)
+        shots = shots_of(stage, decoded)
         found = [s.start_frame for s in shots[1:]]
         used: set[int] = set()
         for frame in found:
@@ -73,7 +84,7 @@ def test_shot_boundary_f1_on_synthetic_world(decoded_corpus):
 
 def test_detected_transition_kinds(decoded_corpus):
     decoded, sidecar = decoded_corpus[0]
-    shots = ShotStage()(decoded)
+    shots = shots_of(ShotStage(), decoded)
     assert shots[0].transition_in == "start" and shots[0].start_frame == 0
     assert shots[-1].end_frame == decoded.num_frames
     for a, b in zip(shots, shots[1:], strict=False):
@@ -87,7 +98,7 @@ def test_content_detector_and_thresholds_are_configurable(decoded_corpus):
     assert f1 >= 0.9
     # A minimum shot length longer than any shot suppresses every boundary.
     decoded, _ = decoded_corpus[0]
-    assert len(ShotStage(ShotConfig(min_shot_s=60.0))(decoded)) == 1
+    assert len(shots_of(ShotStage(ShotConfig(min_shot_s=60.0)), decoded)) == 1
     with pytest.raises(ValueError):
         ShotConfig(cut_detector="magic")
 

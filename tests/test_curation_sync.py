@@ -7,9 +7,10 @@ import pytest
 
 from core import media
 from core.synth import render_shot
-from curation.clips import clip_audio
-from curation.decode import DecodeStage
+from curation.pipeline import CurateConfig, SourcePipeline
 from curation.records import ClipRecord
+from curation.segment import SegmentStage
+from curation.stage import SourceContext
 from curation.sync import SyncConfig, SyncStage, estimate_offset
 from curation.validate import ValidateStage
 
@@ -70,9 +71,19 @@ def test_offsets_survive_encoding_and_decoding(kind, tmp_path):
         media.write_mp4(
             path, media.AVClip(clip.frames, clip.fps, audio, clip.sample_rate), preset="ultrafast"
         )
-        decoded = DecodeStage()(ValidateStage()(path))
-        est = estimate_offset(decoded.small_luma, decoded.fps, decoded.audio, decoded.sample_rate)
+        (window,) = segment_windows(path)
+        est = estimate_offset(window.luma, clip.fps, window.audio, window.sample_rate)
         assert abs(est.offset_ms - offset) < frame_ms, (kind, offset, est)
+
+
+def segment_windows(path: str) -> list:
+    """The clip windows the flow's own streaming segment stage hands its clip stages."""
+    ctx = SourceContext(uri=path, out_uri="", source_id="s", fingerprint="f", path=path)
+    ValidateStage().process(ctx)
+    ctx.audio = media.AudioReader(path, ctx.source.start_s, ctx.source.audio_stream)
+    SegmentStage().process(ctx)
+    with ctx.audio:
+        return list(ctx.windows)
 
 
 def _record(fps: float, frames: int, rate: int) -> ClipRecord:
@@ -113,15 +124,24 @@ def test_verdicts_tolerance_and_correction():
     )
     assert fixed.sync_corrected and fixed.verdicts["av_sync_ok"]
 
-    # The corrected clip's audio (what the MP4 gets) is back in sync.
-    class Decoded:  # the two fields clip_audio reads
-        fps = clip.fps
-        sample_rate = clip.sample_rate
-        audio = late
 
-    corrected = clip_audio(Decoded, fixed)
-    again = estimate_offset(luma, clip.fps, corrected, clip.sample_rate)
-    assert abs(again.offset_ms) < 1000.0 / clip.fps
+def test_corrected_clip_file_is_back_in_sync(tmp_path):
+    """With ``correct``, the written clip's audio is taken later by the measured
+    offset: the MP4 on disk is in sync."""
+    clip, _ = render_shot("collision", seed=3, duration_s=4.0)
+    path = str(tmp_path / "late.mp4")
+    late = delay_audio(clip.audio, 120, clip.sample_rate)
+    media.write_mp4(path, media.AVClip(clip.frames, clip.fps, late, clip.sample_rate))
+    config = CurateConfig.from_dict({"sync": {"correct": True}})
+    result = SourcePipeline(config)(path, str(tmp_path / "out"))
+    assert result.quarantine is None
+    (record,) = result.clip_records()
+    assert record.sync_corrected and record.verdicts["av_sync_ok"]
+    assert abs(record.sync_offset_ms - 120) < 1000.0 / clip.fps
+    assert record.copy_mode == "reencode"  # a shifted track cannot be copied
+    written = media.read_clip(record.uri)
+    again = estimate_offset(_luma(written.frames), clip.fps, written.audio, written.sample_rate)
+    assert abs(again.offset_ms) < 1000.0 / clip.fps, again
 
 
 def test_silent_or_static_clip_is_uncertain_not_out_of_sync():

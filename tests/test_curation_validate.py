@@ -124,15 +124,20 @@ def make_bad_inputs(directory: str) -> dict[str, str]:
     return paths
 
 
+# Quarantined with the default config, and the reason each gets.
 EXPECTED_REASON = {
     "zero_byte": "empty (0 bytes)",
     "truncated": "unreadable media",
     "wrong_extension": "does not match the container",
-    "no_audio": "no audio stream",
     "one_frame": "video frame(s)",
-    "variable_frame_rate": "variable frame rate",
     "huge_resolution": "exceeds the limit",
     "non_utf8_name": "not valid UTF-8",
+}
+# Real footage the defaults accept (video-only clips, re-timed VFR); a config
+# switch quarantines each instead, with this reason.
+ACCEPTED_BY_DEFAULT = {
+    "no_audio": ("require_audio", True, "no audio stream"),
+    "variable_frame_rate": ("allow_variable_frame_rate", False, "variable frame rate"),
 }
 
 
@@ -145,9 +150,25 @@ def test_each_bad_input_is_quarantined_with_its_reason(bad_inputs):
     stage = ValidateStage()
     for kind, path in bad_inputs.items():
         record = stage(path)
+        if kind in ACCEPTED_BY_DEFAULT:
+            assert record.__class__.__name__ == "SourceRecord", kind
+            continue
         assert record.__class__.__name__ == "QuarantineRecord", kind
         assert EXPECTED_REASON[kind] in record.reason, (kind, record.reason)
         record.uri.encode("utf-8")  # display form is always valid UTF-8
+    assert set(EXPECTED_REASON) | set(ACCEPTED_BY_DEFAULT) == set(bad_inputs)
+
+
+def test_video_only_and_vfr_are_accepted_unless_switched_off(bad_inputs):
+    video_only = ValidateStage()(bad_inputs["no_audio"])
+    assert not video_only.has_audio and video_only.audio_stream == -1
+    vfr = ValidateStage()(bad_inputs["variable_frame_rate"])
+    assert vfr.variable_frame_rate and vfr.has_audio
+    for kind, (field, value, reason) in ACCEPTED_BY_DEFAULT.items():
+        strict = ValidateStage(ValidateConfig(**{field: value}))
+        record = strict(bad_inputs[kind])
+        assert record.__class__.__name__ == "QuarantineRecord", kind
+        assert reason in record.reason
 
 
 def test_good_input_passes_and_reports_its_streams(tmp_path):
