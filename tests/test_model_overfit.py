@@ -3,8 +3,8 @@
 Both VAEs and the DiT are trained from scratch by :func:`model.fit.fit_pipeline` on
 three one-ball ``bouncing_balls`` shots (64x64, 16 fps, 16 kHz). Then each caption
 is generated with two seeds and the result is measured with the synthetic world's
-own probes (harness and recipe: ``bench/overfit.py``, whose sweep is recorded in
-BENCHMARKS.md):
+own probes (harness and recipe: ``pipelines/train/overfit.py``; the sweep in
+``bench/overfit.py`` is recorded in BENCHMARKS.md):
 
 - the probed object colour must be exactly the prompt's colour;
 - the probe must see the ball bounce, and the audio onsets must fall within 2 frames
@@ -20,7 +20,7 @@ import statistics
 import numpy as np
 import pytest
 
-from bench.overfit import FRAME_S, RECIPES, run_recipe, summarise
+from pipelines.train.overfit import FRAME_S, RECIPES, run_recipe, summarise
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
