@@ -323,6 +323,18 @@ class DualBranchDiT(nn.Module):
             mask = torch.cat([mask, valid.expand(-1, -1, n_ref, -1)], dim=2)
         return mask
 
+    def _unused_zero(self) -> torch.Tensor:
+        """0, computed from the parameters that only some batches use (reference slots
+        of each kind, null_text), so that every parameter gets a gradient every step.
+
+        FSDP2 reduce-scatters only the gradients that exist: a slot used on one rank and
+        not on another would give the ranks different collectives (a hang on NCCL, an
+        abort on gloo). DDP then needs no find_unused_parameters either.
+        """
+        r = self.references
+        params = (self.null_text, r.image_slots, r.video_slots, r.audio_slots)
+        return sum(p.sum() for p in params) * 0.0
+
     # -- forward -----------------------------------------------------------------
     def forward(
         self,
@@ -408,6 +420,8 @@ class DualBranchDiT(nn.Module):
 
         out_v = self.video_out(xv[:, :n_main_v], cv)
         out_a = self.audio_out(xa[:, :n_main_a], ca)
+        if torch.is_grad_enabled():
+            out_v = out_v + self._unused_zero()
         out_v = unpatchify_video(out_v, self.video_channels, t_lat, h, w, self.patch)
         return out_v, out_a.transpose(1, 2)
 

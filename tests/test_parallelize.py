@@ -52,6 +52,10 @@ def _batch(batch: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
         "tokens": torch.randn(batch, 6, cfg.text.embed_dim, generator=g),  # (B, L, Dt)
         "ref": torch.randn(batch, cv, 1, h, w, generator=g),  # image reference latent
         "ref_present": torch.arange(batch) % 2 == 0,
+        # A video reference in the first half of the batch only: on 2 workers, rank 1
+        # never uses the video slots (FSDP2 must still reduce the same gradients).
+        "vref": torch.randn(batch, cv, 2, h, w, generator=g),
+        "vref_present": torch.arange(batch) < batch // 2,
         "drop": torch.arange(batch) % 4 == 1,  # one sample in four has no prompt
         "target_v": torch.randn(batch, cv, 3, h, w, generator=g),
         "target_a": torch.randn(batch, ca, 3 * cfg.audio_latents_per_video_latent, generator=g),
@@ -65,7 +69,9 @@ def _slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, t
 
 def _loss(dit: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
     text = TextConditioning(b["tokens"], torch.ones(b["tokens"].shape[:2], dtype=torch.bool))
-    refs = ReferenceLatents(images=[RefSlot(b["ref"], b["ref_present"])])
+    refs = ReferenceLatents(
+        images=[RefSlot(b["ref"], b["ref_present"])], videos=[RefSlot(b["vref"], b["vref_present"])]
+    )
     pv, pa = dit(b["video"], b["audio"], b["t"], text, refs, text_drop=b["drop"])
     return (pv - b["target_v"]).pow(2).mean() + (pa - b["target_a"]).pow(2).mean()
 
