@@ -85,6 +85,13 @@ class RunTotals:
         self.peak_rss_mb = 0.0
         self.failed: dict[str, str] = {}
         self.copy_modes: dict[str, int] = {}
+        self.speech_compute_seconds = 0.0
+        self.speech_media_seconds = 0.0
+
+    def add_speech(self, payload: dict[str, Any] | None) -> None:
+        if payload:
+            self.speech_compute_seconds += payload.get("compute_seconds", 0.0)
+            self.speech_media_seconds += payload.get("media_seconds", 0.0)
 
     def add(self, result: dict[str, Any]) -> None:
         self.media_seconds += result.get("media_seconds", 0.0)
@@ -135,6 +142,7 @@ def sources_task(
 
     def on_done(uri: str, result: dict[str, Any], speech_payload, skipped: bool) -> None:
         totals.add(result)
+        totals.add_speech(speech_payload)
         writer.add(uri, result, speech_payload)
 
     _progress("sources", 0, len(uris))
@@ -263,6 +271,8 @@ def curate(
         "stage_cpu_seconds": totals.stage_cpu_seconds,
         "peak_worker_rss_mb": totals.peak_rss_mb,
         "copy_modes": totals.copy_modes,
+        "speech_compute_seconds": totals.speech_compute_seconds,
+        "speech_media_seconds": totals.speech_media_seconds,
         "max_pending_results": writer.max_pending,
         "fingerprint": source_fingerprint(cfg),
     }

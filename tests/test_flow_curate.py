@@ -7,6 +7,7 @@ resumed must give the same manifest, and the same flow must run on S3.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -20,8 +21,9 @@ import polars as pl
 import pytest
 
 from core import storage
-from curation.manifest import SCHEMA_VERSION, manifest_uris, read_clips
-from tests.test_curation_validate import EXPECTED_REASON, make_bad_inputs
+from core.manifest_layout import latest_version, manifest_table_uri
+from curation.manifest import SCHEMA_VERSION, list_versions, manifest_uris, read_clips
+from tests.test_curation_validate import ACCEPTED_BY_DEFAULT, EXPECTED_REASON, make_bad_inputs
 
 # Every test here runs the flow (Prefect server + Ray start, ~35 s before the first).
 pytestmark = pytest.mark.slow
@@ -85,17 +87,42 @@ def _comparable(out_uri: str) -> pl.DataFrame:
         return pl.read_parquet(path).drop("clip_uri")
 
 
+NUM_INPUTS = NUM_VIDEOS + len(EXPECTED_REASON) + len(ACCEPTED_BY_DEFAULT)
+
+
 def test_flow_writes_manifest_report_and_quarantine(full_run, raw_dir):
     out, summary = full_run
     assert summary["failed"] == {}
-    assert summary["inputs"] == NUM_VIDEOS + len(EXPECTED_REASON)
+    assert summary["inputs"] == NUM_INPUTS
+    # Every input is accounted for, in sources.parquet and in the summary.
+    counts = summary["counts"]
+    assert counts["curated"] + counts["no_clips"] + counts["quarantined"] == NUM_INPUTS
+    assert counts["quarantined"] == len(EXPECTED_REASON)
+    sources = pl.read_parquet(summary["sources"])
+    assert sources.height == NUM_INPUTS and sources["source_id"].n_unique() == NUM_INPUTS
+    assert dict(zip(*sources["status"].value_counts().to_dict().values(), strict=True)) == {
+        k: v for k, v in counts.items() if v
+    }
     clips = pl.read_parquet(summary["clips"])
     assert clips.height > 0
+    assert summary["clips"] == manifest_table_uri(out, "clips")  # what training reads
     assert (clips["schema_version"] == SCHEMA_VERSION).all()
     assert clips["clip_id"].n_unique() == clips.height
-    # Every clip's MP4 exists and every clip's caption is its shot's ground truth.
+    # The video-only and the variable-frame-rate inputs became clips too.
+    by_name = clips.with_columns(
+        name=pl.col("source_uri").map_elements(os.path.basename, return_dtype=pl.String)
+    )
+    video_only = by_name.filter(pl.col("name") == "no_audio.mp4")
+    assert video_only.height >= 1 and not video_only["has_audio"].any()
+    assert by_name.filter(pl.col("name") == "vfr.mp4").height >= 1
+    # Every clip's MP4 exists and every synthetic clip's caption is its shot's truth;
+    # the other inputs have no sidecar and no model: kept, with the caption missing.
     for row in clips.iter_rows(named=True):
         assert storage.exists(row["clip_uri"])
+        if not os.path.basename(row["source_uri"]).startswith("synth_"):
+            assert row["caption"] == "" and row["caption_verdict"] == "caption_missing"
+            continue
+        assert row["caption_verdict"] == "captioned"
         sidecar = json.load(open(os.path.splitext(row["source_uri"])[0] + ".json"))
         mid = (row["start_s"] + row["end_s"]) / 2
         (shot,) = [s for s in sidecar["shots"] if s["start_s"] <= mid < s["end_s"]]
@@ -106,6 +133,8 @@ def test_flow_writes_manifest_report_and_quarantine(full_run, raw_dir):
     quarantine = pl.read_parquet(summary["quarantine"])
     reasons = dict(zip(quarantine["uri"], quarantine["reason"], strict=True))
     assert len(reasons) == len(EXPECTED_REASON)
+    assert set(quarantine["stage"]) <= {"validate", "segment"}
+    assert set(quarantine["error_type"]) == {"rejected"}
     for fragment in EXPECTED_REASON.values():
         assert any(fragment in r for r in reasons.values()), fragment
     assert storage.exists(summary["report"])
@@ -116,17 +145,53 @@ def test_flow_writes_manifest_report_and_quarantine(full_run, raw_dir):
 
 
 def test_rerun_of_a_finished_run_does_no_work(full_run, raw_dir):
+    """Same settings: every source is reused, and the run writes a new manifest
+    version equal to the first; the first stays readable."""
     from flows.curate import curate
 
     out, first = full_run
     before = _comparable(out)
-    marker = os.path.join(out, "manifest", "clips.parquet")
     again = curate(os.path.join(raw_dir, "*"), out)
     assert again["sources_run"] == 0
     assert again["sources_skipped"] == first["inputs"]
     assert again["cpu_seconds"] == first["cpu_seconds"]  # read back, not recomputed
-    assert os.path.exists(marker)
+    assert int(again["version"]) == int(first["version"]) + 1 == latest_version(out)
     assert _comparable(out).equals(before)
+    assert pl.read_parquet(first["clips"]).drop("clip_uri").equals(before)
+
+
+def test_changed_config_recomputes_and_old_versions_stay_readable(full_run, raw_dir, tmp_path):
+    """The resume key includes the config: other clip lengths recompute every source
+    (instead of reusing results the new config would not produce) into a new
+    version; every version stays readable by path with polars and duckdb."""
+    from flows.curate import curate
+
+    out = str(tmp_path / "out_versions")
+    shutil.copytree(full_run[0], out)
+    first = pl.read_parquet(manifest_table_uri(out, "clips"))
+    changed = curate(
+        os.path.join(raw_dir, "synth_*.mp4"), out, config={"clips": {"max_clip_s": 2.5}}
+    )
+    assert changed["sources_run"] == NUM_VIDEOS and changed["sources_skipped"] == 0
+    new = pl.read_parquet(changed["clips"])
+    assert new["duration_s"].max() <= 2.5 + 1e-6 < first["duration_s"].max()
+    versions = list_versions(out)
+    assert versions[-1] == latest_version(out) == int(changed["version"]) and len(versions) >= 2
+    for version in versions:
+        table = pl.read_parquet(manifest_table_uri(out, "clips", version))
+        assert table.height > 0
+    all_versions = pl.read_parquet(
+        os.path.join(out, "manifest", "v=*", "clips.parquet"), hive_partitioning=True
+    )
+    assert set(all_versions["v"].to_list()) == set(versions)
+    # DuckDB reads a version by path too (checked where it is installed; it is not a
+    # dependency of the platform).
+    if importlib.util.find_spec("duckdb") is not None:
+        import duckdb
+
+        old = manifest_table_uri(out, "clips", versions[0])
+        query = f"select count(*) from read_parquet('{old}')"
+        assert duckdb.sql(query).fetchall()[0][0] == first.height
 
 
 @pytest.mark.slow
@@ -150,8 +215,9 @@ def test_killed_run_resumes_to_the_same_manifest(full_run, raw_dir, ray_cluster,
         committed = []
         if os.path.isdir(sources):
             for sid in os.listdir(sources):
-                if os.path.exists(os.path.join(sources, sid, "_COMMITTED.json")):
-                    committed.append(sid)
+                for key in os.listdir(os.path.join(sources, sid)):
+                    if os.path.exists(os.path.join(sources, sid, key, "_COMMITTED.json")):
+                        committed.append(sid)
         clips_dir = os.path.join(out, "clips")
         if committed and os.path.isdir(clips_dir) and os.listdir(clips_dir):
             proc.send_signal(signal.SIGKILL)
@@ -160,10 +226,10 @@ def test_killed_run_resumes_to_the_same_manifest(full_run, raw_dir, ray_cluster,
         time.sleep(0.05)
     proc.wait(timeout=30)
     assert killed_with is not None, proc.stderr.read().decode()[-2000:]
-    assert not os.path.exists(os.path.join(out, "manifest", "clips.parquet"))
+    assert latest_version(out) is None  # no version was committed
 
     resumed = curate(os.path.join(raw_dir, "*"), out)
-    total = NUM_VIDEOS + len(EXPECTED_REASON)
+    total = NUM_INPUTS
     assert resumed["sources_skipped"] >= killed_with
     assert resumed["sources_run"] == total - resumed["sources_skipped"] < total
     a, b = _comparable(reference), _comparable(out)
@@ -193,7 +259,8 @@ def test_flow_runs_unchanged_on_s3(full_run, raw_dir, s3_bucket):
         name = df["source_uri"].map_elements(os.path.basename, return_dtype=pl.String)
         return df.with_columns(video=name).select(["video", *key]).sort(["video", "start_frame"])
 
-    assert by_video(s3_clips).equals(by_video(local))
+    synth_only = by_video(local).filter(pl.col("video").str.starts_with("synth_"))
+    assert by_video(s3_clips).equals(synth_only)
 
 
 def test_cli_prints_manifest_and_report_paths(full_run, raw_dir, tmp_path):
@@ -267,3 +334,23 @@ def test_flow_with_speech_on_talking_avatar(prefect_home, ray_cluster, tmp_path)
     # Resume covers speech too: a rerun transcribes nothing again.
     again = curate(os.path.join(raw, "*.mp4"), str(tmp_path / "out"), speech=True)
     assert again["speech_compute_seconds"] == summary["speech_compute_seconds"]
+
+
+def test_speech_failures_are_recorded_and_not_fatal(full_run, raw_dir, tmp_path):
+    """A speech worker that cannot start: every clip with audio gets ``speech_failed``
+    and the error, the actors are cleaned up, the run completes."""
+    from flows.curate import curate
+
+    out = str(tmp_path / "out_speech_down")
+    shutil.copytree(full_run[0], out)
+    summary = curate(
+        os.path.join(raw_dir, "synth_*.mp4"),
+        out,
+        speech=True,
+        speech_config={"python": str(tmp_path / "no_such_python")},
+    )
+    assert summary["counts"]["curated"] == NUM_VIDEOS
+    clips = pl.read_parquet(summary["clips"])
+    assert clips.height > 0
+    assert set(clips["speech_verdict"]) == {"speech_failed"}
+    assert all("no_such_python" in e for e in clips["speech_error"])
