@@ -190,17 +190,19 @@ def inspect_state(uri: str) -> tuple[dict[str, TensorSpec], dict]:
     if files is None:  # schema 1
         files = {WEIGHTS_NAME: {}}
     specs: dict[str, TensorSpec] = {}
+    fs = storage.filesystem(uri)  # one client for every file (an S3 client is costly)
     for name, info in files.items():
         path = storage.join(uri, name)
-        if not storage.exists(path):
-            raise CheckpointError(f"checkpoint file missing: {path}")
-        actual = storage.size(path)
+        try:
+            actual = int(fs.size(storage.strip_scheme(path)))
+        except FileNotFoundError as err:
+            raise CheckpointError(f"checkpoint file missing: {path}") from err
         if "size" in info and actual != info["size"]:
             raise CheckpointError(
                 f"{path}: {actual} bytes, the checkpoint recorded {info['size']} (truncated "
                 f"or overwritten)"
             )
-        for key, spec in _read_header(path, name, actual).items():
+        for key, spec in _read_header(fs, path, name, actual).items():
             if key in specs:
                 raise CheckpointError(f"{path}: tensor {key!r} also stored in {specs[key].file}")
             specs[key] = spec
@@ -210,26 +212,29 @@ def inspect_state(uri: str) -> tuple[dict[str, TensorSpec], dict]:
     return specs, meta
 
 
-def _read_header(path: str, name: str, file_size: int) -> dict[str, TensorSpec]:
+def _read_header(fs, path: str, name: str, file_size: int) -> dict[str, TensorSpec]:
     """Parse a safetensors header (8-byte little-endian length + JSON) and check that
     the data offsets tile the rest of the file exactly."""
-    fs = storage.filesystem(path)
-    with fs.open(storage.strip_scheme(path), "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {len(head)} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(file_size - 8, 100 * 1024**2):
-            raise CheckpointError(f"{path}: corrupt safetensors header (length {n})")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {err}") from err
+    # Two ranged reads: a stream would fetch a whole read-ahead block (50 MB on S3).
+    key = storage.strip_scheme(path)
+    if file_size < 8:
+        raise CheckpointError(f"{path}: not a safetensors file (only {file_size} bytes)")
+    (n,) = struct.unpack("<Q", fs.cat_file(key, start=0, end=8))
+    if n > min(file_size - 8, 100 * 1024**2):
+        raise CheckpointError(f"{path}: corrupt safetensors header (length {n})")
+    try:
+        header = json.loads(fs.cat_file(key, start=8, end=8 + n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {err}") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
     header.pop("__metadata__", None)
     specs, end = {}, 0
     for key, entry in header.items():
         try:
-            dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            dtype, (lo, hi) = entry["dtype"], entry["data_offsets"]
+            shape = tuple(int(d) for d in entry["shape"])
+            lo, hi = int(lo), int(hi)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: corrupt safetensors entry {key!r}") from err
         if dtype not in _DTYPES:
@@ -303,9 +308,13 @@ def load_state(uri: str) -> tuple[dict[str, torch.Tensor], dict]:
 def _read_tensors(uri: str, meta: dict, names: list[str]) -> dict[str, torch.Tensor]:
     recorded = meta.get("weight_files", {})
     tensors: dict[str, torch.Tensor] = {}
+    fs = storage.filesystem(uri)
     for name in names:
         path = storage.join(uri, name)
-        data = storage.read_bytes(path)
+        try:
+            data = fs.cat_file(storage.strip_scheme(path))
+        except FileNotFoundError as err:
+            raise CheckpointError(f"checkpoint file missing: {path}") from err
         want = recorded.get(name, {}).get("sha256")
         if want is not None and hashlib.sha256(data).hexdigest() != want:
             raise CheckpointError(f"{path}: sha256 differs from the checkpoint's record (corrupt)")

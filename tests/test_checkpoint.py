@@ -116,9 +116,9 @@ def test_sharded_state_has_named_shards_and_an_index(tmp_path):
 
 def test_sharded_pipeline_round_trips_through_s3(pipeline, s3_bucket):
     uri = f"{s3_bucket}/runs/a/step-1"
-    pipeline.save(uri, max_shard_bytes=SHARD)
+    pipeline.save(uri, max_shard_bytes=4 * 2**20)
     shards = storage.list_files(uri, suffixes=(".safetensors",))
-    assert len(shards) > 10 and all("-of-" in s for s in shards)
+    assert len(shards) > 2 and all("-of-" in s for s in shards)
     loaded = load_pipeline(uri)
     for key, value in pipeline.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
