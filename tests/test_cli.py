@@ -14,11 +14,31 @@ from typer.testing import CliRunner
 from cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [["synth"], ["probe"], ["generate"], ["curate"], ["demo"], ["model", "info"]]
+
+
+def _command_paths(group=None, prefix=()) -> list[list[str]]:
+    """Every leaf command of ``duet`` (subcommands added later are covered too)."""
+    group = group or get_command(app)
+    paths = []
+    for name, command in sorted(group.commands.items()):
+        if hasattr(command, "commands"):
+            paths += _command_paths(command, (*prefix, name))
+        else:
+            paths.append([*prefix, name])
+    return paths
+
+
+COMMANDS = _command_paths()
 
 
 def _invoke(args, **kwargs):
     return CliRunner().invoke(app, args, terminal_width=80, env={"COLUMNS": "80"}, **kwargs)
+
+
+def test_every_known_command_is_covered():
+    assert {"synth", "probe", "generate", "curate", "demo", "model info"} <= {
+        " ".join(p) for p in COMMANDS
+    }
 
 
 def _option_names(path: list[str]) -> list[str]:
