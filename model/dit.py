@@ -268,6 +268,18 @@ class DualBranchDiT(nn.Module):
         self.audio_out = FinalLayer(da, self.audio_channels)
         self._init_weights()
 
+    def init_weights(self) -> None:
+        """Initialise every parameter again, e.g. after ``to_empty`` of a meta-device
+        build (large presets, torchtitan style: meta -> parallelize -> to_empty -> this).
+        Works on FSDP2-sharded parameters too."""
+        for module in self.modules():
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        r = self.references
+        for p in (self.null_text, r.image_slots, r.video_slots, r.audio_slots):
+            nn.init.normal_(p, std=0.02)
+        self._init_weights()
+
     def _init_weights(self) -> None:
         def basic(module):
             if isinstance(module, nn.Linear):

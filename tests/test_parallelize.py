@@ -149,6 +149,23 @@ def test_compile_matches_plain(backend):
     _assert_close(grads0, grads1, atol)
 
 
+def test_init_weights_sets_every_parameter_of_a_meta_build():
+    cfg = get_config("tiny")
+    built = DualBranchDiT(cfg)
+    with torch.device("meta"):
+        empty = DualBranchDiT(cfg)
+    empty.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in empty.parameters():
+            p.fill_(float("nan"))  # what to_empty leaves is undefined: make it loud
+    torch.manual_seed(5)
+    built.init_weights()
+    torch.manual_seed(5)
+    empty.init_weights()
+    for key, value in built.state_dict().items():
+        assert torch.equal(empty.state_dict()[key], value), key
+
+
 # -- FSDP2 on gloo --------------------------------------------------------------------
 
 STEPS = 2
@@ -219,6 +236,12 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             empty = DualBranchDiT(get_config("tiny"))
         parallelize_dit(empty, cfg)
         load_full_state_dict(empty, tensors if rank == 0 else {}, broadcast_from_rank0=True)
+        # A fresh large-preset start: meta build, shard, allocate, initialise in place.
+        with torch.device("meta"):
+            scratch = DualBranchDiT(get_config("tiny"))
+        parallelize_dit(scratch, cfg).to_empty(device="cpu")
+        scratch.init_weights()
+        init_state = gather_full_state_dict(scratch)
         with torch.no_grad():
             check = _loss(dit.eval(), local)
             again = _loss(fresh.eval(), local)
@@ -229,6 +252,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                  "from_meta": from_meta},
                 os.path.join(out_dir, "rank0.safetensors"),
             )  # fmt: skip
+            save_file(init_state, os.path.join(out_dir, "init.safetensors"))
     finally:
         dist.destroy_process_group()
 
@@ -263,3 +287,12 @@ def test_fsdp2_two_workers_match_one_process(tmp_path):
     with torch.no_grad():
         local0 = _loss(reloaded, _slice(full, 0, world))
     assert torch.allclose(local0, result["check"], atol=1e-6)
+
+    # Initialised while sharded: finite everywhere, AdaLN-zero and the norms as a build.
+    init = load_file(str(tmp_path / "init.safetensors"))
+    built = DualBranchDiT(get_config("tiny")).state_dict()
+    assert init.keys() == built.keys()
+    assert all(torch.isfinite(v).all() for v in init.values())
+    for key, value in built.items():
+        if "modulation" in key or "norm" in key or key.endswith("text_attn.proj.weight"):
+            assert torch.equal(init[key], value), key
