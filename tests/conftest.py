@@ -81,3 +81,24 @@ def _stop_prefect_temporary_server():
         return
     for server in list(server_module.SubprocessASGIServer._instances.values()):
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_curated_corpus(tmp_path_factory) -> str:
+    """A small synthetic corpus (128x128 at 16 fps and 16 kHz, the curation minimum size) curated by the flow.
+
+    Shared by the training tests: bouncing and colliding shapes in 2-4 shots per
+    video, cut into clips by the real curation flow (speech off). Returns its URI.
+    """
+    from core.synth import SynthConfig, generate_corpus
+    from flows.curate import curate
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    synth = SynthConfig(
+        width=128, height=128, fps=16, sample_rate=16000,
+        kinds=("bouncing_balls", "collision"), min_shots=2, max_shots=4,
+        min_shot_s=2.5, max_shot_s=4.0,
+    )  # fmt: skip
+    generate_corpus(str(root / "raw"), 8, seed=11, config=synth)
+    curate(str(root / "raw" / "*.mp4"), str(root / "curated"), speech=False)
+    return str(root / "curated")

@@ -1,9 +1,10 @@
 """DiT training batches from cached latents: text, references and multi-shot sequences.
 
 References are filled from the data, as the model will be used: for a clip of
-source S, image references are first frames of *other* clips of S (latent frame 0
-of the causal VAE is exactly the image latent of frame 0), video references are
-the openings of other clips of S, audio references their sound. Each sample draws
+source S, image slot 0 is the subject, the clip's own first frame (latent frame 0
+of the causal VAE is exactly the image latent of frame 0); the other image slots
+are first frames of *other* clips of S, video references the openings of other
+clips of S, audio references their sound. Each sample draws
 its own slot counts (uniform up to 9/3/3) or none at all, so the model sees every
 count and absence. Video and audio references are cut to a few latent steps, never
 more than the model's ``ref_time_stride``, so their RoPE times never overlap the
@@ -122,13 +123,20 @@ class BatchBuilder:
             ):
                 picks.append(([], [], []))
                 continue
-            images = _choose(others, _count(max_img, gen), gen)
-            images = [
-                row
-                if float(torch.rand(1, generator=gen)) < self.sampling.own_frame_probability
-                else r
-                for r in images
-            ]
+            # Image slot 0 is the subject: the clip's own first frame, or absent. The
+            # other image slots show first frames of other clips of the source. Were
+            # the own frame put in a random slot among the others (as at first), the
+            # slots would be exchangeable in the data, so nothing could teach the
+            # model which of several images to follow: given a red image in one slot
+            # and a blue one in another it could only blend or guess, and swapping
+            # two slots could not change the output in any predictable way. With a
+            # fixed subject slot the model learns to take the subject from slot 0
+            # and to treat the rest as context, which a test can check.
+            n_img = _count(max_img, gen)
+            images: list[ClipRow | None] = []
+            if n_img:
+                own = float(torch.rand(1, generator=gen)) < self.sampling.own_frame_probability
+                images = [row if own else None] + _choose(others, n_img - 1, gen)
             picks.append(
                 (
                     images,
@@ -136,7 +144,7 @@ class BatchBuilder:
                     _choose(with_audio, _count(max_aud, gen), gen),
                 )
             )
-        if not any(p[0] or p[1] or p[2] for p in picks):
+        if not any(any(p[0]) or p[1] or p[2] for p in picks):
             return None
 
         def slots(kind: int, limit: int, extract) -> list[RefSlot | None]:

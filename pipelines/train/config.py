@@ -52,9 +52,11 @@ class ReferenceSampling:
     max_images: int = 9
     max_videos: int = 3
     max_audios: int = 3
-    # An image slot shows the clip's own first frame with this probability (else the
-    # first frame of another clip of the source): subject references in practice
-    # show the subject being generated, and within a source shots may differ.
+    # Image slot 0 is the subject: it shows the clip's own first frame with this
+    # probability (else it is absent); slots 1.. show first frames of other clips of
+    # the source. Subject references in practice show the subject being generated,
+    # and a fixed subject slot is what lets the model tell it from the others
+    # (see pipelines.train.batches).
     own_frame_probability: float = 0.5
     # Video and audio references are cut to this many video latent steps (at most
     # the model's ref_time_stride, so reference time positions never overlap).
@@ -121,6 +123,8 @@ class TrainConfig:
     debug_kill_at_step: int = -1
     debug_kill_rank: int = 0
     debug_kill_stage: str = "pretrain"
+    # Log which clips every step trained on (samples.jsonl), to audit resumes.
+    record_samples: bool = False
 
     def stage(self, name: str) -> StageConfig:
         if name not in STAGES:

@@ -77,7 +77,7 @@ def encode_rows(pipeline, rows: list[ClipRow]) -> dict[str, torch.Tensor]:
             text = torch.zeros(0, pipeline.config.text.embed_dim)
         tensors[f"{row.clip_id}.video"] = zv.cpu().float()
         tensors[f"{row.clip_id}.audio"] = za.cpu().float()
-        tensors[f"{row.clip_id}.text"] = text.cpu().float()
+        tensors[f"{row.clip_id}.text"] = text.cpu().float().clone()  # the encoder caches by text
         tensors[f"{row.clip_id}.has_audio"] = torch.tensor([int(row.has_audio)])
     return tensors
 

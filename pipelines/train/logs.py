@@ -17,6 +17,7 @@ import tempfile
 from core import storage
 
 METRICS_NAME = "metrics.jsonl"
+SAMPLES_NAME = "samples.jsonl"
 REPORT_NAME = "report.html"
 CURVE_NAME = "loss.png"
 
@@ -26,16 +27,18 @@ class MetricsLog:
         self.stage_uri = stage_uri
         self.enabled = enabled
         self.rows: list[dict] = []
+        self.samples: list[dict] = []  # which clips each step trained on (record_samples)
         self._writer = None
         self._tb_local = ""
         if not enabled:
             return
-        uri = storage.join(stage_uri, METRICS_NAME)
-        if resume_step and storage.exists(uri):
-            for line in storage.read_text(uri).splitlines():
-                row = json.loads(line)
-                if row["step"] <= resume_step:
-                    self.rows.append(row)
+        for name, rows in ((METRICS_NAME, self.rows), (SAMPLES_NAME, self.samples)):
+            uri = storage.join(stage_uri, name)
+            if resume_step and storage.exists(uri):
+                for line in storage.read_text(uri).splitlines():
+                    row = json.loads(line)
+                    if row["step"] <= resume_step:
+                        rows.append(row)
 
     def _tensorboard(self):
         if self._writer is None:
@@ -57,6 +60,10 @@ class MetricsLog:
         for key, value in values.items():
             writer.add_scalar(key, float(value), int(step))
 
+    def add_samples(self, step: int, epoch: int, batch: int, clip_ids: list[str]) -> None:
+        if self.enabled:
+            self.samples.append({"step": step, "epoch": epoch, "batch": batch, "clips": clip_ids})
+
     def last(self) -> dict:
         return dict(self.rows[-1]) if self.rows else {}
 
@@ -65,6 +72,9 @@ class MetricsLog:
             return
         text = "".join(json.dumps(r) + "\n" for r in self.rows)
         storage.write_text(storage.join(self.stage_uri, METRICS_NAME), text)
+        if self.samples:
+            text = "".join(json.dumps(r) + "\n" for r in self.samples)
+            storage.write_text(storage.join(self.stage_uri, SAMPLES_NAME), text)
         if self._writer is not None:
             self._writer.flush()
             if storage.scheme_of(self.stage_uri) not in ("", "file"):

@@ -408,13 +408,40 @@ class StageResult:
     losses: list[tuple[int, float]]
 
 
+def check_fits(cfg: TrainConfig, pipeline: DuetPipeline) -> None:
+    """Config errors that would otherwise surface after minutes of decoding."""
+    mcfg = pipeline.config
+    for frames in cfg.data.frame_buckets:
+        try:
+            mcfg.num_latent_frames(frames)
+        except ValueError as err:
+            raise TrainError(f"data.frame_buckets: {err} (model {mcfg.name!r})") from err
+    s = cfg.vae
+    if s.crop_px and (
+        s.crop_px % mcfg.video_vae.spatial_factor or s.crop_px > min(mcfg.width, mcfg.height)
+    ):
+        raise TrainError(
+            f"vae.crop_px {s.crop_px} must be a multiple of {mcfg.video_vae.spatial_factor} "
+            f"within {mcfg.width}x{mcfg.height}"
+        )
+    if cfg.parallel.fsdp and not torch.distributed.is_initialized():
+        raise TrainError("parallel.fsdp needs several workers (Ray Train or torchrun)")
+
+
 def run_stage(
     cfg: TrainConfig, stage: str, rt: Runtime, progress: Progress | None = None
 ) -> StageResult:
     """Train one stage to its configured step count (resuming if a checkpoint exists)."""
     started = time.perf_counter()
     pipeline, parent = build_pipeline(cfg, stage)
+    check_fits(cfg, pipeline)
     version = data_version(cfg.data.curated_uri)
+    here = stage_uri(cfg, stage)
+    resume = rt.restored_checkpoint() or ckpt.latest_checkpoint(here)
+    if resume:  # a corrupt or foreign checkpoint fails here, before any decoding
+        found, _ = ckpt.open_checkpoint(resume)
+        if found.stage != stage:
+            raise CheckpointError(f"{resume} is a {found.stage!r} checkpoint, not {stage!r}")
     task = vae_task(cfg, pipeline, rt) if stage == "vae" else dit_task(cfg, stage, pipeline, rt)
     s = task.settings
     sampler = EpochSampler(task.rows, s.batch_size, rt.world_size, cfg.seed)
@@ -425,15 +452,11 @@ def run_stage(
     ema = {n: p.detach().clone() for n, p in params.items()} if s.ema_decay > 0 else None
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
-    here = stage_uri(cfg, stage)
-    resume = rt.restored_checkpoint() or ckpt.latest_checkpoint(here)
     state = ckpt.TrainState(
         stage=stage, seed=cfg.seed, parent=parent, data_version=version, config=config_to_dict(cfg)
     )
     if resume:
         state = ckpt.restore_checkpoint(resume, task.components, task.module, optimizer, ema)
-        if state.stage != stage:
-            raise CheckpointError(f"{resume} is a {state.stage!r} checkpoint, not {stage!r}")
     log = MetricsLog(here, enabled=rt.is_main, resume_step=state.step)
     position = SamplerPosition(state.epoch, state.batch)
     window: list[dict] = []
@@ -447,6 +470,10 @@ def run_stage(
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = lr_at(step, s.steps, base, s.warmup_steps)
         indices, position = sampler.next(position, rt.rank)
+        if cfg.record_samples and rt.is_main:
+            epoch, batch = (position.epoch, position.batch - 1)
+            global_batch = sampler.epoch_batches(epoch)[batch]
+            log.add_samples(step + 1, epoch, batch, [task.rows[i].clip_id for i in global_batch])
         gen = step_generator(cfg.seed, stage, step, rt.rank)
         loss, metrics, tokens = task.batch_fn(indices, gen, step)
         optimizer.zero_grad(set_to_none=True)

@@ -161,6 +161,21 @@ def read_train_state(uri: str) -> TrainState:
     return TrainState(**data)
 
 
+def open_checkpoint(uri: str) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Read and check a training checkpoint (cheap next to training: fail here, early)."""
+    state = read_train_state(uri)
+    try:
+        tensors, _ = load_state(uri)
+    except CheckpointError:
+        raise
+    except Exception as err:  # safetensors' own errors for truncated/corrupt files
+        raise CheckpointError(f"{uri}: unreadable weights: {err}") from err
+    for name in (OPTIMIZER_NAME,):
+        if not storage.exists(storage.join(uri, name)):
+            raise CheckpointError(f"{uri}: {name} missing")
+    return state, tensors
+
+
 def restore_checkpoint(
     uri: str, components: tuple[str, ...], module: nn.Module, optimizer, ema: dict | None
 ) -> TrainState:
@@ -169,8 +184,7 @@ def restore_checkpoint(
     ``components``: the pipeline components the module holds; one component means
     the module *is* that component (its keys carry no prefix).
     """
-    state = read_train_state(uri)
-    tensors, _ = load_state(uri)
+    state, tensors = open_checkpoint(uri)
     if len(components) == 1:
         prefix = f"{components[0]}."
         model_state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

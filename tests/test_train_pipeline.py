@@ -1,0 +1,264 @@
+"""The training pipeline: data position, checkpoints, resume after kills, fail-fast errors.
+
+The expensive parts share one curated corpus (``tiny_curated_corpus``) and one VAE
+stage; the DiT stages run a few steps each. Resume checks compare per-step losses
+of an interrupted run with an uninterrupted one: every random number is drawn
+from a generator seeded by (seed, stage, step, rank) and the whole optimizer, EMA
+and data position are restored, so on the CPU they agree to float32 rounding of
+the same operations, i.e. exactly; the tolerance allows 1e-6 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from core import storage
+from model.checkpoint import CheckpointError
+from model.pipeline import DuetPipeline
+from pipelines.train import train
+from pipelines.train.config import TrainConfig, train_config_from
+from pipelines.train.data import (
+    EpochSampler,
+    SamplerPosition,
+    TrainDataError,
+    load_clip_rows,
+    sft_subset,
+)
+from pipelines.train.loop import TrainError, final_uri, run_stage
+from pipelines.train.runtime import Runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- the sampler ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Row:
+    clip_id: str
+    bucket: int
+
+
+def _rows(n: int, buckets=(17, 33)) -> list[_Row]:
+    return [_Row(f"c{i}", buckets[i % len(buckets)]) for i in range(n)]
+
+
+def test_sampler_sees_each_clip_once_per_epoch_across_ranks():
+    rows = _rows(37)
+    sampler = EpochSampler(rows, batch_per_worker=3, world_size=2, seed=4)
+    seen, pos = [], SamplerPosition()
+    for _ in range(len(sampler.epoch_batches(0))):
+        for rank in (0, 1):
+            idx, after = sampler.next(pos, rank)
+            assert {rows[i].bucket for i in idx} == {rows[idx[0]].bucket}, "a batch mixes buckets"
+            seen += idx
+        pos = after
+    assert len(seen) == len(set(seen)), "a clip was seen twice in one epoch"
+    # Per bucket, all but the remainder that cannot fill a global batch of 6 are seen.
+    for bucket in (17, 33):
+        members = [i for i, r in enumerate(rows) if r.bucket == bucket]
+        assert len([i for i in seen if i in members]) == len(members) // 6 * 6
+    # The epoch rolls over with a different order.
+    nxt, _ = sampler.next(pos, 0)
+    assert sampler.epoch_batches(1) != sampler.epoch_batches(0)
+    assert nxt == sampler.epoch_batches(1)[0][0::2]
+
+
+def test_sampler_resumes_at_a_saved_position():
+    rows = _rows(40)
+    run = EpochSampler(rows, 2, 1, seed=9)
+    pos, straight = SamplerPosition(), []
+    for _ in range(25):  # crosses an epoch boundary (20 batches per epoch)
+        idx, pos = run.next(pos, 0)
+        straight.append(idx)
+    fresh, resumed, pos = EpochSampler(rows, 2, 1, seed=9), [], SamplerPosition()
+    for _ in range(11):
+        _, pos = run.next(pos, 0)
+    saved = SamplerPosition(pos.epoch, pos.batch)  # what a checkpoint stores
+    for _ in range(14):
+        idx, saved = fresh.next(saved, 0)
+        resumed.append(idx)
+    assert resumed == straight[11:]
+
+
+def test_sampler_rejects_a_batch_larger_than_the_data():
+    with pytest.raises(TrainDataError, match="cannot fill one global batch"):
+        EpochSampler(_rows(5, buckets=(17,)), batch_per_worker=4, world_size=2, seed=0)
+
+
+# -- stages on a curated corpus ----------------------------------------------------------
+
+
+def _config(corpus: str, run_uri: str, **overrides) -> TrainConfig:
+    base = {
+        "run_uri": run_uri,
+        "seed": 3,
+        "record_samples": True,
+        "data": {"curated_uri": corpus, "latent_cache_uri": run_uri + "-latents"},
+        "vae": {"steps": 6, "batch_size": 2, "checkpoint_every": 3, "log_every": 1},
+        "pretrain": {"steps": 8, "batch_size": 2, "checkpoint_every": 3, "log_every": 1},
+        "sft": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            base.setdefault(key, {}).update(value)
+        else:
+            base[key] = value
+    return train_config_from(base)
+
+
+@pytest.fixture(scope="module")
+def vae_run(tiny_curated_corpus, tmp_path_factory) -> TrainConfig:
+    """The VAE stage, trained once in this process; later tests start from its final."""
+    run = str(tmp_path_factory.mktemp("train") / "base")
+    cfg = _config(tiny_curated_corpus, run)
+    train(cfg, stages=("vae",), runner="local")
+    return cfg
+
+
+def _metrics(stage_uri: str) -> list[dict]:
+    return [json.loads(x) for x in storage.read_text(stage_uri + "/metrics.jsonl").splitlines()]
+
+
+def _samples(stage_uri: str) -> list[dict]:
+    return [json.loads(x) for x in storage.read_text(stage_uri + "/samples.jsonl").splitlines()]
+
+
+def test_vae_stage_writes_a_loadable_final_with_its_lineage(vae_run):
+    final = final_uri(vae_run, "vae")
+    meta = storage.read_json(final + "/config.json")
+    extra = meta["extra"]
+    assert extra["stage"] == "vae" and extra["steps"] == 6
+    assert "clips.parquet" in extra["data_version"]
+    assert extra["metrics"]["psnr_db"] > 5.0  # held-out reconstruction was measured
+    pipe = DuetPipeline.from_checkpoint(final)
+    assert float(pipe.video_vae.latent_std.min()) > 0  # calibrated
+    stage = vae_run.run_uri + "/vae"
+    losses = [r["loss"] for r in _metrics(stage)]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    for name in ("report.html", "loss.png"):
+        assert storage.exists(f"{stage}/{name}")
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(stage + "/tensorboard"))
+    # keep_checkpoints=2: the oldest of three was pruned.
+    assert sorted(n for n in os.listdir(stage) if n.startswith("checkpoint_")) == [
+        "checkpoint_00000003",
+        "checkpoint_00000006",
+    ]
+
+
+def _duet_train(stage: str, cfg: TrainConfig, tmp_path, extra=()) -> subprocess.CompletedProcess:
+    cfg_path = tmp_path / f"cfg-{os.urandom(3).hex()}.json"
+    from core.config import config_to_dict
+
+    cfg_path.write_text(json.dumps(config_to_dict(cfg)))
+    cmd = [sys.executable, "-m", "cli.main", "train", stage, "--config", str(cfg_path), *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_killed_driver_resumes_with_the_same_losses_and_data(vae_run, tmp_path):
+    """SIGKILL the whole training process mid-stage; rerunning the command resumes exactly."""
+    parent = final_uri(vae_run, "vae")
+    straight = _config(vae_run.data.curated_uri, str(tmp_path / "straight"), init_from=parent)
+    killed = _config(
+        vae_run.data.curated_uri,
+        str(tmp_path / "killed"),
+        init_from=parent,
+        debug_kill_at_step=5,
+        debug_kill_stage="pretrain",
+    )
+    done = _duet_train("pretrain", straight, tmp_path, ["--runner", "local"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = _duet_train("pretrain", killed, tmp_path, ["--runner", "local"])
+    assert first.returncode == -9, (first.returncode, first.stderr[-3000:])
+    assert storage.exists(killed.run_uri + "/pretrain/checkpoint_00000003")
+    assert not storage.exists(final_uri(killed, "pretrain"))
+    again = _duet_train("pretrain", killed, tmp_path, ["--runner", "local"])
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    a, b = _metrics(straight.run_uri + "/pretrain"), _metrics(killed.run_uri + "/pretrain")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6), (ra, rb)
+    sa, sb = _samples(straight.run_uri + "/pretrain"), _samples(killed.run_uri + "/pretrain")
+    assert sa == sb
+    epoch0 = [c for r in sb if r["epoch"] == 0 for c in r["clips"]]
+    assert len(epoch0) == len(set(epoch0)), "a clip was trained twice in one epoch"
+    # The final weights agree too.
+    wa = DuetPipeline.from_checkpoint(final_uri(straight, "pretrain")).dit.state_dict()
+    wb = DuetPipeline.from_checkpoint(final_uri(killed, "pretrain")).dit.state_dict()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-6, atol=1e-7)
+
+
+def test_sft_runs_on_the_quality_subset_from_its_parent(vae_run, tmp_path):
+    cfg = _config(
+        vae_run.data.curated_uri,
+        str(tmp_path / "chain"),
+        init_from="",
+        data={"sft_top_fraction": 0.5},
+    )
+    # Reuse the finished VAE by pointing this run's vae stage at it.
+    storage.makedirs(cfg.run_uri + "/vae")
+    for name in ("config.json", "model.safetensors"):
+        storage.write_bytes(
+            f"{cfg.run_uri}/vae/final/{name}",
+            storage.read_bytes(f"{final_uri(vae_run, 'vae')}/{name}"),
+        )
+    finals = train(cfg, stages=("vae", "pretrain", "sft"), runner="local")
+    meta = storage.read_json(finals["sft"] + "/config.json")["extra"]
+    assert meta["parent"] == finals["pretrain"]
+    rows = load_clip_rows(cfg.data, 16.0)
+    subset = {r.clip_id for r in sft_subset(rows, 0.5)}
+    assert 0 < len(subset) < len(rows)
+    sft = {c for r in _samples(cfg.run_uri + "/sft") for c in r["clips"]}
+    assert sft and sft <= subset, "SFT trained on clips outside the quality subset"
+    best = max(rows, key=lambda r: r.quality)
+    assert best.clip_id in subset
+
+
+def test_bad_inputs_fail_before_any_compute(vae_run, tmp_path):
+    rt = Runtime()
+    parent = final_uri(vae_run, "vae")
+    # A checkpoint of another preset.
+    cfg = _config(vae_run.data.curated_uri, str(tmp_path / "p"), init_from=parent, preset="small")
+    with pytest.raises(CheckpointError, match="holds preset 'tiny'"):
+        run_stage(cfg, "pretrain", rt)
+    # A parent stage that never finished.
+    cfg = _config(vae_run.data.curated_uri, str(tmp_path / "q"))
+    with pytest.raises(TrainError, match="needs 'vae' first"):
+        run_stage(cfg, "pretrain", rt)
+    # A frame bucket the VAE cannot encode (not 1 + 4k).
+    cfg = _config(
+        vae_run.data.curated_uri,
+        str(tmp_path / "r"),
+        init_from=parent,
+        data={"frame_buckets": [30]},
+    )
+    with pytest.raises(TrainError, match="frame_buckets"):
+        run_stage(cfg, "pretrain", rt)
+    # A manifest without usable clips: every clip is shorter than the bucket.
+    cfg = _config(
+        vae_run.data.curated_uri,
+        str(tmp_path / "s"),
+        init_from=parent,
+        data={"frame_buckets": [401]},
+    )
+    with pytest.raises(TrainDataError, match="no kept clips"):
+        run_stage(cfg, "pretrain", rt)
+    # A corrupt checkpoint to resume from.
+    cfg = _config(vae_run.data.curated_uri, str(tmp_path / "t"), init_from=parent)
+    bad = storage.join(cfg.run_uri, "pretrain", "checkpoint_00000003")
+    storage.write_json(
+        storage.join(bad, "train_state.json"), {"schema_version": 1, "stage": "pretrain", "step": 3}
+    )
+    storage.write_bytes(storage.join(bad, "model.safetensors"), b"not a safetensors file")
+    storage.write_json(storage.join(bad, "config.json"), storage.read_json(parent + "/config.json"))
+    with pytest.raises(CheckpointError):
+        run_stage(cfg, "pretrain", rt)
