@@ -299,10 +299,18 @@ def check_matches(
 # -- reading -------------------------------------------------------------------------
 
 
-def load_state(uri: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """All tensors (CPU) and the metadata; every file checked before any is read."""
+def load_state(uri: str, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (CPU) whose key starts with ``prefix`` (all by default), and the metadata.
+
+    Every file is checked before any is read; only the shards that hold matching keys
+    are read (``prefix="dit."`` skips the VAE shards of a large checkpoint).
+    """
     specs, meta = inspect_state(uri)
-    return _read_tensors(uri, meta, sorted({s.file for s in specs.values()})), meta
+    files = sorted({s.file for k, s in specs.items() if k.startswith(prefix)})
+    tensors = _read_tensors(uri, meta, files)
+    if prefix:
+        tensors = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+    return tensors, meta
 
 
 def _read_tensors(uri: str, meta: dict, names: list[str]) -> dict[str, torch.Tensor]:

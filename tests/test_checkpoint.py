@@ -124,6 +124,24 @@ def test_sharded_pipeline_round_trips_through_s3(pipeline, s3_bucket):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+def test_load_state_reads_only_the_shards_of_a_prefix(pipeline, sharded, monkeypatch):
+    read = []
+    original = ck._read_tensors
+
+    def spy(uri, meta, names):
+        read.extend(names)
+        return original(uri, meta, names)
+
+    monkeypatch.setattr(ck, "_read_tensors", spy)
+    tensors, _ = load_state(sharded, prefix="dit.")
+    expected = {f"dit.{k}": v for k, v in pipeline.dit.state_dict().items()}
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[k], v) for k, v in expected.items())
+    specs, _ = inspect_state(sharded)
+    assert set(read) == {s.file for k, s in specs.items() if k.startswith("dit.")}
+    assert len(read) < len({s.file for s in specs.values()})
+
+
 # -- meta-device loads ---------------------------------------------------------------
 
 
