@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,9 @@ def default_checkpoint() -> str | None:
 # -- writing -----------------------------------------------------------------------
 
 
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
 def shard_name(index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:05d}.safetensors"
 
@@ -119,22 +123,29 @@ def save_state(
     meta: dict,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> None:
-    """Write tensors (one file, or shards with an index) and JSON metadata at uri."""
+    """Write tensors (one file, or shards with an index) and JSON metadata at uri.
+
+    config.json goes first out and last in: a save that dies half way leaves a
+    directory that reads as missing, never old and new weights mixed. Weight files of
+    an earlier save at uri that the new one does not use are removed; other files
+    (an optimizer state beside the weights) are left alone.
+    """
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     shards = plan_shards(flat, max_shard_bytes)
     names = [WEIGHTS_NAME] if len(shards) == 1 else [shard_name(i + 1, len(shards)) for i in range(len(shards))]  # fmt: skip
     storage.makedirs(uri)
+    storage.remove(storage.join(uri, CONFIG_NAME))
     files, weight_map = {}, {}
     for name, keys in zip(names, shards, strict=True):
         data = save_safetensors({k: flat[k] for k in keys}, metadata={"format": "pt"})
         storage.write_bytes(storage.join(uri, name), data)
         files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         weight_map.update(dict.fromkeys(keys, name))
-    # A previous save with another layout must not leave a stale entry point behind.
+    for stale in _weight_files_at(uri) - set(names):
+        storage.remove(storage.join(uri, stale))
     if len(shards) == 1:
         storage.remove(storage.join(uri, INDEX_NAME))
     else:
-        storage.remove(storage.join(uri, WEIGHTS_NAME))
         total = sum(v.numel() * v.element_size() for v in flat.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         storage.write_json(storage.join(uri, INDEX_NAME), index)
@@ -142,6 +153,17 @@ def save_state(
         storage.join(uri, CONFIG_NAME),
         {**meta, "schema_version": SCHEMA_VERSION, "weight_files": files},
     )
+
+
+def _weight_files_at(uri: str) -> set[str]:
+    """Names of the model weight files directly in uri (single file or shards)."""
+    root = storage.strip_scheme(uri).rstrip("/")
+    names = set()
+    for found in storage.list_files(uri, suffixes=(".safetensors",)):
+        parent, _, name = storage.strip_scheme(found).rpartition("/")
+        if parent == root and (name == WEIGHTS_NAME or _SHARD_RE.fullmatch(name)):
+            names.add(name)
+    return names
 
 
 def save_pipeline(

@@ -108,10 +108,37 @@ def test_sharded_state_has_named_shards_and_an_index(tmp_path):
     tensors, _ = load_state(uri)
     assert all(torch.equal(tensors[k], v) for k, v in _tensors().items())
 
-    # Saving one file over the shards retires the index: the new layout is what loads.
+    # Saving over it with another layout leaves only the new layout's weight files
+    # (and what is not a weight file, such as an optimizer state, alone).
+    (tmp_path / "many" / "optimizer.safetensors").write_bytes(b"kept")
+    save_state(uri, _tensors(), {}, max_shard_bytes=3000)
+    assert list(load_state(uri)[0]) == ["a", "b", "c", "d"]
     save_state(uri, {"z": torch.zeros(2)}, {})
-    assert not (tmp_path / "many" / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+    ]
     assert list(load_state(uri)[0]) == ["z"]
+
+
+def test_a_save_that_dies_half_way_reads_as_missing(tmp_path, monkeypatch):
+    uri = str(tmp_path / "c")
+    save_state(uri, _tensors(), {"step": 1}, max_shard_bytes=600)
+    written = []
+    real_write = storage.write_bytes
+
+    def dies_on_second_shard(target, data):
+        written.append(target)
+        if len(written) == 2:
+            raise OSError("disk full")
+        real_write(target, data)
+
+    monkeypatch.setattr(storage, "write_bytes", dies_on_second_shard)
+    with pytest.raises(OSError):
+        save_state(uri, {k: v + 1 if v.is_floating_point() else v for k, v in _tensors().items()}, {"step": 2}, max_shard_bytes=600)  # fmt: skip
+    with pytest.raises(CheckpointError, match="missing.*config.json"):
+        load_state(uri)
 
 
 def test_sharded_pipeline_round_trips_through_s3(pipeline, s3_bucket):
