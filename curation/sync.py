@@ -18,7 +18,15 @@ import numpy as np
 from curation.records import ClipRecord
 from curation.stage import Resources, SourceContext, Stage
 
-VISUAL_FEATURES = ("auto", "flow_acceleration", "motion", "motion_onset", "acceleration")
+STATIONARY_FEATURE = "activity"
+VISUAL_FEATURES = (
+    "auto",
+    "flow_acceleration",
+    "motion",
+    "motion_onset",
+    "acceleration",
+    "activity",
+)
 
 
 @dataclass(frozen=True)
@@ -37,10 +45,14 @@ class SyncConfig:
     flow_width: int = 64  # optical flow runs on frames this wide (accuracy holds, cost /1.6)
     correct: bool = False  # shift out-of-sync clips' audio by the measured offset
     # Fades: frames are brought to one brightness before differencing (a fade is a
-    # gain ramp, not motion), and frames darker than this fraction of the clip's
-    # median brightness carry no picture to match and are left out of the match.
+    # gain ramp, not motion); frames darker than ``dark_fraction`` of the clip's
+    # median brightness carry no picture to match. Every frame more than
+    # ``fade_tolerance`` off the median is taken as fading, and its time is left out
+    # of the match on both sides: the sound fades with the picture, and a loudness
+    # ramp would otherwise pull the estimate.
     fade_aware: bool = True
     dark_fraction: float = 0.35
+    fade_tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         if self.visual_feature not in VISUAL_FEATURES:
@@ -75,6 +87,8 @@ def visual_envelope(
     t = luma.shape[0]
     if feature == "flow_acceleration":
         return _flow_acceleration(luma, fps, flow_width)
+    if feature == "activity":
+        return _activity(luma, fps)
     flat = luma.reshape(t, -1).astype(np.float32)
     if feature == "acceleration":
         if t < 3:
@@ -87,6 +101,27 @@ def visual_envelope(
         onset = np.maximum(np.diff(motion, prepend=motion[:1]), 0.0)
         return onset, times
     return motion, times
+
+
+def _activity(
+    luma: np.ndarray, fps: float, top_fraction: float = 0.02
+) -> tuple[np.ndarray, np.ndarray]:
+    """How far the most active pixels are from their resting value, per frame.
+
+    For sources that stay in place (a mouth, a pulsing light) this follows the
+    state (how open, how bright), which is what loudness follows; a frame
+    difference follows its rate of change instead, a quarter cycle off.
+    """
+    t = luma.shape[0]
+    flat = luma.reshape(t, -1).astype(np.float32)
+    if t < 3:
+        return np.zeros(0), np.zeros(0)
+    energy = np.abs(np.diff(flat, axis=0)).sum(axis=0)
+    count = max(1, int(top_fraction * energy.size))
+    active = np.argpartition(energy, -count)[-count:]
+    region = flat[:, active]  # (T, count)
+    rest = np.median(region, axis=0)
+    return np.abs(region - rest).mean(axis=1), np.arange(t) / fps
 
 
 def _flow_acceleration(luma: np.ndarray, fps: float, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,15 +195,17 @@ def estimate_offset(
         return _estimate_pair(luma, fps, audio, sample_rate, cfg, cfg.visual_feature, "onset")
     where = luma
     if cfg.fade_aware:
-        normed, dark = gain_normalised(luma, cfg.dark_fraction)
-        where = normed[~dark] if int((~dark).sum()) >= 2 else normed
+        normed, fading = gain_normalised(luma, cfg.dark_fraction, cfg.fade_tolerance)
+        where = normed[~fading] if int((~fading).sum()) >= 2 else normed
     if motion_concentration(where) >= cfg.stationary_motion_share:
-        return _estimate_pair(luma, fps, audio, sample_rate, cfg, "motion", "energy")
+        return _estimate_pair(luma, fps, audio, sample_rate, cfg, STATIONARY_FEATURE, "energy")
     return _estimate_pair(luma, fps, audio, sample_rate, cfg, "flow_acceleration", "onset")
 
 
-def gain_normalised(luma: np.ndarray, dark_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Frames scaled to the clip's median brightness, and which frames are dark.
+def gain_normalised(
+    luma: np.ndarray, dark_fraction: float, fade_tolerance: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frames scaled to the clip's median brightness, and which frames are fading.
 
     A fade multiplies a frame by a gain; dividing it out leaves the scene's own
     change, so a fade next to speech does not read as motion at the wrong time.
@@ -180,13 +217,14 @@ def gain_normalised(luma: np.ndarray, dark_fraction: float) -> tuple[np.ndarray,
         return luma, np.zeros(luma.shape[0], bool)
     dark = means < dark_fraction * reference
     gain = reference / np.maximum(means, 1e-3)
-    # Only frames well off the clip's brightness are fading; scaling the others by
-    # their small fluctuations (a mouth opening) would smear motion over the frame.
-    gain[dark | (np.abs(gain - 1.0) < 0.1)] = 1.0
+    fading = dark | (np.abs(means / reference - 1.0) >= fade_tolerance)
+    # Only fading frames are scaled; scaling the others by their small fluctuations
+    # (a mouth opening) would smear motion over the whole frame.
+    gain[dark | ~fading] = 1.0
     normed = np.clip(luma.astype(np.float32) * gain[:, None, None], 0, 255)
     if luma.dtype == np.uint8:
         normed = normed.astype(np.uint8)
-    return normed, dark
+    return normed, fading
 
 
 def motion_concentration(luma: np.ndarray, top_fraction: float = 0.02) -> float:
@@ -217,7 +255,7 @@ def _estimate_pair(
     rate = fps * cfg.upsample
     dark = np.zeros(luma.shape[0], bool)
     if cfg.fade_aware:
-        luma, dark = gain_normalised(luma, cfg.dark_fraction)
+        luma, dark = gain_normalised(luma, cfg.dark_fraction, cfg.fade_tolerance)
     visual, vtimes = visual_envelope(luma, fps, visual_feature, cfg.flow_width)
     if audio_feature == "onset":
         audio_env = audio_onset_envelope(audio, sample_rate, rate)
@@ -227,16 +265,18 @@ def _estimate_pair(
         return SyncEstimate(0.0, 0.0, "uncertain", method)
     grid = np.arange(audio_env.size) / rate
     inside = (grid >= vtimes[0]) & (grid <= vtimes[-1])
+    audio_valid = np.ones(grid.size, bool)
     if dark.any():
-        # Leave out grid points within 1.5 frames of a dark frame (the envelopes
-        # there describe the fade, not the scene).
+        # Leave out grid points within 1.5 frames of a fading frame, on the picture's
+        # side and on the sound's (both describe the fade there, not the scene).
         dark_times = np.flatnonzero(dark) / fps
         near_dark = np.abs(grid[:, None] - dark_times[None, :]).min(axis=1) <= 1.5 / fps
         inside &= ~near_dark
+        audio_valid = ~near_dark
     # Visual envelope resampled onto the audio grid; zero outside the frames' span.
     vis = np.where(inside, np.interp(grid, vtimes, visual), 0.0)
     max_lag = int(round(cfg.max_lag_ms / 1000.0 * rate))
-    corr = _normalised_xcorr(vis, audio_env, inside, max_lag)
+    corr = _normalised_xcorr(vis, audio_env, inside, max_lag, audio_valid)
     if corr is None:
         return SyncEstimate(0.0, 0.0, "uncertain", method)
     best = int(np.argmax(corr))
@@ -263,7 +303,11 @@ def _estimate_pair(
 
 
 def _normalised_xcorr(
-    vis: np.ndarray, aud: np.ndarray, inside: np.ndarray, max_lag: int
+    vis: np.ndarray,
+    aud: np.ndarray,
+    inside: np.ndarray,
+    max_lag: int,
+    audio_valid: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """Pearson correlation of ``vis[t]`` with ``aud[t + lag]`` for lag in ``[-max_lag, max_lag]``,
     over the visual span only. ``(2 * max_lag + 1,)`` or None when either signal is flat."""
@@ -279,6 +323,8 @@ def _normalised_xcorr(
     for k, lag in enumerate(range(-max_lag, max_lag + 1)):
         j = idx + lag
         ok = (j >= 0) & (j < aud.size)
+        if audio_valid is not None:
+            ok[ok] &= audio_valid[j[ok]]
         if ok.sum() < max(4, idx.size // 2):
             continue
         a = aud[j[ok]]
