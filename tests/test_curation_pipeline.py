@@ -262,3 +262,23 @@ def test_manifest_writer_refuses_an_incomplete_run(tmp_path):
     with pytest.raises(ValueError, match="never reported"):
         writer.finish()
     assert latest_version(str(tmp_path)) is None
+
+
+def test_nightly_deployment_passes_a_real_footage_config():
+    """The Prefect deployment names a config that loads, and its inputs and captions
+    suit footage without sidecars (the old one passed none and curated nothing)."""
+    import yaml
+
+    from core.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = yaml.safe_load(open(os.path.join(root, "infra/prefect/prefect.yaml")).read())
+    (nightly,) = [d for d in spec["deployments"] if d["name"] == "curate-nightly"]
+    params = nightly["parameters"]
+    local = params["config_uri"].replace(
+        spec["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"], root
+    )
+    config = load_config(CurateConfig, local)
+    assert config.captions.backend == "auto" and config.captions.model
+    assert not config.validate.require_audio and config.validate.allow_variable_frame_rate
+    assert params["input_glob"].endswith("/*") and params["speech"] is True
