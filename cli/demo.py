@@ -14,8 +14,15 @@ def demo(
     num_videos: int = typer.Option(20, help="Raw synthetic videos to generate."),
     seed: int = typer.Option(0, help="Seed of the synthetic world."),
     speech: bool = typer.Option(True, "--speech/--no-speech", help="WhisperX transcripts."),
+    train_scale: float = typer.Option(
+        1.0, "--train-scale", min=0.0, help="Multiply training steps (0 skips training)."
+    ),
+    train_workers: int = typer.Option(2, "--train-workers", min=1, help="Ray Train workers."),
 ) -> None:
-    """Synthesise raw footage, probe it against ground truth, curate it into a manifest."""
+    """Synthesise footage, probe it, curate it, train tiny on it and generate a clip."""
     from cli.demo_run import run_demo
 
-    run_demo(str(out), num_videos=num_videos, seed=seed, speech=speech)
+    run_demo(
+        str(out), num_videos=num_videos, seed=seed, speech=speech,
+        train_scale=train_scale, train_workers=train_workers,
+    )  # fmt: skip

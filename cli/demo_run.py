@@ -137,14 +137,96 @@ def curate_step(raw_uri: str, curated_uri: str, speech: bool) -> dict:
     return summary
 
 
-def run_demo(out_uri: str, num_videos: int = 20, seed: int = 0, speech: bool = True) -> None:
+def demo_train_config(curated_uri: str, run_uri: str, scale: float = 1.0):
+    """A short ``tiny`` run: minutes on a laptop CPU; ``scale`` multiplies every stage's steps."""
+    from pipelines.train.config import train_config_from
+
+    def steps(n: int) -> int:
+        return max(1, int(round(n * scale)))
+
+    return train_config_from(
+        {
+            "preset": "tiny",
+            "run_uri": run_uri,
+            "data": {"curated_uri": curated_uri},
+            "vae": {"steps": steps(300), "batch_size": 4, "checkpoint_every": 100, "log_every": 10},
+            "pretrain": {
+                "steps": steps(300),
+                "batch_size": 4,
+                "checkpoint_every": 100,
+                "log_every": 10,
+            },
+            "sft": {"steps": steps(100), "batch_size": 4, "checkpoint_every": 50, "log_every": 10},
+        }
+    )
+
+
+def train_step(curated_uri: str, run_uri: str, scale: float, num_workers: int) -> dict[str, str]:
+    """vae -> pretrain -> sft on the curated corpus with Ray Train; finished stages are kept."""
+    from pipelines.train import train
+
+    cfg = demo_train_config(curated_uri, run_uri, scale)
+    console.print(f"[bold]training[/bold] tiny: vae -> pretrain -> sft on Ray Train x{num_workers}")
+    with _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, step: int, total: int, row: dict) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"train {stage}", total=total)
+            bar.update(tasks[stage], completed=step)
+
+        finals = train(cfg, runner="ray", num_workers=num_workers, progress=on_progress)
+    for stage, uri in finals.items():
+        console.print(f"  {stage}: {uri}")
+    return finals
+
+
+def generate_step(checkpoint_uri: str, curated_uri: str, out_uri: str) -> str:
+    """One clip from the trained checkpoint, for a caption of a held-out clip."""
+    from core.media import write_mp4
+    from model.generate import GenerationRequest, generate
+    from model.pipeline import DuetPipeline
+    from pipelines.train.config import DataConfig
+    from pipelines.train.data import TrainDataError, load_clip_rows
+    from pipelines.train.evaluate import held_out_prompts
+
+    pipeline = DuetPipeline.from_checkpoint(checkpoint_uri)
+    data = DataConfig(curated_uri=curated_uri)
+    try:
+        rows = load_clip_rows(data, pipeline.config.fps, split="val")
+    except TrainDataError:
+        rows = load_clip_rows(data, pipeline.config.fps)
+    prompts = held_out_prompts(rows) or ["a red ball bounces on a floor"]
+    request = GenerationRequest(prompt=prompts[0], duration_s=2.0, seed=0, steps=20)
+    result = generate(request, pipeline=pipeline)
+    video_uri = storage.join(out_uri, "generated.mp4")
+    write_mp4(video_uri, result.clip)
+    storage.write_json(
+        storage.join(out_uri, "generated.json"), {**result.metadata, "checkpoint": checkpoint_uri}
+    )
+    console.print(f"[bold]generated[/bold] {video_uri} for {prompts[0]!r}")
+    return video_uri
+
+
+def run_demo(
+    out_uri: str,
+    num_videos: int = 20,
+    seed: int = 0,
+    speech: bool = True,
+    train_scale: float = 1.0,
+    train_workers: int = 2,
+) -> None:
     started = time.perf_counter()
     raw_uri = storage.join(out_uri, "raw")
     videos = synth_step(raw_uri, num_videos, seed)
     probe_step(videos, storage.join(out_uri, "probe_summary.json"))
-    curated = curate_step(raw_uri, storage.join(out_uri, "curated"), speech)
+    curated_uri = storage.join(out_uri, "curated")
+    curated = curate_step(raw_uri, curated_uri, speech)
     if "report" in curated:
         console.print(f"[bold]curation report:[/bold] {curated['report']}")
+    if train_scale > 0:
+        finals = train_step(curated_uri, storage.join(out_uri, "train"), train_scale, train_workers)
+        generate_step(finals["sft"], curated_uri, out_uri)
     console.print(
         f"[green]demo finished in {time.perf_counter() - started:.0f} s[/green]; outputs under {out_uri}"
     )

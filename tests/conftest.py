@@ -102,3 +102,26 @@ def tiny_curated_corpus(tmp_path_factory) -> str:
     generate_corpus(str(root / "raw"), 8, seed=11, config=synth)
     curate(str(root / "raw" / "*.mp4"), str(root / "curated"), speech=False)
     return str(root / "curated")
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_run(tiny_curated_corpus, tmp_path_factory) -> tuple[str, str]:
+    """The ``vae`` stage trained once (6 steps) on the tiny corpus: (corpus, final URI).
+
+    The config matches ``tests/test_train_pipeline.py``'s base config, whose VAE
+    checks read this run's logs and checkpoints.
+    """
+    from pipelines.train import train
+    from pipelines.train.config import train_config_from
+
+    run = str(tmp_path_factory.mktemp("train") / "base")
+    cfg = train_config_from(
+        {
+            "run_uri": run,
+            "seed": 3,
+            "data": {"curated_uri": tiny_curated_corpus, "latent_cache_uri": run + "-latents"},
+            "vae": {"steps": 6, "batch_size": 2, "checkpoint_every": 3, "log_every": 1},
+        }
+    )
+    finals = train(cfg, stages=("vae",), runner="local")
+    return tiny_curated_corpus, finals["vae"]

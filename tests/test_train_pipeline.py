@@ -115,12 +115,10 @@ def _config(corpus: str, run_uri: str, **overrides) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def vae_run(tiny_curated_corpus, tmp_path_factory) -> TrainConfig:
-    """The VAE stage, trained once in this process; later tests start from its final."""
-    run = str(tmp_path_factory.mktemp("train") / "base")
-    cfg = _config(tiny_curated_corpus, run)
-    train(cfg, stages=("vae",), runner="local")
-    return cfg
+def vae_run(tiny_vae_run) -> TrainConfig:
+    """The config of the shared VAE run (tests/conftest.py); later stages start from it."""
+    corpus, vae_final = tiny_vae_run
+    return _config(corpus, vae_final.rsplit("/vae/final", 1)[0])
 
 
 def _metrics(stage_uri: str) -> list[dict]:
