@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import av
+import cv2
 import numpy as np
 
 from core import storage
@@ -573,6 +574,8 @@ def iter_display_frames(
     pixel_format: str = "rgb24",
     rotation: int | None = None,
     sample_aspect_ratio: float = 1.0,
+    threads: int = 0,
+    analysis: bool = False,
 ) -> Iterator[DisplayFrame]:
     """Frames as a viewer sees them, on a constant ``fps`` grid, one at a time.
 
@@ -586,6 +589,12 @@ def iter_display_frames(
     - Only frames with ``start_s <= k / fps < end_s`` are yielded (seeking first).
 
     Memory is one decoded frame plus the decoder's own, whatever the duration.
+
+    ``threads``: decoder threads (0: FFmpeg's choice). One thread costs the least
+    CPU per frame; more only shorten the wall time of a single source.
+    ``analysis``: small frames for measuring, not for showing: the decoder skips
+    its deblocking filter (invisible after a tenfold downscale, a fifth of H.264's
+    decode time) and 4:2:0 planes are shrunk separately before colour conversion.
     """
     eps = 0.5 / fps
     first_k = int(math.ceil(start_s * fps - 1e-6)) if start_s > 0 else 0
@@ -594,7 +603,14 @@ def iter_display_frames(
         if not container.streams.video:
             raise MediaError(path, "no video stream")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        if threads == 1:
+            stream.thread_type = "NONE"
+            stream.codec_context.thread_count = 1
+        else:
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
+        if analysis:
+            stream.codec_context.options = {"skip_loop_filter": "all"}
         cw, ch = stream.codec_context.width, stream.codec_context.height
         if cw * ch > MAX_PIXELS:
             raise MediaError(path, f"resolution {cw}x{ch} exceeds the {MAX_PIXELS}-pixel limit")
@@ -617,9 +633,12 @@ def iter_display_frames(
                 out_w, out_h = display_size(frame.width, frame.height, sample_aspect_ratio, rot)
             # Scale in the coded orientation, then turn: swscale works on the coded frame.
             cw_, ch_ = (out_h, out_w) if rot in (90, 270) else (out_w, out_h)
-            image = frame.to_ndarray(
-                width=cw_, height=ch_, format=pixel_format, interpolation="AREA"
-            )
+            if analysis and pixel_format == "bgr24" and frame.format.name in _PLANAR_420:
+                image = _small_bgr_from_planes(frame, cw_, ch_)
+            else:
+                image = frame.to_ndarray(
+                    width=cw_, height=ch_, format=pixel_format, interpolation="AREA"
+                )
             if rot:
                 image = np.ascontiguousarray(np.rot90(image, k=rot // 90))
             return image
@@ -649,6 +668,31 @@ def iter_display_frames(
                 yield from emit_until(prev_t + eps)
         except av.error.FFmpegError as err:
             raise MediaError(path, f"video decode failed ({err})") from err
+
+
+_PLANAR_420 = ("yuv420p", "yuvj420p")
+# Studio-range (16-235 luma, 16-240 chroma) to full range, as swscale does for RGB.
+_LUMA_LUT = np.clip((np.arange(256) - 16) * 255.0 / 219.0, 0, 255).round().astype(np.uint8)
+_CHROMA_LUT = np.clip((np.arange(256) - 128) * 255.0 / 224.0 + 128, 0, 255).round().astype(np.uint8)
+
+
+def _plane(frame: av.VideoFrame, i: int) -> np.ndarray:
+    plane = frame.planes[i]
+    data = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    return data[:, : plane.width]
+
+
+def _small_bgr_from_planes(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
+    """(height, width, 3) BGR from a 4:2:0 frame: each plane area-averaged to the
+    small size first (cheap, SIMD), then one small colour conversion (BT.601)."""
+    y, u, v = (
+        cv2.resize(_plane(frame, i), (width, height), interpolation=cv2.INTER_AREA)
+        for i in range(3)
+    )
+    if frame.format.name == "yuv420p":  # studio range; yuvj420p is full range already
+        y, u, v = _LUMA_LUT[y], _CHROMA_LUT[u], _CHROMA_LUT[v]
+    # OpenCV's YCrCb conversion is the BT.601 full-range matrix (its "YUV" one is not).
+    return cv2.cvtColor(np.dstack([y, v, u]), cv2.COLOR_YCrCb2BGR)
 
 
 class AudioReader:

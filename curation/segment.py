@@ -30,6 +30,12 @@ from curation.stage import ClipWindow, Resources, SourceContext, SourceRejected,
 @dataclass(frozen=True)
 class DecodeConfig:
     analysis_width: int = 160
+    # One decoder thread per source: the least CPU per frame (Ray runs sources in
+    # parallel, one CPU each); 0 lets FFmpeg pick, for one long source on many cores.
+    decoder_threads: int = 1
+    # Skip H.264's deblocking and shrink 4:2:0 planes before colour conversion:
+    # analysis frames only (clips are cut from the source itself).
+    fast_analysis: bool = True
     # Audio kept behind the newest clip, for sync correction's shifted reads.
     audio_margin_s: float = 1.0
 
@@ -81,6 +87,8 @@ class SegmentStage(Stage):
             size=(w, h),
             pixel_format="bgr24",
             sample_aspect_ratio=src.sample_aspect_ratio,
+            threads=self.decode.decoder_threads,
+            analysis=self.decode.fast_analysis,
         ):
             count = frame.index + 1
             state.add(frame.index, cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY), frame.key_frame)
@@ -258,6 +266,8 @@ def analysis_frames(
             size=(w, h),
             pixel_format="bgr24",
             sample_aspect_ratio=source.sample_aspect_ratio,
+            threads=1,
+            analysis=True,  # as the segment stage decodes
         )
     ]
     frames = np.stack(bgr)
