@@ -94,3 +94,7 @@ def test_ray_train_restarts_a_killed_worker_from_s3_and_matches_torchrun(
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a, b)
     meta = storage.read_json(final_uri(killed, "pretrain") + "/config.json")["extra"]
     assert meta["world_size"] == 2 and meta["parent"] == vae_final
+    # Ray's CheckpointConfig(num_to_keep=2) pruned the older ones in S3.
+    fs = storage.filesystem(stage)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(storage.strip_scheme(stage), refresh=True))
+    assert len([n for n in names if n.startswith("checkpoint_")]) == 2, names

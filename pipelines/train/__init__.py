@@ -47,6 +47,8 @@ def train(
             if runner == "ray":
                 from pipelines.train.ray_train import run_stage_on_ray
 
+                if stage != "vae" and cfg.data.encode_with_ray_data:
+                    _encode_latents_on_ray(cfg, stage, ray_address)
                 run_stage_on_ray(cfg, stage, num_workers, use_gpu, ray_address, progress)
             else:
                 from pipelines.train.runtime import local_runtime
@@ -54,3 +56,16 @@ def train(
                 run_stage(cfg, stage, local_runtime(), progress)
         finals[stage] = final_uri(cfg, stage)
     return finals
+
+
+def _encode_latents_on_ray(cfg: TrainConfig, stage: str, ray_address: str | None) -> str:
+    """Fill the stage's latent cache with the Ray Data pre-encode job (driver side)."""
+    from model.pipeline import DuetPipeline
+    from pipelines.train.encode_job import encode_on_ray_data
+    from pipelines.train.loop import latent_cache_uri, parent_checkpoint
+    from pipelines.train.ray_train import ensure_ray
+
+    parent = parent_checkpoint(cfg, stage)
+    ensure_ray(ray_address)
+    uri = latent_cache_uri(cfg, DuetPipeline.from_checkpoint(parent))
+    return encode_on_ray_data(parent, cfg.data, uri)

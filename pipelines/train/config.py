@@ -38,7 +38,9 @@ class DataConfig:
     # score), among clips that also pass every verdict.
     sft_quality_score: str = "sync_confidence"
     sft_top_fraction: float = 0.5
-    # Decode workers for the pre-encode job under Ray Data.
+    # With the Ray runner, the driver fills the latent cache with a Ray Data job
+    # (``encode_concurrency`` actors) before the workers start; else the workers do.
+    encode_with_ray_data: bool = True
     encode_concurrency: int = 1
 
 

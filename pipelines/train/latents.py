@@ -119,16 +119,20 @@ def encode_cache(
 
 def write_index(cache_uri: str, shards: list[list[ClipRow]]) -> None:
     clips = {
-        row.clip_id: {"shard": i, "bucket": row.bucket}
+        row.clip_id: {"shard": _shard_name(i), "bucket": row.bucket}
         for i, shard in enumerate(shards)
         for row in shard
     }
-    for i in range(len(shards)):
-        if not storage.exists(storage.join(cache_uri, _shard_name(i))):
-            raise LatentCacheError(f"{cache_uri}: shard {i} missing after encoding")
+    write_index_entries(cache_uri, clips)
+
+
+def write_index_entries(cache_uri: str, clips: dict[str, dict]) -> None:
+    """The index, written last: clip id -> {shard file name, bucket}."""
+    for name in sorted({entry["shard"] for entry in clips.values()}):
+        if not storage.exists(storage.join(cache_uri, name)):
+            raise LatentCacheError(f"{cache_uri}: shard {name} missing after encoding")
     storage.write_json(
-        storage.join(cache_uri, INDEX_NAME),
-        {"schema_version": SCHEMA_VERSION, "num_shards": len(shards), "clips": clips},
+        storage.join(cache_uri, INDEX_NAME), {"schema_version": SCHEMA_VERSION, "clips": clips}
     )
 
 
@@ -147,18 +151,18 @@ class LatentStore:
             )
         self.uri = cache_uri
         self.clips: dict[str, dict] = index["clips"]
-        self._shards: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._shards: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._max = max_shards_in_memory
 
     def __contains__(self, clip_id: str) -> bool:
         return clip_id in self.clips
 
-    def _shard(self, i: int) -> dict[str, torch.Tensor]:
-        if i in self._shards:
-            self._shards.move_to_end(i)
-            return self._shards[i]
-        data = load_safetensors(storage.read_bytes(storage.join(self.uri, _shard_name(i))))
-        self._shards[i] = data
+    def _shard(self, name: str) -> dict[str, torch.Tensor]:
+        if name in self._shards:
+            self._shards.move_to_end(name)
+            return self._shards[name]
+        data = load_safetensors(storage.read_bytes(storage.join(self.uri, name)))
+        self._shards[name] = data
         while len(self._shards) > self._max:
             self._shards.popitem(last=False)
         return data
@@ -167,7 +171,7 @@ class LatentStore:
         entry = self.clips.get(clip_id)
         if entry is None:
             raise LatentCacheError(f"clip {clip_id} is not in the latent cache {self.uri}")
-        shard = self._shard(int(entry["shard"]))
+        shard = self._shard(str(entry["shard"]))
         return LatentSample(
             video=shard[f"{clip_id}.video"],
             audio=shard[f"{clip_id}.audio"],

@@ -337,12 +337,21 @@ def _refs_to(refs, device):
     )
 
 
+def latent_cache_uri(cfg: TrainConfig, pipeline: DuetPipeline) -> str:
+    """Where the latents of this pipeline's VAE live (the key hashes its weights)."""
+    base = cfg.data.latent_cache_uri or storage.join(cfg.run_uri, "latents")
+    return storage.join(base, cache_key(pipeline, cfg.data.frame_buckets))
+
+
 def ensure_latents(
     cfg: TrainConfig, pipeline: DuetPipeline, rows: list[ClipRow], rt: Runtime
 ) -> str:
-    """Encode every clip once into the cache keyed by the VAE weights; returns its URI."""
-    base = cfg.data.latent_cache_uri or storage.join(cfg.run_uri, "latents")
-    uri = storage.join(base, cache_key(pipeline, cfg.data.frame_buckets))
+    """Encode every clip once into the cache keyed by the VAE weights; returns its URI.
+
+    Under the Ray runner the driver has already filled it with a Ray Data job
+    (:mod:`pipelines.train.encode_job`); then this only finds the index.
+    """
+    uri = latent_cache_uri(cfg, pipeline)
     pipeline.eval()
     return encode_cache(
         pipeline, rows, uri, cfg.data.latent_shard_clips, rt.rank, rt.world_size, rt.barrier
