@@ -82,11 +82,6 @@ def test_ray_train_restarts_a_killed_worker_from_s3_and_matches_torchrun(
     stage = f"{s3_bucket}/run/pretrain"
     assert storage.exists(stage + "/killed_at_5"), "the fault was never injected"
     assert storage.exists(finals["pretrain"] + "/model.safetensors")
-    # Ray's CheckpointConfig(num_to_keep=2) pruned the older ones in S3.
-    names = [
-        p.rsplit("/", 1)[-1] for p in storage.filesystem(stage).ls(storage.strip_scheme(stage))
-    ]
-    assert len([n for n in names if n.startswith("checkpoint_2")]) == 2, names  # Ray dates them
 
     ref, got = _metrics(str(tmp_path / "torchrun" / "pretrain")), _metrics(stage)
     assert [r["step"] for r in got] == list(range(1, 9))
