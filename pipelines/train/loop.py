@@ -28,7 +28,7 @@ from core.config import config_to_dict
 from model.checkpoint import CheckpointError, save_state
 from model.ema import ema_update
 from model.flow_matching import add_noise, resolution_shift, sample_timesteps, velocity_target
-from model.parallelize import parallelize_dit
+from model.parallelize import apply_ddp, parallelize_dit
 from model.pipeline import DuetPipeline
 from pipelines.train import state as ckpt
 from pipelines.train.batches import BatchBuilder, DiTBatch
@@ -176,6 +176,7 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
     pair.to(rt.device)
     module: nn.Module = pair
     if rt.distributed:
+        # Clips without sound leave the audio VAE without a gradient on some steps.
         module = nn.parallel.DistributedDataParallel(pair, find_unused_parameters=True)
     decoded = DecodedClips(pipeline)
     mcfg = pipeline.config
@@ -252,8 +253,9 @@ def dit_task(cfg: TrainConfig, stage: str, pipeline: DuetPipeline, rt: Runtime) 
     dit.train()
     module: nn.Module = parallelize_dit(dit, cfg.parallel)
     if rt.distributed and not cfg.parallel.fsdp:
-        # Reference-slot and multi-shot parameters are unused on steps without them.
-        module = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+        # The DiT gives every parameter a gradient each step (zero for absent
+        # reference slots), so DDP needs no search for unused parameters.
+        module = apply_ddp(module)
     d = mcfg.dit
     builder = BatchBuilder(
         rows,
