@@ -28,28 +28,11 @@ def _worker_entry(config: dict[str, Any]) -> None:
     run_stage(cfg, config["stage"], ray_runtime())
 
 
-def forwarded_env() -> dict[str, str]:
-    """Storage credentials and endpoints the workers need (Ray does not pass the driver's env)."""
-    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-            "AWS_SESSION_TOKEN", "DUET_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # fmt: skip
-    env = {k: os.environ[k] for k in keys if k in os.environ}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    return env
-
-
 def ensure_ray(ray_address: str | None, num_cpus: int | None = None) -> bool:
-    """Join ``ray_address`` or start a local Ray; True when this call started it."""
-    import ray
+    """Join ``ray_address`` or start a local Ray (shared set-up: :mod:`core.ray_setup`)."""
+    from core.ray_setup import init_ray
 
-    if ray.is_initialized():
-        return False
-    options: dict[str, Any] = {"log_to_driver": True, "runtime_env": {"env_vars": forwarded_env()}}
-    if ray_address:
-        ray.init(address=ray_address, **options)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
-    return True
+    return init_ray(ray_address, num_cpus)
 
 
 def _storage(run_uri: str) -> tuple[str, Any]:
