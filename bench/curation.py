@@ -167,11 +167,11 @@ def _start_ray(workers: int) -> None:
 
 
 def bench_flow(raw_dir: str, out_dir: str, workers: int) -> dict[str, float]:
+    _start_ray(workers)  # before anything imports ray: it reads its auth mode then
     import ray
 
     from flows.curate import curate
 
-    _start_ray(workers)
     try:
         # Warm-up on one file into another output: starts Prefect's server and Ray's
         # workers (imports done), as on a long-lived cluster. The measured run below
@@ -247,9 +247,6 @@ def _rss_mb() -> float:
 def bench_scale(sources: int, workers: int, work: str) -> dict[str, object]:
     """N small sources through the flow; the driver's RSS sampled as they finish."""
     import polars as pl
-    import ray
-
-    from flows import curate as flow_module
 
     raw = os.path.join(work, "scale_raw")
     os.makedirs(raw)
@@ -272,6 +269,10 @@ def bench_scale(sources: int, workers: int, work: str) -> dict[str, object]:
             samples.append((done, _rss_mb()))
 
     _start_ray(workers)
+    import ray
+
+    from flows import curate as flow_module
+
     flow_module.PROGRESS_HOOKS.append(on_progress)
     try:
         t0 = time.perf_counter()
