@@ -421,3 +421,66 @@ def test_memory_per_source_is_bounded_independent_of_duration(tmp_path):
     assert long["rss"] < MEMORY_BOUND_MB
     # Six times the footage, (almost) the same memory.
     assert long["rss"] - short["rss"] < 60
+
+
+PATTERNS = ("testsrc2", "smptehdbars", "rgbtestsrc", "testsrc", "yuvtestsrc", "pal100bars")
+
+
+def cut_and_fade_footage(path: str, seed: int) -> list[tuple[int, str]]:
+    """Six shots of 2-5 s (test patterns under one moving box, so the box does not
+    change at a boundary: only the scene does), hard cuts and one fade through
+    black; returns the true boundaries (frame, kind), a fade at its dark middle."""
+    import random
+
+    rng = random.Random(seed)
+    lengths = [round(rng.uniform(2.0, 5.0) * FPS) for _ in range(6)]
+    fade_at = rng.randrange(1, 6)  # the boundary before shot ``fade_at`` is a fade
+    inputs, chains, truth, start = [], [], [], 0
+    for i, n in enumerate(lengths):
+        pattern = PATTERNS[(seed + i) % len(PATTERNS)]
+        inputs += ["-f", "lavfi", "-i", f"{pattern}=s=320x180:r={FPS}:d={n / FPS}"]
+        chain = f"[{i}]setpts=PTS-STARTPTS"
+        if i == fade_at - 1:
+            chain += f",fade=t=out:st={n / FPS - 0.4}:d=0.4"
+        if i == fade_at:
+            chain += ",fade=t=in:st=0:d=0.4"
+        chains.append(chain + f"[s{i}]")
+        if i:
+            truth.append((start, "fade" if i == fade_at else "cut"))
+        start += n
+    graph = (
+        ";".join(chains)
+        + ";"
+        + "".join(f"[s{i}]" for i in range(6))
+        + "concat=n=6:v=1:a=0,drawbox=x='mod(t*100,260)':y=60:w=40:h=40:c=white:t=fill[v]"
+    )
+    ffmpeg(*inputs, "-filter_complex", graph, "-map", "[v]", "-c:v", "libx264",
+           "-preset", "veryfast", "-crf", "28", path)  # fmt: skip
+    return truth
+
+
+def test_shot_detection_precision_and_recall_on_real_footage(tmp_path):
+    """Cuts count when found within 1 frame, fades when found inside the fade."""
+    tp = fp = fn = 0
+    for seed in range(4):
+        path = str(tmp_path / f"shots_{seed}.mp4")
+        truth = cut_and_fade_footage(path, seed)
+        result = SourcePipeline(CurateConfig())(path, str(tmp_path / "out"))
+        assert result.quarantine is None
+        found = [(s["start_frame"], s["transition_in"]) for s in result.shots[1:]]
+        unmatched = list(truth)
+        for frame, kind in found:
+            tolerance = {"cut": 1, "fade": int(0.4 * FPS) + 1}
+            match = [t for t in unmatched if t[1] == kind and abs(t[0] - frame) <= tolerance[kind]]
+            if match:
+                unmatched.remove(match[0])
+                tp += 1
+            else:
+                fp += 1
+        fn += len(unmatched)
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    print(
+        f"shots on real footage: precision {precision:.3f} recall {recall:.3f} (tp {tp}, fp {fp}, fn {fn})"
+    )
+    assert tp + fn == 20
+    assert precision >= 0.95 and recall >= 0.95
