@@ -41,6 +41,9 @@ VIDEO_SIDECAR_SUFFIX = ".json"
 # these machines cannot reach. Off unless the user turned it on. Set before the
 # first flow call starts the server, which reads it from the environment.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A fresh Prefect home migrates its database on the first start; on a busy 2-core
+# machine that overruns the 20 s default and the flow dies before it begins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 # Progress callbacks ``(phase, done, total)``; the CLI registers one to drive its
 # progress bar. Kept out of the flow's parameters, which Prefect serialises.
