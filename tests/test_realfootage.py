@@ -459,6 +459,7 @@ def cut_and_fade_footage(path: str, seed: int) -> list[tuple[int, str]]:
     return truth
 
 
+@pytest.mark.slow
 def test_shot_detection_precision_and_recall_on_real_footage(tmp_path):
     """Cuts count when found within 1 frame, fades when found inside the fade."""
     tp = fp = fn = 0
