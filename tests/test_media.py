@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,90 @@ def test_write_rejects_odd_size(tmp_path):
     with pytest.raises(media.MediaError, match="even width"):
         media.write_mp4(str(tmp_path / "odd.mp4"), clip)
     assert not (tmp_path / "odd.mp4").exists()
+
+
+# ---------------------------------------------------------------- real-footage helpers
+
+
+def _x264_bframes(path: str, seconds: int = 4) -> str:
+    """25 fps, keyframe every 25 frames, B-frames (x264 veryfast), AAC: a web video."""
+    import subprocess
+
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=s=192x108:r=25:d={seconds}",
+         "-f", "lavfi", "-i", f"sine=f=500:r=48000:d={seconds}", "-c:v", "libx264",
+         "-preset", "veryfast", "-g", "25", "-bf", "3", "-c:a", "aac", path],
+        check=True,
+    )  # fmt: skip
+    return path
+
+
+def test_copy_span_is_bit_exact_and_ends_before_dangling_b_frames(tmp_path):
+    src = _x264_bframes(str(tmp_path / "src.mp4"))
+    frames, _ = media.read_video(src)
+    out = str(tmp_path / "cut.mp4")
+    # From the keyframe at 1.0 s to a cut mid-GOP: B-frames near the end reference
+    # a picture past the cut, so the copy may end a few frames early, never late.
+    copied = media.copy_span(src, out, 1.0, 2.3, 25.0, audio_stream=0)
+    assert copied.start_s == 1.0 and 2.3 - 4 / 25 <= copied.end_s <= 2.3 + 1e-6
+    back = media.read_clip(out)
+    assert back.num_frames == copied.frames == round((copied.end_s - 1.0) * 25)
+    assert np.array_equal(back.frames, frames[25 : 25 + copied.frames])
+    assert back.audio.shape[0] == 1 and np.abs(back.audio).max() > 0.1
+    with pytest.raises(media.MediaError, match="no keyframe"):
+        media.copy_span(src, str(tmp_path / "bad.mp4"), 1.2, 2.0, 25.0)
+
+
+def test_display_frames_retime_variable_rate_to_a_constant_grid(tmp_path):
+    import av
+
+    path = str(tmp_path / "vfr.mp4")
+    # Frames 0..23 at t = 0, 1, 3, 4, 6, 7, ... (1/24 s units: every third slot empty).
+    times = [t for t in range(36) if t % 3 != 2]
+    with av.open(path, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 24)
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 10, np.uint8), "rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 24)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    shown = list(media.iter_display_frames(path, 24.0))
+    # Every grid point up to the last frame (t = 34), in order.
+    assert [f.index for f in shown] == list(range(35))
+    # Each grid point shows the frame nearest in time (an empty slot repeats one).
+    for f in shown:
+        nearest = min(range(len(times)), key=lambda i: (abs(times[i] - f.index), -times[i]))
+        assert abs(float(f.image.mean()) - nearest * 10) < 3, (f.index, nearest)
+
+
+def test_audio_reader_places_a_late_stream_and_forgets_what_is_released(tmp_path):
+    import subprocess
+
+    path = str(tmp_path / "late.mkv")
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=s=64x48:r=25:d=6",
+         "-itsoffset", "1.5", "-f", "lavfi", "-i", "sine=f=500:r=16000:d=4",
+         "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-preset", "ultrafast",
+         "-c:a", "pcm_s16le", path],
+        check=True,
+    )  # fmt: skip
+    with media.AudioReader(path, origin_s=0.0) as reader:
+        head = reader.read(0.0, 2.0)
+        assert np.abs(head[:, : int(1.45 * 16000)]).max() == 0  # silent before it starts
+        assert np.abs(head[:, int(1.55 * 16000) :]).max() > 0.1
+        reader.release(2.0)
+        held = sum(d.shape[1] for _, d in reader._chunks)
+        reader.read(2.0, 5.0)
+        reader.release(5.0)
+        assert sum(d.shape[1] for _, d in reader._chunks) <= held + 16000  # bounded
+        tail = reader.read(5.0, 6.0)
+        assert np.abs(tail[:, : int(0.45 * 16000)]).max() > 0.1  # the tone ends at 5.5 s
+        assert np.abs(tail[:, int(0.55 * 16000) :]).max() == 0
+
+
+def test_display_size_applies_pixel_aspect_and_rotation():
+    assert media.display_size(704, 576, 16 / 11, 0) == (1024, 576)
+    assert media.display_size(1920, 1080, 1.0, 90) == (1080, 1920)
+    assert media.display_size(720, 480, 32 / 27, 270) == (480, 854)
