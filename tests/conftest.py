@@ -100,8 +100,32 @@ def tiny_curated_corpus(tmp_path_factory) -> str:
         min_shot_s=2.5, max_shot_s=4.0,
     )  # fmt: skip
     generate_corpus(str(root / "raw"), 8, seed=11, config=synth)
-    curate(str(root / "raw" / "*.mp4"), str(root / "curated"), speech=False)
-    return str(root / "curated")
+    curated = str(root / "curated")
+    curate(str(root / "raw" / "*.mp4"), curated, speech=False)
+    _hold_out_last_sources(curated, 2)
+    return curated
+
+
+def _hold_out_last_sources(curated_uri: str, count: int) -> None:
+    """Make the validation split the clips of the last ``count`` sources by file name.
+
+    Curation splits by a hash of each source's URI, which here contains pytest's
+    temporary path, so which sources land in ``val`` (if any) would change from run
+    to run; training tests need a fixed, non-empty held-out set.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.manifest_layout import manifest_table_uri
+
+    uri = manifest_table_uri(curated_uri, "clips")
+    table = pq.read_table(uri)
+    sources = sorted(set(table.column("source_uri").to_pylist()))
+    held_out = set(sources[-count:])
+    split = ["val" if u in held_out else "train" for u in table.column("source_uri").to_pylist()]
+    index = table.schema.get_field_index("split")
+    table = table.set_column(index, table.schema.field(index), pa.array(split, pa.string()))
+    pq.write_table(table, uri)
 
 
 @pytest.fixture(scope="session")
