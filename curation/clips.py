@@ -153,7 +153,11 @@ def can_stream_copy(source: SourceRecord, config: ClipConfig) -> bool:
         and source.rotation == 0
         and abs(source.sample_aspect_ratio - 1.0) < 1e-3
         and not source.variable_frame_rate
-        and (not source.has_audio or source.audio_codec in media.COPYABLE_AUDIO_CODECS)
+        # Clips carry mono or stereo: 5.1 and wider tracks are downmixed by a re-encode.
+        and (
+            not source.has_audio
+            or (source.audio_codec in media.COPYABLE_AUDIO_CODECS and source.audio_channels <= 2)
+        )
     )
 
 

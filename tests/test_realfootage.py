@@ -321,6 +321,7 @@ def test_default_audio_track_and_downmix(curated):
     assert curated["two_audio"].source["audio_stream"] == 1  # the default, not the first
     assert clip.scores["loudness_dbfs"] > -40  # the speech, not the near-silent track
     for clip in curated["surround"].clip_records():
+        assert media.probe_media(clip.uri).audio_channels == 2  # the file, not just the reader
         assert media.read_clip(clip.uri).audio.shape[0] == 2
 
 
