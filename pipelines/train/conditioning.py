@@ -13,7 +13,9 @@ another shot of the source shows another colour than the clip. Captions are the
 world's own ("a red circle bounces on a gray floor"); a fraction of clips get the
 caption with its colour words removed ("a circle bounces on a gray floor"), as real
 captions leave things out: on those clips only an image reference of the clip itself
-can tell the colour.
+can tell the colour. Every caption says "a gray floor" whatever the shot's backdrop
+(gray, beige, slate, charcoal), so the backdrop is a colour that only an image
+reference carries.
 
 The manifest is written directly (the columns :mod:`pipelines.train.data` reads)
 rather than by the curation flow: the shots are known exactly, so curation would
@@ -218,3 +220,77 @@ def multishot_counts(
         per_shot[0].append(frames[: cut - guard])
         per_shot[1].append(frames[cut + guard :])
     return [_mean_counts(f) for f in per_shot]
+
+
+# ---------------------------------------------------------------------------------
+# Backdrops: the scene colour an image reference carries and no caption names (every
+# bouncing_balls caption says "a gray floor", whichever backdrop the shot has).
+
+BACKDROPS = ("gray", "beige", "slate", "charcoal")
+
+
+def backdrop_pixels(frames: np.ndarray) -> dict[str, int]:
+    """Background pixels (the probe's label -1) of (T, H, W, 3) frames by nearest day
+    backdrop: each backdrop's sky and floor tones both count for it."""
+    from core.synth.palette import DAY_BACKGROUNDS
+
+    names, tones = [], []
+    for name in BACKDROPS:
+        for tone in DAY_BACKGROUNDS[name]:
+            names.append(name)
+            tones.append(tone)
+    tones_arr = np.asarray(tones, np.float32)  # (P, 3)
+    counts = dict.fromkeys(BACKDROPS, 0)
+    for frame in frames:
+        background = label_pixels(np.ascontiguousarray(frame)) < 0
+        rgb = frame[background].astype(np.float32)  # (N, 3)
+        if not rgb.size:
+            continue
+        nearest = ((rgb[:, None, :] - tones_arr[None]) ** 2).sum(-1).argmin(1)
+        for i, n in zip(*np.unique(nearest, return_counts=True), strict=True):
+            counts[names[int(i)]] += int(n)
+    return counts
+
+
+def reference_frame(colour: str, background: str, seed: int = 0) -> np.ndarray:
+    """First frame of a one-colour ``bouncing_balls`` shot on a chosen day backdrop,
+    from seeds the corpus never uses."""
+    spec = CorpusSpec(colours=(colour,), seed=seed + 7919)
+    duration = spec.frames_per_shot / FPS
+    s = spec.seed * 100_003
+    while True:
+        s += 1
+        try:
+            clip, truth = render_shot(
+                "bouncing_balls", s, duration, SIZE, SIZE, FPS, SAMPLE_RATE,
+                background=background, guard_start_s=0.1, guard_end_s=0.1,
+            )  # fmt: skip
+        except SceneError:
+            continue
+        if {o["color"] for o in truth["objects"]} == {colour}:
+            return clip.frames[0]
+
+
+def reference_backdrops(
+    pipeline, prompt: str, images: list[np.ndarray], settings: GenSettings | None = None
+) -> dict[str, float]:
+    """Share of the background pixels nearest each backdrop, over seeds."""
+    from model.generate import GenerationRequest, ReferenceSet, generate
+
+    settings = settings or GenSettings()
+    counts = dict.fromkeys(BACKDROPS, 0)
+    for seed in settings.seeds:
+        request = GenerationRequest(
+            prompt=prompt,
+            duration_s=CorpusSpec().frames_per_shot / FPS,
+            seed=seed,
+            steps=settings.steps,
+            sampler=settings.sampler,
+            text_scale=settings.text_scale,
+            ref_scale=settings.ref_scale,
+            references=ReferenceSet(images=list(images)) if images else None,
+        )
+        for k, v in backdrop_pixels(generate(request, pipeline=pipeline).clip.frames).items():
+            counts[k] += v
+    total = sum(counts.values())
+    return {k: (v / total if total else 0.0) for k, v in counts.items()}
