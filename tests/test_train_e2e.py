@@ -50,7 +50,7 @@ def test_chain_on_ray_with_a_kill_and_sft_improves_on_pretrain(
                     "crop_px": 32},
             "pretrain": {"steps": 80, "batch_size": 4, "checkpoint_every": 40, "log_every": 10},
             "sft": {"steps": 120, "batch_size": 4, "checkpoint_every": 60, "log_every": 20,
-                    "lr": 2e-3, "warmup_steps": 10},
+                    "lr": 5e-4, "warmup_steps": 0},
             "debug_kill_at_step": 50,
             "debug_kill_rank": 1,
             "debug_kill_stage": "pretrain",

@@ -87,7 +87,10 @@ def evaluate_adherence(
 
 @torch.no_grad()
 def held_out_flow_loss(
-    pipeline: DuetPipeline, rows, times: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8), seed: int = 0
+    pipeline: DuetPipeline,
+    rows,
+    times: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    seed: int = 0,
 ) -> float:
     """Mean rectified-flow loss on held-out clips with their own captions.
 
