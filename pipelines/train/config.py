@@ -111,8 +111,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     pretrain: DiTStageConfig = field(default_factory=DiTStageConfig)
+    # Fine-tuning continues from trained weights: a lower rate and no warm-up.
     sft: DiTStageConfig = field(
-        default_factory=lambda: DiTStageConfig(steps=200, lr=1e-3, warmup_steps=0)
+        default_factory=lambda: DiTStageConfig(steps=200, lr=5e-4, warmup_steps=0)
     )
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     keep_checkpoints: int = 2
