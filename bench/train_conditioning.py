@@ -4,7 +4,8 @@ Builds the synthetic corpus of ``pipelines.train.conditioning`` once, trains the
 ``tiny`` preset through ``vae -> pretrain`` with the local runner, and prints what
 ``tests/test_train_conditioning.py`` checks: the colour share of the generated ball
 with an image reference in slot 0 (text naming no colour), with two image slots and
-then swapped, and per shot of a two-shot plan.
+then swapped, the backdrop shares with image references (what the test checks), and
+per shot of a two-shot plan.
 
     python bench/train_conditioning.py --out /tmp/cond --vae-steps 300 --dit-steps 800
 """
@@ -29,7 +30,9 @@ from pipelines.train.conditioning import (  # noqa: E402
     build_corpus,
     first_frame_of,
     multishot_counts,
+    reference_backdrops,
     reference_counts,
+    reference_frame,
     shares,
 )
 from pipelines.train.config import (  # noqa: E402
@@ -224,6 +227,15 @@ def main() -> None:
             ("blue_red", [blue, red]),
         ):
             out[f"ref_{name}@{scale:g}"] = shares(reference_counts(pipe, plain, images, g), cols)
+    frames = {b: reference_frame(c, b) for c, b in (("red", "beige"), ("blue", "slate"))}
+    for name, images in (
+        ("none", []),
+        ("beige", [frames["beige"]]),
+        ("slate", [frames["slate"]]),
+        ("beige_slate", [frames["beige"], frames["slate"]]),
+        ("slate_beige", [frames["slate"], frames["beige"]]),
+    ):
+        out[f"backdrop_{name}"] = reference_backdrops(pipe, plain, images, gen)
     ms = multishot_counts(pipe, (PROMPTS[1], PROMPTS[2]), gen)
     out["ms_red_blue"] = [shares(c, cols) for c in ms]
     ms = multishot_counts(pipe, (PROMPTS[2], PROMPTS[1]), gen)
