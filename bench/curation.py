@@ -158,7 +158,7 @@ def bench_decode(uris: list[str]) -> dict[str, float]:
 
 
 def _start_ray(workers: int) -> None:
-    from flows.executor import quiet_ray_environment
+    from core.ray_setup import quiet_ray_environment
 
     quiet_ray_environment(local=True)
     import ray

@@ -19,66 +19,20 @@ The Prefect flow (``flows.curate``) only orders steps; it calls :func:`run_sourc
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from core.ray_setup import forwarded_env, init_ray, quiet_ray_environment
 from curation.pipeline import process_source_remote
 from curation.records import QuarantineRecord, SourceResult, display_uri, source_id_of
 from curation.transcribe import SpeechActor
 
-# Environment the Ray workers need to reach storage (loopback S3 in tests, a real
-# endpoint in production) and Duet's caches; forwarded explicitly because a Ray
-# cluster started before these were set would not see them.
-FORWARDED_ENV_PREFIXES = ("AWS_", "DUET_")
-FORWARDED_ENV = ("HOME",)
+# Starting or joining Ray (forwarded storage environment, explicit auth mode, no
+# usage statistics) is shared with training: one way, in core.ray_setup.
+__all__ = ["forwarded_env", "init_ray", "quiet_ray_environment", "run_sources", "shutdown_ray"]
 
 log = logging.getLogger(__name__)
-
-
-def forwarded_env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV
-    }
-
-
-def quiet_ray_environment(local: bool) -> None:
-    """Say explicitly what Ray would otherwise warn about on every start.
-
-    Ray 2.5x enables token authentication for a new local cluster when
-    ``RAY_AUTH_MODE`` is unset, and logs a warning saying so; choosing the same
-    mode explicitly keeps the protection and drops the warning. A cluster joined
-    by address keeps whatever mode its operator chose. Usage statistics are off:
-    these machines have no route to Ray's collector.
-    """
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray reads the mode when it is imported (its C++ config is cached then): set
-    # it only before that, or the driver and the cluster would disagree.
-    if local and "ray" not in sys.modules:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
-def init_ray(ray_address: str | None, num_cpus: int | None) -> bool:
-    """Connect to ``ray_address`` or start a local Ray; True when this call started it."""
-    quiet_ray_environment(local=not ray_address)
-    import ray
-
-    if ray.is_initialized():
-        return False
-    options: dict[str, Any] = {
-        "ignore_reinit_error": True,
-        "log_to_driver": False,
-        "runtime_env": {"env_vars": forwarded_env()},
-    }
-    if ray_address:
-        ray.init(address=ray_address, **options)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
-    return True
 
 
 def shutdown_ray() -> None:
