@@ -12,6 +12,7 @@ writes the index last. Training workers then only read the cache.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import Any
 
@@ -66,12 +67,16 @@ def encode_on_ray_data(checkpoint_uri: str, data: DataConfig, cache_uri: str) ->
         fsspec_fs = storage.filesystem(table_uri)
         path = storage.strip_scheme(table_uri)
         fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fsspec_fs))
+    # The CLI draws its own progress bar; Ray Data's periodic status dump would
+    # bury it (stdout is not a terminal under the flow), so it stays quiet.
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     dataset = ray.data.read_parquet(path, filesystem=fs).map_batches(
         ShardEncoder,
         fn_constructor_args=(checkpoint_uri, config_to_dict(data), cache_uri),
         batch_size=data.latent_shard_clips,
         batch_format="pyarrow",
-        concurrency=data.encode_concurrency,
+        compute=ray.data.ActorPoolStrategy(size=data.encode_concurrency),
     )
     clips = {}
     for row in dataset.iter_rows():
