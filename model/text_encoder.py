@@ -32,6 +32,11 @@ class FrozenTextEncoder:
         cache_size: int = 4096,
     ):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        # A local load of a small encoder: its per-tensor progress bar is only noise
+        # in the CLI's output (and in every Ray worker's log).
+        hf_logging.disable_progress_bar()
 
         path = model_path or default_model_path()
         if not os.path.isdir(path):
