@@ -42,14 +42,19 @@ class SyncConfig:
     # the synthetic world (5 seeds per kind): talking heads 1.00, beat pulses
     # 0.77-1.00, bouncing balls <= 0.66, collisions <= 0.33, pans <= 0.08.
     stationary_motion_share: float = 0.8
+    # And the centre of the motion must stay put: its spread over the clip, as a
+    # fraction of the frame width (talking heads <= 0.003, beat pulses <= 0.011; a
+    # small object crossing a dark scene, whose motion is just as concentrated,
+    # >= 0.025; balls, collisions, pans >= 0.05).
+    stationary_max_travel: float = 0.018
     flow_width: int = 64  # optical flow runs on frames this wide (accuracy holds, cost /1.6)
     correct: bool = False  # shift out-of-sync clips' audio by the measured offset
     # Fades: frames are brought to one brightness before differencing (a fade is a
     # gain ramp, not motion); frames darker than ``dark_fraction`` of the clip's
-    # median brightness carry no picture to match. Every frame more than
-    # ``fade_tolerance`` off the median is taken as fading, and its time is left out
-    # of the match on both sides: the sound fades with the picture, and a loudness
-    # ramp would otherwise pull the estimate.
+    # median brightness carry no picture to match. The runs of frames more than
+    # ``fade_tolerance`` darker than the median at either end of the clip are taken
+    # as fading, and their time is left out of the match on both sides: the sound
+    # fades with the picture, and a loudness ramp would otherwise pull the estimate.
     fade_aware: bool = True
     dark_fraction: float = 0.35
     fade_tolerance: float = 0.1
@@ -195,9 +200,14 @@ def estimate_offset(
         return _estimate_pair(luma, fps, audio, sample_rate, cfg, cfg.visual_feature, "onset")
     where = luma
     if cfg.fade_aware:
-        normed, fading = gain_normalised(luma, cfg.dark_fraction, cfg.fade_tolerance)
-        where = normed[~fading] if int((~fading).sum()) >= 2 else normed
-    if motion_concentration(where) >= cfg.stationary_motion_share:
+        # The fading frames at the clip's ends are left out: a fade's global
+        # change must not decide the pairing.
+        _, fading = gain_normalised(luma, cfg.dark_fraction, cfg.fade_tolerance)
+        where = luma[~fading] if int((~fading).sum()) >= 2 else luma
+    if (
+        motion_concentration(where) >= cfg.stationary_motion_share
+        and motion_travel(where) <= cfg.stationary_max_travel
+    ):
         return _estimate_pair(luma, fps, audio, sample_rate, cfg, STATIONARY_FEATURE, "energy")
     return _estimate_pair(luma, fps, audio, sample_rate, cfg, "flow_acceleration", "onset")
 
@@ -217,14 +227,43 @@ def gain_normalised(
         return luma, np.zeros(luma.shape[0], bool)
     dark = means < dark_fraction * reference
     gain = reference / np.maximum(means, 1e-3)
-    fading = dark | (np.abs(means / reference - 1.0) >= fade_tolerance)
+    # A clip lies inside one shot, so a fade can only be at its ends: the run of
+    # darker-than-usual frames it starts with (fade-in) or ends with (fade-out).
+    # Brightness changes inside (a light switched on: the event itself) stay.
+    low = means < (1.0 - fade_tolerance) * reference
+    fading = np.zeros_like(low)
+    i = 0
+    while i < low.size and low[i]:
+        fading[i] = True
+        i += 1
+    j = low.size - 1
+    while j >= i and low[j]:
+        fading[j] = True
+        j -= 1
     # Only fading frames are scaled; scaling the others by their small fluctuations
     # (a mouth opening) would smear motion over the whole frame.
+    dark &= fading
     gain[dark | ~fading] = 1.0
     normed = np.clip(luma.astype(np.float32) * gain[:, None, None], 0, 255)
     if luma.dtype == np.uint8:
         normed = normed.astype(np.uint8)
     return normed, fading
+
+
+def motion_travel(luma: np.ndarray) -> float:
+    """How far the centre of frame-difference energy moves over the clip: its
+    energy-weighted standard deviation, as a fraction of the frame width."""
+    if luma.shape[0] < 2:
+        return 0.0
+    t, h, w = luma.shape
+    energy = np.abs(np.diff(luma.astype(np.float32), axis=0)).reshape(t - 1, -1)
+    total = energy.sum(axis=1) + 1e-9
+    ys, xs = np.mgrid[0:h, 0:w]
+    cx = energy @ xs.ravel().astype(np.float32) / total
+    cy = energy @ ys.ravel().astype(np.float32) / total
+    weights = total / total.sum()
+    mx, my = float(weights @ cx), float(weights @ cy)
+    return float(np.sqrt(weights @ ((cx - mx) ** 2 + (cy - my) ** 2)) / w)
 
 
 def motion_concentration(luma: np.ndarray, top_fraction: float = 0.02) -> float:
