@@ -41,12 +41,8 @@ def config_from_dict(cls: type[T], data: Any, path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown field(s) {unknown}; known fields are {sorted(fields)}"
-        )
-    kwargs = {
-        name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()
-    }
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(fields)}")
+    kwargs = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as err:
