@@ -130,7 +130,7 @@ def curate_step(raw_uri: str, curated_uri: str, speech: bool) -> dict:
         value = summary.get(key)
         table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
     table.add_row("failed", str(len(summary.get("failed") or [])))
-    for key in ("manifest", "quarantine", "report"):
+    for key in ("clips", "quarantine", "sources", "report"):
         if key in summary:
             table.add_row(key, str(summary[key]))
     console.print(table)
