@@ -107,14 +107,20 @@ def backdrop_frames():
 
 
 def test_image_reference_backdrop_appears_though_the_text_names_none(model, backdrop_frames):
-    """Slot 0's scene colour shows up in the generation; no caption ever names it."""
+    """Slot 0's scene colour shows up in the generation; no caption ever names it.
+
+    Each backdrop's share with its own image in slot 0 is compared with its share
+    when slot 0 holds one of the other images (same prompt, same seeds)."""
     alone = reference_backdrops(model, NO_COLOUR, [], GEN)
     print(f"no reference -> {_r(alone)}")
+    got = {}
     for name, frame in backdrop_frames.items():
-        got = reference_backdrops(model, NO_COLOUR, [frame], GEN)
-        print(f"slot 0 on {name} -> {_r(got)}")
-        assert got[name] >= 0.5, (name, got)
-        assert got[name] - alone[name] >= 0.3, (name, got, alone)
+        got[name] = reference_backdrops(model, NO_COLOUR, [frame], GEN)
+        print(f"slot 0 on {name} -> {_r(got[name])}")
+    for name in got:
+        elsewhere = max(got[other][name] for other in got if other != name)
+        assert got[name][name] >= 0.5, (name, got)
+        assert got[name][name] - elsewhere >= 0.3, (name, got)
 
 
 # Learned in some training runs, not all, at this CPU budget (1200 DiT steps): of three
