@@ -11,6 +11,8 @@ import pytest
 # Flows in tests log to the console only: shipping logs to Prefect's temporary API
 # server races its shutdown at the end of the session.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+# Set before any test module imports prefect, which reads settings at import.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _free_port() -> int:
