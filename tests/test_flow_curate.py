@@ -22,8 +22,8 @@ import pytest
 
 from core import storage
 from core.manifest_layout import latest_version, manifest_table_uri
+from core.sample_media import ACCEPTED_BY_DEFAULT, EXPECTED_REASON, make_bad_inputs
 from curation.manifest import SCHEMA_VERSION, list_versions, manifest_uris, read_clips
-from tests.test_curation_validate import ACCEPTED_BY_DEFAULT, EXPECTED_REASON, make_bad_inputs
 
 # Every test here runs the flow (Prefect server + Ray start, ~35 s before the first).
 pytestmark = pytest.mark.slow

@@ -49,3 +49,21 @@ def test_the_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("import ray\nfrom serve.app import thing\n")
     assert _imports(bad) == {"ray", "serve"}
+
+
+def test_tests_import_neither_bench_nor_other_test_files():
+    """Shared test helpers live in the package or tests/conftest.py."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module if node.level == 0 else "." + node.module]
+            for name in names:
+                top = name.lstrip(".").split(".")[0]
+                if top == "bench" or top.startswith("test_") or name.startswith("tests."):
+                    offenders.append(f"{path.name} imports {name}")
+    assert not offenders, "\n".join(offenders)
