@@ -111,7 +111,6 @@ class BatchBuilder:
         return [r for r in self.by_source.get(row.source_id, []) if r.clip_id != row.clip_id]
 
     def references(self, rows: list[ClipRow], gen: torch.Generator) -> ReferenceLatents | None:
-        b = len(rows)
         max_img, max_vid, max_aud = self.max_refs
         picks: list[tuple[list, list, list]] = []
         for row in rows:
@@ -179,7 +178,6 @@ class BatchBuilder:
             videos=slots(1, max_vid, video),
             audios=slots(2, max_aud, audio),
         )
-        del b
         return None if refs.is_empty() else refs
 
     # -- multi-shot --------------------------------------------------------------

@@ -17,7 +17,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -450,7 +450,8 @@ def run_stage(
     here = stage_uri(cfg, stage)
     resume = rt.restored_checkpoint() or ckpt.latest_checkpoint(here)
     if resume:  # a corrupt or foreign checkpoint fails here, before any decoding
-        found, _ = ckpt.open_checkpoint(resume)
+        opened = ckpt.open_checkpoint(resume)
+        found = opened[0]
         if found.stage != stage:
             raise CheckpointError(f"{resume} is a {found.stage!r} checkpoint, not {stage!r}")
     task = vae_task(cfg, pipeline, rt) if stage == "vae" else dit_task(cfg, stage, pipeline, rt)
@@ -467,7 +468,9 @@ def run_stage(
         stage=stage, seed=cfg.seed, parent=parent, data_version=version, config=config_to_dict(cfg)
     )
     if resume:
-        state = ckpt.restore_checkpoint(resume, task.components, task.module, optimizer, ema)
+        state = ckpt.restore_checkpoint(
+            resume, task.components, task.module, optimizer, ema, opened
+        )
     log = MetricsLog(here, enabled=rt.is_main, resume_step=state.step)
     position = SamplerPosition(state.epoch, state.batch)
     window: list[dict] = []
@@ -563,7 +566,7 @@ def _write_final(cfg, stage, task, pipeline, ema, state, rt: Runtime, summary, l
             "steps": state.step,
             "parent": state.parent,
             "data_version": state.data_version,
-            "train_config": asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else {},
+            "train_config": state.config,
             "wall_s": round(state.wall_s, 1),
             "world_size": rt.world_size,
             "device": str(rt.device),

@@ -20,7 +20,6 @@ written by N workers load into M.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -177,14 +176,20 @@ def open_checkpoint(uri: str) -> tuple[TrainState, dict[str, torch.Tensor]]:
 
 
 def restore_checkpoint(
-    uri: str, components: tuple[str, ...], module: nn.Module, optimizer, ema: dict | None
+    uri: str,
+    components: tuple[str, ...],
+    module: nn.Module,
+    optimizer,
+    ema: dict | None,
+    opened: tuple[TrainState, dict[str, torch.Tensor]] | None = None,
 ) -> TrainState:
     """Load a training checkpoint into the live module, optimizer and EMA.
 
     ``components``: the pipeline components the module holds; one component means
     the module *is* that component (its keys carry no prefix).
     """
-    state, tensors = open_checkpoint(uri)
+    # ``opened``: what open_checkpoint already read, so the weights are read once.
+    state, tensors = opened or open_checkpoint(uri)
     if len(components) == 1:
         prefix = f"{components[0]}."
         model_state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -219,9 +224,6 @@ def _copy_into(live: torch.Tensor, full: torch.Tensor) -> None:
             live.copy_(distribute_tensor(full.to(live.dtype), live.device_mesh, live.placements))
         else:
             live.copy_(full.to(live.device, live.dtype))
-
-
-_STEP_DIR = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)$")
 
 
 def checkpoint_dir(stage_uri: str, step: int) -> str:
