@@ -78,11 +78,19 @@ def run_stage_on_ray(
         watcher = threading.Thread(target=_watch, args=(cfg, stage, progress, stop), daemon=True)
         watcher.start()
     try:
-        return trainer.fit()
+        result = trainer.fit()
     finally:
         stop.set()
         if watcher is not None:
             watcher.join(timeout=5)
+    # A checkpoint uploaded just before a worker died may never reach Ray's
+    # checkpoint manager (the failed group's pending reports are dropped), so
+    # Ray never prunes it; the restarted workers may still have resumed from it
+    # (our own storage listing). Keep-last-K is applied once more here, by step.
+    from pipelines.train.state import prune_checkpoints
+
+    prune_checkpoints(storage.join(cfg.run_uri, stage), cfg.keep_checkpoints)
+    return result
 
 
 def _watch(cfg: TrainConfig, stage: str, progress, stop: threading.Event) -> None:
