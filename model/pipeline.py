@@ -92,47 +92,7 @@ class DuetPipeline(nn.Module):
 
     def clip_to_tensors(self, clip: AVClip, num_frames: int | None = None):
         """AVClip -> video (3, 1+4k, H, W) in [-1, 1] and padded audio (2, N)."""
-        c = self.config
-        if not clip.fps > 0 or clip.num_frames == 0:
-            raise ValueError(
-                f"clip needs frames and a positive fps, got {clip.num_frames} @ {clip.fps}"
-            )
-        frames = clip.frames
-        if abs(clip.fps - c.fps) > 1e-3:
-            # Nearest-frame retiming to the model's rate (audio is untouched: same clock).
-            n_out = max(1, int(clip.num_frames * c.fps / clip.fps))
-            src = np.round(np.arange(n_out) * clip.fps / c.fps).astype(int)
-            frames = frames[np.minimum(src, clip.num_frames - 1)]
-        audio = np.asarray(clip.audio, dtype=np.float32)
-        if clip.sample_rate != c.sample_rate:
-            from core.media import resample_audio
-
-            audio = resample_audio(audio, clip.sample_rate, c.sample_rate)
-        tf = c.video_vae.temporal_factor
-        if num_frames is None:
-            num_frames = 1 + tf * ((frames.shape[0] - 1) // tf)
-        if num_frames > frames.shape[0]:
-            raise ValueError(f"clip has {frames.shape[0]} frames, {num_frames} requested")
-        video = frames_to_tensor(frames[:num_frames])  # (3, T, H, W)
-        if video.shape[2:] != (c.height, c.width):
-            video = F.interpolate(
-                video, size=(c.height, c.width), mode="bilinear", align_corners=False
-            )
-        return video, self._prepare_audio(audio, num_frames)
-
-    def _prepare_audio(self, audio: np.ndarray, num_frames: int) -> torch.Tensor:
-        c = self.config
-        wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-        if wav.dim() == 1:
-            wav = wav[None]
-        channels = c.audio_vae.audio_channels
-        if wav.shape[0] < channels:
-            wav = wav.repeat(channels // wav.shape[0] + 1, 1)
-        wav = wav[:channels]
-        n_latents = c.num_latent_frames(num_frames)
-        total = c.audio_samples_for_latents(n_latents)
-        wav = F.pad(wav, (self.audio_front_pad, 0))[:, :total]
-        return F.pad(wav, (0, total - wav.shape[1]))
+        return clip_tensors(clip, self.config, num_frames)
 
     @torch.no_grad()
     def encode_clip(self, clip: AVClip, num_frames: int | None = None):
@@ -240,3 +200,49 @@ def parameter_breakdown(cfg: ModelConfig) -> list[tuple[str, int]]:
     if sum(n for name, n in rows if name.startswith("dit.")) != total_dit:
         raise RuntimeError("DiT parameter breakdown does not add up")
     return rows
+
+
+def clip_tensors(clip: AVClip, c: ModelConfig, num_frames: int | None = None):
+    """AVClip -> video (3, 1+4k, H, W) in [-1, 1] and padded audio (2, N) for config ``c``.
+
+    A function of the config alone, so decoding workers need no network weights.
+    """
+    if not clip.fps > 0 or clip.num_frames == 0:
+        raise ValueError(
+            f"clip needs frames and a positive fps, got {clip.num_frames} @ {clip.fps}"
+        )
+    frames = clip.frames
+    if abs(clip.fps - c.fps) > 1e-3:
+        # Nearest-frame retiming to the model's rate (audio is untouched: same clock).
+        n_out = max(1, int(clip.num_frames * c.fps / clip.fps))
+        src = np.round(np.arange(n_out) * clip.fps / c.fps).astype(int)
+        frames = frames[np.minimum(src, clip.num_frames - 1)]
+    audio = np.asarray(clip.audio, dtype=np.float32)
+    if clip.sample_rate != c.sample_rate:
+        from core.media import resample_audio
+
+        audio = resample_audio(audio, clip.sample_rate, c.sample_rate)
+    tf = c.video_vae.temporal_factor
+    if num_frames is None:
+        num_frames = 1 + tf * ((frames.shape[0] - 1) // tf)
+    if num_frames > frames.shape[0]:
+        raise ValueError(f"clip has {frames.shape[0]} frames, {num_frames} requested")
+    video = frames_to_tensor(frames[:num_frames])  # (3, T, H, W)
+    if video.shape[2:] != (c.height, c.width):
+        video = F.interpolate(video, size=(c.height, c.width), mode="bilinear", align_corners=False)
+    return video, _prepare_audio(audio, c, num_frames)
+
+
+def _prepare_audio(audio: np.ndarray, c: ModelConfig, num_frames: int) -> torch.Tensor:
+    wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    if wav.dim() == 1:
+        wav = wav[None]
+    channels = c.audio_vae.audio_channels
+    if wav.shape[0] < channels:
+        wav = wav.repeat(channels // wav.shape[0] + 1, 1)
+    wav = wav[:channels]
+    n_latents = c.num_latent_frames(num_frames)
+    total = c.audio_samples_for_latents(n_latents)
+    front_pad = audio_front_pad_samples(c.fps, c.sample_rate, c.video_vae.temporal_factor)
+    wav = F.pad(wav, (front_pad, 0))[:, :total]
+    return F.pad(wav, (0, total - wav.shape[1]))
