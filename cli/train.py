@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import typer
 
-STAGE_CHOICES = ("vae", "pretrain", "sft", "all")
+STAGE_CHOICES = ("vae", "pretrain", "sft", "rlhf", "distill", "all")
 
 
 def train(
-    stage: str = typer.Argument(..., help="vae | pretrain | sft | all (vae -> pretrain -> sft)."),
+    stage: str = typer.Argument(
+        ...,
+        help="vae | pretrain | sft | rlhf | distill | all "
+        "(vae -> pretrain -> sft -> rlhf -> distill).",
+    ),
     config_uri: str | None = typer.Option(
         None, "--config", help="TrainConfig as TOML/JSON at any URI (defaults otherwise)."
     ),
@@ -26,7 +30,8 @@ def train(
     ),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Override each stage's steps."),
 ) -> None:
-    """Train the model in stages: vae -> pretrain -> sft; resumes from the last checkpoint."""
+    """Train the model in stages: vae -> pretrain -> sft -> rlhf (DanceGRPO) -> distill (Fast);
+    resumes from the last checkpoint."""
     import dataclasses
 
     from rich.console import Console

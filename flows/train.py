@@ -1,4 +1,5 @@
-"""Prefect flow ``train``: vae -> pretrain -> sft, each stage a task, finished ones skipped.
+"""Prefect flow ``train``: vae -> pretrain -> sft -> rlhf -> distill, each stage a task,
+finished ones skipped.
 
 The flow only orders the stages; each stage runs on Ray Train (or in this process
 with ``runner="local"``) through :func:`pipelines.train.train`. A stage whose final

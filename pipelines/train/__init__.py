@@ -1,4 +1,4 @@
-"""The training pipeline: ``vae -> pretrain -> sft`` on a curated dataset.
+"""The training pipeline: ``vae -> pretrain -> sft (-> rlhf -> distill)`` on a curated dataset.
 
 - :mod:`.config`: dataclass configs (loaded by :mod:`core.config`);
 - :mod:`.data`: manifest rows, frame buckets, the resumable epoch sampler;
@@ -7,7 +7,8 @@
 - :mod:`.loop`: one stage, Ray-free (one process, torchrun, or a Ray Train worker);
 - :mod:`.state`: checkpoints (weights, EMA, optimizer, data position) at any URI;
 - :mod:`.ray_train`: the same loop under Ray Train's ``TorchTrainer``;
-- :mod:`.logs`: TensorBoard events, metrics.jsonl and an HTML report per stage.
+- :mod:`.logs`: TensorBoard events, metrics.jsonl and an HTML report per stage;
+- ``rlhf`` and ``distill`` are tasks of the same loop, in :mod:`pipelines.align`.
 
 :func:`train` runs a list of stages in order, skipping those already finished.
 """
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipelines.train.config import STAGES, TrainConfig
+from pipelines.train.config import BASE_STAGES, STAGES, TrainConfig
 
 
 def train(
     cfg: TrainConfig,
-    stages: tuple[str, ...] = STAGES,
+    stages: tuple[str, ...] = BASE_STAGES,
     runner: str = "local",
     num_workers: int = 1,
     use_gpu: bool = False,
@@ -47,7 +48,7 @@ def train(
             if runner == "ray":
                 from pipelines.train.ray_train import run_stage_on_ray
 
-                if stage != "vae" and cfg.data.encode_with_ray_data:
+                if stage in ("pretrain", "sft") and cfg.data.encode_with_ray_data:
                     _encode_latents_on_ray(cfg, stage, ray_address)
                 run_stage_on_ray(cfg, stage, num_workers, use_gpu, ray_address, progress)
             else:

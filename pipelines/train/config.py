@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 
 from core.config import config_from_dict, load_config
 from model.parallelize import ParallelConfig
+from pipelines.align.config import DistillStageConfig, RLHFStageConfig
 
-STAGES = ("vae", "pretrain", "sft")
-PARENT_STAGE = {"vae": None, "pretrain": "vae", "sft": "pretrain"}
+# rlhf (DanceGRPO) and distill (the Fast student) live in pipelines.align.
+STAGES = ("vae", "pretrain", "sft", "rlhf", "distill")
+# What ``pipelines.train.train`` runs when no stages are named: the supervised chain.
+BASE_STAGES = ("vae", "pretrain", "sft")
+PARENT_STAGE = {"vae": None, "pretrain": "vae", "sft": "pretrain", "rlhf": "sft", "distill": "rlhf"}
 
 
 @dataclass
@@ -115,6 +119,8 @@ class TrainConfig:
     sft: DiTStageConfig = field(
         default_factory=lambda: DiTStageConfig(steps=200, lr=5e-4, warmup_steps=0)
     )
+    rlhf: RLHFStageConfig = field(default_factory=RLHFStageConfig)
+    distill: DistillStageConfig = field(default_factory=DistillStageConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     keep_checkpoints: int = 2
     # Ray Train: restarts of the worker group after a failure.
@@ -129,7 +135,7 @@ class TrainConfig:
     # Log which clips every step trained on (samples.jsonl), to audit resumes.
     record_samples: bool = False
 
-    def stage(self, name: str) -> StageConfig:
+    def stage(self, name: str) -> StageConfig | RLHFStageConfig | DistillStageConfig:
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; choose one of {STAGES}")
         return getattr(self, name)

@@ -133,6 +133,8 @@ class StageTask:
     batch_fn: Callable[[list[int], torch.Generator, int], tuple[torch.Tensor, dict, int]]
     param_groups: list[dict] = field(default_factory=list)
     finish: Callable[[], dict] | None = None
+    # Written into the final checkpoint's metadata (e.g. the Fast student's ``fast``).
+    final_extra: dict = field(default_factory=dict)
 
 
 def _window(video: torch.Tensor, frames: int, tf: int, crop: int, sf: int, gen) -> torch.Tensor:
@@ -454,7 +456,7 @@ def run_stage(
         found = opened[0]
         if found.stage != stage:
             raise CheckpointError(f"{resume} is a {found.stage!r} checkpoint, not {stage!r}")
-    task = vae_task(cfg, pipeline, rt) if stage == "vae" else dit_task(cfg, stage, pipeline, rt)
+    task = stage_task(cfg, stage, pipeline, rt)
     s = task.settings
     sampler = EpochSampler(task.rows, s.batch_size, rt.world_size, cfg.seed)
     optimizer = torch.optim.AdamW(
@@ -520,6 +522,16 @@ def run_stage(
     return StageResult(stage, state.step, resume or "", final, summary, state.wall_s, losses)
 
 
+def stage_task(cfg: TrainConfig, stage: str, pipeline: DuetPipeline, rt: Runtime) -> StageTask:
+    if stage == "vae":
+        return vae_task(cfg, pipeline, rt)
+    if stage in ("pretrain", "sft"):
+        return dit_task(cfg, stage, pipeline, rt)
+    from pipelines.align.stages import align_task  # rlhf and distill
+
+    return align_task(cfg, stage, pipeline, rt)
+
+
 def _split_components(task: StageTask, full: dict[str, torch.Tensor]) -> dict[str, dict]:
     if len(task.components) == 1:
         return {task.components[0]: full}
@@ -571,6 +583,7 @@ def _write_final(cfg, stage, task, pipeline, ema, state, rt: Runtime, summary, l
             "world_size": rt.world_size,
             "device": str(rt.device),
             "metrics": summary,
+            **task.final_extra,
         }
         trained = _split_components(task, model_state)
         save_state(
