@@ -1,4 +1,4 @@
-"""Imports point one way: model <- curation/pipelines <- serve <- flows <- cli."""
+"""Imports point one way: model <- curation/pipelines <- serve <- flows <- infra <- cli."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"core", "model", "curation", "pipelines", "serve", "flows", "cli"}
+OURS = {"core", "model", "curation", "pipelines", "serve", "flows", "infra", "cli"}
 ALLOWED = {
     "core": set(),
     "model": {"core"},
@@ -16,6 +16,8 @@ ALLOWED = {
     "pipelines": {"core", "model"},
     "serve": {"core", "model", "pipelines"},
     "flows": {"core", "model", "curation", "pipelines", "serve"},
+    # Deployment (local stack, Prefect deployments, KubeRay manifests) sits on top.
+    "infra": {"core", "model", "curation", "pipelines", "serve", "flows"},
     "cli": OURS - {"cli"},
 }
 # model/ must run on a bare GPU box and inside any framework: no infrastructure.
