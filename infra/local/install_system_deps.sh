@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # System packages Duet needs beyond Python wheels: espeak-ng (speech for the
-# synthetic world) and ffmpeg (the naive PySceneDetect chain in bench/curation).
+# synthetic world), ffmpeg (the naive PySceneDetect chain in bench/curation) and
+# chromium (the serving web page's browser test drives the system browser).
 set -euo pipefail
 need=()
 command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
 command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   if command -v sudo >/dev/null 2>&1; then SUDO=sudo; else
