@@ -151,3 +151,14 @@ def tiny_vae_run(tiny_curated_corpus, tmp_path_factory) -> tuple[str, str]:
     )
     finals = train(cfg, stages=("vae",), runner="local")
     return tiny_curated_corpus, finals["vae"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A randomly initialised ``tiny`` pipeline saved as a checkpoint (serving tests:
+    what is served matters, not what it generates). Returns its URI."""
+    from model.pipeline import DuetPipeline
+
+    uri = str(tmp_path_factory.mktemp("tiny_checkpoint") / "ckpt")
+    DuetPipeline.from_preset("tiny", seed=0).save(uri)
+    return uri
