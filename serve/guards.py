@@ -307,7 +307,7 @@ def _probe_image(data: bytes, limits: LimitsConfig, name: str) -> np.ndarray:
             if img.width * img.height > limits.max_reference_pixels:
                 raise GuardError(413, f"{name} is {img.width}x{img.height}: too many pixels")
             img.load()
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return np.array(img.convert("RGB"), dtype=np.uint8)
     except GuardError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
