@@ -46,6 +46,11 @@ class DataConfig:
     # (``encode_concurrency`` actors) before the workers start; else the workers do.
     encode_with_ray_data: bool = True
     encode_concurrency: int = 1
+    # With the Ray runner, the VAE stage's clips are decoded ahead of each step by
+    # Ray Data tasks (``decode_cpus`` each, taken from the worker's own CPU share so
+    # a full cluster cannot starve them; see pipelines/train/stream.py).
+    stream_with_ray_data: bool = True
+    decode_cpus: float = 0.5
 
 
 @dataclass

@@ -133,6 +133,8 @@ class StageTask:
     batch_fn: Callable[[list[int], torch.Generator, int], tuple[torch.Tensor, dict, int]]
     param_groups: list[dict] = field(default_factory=list)
     finish: Callable[[], dict] | None = None
+    # Called once with the (possibly restored) data position before the first step.
+    start: Callable[[SamplerPosition], None] | None = None
     # Written into the final checkpoint's metadata (e.g. the Fast student's ``fast``).
     final_extra: dict = field(default_factory=dict)
 
@@ -183,9 +185,18 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
     decoded = DecodedClips(pipeline)
     mcfg = pipeline.config
     tf, sf = mcfg.video_vae.temporal_factor, mcfg.video_vae.spatial_factor
+    stream = None
+    if rt.under_ray and cfg.data.stream_with_ray_data:
+        from pipelines.train.stream import DecodedClipStream
+
+        sampler = EpochSampler(rows, s.batch_size, rt.world_size, cfg.seed)
+        stream = DecodedClipStream(rows, sampler, rt.rank, mcfg, cfg.data.decode_cpus)
 
     def batch(indices, gen, step):
-        clips = [decoded.get(rows[i]) for i in indices]
+        if stream is not None:
+            clips = stream.take(indices)
+        else:
+            clips = [decoded.get(rows[i]) for i in indices]
         windows = torch.stack(
             [_window(v, s.window_frames, tf, s.crop_px, sf, gen) for v, _ in clips]
         )
@@ -205,7 +216,8 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
         return finish_vae(cfg, pipeline, rows, decoded, rt)
 
     components = ("video_vae", "audio_vae") + (("vocoder",) if pair.vocoder is not None else ())
-    return StageTask("vae", module, components, s, rows, batch, groups, finish)
+    start = stream.start if stream is not None else None
+    return StageTask("vae", module, components, s, rows, batch, groups, finish, start)
 
 
 @torch.no_grad()
@@ -475,6 +487,8 @@ def run_stage(
         )
     log = MetricsLog(here, enabled=rt.is_main, resume_step=state.step)
     position = SamplerPosition(state.epoch, state.batch)
+    if task.start is not None:
+        task.start(position)
     window: list[dict] = []
     losses: list[tuple[int, float]] = []
     task.module.train()

@@ -45,6 +45,19 @@ def _storage(run_uri: str) -> tuple[str, Any]:
     return storage.strip_scheme(run_uri), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def _worker_resources(cfg: TrainConfig, stage: str, use_gpu: bool) -> dict[str, float]:
+    """One CPU per worker, less the share its decode tasks take when the VAE stage streams.
+
+    The decode tasks are scheduled after the workers hold their resources; if the
+    workers took whole CPUs on a small cluster (2 workers on 2 CPUs) the tasks would
+    wait forever, so each worker gives up ``data.decode_cpus`` for its own stream.
+    """
+    cpus = 1.0
+    if stage == "vae" and cfg.data.stream_with_ray_data:
+        cpus = max(0.1, 1.0 - cfg.data.decode_cpus)
+    return {"CPU": cpus, "GPU": 1.0} if use_gpu else {"CPU": cpus}
+
+
 def run_stage_on_ray(
     cfg: TrainConfig,
     stage: str,
@@ -62,7 +75,11 @@ def run_stage_on_ray(
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"train_config": config_to_dict(cfg), "stage": stage},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=_worker_resources(cfg, stage, use_gpu),
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=stage,
