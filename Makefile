@@ -11,8 +11,10 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # pip's find-links setup on these machines prints one warning per missing index dir.
 PIPQ := sed "/is ignored: it is neither a file nor a directory/d"
 DEMO_OUT ?= demo_out
+# The deploy config read by `make up`, `make down` and `make manifests` (infra/config.py).
+STACK_CONFIG ?= infra/duet.toml
 
-.PHONY: demo test test-fast lint format system-deps venv whisperx-env clean
+.PHONY: demo test test-fast lint format system-deps venv whisperx-env clean up down manifests
 
 $(STAMP):
 	@bash infra/local/install_system_deps.sh
@@ -47,6 +49,18 @@ test-fast: $(STAMP) lint
 
 demo: $(STAMP) whisperx-env
 	$(BIN)/duet demo --out $(DEMO_OUT)
+
+# The local stack (infra/stack.py): S3 server, Ray head with dashboard, Prefect server
+# and worker on loopback; `down` stops exactly what `up` started (its state file).
+up: $(STAMP)
+	$(BIN)/duet stack up --config $(STACK_CONFIG)
+
+down: $(STAMP)
+	$(BIN)/duet stack down --config $(STACK_CONFIG)
+
+# infra/kuberay/*.yaml and infra/prefect/prefect.yaml, generated from $(STACK_CONFIG).
+manifests: $(STAMP)
+	$(BIN)/duet manifests --config $(STACK_CONFIG)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
