@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import curate, demo, generate, model, probe, synth, train
+from cli import curate, demo, generate, model, probe, stack, synth, train
 
 app = typer.Typer(
     name="duet",
@@ -27,6 +27,9 @@ app.command("generate")(generate.generate)
 app.command("curate")(curate.curate)
 app.command("train")(train.train)
 app.command("demo")(demo.demo)
+app.add_typer(stack.app, name="stack")
+app.command("deploy")(stack.deploy)
+app.command("manifests")(stack.manifests)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,35 @@ Ray workers do not inherit the driver's environment, so the storage endpoint and
 credentials (``AWS_*``) and Duet's own settings (``DUET_*``) are forwarded
 explicitly. Ray 2.5x turns on token authentication for a new local cluster when
 ``RAY_AUTH_MODE`` is unset and warns about it on every start; choosing the same mode
-explicitly keeps the protection and drops the warning. A cluster joined by address
-keeps whatever mode its operator chose (pass its token in ``RAY_AUTH_TOKEN``).
+explicitly keeps the protection and drops the warning.
+
+Joining a cluster by address: Ray itself sends its token only when the address is
+``auto`` (a cluster found on this machine); given ``HOST:PORT`` or ``ray://...`` it
+sends none unless ``RAY_AUTH_MODE=token`` is set, and a token-protected cluster
+(every ``ray start --head`` since Ray 2.52) answers ``InvalidAuthToken`` while the
+driver retries for a minute. So when a token is available, from Ray's own sources in
+Ray's order (``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``,
+``~/.ray/auth_token``), a driver joining by address turns token mode on. A cluster
+without authentication ignores the token; ``RAY_AUTH_MODE=disabled`` opts out. The
+token is never copied into a job's runtime environment (the cluster's nodes have it).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 FORWARDED_ENV_PREFIXES = ("AWS_", "DUET_")
 FORWARDED_ENV = ("HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+
+
+class RayAuthError(RuntimeError):
+    """Token authentication is asked for but no usable token is configured."""
 
 
 def forwarded_env() -> dict[str, str]:
@@ -30,13 +47,70 @@ def forwarded_env() -> dict[str, str]:
     return env
 
 
+def default_token_path() -> Path:
+    """Where ``ray get-auth-token --generate`` and a new local cluster keep the token."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def auth_token_source() -> str | None:
+    """Which of Ray's token sources holds a token (Ray's precedence), or None.
+
+    A ``RAY_AUTH_TOKEN_PATH`` that names a missing or empty file is an error, as it
+    is for Ray: falling back to another token would hide the misconfiguration.
+    """
+    if os.environ.get(AUTH_TOKEN_ENV, "").strip():
+        return AUTH_TOKEN_ENV
+    path = os.environ.get(AUTH_TOKEN_PATH_ENV)
+    if path:
+        token_file = Path(path).expanduser()
+        if not token_file.is_file() or not token_file.read_text().strip():
+            raise RayAuthError(f"{AUTH_TOKEN_PATH_ENV}={path}: no token in that file")
+        return AUTH_TOKEN_PATH_ENV
+    if default_token_path().is_file() and default_token_path().read_text().strip():
+        return str(default_token_path())
+    return None
+
+
+def join_auth_mode() -> str | None:
+    """The auth mode a driver joining a cluster by address should use (None: Ray's default).
+
+    An explicit ``RAY_AUTH_MODE`` is kept, but ``token`` without any token fails here
+    with a clear message instead of Ray's minute of retries.
+    """
+    mode = os.environ.get(AUTH_MODE_ENV)
+    if mode is not None:
+        if mode.lower() == "token" and auth_token_source() is None:
+            raise RayAuthError(
+                f"{AUTH_MODE_ENV}=token but no token: set {AUTH_TOKEN_ENV}, or "
+                f"{AUTH_TOKEN_PATH_ENV} to the cluster's token file "
+                "(`make up` prints it; on KubeRay it is the cluster's auth Secret)"
+            )
+        return mode.lower()
+    return "token" if auth_token_source() is not None else None
+
+
 def quiet_ray_environment(local: bool) -> None:
-    """Usage statistics off (no route to Ray's collector); auth mode explicit for a local Ray."""
+    """Usage statistics off (no route to Ray's collector); the auth mode made explicit.
+
+    A local Ray gets token mode (Ray's own default, without its warning); a driver
+    joining by address gets token mode when a token is available (see the module
+    docstring).
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray reads the mode when it is imported (its C++ config is cached then): set
-    # it only before that, or the driver and the cluster would disagree.
-    if local and "ray" not in sys.modules:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if local:
+        # Ray reads the mode when it is imported (its C++ config is cached then): set
+        # it only before that, or the driver and the cluster would disagree.
+        if "ray" not in sys.modules:
+            os.environ.setdefault(AUTH_MODE_ENV, "token")
+        return
+    if os.environ.get(AUTH_MODE_ENV) is None and join_auth_mode() == "token":
+        os.environ[AUTH_MODE_ENV] = "token"
+        if "ray" in sys.modules:
+            # Ray already cached its config at import: refresh it, as Ray does itself
+            # when it turns token mode on for a cluster found with ``auto``.
+            from ray._raylet import Config
+
+            Config.initialize("")
 
 
 def init_ray(

@@ -1,0 +1,466 @@
+"""The local stack: ``make up`` / ``make down``.
+
+``up`` starts, on loopback, what a cluster provides: an S3 server (moto's server
+mode) with the config's buckets, a Ray head with its dashboard and token
+authentication (a token of its own, in the state directory), a Prefect server with
+its own database, the Duet deployments registered on it (:mod:`infra.prefect_deploy`,
+target ``local``) and a process worker that runs them. It prints the addresses and
+the environment to use, and records every process it started (pid and process
+group) in ``STATE_DIR/stack.json``, so ``down`` stops exactly those and nothing
+else: not another engineer's Ray, not a Prefect server someone else started.
+
+The worker's flow runs get the Ray token and the S3 credentials only through the
+deployments' job variables (Secret blocks), as on a cluster: the worker itself is
+started without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from core.config import config_to_dict
+from infra.config import REPO_ROOT, DeployConfig
+
+STATE_FILE = "stack.json"
+TOKEN_FILE = "ray_auth_token"
+ENV_FILE = "env.sh"
+# Environment a started service must not inherit from whoever ran `make up`.
+_SCRUBBED_PREFIXES = ("RAY_ADDRESS", "RAY_AUTH_", "PREFECT_API_URL")
+
+
+class StackError(RuntimeError):
+    """The stack could not be started or stopped; the message says what and where."""
+
+
+def state_dir(cfg: DeployConfig) -> Path:
+    path = Path(cfg.state_dir)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def read_state(directory: Path) -> dict[str, Any] | None:
+    path = directory / STATE_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _wait(what: str, ready, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise StackError(f"{what} exited with {proc.returncode}; log {log}:\n{tail}")
+        if ready():
+            return
+        time.sleep(0.5)
+    raise StackError(f"{what} not ready after {timeout_s:.0f} s; log {log}")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _service_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
+    env.update(extra or {})
+    return env
+
+
+def _start(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:
+    log = logs / f"{name}.log"
+    with open(log, "ab") as fh:
+        # A session of its own: `down` signals the whole process group, so children
+        # (Ray's raylet and workers, uvicorn) go with their parent.
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def s3_env(cfg: DeployConfig) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": cfg.s3_endpoint(),
+        "AWS_ACCESS_KEY_ID": cfg.s3.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": cfg.s3.secret_access_key,
+        "AWS_DEFAULT_REGION": cfg.s3.region,
+    }
+
+
+def user_env(cfg: DeployConfig, directory: Path) -> dict[str, str]:
+    """What a shell needs to point ``duet`` at the stack (written to ``env.sh``)."""
+    env = {**s3_env(cfg), "PREFECT_API_URL": cfg.prefect_api_url()}
+    if cfg.ray.auth_mode == "token":
+        env["RAY_AUTH_TOKEN_PATH"] = str(directory / TOKEN_FILE)
+    return env
+
+
+def _create_buckets(cfg: DeployConfig) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=cfg.s3_endpoint(),
+        aws_access_key_id=cfg.s3.access_key_id,
+        aws_secret_access_key=cfg.s3.secret_access_key,
+        region_name=cfg.s3.region,
+    )
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    for bucket in cfg.s3.buckets():
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+
+
+def _register_deployments(cfg: DeployConfig, token: str | None) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from infra.prefect_deploy import register
+
+    blocks = {
+        cfg.s3.access_key_block: cfg.s3.access_key_id,
+        cfg.s3.secret_key_block: cfg.s3.secret_access_key,
+        cfg.s3.endpoint_block: cfg.s3_endpoint(),
+    }
+    if token is not None:
+        blocks[cfg.ray.auth_token_block] = token
+    with temporary_settings({PREFECT_API_URL: cfg.prefect_api_url()}):
+        return asyncio.run(register(cfg, "local", blocks))
+
+
+def up(cfg: DeployConfig, log=print) -> dict[str, Any]:
+    """Start the stack; returns the state written to ``stack.json``."""
+    directory = state_dir(cfg)
+    previous = read_state(directory)
+    if previous and any(_alive(p["pid"]) for p in previous["processes"].values()):
+        raise StackError(f"the stack in {directory} is already up: `make down` first")
+    logs = directory / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    busy = [
+        f"{name} port {port}"
+        for name, port in (
+            ("S3", cfg.s3.port),
+            ("Ray GCS", cfg.ray.gcs_port),
+            ("Ray dashboard", cfg.ray.dashboard_port),
+            ("Ray client", cfg.ray.client_port),
+            ("Prefect", cfg.prefect.port),
+        )
+        if _port_open(cfg.ray.host, port)
+    ]
+    if busy:
+        raise StackError(f"in use: {', '.join(busy)} (set other ports in the config)")
+    # Ray's sockets live under its temp dir, whose path must stay short (AF_UNIX).
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:10]
+    ray_temp = Path("/tmp") / f"duet-stack-{digest}"
+    state: dict[str, Any] = {
+        "config": config_to_dict(cfg),
+        "state_dir": str(directory),
+        "ray_temp_dir": str(ray_temp),
+        "processes": {},
+        "started_at": time.time(),
+    }
+    procs: dict[str, subprocess.Popen] = {}
+
+    def record(name: str, proc: subprocess.Popen) -> None:
+        procs[name] = proc
+        state["processes"][name] = {"pid": proc.pid, "pgid": proc.pid, "cmd": proc.args}
+        _write_state(directory, state)
+
+    try:
+        t0 = time.monotonic()
+        record(
+            "s3",
+            _start(
+                "s3",
+                [sys.executable, "-m", "moto.server", "-H", cfg.s3.host, "-p", str(cfg.s3.port)],
+                _service_env(),
+                logs,
+            ),
+        )
+        _wait(
+            "S3 server",
+            lambda: _http_ok(cfg.s3_endpoint() + "/moto-api/"),
+            60,
+            procs["s3"],
+            logs / "s3.log",
+        )
+        _create_buckets(cfg)
+        log(f"S3 server up in {time.monotonic() - t0:.1f} s")
+
+        token = None
+        ray_env = _service_env({"RAY_USAGE_STATS_ENABLED": "0"})
+        if cfg.ray.auth_mode == "token":
+            token = secrets.token_hex(32)
+            token_path = directory / TOKEN_FILE
+            token_path.write_text(token)
+            token_path.chmod(0o600)
+            ray_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+        else:
+            ray_env["RAY_AUTH_MODE"] = "disabled"
+        host = cfg.ray.host
+        ray_cmd = [
+            _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
+            f"--node-ip-address={host}", f"--port={cfg.ray.gcs_port}",
+            "--include-dashboard=true", f"--dashboard-host={host}",
+            f"--dashboard-port={cfg.ray.dashboard_port}",
+            f"--ray-client-server-port={cfg.ray.client_port}",
+            f"--temp-dir={ray_temp}",
+            f"--min-worker-port={cfg.ray.min_worker_port}",
+            f"--max-worker-port={cfg.ray.max_worker_port}",
+            # Ports Ray would otherwise take at fixed defaults, which another Ray on
+            # this machine may hold.
+            f"--dashboard-agent-listen-port={_free_port(host)}",
+            f"--dashboard-agent-grpc-port={_free_port(host)}",
+            f"--metrics-export-port={_free_port(host)}",
+            f"--runtime-env-agent-port={_free_port(host)}",
+        ]  # fmt: skip
+        if cfg.ray.num_cpus is not None:
+            ray_cmd.append(f"--num-cpus={cfg.ray.num_cpus}")
+        t0 = time.monotonic()
+        record("ray", _start("ray", ray_cmd, ray_env, logs))
+        _wait(
+            "Ray head",
+            lambda: (
+                (ray_temp / "ray_current_cluster").exists()
+                and _port_open(host, cfg.ray.dashboard_port)
+            ),
+            180,
+            procs["ray"],
+            logs / "ray.log",
+        )
+        log(f"Ray head up in {time.monotonic() - t0:.1f} s")
+
+        t0 = time.monotonic()
+        prefect_env = _service_env(
+            {
+                "PREFECT_HOME": str(directory / "prefect"),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_API_HOST": cfg.prefect.host,
+                "PREFECT_SERVER_API_PORT": str(cfg.prefect.port),
+                "PREFECT_UI_API_URL": cfg.prefect_api_url(),
+            }
+        )
+        record(
+            "prefect",
+            _start(
+                "prefect",
+                [_bin("prefect"), "server", "start", "--host", cfg.prefect.host,
+                 "--port", str(cfg.prefect.port)],
+                prefect_env,
+                logs,
+            ),
+        )  # fmt: skip
+        _wait(
+            "Prefect server",
+            lambda: _http_ok(cfg.prefect_api_url() + "/health"),
+            240,
+            procs["prefect"],
+            logs / "prefect.log",
+        )
+        log(f"Prefect server up in {time.monotonic() - t0:.1f} s")
+
+        t0 = time.monotonic()
+        state["deployments"] = _register_deployments(cfg, token)
+        _write_state(directory, state)
+        # No S3 credentials or Ray token: runs get them from their deployment.
+        worker_env = {
+            k: v
+            for k, v in _service_env({"PREFECT_API_URL": cfg.prefect_api_url()}).items()
+            if not k.startswith("AWS_")
+        }
+        worker_env["PREFECT_HOME"] = str(directory / "prefect-worker")
+        record(
+            "worker",
+            _start(
+                "worker",
+                [_bin("prefect"), "worker", "start", "--pool", cfg.prefect.local_work_pool,
+                 "--type", "process", "--name", "duet-local-worker"],
+                worker_env,
+                logs,
+            ),
+        )  # fmt: skip
+        log(f"deployments registered, worker started in {time.monotonic() - t0:.1f} s")
+    except BaseException:
+        _stop_processes(state, log=lambda *_: None)
+        raise
+    env = user_env(cfg, directory)
+    (directory / ENV_FILE).write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+    state["urls"] = urls(cfg)
+    _write_state(directory, state)
+    return state
+
+
+def urls(cfg: DeployConfig) -> dict[str, str]:
+    return {
+        "ray_address": cfg.ray_address(),
+        "ray_client": f"ray://{cfg.ray.host}:{cfg.ray.client_port}",
+        "ray_dashboard": cfg.dashboard_url(),
+        "prefect_ui": f"http://{cfg.prefect.host}:{cfg.prefect.port}",
+        "prefect_api": cfg.prefect_api_url(),
+        "s3_endpoint": cfg.s3_endpoint(),
+    }
+
+
+def describe(cfg: DeployConfig, state: dict[str, Any]) -> str:
+    directory = Path(state["state_dir"])
+    env_file = directory / ENV_FILE
+    lines = ["Duet local stack is up:"]
+    lines += [f"  {name:<14} {url}" for name, url in state["urls"].items()]
+    lines += [
+        f"  {'buckets':<14} " + ", ".join(f"s3://{b}" for b in cfg.s3.buckets()),
+        f"  {'deployments':<14} " + ", ".join(sorted(state.get("deployments", {}))),
+        "",
+        f"In a shell:  source {env_file}",
+        f"  duet curate 's3://{cfg.s3.raw_bucket}/corpus/*.mp4' "
+        f"--out s3://{cfg.s3.curated_bucket}/run1 --ray-address {cfg.ray_address()}",
+        f"  duet train all --data s3://{cfg.s3.curated_bucket}/run1 "
+        f"--run s3://{cfg.s3.runs_bucket}/run1 --ray-address {cfg.ray_address()}",
+        "  prefect deployment run curate/nightly   # through the stack's worker",
+        f"Stop it with `make down` (state: {directory / STATE_FILE}).",
+    ]
+    return "\n".join(lines)
+
+
+def _write_state(directory: Path, state: dict[str, Any]) -> None:
+    tmp = directory / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    tmp.replace(directory / STATE_FILE)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        # A zombie is dead for our purposes (only its parent can reap it).
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, pgid) for every process visible in /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            table[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def _family(root: int, pgid: int) -> set[int]:
+    """``root``, its descendants, and every member of its process group."""
+    table = _process_table()
+    members = {pid for pid, (_, group) in table.items() if group == pgid}
+    found = {root} if root in table else set()
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _) in table.items():
+            if ppid == parent and pid not in found:
+                found.add(pid)
+                frontier.append(pid)
+    return found | members
+
+
+def _cmdline_mentions(text: str) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.add(int(entry.name))
+    return found
+
+
+def _stop_processes(state: dict[str, Any], log=print, grace_s: float = 15.0) -> list[int]:
+    """TERM, then KILL after ``grace_s``, every process the stack started (newest first)."""
+    targets: set[int] = set()
+    for proc in reversed(list(state["processes"].values())):
+        targets |= _family(proc["pid"], proc["pgid"])
+    # Ray processes whose parent already died still name the stack's temp dir.
+    if state.get("ray_temp_dir"):
+        targets |= _cmdline_mentions(state["ray_temp_dir"] + "/")
+    targets.discard(os.getpid())
+    for pid in targets:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(p) for p in targets):
+        time.sleep(0.3)
+    # Some of Ray's agents ignore SIGTERM once their raylet is gone.
+    killed = [p for p in targets if _alive(p)]
+    for pid in killed:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if killed:
+        log(f"killed {len(killed)} process(es) that ignored SIGTERM")
+    return sorted(targets)
+
+
+def down(cfg: DeployConfig, log=print) -> list[int]:
+    """Stop what ``up`` started (per ``stack.json``); returns the pids signalled."""
+    directory = state_dir(cfg)
+    state = read_state(directory)
+    if state is None:
+        log(f"no stack state in {directory}: nothing to stop")
+        return []
+    stopped = _stop_processes(state, log=log)
+    import shutil
+
+    if state.get("ray_temp_dir"):
+        shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
+    for name in (STATE_FILE, TOKEN_FILE, ENV_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (directory / name).unlink()
+    log(f"stopped {len(stopped)} process(es); logs kept in {directory / 'logs'}")
+    return stopped
+
+
+def status(cfg: DeployConfig) -> dict[str, bool]:
+    state = read_state(state_dir(cfg))
+    if state is None:
+        return {}
+    return {name: _alive(p["pid"]) for name, p in state["processes"].items()}
