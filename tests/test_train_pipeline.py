@@ -23,7 +23,7 @@ from core import storage
 from model.checkpoint import CheckpointError
 from model.pipeline import DuetPipeline
 from pipelines.train import train
-from pipelines.train.config import TrainConfig, train_config_from
+from pipelines.train.config import TrainConfig, stage_data, train_config_from
 from pipelines.train.data import (
     EpochSampler,
     SamplerPosition,
@@ -196,11 +196,13 @@ def test_killed_driver_resumes_with_the_same_losses_and_data(vae_run, tmp_path):
 
 
 def test_sft_runs_on_the_quality_subset_from_its_parent(vae_run, tmp_path):
+    # SFT trains on longer clips (49 frames) than pretraining (33): its own buckets.
     cfg = _config(
         vae_run.data.curated_uri,
         str(tmp_path / "chain"),
         init_from="",
         data={"sft_top_fraction": 0.5},
+        sft={"frame_buckets": [49]},
     )
     # Reuse the finished VAE by pointing this run's vae stage at it.
     storage.makedirs(cfg.run_uri + "/vae")
@@ -212,13 +214,18 @@ def test_sft_runs_on_the_quality_subset_from_its_parent(vae_run, tmp_path):
     finals = train(cfg, stages=("vae", "pretrain", "sft"), runner="local")
     meta = storage.read_json(finals["sft"] + "/config.json")["extra"]
     assert meta["parent"] == finals["pretrain"]
-    rows = load_clip_rows(cfg.data, 16.0)
+    rows = load_clip_rows(stage_data(cfg, "sft"), 16.0)
+    assert {r.bucket for r in rows} == {49}
     subset = {r.clip_id for r in sft_subset(rows, 0.5)}
     assert 0 < len(subset) < len(rows)
     sft = {c for r in _samples(cfg.run_uri + "/sft") for c in r["clips"]}
     assert sft and sft <= subset, "SFT trained on clips outside the quality subset"
     best = max(rows, key=lambda r: r.quality)
     assert best.clip_id in subset
+    # Pretraining used every 33-frame clip; each bucket set has its own latent cache.
+    pretrain = {c for r in _samples(cfg.run_uri + "/pretrain") for c in r["clips"]}
+    assert pretrain - subset, "pretraining saw only the SFT clips"
+    assert len(storage.filesystem(cfg.data.latent_cache_uri).ls(cfg.data.latent_cache_uri)) == 2
 
 
 def test_bad_inputs_fail_before_any_compute(vae_run, tmp_path):

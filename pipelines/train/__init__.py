@@ -62,11 +62,13 @@ def train(
 def _encode_latents_on_ray(cfg: TrainConfig, stage: str, ray_address: str | None) -> str:
     """Fill the stage's latent cache with the Ray Data pre-encode job (driver side)."""
     from model.pipeline import DuetPipeline
+    from pipelines.train.config import stage_data
     from pipelines.train.encode_job import encode_on_ray_data
     from pipelines.train.loop import latent_cache_uri, parent_checkpoint
     from pipelines.train.ray_train import ensure_ray
 
     parent = parent_checkpoint(cfg, stage)
     ensure_ray(ray_address)
-    uri = latent_cache_uri(cfg, DuetPipeline.from_checkpoint(parent))
-    return encode_on_ray_data(parent, cfg.data, uri)
+    data = stage_data(cfg, stage)
+    uri = latent_cache_uri(cfg, DuetPipeline.from_checkpoint(parent), data)
+    return encode_on_ray_data(parent, data, uri)

@@ -10,7 +10,7 @@ from its parent's final checkpoint unless ``init_from`` names another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from core.config import config_from_dict, load_config
 from model.parallelize import ParallelConfig
@@ -110,6 +110,10 @@ class DiTStageConfig(StageConfig):
     lr: float = 3e-3
     ema_decay: float = 0.998
     references: ReferenceSampling = field(default_factory=ReferenceSampling)
+    # Clip lengths for this stage (empty: data.frame_buckets). SFT may train on
+    # longer clips than pretraining (e.g. (33, 49)) where the corpus has them; each
+    # set of buckets has its own latent cache.
+    frame_buckets: tuple[int, ...] = ()
 
 
 @dataclass
@@ -153,3 +157,9 @@ def train_config_from(source: str | dict | None) -> TrainConfig:
     if isinstance(source, dict):
         return config_from_dict(TrainConfig, source)
     return load_config(TrainConfig, source)
+
+
+def stage_data(cfg: TrainConfig, stage: str) -> DataConfig:
+    """The data settings a stage trains on: its own frame buckets where it sets them."""
+    buckets = getattr(cfg.stage(stage), "frame_buckets", ())
+    return replace(cfg.data, frame_buckets=tuple(buckets)) if buckets else cfg.data

@@ -34,10 +34,12 @@ from pipelines.train import state as ckpt
 from pipelines.train.batches import BatchBuilder, DiTBatch
 from pipelines.train.config import (
     PARENT_STAGE,
+    DataConfig,
     DiTStageConfig,
     StageConfig,
     TrainConfig,
     VAEStageConfig,
+    stage_data,
 )
 from pipelines.train.data import (
     ClipRow,
@@ -259,10 +261,11 @@ def finish_vae(cfg, pipeline: DuetPipeline, rows, decoded: DecodedClips, rt: Run
 def dit_task(cfg: TrainConfig, stage: str, pipeline: DuetPipeline, rt: Runtime) -> StageTask:
     s: DiTStageConfig = cfg.stage(stage)
     mcfg = pipeline.config
-    all_rows = load_clip_rows(cfg.data, mcfg.fps)
-    rows = all_rows if stage == "pretrain" else sft_subset(all_rows, cfg.data.sft_top_fraction)
+    data = stage_data(cfg, stage)
+    all_rows = load_clip_rows(data, mcfg.fps)
+    rows = all_rows if stage == "pretrain" else sft_subset(all_rows, data.sft_top_fraction)
     pipeline.to(rt.device)
-    store = LatentStore(ensure_latents(cfg, pipeline, all_rows, rt))
+    store = LatentStore(ensure_latents(cfg, pipeline, all_rows, rt, data))
     dit = pipeline.dit
     dit.train()
     module: nn.Module = parallelize_dit(dit, cfg.parallel)
@@ -353,21 +356,28 @@ def _refs_to(refs, device):
     )
 
 
-def latent_cache_uri(cfg: TrainConfig, pipeline: DuetPipeline) -> str:
+def latent_cache_uri(
+    cfg: TrainConfig, pipeline: DuetPipeline, data: DataConfig | None = None
+) -> str:
     """Where the latents of this pipeline's VAE live (the key hashes its weights)."""
-    base = cfg.data.latent_cache_uri or storage.join(cfg.run_uri, "latents")
-    return storage.join(base, cache_key(pipeline, cfg.data.frame_buckets))
+    data = data or cfg.data
+    base = data.latent_cache_uri or storage.join(cfg.run_uri, "latents")
+    return storage.join(base, cache_key(pipeline, data.frame_buckets))
 
 
 def ensure_latents(
-    cfg: TrainConfig, pipeline: DuetPipeline, rows: list[ClipRow], rt: Runtime
+    cfg: TrainConfig,
+    pipeline: DuetPipeline,
+    rows: list[ClipRow],
+    rt: Runtime,
+    data: DataConfig | None = None,
 ) -> str:
     """Encode every clip once into the cache keyed by the VAE weights; returns its URI.
 
     Under the Ray runner the driver has already filled it with a Ray Data job
     (:mod:`pipelines.train.encode_job`); then this only finds the index.
     """
-    uri = latent_cache_uri(cfg, pipeline)
+    uri = latent_cache_uri(cfg, pipeline, data)
     pipeline.eval()
     return encode_cache(
         pipeline, rows, uri, cfg.data.latent_shard_clips, rt.rank, rt.world_size, rt.barrier
@@ -436,11 +446,15 @@ class StageResult:
 def check_fits(cfg: TrainConfig, pipeline: DuetPipeline) -> None:
     """Config errors that would otherwise surface after minutes of decoding."""
     mcfg = pipeline.config
-    for frames in cfg.data.frame_buckets:
-        try:
-            mcfg.num_latent_frames(frames)
-        except ValueError as err:
-            raise TrainError(f"data.frame_buckets: {err} (model {mcfg.name!r})") from err
+    buckets = {"data": cfg.data.frame_buckets}
+    for stage in ("pretrain", "sft"):
+        buckets[stage] = cfg.stage(stage).frame_buckets
+    for where, frames_list in buckets.items():
+        for frames in frames_list:
+            try:
+                mcfg.num_latent_frames(frames)
+            except ValueError as err:
+                raise TrainError(f"{where}.frame_buckets: {err} (model {mcfg.name!r})") from err
     s = cfg.vae
     if s.crop_px and (
         s.crop_px % mcfg.video_vae.spatial_factor or s.crop_px > min(mcfg.width, mcfg.height)
