@@ -209,8 +209,8 @@ def rayjob(cfg: DeployConfig, name: str, job: FlowJobConfig) -> dict[str, Any]:
 
 
 def serve_app_args(cfg: DeployConfig) -> dict[str, Any]:
-    """What ``serve.app:build_app`` receives: the ServeConfig as plain data."""
-    return {"config": config_to_dict(cfg.service.app)}
+    """What ``serve.app:build_app`` receives: the ServeConfig as plain (JSON) data."""
+    return {"config": json.loads(json.dumps(config_to_dict(cfg.service.app)))}
 
 
 def serve_config_v2(cfg: DeployConfig) -> dict[str, Any]:

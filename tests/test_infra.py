@@ -1,38 +1,517 @@
-"""Deployment manifests stay consistent with the code they deploy."""
+"""Deployment files stay consistent with the config and the code they deploy.
+
+- the checked-in KubeRay and Prefect files are exactly what ``infra/duet.toml`` generates;
+- every KubeRay manifest uses only fields KubeRay's ``ray.io/v1`` CRDs define, with
+  their types and enums (transcribed below from KubeRay's Go API types,
+  ``ray-operator/apis/ray/v1/{raycluster,rayjob,rayservice}_types.go``, and its API
+  reference for ``authOptions``, KubeRay >= 1.6);
+- manifests, Prefect deployments and the local stack agree (image, entrypoints,
+  parameters, autoscaling bounds, env vars, resources, the Ray token);
+- the Dockerfile parses (BuildKit's parser) and installs what the Makefile installs;
+- joining Ray by address turns token authentication on when a token is configured.
+"""
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
+import json
+import re
+import shlex
 from pathlib import Path
 
+import pytest
 import yaml
+
+from core.config import ConfigError
+from infra import kuberay, prefect_deploy, render
+from infra.config import REPO_ROOT, VARIANTS, DeployConfig, load_deploy_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# --- KubeRay's CRD fields -----------------------------------------------------------
+# A schema is a dict: field -> type; a type is "str", "int", "bool", "float", "map"
+# (string -> string), "any" (Kubernetes core types checked separately), a set of
+# allowed strings (an enum), ("list", T), or ("obj", SCHEMA, REQUIRED_FIELDS).
+_AUTOSCALER = {
+    "resources": "any", "image": "str", "imagePullPolicy": "str", "securityContext": "any",
+    "idleTimeoutSeconds": "int", "upscalingMode": {"Default", "Aggressive", "Conservative"},
+    "env": "any", "envFrom": "any", "volumeMounts": "any", "version": {"v1", "v2"},
+}  # fmt: skip
+_AUTH = {"mode": {"disabled", "token"}, "secretName": "str", "enableK8sTokenAuth": "bool"}
+_POD_TEMPLATE = ("obj", {"metadata": "any", "spec": "pod"}, set())
+_HEAD_GROUP = {
+    "template": _POD_TEMPLATE, "headService": "any", "enableIngress": "bool",
+    "rayStartParams": "map", "serviceType": {"ClusterIP", "NodePort", "LoadBalancer"},
+}  # fmt: skip
+_WORKER_GROUP = {
+    "suspend": "bool", "groupName": "str", "replicas": "int", "minReplicas": "int",
+    "maxReplicas": "int", "idleTimeoutSeconds": "int", "rayStartParams": "map",
+    "template": _POD_TEMPLATE, "scaleStrategy": "any", "numOfHosts": "int",
+}  # fmt: skip
+RAY_CLUSTER_SPEC = {
+    "suspend": "bool", "managedBy": "str", "autoscalerOptions": ("obj", _AUTOSCALER, set()),
+    "headServiceAnnotations": "map", "enableInTreeAutoscaling": "bool",
+    "gcsFaultToleranceOptions": "any",
+    "headGroupSpec": ("obj", _HEAD_GROUP, {"template"}),
+    "rayVersion": "str",
+    "workerGroupSpecs": ("list", ("obj", _WORKER_GROUP, {"groupName", "template"})),
+    "authOptions": ("obj", _AUTH, set()),
+}  # fmt: skip
+RAY_JOB_SPEC = {
+    "activeDeadlineSeconds": "int", "backoffLimit": "int",
+    "rayClusterSpec": ("obj", RAY_CLUSTER_SPEC, {"headGroupSpec"}),
+    "submitterPodTemplate": "any", "metadata": "map", "clusterSelector": "map",
+    "submitterConfig": "any", "managedBy": "str",
+    "deletionPolicy": {"DeleteCluster", "DeleteWorkers", "DeleteSelf", "DeleteNone"},
+    "deletionStrategy": "any", "entrypoint": "str", "runtimeEnvYAML": "str", "jobId": "str",
+    "submissionMode": {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"},
+    "entrypointResources": "str", "entrypointNumCpus": "float", "entrypointNumGpus": "float",
+    "ttlSecondsAfterFinished": "int", "shutdownAfterJobFinishes": "bool", "suspend": "bool",
+}  # fmt: skip
+RAY_SERVICE_SPEC = {
+    "serveConfigV2": "str", "rayClusterConfig": ("obj", RAY_CLUSTER_SPEC, {"headGroupSpec"}),
+    "serveService": "any", "excludeHeadPodFromServeSvc": "bool",
+    "upgradeStrategy": "any", "rayClusterDeletionDelaySeconds": "int",
+    "serviceUnhealthySecondThreshold": "int", "deploymentUnhealthySecondThreshold": "int",
+}  # fmt: skip
+METADATA = {"name": "str", "generateName": "str", "namespace": "str", "labels": "map",
+            "annotations": "map"}  # fmt: skip
+KINDS = {"RayCluster": RAY_CLUSTER_SPEC, "RayJob": RAY_JOB_SPEC, "RayService": RAY_SERVICE_SPEC}
+# The Kubernetes core fields these manifests use (PodSpec / Container subsets).
+POD_SPEC_FIELDS = {"containers", "tolerations", "volumes", "nodeSelector", "serviceAccountName"}
+CONTAINER_FIELDS = {
+    "name", "image", "imagePullPolicy", "workingDir", "resources", "env", "envFrom",
+    "ports", "volumeMounts", "command", "args",
+}  # fmt: skip
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti)?$")
 
-def test_raycluster_matches_installed_ray():
+
+def _check(value, schema, where: str, errors: list[str]) -> None:
+    if isinstance(schema, set):
+        if value not in schema:
+            errors.append(f"{where}: {value!r} not one of {sorted(schema)}")
+    elif schema == "str":
+        if not isinstance(value, str):
+            errors.append(f"{where}: expected a string, got {value!r}")
+    elif schema == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            errors.append(f"{where}: expected an integer, got {value!r}")
+    elif schema == "float":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            errors.append(f"{where}: expected a number, got {value!r}")
+    elif schema == "bool":
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected a boolean, got {value!r}")
+    elif schema == "map":
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            errors.append(f"{where}: expected a string -> string map, got {value!r}")
+    elif schema == "pod":
+        _check_pod(value, where, errors)
+    elif schema == "any":
+        return
+    elif schema[0] == "list":
+        if not isinstance(value, list):
+            errors.append(f"{where}: expected a list")
+            return
+        for i, item in enumerate(value):
+            _check(item, schema[1], f"{where}[{i}]", errors)
+    elif schema[0] == "obj":
+        _, fields, required = schema
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected an object")
+            return
+        for key in sorted(set(value) - set(fields)):
+            errors.append(f"{where}.{key}: not a field of the CRD")
+        for key in sorted(required - set(value)):
+            errors.append(f"{where}.{key}: required field missing")
+        for key in sorted(set(value) & set(fields)):
+            _check(value[key], fields[key], f"{where}.{key}", errors)
+
+
+def _check_pod(pod, where: str, errors: list[str]) -> None:
+    for key in sorted(set(pod) - POD_SPEC_FIELDS):
+        errors.append(f"{where}.{key}: not a PodSpec field used here")
+    if not pod.get("containers"):
+        errors.append(f"{where}.containers: a pod needs a container")
+    for i, container in enumerate(pod.get("containers", [])):
+        at = f"{where}.containers[{i}]"
+        for key in sorted(set(container) - CONTAINER_FIELDS):
+            errors.append(f"{at}.{key}: not a Container field used here")
+        for kind in ("requests", "limits"):
+            for name, amount in container.get("resources", {}).get(kind, {}).items():
+                if not (isinstance(amount, str) and QUANTITY.match(amount)):
+                    errors.append(f"{at}.resources.{kind}.{name}: {amount!r} not a quantity")
+        for env in container.get("env", []):
+            if set(env) - {"name", "value", "valueFrom"} or not isinstance(env.get("name"), str):
+                errors.append(f"{at}.env: malformed entry {env!r}")
+            if "value" in env and not isinstance(env["value"], str):
+                errors.append(f"{at}.env.{env['name']}: value must be a string")
+
+
+def crd_errors(manifest: dict) -> list[str]:
+    """Every way ``manifest`` departs from its KubeRay CRD (empty: it fits)."""
+    errors: list[str] = []
+    if manifest.get("apiVersion") != "ray.io/v1":
+        errors.append(f"apiVersion {manifest.get('apiVersion')!r} is not ray.io/v1")
+    kind = manifest.get("kind")
+    if kind not in KINDS:
+        return [*errors, f"kind {kind!r} is not a KubeRay kind"]
+    for key in sorted(set(manifest) - {"apiVersion", "kind", "metadata", "spec"}):
+        errors.append(f"{key}: not a top-level field")
+    _check(manifest.get("metadata", {}), ("obj", METADATA, {"namespace"}), "metadata", errors)
+    if not ({"name", "generateName"} & set(manifest.get("metadata", {}))):
+        errors.append("metadata: needs name or generateName")
+    required = {"RayCluster": {"headGroupSpec"}, "RayJob": set(), "RayService": set()}[kind]
+    _check(manifest.get("spec"), ("obj", KINDS[kind], required), "spec", errors)
+    return errors
+
+
+def _cluster_specs(manifest: dict) -> dict:
+    spec = manifest["spec"]
+    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"),
+            "RayService": spec.get("rayClusterConfig")}[manifest["kind"]]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cfg() -> DeployConfig:
+    return load_deploy_config()
+
+
+@pytest.fixture(scope="module")
+def checked_in() -> dict[str, dict]:
+    return {
+        p.name: yaml.safe_load(p.read_text())
+        for p in sorted((ROOT / "infra/kuberay").glob("*.yaml"))
+    }
+
+
+# --- the files match the config -----------------------------------------------------
+
+
+def test_checked_in_files_are_what_the_config_generates(cfg):
+    assert render.stale(cfg) == [], "run `duet manifests` after changing infra/duet.toml"
+    # And the check sees a change: a different bound makes the RayCluster stale.
+    changed = dataclasses.replace(
+        cfg,
+        cluster=dataclasses.replace(
+            cfg.cluster,
+            cpu_workers=dataclasses.replace(cfg.cluster.cpu_workers, max_replicas=49),
+        ),
+    )
+    assert Path("infra/kuberay/raycluster.yaml") in render.stale(changed)
+
+
+def test_every_kuberay_file_is_generated(cfg, checked_in):
+    assert set(checked_in) == set(kuberay.manifests(cfg))
+    assert {m["kind"] for m in checked_in.values()} == {"RayCluster", "RayJob", "RayService"}
+
+
+# --- the manifests fit KubeRay's CRDs -----------------------------------------------
+
+
+def test_manifests_use_only_fields_the_crds_define(checked_in):
+    for name, manifest in checked_in.items():
+        assert crd_errors(manifest) == [], name
+
+
+def test_the_crd_check_rejects_what_kuberay_would(checked_in):
+    bad = json.loads(json.dumps(checked_in["raycluster.yaml"]))
+    bad["spec"]["workerGroupSpecs"][0]["minReplica"] = 1  # typo
+    bad["spec"]["autoscalerOptions"]["upscalingMode"] = "Fast"
+    bad["spec"]["headGroupSpec"].pop("template")
+    bad["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "cpu"
+    ] = 16
+    errors = "\n".join(crd_errors(bad))
+    for expected in ("minReplica: not a field", "'Fast' not one of", "template: required",
+                     "16 not a quantity"):  # fmt: skip
+        assert expected in errors
+    job = json.loads(json.dumps(checked_in["rayjob-train.yaml"]))
+    job["spec"]["entrypoint"] = ["python", "x.py"]
+    job["spec"]["submissionMode"] = "Batch"
+    assert len(crd_errors(job)) == 2
+
+
+def test_serve_config_is_valid_for_ray_serve(cfg, checked_in):
+    from ray.serve.schema import ServeDeploySchema
+
+    text = checked_in["rayservice.yaml"]["spec"]["serveConfigV2"]
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    (app,) = schema.applications
+    assert app.import_path == "serve.app:build_app" == cfg.service.import_path
+    assert app.args == kuberay.serve_app_args(cfg)
+
+
+# --- manifests, deployments and the local stack agree --------------------------------
+
+
+def test_images_versions_and_resources_follow_the_config(cfg, checked_in):
     import ray
 
-    spec = yaml.safe_load((ROOT / "infra/kuberay/raycluster.yaml").read_text())
-    assert spec["kind"] == "RayCluster"
-    assert spec["spec"]["rayVersion"] == ray.__version__
-    groups = {g["groupName"]: g for g in spec["spec"]["workerGroupSpecs"]}
-    assert {"cpu-curation", "gpu"} <= set(groups)
-    gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert gpu["nvidia.com/gpu"] == "1"
-    for g in groups.values():
-        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    for name, manifest in checked_in.items():
+        spec = _cluster_specs(manifest)
+        assert spec["rayVersion"] == ray.__version__, name
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert head["image"] == cfg.image.ref("cpu")
+        assert head["resources"]["limits"] == {
+            "cpu": str(cfg.cluster.head_cpus), "memory": f"{cfg.cluster.head_memory_gib}Gi"
+        }  # fmt: skip
+        ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+        assert ports == {"gcs": cfg.ray.gcs_port, "dashboard": cfg.ray.dashboard_port,
+                         "client": cfg.ray.client_port, "serve": cfg.ray.serve_port}  # fmt: skip
+        groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+        for group in (cfg.cluster.cpu_workers, cfg.cluster.gpu_workers):
+            got = groups[group.name]
+            assert (got["minReplicas"], got["replicas"], got["maxReplicas"]) == (
+                group.min_replicas, group.replicas, group.max_replicas
+            )  # fmt: skip
+            container = got["template"]["spec"]["containers"][0]
+            assert container["image"] == cfg.image.ref(group.variant)
+            limits = container["resources"]["limits"]
+            assert limits["cpu"] == str(group.cpus)
+            assert limits.get("nvidia.com/gpu", "0") == str(group.gpus)
+            assert container["resources"]["requests"] == limits
+        assert spec["enableInTreeAutoscaling"] is True
+        assert spec["authOptions"] == {"mode": "token", "secretName": cfg.ray.auth_secret}
 
 
-def test_prefect_deployments_point_at_real_flows():
+def test_rayjobs_run_the_deployed_flows_with_the_deployments_parameters(cfg, checked_in):
+    specs = {s["flow"]: s for s in prefect_deploy.deployment_specs(cfg, "local")}
+    for key in ("curate", "train"):
+        job = checked_in[f"rayjob-{key}.yaml"]["spec"]
+        argv = shlex.split(job["entrypoint"])
+        assert argv[:4] == ["python", "-m", "infra.run_flow", getattr(cfg.jobs, key).entrypoint]
+        params = json.loads(argv[argv.index("--parameters") + 1])
+        deployed = dict(specs[key]["parameters"])
+        assert deployed.pop("ray_address") == cfg.ray_address()
+        assert params.pop("ray_address") == "auto"
+        assert params == deployed
+        assert job["activeDeadlineSeconds"] == getattr(cfg.jobs, key).active_deadline_s
+
+
+def test_env_vars_agree_between_pods_and_flow_runs(cfg, checked_in):
+    run_env = prefect_deploy.run_env(cfg)
+    for name, manifest in checked_in.items():
+        spec = _cluster_specs(manifest)
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            container = group["template"]["spec"]["containers"][0]
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            for key, value in kuberay.flow_run_env(cfg).items():
+                assert env[key] == value == run_env[key], (name, key)
+            assert env["DUET_CACHE_DIR"] == cfg.image.cache_dir
+            assert container["envFrom"] == [{"secretRef": {"name": cfg.s3.credentials_secret}}]
+            if manifest["kind"] == "RayService":
+                assert "DUET_API_KEYS" in env
+    # Flow runs get the token and S3 credentials from Secret blocks, resolved by the
+    # worker at run time (never stored in a deployment).
+    assert run_env["RAY_AUTH_MODE"] == "token"
+    assert run_env["RAY_AUTH_TOKEN"] == "{{ prefect.blocks.secret.duet-ray-auth-token }}"
+    assert run_env["AWS_ENDPOINT_URL"].startswith("{{ prefect.blocks.secret.")
+
+
+def test_flow_runs_on_the_cluster_join_the_rayclusters_head(cfg, checked_in):
+    cluster = prefect_deploy.deployment_specs(cfg, "cluster")
+    head = (
+        f"ray://{checked_in['raycluster.yaml']['metadata']['name']}-head-svc:{cfg.ray.client_port}"
+    )
+    assert {s["parameters"]["ray_address"] for s in cluster} == {head}
+    assert all(s["work_pool"]["job_variables"]["image"] == cfg.image.ref("cpu") for s in cluster)
+
+
+def test_buckets_and_config_files_named_by_jobs_exist_and_load(cfg):
+    from curation.pipeline import CurateConfig
+    from pipelines.train.config import train_config_from
+
+    curate = cfg.jobs.curate.parameters
+    assert curate["input_glob"].startswith(f"s3://{cfg.s3.raw_bucket}/")
+    assert curate["out_uri"].startswith(f"s3://{cfg.s3.curated_bucket}/")
+    from core.config import load_config
+
+    nightly = load_config(CurateConfig, str(REPO_ROOT / curate["config_uri"]))
+    # Real footage has no sidecars: captions must come from a model, not only sidecars.
+    assert nightly.captions.backend == "auto" and nightly.captions.model
+    train = train_config_from(str(REPO_ROOT / cfg.jobs.train.parameters["config_uri"]))
+    assert train.data.curated_uri == curate["out_uri"]
+    assert train.run_uri.startswith(f"s3://{cfg.s3.runs_bucket}/")
+    # The service serves what the weekly run fine-tunes.
+    assert cfg.service.app.checkpoint == f"{train.run_uri}/sft/final"
+
+
+def test_gpu_group_can_hold_the_serve_deployments_and_training(cfg):
+    gpus = cfg.cluster.gpu_workers.max_replicas * cfg.cluster.gpu_workers.gpus
+    app = cfg.service.app
+    serve_gpus = (
+        app.fast.max_replicas * app.fast.num_gpus + app.full.max_replicas * app.full.num_gpus
+    )
+    assert serve_gpus <= gpus
+    assert cfg.jobs.train.parameters["num_workers"] <= gpus
+
+
+def test_the_serve_app_builds_from_the_rayservice_args(cfg, monkeypatch):
+    """The RayService's import path and args build the serving engineer's application."""
+    from ray.serve import Application
+
+    from serve.app import build_app
+
+    args = kuberay.serve_app_args(cfg)
+    # Untrained tiny weights instead of the checkpoint on S3; the rest as deployed.
+    args["config"].update(checkpoint=None, random_weights_preset="tiny")
+    monkeypatch.setenv("DUET_API_KEYS", "test-key")
+    assert isinstance(build_app(args), Application)
+
+
+def test_prefect_deployments_point_at_real_flows(cfg):
     import prefect
+
+    from infra.run_flow import load_flow
 
     spec = yaml.safe_load((ROOT / "infra/prefect/prefect.yaml").read_text())
     assert spec["prefect-version"].split(".")[0] == prefect.__version__.split(".")[0]
-    for deployment in spec["deployments"]:
-        path, func = deployment["entrypoint"].split(":")
-        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-        flow = getattr(module, func)
-        assert isinstance(flow, prefect.Flow), deployment["entrypoint"]
-        params = set(flow.parameters.properties)
-        assert set(deployment["parameters"]) <= params, (deployment["name"], params)
+    for target in prefect_deploy.TARGETS:
+        specs = prefect_deploy.deployment_specs(cfg, target)
+        for deployment in specs:
+            flow = load_flow(deployment["entrypoint"])
+            assert isinstance(flow, prefect.Flow), deployment["entrypoint"]
+            assert flow.name == deployment["flow"] or deployment["flow"] == "train"
+            params = set(flow.parameters.properties)
+            assert set(deployment["parameters"]) <= params, (deployment["name"], params)
+            for schedule in deployment["schedules"]:
+                from prefect.client.schemas.schedules import CronSchedule
+
+                CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+                # Laptops register schedules paused; the cluster runs them.
+                assert schedule["active"] is (target == "cluster")
+        flows = {d["flow"] for d in specs}
+        assert {"curate", "train"} <= flows
+        # adgen is deployed once its flow exists (flows/adgen.py, the serving work).
+        assert ("adgen" in flows) == (ROOT / "flows/adgen.py").exists()
+
+
+def test_bad_deploy_config_is_refused_with_its_path():
+    with pytest.raises(ConfigError, match="client_port 10005 lies in the worker port range"):
+        load_deploy_config({"ray": {"client_port": 10005}})
+    with pytest.raises(ConfigError, match="min_replicas <= replicas"):
+        load_deploy_config({"cluster": {"gpu_workers": {"replicas": 3, "max_replicas": 2}}})
+    with pytest.raises(ConfigError, match="unknown field"):
+        load_deploy_config({"cluster": {"worker_groups": []}})
+
+
+# --- the Dockerfile installs what the Makefile installs ------------------------------
+
+
+def _install_steps(commands: list[str], args: dict[str, str]) -> list[str]:
+    """Commands that install something, in a form both files share."""
+    steps = []
+    for command in commands:
+        for part in re.split(r"\s*(?:&&|\|\||;)\s*", command):
+            part = re.sub(r"\s*2>&1\s*\|\s*\$\(PIPQ\)", "", part)
+            part = part.strip().lstrip("@").strip("()")
+            part = re.sub(r"\s*2>/dev/null", "", part)
+            part = re.sub(r"--index-url\s+\S+", "", part)
+            for name, value in args.items():
+                part = part.replace("${" + name + "}", value)
+            part = part.replace("$(BIN)/", "").replace(".venv/bin/", "").replace('"', "")
+            words = [w for w in part.split() if w != "-q"]
+            text = " ".join(words)
+            if re.match(r"^(pip install|python -m curation|bash infra/local|\S+ -m venv)", text):
+                steps.append(re.sub(r"^\S+ -m venv.*", "venv", text))
+    return steps
+
+
+def test_dockerfile_parses_and_installs_what_the_makefile_installs(cfg):
+    import dockerfile
+
+    commands = dockerfile.parse_file(str(ROOT / "infra/Dockerfile"))
+    known = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "RUN", "USER", "CMD", "LABEL"}
+    assert {c.cmd for c in commands} <= known
+    args = dict(c.value[0].split("=", 1) for c in commands if c.cmd == "ARG")
+    docker_runs = [c.value[0] for c in commands if c.cmd == "RUN"]
+
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = []
+    for target in (r"\$\(STAMP\)", "whisperx-env"):
+        block = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+        recipe += [line.strip() for line in block.splitlines()]
+    make_steps = _install_steps(recipe, {})
+    docker_steps = _install_steps(docker_runs, args)
+    assert make_steps == [
+        "bash infra/local/install_system_deps.sh",
+        "venv",
+        "pip install --upgrade pip",
+        f"pip install torch=={args['TORCH_VERSION']}",
+        "pip install -e .[dev]",
+        "python -m curation.speech_env build",
+    ]
+    assert docker_steps == make_steps
+    # The variants the image builds are the ones the manifests name.
+    case = next(run for run in docker_runs if "VARIANT" in run)
+    assert set(re.findall(r"(\w+)\) index=", case)) == set(VARIANTS)
+    workdir = [c.value[0] for c in commands if c.cmd == "WORKDIR"]
+    assert workdir == [cfg.image.workdir]
+    env = {}
+    for c in commands:
+        if c.cmd == "ENV":  # BuildKit gives name, value, name, value, ...
+            env.update(zip(c.value[::2], c.value[1::2], strict=True))
+    assert env["DUET_CACHE_DIR"] == cfg.image.cache_dir
+
+
+def test_the_install_step_comparison_sees_a_drift():
+    make = ['@$(BIN)/pip install -q -e ".[dev]" 2>&1 | $(PIPQ)']
+    assert _install_steps(make, {}) != _install_steps(['.venv/bin/pip install -e "."'], {})
+
+
+# --- joining Ray by address with token authentication --------------------------------
+
+
+@pytest.fixture
+def clean_ray_auth(monkeypatch, tmp_path):
+    """No auth env, and a HOME without ~/.ray/auth_token."""
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def test_joining_by_address_sends_a_configured_token(clean_ray_auth, monkeypatch):
+    from core import ray_setup
+
+    assert ray_setup.join_auth_mode() is None  # nothing configured: Ray's default
+    token = clean_ray_auth / "token"
+    token.write_text("abc123")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert ray_setup.join_auth_mode() == "token"
+    ray_setup.quiet_ray_environment(local=False)
+    import os
+
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    # The token itself never travels in a job's runtime environment.
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "abc123")
+    assert not any(k.startswith("RAY_AUTH") for k in ray_setup.forwarded_env())
+
+
+def test_default_token_file_and_env_token_count(clean_ray_auth, monkeypatch):
+    from core import ray_setup
+
+    default = Path(clean_ray_auth / "home" / ".ray" / "auth_token")
+    default.parent.mkdir(parents=True)
+    default.write_text("from-ray-start\n")
+    assert ray_setup.auth_token_source() == str(default)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert ray_setup.auth_token_source() == "RAY_AUTH_TOKEN"
+
+
+def test_token_mode_without_a_token_fails_clearly(clean_ray_auth, monkeypatch):
+    from core import ray_setup
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(ray_setup.RayAuthError, match="no token"):
+        ray_setup.join_auth_mode()
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(clean_ray_auth / "missing"))
+    with pytest.raises(ray_setup.RayAuthError, match="no token in that file"):
+        ray_setup.join_auth_mode()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    assert ray_setup.join_auth_mode() == "disabled"
