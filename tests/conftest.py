@@ -162,3 +162,63 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     uri = str(tmp_path_factory.mktemp("tiny_checkpoint") / "ckpt")
     DuetPipeline.from_preset("tiny", seed=0).save(uri)
     return uri
+
+
+def _conditioning_recipe(manifest: str, run_uri: str):
+    """The CPU recipe of tests/test_train_conditioning.py (also the base of tests/test_align.py)."""
+    from pipelines.train.conditioning import CorpusSpec
+    from pipelines.train.config import (
+        DataConfig,
+        DiTStageConfig,
+        ReferenceSampling,
+        TrainConfig,
+        VAEStageConfig,
+    )
+
+    return TrainConfig(
+        preset="tiny",
+        run_uri=run_uri,
+        seed=0,
+        data=DataConfig(curated_uri=manifest, frame_buckets=(CorpusSpec().frames_per_shot,)),
+        vae=VAEStageConfig(
+            steps=800, batch_size=8, window_frames=9, crop_px=32,
+            checkpoint_every=10**6, log_every=100, eval_clips=1,
+        ),
+        pretrain=DiTStageConfig(
+            steps=1200, batch_size=8, lr=3e-3, warmup_steps=20, ema_decay=0.99,
+            checkpoint_every=10**6, log_every=100,
+            references=ReferenceSampling(
+                reference_probability=0.8, max_images=2, max_videos=0, max_audios=0,
+                own_frame_probability=1.0, multishot_probability=0.3,
+            ),
+        ),
+        keep_checkpoints=1,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_conditioning_run(tmp_path_factory):
+    """``tiny`` trained ``vae -> pretrain`` (local runner) on the conditioning corpus of
+    :mod:`pipelines.train.conditioning` (one-colour bouncing balls, 40 clips): the
+    TrainConfig, whose ``run_uri`` holds both finals.
+
+    Trained once per session and shared: tests/test_train_conditioning.py measures its
+    reference and multi-shot use, tests/test_align.py continues it with sft, rlhf and
+    distill (other stage directories of the same run).
+    """
+    import time
+
+    import torch
+
+    from pipelines.train import train
+    from pipelines.train.conditioning import CorpusSpec, build_corpus
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("conditioning")
+    started = time.perf_counter()
+    manifest = build_corpus(str(root / "corpus"), CorpusSpec(sources=10, colourless_fraction=0.5))
+    built = time.perf_counter()
+    cfg = _conditioning_recipe(manifest, str(root / "run"))
+    train(cfg, stages=("vae", "pretrain"))
+    print(f"corpus {built - started:.0f} s, training {time.perf_counter() - built:.0f} s")
+    return cfg

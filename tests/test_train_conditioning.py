@@ -1,6 +1,7 @@
 """A model trained by ``pipelines.train`` uses its reference slots and per-shot prompts.
 
-One module fixture trains the ``tiny`` preset once, ``vae -> pretrain`` with the local
+One session fixture (``tiny_conditioning_run`` in tests/conftest.py, shared with
+tests/test_align.py) trains the ``tiny`` preset once, ``vae -> pretrain`` with the local
 runner, on a synthetic corpus written by :mod:`pipelines.train.conditioning` (one-colour
 ``bouncing_balls`` shots on random day backdrops, consecutive shots of a source in
 different colours, half the captions without their colour word). The trainer fills
@@ -24,28 +25,16 @@ Each check compares generations that differ only in the conditioning under test.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from model.pipeline import DuetPipeline
-from pipelines.train import train
 from pipelines.train.conditioning import (
-    CorpusSpec,
     GenSettings,
-    build_corpus,
     multishot_counts,
     reference_backdrops,
     reference_frame,
     shares,
-)
-from pipelines.train.config import (
-    DataConfig,
-    DiTStageConfig,
-    ReferenceSampling,
-    TrainConfig,
-    VAEStageConfig,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -54,44 +43,15 @@ COLOURS = ("red", "green", "blue", "yellow")
 NO_COLOUR = "a circle bounces on a gray floor"
 RED = "a red circle bounces on a gray floor"
 BLUE = "a blue circle bounces on a gray floor"
-SPEC = CorpusSpec(sources=10, colourless_fraction=0.5)
 GEN = GenSettings(seeds=(0, 1, 2), steps=10)
 GEN_SHOTS = GenSettings(seeds=(0, 1, 2, 3), steps=10)
 
 
-def recipe(manifest: str, run_uri: str) -> TrainConfig:
-    return TrainConfig(
-        preset="tiny",
-        run_uri=run_uri,
-        seed=0,
-        data=DataConfig(curated_uri=manifest, frame_buckets=(SPEC.frames_per_shot,)),
-        vae=VAEStageConfig(
-            steps=800, batch_size=8, window_frames=9, crop_px=32,
-            checkpoint_every=10**6, log_every=100, eval_clips=1,
-        ),
-        pretrain=DiTStageConfig(
-            steps=1200, batch_size=8, lr=3e-3, warmup_steps=20, ema_decay=0.99,
-            checkpoint_every=10**6, log_every=100,
-            references=ReferenceSampling(
-                reference_probability=0.8, max_images=2, max_videos=0, max_audios=0,
-                own_frame_probability=1.0, multishot_probability=0.3,
-            ),
-        ),
-        keep_checkpoints=1,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("conditioning")
-    started = time.perf_counter()
-    manifest = build_corpus(str(root / "corpus"), SPEC)
-    built = time.perf_counter()
-    finals = train(recipe(manifest, str(root / "run")), stages=("vae", "pretrain"))
-    done = time.perf_counter()
-    print(f"corpus {built - started:.0f} s, training {done - built:.0f} s")
-    return DuetPipeline.from_checkpoint(finals["pretrain"]).eval(), str(root / "run")
+def trained(tiny_conditioning_run):
+    """The session's conditioning run (tests/conftest.py): its pretrain final and run URI."""
+    run = tiny_conditioning_run.run_uri
+    return DuetPipeline.from_checkpoint(f"{run}/pretrain/final").eval(), run
 
 
 @pytest.fixture(scope="module")
