@@ -75,9 +75,12 @@ class ServiceInfo(BaseModel):
     limits: dict[str, Any]
 
 
-def request_models(config: ServeConfig):
-    """Pydantic request models carrying the configured limits (shown in OpenAPI)."""
+def request_models(config: ServeConfig, model_facts: dict[str, Any]):
+    """Pydantic request models carrying the configured limits and the served models and
+    sizes (shown in OpenAPI)."""
     limits = config.limits
+    Resolution = Literal[tuple(model_facts["resolutions"])]  # noqa: N806
+    ModelName = Literal[tuple(model_facts["models"])]  # noqa: N806
     text = Annotated[str, Field(max_length=limits.max_prompt_chars)]
 
     class Shot(BaseModel):
@@ -108,7 +111,7 @@ def request_models(config: ServeConfig):
         negative_prompt: text = ""
         duration_s: Annotated[float, Field(gt=0, le=limits.max_duration_s)] = 2.0
         fps: Annotated[float, Field(gt=0, le=120)] | None = None
-        resolution: Annotated[str, Field(pattern=r"^[0-9]{1,5}x[0-9]{1,5}$")] | None = None
+        resolution: Resolution | None = None  # type: ignore[valid-type]
         seed: Annotated[int, Field(ge=0, le=limits.max_seed)] = 0
         quality: Literal["fast", "full"] = "fast"
         mode: Literal["t2av", "v2v", "multishot"] = "t2av"
@@ -119,7 +122,7 @@ def request_models(config: ServeConfig):
         shots: Annotated[list[Shot], Field(max_length=limits.max_shots)] = []
         references: References = References()
         source: Annotated[str, Field(max_length=2048)] | None = None
-        model: Annotated[str, Field(max_length=120)] = "default"
+        model: ModelName = "default"  # type: ignore[valid-type]
 
     return JobRequest, References, Shot
 
@@ -153,7 +156,7 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
         raise ValueError(
             "no API keys configured: set api_keys in the serve config or DUET_API_KEYS"
         )
-    JobRequest, _, _ = request_models(config)
+    JobRequest, _, _ = request_models(config, model_facts)
     limits = config.limits
 
     @asynccontextmanager

@@ -16,6 +16,7 @@ under a running replica (it writes the marker instead), so no write is lost.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -95,10 +96,18 @@ class JobStore:
 
     def load(self, job_id: str) -> JobRecord | None:
         uri = self.record_uri(job_id)
-        try:
-            data = storage.read_json(uri)
-        except (FileNotFoundError, storage.StorageError):
-            return None
+        for attempt in range(5):
+            try:
+                data = storage.read_json(uri)
+                break
+            except (FileNotFoundError, storage.StorageError):
+                return None
+            except (OSError, json.JSONDecodeError):
+                # The record was replaced while being read (S3 answers a changed ETag
+                # with PreconditionFailed): read the new one.
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"{uri}: unknown job schema {data.get('schema_version')!r}")
         return JobRecord(**data)

@@ -51,3 +51,39 @@ def model_facts(config: ServeConfig) -> dict:
 def build_local_app(config: ServeConfig) -> tuple[FastAPI, LocalBackend]:
     backend = LocalBackend(config)
     return build_api(config, backend, model_facts(config)), backend
+
+
+class ServerThread:
+    """Uvicorn serving an app on a thread (tests, the browser test, ``duet serve --local``)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+        self.url = f"http://{host}:{port}/"
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = None
+
+    def __enter__(self) -> ServerThread:
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the API server did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=10)
