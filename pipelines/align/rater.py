@@ -1,0 +1,164 @@
+"""The programmatic rater: per-head scores of a generated clip, measured by the probes.
+
+Every head is a number in [0, 1], higher is better, computed from
+:func:`core.probes.probe.probe_clip` and the clip's pixels and samples:
+
+- ``sync``: audio onsets matched one-to-one to visual impacts within
+  ``SYNC_TOLERANCE_FRAMES``; the F1 of recall (impacts that have their sound) and
+  precision (sounds that have their impact), so extra clicks cost as much as
+  missing ones. A clip with neither (nothing bounces, nothing sounds) scores 0:
+  every prompt of the synthetic world that this rater is used on describes
+  impacts, so a still, silent clip has not done what was asked.
+- ``adherence``: multiset IoU of the (colour, shape) objects the prompt names,
+  with their counts, and those detected (:func:`core.probes.caption_adherence`);
+  ``None`` when the prompt names no coloured shape. Below ``SHAPE_MIN_SIDE_PX``
+  (the ``tiny`` preset's 64x64) shape is left out and the IoU is over colours with
+  their counts: a ball there is 24-48 pixels, and the shape classifier reads the
+  world's own ground-truth clips as squares or triangles on many frames (three
+  real "red circles" probe as two red squares), so shape would score noise.
+- ``motion``: objects neither doubled nor vanishing (the fraction of frames whose
+  object count equals the clip's median count, median > 0) times track continuity
+  (the fraction of frame-to-frame detections that have a same-colour detection
+  within the tracker's gate in the previous frame).
+- ``visual``: no flicker (mean absolute frame-to-frame change of the backdrop's
+  luma) and sharpness (95th percentile of the luma gradient), each mapped to [0, 1].
+- ``audio``: no clipping (samples at full scale) and no dropouts (10 ms windows far
+  below the world's room tone between sounds).
+
+Ranks within a group are per head (0 = best). Human ratings use the same schema
+(:mod:`pipelines.align.preferences`) with another ``rater_id``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+
+from core.probes.captions import caption_adherence, multiset_iou, observed_objects, parse_caption
+from core.probes.detect import label_pixels
+from core.probes.probe import TRACK_GATE_FRACTION, probe_clip
+from pipelines.align.config import HEADS
+
+SYNC_TOLERANCE_FRAMES = 2.0
+SHAPE_MIN_SIDE_PX = 128
+FLICKER_SCALE = 4.0  # luma levels per frame at which the flicker score is 1/e
+SHARPNESS_FULL = 24.0  # luma levels per pixel of gradient that count as fully sharp
+DROPOUT_RMS = 2e-4  # well below the synthetic world's room tone (about 1.5e-3)
+CLIP_LEVEL = 0.999
+
+
+def match_events(visual: list[float], onsets: list[float], tolerance_s: float) -> int:
+    """Greedy one-to-one matches between two time lists, closest pairs first."""
+    pairs = sorted(
+        (abs(a - v), i, j)
+        for i, v in enumerate(visual)
+        for j, a in enumerate(onsets)
+        if abs(a - v) <= tolerance_s
+    )
+    used_v, used_a, matched = set(), set(), 0
+    for _, i, j in pairs:
+        if i in used_v or j in used_a:
+            continue
+        used_v.add(i)
+        used_a.add(j)
+        matched += 1
+    return matched
+
+
+def sync_score(visual: list[float], onsets: list[float], fps: float) -> dict:
+    matched = match_events(visual, onsets, SYNC_TOLERANCE_FRAMES / fps)
+    recall = matched / len(visual) if visual else 0.0
+    precision = matched / len(onsets) if onsets else 0.0
+    f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
+    return {"sync": f1, "sync_recall": recall, "sync_precision": precision}
+
+
+def adherence_score(prompt: str, frames_dets: list[list[dict]], side_px: int) -> float | None:
+    wanted = parse_caption(prompt)
+    if not wanted:
+        return None
+    if side_px >= SHAPE_MIN_SIDE_PX:
+        return caption_adherence(prompt, frames_dets)
+    colours: Counter = Counter()
+    for (colour, _), n in wanted.items():
+        colours[colour] += n
+    seen = observed_objects([[{"color": d["color"], "shape": ""} for d in f] for f in frames_dets])
+    return multiset_iou(colours, Counter({c: n for (c, _), n in seen.items()}))
+
+
+def motion_score(frames_dets: list[list[dict]], gate_px: float) -> float:
+    counts = np.array([len(d) for d in frames_dets])
+    median = int(round(float(np.median(counts)))) if counts.size else 0
+    if median == 0:
+        return 0.0
+    stable = float(np.mean(counts == median))
+    linked = total = 0
+    for prev, cur in zip(frames_dets, frames_dets[1:], strict=False):
+        for det in cur:
+            total += 1
+            if any(
+                p["color"] == det["color"]
+                and math.hypot(p["x"] - det["x"], p["y"] - det["y"]) <= gate_px
+                for p in prev
+            ):
+                linked += 1
+    continuity = linked / total if total else 0.0
+    return stable * continuity
+
+
+def visual_score(frames: np.ndarray) -> float:
+    luma = frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)  # (T, H, W)
+    if luma.shape[0] > 1:
+        background = np.stack([label_pixels(np.ascontiguousarray(f)) < 0 for f in frames])
+        both = background[1:] & background[:-1]
+        diff = np.abs(np.diff(luma, axis=0))
+        flicker = float(diff[both].mean()) if both.any() else float(diff.mean())
+    else:
+        flicker = 0.0
+    gy, gx = np.gradient(luma, axis=(1, 2))
+    sharp = float(np.percentile(np.hypot(gx, gy), 95))
+    return 0.5 * math.exp(-flicker / FLICKER_SCALE) + 0.5 * min(1.0, sharp / SHARPNESS_FULL)
+
+
+def audio_score(audio: np.ndarray, sample_rate: int) -> float:
+    x = np.asarray(audio, np.float64)
+    if x.size == 0:
+        return 0.0
+    clipped = float(np.mean(np.abs(x) >= CLIP_LEVEL))
+    mono = x.mean(axis=0) if x.ndim == 2 else x
+    hop = max(1, sample_rate // 100)
+    n = mono.size // hop
+    if n == 0:
+        return 0.0
+    rms = np.sqrt((mono[: n * hop].reshape(n, hop) ** 2).mean(axis=1))
+    dropouts = float(np.mean(rms < DROPOUT_RMS))
+    return max(0.0, 1.0 - 20.0 * clipped) * (1.0 - dropouts)
+
+
+def rate_clip(prompt: str, clip) -> dict:
+    """Per-head scores of one clip for its prompt (plus the sync parts), JSON-able."""
+    probe = probe_clip(clip, include_frames=True)
+    fps = float(clip.fps)
+    frames_dets = probe["frames"]
+    visual = [e["time_s"] for e in probe["visual_events"]]
+    scores = sync_score(visual, probe["audio_onsets_s"], fps)
+    scores["adherence"] = adherence_score(prompt, frames_dets, min(clip.frames.shape[1:3]))
+    gate = TRACK_GATE_FRACTION * min(clip.frames.shape[1], clip.frames.shape[2])
+    scores["motion"] = motion_score(frames_dets, gate)
+    scores["visual"] = visual_score(clip.frames)
+    scores["audio"] = audio_score(clip.audio, clip.sample_rate)
+    scores["visual_events"] = len(visual)
+    scores["audio_onsets"] = len(probe["audio_onsets_s"])
+    return scores
+
+
+def head_vector(scores: dict) -> list[float | None]:
+    return [None if scores.get(h) is None else float(scores[h]) for h in HEADS]
+
+
+def ranks(values: list[float | None]) -> list[int | None]:
+    """Rank of each value within its group (0 = best; ties share the better rank)."""
+    present = sorted((v for v in values if v is not None), reverse=True)
+    return [None if v is None else present.index(v) for v in values]

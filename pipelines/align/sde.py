@@ -1,0 +1,134 @@
+"""The Euler flow sampler turned into an SDE, with the log-probability of each step.
+
+DanceGRPO explores by sampling the rectified flow with a stochastic sampler: from
+``x`` at time ``t`` to ``t' < t`` (``dt = t' - t < 0``), with the (guided) velocity
+``v`` and the clean-sample estimate ``x0 = x - t v``,
+
+    score = -(x - (1 - t) x0) / t^2
+    mean  = x + dt * v - 0.5 * eta^2 * score * dt
+    x'    = mean + eta * sqrt(t - t') * noise
+
+(the update of DanceGRPO's ``sde_step_with_logprob``; ``eta = 0`` is the Euler ODE
+step). Each step is a Gaussian with a known mean and standard deviation, so the
+log-probability of the step the sampler took is exact; it is averaged over the
+latent elements of both branches (as in DanceGRPO), which is why the PPO clip range
+is small.
+
+``guided_velocities`` evaluates several (state, time) rows in one batched forward,
+text guidance included, so a training step differentiates through one forward of
+the (possibly DDP-wrapped) DiT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from model.dit import TextConditioning
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def repeat_text(text: TextConditioning, times: int) -> TextConditioning:
+    return TextConditioning(
+        text.tokens.repeat(times, 1, 1),
+        text.mask.repeat(times, 1),
+        None if text.shot_ids is None else text.shot_ids.repeat(times, 1),
+    )
+
+
+def guided_velocities(
+    model,
+    video: torch.Tensor,  # (B, Cv, T, h, w)
+    audio: torch.Tensor,  # (B, Ca, Na)
+    t: torch.Tensor,  # (B,) per-row flow time
+    text: TextConditioning,  # (B, L, D) per-row prompt
+    null: TextConditioning,  # (B, 1, D) the null prompt
+    text_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guided velocity of every row, one batched forward (2B rows)."""
+    if text_scale == 1.0:
+        return model(video, audio, t, text)
+    from model.samplers import _concat_text
+
+    b = video.shape[0]
+    v, a = model(
+        torch.cat([video, video]), torch.cat([audio, audio]), torch.cat([t, t]),
+        _concat_text([text, null]),
+    )  # fmt: skip
+    v_c, v_u = v[:b], v[b:]
+    a_c, a_u = a[:b], a[b:]
+    return v_u + text_scale * (v_c - v_u), a_u + text_scale * (a_c - a_u)
+
+
+def step_mean(x: torch.Tensor, vel: torch.Tensor, t: float, t_next: float, eta: float):
+    dt = t_next - t
+    x0 = x - t * vel
+    score = -(x - (1.0 - t) * x0) / (t * t)
+    return x + dt * vel - 0.5 * eta * eta * score * dt
+
+
+def step_std(t: float, t_next: float, eta: float) -> float:
+    return eta * math.sqrt(max(t - t_next, 0.0))
+
+
+def gaussian_logprob(
+    sample_v: torch.Tensor,
+    sample_a: torch.Tensor,
+    mean_v: torch.Tensor,
+    mean_a: torch.Tensor,
+    std: float | torch.Tensor,
+) -> torch.Tensor:
+    """(B,) log-density of the step, averaged over the elements of both branches;
+    ``std`` is one width for all rows or a (B,) tensor of per-row widths."""
+    sq = ((sample_v - mean_v) ** 2).flatten(1).sum(1) + ((sample_a - mean_a) ** 2).flatten(1).sum(1)
+    n = sample_v[0].numel() + sample_a[0].numel()
+    std_t = torch.as_tensor(std, dtype=sq.dtype, device=sq.device)
+    return -sq / (2 * std_t * std_t * n) - torch.log(std_t) - LOG_SQRT_2PI
+
+
+@dataclass
+class Trajectory:
+    """One SDE rollout of a batch: states at every time, and each step's log-prob."""
+
+    times: list[float]
+    videos: list[torch.Tensor]  # len(times) states, (B, Cv, T, h, w) each
+    audios: list[torch.Tensor]
+    logprobs: torch.Tensor  # (steps, B)
+
+    @property
+    def final(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.videos[-1], self.audios[-1]
+
+
+@torch.no_grad()
+def sde_rollout(
+    model,
+    video: torch.Tensor,
+    audio: torch.Tensor,
+    text: TextConditioning,
+    null: TextConditioning,
+    times: list[float],
+    eta: float,
+    text_scale: float,
+    gen: torch.Generator,
+) -> Trajectory:
+    """Sample from ``times[0]`` to 0 with the SDE; every row draws its own noise."""
+    videos, audios, logps = [video], [audio], []
+    for t, t_next in zip(times, times[1:], strict=False):
+        b = video.shape[0]
+        tt = torch.full((b,), t, device=video.device)
+        vel_v, vel_a = guided_velocities(model, video, audio, tt, text, null, text_scale)
+        mean_v = step_mean(video, vel_v, t, t_next, eta)
+        mean_a = step_mean(audio, vel_a, t, t_next, eta)
+        std = step_std(t, t_next, eta)
+        noise_v = torch.randn(video.shape, generator=gen).to(video.device)
+        noise_a = torch.randn(audio.shape, generator=gen).to(audio.device)
+        video = mean_v + std * noise_v
+        audio = mean_a + std * noise_a
+        logps.append(gaussian_logprob(video, audio, mean_v, mean_a, std))
+        videos.append(video)
+        audios.append(audio)
+    return Trajectory(list(times), videos, audios, torch.stack(logps))
