@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import curate, demo, generate, model, probe, stack, synth, train
+from cli import curate, demo, generate, model, probe, serve, stack, synth, train
 
 app = typer.Typer(
     name="duet",
@@ -26,6 +26,8 @@ app.add_typer(model.app, name="model")
 app.command("generate")(generate.generate)
 app.command("curate")(curate.curate)
 app.command("train")(train.train)
+app.command("serve")(serve.serve)
+app.command("batch")(serve.batch)
 app.command("demo")(demo.demo)
 app.add_typer(stack.app, name="stack")
 app.command("deploy")(stack.deploy)

@@ -45,7 +45,8 @@ class ModelDeployment:
         self.config = serve_config_from(config)
         self.quality = quality
         context = serve.get_replica_context()
-        self.worker = ModelWorker(self.config, quality, replica=context.replica_id.unique_id)
+        # The full id is the replica actor's name: an operator (or a test) can find it.
+        self.worker = ModelWorker(self.config, quality, replica=context.replica_id.to_full_id_str())
         # Weights and text encoder load before the replica reports healthy.
         self.default = self.worker.pipeline("default")
         deployment = self.config.deployment(quality)
