@@ -19,7 +19,8 @@ def demo(
     ),
     train_workers: int = typer.Option(2, "--train-workers", min=1, help="Ray Train workers."),
 ) -> None:
-    """Synthesise footage, probe it, curate it, train tiny on it and generate a clip."""
+    """Synthesise footage, probe it, curate it, train tiny on it, generate a clip from
+    that and one from the shipped default checkpoint."""
     from cli.demo_run import run_demo
 
     run_demo(

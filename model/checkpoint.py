@@ -400,7 +400,10 @@ def load_pipeline(
     tensors = _read_tensors(uri, meta, sorted({s.file for s in specs.values()}))
     for name in components:
         prefix = f"{name}."
-        cast = dtype if name == "dit" else None
+        # ``dtype`` is the DiT's compute dtype; otherwise weights stored in half
+        # precision (a bf16 shipped checkpoint) compute in fp32, as the networks'
+        # inputs are fp32.
+        cast = dtype if name == "dit" and dtype is not None else torch.float32
         state = {
             k[len(prefix) :]: _to(v, device, cast) for k, v in tensors.items() if k.startswith(prefix)
         }  # fmt: skip

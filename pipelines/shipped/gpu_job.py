@@ -1,0 +1,270 @@
+"""Train the shipped checkpoint on one GPU, every stage, inside a wall-clock budget.
+
+    python -m pipelines.shipped.gpu_job --carry CARRY --run /tmp/run --out $OUT \
+        --budget-s 540
+
+Runs on a bare machine (no Ray, no PyAV, no text-encoder weights): the carry folder
+(:mod:`pipelines.shipped.carry`) installs PyAV and a text-embedding table, then the
+``vae``, ``pretrain`` and ``sft`` stages of :mod:`pipelines.train` run with the local
+runner, unchanged. ``vae`` runs for its steps or its time share, whichever ends
+first; the DiT step counts come from the budget: a short calibration run of
+``pretrain`` (which also fills the latent cache) measures seconds per step, and the
+time left (less a reserve for stage start-up and saving) is split between the stages. Each periodic trainer checkpoint is also
+exported to ``OUT/ship/`` as bf16 shards under 16 MiB (EMA weights), so a run cut
+off by the command's time limit still returns weights; the finished run exports its
+SFT final there. A stage that overruns its share is stopped at its next log step and
+finished from its newest checkpoint (resumed for one step, which writes the stage's
+final: the VAE calibration, or the DiT's EMA weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+SHARD_BYTES = 15 * 1024 * 1024
+
+
+class StageDeadline(Exception):
+    """A stage ran past its share of the budget."""
+
+
+def export_bf16(src_uri: str, out_dir: str, extra: dict | None = None) -> int:
+    """Copy a checkpoint as bf16 shards (EMA DiT weights when the source has them)."""
+    from safetensors.torch import load as load_bytes
+
+    from core import storage
+    from model.checkpoint import load_state, save_state
+
+    tensors, meta = load_state(src_uri)
+    ema_uri = storage.join(src_uri, "ema.safetensors")
+    if storage.exists(ema_uri):
+        for key, value in load_bytes(storage.read_bytes(ema_uri)).items():
+            tensors[f"dit.{key}"] = value
+    out = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in tensors.items()}
+    meta = {k: v for k, v in meta.items() if k not in ("schema_version", "weight_files")}
+    meta["extra"] = {**meta.get("extra", {}), **(extra or {}), "weights_dtype": "bf16"}
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_state(tmp, out, meta, max_shard_bytes=SHARD_BYTES)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return sum(v.numel() * v.element_size() for v in out.values())
+
+
+def build_config(args, manifest: str, steps: dict[str, int], every: int):
+    from pipelines.train.config import DataConfig, DiTStageConfig, TrainConfig, VAEStageConfig
+
+    return TrainConfig(
+        preset=args.preset,
+        run_uri=args.run,
+        seed=args.seed,
+        data=DataConfig(
+            curated_uri=manifest,
+            frame_buckets=(args.frames,),
+            latent_cache_uri=os.path.join(args.run, "latents"),
+            encode_with_ray_data=False,
+            sft_top_fraction=args.sft_top_fraction,
+        ),
+        vae=VAEStageConfig(
+            steps=args.vae_steps, batch_size=args.vae_batch, window_frames=9,
+            checkpoint_every=args.vae_checkpoint_every, log_every=args.log_every, eval_clips=8,
+        ),
+        pretrain=DiTStageConfig(
+            steps=steps["pretrain"], batch_size=args.batch, lr=args.lr,
+            warmup_steps=min(args.warmup, max(1, steps["pretrain"] // 10)),
+            ema_decay=args.ema, checkpoint_every=every, log_every=args.log_every,
+        ),
+        sft=DiTStageConfig(
+            steps=steps["sft"], batch_size=args.batch, lr=args.sft_lr, warmup_steps=0,
+            ema_decay=args.ema, checkpoint_every=every, log_every=args.log_every,
+        ),
+        keep_checkpoints=1,
+    )  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--carry", required=True)
+    parser.add_argument("--run", default="/tmp/duet_ship_run")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--budget-s", type=float, default=540.0)
+    parser.add_argument("--reserve-s", type=float, default=40.0)
+    parser.add_argument("--preset", default="compact")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=int, default=33)
+    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--vae-batch", type=int, default=8)
+    parser.add_argument("--vae-budget-s", type=float, default=110.0)
+    parser.add_argument("--vae-checkpoint-every", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--sft-lr", type=float, default=3e-4)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--sft-fraction", type=float, default=0.25, help="of the DiT time")
+    parser.add_argument("--sft-top-fraction", type=float, default=0.5)
+    parser.add_argument("--calib-steps", type=int, default=30)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--export-every-s", type=float, default=90.0)
+    parser.add_argument("--max-steps", type=int, default=0, help="cap per DiT stage (dry runs)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    deadline = t0 + args.budget_s
+    os.makedirs(args.out, exist_ok=True)
+    ship = os.path.join(args.out, "ship")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    from pipelines.shipped.carry import unpack
+    from pipelines.train import loop
+    from pipelines.train import state as ckpt
+    from pipelines.train.runtime import local_runtime
+
+    rt = local_runtime()
+    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(f"[ship] device {device_name}, torch {torch.__version__}, {sys.version}", flush=True)
+    manifest = unpack(args.carry, os.path.join(args.run, "data"))
+    print(f"[ship] unpacked in {time.monotonic() - t0:.1f} s", flush=True)
+    # Every clip decoded once for the vae stage (the default LRU of 256 would decode
+    # most of a 600-clip corpus again on every epoch).
+    loop.DecodedClips.__init__.__defaults__ = (1_000_000,)
+
+    summary: dict = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "args": vars(args),
+        "stages": {},
+    }
+    times: dict[str, list[tuple[int, float]]] = {}
+    stop_at: dict[str, float] = {}
+
+    def progress(stage: str, step: int, total: int, row: dict) -> None:
+        now = time.monotonic()
+        times.setdefault(stage, []).append((step, now))
+        print(
+            f"[ship] {stage} {step}/{total} loss {row.get('loss', 0):.4f} "
+            f"tok/s {row.get('tokens_per_s', 0):.0f} t {now - t0:.0f}s",
+            flush=True,
+        )
+        if stage in stop_at and now > stop_at[stage] and step < total:
+            raise StageDeadline(f"{stage} at step {step}")
+
+    last_export = [time.monotonic()]
+    original_save = loop._save
+
+    def save_and_export(cfg, stage, task, pipeline, optimizer, ema, state, rt_, log):
+        original_save(cfg, stage, task, pipeline, optimizer, ema, state, rt_, log)
+        if stage == "vae" or cfg.run_uri != args.run:
+            return
+        if time.monotonic() - last_export[0] < args.export_every_s:
+            return
+        src = ckpt.checkpoint_dir(loop.stage_uri(cfg, stage), state.step)
+        export_bf16(src, ship, {"stage": stage, "step": state.step, "partial": True})
+        last_export[0] = time.monotonic()
+        print(f"[ship] exported {stage} step {state.step}", flush=True)
+
+    loop._save = save_and_export
+
+    def run_timed(cfg, stage: str, stop: float) -> int:
+        """Run a stage, stopping at ``stop``; then finish it from its newest checkpoint."""
+        begin = time.monotonic()
+        stop_at[stage] = stop
+        try:
+            done = loop.run_stage(cfg, stage, rt, progress).steps
+        except StageDeadline as err:
+            stop_at.pop(stage)
+            newest = ckpt.latest_checkpoint(loop.stage_uri(cfg, stage))
+            if newest is None:
+                raise RuntimeError(f"{err}: no checkpoint to finish from") from err
+            done = ckpt.read_train_state(newest).step
+            print(f"[ship] stopped {err}; finishing from step {done}", flush=True)
+            getattr(cfg, stage).steps = done + 1
+            done = loop.run_stage(cfg, stage, rt, progress).steps
+        stop_at.pop(stage, None)
+        marks = times.get(stage, [])
+        info = {"steps": done, "wall_s": round(time.monotonic() - begin, 1)}
+        if len(marks) > 2:
+            (s0, a), (s1, b) = marks[1], marks[-1]
+            info["s_per_step"] = (b - a) / max(1, s1 - s0)
+        metrics = os.path.join(loop.stage_uri(cfg, stage), "metrics.jsonl")
+        if os.path.exists(metrics):  # one file for every stage: 8 files come back at most
+            rows = [json.loads(line) for line in open(metrics)]
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.writelines(json.dumps({"stage": stage, **r}) + "\n" for r in rows)
+            info["first_row"], info["last_row"] = (rows[0], rows[-1]) if rows else (None, None)
+        final_meta = os.path.join(loop.final_uri(cfg, stage), "config.json")
+        if os.path.exists(final_meta):
+            with open(final_meta) as f:
+                info["final_metrics"] = json.load(f).get("extra", {}).get("metrics")
+        summary["stages"][stage] = info
+        print(f"[ship] {stage} done: {json.dumps(info, default=str)}", flush=True)
+        return done
+
+    # -- vae: its steps or its time share, whichever ends first ----------------------
+    cfg = build_config(args, manifest, {"pretrain": 1, "sft": 1}, 10**9)
+    run_timed(cfg, "vae", t0 + args.vae_budget_s)
+
+    # -- calibration: seconds per DiT step, start-up excluded (fills the latent cache) --
+    calib = build_config(args, manifest, {"pretrain": args.calib_steps, "sft": 1}, 10**9)
+    calib.run_uri = args.run.rstrip("/") + "_calib"
+    calib.init_from = loop.final_uri(cfg, "vae")
+    calib.pretrain.log_every = max(1, args.calib_steps // 6)
+    started = time.monotonic()
+    loop.run_stage(calib, "pretrain", rt, progress)
+    marks = times.pop("pretrain")
+    (s0, a), (s1, b) = marks[1], marks[-1]
+    per_step = (b - a) / max(1, s1 - s0)
+    startup = max(0.0, (a - started) - per_step * s0)
+    shutil.rmtree(calib.run_uri, ignore_errors=True)
+    left = deadline - time.monotonic() - args.reserve_s
+    dit_steps = max(2, int(left / per_step))
+    steps = {
+        "sft": max(1, int(dit_steps * args.sft_fraction)),
+        "pretrain": max(1, dit_steps - int(dit_steps * args.sft_fraction)),
+    }
+    if args.max_steps:
+        steps = {k: min(v, args.max_steps) for k, v in steps.items()}
+    every = int(args.export_every_s / per_step) // args.log_every * args.log_every
+    every = max(args.log_every, every)
+    summary["calibration"] = {
+        "s_per_step": per_step, "startup_s": startup, "steps": steps, "checkpoint_every": every,
+    }  # fmt: skip
+    print(f"[ship] {per_step * 1000:.1f} ms/step, start-up {startup:.1f} s -> {steps}", flush=True)
+
+    cfg = build_config(args, manifest, steps, every)
+    share = steps["pretrain"] * per_step
+    run_timed(cfg, "pretrain", time.monotonic() + 1.1 * share + 5)
+    run_timed(cfg, "sft", deadline - 20)
+
+    summary["exported_bytes"] = export_bf16(
+        loop.final_uri(cfg, "sft"),
+        ship,
+        {
+            "stage": "sft",
+            "steps": {s: v["steps"] for s, v in summary["stages"].items()},
+            "device": device_name,
+            "partial": False,
+        },
+    )
+    if torch.cuda.is_available():
+        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    summary["wall_s"] = round(time.monotonic() - t0, 1)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    print("[ship] " + json.dumps(summary, default=str), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
