@@ -43,6 +43,7 @@ from pipelines.align.config import HEADS
 
 SYNC_TOLERANCE_FRAMES = 2.0
 SHAPE_MIN_SIDE_PX = 128
+IMPACT_TYPES = ("impact", "collision")
 FLICKER_SCALE = 4.0  # luma levels per frame at which the flicker score is 1/e
 SHARPNESS_FULL = 24.0  # luma levels per pixel of gradient that count as fully sharp
 DROPOUT_RMS = 2e-4  # well below the synthetic world's room tone (about 1.5e-3)
@@ -142,7 +143,9 @@ def rate_clip(prompt: str, clip) -> dict:
     probe = probe_clip(clip, include_frames=True)
     fps = float(clip.fps)
     frames_dets = probe["frames"]
-    visual = [e["time_s"] for e in probe["visual_events"]]
+    # Impacts only: the probe's "pulses" (area jumps) are beats in beat scenes, and in
+    # bouncing scenes the artefact of a 24-48 pixel ball's area flickering.
+    visual = [e["time_s"] for e in probe["visual_events"] if e["type"] in IMPACT_TYPES]
     scores = sync_score(visual, probe["audio_onsets_s"], fps)
     scores["adherence"] = adherence_score(prompt, frames_dets, min(clip.frames.shape[1:3]))
     gate = TRACK_GATE_FRACTION * min(clip.frames.shape[1], clip.frames.shape[2])
