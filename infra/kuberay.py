@@ -16,6 +16,7 @@ dicts to ``infra/kuberay/*.yaml`` and a test checks the files match.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import shlex
@@ -24,7 +25,7 @@ from typing import Any
 import yaml
 
 from core.config import config_to_dict
-from infra.config import DeployConfig, FlowJobConfig, WorkerGroupConfig
+from infra.config import REPO_ROOT, DeployConfig, FlowJobConfig, WorkerGroupConfig
 
 API_VERSION = "ray.io/v1"
 HEAD_CONTAINER = "ray-head"
@@ -171,9 +172,21 @@ def raycluster(cfg: DeployConfig) -> dict[str, Any]:
     }
 
 
+@functools.cache
+def flow_parameter_names(entrypoint: str) -> frozenset[str]:
+    """The parameters of the flow at ``entrypoint``, read from its source (no import)."""
+    from prefect.utilities.callables import parameter_schema_from_entrypoint
+
+    path, _, func = entrypoint.partition(":")
+    schema = parameter_schema_from_entrypoint(f"{REPO_ROOT / path}:{func}")
+    return frozenset(schema.properties)
+
+
 def flow_parameters(cfg: DeployConfig, job: FlowJobConfig, ray_address: str) -> dict[str, Any]:
-    """A job's flow parameters with the Ray address of where it runs."""
-    return {**job.parameters, "ray_address": ray_address}
+    """A job's flow parameters with the Ray address of where it runs (if the flow takes one)."""
+    if "ray_address" in flow_parameter_names(job.entrypoint):
+        return {**job.parameters, "ray_address": ray_address}
+    return dict(job.parameters)
 
 
 def rayjob_entrypoint(cfg: DeployConfig, job: FlowJobConfig) -> str:

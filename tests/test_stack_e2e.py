@@ -1,0 +1,179 @@
+"""``make up``, the pipeline through the stack's Prefect deployments, ``make down``.
+
+One slow test, as a new user would run it: ``make up`` (on free ports, state in a
+temp dir), raw footage into the stack's S3 server, the ``curate`` deployment and then
+the ``train`` deployment (tiny, two steps of vae and pretrain) run by the stack's worker
+against the stack's Ray head, joined by address with the stack's own token (passed
+only through the deployments' Secret blocks), results persisted in S3, the flow runs
+checked through the Prefect server's API, then ``make down`` and nothing left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+TRAIN_CONFIG = {
+    "preset": "tiny",
+    "run_uri": "s3://duet-runs/e2e",
+    "data": {"curated_uri": "s3://duet-curated/e2e", "encode_with_ray_data": False},
+    "vae": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "eval_clips": 1},
+    "pretrain": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1},
+}
+# Both kinds of stage (the VAEs, then a DiT stage) on Ray Train; sft is pretrain's code
+# again and would add a third Ray Train start-up (~1-2.5 min on two shared cores).
+STAGES = ["vae", "pretrain"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_make_up_pipeline_through_deployments_make_down(tmp_path, monkeypatch):
+    from infra.config import load_deploy_config
+    from infra.stack import ENV_FILE, STATE_FILE, read_state
+
+    state = tmp_path / "state"
+    ports = {name: _free_port() for name in ("gcs", "dash", "client", "s3", "prefect")}
+    config = tmp_path / "stack.toml"
+    config.write_text(
+        f'state_dir = "{state}"\n'
+        f"[ray]\ngcs_port = {ports['gcs']}\ndashboard_port = {ports['dash']}\n"
+        f"client_port = {ports['client']}\nnum_cpus = 2\n"
+        f"[s3]\nport = {ports['s3']}\n[prefect]\nport = {ports['prefect']}\n"
+    )
+    cfg = load_deploy_config(str(config))
+    make = ["make", "--no-print-directory", f"STACK_CONFIG={config}"]
+    t0 = time.monotonic()
+    up = subprocess.run([*make, "up"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    up_s = time.monotonic() - t0
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        for url in (cfg.dashboard_url(), cfg.prefect_api_url(), cfg.s3_endpoint()):
+            assert url in up.stdout
+        started = read_state(state)["processes"]
+        assert set(started) == {"s3", "ray", "prefect", "worker"}
+        env = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in (state / ENV_FILE).read_text().splitlines()
+        )
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        # The stack's token is its own: ~/.ray/auth_token (if any) would not do.
+        token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text()
+        default = Path.home() / ".ray" / "auth_token"
+        assert not default.exists() or default.read_text().strip() != token
+
+        # Joining by address, as `duet curate --ray-address HOST:PORT` does.
+        probe = subprocess.run(
+            [sys.executable, "-c",
+             "from core.ray_setup import init_ray; import ray; "
+             f"init_ray('{cfg.ray_address()}'); print(int(ray.cluster_resources()['CPU']))"],
+            cwd=ROOT, capture_output=True, text=True, timeout=180,
+            env={**os.environ, "RAY_AUTH_TOKEN_PATH": env["RAY_AUTH_TOKEN_PATH"]},
+        )  # fmt: skip
+        assert probe.returncode == 0 and probe.stdout.strip() == "2", probe.stderr[-2000:]
+
+        from core.synth import SynthConfig, generate_corpus
+
+        synth = SynthConfig(
+            width=128, height=128, fps=16, sample_rate=16000,
+            kinds=("bouncing_balls", "collision"), min_shots=2, max_shots=3,
+            min_shot_s=2.5, max_shot_s=3.5,
+        )  # fmt: skip
+        generate_corpus(f"s3://{cfg.s3.raw_bucket}/e2e", 3, seed=5, config=synth)
+
+        timings = asyncio.run(_run_pipeline(cfg))
+
+        from core import storage
+
+        curated = f"s3://{cfg.s3.curated_bucket}/e2e"
+        assert storage.exists(f"{curated}/manifest/_latest.json")
+        assert storage.exists(f"{curated}/report/index.html")
+        for stage in STAGES:
+            assert storage.exists(f"s3://{cfg.s3.runs_bucket}/e2e/{stage}/final/model.safetensors")
+        results = storage.list_files(f"s3://{cfg.s3.results_bucket}/results")
+        assert len(results) >= 2, results
+        print(f"make up {up_s:.0f} s; " + "; ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    finally:
+        t0 = time.monotonic()
+        down = subprocess.run(
+            [*make, "down"], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+        print(f"make down {time.monotonic() - t0:.0f} s: {down.stdout.strip()}")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not (state / STATE_FILE).exists()
+    assert not any(_alive(p["pid"]) for p in started.values())
+    for port in ports.values():
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
+
+
+async def _run_pipeline(cfg) -> dict[str, float]:
+    """curate then train through their deployments; checked through the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    timings = {}
+    runs = {}
+    with temporary_settings({PREFECT_API_URL: cfg.prefect_api_url()}):
+        for name, parameters in (
+            ("curate/nightly", {
+                "input_glob": f"s3://{cfg.s3.raw_bucket}/e2e/*.mp4",
+                "out_uri": f"s3://{cfg.s3.curated_bucket}/e2e",
+                "speech": False,
+            }),
+            ("train/weekly", {
+                "config": TRAIN_CONFIG, "config_uri": None,
+                "stages": STAGES, "num_workers": 1, "use_gpu": False,
+            }),
+        ):  # fmt: skip
+            t0 = time.monotonic()
+            run = await run_deployment(name, parameters=parameters, timeout=600)
+            timings[name] = time.monotonic() - t0
+            assert run.state.is_completed(), (name, run.state)
+            runs[name] = run
+        async with get_client() as client:
+            for name, run in runs.items():
+                flow_name, deployment = name.split("/")
+                seen = await client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment]))
+                )
+                assert run.id in {r.id for r in seen}, name
+                stored = await client.read_flow_run(run.id)
+                assert stored.state.is_completed()
+                # The result lives in S3 (the results block), as JSON: read it back.
+                result = await stored.state.aresult()
+                if flow_name == "curate":
+                    assert result["inputs"] == 3 and result["counts"]["curated"] == 3
+                else:
+                    assert list(result) == STAGES
+    return timings
