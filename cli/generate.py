@@ -45,7 +45,15 @@ def generate(
     ),
     preset: str = typer.Option("tiny", "--preset", help="Preset for --random-weights."),
     seed: int = typer.Option(0, "--seed"),
-    steps: int = typer.Option(20, "--steps"),
+    steps: int = typer.Option(
+        20, "--steps", help="Sampling steps (with --fast: 4 or 8; above 8 means the default 4)."
+    ),
+    fast: bool = typer.Option(
+        False,
+        "--fast",
+        help="Fast variant: the distilled student (a `duet train distill` checkpoint), "
+        "4 Euler steps, guidance distilled in.",
+    ),
     sampler: str = typer.Option("heun", "--sampler", help="euler | heun"),
     duration: float = typer.Option(
         2.0, "--duration", help="Seconds (ignored with --shots or editing)."
@@ -110,6 +118,7 @@ def generate(
             references=references,
             shots=_shot_plan(shots) if shots else None,
             edit=edit,
+            quality="fast" if fast else "full",
         )
         result = run_generate(request, pipeline=pipeline)
     except (
@@ -132,7 +141,9 @@ def generate(
     typer.echo(
         f"wrote {out}: {clip.num_frames / clip.fps:.2f} s ({clip.num_frames} frames @ "
         f"{clip.fps:g} fps), {clip.audio.shape[0]} ch audio @ {clip.sample_rate} Hz; "
-        f"generated in {result.metadata['elapsed_s']:.1f} s"
+        f"generated in {result.metadata['elapsed_s']:.1f} s "
+        f"({result.metadata['quality']}: {result.metadata['steps']} steps, "
+        f"{result.metadata['network_evals']:g} network evaluations)"
     )
 
 

@@ -4,12 +4,19 @@ A request is a prompt (or a multi-shot plan), optional references (up to 9 image
 3 video clips, 3 audio tracks), optional SDEdit source, and sampling settings.
 Generation is deterministic for a given seed: the initial noise comes from a
 ``torch.Generator`` seeded with it, and so does the vocoder's phase.
+
+``quality="full"`` samples the model with Heun and classifier-free guidance (20 steps
+by default); ``quality="fast"`` needs a Fast student (the ``distill`` stage's final
+checkpoint, see :mod:`pipelines.align.distill`), which samples with Euler in 4 steps
+by default (or 8) with the guidance distilled in: one network evaluation per step.
+Every result reports ``network_evals``: DiT forward rows per generated clip,
+guidance passes included.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,6 +33,8 @@ if TYPE_CHECKING:
     from core.media import AVClip
 
 SAMPLERS = ("euler", "heun")
+QUALITIES = ("full", "fast")
+FULL_STEPS = 20
 
 
 @dataclass
@@ -68,13 +77,15 @@ class GenerationRequest:
     prompt: str = ""
     duration_s: float = 2.0
     seed: int = 0
-    steps: int = 20
+    # "fast": steps above the student's largest trained count (8) mean its default (4).
+    steps: int = FULL_STEPS
     sampler: str = "heun"
     text_scale: float = 4.0
     ref_scale: float = 1.5
     references: ReferenceSet | None = None
     shots: ShotPlan | None = None
     edit: EditSpec | None = None
+    quality: str = "full"
 
     def validate(self) -> GenerationRequest:
         if self.shots is None and (not isinstance(self.prompt, str) or not self.prompt.strip()):
@@ -83,6 +94,8 @@ class GenerationRequest:
             raise ValueError("multi-shot generation and editing cannot be combined")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.quality not in QUALITIES:
+            raise ValueError(f"quality must be one of {QUALITIES}, got {self.quality!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.edit is None and self.shots is None and not self.duration_s > 0:
@@ -96,6 +109,38 @@ class GenerationRequest:
 class GeneratedClip:
     clip: AVClip
     metadata: dict
+    # The sampled latents (video (1, Cv, T, h, w), audio (1, Ca, Na)), e.g. for a reward model.
+    latents: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def fast_settings(pipeline: DuetPipeline) -> dict:
+    """The Fast student's settings; a clear error for a checkpoint that is not one."""
+    fast = getattr(pipeline, "fast", None)
+    if not fast:
+        raise ValueError(
+            "quality='fast' needs a Fast student checkpoint (the final checkpoint of "
+            "`duet train distill`); this pipeline is a full model"
+        )
+    return fast
+
+
+class EvalCounter:
+    """Counts DiT forward rows per generated sample (guidance passes are rows too)."""
+
+    def __init__(self, module: torch.nn.Module, batch: int):
+        self.rows = 0
+        self.batch = batch
+        self._handle = module.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.rows += int(args[0].shape[0])
+
+    @property
+    def per_sample(self) -> float:
+        return self.rows / self.batch
+
+    def close(self) -> None:
+        self._handle.remove()
 
 
 def _reference_latents(
@@ -126,8 +171,13 @@ def generate(
     pipeline: DuetPipeline | None = None,
     checkpoint: str | None = None,
     preset: str = "tiny",
+    quality: str | None = None,
 ) -> GeneratedClip:
-    """Generate one clip (frames + stereo audio) and its metadata."""
+    """Generate one clip (frames + stereo audio) and its metadata.
+
+    ``quality`` ("full" | "fast") overrides ``request.quality`` when given."""
+    if quality is not None:
+        request = replace(request, quality=quality)
     request.validate()
     started = time.perf_counter()
     pipe = resolve_pipeline(pipeline, checkpoint, preset)
@@ -172,11 +222,26 @@ def generate(
         video.shape[2] * (video.shape[3] // patch) * (video.shape[4] // patch) + audio.shape[2]
     )
     shift = resolution_shift(num_tokens, cfg.flow)
-    times = schedule(request.steps, shift, t_start)
+    if request.quality == "fast":
+        fast = fast_settings(pipe)
+        trained = max(int(n) for n in fast["steps"])
+        steps = int(request.steps) if request.steps <= trained else int(fast["default_steps"])
+        sampler = fast.get("sampler", "euler")
+        # Text guidance is distilled into the student; references, if any, condition
+        # it directly (their guidance scale is not distilled).
+        guidance = Guidance(1.0, 1.0)
+    else:
+        steps = int(request.steps)
+        sampler = request.sampler
+        guidance = Guidance(request.text_scale, request.ref_scale)
+    times = schedule(steps, shift, t_start)
     cond = Conditioning(text=text, references=refs, shots=shots)
-    guidance = Guidance(request.text_scale, request.ref_scale)
     keep = edit_state.keep if edit_state is not None else None
-    video, audio = sample(pipe.dit, video, audio, cond, times, request.sampler, guidance, keep)
+    counter = EvalCounter(pipe.dit, video.shape[0])
+    try:
+        video, audio = sample(pipe.dit, video, audio, cond, times, sampler, guidance, keep)
+    finally:
+        counter.close()
 
     clip = pipe.decode_latents(video, audio, num_frames, seed=int(request.seed))
     if request.shots is not None:
@@ -188,10 +253,12 @@ def generate(
         "prompt": request.prompt,
         "preset": cfg.name,
         "seed": int(request.seed),
-        "steps": int(request.steps),
-        "sampler": request.sampler,
-        "text_scale": float(request.text_scale),
-        "ref_scale": float(request.ref_scale),
+        "quality": request.quality,
+        "steps": steps,
+        "sampler": sampler,
+        "text_scale": float(guidance.text_scale),
+        "ref_scale": float(guidance.ref_scale),
+        "network_evals": counter.per_sample,
         "shift": shift,
         "num_frames": int(clip.num_frames),
         "fps": float(clip.fps),
@@ -211,4 +278,4 @@ def generate(
         "vocoder": "neural" if pipe.use_neural_vocoder else "griffin_lim",
         "elapsed_s": round(time.perf_counter() - started, 3),
     }
-    return GeneratedClip(clip=clip, metadata=metadata)
+    return GeneratedClip(clip=clip, metadata=metadata, latents=(video, audio))

@@ -38,6 +38,9 @@ class DuetPipeline(nn.Module):
         # Griffin-Lim until the neural vocoder has been trained (fit sets this).
         self.use_neural_vocoder = False
         self._text_encoder = text_encoder
+        # Set on a Fast student (a ``distill`` stage's final checkpoint, ``extra.fast``):
+        # its step counts and sampler; ``generate(quality="fast")`` needs it.
+        self.fast: dict | None = None
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, text_encoder: FrozenTextEncoder | None = None):
@@ -52,9 +55,11 @@ class DuetPipeline(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
-        from model.checkpoint import load_pipeline
+        from model.checkpoint import load_pipeline, read_meta
 
-        return load_pipeline(uri, text_encoder, dtype=dtype, device=device)
+        pipeline = load_pipeline(uri, text_encoder, dtype=dtype, device=device)
+        pipeline.fast = read_meta(uri).get("extra", {}).get("fast")
+        return pipeline
 
     def save(self, uri: str, extra: dict | None = None, max_shard_bytes: int | None = None) -> None:
         from model.checkpoint import DEFAULT_SHARD_BYTES, save_pipeline
