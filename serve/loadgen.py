@@ -27,7 +27,11 @@ def run_load(
     seconds: float,
     job: dict,
     finish_timeout_s: float = 600.0,
+    stop_file: str | None = None,
 ) -> dict:
+    """``seconds`` of load, or until ``stop_file`` exists (whichever comes first)."""
+    import os
+
     lock = threading.Lock()
     records: list[dict] = []
     rejected = [0]
@@ -36,7 +40,7 @@ def run_load(
     def worker(index: int) -> None:
         with DuetClient(url, api_key) as client:
             n = 0
-            while time.time() < stop_at:
+            while time.time() < stop_at and not (stop_file and os.path.exists(stop_file)):
                 body = {
                     **job,
                     "seed": index * 100_000 + n,
@@ -104,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", default="fast")
     parser.add_argument("--duration", type=float, default=1.0)
     parser.add_argument("--out", default="-", help="JSON summary path ('-': stdout)")
+    parser.add_argument("--stop-file", default=None, help="Stop submitting once this file exists")
     args = parser.parse_args(argv)
     job = {"prompt": "a red ball bounces", "quality": args.quality, "duration_s": args.duration}
-    summary = run_load(args.url, args.key, args.concurrency, args.seconds, job)
+    summary = run_load(
+        args.url, args.key, args.concurrency, args.seconds, job, stop_file=args.stop_file
+    )
     text = json.dumps(summary, indent=2)
     if args.out == "-":
         print(text)
