@@ -192,6 +192,9 @@ class FlowJobConfig:
     # in the config files shipped in the image). ``ray_address`` is filled per
     # target: the RayCluster's head for Prefect runs, ``auto`` inside a RayJob.
     parameters: dict[str, Any] = field(default_factory=dict)
+    # Parameters that differ on the cluster (Prefect's cluster target and RayJobs),
+    # applied over ``parameters``.
+    cluster_parameters: dict[str, Any] = field(default_factory=dict)
     cron: str = ""
     timezone: str = "UTC"
     # Also emit a RayJob (an ephemeral cluster per run) for this flow.
@@ -235,12 +238,20 @@ def _train_job() -> FlowJobConfig:
 
 
 def _adgen_job() -> FlowJobConfig:
-    # The bulk ad-variant flow (flows/adgen.py, written with the serving work):
-    # deployed once that file exists; its parameters follow its signature.
+    # The bulk ad-variant flow (flows/adgen.py, written with the serving work). On a
+    # laptop it starts its own Serve app; on the cluster it sends the variants to the
+    # RayService (KubeRay's serve Service for it). Runs pass the API key (api_key).
     return FlowJobConfig(
         entrypoint="flows/adgen.py:adgen",
-        description="Expand the day's briefs into ad variants (MP4s + a results table).",
-        parameters={},
+        description="Expand a brief into ad variants (MP4s + a versioned results table).",
+        parameters={
+            "brief_uri": "s3://duet-raw/briefs/daily.toml",
+            "out_uri": "s3://duet-runs/adgen/daily",
+        },
+        cluster_parameters={
+            "serve_url": "http://duet-serve-serve-svc.duet.svc.cluster.local:8000/",
+            "concurrency": 16,
+        },
         cron="",
         ray_job=False,
     )

@@ -182,11 +182,15 @@ def flow_parameter_names(entrypoint: str) -> frozenset[str]:
     return frozenset(schema.properties)
 
 
-def flow_parameters(cfg: DeployConfig, job: FlowJobConfig, ray_address: str) -> dict[str, Any]:
-    """A job's flow parameters with the Ray address of where it runs (if the flow takes one)."""
+def flow_parameters(
+    cfg: DeployConfig, job: FlowJobConfig, ray_address: str, cluster: bool = True
+) -> dict[str, Any]:
+    """A job's flow parameters where it runs: the cluster's over the base ones, and the
+    Ray address (if the flow takes one)."""
+    params = {**job.parameters, **(job.cluster_parameters if cluster else {})}
     if "ray_address" in flow_parameter_names(job.entrypoint):
-        return {**job.parameters, "ray_address": ray_address}
-    return dict(job.parameters)
+        params["ray_address"] = ray_address
+    return params
 
 
 def rayjob_entrypoint(cfg: DeployConfig, job: FlowJobConfig) -> str:

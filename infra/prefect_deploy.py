@@ -82,7 +82,9 @@ def deployment_specs(cfg: DeployConfig, target: str) -> list[dict[str, Any]]:
             "description": job.description,
             "entrypoint": job.entrypoint,
             "tags": ["duet", key],
-            "parameters": flow_parameters(cfg, job, ray_address_for(cfg, target)),
+            "parameters": flow_parameters(
+                cfg, job, ray_address_for(cfg, target), cluster=target == "cluster"
+            ),
             "work_pool": {
                 "name": (
                     cfg.prefect.local_work_pool

@@ -278,14 +278,16 @@ def test_images_versions_and_resources_follow_the_config(cfg, checked_in):
 
 
 def test_rayjobs_run_the_deployed_flows_with_the_deployments_parameters(cfg, checked_in):
-    specs = {s["flow"]: s for s in prefect_deploy.deployment_specs(cfg, "local")}
+    specs = {s["flow"]: s for s in prefect_deploy.deployment_specs(cfg, "cluster")}
+    local = {s["flow"]: s for s in prefect_deploy.deployment_specs(cfg, "local")}
     for key in ("curate", "train"):
         job = checked_in[f"rayjob-{key}.yaml"]["spec"]
         argv = shlex.split(job["entrypoint"])
         assert argv[:4] == ["python", "-m", "infra.run_flow", getattr(cfg.jobs, key).entrypoint]
         params = json.loads(argv[argv.index("--parameters") + 1])
         deployed = dict(specs[key]["parameters"])
-        assert deployed.pop("ray_address") == cfg.ray_address()
+        assert deployed.pop("ray_address").startswith("ray://")
+        assert local[key]["parameters"]["ray_address"] == cfg.ray_address()
         assert params.pop("ray_address") == "auto"
         assert params == deployed
         assert job["activeDeadlineSeconds"] == getattr(cfg.jobs, key).active_deadline_s
@@ -317,8 +319,20 @@ def test_flow_runs_on_the_cluster_join_the_rayclusters_head(cfg, checked_in):
     head = (
         f"ray://{checked_in['raycluster.yaml']['metadata']['name']}-head-svc:{cfg.ray.client_port}"
     )
-    assert {s["parameters"]["ray_address"] for s in cluster} == {head}
+    # Every flow that joins Ray (adgen talks to the Serve app instead).
+    assert {s["parameters"].get("ray_address") for s in cluster if s["flow"] != "adgen"} == {head}
     assert all(s["work_pool"]["job_variables"]["image"] == cfg.image.ref("cpu") for s in cluster)
+
+
+def test_adgen_on_the_cluster_sends_variants_to_the_rayservice(cfg, checked_in):
+    service = checked_in["rayservice.yaml"]["metadata"]
+    # KubeRay names the Serve Service of a RayService "<name>-serve-svc".
+    url = (
+        f"http://{service['name']}-serve-svc.{service['namespace']}.svc.cluster.local:"
+        f"{cfg.ray.serve_port}{cfg.service.app.route_prefix}"
+    )
+    assert cfg.jobs.adgen.cluster_parameters["serve_url"] == url
+    assert cfg.jobs.adgen.parameters["out_uri"].startswith(f"s3://{cfg.s3.runs_bucket}/")
 
 
 def test_buckets_and_config_files_named_by_jobs_exist_and_load(cfg):
