@@ -46,7 +46,10 @@ def _wait(client, job_id, timeout=300.0, until=("succeeded", "failed", "cancelle
 @pytest.fixture(scope="module")
 def app_parts(tiny_checkpoint, tmp_path_factory):
     jobs = str(tmp_path_factory.mktemp("serve_api") / "jobs")
-    app, backend = build_local_app(_config(tiny_checkpoint, jobs))
+    # A second named checkpoint (same weights here): routed by the request's "model".
+    app, backend = build_local_app(
+        _config(tiny_checkpoint, jobs, models={"brand-a": tiny_checkpoint})
+    )  # noqa: E501
     with TestClient(app) as client:
         yield client, jobs
     backend.close()
@@ -94,6 +97,35 @@ def test_a_running_job_can_be_cancelled(app_parts):
     job, _ = _wait(client, job_id)
     assert job["status"] == "cancelled"
     assert client.get(f"/v1/jobs/{job_id}/video", headers=AUTH).status_code == 409
+
+
+def test_multishot_v2v_and_a_named_model(app_parts):
+    client, jobs = app_parts
+    shots = [
+        {"prompt": "a red ball", "duration_s": 1.0},
+        {"prompt": "a blue ball", "duration_s": 1.0, "transition": "fade", "fade_s": 0.25},
+    ]
+    multishot = client.post(
+        "/v1/jobs", json={"mode": "multishot", "shots": shots, "model": "brand-a"}, headers=AUTH
+    ).json()["id"]  # fmt: skip
+    job, _ = _wait(client, multishot)
+    assert job["status"] == "succeeded", job
+    meta = client.get(f"/v1/jobs/{multishot}/metadata", headers=AUTH).json()
+    assert meta["model"] == "brand-a" and len(meta["shots"]["shots"]) == 2
+    source = client.get(f"/v1/jobs/{multishot}/video", headers=AUTH).content
+    edit = client.post(
+        "/v1/jobs/upload",
+        data={
+            "request": '{"prompt": "a green ball", "mode": "v2v", "strength": 0.5, "keep_audio": true}'
+        },  # noqa: E501
+        files=[("source", ("source.mp4", source, "video/mp4"))],
+        headers=AUTH,
+    )
+    assert edit.status_code == 202, edit.text
+    job, _ = _wait(client, edit.json()["id"])
+    assert job["status"] == "succeeded", job
+    meta = client.get(f"/v1/jobs/{job['id']}/metadata", headers=AUTH).json()
+    assert meta["edit"] == {"strength": 0.5, "keep": "audio"}
 
 
 def test_unknown_job_is_404(app_parts):
