@@ -135,8 +135,9 @@ class StageTask:
     batch_fn: Callable[[list[int], torch.Generator, int], tuple[torch.Tensor, dict, int]]
     param_groups: list[dict] = field(default_factory=list)
     finish: Callable[[], dict] | None = None
-    # Called once with the (possibly restored) data position before the first step.
-    start: Callable[[SamplerPosition], None] | None = None
+    # Called once before the first step with the (possibly restored) data position
+    # and the number of steps left in the stage.
+    start: Callable[[SamplerPosition, int], None] | None = None
     # Written into the final checkpoint's metadata (e.g. the Fast student's ``fast``).
     final_extra: dict = field(default_factory=dict)
 
@@ -502,7 +503,7 @@ def run_stage(
     log = MetricsLog(here, enabled=rt.is_main, resume_step=state.step)
     position = SamplerPosition(state.epoch, state.batch)
     if task.start is not None:
-        task.start(position)
+        task.start(position, s.steps - state.step)
     window: list[dict] = []
     losses: list[tuple[int, float]] = []
     task.module.train()

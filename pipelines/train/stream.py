@@ -3,7 +3,7 @@
 The VAE stage trains on pixels and audio, so its clips must be decoded on every
 step (the DiT stages read pre-encoded latents instead). Under Ray Train each worker
 streams its own future batches through a Ray Data pipeline: ``from_items`` (this
-rank's clip indices for the rest of the epoch, in :class:`EpochSampler` order) ->
+rank's clip indices for the rest of the stage, in :class:`EpochSampler` order) ->
 ``map_batches`` (read + decode + resize, in Ray tasks that may run on any node's
 CPUs) -> ``iter_torch_batches`` with prefetching, so decoding overlaps the step and
 GPU workers never decode.
@@ -72,8 +72,16 @@ class DecodedClipStream:
         self.prefetch_batches = prefetch_batches
         self._batches: Iterator[tuple[list[int], list]] | None = None
 
-    def start(self, position: SamplerPosition) -> None:
-        self._batches = self._stream(position)
+    def start(self, position: SamplerPosition, num_batches: int) -> None:
+        """Stream this rank's next ``num_batches`` batches from ``position`` on."""
+        mine = []
+        epoch, first = position.epoch, position.batch
+        while len(mine) < num_batches:
+            batches = self.sampler.epoch_batches(epoch)
+            for batch in batches[first:]:
+                mine.append(batch[self.rank :: self.sampler.world_size])
+            epoch, first = epoch + 1, 0
+        self._batches = self._run(mine[:num_batches]) if num_batches > 0 else iter(())
 
     def take(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._batches is None:
@@ -83,18 +91,10 @@ class DecodedClipStream:
             raise TrainDataError(f"decode stream out of step: expected {indices}, got {got}")
         return clips
 
-    def _stream(self, position: SamplerPosition) -> Iterator[tuple[list[int], list]]:
-        epoch, first = position.epoch, position.batch
-        while True:
-            batches = self.sampler.epoch_batches(epoch)
-            if first >= len(batches):
-                epoch, first = epoch + 1, 0
-                continue
-            mine = [b[self.rank :: self.sampler.world_size] for b in batches[first:]]
-            yield from self._epoch(mine)
-            epoch, first = epoch + 1, 0
-
-    def _epoch(self, mine: list[list[int]]) -> Iterator[tuple[list[int], list]]:
+    def _run(self, mine: list[list[int]]) -> Iterator[tuple[list[int], list]]:
+        # One dataset (one decode actor) for the whole rest of the stage: a dataset
+        # per epoch would start an actor per epoch, and finished datasets' actors
+        # can hold their CPUs long enough to starve the next one on a small cluster.
         import ray.data
 
         per_rank = len(mine[0])
