@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     def run_timed(cfg, stage: str, stop: float) -> int:
         """Run a stage, stopping at ``stop``; then finish it from its newest checkpoint."""
         begin = time.monotonic()
+        if loop.stage_done(cfg, stage):  # a rerun on a warm machine goes on from here
+            print(f"[ship] {stage} already final", flush=True)
+            return getattr(cfg, stage).steps
         stop_at[stage] = stop
         try:
             done = loop.run_stage(cfg, stage, rt, progress).steps
@@ -186,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
             stop_at.pop(stage)
             newest = ckpt.latest_checkpoint(loop.stage_uri(cfg, stage))
             if newest is None:
-                raise RuntimeError(f"{err}: no checkpoint to finish from") from err
+                print(f"[ship] stopped {err} before its first checkpoint", flush=True)
+                summary["stages"][stage] = {"steps": 0, "stopped": str(err)}
+                return 0
             done = ckpt.read_train_state(newest).step
             print(f"[ship] stopped {err}; finishing from step {done}", flush=True)
             getattr(cfg, stage).steps = done + 1
@@ -243,15 +248,24 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[ship] {per_step * 1000:.1f} ms/step, start-up {startup:.1f} s -> {steps}", flush=True)
 
     cfg = build_config(args, manifest, steps, every)
+    for stage in ("pretrain", "sft"):  # a few checkpoints per stage to finish from
+        third = steps[stage] // 3 // args.log_every * args.log_every
+        getattr(cfg, stage).checkpoint_every = max(args.log_every, min(every, third))
     share = steps["pretrain"] * per_step
-    run_timed(cfg, "pretrain", time.monotonic() + 1.1 * share + 5)
+    if run_timed(cfg, "pretrain", time.monotonic() + 1.1 * share + 2 * startup + 10) == 0:
+        cfg.init_from = loop.final_uri(cfg, "vae")  # SFT from the untrained DiT: say so
     run_timed(cfg, "sft", deadline - 20)
 
+    finals = [loop.final_uri(cfg, s) for s in ("sft", "pretrain")]
+    final = next((f for f in finals if os.path.exists(os.path.join(f, "config.json"))), None)
+    if final is None:
+        raise RuntimeError("no DiT stage reached a final checkpoint")
+    summary["exported_from"] = final
     summary["exported_bytes"] = export_bf16(
-        loop.final_uri(cfg, "sft"),
+        final,
         ship,
         {
-            "stage": "sft",
+            "stage": final.rstrip("/").split("/")[-2],
             "steps": {s: v["steps"] for s, v in summary["stages"].items()},
             "device": device_name,
             "partial": False,

@@ -170,6 +170,37 @@ def _luma(frames: np.ndarray) -> float:
     return float((frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114])).mean())
 
 
+def edit_prompts(caption: str) -> dict[str, str]:
+    """The day -> night and colour-change prompts of an edit of a captioned shot."""
+    colours = [c for c, _ in parse_caption(caption)]
+    old = colours[0]
+    new = next(c for c in ("red", "blue", "green", "yellow", "magenta") if c not in colours)
+    return {
+        "night": re.sub(r"in daylight|on a gray floor", "on a floor at night", caption),
+        "colour": re.sub(rf"\b{old}\b", new, caption, count=1),
+        "new_colour": new,
+    }
+
+
+def second_shot_prompt(caption: str) -> str:
+    """The second shot of a multi-shot plan: the same subject, at night."""
+    return re.sub(r"on a gray floor|on a floor in daylight", "on a floor at night", caption)
+
+
+REFERENCE_PROMPT = "a circle bounces on a gray floor"
+
+
+def all_prompts(text_shots, edit_shots, multishot_shots) -> list[str]:
+    """Every text the families condition on (for a text-embedding table)."""
+    out = {caption for caption, _, _ in text_shots} | {REFERENCE_PROMPT}
+    for caption, _, _ in edit_shots:
+        p = edit_prompts(caption)
+        out |= {p["night"], p["colour"]}
+    for caption, _, _ in multishot_shots:
+        out |= {caption, second_shot_prompt(caption)}
+    return sorted(out)
+
+
 def edit_quality(pipeline, shots, settings: QualitySettings) -> dict:
     from model.generate import EditSpec
 
@@ -179,13 +210,10 @@ def edit_quality(pipeline, shots, settings: QualitySettings) -> dict:
         if not colours:
             continue
         src = probe_clip(clip, include_frames=True)["frames"]
-        old = colours[0]
-        new = next(c for c in ("red", "blue", "green", "yellow", "magenta") if c not in colours)
-        edits = {
-            "night": re.sub(r"in daylight|on a gray floor", "on a floor at night", caption),
-            "colour": re.sub(rf"\b{old}\b", new, caption, count=1),
-        }
-        for name, prompt in edits.items():
+        new = edit_prompts(caption)["new_colour"]
+        for name, prompt in edit_prompts(caption).items():
+            if name == "new_colour":
+                continue
             spec = EditSpec(source=clip, strength=settings.edit_strength)
             out = _generate(pipeline, settings, 0, prompt=prompt, edit=spec)
             det = probe_clip(out, include_frames=True)["frames"]
@@ -225,7 +253,7 @@ def multishot_quality(pipeline, shots, settings: QualitySettings) -> dict:
     for caption, _, _ in shots:
         wanted = parse_caption(caption)
         subject = next(iter(wanted))
-        second = re.sub(r"on a gray floor|on a floor in daylight", "on a floor at night", caption)
+        second = second_shot_prompt(caption)
         plan = ShotPlan([Shot(caption, 1.5), Shot(second, 1.5, transition="cut")])
         clip = _generate(pipeline, settings, 0, shots=plan)
         probe = probe_clip(clip, include_frames=True)
@@ -275,7 +303,7 @@ def reference_quality(pipeline, settings: QualitySettings, count: int = 8) -> di
         if len(found) != 1 or not found <= set(colours):
             continue
         colour = found.pop()
-        prompt = "a circle bounces on a gray floor"
+        prompt = REFERENCE_PROMPT
         out = _generate(
             pipeline, settings, len(rows), prompt=prompt, duration_s=settings.duration_s,
             references=ReferenceSet(images=[clip.frames[0]]),

@@ -1,0 +1,122 @@
+"""Measure a checkpoint's quality on held-out prompts (:mod:`pipelines.shipped.quality`).
+
+    python -m pipelines.shipped.eval_job --checkpoint checkpoints/default \
+        --exclude-manifest CURATED/clips.parquet --text 100 --edits 10 --multishot 10 \
+        --references 8 --out quality.json
+
+Runs on a CPU or a GPU. Where the text encoder's weights are missing (the lent GPU
+machine), ``--make-text-table FILE`` (run where they are) writes the embeddings of
+every prompt the run will use, and ``--text-table FILE`` serves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--exclude-manifest", action="append", default=[])
+    parser.add_argument("--text", type=int, default=100)
+    parser.add_argument("--edits", type=int, default=10)
+    parser.add_argument("--multishot", type=int, default=10)
+    parser.add_argument("--references", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--text-table", default="")
+    parser.add_argument("--make-text-table", default="")
+    args = parser.parse_args(argv)
+
+    import pyarrow.parquet as pq
+
+    from model.checkpoint import load_state
+    from model.checkpoint import model_config as config_of
+    from pipelines.shipped import quality as q
+
+    started = time.perf_counter()
+    _, meta = load_state(args.checkpoint, prefix="__none__")
+    cfg = config_of(meta, args.checkpoint)
+    exclude = set()
+    for uri in args.exclude_manifest:
+        exclude |= {r["caption"] for r in pq.read_table(uri).to_pylist()}
+    text_shots = q.held_out_shots(cfg, args.text, exclude)
+    edit_shots = q.held_out_shots(
+        cfg,
+        args.edits,
+        exclude,
+        kinds=("bouncing_balls", "day_night"),
+        seed=q.HELD_OUT_SEED + 100_000,
+    )
+    ms_shots = q.held_out_shots(
+        cfg, args.multishot, exclude, kinds=("bouncing_balls",), seed=q.HELD_OUT_SEED + 200_000
+    )
+    if args.make_text_table:
+        from safetensors.torch import save_file
+
+        from model.text_encoder import FrozenTextEncoder
+
+        encoder = FrozenTextEncoder()
+        prompts = q.all_prompts(text_shots, edit_shots, ms_shots)
+        table = {}
+        for i in range(0, len(prompts), 64):
+            chunk = prompts[i : i + 64]
+            tokens, mask = encoder.encode(chunk)
+            for p, t, m in zip(chunk, tokens, mask, strict=True):
+                table[p] = t[m].to(torch.float16).contiguous()
+        save_file(table, args.make_text_table)
+        print(f"{len(table)} prompts -> {args.make_text_table}")
+        return {}
+    if args.text_table:
+        from safetensors.torch import load_file
+
+        from pipelines.shipped.carry import TableTextEncoder
+
+        TableTextEncoder.table = load_file(args.text_table)
+        text_encoder = TableTextEncoder()
+    else:
+        text_encoder = None
+
+    from model.pipeline import DuetPipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = DuetPipeline.from_checkpoint(args.checkpoint, text_encoder=text_encoder, device=device)
+    settings = q.QualitySettings(steps=args.steps)
+    out = {
+        "checkpoint": args.checkpoint,
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "settings": settings.__dict__,
+        "held_out": {"excluded_captions": len(exclude)},
+    }
+    timings = {}
+    for name, fn, n in (
+        ("text", lambda: q.text_quality(pipe, text_shots, settings), args.text),
+        ("edit", lambda: q.edit_quality(pipe, edit_shots, settings), args.edits),
+        ("multishot", lambda: q.multishot_quality(pipe, ms_shots, settings), args.multishot),
+        (
+            "reference",
+            lambda: q.reference_quality(pipe, settings, args.references),
+            args.references,
+        ),
+    ):
+        if n <= 0:
+            continue
+        t0 = time.perf_counter()
+        out[name] = fn()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        summary = {k: v for k, v in out[name].items() if k != "rows"}
+        print(name, json.dumps(summary, default=str), flush=True)
+    out["timings_s"] = timings
+    out["wall_s"] = round(time.perf_counter() - started, 1)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    return out
+
+
+if __name__ == "__main__":
+    main()
