@@ -143,6 +143,7 @@ def _model_options(deployment: ModelDeploymentConfig, name: str) -> dict[str, An
         "upscale_delay_s": deployment.upscale_delay_s,
         "downscale_delay_s": deployment.downscale_delay_s,
         "look_back_period_s": deployment.look_back_period_s,
+        "metrics_interval_s": deployment.metrics_interval_s,
     }
     if deployment.initial_replicas is not None:
         autoscaling["initial_replicas"] = deployment.initial_replicas

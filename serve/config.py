@@ -33,6 +33,8 @@ class ModelDeploymentConfig:
     downscale_delay_s: float = 30.0
     # Metrics are looked at over this window: short windows react faster.
     look_back_period_s: float = 10.0
+    # Deprecated by Ray in favour of environment variables, still honoured by 2.60.
+    metrics_interval_s: float = 1.0
     max_ongoing_requests: int = 4
     # Requests waiting at each caller for a replica; beyond it the caller gets
     # BackPressureError and the job waits in the ingress's bounded queue.
