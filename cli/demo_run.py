@@ -243,6 +243,89 @@ def shipped_step(out_uri: str) -> str | None:
     return video_uri
 
 
+DEMO_BRIEF = """
+name = "demo-ad"
+prompt_templates = ["a {colour} circle bounces on a gray floor"]
+seeds = [0]
+durations = [2.0]
+aspect_ratios = ["1:1", "9:16"]
+quality = "fast"
+[slots]
+colour = ["red", "blue"]
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_step(out_uri: str, checkpoint: str | None) -> dict:
+    """Start the Serve app on a local Ray, run a small ad-variant batch through it
+    (the adgen flow), and print where the videos, results table and page are."""
+    import secrets
+
+    import pyarrow.parquet as pq
+
+    from core.config import config_to_dict
+    from core.ray_setup import init_ray
+    from flows.adgen import adgen
+    from serve.app import run
+    from serve.config import serve_config_from
+
+    serve_uri = storage.join(out_uri, "serve")
+    key = secrets.token_urlsafe(16)
+    config = serve_config_from(
+        {
+            "checkpoint": checkpoint,
+            "random_weights_preset": None if checkpoint else "tiny",
+            "jobs_uri": storage.join(serve_uri, "jobs"),
+            "api_keys": [key],
+            "port": _free_port(),
+            "fast": {"steps": 4, "sampler": "euler", "num_cpus": 0.5, "max_replicas": 2},
+            "full": {"num_cpus": 0.5, "max_replicas": 1},
+        }
+    )
+    # The config the app ran with (keys left out), to serve it again with `duet serve`.
+    plain = config_to_dict(config)
+    plain["api_keys"] = []
+    storage.write_json(storage.join(serve_uri, "serve.json"), plain)
+    brief_uri = storage.join(serve_uri, "brief.toml")
+    storage.write_text(brief_uri, DEMO_BRIEF)
+    import ray
+    from ray import serve
+
+    started_ray = init_ray(None)
+    console.print("[bold]serving[/bold]: Ray Serve app (ingress + fast + full) on local Ray")
+    try:
+        url = run(config)
+        console.print(f"  web page: {url}  (API key for this run: {key})")
+        summary = adgen(brief_uri, storage.join(serve_uri, "batch"), serve_url=url, api_key=key)
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+    table = Table(title=f"ad variants ({summary['brief']}) through the Serve app")
+    for col in ("variant", "prompt", "size", "status", "latency s", "compute s"):
+        table.add_column(col)
+    with storage.local_copy(summary["results"]) as path:
+        for row in pq.read_table(path).to_pylist():
+            size = f"{row['probe_width']}x{row['probe_height']}" if row["probe_width"] else ""
+            table.add_row(row["variant_id"], row["prompt"], size, row["status"],
+                          str(row["latency_s"]), str(row["compute_s"]))  # fmt: skip
+    console.print(table)
+    console.print(f"[bold]ad-variant MP4s:[/bold] {summary['videos']}")
+    console.print(f"[bold]results table:[/bold] {summary['results']}")
+    console.print(
+        f"[bold]web page:[/bold] was at {url} while the demo ran; serve it again with "
+        f"`duet serve --config {storage.join(serve_uri, 'serve.json')}`"
+    )
+    return summary
+
+
 def run_demo(
     out_uri: str,
     num_videos: int = 20,
@@ -259,10 +342,15 @@ def run_demo(
     curated = curate_step(raw_uri, curated_uri, speech)
     if "report" in curated:
         console.print(f"[bold]curation report:[/bold] {curated['report']}")
+    finals = {}
     if train_scale > 0:
         finals = train_step(curated_uri, storage.join(out_uri, "train"), train_scale, train_workers)
         generate_step(finals["sft"], curated_uri, out_uri)
     shipped_step(out_uri)
+    from model.checkpoint import default_checkpoint
+
+    # The shipped checkpoint when there is one, else the one the demo trained.
+    serve_step(out_uri, default_checkpoint() or finals.get("sft"))
     console.print(
         f"[green]demo finished in {time.perf_counter() - started:.0f} s[/green]; outputs under {out_uri}"
     )
