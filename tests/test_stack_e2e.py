@@ -4,13 +4,17 @@ One slow test, as a new user would run it: ``make up`` (on free ports, state in 
 temp dir), raw footage into the stack's S3 server, the ``curate`` deployment and then
 the ``train`` deployment (tiny, two steps of vae and pretrain) run by the stack's worker
 against the stack's Ray head, joined by address with the stack's own token (passed
-only through the deployments' Secret blocks), results persisted in S3, the flow runs
-checked through the Prefect server's API, then ``make down`` and nothing left running.
+only through the deployments' Secret blocks); then ``duet serve`` on the stack's Ray
+with the trained checkpoint and the ``adgen`` deployment sending a brief's variant to
+it. Every artifact lands in the S3 server, flow results too; the flow runs are checked
+through the Prefect server's API; then ``make down`` and nothing is left running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -51,6 +55,17 @@ TRAIN_CONFIG = {
 # Both kinds of stage (the VAEs, then a DiT stage) on Ray Train; sft is pretrain's code
 # again and would add a third Ray Train start-up (~1-2.5 min on two shared cores).
 STAGES = ["vae", "pretrain"]
+BRIEF = """
+name = "e2e"
+prompt_templates = ["a {colour} ball bounces"]
+seeds = [0]
+durations = [1.0]
+aspect_ratios = ["1:1"]
+quality = "fast"
+[slots]
+colour = ["red"]
+"""
+API_KEY = "e2e-stack-key"
 
 
 @pytest.mark.slow
@@ -70,6 +85,7 @@ def test_make_up_pipeline_through_deployments_make_down(tmp_path, monkeypatch):
     )
     cfg = load_deploy_config(str(config))
     make = ["make", "--no-print-directory", f"STACK_CONFIG={config}"]
+    serving = None
     t0 = time.monotonic()
     up = subprocess.run([*make, "up"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     up_s = time.monotonic() - t0
@@ -109,7 +125,39 @@ def test_make_up_pipeline_through_deployments_make_down(tmp_path, monkeypatch):
         )  # fmt: skip
         generate_corpus(f"s3://{cfg.s3.raw_bucket}/e2e", 3, seed=5, config=synth)
 
-        timings = asyncio.run(_run_pipeline(cfg))
+        timings = asyncio.run(_run_pipeline(cfg, _curate_and_train(cfg)))
+
+        # Serving on the stack's Ray, the trained checkpoint from S3, jobs in S3.
+        serve_port = _free_port()
+        serve_config = tmp_path / "serve.json"
+        serve_config.write_text(json.dumps({
+            "checkpoint": f"s3://{cfg.s3.runs_bucket}/e2e/pretrain/final",
+            "jobs_uri": f"s3://{cfg.s3.runs_bucket}/e2e-serve-jobs",
+            "api_keys": [API_KEY], "port": serve_port, "ingress_num_cpus": 0.1,
+            "fast": {"steps": 1, "sampler": "euler", "min_replicas": 1, "max_replicas": 1,
+                     "num_cpus": 0.5},
+            "full": {"min_replicas": 0, "max_replicas": 1, "num_cpus": 0.5},
+        }))  # fmt: skip
+        t0 = time.monotonic()
+        serving = subprocess.Popen(
+            [str(ROOT / ".venv/bin/duet"), "serve", "--config", str(serve_config),
+             "--ray-address", cfg.ray_address()],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{serve_port}/"
+        _wait_ready(url + "readyz", serving, timeout_s=600)
+        timings["duet serve (ready)"] = time.monotonic() - t0
+        from core import storage
+
+        storage.write_text(f"s3://{cfg.s3.raw_bucket}/briefs/e2e.toml", BRIEF)
+        adgen = {
+            "adgen/daily": {
+                "brief_uri": f"s3://{cfg.s3.raw_bucket}/briefs/e2e.toml",
+                "out_uri": f"s3://{cfg.s3.runs_bucket}/e2e-adgen",
+                "serve_url": url, "api_key": API_KEY, "concurrency": 1,
+            }
+        }  # fmt: skip
+        timings.update(asyncio.run(_run_pipeline(cfg, adgen)))
 
         from core import storage
 
@@ -118,10 +166,18 @@ def test_make_up_pipeline_through_deployments_make_down(tmp_path, monkeypatch):
         assert storage.exists(f"{curated}/report/index.html")
         for stage in STAGES:
             assert storage.exists(f"s3://{cfg.s3.runs_bucket}/e2e/{stage}/final/model.safetensors")
+        videos = storage.list_files(f"s3://{cfg.s3.runs_bucket}/e2e-adgen/videos")
+        assert len(videos) == 1 and storage.size(videos[0]) > 1000, videos
+        assert storage.exists(f"s3://{cfg.s3.runs_bucket}/e2e-adgen/results.parquet")
         results = storage.list_files(f"s3://{cfg.s3.results_bucket}/results")
-        assert len(results) >= 2, results
+        assert len(results) >= 3, results
         print(f"make up {up_s:.0f} s; " + "; ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     finally:
+        if serving is not None:
+            serving.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                serving.communicate(timeout=60)
+            serving.kill()
         t0 = time.monotonic()
         down = subprocess.run(
             [*make, "down"], cwd=ROOT, capture_output=True, text=True, timeout=300
@@ -135,8 +191,40 @@ def test_make_up_pipeline_through_deployments_make_down(tmp_path, monkeypatch):
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
 
 
-async def _run_pipeline(cfg) -> dict[str, float]:
-    """curate then train through their deployments; checked through the Prefect API."""
+def _curate_and_train(cfg) -> dict[str, dict]:
+    return {
+        "curate/nightly": {
+            "input_glob": f"s3://{cfg.s3.raw_bucket}/e2e/*.mp4",
+            "out_uri": f"s3://{cfg.s3.curated_bucket}/e2e",
+            "speech": False,
+        },
+        "train/weekly": {
+            "config": TRAIN_CONFIG, "config_uri": None,
+            "stages": STAGES, "num_workers": 1, "use_gpu": False,
+        },
+    }  # fmt: skip
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"duet serve exited: {proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(2)
+    raise AssertionError(f"{url} not ready after {timeout_s} s")
+
+
+async def _run_pipeline(cfg, deployments: dict[str, dict]) -> dict[str, float]:
+    """Run deployments in order, each to completion; check them through the Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.deployments import run_deployment
@@ -145,17 +233,7 @@ async def _run_pipeline(cfg) -> dict[str, float]:
     timings = {}
     runs = {}
     with temporary_settings({PREFECT_API_URL: cfg.prefect_api_url()}):
-        for name, parameters in (
-            ("curate/nightly", {
-                "input_glob": f"s3://{cfg.s3.raw_bucket}/e2e/*.mp4",
-                "out_uri": f"s3://{cfg.s3.curated_bucket}/e2e",
-                "speech": False,
-            }),
-            ("train/weekly", {
-                "config": TRAIN_CONFIG, "config_uri": None,
-                "stages": STAGES, "num_workers": 1, "use_gpu": False,
-            }),
-        ):  # fmt: skip
+        for name, parameters in deployments.items():
             t0 = time.monotonic()
             run = await run_deployment(name, parameters=parameters, timeout=600)
             timings[name] = time.monotonic() - t0
@@ -174,6 +252,8 @@ async def _run_pipeline(cfg) -> dict[str, float]:
                 result = await stored.state.aresult()
                 if flow_name == "curate":
                     assert result["inputs"] == 3 and result["counts"]["curated"] == 3
-                else:
+                elif flow_name == "train":
                     assert list(result) == STAGES
+                else:
+                    assert (result["succeeded"], result["failed"]) == (1, 0), result
     return timings
