@@ -83,8 +83,14 @@ def batch(
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Variants in flight."),
 ) -> None:
     """Generate every variant of an ad brief (Prefect flow ``adgen``); reruns skip finished ones."""
+    from pipelines.adgen import BriefError, load_brief
+
+    try:
+        load_brief(brief)  # a bad brief is refused before any flow or service starts
+    except (BriefError, FileNotFoundError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
     from flows.adgen import adgen
-    from pipelines.adgen import BriefError
 
     try:
         summary = adgen(
