@@ -190,3 +190,24 @@ def test_batched_generation_matches_one_by_one(tiny_checkpoint):
     mixed = generate_many(pipeline, requests[:2], ["", "a red ball"], max_batch=2)
     assert np.array_equal(mixed[0].clip.frames, batched[0].clip.frames)
     assert not np.array_equal(mixed[1].clip.frames, batched[1].clip.frames)
+
+
+def test_fast_uses_a_distilled_student_when_configured(tiny_checkpoint, tmp_path):
+    """With a Fast student checkpoint (``extra.fast``, as ``duet train distill`` writes),
+    the fast deployment samples it with ``generate(quality="fast")``: guidance
+    distilled in, one network evaluation per step."""
+    from model.pipeline import DuetPipeline
+
+    student = str(tmp_path / "student")
+    fast = {"steps": [4, 8], "default_steps": 4, "sampler": "euler"}
+    DuetPipeline.from_checkpoint(tiny_checkpoint).save(student, extra={"fast": fast})
+    config = _config(tiny_checkpoint, str(tmp_path / "jobs"))
+    config.fast.checkpoint, config.fast.steps = student, 4
+    app, backend = build_local_app(config)
+    with TestClient(app) as client:
+        job_id = client.post("/v1/jobs", json={"prompt": "a red ball"}, headers=AUTH).json()["id"]
+        assert _wait(client, job_id)[0]["status"] == "succeeded"
+        meta = client.get(f"/v1/jobs/{job_id}/metadata", headers=AUTH).json()
+    backend.close()
+    assert meta["quality"] == "fast" and meta["steps"] == 4
+    assert meta["network_evals"] == 4 and meta["text_scale"] == 1.0
