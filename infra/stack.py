@@ -353,6 +353,7 @@ def describe(cfg: DeployConfig, state: dict[str, Any]) -> str:
         f"  duet train all --data s3://{cfg.s3.curated_bucket}/run1 "
         f"--run s3://{cfg.s3.runs_bucket}/run1 --ray-address {cfg.ray_address()}",
         "  prefect deployment run curate/nightly   # through the stack's worker",
+        f"  duet serve --config serve.toml --ray-address {cfg.ray_address()}",
         f"Stop it with `make down` (state: {directory / STATE_FILE}).",
     ]
     return "\n".join(lines)

@@ -529,3 +529,43 @@ def test_token_mode_without_a_token_fails_clearly(clean_ray_auth, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
     assert ray_setup.join_auth_mode() == "disabled"
+
+
+# --- make down stops exactly what make up started -------------------------------------
+
+
+def test_stopping_the_stack_takes_its_process_trees_and_nothing_else(tmp_path):
+    """A recorded service with a child that ignores SIGTERM and an orphaned grandchild
+    goes entirely; an unrelated process started the same way stays."""
+    import os
+    import subprocess
+    import time
+
+    from infra.stack import _alive, _stop_processes
+
+    script = "trap '' TERM; (trap '' TERM; sleep 300) & sleep 300 & wait"
+    ours = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        time.sleep(0.5)
+        children = [
+            int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == ours.pid
+        ]
+        assert len(children) == 2
+        state = {"processes": {"svc": {"pid": ours.pid, "pgid": ours.pid}}}
+        stopped = _stop_processes(state, log=lambda *_: None, grace_s=1.0)
+        ours.wait(timeout=5)
+        assert set(children) | {ours.pid} <= set(stopped)
+        assert not any(_alive(p) for p in children)
+        assert _alive(other.pid) and other.pid not in stopped
+    finally:
+        other.kill()
+        other.wait()
+        ours.kill()
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
