@@ -128,7 +128,18 @@ def init_ray(
         "runtime_env": {"env_vars": forwarded_env()},
     }
     if ray_address:
-        ray.init(address=ray_address, **options)
+        try:
+            ray.init(address=ray_address, **options)
+        except ConnectionError as err:
+            if os.environ.get(AUTH_MODE_ENV, "").lower() == "token":
+                raise
+            # Ray reports a cluster that refused a token-less driver (InvalidAuthToken in
+            # its log) only as a failed connection; say what to set.
+            raise ConnectionError(
+                f"{err}. If the cluster uses token authentication (on by default since "
+                f"Ray 2.52), give this driver its token: {AUTH_TOKEN_ENV} or "
+                f"{AUTH_TOKEN_PATH_ENV} (for `make up`: source .duet-stack/env.sh)"
+            ) from err
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
     return True

@@ -14,6 +14,9 @@ import json
 import os
 import sys
 
+# Duet's Prefect settings (analytics off, a start-up timeout for the ephemeral server
+# that a busy machine meets) are set when ``flows`` is imported, before Prefect is.
+import flows  # noqa: F401
 from infra.config import REPO_ROOT
 
 

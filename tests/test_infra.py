@@ -569,3 +569,18 @@ def _ppid(pid: int) -> int:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def test_a_refused_join_says_which_token_to_set(clean_ray_auth, monkeypatch):
+    """Ray reports a cluster refusing a token-less driver only as a failed connection."""
+    import ray
+
+    from core import ray_setup
+
+    def refuse(**_):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: refuse())
+    with pytest.raises(ConnectionError, match="RAY_AUTH_TOKEN_PATH"):
+        ray_setup.init_ray("127.0.0.1:6379")
