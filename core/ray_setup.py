@@ -131,14 +131,16 @@ def init_ray(
         try:
             ray.init(address=ray_address, **options)
         except ConnectionError as err:
+            # Ray reports a cluster that refused the driver's token, or its lack of one
+            # (InvalidAuthToken in its log), only as a failed connection; say what to set.
             if os.environ.get(AUTH_MODE_ENV, "").lower() == "token":
-                raise
-            # Ray reports a cluster that refused a token-less driver (InvalidAuthToken in
-            # its log) only as a failed connection; say what to set.
+                used = f"this driver sent the token from {auth_token_source()}"
+            else:
+                used = "this driver sent no token"
             raise ConnectionError(
                 f"{err}. If the cluster uses token authentication (on by default since "
-                f"Ray 2.52), give this driver its token: {AUTH_TOKEN_ENV} or "
-                f"{AUTH_TOKEN_PATH_ENV} (for `make up`: source .duet-stack/env.sh)"
+                f"Ray 2.52), {used}: set {AUTH_TOKEN_ENV} or {AUTH_TOKEN_PATH_ENV} to the "
+                "cluster's token (for `make up`: source .duet-stack/env.sh)"
             ) from err
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **options)

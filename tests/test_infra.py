@@ -484,7 +484,9 @@ def test_the_install_step_comparison_sees_a_drift():
 def clean_ray_auth(monkeypatch, tmp_path):
     """No auth env, and a HOME without ~/.ray/auth_token."""
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first, so that whatever the code under test sets is undone afterwards.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     return tmp_path
 
@@ -583,4 +585,22 @@ def test_a_refused_join_says_which_token_to_set(clean_ray_auth, monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda address=None, **kw: refuse())
     with pytest.raises(ConnectionError, match="RAY_AUTH_TOKEN_PATH"):
+        ray_setup.init_ray("127.0.0.1:6379")
+
+
+def test_a_refused_token_says_where_it_came_from(clean_ray_auth, monkeypatch):
+    import ray
+
+    from core import ray_setup
+
+    token = clean_ray_auth / "stale_token"
+    token.write_text("not-the-clusters")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+
+    def refuse(**_):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: refuse())
+    with pytest.raises(ConnectionError, match="sent the token from RAY_AUTH_TOKEN_PATH"):
         ray_setup.init_ray("127.0.0.1:6379")
