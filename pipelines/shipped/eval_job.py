@@ -106,15 +106,18 @@ def main(argv: list[str] | None = None) -> dict:
         if n <= 0:
             continue
         t0 = time.perf_counter()
-        out[name] = fn()
+        try:
+            out[name] = fn()
+        except Exception as err:  # one family's failure must not lose the others' numbers
+            out[name] = {"error": repr(err)}
         timings[name] = round(time.perf_counter() - t0, 1)
         summary = {k: v for k, v in out[name].items() if k != "rows"}
         print(name, json.dumps(summary, default=str), flush=True)
-    out["timings_s"] = timings
-    out["wall_s"] = round(time.perf_counter() - started, 1)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1, default=str)
+        out["timings_s"] = timings
+        out["wall_s"] = round(time.perf_counter() - started, 1)
+        if args.out:  # after every family: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1, default=str)
     return out
 
 
