@@ -410,10 +410,10 @@ def load_pipeline(
         getattr(pipeline, name).load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers (the mel analysis) are not stored: compute them again.
     a = cfg.audio_vae
-    with torch.device(device):
-        pipeline.audio_vae.mel = MelSpectrogram(
-            cfg.sample_rate, a.n_fft, cfg.mel_hop_length, a.n_mels, a.mel_fmin
-        )
+    # .to(device): the filterbank is built from numpy, outside any device context.
+    pipeline.audio_vae.mel = MelSpectrogram(
+        cfg.sample_rate, a.n_fft, cfg.mel_hop_length, a.n_mels, a.mel_fmin
+    ).to(device)
     left = [n for n, t in _named_tensors(pipeline) if t.is_meta]
     if left:
         raise CheckpointError(f"{uri}: the checkpoint does not provide {left[:5]}")
