@@ -99,22 +99,35 @@ def model_batching_gain(args) -> dict:
         pipeline = DuetPipeline.from_checkpoint(args.checkpoint).eval()
     else:
         pipeline = DuetPipeline.from_preset(args.preset).eval()
+    pipeline = pipeline.to(args.device)
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
     requests = [
         GenerationRequest(prompt=f"a ball {i}", duration_s=args.duration, seed=i,
                           steps=args.fast_steps, sampler="euler")
-        for i in range(4)
+        for i in range(max(sizes))
     ]  # fmt: skip
-    generate_many(pipeline, requests[:1])  # warm-up
+    generate_many(pipeline, requests[:2], max_batch=2)  # warm-up
     times = {}
-    for batch in (1, 4):
+    for batch in sizes:
         best = float("inf")
         for _ in range(args.repeats):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
             started = time.perf_counter()
             generate_many(pipeline, requests, max_batch=batch)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
             best = min(best, time.perf_counter() - started)
         times[batch] = best
-    return {"one_at_a_time_s": round(times[1], 3), "batch_of_4_s": round(times[4], 3),
-            "gain": round(times[1] / times[4], 3)}  # fmt: skip
+    one = times[sizes[0]]
+    return {
+        "device": args.device,
+        "preset": pipeline.config.name,
+        "clips": len(requests),
+        "seconds_by_batch": {str(b): round(t, 3) for b, t in times.items()},
+        "gain_by_batch": {str(b): round(one / t, 3) for b, t in times.items()},
+        "gain": round(one / times[sizes[-1]], 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,13 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--ray-cpus", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="model-level batching only")
+    parser.add_argument("--batch-sizes", default="1,4", help="model-level batching")
+    parser.add_argument(
+        "--model-only", action="store_true", help="only the model-level batching (no Ray)"
+    )
     parser.add_argument("--out", default=f"{tempfile.gettempdir()}/bench_serving.json")
     args = parser.parse_args(argv)
-
-    import ray
-    from ray import serve
-
-    from core.ray_setup import init_ray
 
     counts = [int(x) for x in args.replicas.split(",")]
     jobs_uri = tempfile.mkdtemp(prefix="bench_serving_")
@@ -148,7 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
     }
     results["model_batching"] = model_batching_gain(args)
-    print("model-level batching:", results["model_batching"], flush=True)
+    print("model-level batching:", json.dumps(results["model_batching"]), flush=True)
+    if args.model_only:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=2)
+        return 0
+
+    import ray
+    from ray import serve
+
+    from core.ray_setup import init_ray
 
     init_ray(None, num_cpus=args.ray_cpus or max(2, int(max(counts) * args.num_cpus + 2)))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -193,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['latency_p50_s'] or 0:>7.2f} {r['latency_p99_s'] or 0:>7.2f} "
               f"{'' if np.isnan(eff) else f'{eff:.2f}':>10}")  # fmt: skip
     print(f"dynamic batching gain at 1 replica (Serve): {results['serve_batching_gain']:.2f}x")
-    print(f"model-level batching gain (4 vs 1): {results['model_batching']['gain']:.2f}x")
+    print(f"model-level batching gain: {results['model_batching']['gain_by_batch']}")
     for quality, s in per_clip.items():
         print(f"{quality}: p50 {s['latency_p50_s']} s per clip (one at a time)")
     with open(args.out, "w") as fh:
