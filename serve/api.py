@@ -216,6 +216,14 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
             metadata_url=f"v1/jobs/{record.id}/metadata" if done else None,
         )  # fmt: skip
 
+    def storage_down(err: Exception) -> GuardError:
+        log.warning("job storage unavailable: %s", err)
+        return GuardError(
+            503,
+            f"job storage is unavailable ({type(err).__name__}); retry in {limits.retry_after_s} s",
+            {"Retry-After": str(limits.retry_after_s)},
+        )
+
     def check_request(job) -> None:
         """Whole-request rules the schema cannot state."""
         if job.model not in model_facts["models"]:
@@ -275,12 +283,20 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
         if job.source is not None:
             check_reference_uri(job.source, config.uri_policy)
         job_id = new_job_id()
-        inputs = await asyncio.to_thread(_store_inputs, job_id, job, refs, uploads)
+        try:
+            inputs = await asyncio.to_thread(_store_inputs, job_id, job, refs, uploads)
+        except GuardError:
+            raise
+        except OSError as err:
+            raise storage_down(err) from err
         record = JobRecord(
             id=job_id, spec=job.model_dump(mode="json"), quality=job.quality, model=job.model,
             inputs=inputs,
         )  # fmt: skip
-        await asyncio.to_thread(store.save, record)
+        try:
+            await asyncio.to_thread(store.save, record)
+        except OSError as err:
+            raise storage_down(err) from err
         dispatcher.start(record)
         return status_of(record)
 
@@ -389,7 +405,10 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
         return JobList(jobs=[status_of(r) for r in records])
 
     async def load_job(job_id: str) -> JobRecord:
-        record = await asyncio.to_thread(store.load, job_id)
+        try:
+            record = await asyncio.to_thread(store.load, job_id)
+        except OSError as err:
+            raise storage_down(err) from err
         if record is None:
             raise GuardError(404, f"no job {job_id}")
         return record

@@ -397,3 +397,19 @@ def test_safe_output_names_stay_under_the_root(tmp_path):
 def test_job_ids_in_paths_are_checked(client, job_id):
     response = client.get(f"/v1/jobs/{job_id}/video", headers=AUTH)
     assert response.status_code in (404, 422)
+
+
+def test_unavailable_job_storage_answers_503_with_retry_after(tiny_checkpoint, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the job store should be")
+    config = serve_config_from(
+        {"checkpoint": tiny_checkpoint, "jobs_uri": str(blocker / "jobs"), "api_keys": [KEY]}
+    )
+    app, backend = build_local_app(config)
+    with TestClient(app) as test_client:
+        response = test_client.post("/v1/jobs", json={"prompt": "a ball"}, headers=AUTH)
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "5"
+        assert "job storage is unavailable" in _detail(response)
+        assert test_client.get("/readyz").status_code == 503
+    backend.close()
