@@ -48,8 +48,8 @@ class PreferenceConfig:
 class RewardConfig:
     """The learned multi-head reward model (per-head Bradley-Terry on latents + text)."""
 
-    width: int = 64
-    steps: int = 600
+    width: int = 32
+    steps: int = 300
     batch_pairs: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4

@@ -84,6 +84,11 @@ class GRPO:
     shapes: tuple
     times: list[float]
     device: torch.device
+    weights: tuple[float, ...] = ()  # per-head advantage weights (settings' by default)
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            self.weights = tuple(self.settings.head_weights)
 
     def _text(self, prompt_index: int, rows: int) -> TextConditioning:
         tokens = self.tokens[prompt_index][self.mask[prompt_index]].cpu()
@@ -130,7 +135,7 @@ class GRPO:
             final_v, final_a = traj.final
             rewards = self.rewards(pi, final_v, final_a)  # (G, H)
             reward_means.append(rewards.mean(0))
-            adv = group_advantages(rewards, s.head_weights, s.adv_clip_max)
+            adv = group_advantages(rewards, self.weights, s.adv_clip_max)
             chosen = select_candidates(adv, s.best_worst_k)
             steps = torch.randperm(n_steps, generator=gen)[:n_train].tolist()
             for j in steps:
@@ -176,7 +181,7 @@ class GRPO:
         rewards = torch.stack(reward_means).mean(0)
         for k, h in enumerate(HEADS):
             metrics[f"reward_{h}"] = float(rewards[k])
-        weights = torch.tensor(s.head_weights, device=rewards.device, dtype=rewards.dtype)
+        weights = torch.tensor(self.weights, device=rewards.device, dtype=rewards.dtype)
         metrics["reward"] = float((rewards * weights).sum())
         metrics["ratio"] = float(ratio.detach().mean())
         metrics["clip_fraction"] = float(

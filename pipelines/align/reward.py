@@ -18,8 +18,9 @@ produces (video ``(Cv, T, h, w)`` and audio ``(Ca, Na)``, normalised) with the
 prompt's frozen text tokens, so DanceGRPO never decodes a clip to score it; clips
 rated by people are encoded with the VAE first. The trunk:
 
-- video: two 3D convolutions, FiLM-modulated by the pooled prompt (so colour and
-  count are read *relative to the prompt*), then pooled over space per latent step;
+- video: two 3D convolutions (the second strided in space), FiLM-modulated by the
+  pooled prompt (so colour and count are read *relative to the prompt*), then pooled
+  over space per latent step;
 - audio: two 1D convolutions, grouped per video latent step (the branches' shared
   time grid);
 - sync: a temporal convolution over the per-step concatenation of both, so an
@@ -72,7 +73,8 @@ class RewardModel(nn.Module):
         self.m = audio_per_video
         self.text = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, w), nn.GELU())
         self.video1 = nn.Conv3d(video_channels, w, 3, padding=1)
-        self.video2 = nn.Conv3d(w, w, 3, padding=1)
+        # Strided in space: half the grid is enough to place objects and count them.
+        self.video2 = nn.Conv3d(w, w, 3, stride=(1, 2, 2), padding=1)
         self.film = nn.Linear(w, 2 * w)
         self.audio1 = nn.Conv1d(audio_channels, w, 3, padding=1)
         self.audio2 = nn.Conv1d(w, w, 3, padding=1)
@@ -203,15 +205,18 @@ def train_reward_model(
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = 0.0
+        # One forward for every head's pairs: winners then losers, head by head.
+        win, lose, head_of = [], [], []
         for h in usable:
-            k = HEADS.index(h)
             pick = torch.randint(0, len(pairs[h]), (per_head,), generator=gen).tolist()
-            win = [pairs[h][i][0] for i in pick]
-            lose = [pairs[h][i][1] for i in pick]
-            s = score_rows(model, inputs, win + lose)[:, k]
-            loss = loss - F.logsigmoid(s[:per_head] - s[per_head:]).mean()
-        loss = loss / len(usable)
+            win += [pairs[h][i][0] for i in pick]
+            lose += [pairs[h][i][1] for i in pick]
+            head_of += [HEADS.index(h)] * per_head
+        scores = score_rows(model, inputs, win + lose)
+        cols = torch.tensor(head_of)
+        n = len(win)
+        margin = scores[torch.arange(n), cols] - scores[torch.arange(n, 2 * n), cols]
+        loss = -F.logsigmoid(margin).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

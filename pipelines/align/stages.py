@@ -258,13 +258,34 @@ def _wrap(cfg, pipeline, rt):
     return module
 
 
+MIN_HEAD_PAIRS = 10
+
+
+def active_head_weights(weights, train_pairs: dict, reward_source: str) -> tuple[float, ...]:
+    """Head weights with the heads the reward model never learned set to 0.
+
+    A head with (almost) no preference pairs in the training groups (sync, when the
+    parent model makes no candidate with a matched impact sound) has an untrained
+    output; group-normalised, it would add pure noise to every advantage.
+    """
+    if reward_source != "model":
+        return tuple(weights)
+    return tuple(
+        w if train_pairs.get(h, 0) >= MIN_HEAD_PAIRS else 0.0
+        for h, w in zip(HEADS, weights, strict=True)
+    )
+
+
 def rlhf_task(cfg, pipeline, rt):
     from pipelines.train.loop import StageTask
 
     s = cfg.rlhf
     pipeline.to(rt.device)
-    reward_model, _ = ensure_reward_model(cfg, pipeline, rt)
+    reward_model, reward_meta = ensure_reward_model(cfg, pipeline, rt)
     reward_model.to(rt.device)
+    weights = active_head_weights(
+        s.head_weights, reward_meta["report"]["train_pairs"], s.reward_source
+    )
     train_prompts, _ = prompt_sets(cfg)
     rows = [PromptRow(i, p) for i, p in enumerate(train_prompts)]
     tokens, mask = encode_prompts(pipeline, train_prompts)
@@ -290,6 +311,7 @@ def rlhf_task(cfg, pipeline, rt):
         shapes=(v_shape, a_shape, frames),
         times=times,
         device=rt.device,
+        weights=weights,
     )
 
     def batch(indices, gen, step):
