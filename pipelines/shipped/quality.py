@@ -71,7 +71,7 @@ def held_out_shots(cfg, count: int, exclude: set[str], kinds=KINDS, seed: int = 
     return out
 
 
-def _generate(pipeline, settings: QualitySettings, seed: int = 0, **kw):
+def generate_clip(pipeline, settings: QualitySettings, seed: int = 0, **kw):
     from model.generate import GenerationRequest, generate
 
     request = GenerationRequest(
@@ -109,7 +109,9 @@ def text_quality(pipeline, shots, settings: QualitySettings, seed: int = 0) -> d
     rows = []
     fps = pipeline.config.fps
     for caption, _, _ in shots:
-        clip = _generate(pipeline, settings, seed, prompt=caption, duration_s=settings.duration_s)
+        clip = generate_clip(
+            pipeline, settings, seed, prompt=caption, duration_s=settings.duration_s
+        )
         probe = probe_clip(clip, include_frames=True)
         visual = [e["time_s"] for e in probe["visual_events"]]
         onsets = probe["audio_onsets_s"]
@@ -215,7 +217,7 @@ def edit_quality(pipeline, shots, settings: QualitySettings) -> dict:
             if name == "new_colour":
                 continue
             spec = EditSpec(source=clip, strength=settings.edit_strength)
-            out = _generate(pipeline, settings, 0, prompt=prompt, edit=spec)
+            out = generate_clip(pipeline, settings, 0, prompt=prompt, edit=spec)
             det = probe_clip(out, include_frames=True)["frames"]
             took = (
                 _luma(out.frames) < _luma(clip.frames) - 5
@@ -255,7 +257,7 @@ def multishot_quality(pipeline, shots, settings: QualitySettings) -> dict:
         subject = next(iter(wanted))
         second = second_shot_prompt(caption)
         plan = ShotPlan([Shot(caption, 1.5), Shot(second, 1.5, transition="cut")])
-        clip = _generate(pipeline, settings, 0, shots=plan)
+        clip = generate_clip(pipeline, settings, 0, shots=plan)
         probe = probe_clip(clip, include_frames=True)
         boundary = plan.boundaries_s[0]
         cut = int(round(boundary * fps))
@@ -304,7 +306,7 @@ def reference_quality(pipeline, settings: QualitySettings, count: int = 8) -> di
             continue
         colour = found.pop()
         prompt = REFERENCE_PROMPT
-        out = _generate(
+        out = generate_clip(
             pipeline, settings, len(rows), prompt=prompt, duration_s=settings.duration_s,
             references=ReferenceSet(images=[clip.frames[0]]),
         )  # fmt: skip
