@@ -1,10 +1,10 @@
-"""The shipped default checkpoint: what a one-GPU training run carries, and the run itself.
+"""The shipped default checkpoint: what a one-GPU training run carries, the run, its quality.
 
 The lent GPU machine starts bare (no PyAV to decode clips, no text-encoder weights, no
-Ray) and takes at most 64 MiB of files. So the CPU side does what needs those
-(curation, the ``vae`` stage, encoding every clip into the trainer's latent cache) and
-:mod:`.carry` packs the result compactly (fp16 latents, one text-embedding table);
-:mod:`.gpu_job` unpacks it there into the trainer's own layout and runs the
-``pretrain -> sft`` stages of :mod:`pipelines.train` inside a wall-clock budget,
-exporting bf16 weights in shards small enough to come back.
+Ray) and takes at most 64 MiB of files. :mod:`.carry` packs the curated clips (cut to
+the one frame bucket trained on), the text encoder's embeddings of their captions and
+PyAV's wheel; :mod:`.gpu_job` installs them there and runs the ``vae -> pretrain ->
+sft`` stages of :mod:`pipelines.train` unchanged inside a wall-clock budget, exporting
+bf16 weights in shards small enough to come back. :mod:`.quality` and
+:mod:`.eval_job` measure a checkpoint on held-out prompts with the world's probes.
 """
