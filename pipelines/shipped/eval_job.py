@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--text-table", default="")
     parser.add_argument("--make-text-table", default="")
     parser.add_argument("--text-from-table", action="store_true")
+    parser.add_argument(
+        "--families",
+        default="text,edit,multishot,reference",
+        help="which to run (the "
+        "counts still pick the held-out prompts, so a subset run measures the same ones)",
+    )
     args = parser.parse_args(argv)
 
     import pyarrow.parquet as pq
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.references,
         ),
     ):
-        if n <= 0:
+        if n <= 0 or name not in args.families.split(","):
             continue
         t0 = time.perf_counter()
         try:
