@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,16 +39,6 @@ class GenerationCancelled(Exception):
     """Raised from a progress callback to stop sampling (a cancelled job)."""
 
 
-@dataclass(frozen=True)
-class QualityPreset:
-    """How one quality level samples: ``fast`` is few Euler steps of the Full model
-    until a distilled model exists (``model.generate`` taking ``quality=`` or a
-    distilled checkpoint configured for the Fast deployment)."""
-
-    steps: int
-    sampler: str
-
-
 def model_supports_quality() -> bool:
     """True once ``model.generate.generate`` accepts ``quality=`` (the distilled Fast path)."""
     return "quality" in inspect.signature(generate).parameters
@@ -57,6 +47,18 @@ def model_supports_quality() -> bool:
 def is_fast_student(pipeline: DuetPipeline) -> bool:
     """A distilled Fast checkpoint (``duet train distill``), sampled by ``generate(quality="fast")``."""
     return bool(getattr(pipeline, "fast", None)) and model_supports_quality()
+
+
+def student_request(pipeline: DuetPipeline, request: GenerationRequest) -> GenerationRequest:
+    """A request as a distilled Fast student samples it (``generate(quality="fast")``):
+    its trained step count, its sampler, guidance distilled in (scales 1: one network
+    evaluation per step, so a negative prompt has no effect)."""
+    fast = pipeline.fast
+    trained = max(int(n) for n in fast["steps"])
+    steps = int(request.steps) if request.steps <= trained else int(fast["default_steps"])
+    return replace(
+        request, steps=steps, sampler=fast.get("sampler", "euler"), text_scale=1.0, ref_scale=1.0
+    )
 
 
 def evaluations_per_request(steps: int, sampler: str) -> int:
@@ -170,6 +172,7 @@ def _generate_batch(
                 metadata=_metadata(
                     pipeline, req, clip, shift, elapsed, len(requests), negatives[i]
                 ),
+                latents=(video[i : i + 1], audio[i : i + 1]),
             )
         )
     return results
@@ -246,9 +249,10 @@ def generate_many(
     Returns one entry per request, in order: its clip, or the exception that stopped
     it (a bad request fails alone; :class:`GenerationCancelled` from ``progress``
     stops the batch it was raised in and is returned for each of its requests).
-    With ``quality="fast"`` and a distilled Fast student as ``pipeline``, every request
-    goes through ``generate(..., quality="fast")`` (one at a time); with a full model,
-    ``fast`` is the requests' own (few) steps.
+    With ``quality="fast"`` and a distilled Fast student as ``pipeline``, requests are
+    sampled the student's way (:func:`student_request`; batched when compatible, else
+    through ``generate(..., quality="fast")``); with a full model, ``fast`` is the
+    requests' own (few) steps.
     """
     negatives = list(negative_prompts or [""] * len(requests))
     if len(negatives) != len(requests):
@@ -257,14 +261,20 @@ def generate_many(
     results: list[GeneratedClip | Exception | None] = [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
     alone: list[int] = []
-    use_model_quality = quality == "fast" and is_fast_student(pipeline)
+    student = quality == "fast" and is_fast_student(pipeline)
+    batched_requests = list(requests)
     for i, req in enumerate(requests):
         try:
             req.validate()
         except ValueError as err:
             results[i] = err
             continue
-        key = None if use_model_quality else batch_key(req, negatives[i])
+        key = batch_key(req, negatives[i])
+        if student and key is not None:
+            # The student's own sampling, as generate(quality="fast") does it, so its
+            # plain requests can share a batch too.
+            batched_requests[i] = student_request(pipeline, req)
+            key = ("fast", *batch_key(batched_requests[i]))
         if key is None:
             alone.append(i)
         else:
@@ -290,10 +300,14 @@ def generate_many(
 
             try:
                 clips = _generate_batch(
-                    pipeline, [requests[i] for i in chunk], [negatives[i] for i in chunk],
-                    batch_progress,
+                    pipeline, [batched_requests[i] for i in chunk],
+                    [negatives[i] for i in chunk], batch_progress,
                 )  # fmt: skip
                 for i, clip in zip(chunk, clips, strict=True):
+                    if student:
+                        clip.metadata.update(
+                            quality="fast", network_evals=float(batched_requests[i].steps)
+                        )
                     results[i] = GenerationCancelled(str(i)) if i in stopped else clip
             except Exception as err:  # one batch's failure is reported for its requests
                 for i in chunk:

@@ -161,6 +161,16 @@ def test_jobs_survive_an_ingress_restart(tiny_checkpoint, s3_bucket):
     backend.close()
 
 
+def _make_text_matter(pipeline) -> None:
+    """Random init leaves the DiT's zero-initialised output layers at zero, so neither
+    prompt nor step count would change a clip; small weights there make them count."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in pipeline.dit.parameters():
+            if not param.any():
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+
+
 def test_batched_generation_matches_one_by_one(tiny_checkpoint):
     """A clip does not depend on what it was batched with (same seeded noise)."""
     from model.generate import GenerationRequest, generate
@@ -168,13 +178,7 @@ def test_batched_generation_matches_one_by_one(tiny_checkpoint):
     from pipelines.generation import generate_many
 
     pipeline = DuetPipeline.from_checkpoint(tiny_checkpoint).eval()
-    # Random init leaves the DiT's zero-initialised output layers at zero, so no
-    # prompt would matter; small weights there make the text count.
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in pipeline.dit.parameters():
-            if not param.any():
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    _make_text_matter(pipeline)
     requests = [
         GenerationRequest(prompt=p, duration_s=1.0, seed=s, steps=2, sampler="heun")
         for p, s in (("a red ball", 1), ("a blue square bounces", 2), ("a green ball", 3))
@@ -183,6 +187,8 @@ def test_batched_generation_matches_one_by_one(tiny_checkpoint):
     assert all(r.metadata["batch_size"] == 3 for r in batched)
     for request, result in zip(requests, batched, strict=True):
         alone = generate(request, pipeline=pipeline)
+        for a, b in zip(alone.latents, result.latents, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         diff = np.abs(alone.clip.frames.astype(int) - result.clip.frames.astype(int))
         assert diff.max() <= 2, diff.max()
         np.testing.assert_allclose(alone.clip.audio, result.clip.audio, atol=2e-3)
@@ -200,7 +206,9 @@ def test_fast_uses_a_distilled_student_when_configured(tiny_checkpoint, tmp_path
 
     student = str(tmp_path / "student")
     fast = {"steps": [4, 8], "default_steps": 4, "sampler": "euler"}
-    DuetPipeline.from_checkpoint(tiny_checkpoint).save(student, extra={"fast": fast})
+    weights = DuetPipeline.from_checkpoint(tiny_checkpoint)
+    _make_text_matter(weights)
+    weights.save(student, extra={"fast": fast})
     config = _config(tiny_checkpoint, str(tmp_path / "jobs"))
     config.fast.checkpoint, config.fast.steps = student, 4
     app, backend = build_local_app(config)
@@ -211,3 +219,16 @@ def test_fast_uses_a_distilled_student_when_configured(tiny_checkpoint, tmp_path
     backend.close()
     assert meta["quality"] == "fast" and meta["steps"] == 4
     assert meta["network_evals"] == 4 and meta["text_scale"] == 1.0
+
+    # Batched the student's way, each clip is what generate(quality="fast") makes alone.
+    from model.generate import GenerationRequest, generate
+    from pipelines.generation import generate_many
+
+    pipeline = DuetPipeline.from_checkpoint(student).eval()
+    requests = [GenerationRequest(prompt=f"a ball {i}", duration_s=1.0, seed=i) for i in range(3)]
+    batched = generate_many(pipeline, requests, quality="fast", max_batch=3)
+    for request, result in zip(requests, batched, strict=True):
+        assert result.metadata["batch_size"] == 3 and result.metadata["network_evals"] == 4
+        alone = generate(request, pipeline=pipeline, quality="fast")
+        for a, b in zip(alone.latents, result.latents, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
