@@ -14,11 +14,12 @@ What is measured, with the synthetic world's probe (:func:`core.probes.label_pix
 
 - references: the backdrop (the scene colour; every caption says "a gray floor",
   whatever the backdrop, so the text never names it) of clips generated with an
-  image in slot 0, against no reference, and with two slots swapped. The ball's own
+  image in slot 0, against the same prompt with the other images in slot 0. The ball's own
   colour is *not* carried over from a reference at this training budget (the
   generated ball fades out; ``bench/train_conditioning.py`` measures it), so the test
   does not claim it;
-- multi-shot: the ball colour of each shot of red->blue and blue->red plans.
+- multi-shot and slot order: measured by ``bench/train_conditioning.py``, not
+  gated here (see the note above ``_r``).
 
 Each check compares generations that differ only in the conditioning under test.
 """
@@ -31,20 +32,14 @@ import torch
 from model.pipeline import DuetPipeline
 from pipelines.train.conditioning import (
     GenSettings,
-    multishot_counts,
     reference_backdrops,
     reference_frame,
-    shares,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-COLOURS = ("red", "green", "blue", "yellow")
 NO_COLOUR = "a circle bounces on a gray floor"
-RED = "a red circle bounces on a gray floor"
-BLUE = "a blue circle bounces on a gray floor"
 GEN = GenSettings(seeds=(0, 1, 2), steps=10)
-GEN_SHOTS = GenSettings(seeds=(0, 1, 2, 3), steps=10)
 
 
 @pytest.fixture(scope="module")
@@ -83,42 +78,12 @@ def test_image_reference_backdrop_appears_though_the_text_names_none(model, back
         assert got[name][name] - elsewhere >= 0.3, (name, got)
 
 
-# Learned in some training runs, not all, at this CPU budget (1200 DiT steps): of four
-# runs of this recipe, two put slot 0's backdrop ahead when the slots are swapped
-# (gains 0.29 + 0.08 and 0.58 + 0.43), two followed the beige image whichever slot
-# held it (gains 0.00 + 0.00 and 0.21 + 0.00). Not a gate until a longer recipe
-# makes it reliable.
-@pytest.mark.xfail(reason="slot order is learned in 2 of 4 runs at this budget", strict=False)
-def test_swapping_two_image_slots_moves_the_output_toward_slot_0(model, backdrop_frames):
-    """Slot 0 is the subject, slot 1 context: a backdrop gains share in slot 0."""
-    beige, slate = backdrop_frames["beige"], backdrop_frames["slate"]
-    beige_first = reference_backdrops(model, NO_COLOUR, [beige, slate], GEN)
-    slate_first = reference_backdrops(model, NO_COLOUR, [slate, beige], GEN)
-    print(f"[beige, slate] -> {_r(beige_first)}; [slate, beige] -> {_r(slate_first)}")
-    gain_beige = beige_first["beige"] - slate_first["beige"]
-    gain_slate = slate_first["slate"] - beige_first["slate"]
-    assert gain_beige > 0 and gain_slate > 0, (beige_first, slate_first)
-    assert gain_beige + gain_slate >= 0.2, (beige_first, slate_first)
-
-
-# Learned in some training runs, not all, at this CPU budget: three of four runs pass
-# (first shots 0.69-0.99 own colour; second shots move with their prompt), one could
-# not draw blue from the text at all (blue->red: first shot 0.14 red, no blue).
-@pytest.mark.xfail(reason="per-shot routing is learned in 3 of 4 runs at this budget", strict=False)
-def test_each_shot_follows_its_own_prompt(model):
-    """Two-shot plans red->blue and blue->red, probed shot by shot."""
-    rb = [shares(c, COLOURS) for c in multishot_counts(model, (RED, BLUE), GEN_SHOTS)]
-    br = [shares(c, COLOURS) for c in multishot_counts(model, (BLUE, RED), GEN_SHOTS)]
-    print(f"red->blue: {[_r(x) for x in rb]}; blue->red: {[_r(x) for x in br]}")
-    # The first shot shows its own prompt's colour, not the other shot's.
-    assert rb[0]["red"] - rb[0]["blue"] >= 0.5 and br[0]["blue"] - br[0]["red"] >= 0.5
-    # The second shot moves with its own prompt: more blue when it says blue, more
-    # red when it says red. (At this budget the second shot of blue->red stays mostly
-    # blue, carried over from the first shot, so the bar is on the movement, not on
-    # a majority; red->blue's second shot is blue either way of measuring.)
-    moved = (rb[1]["blue"] - br[1]["blue"]) + (br[1]["red"] - rb[1]["red"])
-    assert moved >= 0.1, (rb, br)
-    assert rb[1]["blue"] - rb[1]["red"] >= 0.5, rb
+# Not tested here: slot order (swapping two images moves the output toward slot 0)
+# and per-shot prompt following. At this CPU budget (1200 DiT steps) they were
+# learned in 2 and 3 of 4 training runs, so as tests they could only be
+# non-gating (an xfail that passes either way is not a test). They are measured
+# by ``python bench/train_conditioning.py`` (numbers in BENCHMARKS.md) until a
+# recipe learns them reliably.
 
 
 def _r(d: dict) -> dict:
