@@ -242,7 +242,7 @@ def _metrics(stage_uri: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_rlhf_resumes_after_a_kill_with_the_same_losses(aligned, tmp_path):
-    """SIGKILL `duet train rlhf` at step 2 of 3; the rerun resumes from the step-1
+    """SIGKILL `duet train rlhf` after 2 of its 3 steps; the rerun resumes from the step-2
     checkpoint and its per-step losses equal an uninterrupted run's (the rollout noise,
     timestep subsets and candidates are drawn from (seed, stage, step, rank))."""
     import shutil
@@ -271,8 +271,18 @@ def test_rlhf_resumes_after_a_kill_with_the_same_losses(aligned, tmp_path):
     first = duet_train(killed)
     assert first.returncode == -9, (first.returncode, first.stderr[-3000:])
     assert not storage.exists(killed["run_uri"] + "/rlhf/final/config.json")
+    # Mark the surviving checkpoint: a run that resumed from it carries the mark into
+    # its final's wall time; one that started over (same losses: it is deterministic)
+    # would not.
+    from pipelines.train.state import STATE_NAME, latest_checkpoint
+
+    last = latest_checkpoint(killed["run_uri"] + "/rlhf")
+    assert last is not None and last.endswith("00000002"), last
+    state = storage.read_json(f"{last}/{STATE_NAME}")
+    storage.write_json(f"{last}/{STATE_NAME}", {**state, "wall_s": 1e6})
     again = duet_train(killed)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert storage.read_json(killed["run_uri"] + "/rlhf/final/config.json")["extra"]["wall_s"] > 1e6
     a = _metrics(straight["run_uri"] + "/rlhf")
     b = _metrics(killed["run_uri"] + "/rlhf")
     assert [r["step"] for r in b] == [1, 2, 3]
