@@ -273,12 +273,10 @@ def test_nightly_deployment_passes_a_real_footage_config():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = yaml.safe_load(open(os.path.join(root, "infra/prefect/prefect.yaml")).read())
-    (nightly,) = [d for d in spec["deployments"] if d["name"] == "curate-nightly"]
+    (nightly,) = [d for d in spec["deployments"] if d["entrypoint"] == "flows/curate.py:curate"]
     params = nightly["parameters"]
-    local = params["config_uri"].replace(
-        spec["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"], root
-    )
-    config = load_config(CurateConfig, local)
+    # The config path is relative to the project root (the flow's working directory).
+    config = load_config(CurateConfig, os.path.join(root, params["config_uri"]))
     assert config.captions.backend == "auto" and config.captions.model
     assert not config.validate.require_audio and config.validate.allow_variable_frame_rate
     assert params["input_glob"].endswith("/*") and params["speech"] is True
