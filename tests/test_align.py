@@ -49,6 +49,8 @@ from pipelines.align.stages import active_head_weights, prompt_sets
 from pipelines.train import train
 from pipelines.train.config import train_config_from
 
+# The first test to use ``aligned`` may also build the session's conditioning run.
+pytestmark = pytest.mark.timeout(2400)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = tuple(range(8))  # 3 held-out prompts x 8 seeds = 24 pairs
 
