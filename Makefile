@@ -41,11 +41,15 @@ format: $(STAMP)
 
 # WhisperX's isolated environment is built (once per requirements hash, in a
 # cache outside the clone) before the tests and the demo, where its progress shows.
+# Two pytest-xdist workers, one per core of the CI machine; tests/conftest.py groups
+# tests by the fixtures they share and queues the longest groups first.
+XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
+
 test: $(STAMP) lint whisperx-env
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q $(XDIST) --durations=25
 
 test-fast: $(STAMP) lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 demo: $(STAMP) whisperx-env
 	$(BIN)/duet demo --out $(DEMO_OUT)

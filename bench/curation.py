@@ -163,7 +163,7 @@ def _start_ray(workers: int) -> None:
     quiet_ray_environment(local=True)
     import ray
 
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
 
 
 def bench_flow(raw_dir: str, out_dir: str, workers: int) -> dict[str, float]:

@@ -143,5 +143,11 @@ def init_ray(
                 "cluster's token (for `make up`: source .duet-stack/env.sh)"
             ) from err
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
+        # "local", not None: with no address Ray joins the newest cluster that `ray start`
+        # left on this machine (a `make up` stack, another test's head), where
+        # ``num_cpus`` is refused and the work would land on someone else's cluster.
+        # RAY_ADDRESS, Ray's own way to name a cluster, is still honoured.
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        local = {"num_cpus": num_cpus, "include_dashboard": False} if address == "local" else {}
+        ray.init(address=address, **local, **options)
     return True

@@ -15,6 +15,49 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+# `make test` runs two pytest-xdist workers (`--dist loadgroup`). Each worker builds its
+# own session and module fixtures, so every test is put in its module's group (one
+# worker builds a module's fixtures once), and modules that share an expensive session
+# fixture in one group. The longest groups are queued first so that both workers end
+# together (seconds from `make test --durations`, 2-core VM).
+_SHARED_SESSION_FIXTURE = {
+    "test_train_conditioning.py": "tiny_conditioning_run",
+    "test_align.py": "tiny_conditioning_run",
+    "test_train_e2e.py": "tiny_curated_corpus",
+    "test_train_pipeline.py": "tiny_curated_corpus",
+    "test_flow_train.py": "tiny_curated_corpus",
+}
+_LONGEST_GROUPS_FIRST = (
+    "tiny_conditioning_run",  # ~700 s: the conditioning run, then alignment
+    "test_model_overfit.py",  # ~630 s
+    "tiny_curated_corpus",  # ~400 s: curation, then the Ray Train chain
+    "test_stack_e2e.py",  # ~220 s
+)
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    # Two workers on two cores: one compute thread each (torch reads this at import);
+    # and a Prefect home per worker, as two temporary API servers on one SQLite
+    # database lock each other out.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import tempfile
+
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"duet-prefect-{XDIST_WORKER}-")
+
+
+def _test_group(item) -> str:
+    name = item.path.name
+    return _SHARED_SESSION_FIXTURE.get(name, name)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    rank = {group: i for i, group in enumerate(_LONGEST_GROUPS_FIRST)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_test_group(item)))
+    # Stable sort: the long groups first, everything else in collection order.
+    items.sort(key=lambda item: rank.get(_test_group(item), len(rank)))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
