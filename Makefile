@@ -43,7 +43,7 @@ format: $(STAMP)
 # cache outside the clone) before the tests and the demo, where its progress shows.
 # Two pytest-xdist workers, one per core of the CI machine; tests/conftest.py groups
 # tests by the fixtures they share and queues the longest groups first.
-XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
+XDIST := -n 2 --no-loadscope-reorder
 
 test: $(STAMP) lint whisperx-env
 	$(BIN)/python -m pytest -q $(XDIST) --durations=25

@@ -15,11 +15,10 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-# `make test` runs two pytest-xdist workers (`--dist loadgroup`). Each worker builds its
-# own session and module fixtures, so every test is put in its module's group (one
-# worker builds a module's fixtures once), and modules that share an expensive session
-# fixture in one group. The longest groups are queued first so that both workers end
-# together (seconds from `make test --durations`, 2-core VM).
+# `make test` runs two pytest-xdist workers. Each worker builds its own session and
+# module fixtures, so the scheduler below hands out whole modules, and modules that
+# share an expensive session fixture as one unit; the longest units are queued first
+# so that both workers end together (seconds from `make test --durations`, 2-core VM).
 _SHARED_SESSION_FIXTURE = {
     "test_train_conditioning.py": "tiny_conditioning_run",
     "test_align.py": "tiny_conditioning_run",
@@ -27,7 +26,7 @@ _SHARED_SESSION_FIXTURE = {
     "test_train_pipeline.py": "tiny_curated_corpus",
     "test_flow_train.py": "tiny_curated_corpus",
 }
-_LONGEST_GROUPS_FIRST = (
+_LONGEST_UNITS_FIRST = (
     "tiny_conditioning_run",  # ~700 s: the conditioning run, then alignment
     "test_model_overfit.py",  # ~630 s
     "tiny_curated_corpus",  # ~400 s: curation, then the Ray Train chain
@@ -44,18 +43,28 @@ if XDIST_WORKER:
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"duet-prefect-{XDIST_WORKER}-")
 
 
-def _test_group(item) -> str:
-    name = item.path.name
-    return _SHARED_SESSION_FIXTURE.get(name, name)
+def _work_unit(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return _SHARED_SESSION_FIXTURE.get(module, module)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    rank = {group: i for i, group in enumerate(_LONGEST_GROUPS_FIRST)}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_test_group(item)))
-    # Stable sort: the long groups first, everything else in collection order.
-    items.sort(key=lambda item: rank.get(_test_group(item), len(rank)))
+    rank = {unit: i for i, unit in enumerate(_LONGEST_UNITS_FIRST)}
+    # Stable sort: the long units first, everything else in collection order.
+    items.sort(key=lambda item: rank.get(_work_unit(item.nodeid), len(rank)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's module-scope scheduling over :func:`_work_unit` (xdist's own
+    ``xdist_group`` marks do not reach its scheduler under pytest 9: it rewrites a
+    node id attribute pytest no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    return SharedFixtureScheduling(config, log)
 
 
 def _free_port() -> int:

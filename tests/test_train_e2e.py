@@ -2,8 +2,8 @@
 
 The tiny model trains on the curated synthetic corpus with checkpoints on the
 loopback S3 server. The VAE stage streams its decoded clips through Ray Data
-(pipelines/train/stream.py); rank 1 is SIGKILLed before VAE step 51 and Ray Train
-restarts the worker group from the newest checkpoint (step 40), the stream
+(pipelines/train/stream.py); rank 1 is SIGKILLed before VAE step 26 and Ray Train
+restarts the worker group from the newest checkpoint (step 20), the stream
 restarting at the restored data position. Reference: the same VAE stage launched
 by torchrun (2 processes, gloo, no Ray, no kill, clips decoded in the training
 processes). Every step's loss must equal the reference's: both runs see the same
@@ -73,7 +73,7 @@ def test_chain_on_ray_with_a_kill_matches_torchrun_and_sft_keeps_what_pretrain_l
         "record_samples": True,
         "keep_checkpoints": 2,
         "data": {"curated_uri": tiny_curated_corpus, "sft_top_fraction": 0.6},
-        "vae": {"steps": 120, "batch_size": 4, "checkpoint_every": 20, "log_every": 1,
+        "vae": {"steps": 60, "batch_size": 4, "checkpoint_every": 10, "log_every": 1,
                 "crop_px": 32},
         "pretrain": {"steps": 80, "batch_size": 4, "checkpoint_every": 40, "log_every": 10},
         "sft": {"steps": 120, "batch_size": 4, "checkpoint_every": 60, "log_every": 20,
@@ -92,25 +92,25 @@ def test_chain_on_ray_with_a_kill_matches_torchrun_and_sft_keeps_what_pretrain_l
         {
             **shared,
             "run_uri": f"{s3_bucket}/e2e",
-            "debug_kill_at_step": 50,
+            "debug_kill_at_step": 25,
             "debug_kill_rank": 1,
             "debug_kill_stage": "vae",
         }
     )
     assert cfg.data.stream_with_ray_data
     finals = train(cfg, runner="ray", num_workers=2)
-    assert storage.exists(f"{cfg.run_uri}/vae/killed_at_50"), "the fault was never injected"
+    assert storage.exists(f"{cfg.run_uri}/vae/killed_at_25"), "the fault was never injected"
     for stage in ("vae", "pretrain", "sft"):
         assert storage.exists(finals[stage] + "/model.safetensors"), stage
 
     ref, got = _metrics(str(tmp_path / "torchrun" / "vae")), _metrics(f"{cfg.run_uri}/vae")
-    assert [r["step"] for r in got] == list(range(1, 121))
+    assert [r["step"] for r in got] == list(range(1, 61))
     for a, b in zip(ref, got, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a, b)
     meta = storage.read_json(finals["pretrain"] + "/config.json")["extra"]
     assert meta["world_size"] == 2 and meta["parent"] == finals["vae"]
     # Keep-last-2 (Ray's CheckpointConfig, then ours for a checkpoint the killed
-    # group uploaded but never registered) left the newest two of steps 20..120.
+    # group uploaded but never registered) left the newest two of steps 10..60.
     fs = storage.filesystem(cfg.run_uri)
     listed = fs.ls(storage.strip_scheme(f"{cfg.run_uri}/vae"), refresh=True)
     names = sorted(p.rsplit("/", 1)[-1] for p in listed)

@@ -486,8 +486,11 @@ def run_stage(
     task = stage_task(cfg, stage, pipeline, rt)
     s = task.settings
     sampler = EpochSampler(task.rows, s.batch_size, rt.world_size, cfg.seed)
+    # foreach: one multi-tensor kernel per update instead of ~10 small ops per
+    # parameter (PyTorch picks it only on CUDA by default; on CPU the per-tensor loop
+    # was ~8% of a tiny step).
     optimizer = torch.optim.AdamW(
-        task.param_groups, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99)
+        task.param_groups, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99), foreach=True
     )
     params = _named_trainable(task.module)
     ema = {n: p.detach().clone() for n, p in params.items()} if s.ema_decay > 0 else None
@@ -523,7 +526,7 @@ def run_stage(
         loss, metrics, tokens = task.batch_fn(indices, gen, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), s.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), s.grad_clip, foreach=True)
         optimizer.step()
         if ema is not None:
             ema_update(ema.values(), [params[name] for name in ema], s.ema_decay, step)
