@@ -436,6 +436,11 @@ def _stop_processes(state: dict[str, Any], log=print, grace_s: float = 15.0) -> 
     for pid in killed:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+    # SIGKILL is delivered when the process next runs: on a loaded machine that can
+    # be after kill() returns, so wait (briefly) for them to be gone before saying so.
+    deadline = time.monotonic() + 10.0
+    while killed and time.monotonic() < deadline and any(_alive(p) for p in killed):
+        time.sleep(0.05)
     if killed:
         log(f"killed {len(killed)} process(es) that ignored SIGTERM")
     return sorted(targets)

@@ -205,8 +205,16 @@ def test_killed_run_resumes_to_the_same_manifest(full_run, raw_dir, ray_cluster,
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "flows.curate", os.path.join(raw_dir, "*"), out]
     cmd += ["--ray-address", ray_cluster]
+    # Its own process group, killed whole: the driver and the Prefect temporary API
+    # server it started die together, as on a lost machine (killing the driver alone
+    # left that server running after the tests).
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     sources = os.path.join(out, "work", "sources")
     deadline = time.time() + 240
@@ -222,7 +230,7 @@ def test_killed_run_resumes_to_the_same_manifest(full_run, raw_dir, ray_cluster,
                         committed.append(sid)
         clips_dir = os.path.join(out, "clips")
         if committed and os.path.isdir(clips_dir) and os.listdir(clips_dir):
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             killed_with = len(committed)
             break
         time.sleep(0.05)
