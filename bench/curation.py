@@ -158,12 +158,9 @@ def bench_decode(uris: list[str]) -> dict[str, float]:
 
 
 def _start_ray(workers: int) -> None:
-    from core.ray_setup import quiet_ray_environment
+    from core.ray_setup import init_ray
 
-    quiet_ray_environment(local=True)
-    import ray
-
-    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    init_ray(None, num_cpus=workers)
 
 
 def bench_flow(raw_dir: str, out_dir: str, workers: int) -> dict[str, float]:

@@ -28,9 +28,8 @@ def ema_update(
     """Move each average toward its parameter, in place (pairs in order)."""
     weight = 1.0 - ema_decay_at(step, decay)
     averages, params = list(averages), [p.detach() for p in params]
-    if len(averages) != len(params):
-        raise ValueError(f"{len(averages)} averages for {len(params)} parameters")
-    # One multi-tensor lerp; distributed (DTensor) shards keep the per-tensor loop.
+    # One multi-tensor lerp (it checks the lists pair up); distributed (DTensor)
+    # shards keep the per-tensor loop.
     if all(type(t) is torch.Tensor for t in (*averages, *params)):
         torch._foreach_lerp_(averages, params, weight)
         return

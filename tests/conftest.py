@@ -18,7 +18,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # `make test` runs two pytest-xdist workers. Each worker builds its own session and
 # module fixtures, so the scheduler below hands out whole modules, and modules that
 # share an expensive session fixture as one unit; the longest units are queued first
-# so that both workers end together (seconds from `make test --durations`, 2-core VM).
+# so that both workers end together (seconds measured with two workers on the 2-core
+# VM, BENCHMARKS.md "Test suite time").
 _SHARED_SESSION_FIXTURE = {
     "test_train_conditioning.py": "tiny_conditioning_run",
     "test_align.py": "tiny_conditioning_run",
@@ -27,10 +28,10 @@ _SHARED_SESSION_FIXTURE = {
     "test_flow_train.py": "tiny_curated_corpus",
 }
 _LONGEST_UNITS_FIRST = (
-    "tiny_conditioning_run",  # ~700 s: the conditioning run, then alignment
-    "test_model_overfit.py",  # ~630 s
-    "tiny_curated_corpus",  # ~400 s: curation, then the Ray Train chain
-    "test_stack_e2e.py",  # ~220 s
+    "tiny_conditioning_run",  # ~1000 s: the conditioning run, then alignment
+    "test_model_overfit.py",  # ~820 s
+    "tiny_curated_corpus",  # ~600 s: curation, then the Ray Train chain
+    "test_stack_e2e.py",  # ~350 s
 )
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
