@@ -59,27 +59,9 @@ def use_text_table(path: str) -> None:
     is written here with ``--make-text-table`` and holds every corpus caption and
     every prompt this script generates.
     """
-    from collections import OrderedDict
+    from pipelines.shipped.carry import use_text_table_file
 
-    from safetensors.torch import load_file
-
-    import model.pipeline
-    from model.text_encoder import FrozenTextEncoder
-
-    table = load_file(path)
-
-    class TableTextEncoder(FrozenTextEncoder):
-        def __init__(self, model_path: str = "", max_tokens: int = 32, **_):
-            self.model_path, self.max_tokens = "table", max_tokens
-            self.device = torch.device("cpu")
-            self._cache = OrderedDict(table)
-            self._cache_size = 10**9
-            self.embed_dim = next(iter(table.values())).shape[1]
-
-        def _embed_uncached(self, prompts):
-            raise KeyError(f"prompts not in the text table: {prompts}")
-
-    model.pipeline.FrozenTextEncoder = TableTextEncoder
+    use_text_table_file(path)
 
 
 def make_text_table(path: str, manifest: str) -> None:

@@ -92,6 +92,18 @@ def test_preference_table_round_trip_and_human_ranks(tmp_path):
         read_preferences(str(tmp_path / "bad.parquet"))
 
 
+def test_distill_prompts_add_extra_prompts_and_refuse_held_out_ones():
+    from pipelines.align.stages import distill_prompts
+
+    cfg = train_config_from({"distill": {"extra_prompts": ["two red circles", "a red circle"]}})
+    assert cfg.distill.extra_prompts == ("two red circles", "a red circle")
+    train_prompts = ["a red circle", "three red circles"]
+    got = distill_prompts(train_prompts, ["a blue circle"], cfg.distill.extra_prompts)
+    assert got == ["a red circle", "three red circles", "two red circles"]
+    with pytest.raises(ValueError, match="held-out prompt"):
+        distill_prompts(train_prompts, ["two red circles"], cfg.distill.extra_prompts)
+
+
 # -- the stages on the conditioning run ----------------------------------------------
 
 

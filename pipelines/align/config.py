@@ -122,6 +122,13 @@ class DistillStageConfig:
     teacher_steps: int = 16
     text_scale: float = 4.0
     trajectories_per_prompt: int = 16
+    # Prompts distilled besides the alignment training prompts. The student keeps its
+    # teacher's scores on the prompts it was distilled on and drifts on others (a
+    # student of 8 prompts kept 69% of its teacher's held-out adherence, one with a
+    # ninth prompt near a held-out one 100%: BENCHMARKS.md), so a user's own prompt
+    # list belongs here; no data is needed, the teacher draws the targets. Held-out
+    # prompts are refused.
+    extra_prompts: tuple[str, ...] = ()
     duration_s: float = 17 / 16
     # Step counts the student is trained for (its time grid is the union of theirs;
     # the shifted schedule of 8 steps contains that of 4).

@@ -71,6 +71,14 @@ def prompt_sets(cfg) -> tuple[list[str], list[str]]:
     return split_prompts(prompts, cfg.rlhf.prompts)
 
 
+def distill_prompts(train_prompts: list[str], held_out: list[str], extra) -> list[str]:
+    """The Fast student's prompts: the training prompts, then ``extra`` (held-out refused)."""
+    leaked = sorted(set(extra) & set(held_out))
+    if leaked:
+        raise ValueError(f"distill.extra_prompts holds held-out prompt(s) {leaked}")
+    return list(dict.fromkeys([*train_prompts, *extra]))
+
+
 def latent_shapes(mcfg, duration_s: float) -> tuple[tuple, tuple, int]:
     """Video and audio latent shapes (batch 1) of a clip, and its frame count."""
     frames = mcfg.frames_for_duration(duration_s)
@@ -327,14 +335,14 @@ def distill_task(cfg, pipeline, rt):
 
     s = cfg.distill
     pipeline.to(rt.device)
-    train_prompts, _ = prompt_sets(cfg)
+    prompts = distill_prompts(*prompt_sets(cfg), s.extra_prompts)
     uri = storage.join(stage_uri(cfg, "distill"), COUPLINGS_NAME)
     if rt.is_main and not storage.exists(uri):
-        couplings = distill.teacher_couplings(pipeline, train_prompts, s, cfg.seed)
+        couplings = distill.teacher_couplings(pipeline, prompts, s, cfg.seed)
         storage.write_bytes(uri, save_safetensors(couplings))
     rt.barrier()
     couplings = load_safetensors(storage.read_bytes(uri))
-    tokens, mask = encode_prompts(pipeline, train_prompts)
+    tokens, mask = encode_prompts(pipeline, prompts)
     module = _wrap(cfg, pipeline, rt)
     mcfg = pipeline.config
     v_shape, a_shape, _ = latent_shapes(mcfg, s.duration_s)

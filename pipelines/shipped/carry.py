@@ -187,11 +187,16 @@ class TableTextEncoder:
 
 def use_text_table(carry_dir: str) -> None:
     """Pipelines built from now on embed text from the carried table."""
+    use_text_table_file(os.path.join(carry_dir, TEXTS_NAME))
+
+
+def use_text_table_file(path: str) -> None:
+    """Pipelines built from now on embed text from the table at ``path``."""
     from safetensors.torch import load_file
 
     import model.pipeline
 
-    TableTextEncoder.table = load_file(os.path.join(carry_dir, TEXTS_NAME))
+    TableTextEncoder.table = load_file(path)
     model.pipeline.FrozenTextEncoder = TableTextEncoder
 
 
