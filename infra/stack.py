@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,10 @@ TOKEN_FILE = "ray_auth_token"
 ENV_FILE = "env.sh"
 # Environment a started service must not inherit from whoever ran `make up`.
 _SCRUBBED_PREFIXES = ("RAY_ADDRESS", "RAY_AUTH_", "PREFECT_API_URL")
+# What `ray start` prints when its raylet did not register in time, and how often the
+# head is started before `up` gives up.
+RAY_REGISTRATION_TIMEOUT = "timed out during startup"
+RAY_START_ATTEMPTS = 2
 
 
 class StackError(RuntimeError):
@@ -254,17 +259,35 @@ def up(cfg: DeployConfig, log=print) -> dict[str, Any]:
         if cfg.ray.num_cpus is not None:
             ray_cmd.append(f"--num-cpus={cfg.ray.num_cpus}")
         t0 = time.monotonic()
-        record("ray", _start("ray", ray_cmd, ray_env, logs))
-        _wait(
-            "Ray head",
-            lambda: (
-                (ray_temp / "ray_current_cluster").exists()
-                and _port_open(host, cfg.ray.dashboard_port)
-            ),
-            180,
-            procs["ray"],
-            logs / "ray.log",
-        )
+        for attempt in range(1, RAY_START_ATTEMPTS + 1):
+            record("ray", _start("ray", ray_cmd, ray_env, logs))
+            try:
+                _wait(
+                    "Ray head",
+                    lambda: (
+                        (ray_temp / "ray_current_cluster").exists()
+                        and _port_open(host, cfg.ray.dashboard_port)
+                    ),
+                    180,
+                    procs["ray"],
+                    logs / "ray.log",
+                )
+                break
+            except StackError as err:
+                # `ray start` gives its raylet a fixed 30 s to register with the GCS; on
+                # a machine busy with other work that can pass. Nothing was served yet,
+                # so clear this attempt's processes and start the head again.
+                if attempt == RAY_START_ATTEMPTS or RAY_REGISTRATION_TIMEOUT not in str(err):
+                    raise
+                log("Ray head timed out registering its node (busy machine?): starting it again")
+                _stop_processes(
+                    {
+                        "processes": {"ray": state["processes"]["ray"]},
+                        "ray_temp_dir": str(ray_temp),
+                    },
+                    log=log,
+                )
+                shutil.rmtree(ray_temp, ignore_errors=True)
         log(f"Ray head up in {time.monotonic() - t0:.1f} s")
 
         t0 = time.monotonic()
@@ -454,8 +477,6 @@ def down(cfg: DeployConfig, log=print) -> list[int]:
         log(f"no stack state in {directory}: nothing to stop")
         return []
     stopped = _stop_processes(state, log=log)
-    import shutil
-
     if state.get("ray_temp_dir"):
         shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
     for name in (STATE_FILE, TOKEN_FILE, ENV_FILE):
