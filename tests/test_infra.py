@@ -664,6 +664,9 @@ def test_up_starts_the_ray_head_again_when_its_node_registration_timed_out(tmp_p
     cfg = _stack_config(other)
     fake = _ray_failing_once(other, "some other failure")
     lines.clear()
-    with pytest.raises(stack.StackError, match="some other failure"):
-        stack.up(cfg, log=lines.append)
+    try:
+        with pytest.raises(stack.StackError, match="some other failure"):
+            stack.up(cfg, log=lines.append)
+    finally:
+        stack.down(cfg, log=lines.append)  # only if a retry started one after all
     assert not any("starting it again" in line for line in lines), lines
