@@ -30,8 +30,6 @@ import json
 import statistics
 import time
 
-HEAD_KEYS = ("sync", "adherence", "motion", "visual", "audio")
-
 
 def _split(text: str) -> list[str]:
     return [p.strip() for p in text.split(";") if p.strip()]
@@ -86,6 +84,7 @@ def main() -> None:
     import torch
 
     from model.pipeline import DuetPipeline
+    from pipelines.align.config import HEADS
     from pipelines.align.evaluate import EvalSettings, evaluate_prompts, paired_difference
 
     if args.threads:
@@ -123,12 +122,12 @@ def main() -> None:
         print(f"\n## {set_name} prompts, {args.seeds} seeds each")
         for uri, results in report["models"].items():
             summary = results[set_name]["summary"]
-            cells = [f"{h} {summary[h]['mean']:.3f} +- {summary[h]['se']:.3f}" for h in HEAD_KEYS]
+            cells = [f"{h} {summary[h]['mean']:.3f} +- {summary[h]['se']:.3f}" for h in HEADS]
             print(f"{uri}: " + "; ".join(cells))
             print(f"  adherence per prompt: {per_prompt(results[set_name])}")
             if uri == args.base:
                 continue
-            for h in HEAD_KEYS:
+            for h in HEADS:
                 diff, se = paired_difference(base[set_name], results[set_name], h)
                 mean_base = base[set_name]["summary"][h]["mean"]
                 ratio = summary[h]["mean"] / mean_base if mean_base else float("nan")
