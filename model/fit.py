@@ -32,6 +32,7 @@ from model.flow_matching import (
 )
 from model.pipeline import DuetPipeline
 from model.references import ReferenceLatents, RefSlot
+from model.video_vae import motion_map, pick_crop
 
 if TYPE_CHECKING:
     from core.media import AVClip
@@ -170,7 +171,7 @@ def fit_pipeline(
     crop = settings.video_crop_px
     if crop and (crop % sf or crop > min(videos.shape[3:])):
         raise ValueError(f"video_crop_px must be a multiple of {sf} within the frame, got {crop}")
-    motion = (videos - videos.median(dim=2, keepdim=True).values).abs().amax(dim=1)  # (N, T, H, W)
+    motion = motion_map(videos)  # (N, T, H, W)
 
     def pick_window(i: int) -> torch.Tensor:
         # Window starts on the clip's latent grid (frame 4j), so each latent sees the same
@@ -179,15 +180,7 @@ def fit_pipeline(
         clip = videos[i, :, start : start + window]
         if not crop:
             return clip
-        h, w = clip.shape[2:]
-        best, best_energy = None, -1.0
-        for _ in range(settings.crop_candidates):
-            y = int(torch.randint(0, (h - crop) // sf + 1, (1,), generator=gen)) * sf
-            x = int(torch.randint(0, (w - crop) // sf + 1, (1,), generator=gen)) * sf
-            energy = float(motion[i, start : start + window, y : y + crop, x : x + crop].sum())
-            if energy > best_energy:
-                best, best_energy = (y, x), energy
-        y, x = best
+        y, x = pick_crop(motion[i, start : start + window], crop, sf, settings.crop_candidates, gen)
         return clip[:, :, y : y + crop, x : x + crop]
 
     def video_vae_loss(step: int):

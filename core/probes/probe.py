@@ -9,7 +9,7 @@ import numpy as np
 
 from core.media import AVClip
 from core.probes.captions import caption_adherence, multiset_iou, observed_objects
-from core.probes.detect import detect_objects
+from core.probes.detect import MIN_OBJECT_AREA, detect_objects
 from core.probes.lipsync import estimate_lip_sync, mouth_track
 from core.probes.onsets import detect_onsets
 from core.probes.shots import detect_transitions, estimate_pan, segments_from_transitions
@@ -26,7 +26,10 @@ def _counter_list(counter: Counter) -> list[dict]:
 
 
 def probe_clip(
-    clip: AVClip, include_frames: bool = True, max_offset_s: float = MAX_OFFSET_S
+    clip: AVClip,
+    include_frames: bool = True,
+    max_offset_s: float = MAX_OFFSET_S,
+    min_object_area: int = MIN_OBJECT_AREA,
 ) -> dict:
     """Measure a clip: detections, visual events, audio onsets, AV offset, transitions.
 
@@ -34,13 +37,15 @@ def probe_clip(
     "sample_rate", "transitions", "shots", "visual_events", "audio_onsets_s",
     "av_offset_ms", "av_matched", "lip_sync_offset_ms", "frames"?}``. Offsets are
     positive when the audio is late. ``frames`` (per-frame detections)
-    is left out when ``include_frames`` is False.
+    is left out when ``include_frames`` is False. Components under
+    ``min_object_area`` pixels are not objects (see ``detect.min_object_area`` for
+    frames under 128 px).
     """
     frames, fps = clip.frames, float(clip.fps)
     if frames.ndim != 4 or frames.shape[0] == 0:
         raise ValueError(f"clip has no frames: {frames.shape}")
     num_frames, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
-    detections = [detect_objects(frame) for frame in frames]
+    detections = [detect_objects(frame, min_object_area) for frame in frames]
     transitions = detect_transitions(frames, fps)
     segments = segments_from_transitions(transitions, num_frames)
     gate = TRACK_GATE_FRACTION * min(height, width)

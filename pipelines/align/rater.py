@@ -13,9 +13,11 @@ Every head is a number in [0, 1], higher is better, computed from
   with their counts, and those detected (:func:`core.probes.caption_adherence`);
   ``None`` when the prompt names no coloured shape. Below ``SHAPE_MIN_SIDE_PX``
   (the ``tiny`` preset's 64x64) shape is left out and the IoU is over colours with
-  their counts: a ball there is 24-48 pixels, and the shape classifier reads the
+  their counts: a ball there is 16-68 pixels, and the shape classifier reads the
   world's own ground-truth clips as squares or triangles on many frames (three
-  real "red circles" probe as two red squares), so shape would score noise.
+  real "red circles" probe as two red squares), so shape would score noise. The
+  smallest object counted scales with the frame (``detect.min_object_area``: 12
+  pixels at 64x64, where the probe's default 24 scored the world's own clips 0.94).
 - ``motion``: objects neither doubled nor vanishing (the fraction of frames whose
   object count equals the clip's median count, median > 0) times track continuity
   (the fraction of frame-to-frame detections that have a same-colour detection
@@ -37,7 +39,7 @@ from collections import Counter
 import numpy as np
 
 from core.probes.captions import caption_adherence, multiset_iou, observed_objects, parse_caption
-from core.probes.detect import label_pixels
+from core.probes.detect import label_pixels, min_object_area
 from core.probes.probe import TRACK_GATE_FRACTION, probe_clip
 from pipelines.align.config import HEADS
 
@@ -140,14 +142,15 @@ def audio_score(audio: np.ndarray, sample_rate: int) -> float:
 
 def rate_clip(prompt: str, clip) -> dict:
     """Per-head scores of one clip for its prompt (plus the sync parts), JSON-able."""
-    probe = probe_clip(clip, include_frames=True)
+    side_px = min(clip.frames.shape[1:3])
+    probe = probe_clip(clip, include_frames=True, min_object_area=min_object_area(side_px))
     fps = float(clip.fps)
     frames_dets = probe["frames"]
     # Impacts only: the probe's "pulses" (area jumps) are beats in beat scenes, and in
     # bouncing scenes the artefact of a 24-48 pixel ball's area flickering.
     visual = [e["time_s"] for e in probe["visual_events"] if e["type"] in IMPACT_TYPES]
     scores = sync_score(visual, probe["audio_onsets_s"], fps)
-    scores["adherence"] = adherence_score(prompt, frames_dets, min(clip.frames.shape[1:3]))
+    scores["adherence"] = adherence_score(prompt, frames_dets, side_px)
     gate = TRACK_GATE_FRACTION * min(clip.frames.shape[1], clip.frames.shape[2])
     scores["motion"] = motion_score(frames_dets, gate)
     scores["visual"] = visual_score(clip.frames)

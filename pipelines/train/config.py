@@ -98,6 +98,9 @@ class VAEStageConfig(StageConfig):
     vocoder_steps: int = 0
     window_frames: int = 9
     crop_px: int = 0  # 0 = whole frames
+    # With crops: the most moving of this many random crops (1 = uniform). Small
+    # moving objects are a few percent of a frame and uniform crops mostly miss them.
+    crop_candidates: int = 1
     kl_weight: float = 1e-6
     motion_weight: float = 10.0
     # Held-out clips for PSNR and mel distance.

@@ -30,6 +30,7 @@ from model.ema import ema_update
 from model.flow_matching import add_noise, resolution_shift, sample_timesteps, velocity_target
 from model.parallelize import apply_ddp, parallelize_dit
 from model.pipeline import DuetPipeline
+from model.video_vae import motion_map, pick_crop
 from pipelines.train import state as ckpt
 from pipelines.train.batches import BatchBuilder, DiTBatch
 from pipelines.train.config import (
@@ -142,18 +143,18 @@ class StageTask:
     final_extra: dict = field(default_factory=dict)
 
 
-def _window(video: torch.Tensor, frames: int, tf: int, crop: int, sf: int, gen) -> torch.Tensor:
-    """A random ``1 + tf*j`` frame window on the latent grid, optionally a random crop."""
+def _window(video: torch.Tensor, s: VAEStageConfig, tf: int, sf: int, gen) -> torch.Tensor:
+    """A random ``1 + tf*j`` frame window on the latent grid of a (3, T, H, W) clip,
+    optionally cropped (``s.crop_px``; the most moving of ``s.crop_candidates`` crops)."""
     t = video.shape[1]
-    frames = min(frames, t)
+    frames = min(s.window_frames, t)
     frames = 1 + tf * ((frames - 1) // tf)
     start = tf * int(torch.randint(0, (t - frames) // tf + 1, (1,), generator=gen))
     clip = video[:, start : start + frames]
-    if crop:
-        h, w = clip.shape[2:]
-        y = sf * int(torch.randint(0, (h - crop) // sf + 1, (1,), generator=gen))
-        x = sf * int(torch.randint(0, (w - crop) // sf + 1, (1,), generator=gen))
-        clip = clip[:, :, y : y + crop, x : x + crop]
+    if s.crop_px:
+        motion = motion_map(video)[start : start + frames] if s.crop_candidates > 1 else clip[0]
+        y, x = pick_crop(motion, s.crop_px, sf, s.crop_candidates, gen)
+        clip = clip[:, :, y : y + s.crop_px, x : x + s.crop_px]
     return clip
 
 
@@ -200,9 +201,7 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
             clips = stream.take(indices)
         else:
             clips = [decoded.get(rows[i]) for i in indices]
-        windows = torch.stack(
-            [_window(v, s.window_frames, tf, s.crop_px, sf, gen) for v, _ in clips]
-        )
+        windows = torch.stack([_window(v, s, tf, sf, gen) for v, _ in clips])
         audio = torch.stack([a for _, a in clips])
         has_audio = torch.tensor([rows[i].has_audio for i in indices])
         loss, metrics = module(windows.to(rt.device), audio.to(rt.device), has_audio, gen)
