@@ -18,9 +18,10 @@ What the probes can tell at 64x64 and 17 frames, and so what is measured
 within 2 frames (extra clicks cost); adherence = IoU of the named colours with their
 counts (shape is left out at this size: the world's own clips of circles probe as
 squares on many frames). The world's own clips of these prompts score sync ~0.6 and
-adherence ~0.9 with this rater. The SFT model of this CPU recipe makes no impact
-sounds, so sync is 0 before and after (a strict xfail below says so); the numbers
-and what they do and do not show are in BENCHMARKS.md.
+adherence 1.0 with this rater. The SFT model of this CPU recipe rarely makes an impact
+sound, and what DanceGRPO does to sync and adherence at 30 steps is within noise
+(three runs in the note above ``_gains``); the numbers and what they do and do not
+show are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -157,13 +158,12 @@ def _weighted_reward(row: dict, weights) -> float:
 
 
 # Not gated (the issue's done-when is not met at this CPU budget; an xfail that passes
-# either way is not a test). Measured in two runs of this recipe (BENCHMARKS.md):
-# - reward model vs rater, held-out adherence agreement: 0.61 +- 0.10, then 0.14 +- 0.07
-#   (144 candidates; training agreement 1.0, i.e. memorised);
-# - DanceGRPO, RLHF - SFT on 24 held-out (prompt, seed) pairs: adherence +0.076 +- 0.078
-#   and +0.038 +- 0.048, learned reward +9.1 +- 1.4 and +3.9 +- 3.5, audio head -0.020 +-
-#   0.014 in the second run;
-# - Fast student at 4 steps: 90.0% and 86.6% of its teacher's adherence.
+# either way is not a test). Three runs of this recipe (session 7, BENCHMARKS.md: the
+# VAE that keeps the balls), RLHF - SFT on 24 held-out (prompt, seed) pairs:
+# adherence +0.167 +- 0.085, -0.004 +- 0.016, -0.029 +- 0.069; sync +0.066 +- 0.040,
+# -0.028 +- 0.028, 0; learned reward +0.3 +- 0.9, -3.8 +- 1.9, +0.2 +- 1.4. Fast
+# student at 4 steps: 70%, 157%, 162% of its teacher's adherence. A strict xfail on
+# the sync gain passed in the first of these runs, so it is printed, not asserted.
 
 
 def _gains(aligned) -> dict:
@@ -182,22 +182,12 @@ def _gains(aligned) -> dict:
     return gains
 
 
-# Not measurable at this scale, so not claimed: the tiny SFT model of this CPU recipe
-# generates no impact sounds (generated audio peaks at 0.004, the room tone; the rater
-# found a matched impact in 1 of 144 preference candidates), so sync is 0 before and
-# after DanceGRPO and its group advantages are 0. Strict: it fails loudly once a base
-# model makes clicks and DanceGRPO raises sync.
-@pytest.mark.slow
-@pytest.mark.xfail(reason="tiny SFT model makes no impact sounds: sync is 0", strict=True)
-def test_dance_grpo_raises_probe_sync(aligned):
-    mean, se = _gains(aligned)["sync"]
-    assert mean > 0 and mean > se
-
-
-# The 8x holds (19.5x) and is gated; the 90% of the teacher's probe scores is not
-# (90.0% and 86.6% in two runs, see the note above _gains): printed, not asserted.
+# The 8x holds (19.5x) and is gated, and both models must draw some of what was asked
+# (the old VAE recipe's teacher drew nothing in 2 of 4 runs and in CI); the 90% of the
+# teacher's probe scores is not gated (see the note above _gains): printed, not asserted.
 @pytest.mark.slow
 def test_fast_student_draws_what_was_asked_with_8x_fewer_evaluations(aligned):
+    _gains(aligned)
     teacher, student = aligned["evals"]["rlhf"]["summary"], aligned["evals"]["fast"]["summary"]
     ratio = teacher["network_evals"]["mean"] / student["network_evals"]["mean"]
     print(f"network evaluations per clip: teacher {teacher['network_evals']['mean']}, "
