@@ -234,7 +234,7 @@ def _conditioning_recipe(manifest: str, run_uri: str):
         seed=0,
         data=DataConfig(curated_uri=manifest, frame_buckets=(CorpusSpec().frames_per_shot,)),
         vae=VAEStageConfig(
-            steps=1200, batch_size=8, window_frames=9, crop_px=32, crop_candidates=4,
+            steps=1200, batch_size=8, window_frames=9, crop_px=32, crop_candidates=8,
             checkpoint_every=10**6, log_every=100, eval_clips=1,
         ),
         pretrain=DiTStageConfig(

@@ -158,8 +158,8 @@ def _weighted_reward(row: dict, weights) -> float:
 
 
 # Not gated (the done-when is not met at this CPU budget; an xfail that passes
-# either way is not a test). Three runs of this recipe (session 7, BENCHMARKS.md: the
-# VAE that keeps the balls), RLHF - SFT on 24 held-out (prompt, seed) pairs:
+# either way is not a test). Three runs of this recipe with 4 VAE crop candidates
+# (session 7, BENCHMARKS.md: the VAE that keeps the balls), RLHF - SFT on 24 held-out (prompt, seed) pairs:
 # adherence +0.167 +- 0.085, -0.004 +- 0.016, -0.029 +- 0.069; sync +0.066 +- 0.040,
 # -0.028 +- 0.028, 0; learned reward +0.3 +- 0.9, -3.8 +- 1.9, +0.2 +- 1.4. Fast
 # student at 4 steps: 70%, 157%, 162% of its teacher's adherence. A strict xfail on
