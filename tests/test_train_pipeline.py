@@ -257,6 +257,12 @@ def test_bad_inputs_fail_before_any_compute(vae_run, tmp_path):
     )
     with pytest.raises(TrainDataError, match="no kept clips"):
         run_stage(cfg, "pretrain", rt)
+    # Crops picked among no candidates.
+    cfg = _config(
+        vae_run.data.curated_uri, str(tmp_path / "u"), vae={"crop_px": 32, "crop_candidates": 0}
+    )
+    with pytest.raises(TrainError, match="crop_candidates"):
+        run_stage(cfg, "vae", rt)
     # A corrupt checkpoint to resume from.
     cfg = _config(vae_run.data.curated_uri, str(tmp_path / "t"), init_from=parent)
     bad = storage.join(cfg.run_uri, "pretrain", "checkpoint_00000003")

@@ -147,7 +147,7 @@ def rate_clip(prompt: str, clip) -> dict:
     fps = float(clip.fps)
     frames_dets = probe["frames"]
     # Impacts only: the probe's "pulses" (area jumps) are beats in beat scenes, and in
-    # bouncing scenes the artefact of a 24-48 pixel ball's area flickering.
+    # bouncing scenes the artefact of a 16-68 pixel ball's area flickering.
     visual = [e["time_s"] for e in probe["visual_events"] if e["type"] in IMPACT_TYPES]
     scores = sync_score(visual, probe["audio_onsets_s"], fps)
     scores["adherence"] = adherence_score(prompt, frames_dets, side_px)

@@ -463,6 +463,10 @@ def check_fits(cfg: TrainConfig, pipeline: DuetPipeline) -> None:
             f"vae.crop_px {s.crop_px} must be a multiple of {mcfg.video_vae.spatial_factor} "
             f"within {mcfg.width}x{mcfg.height}"
         )
+    if s.crop_candidates < 1:
+        raise TrainError(
+            f"vae.crop_candidates must be >= 1 (1 = uniform crops), got {s.crop_candidates}"
+        )
     if cfg.parallel.fsdp and not torch.distributed.is_initialized():
         raise TrainError("parallel.fsdp needs several workers (Ray Train or torchrun)")
 
