@@ -3,9 +3,16 @@
 Builds the synthetic corpus of ``pipelines.train.conditioning`` once, trains the
 ``tiny`` preset through ``vae -> pretrain`` with the local runner, and prints what
 ``tests/test_train_conditioning.py`` checks: the colour share of the generated ball
-with an image reference in slot 0 (text naming no colour), with two image slots and
-then swapped, the backdrop shares with image references (what the test checks), and
-per shot of a two-shot plan.
+with an image reference in slot 0 (a first frame of a held-out shot of that colour,
+not a frame of the clip being generated; the text names no colour), with two image
+slots and then swapped, the backdrop shares with image references (what the test
+checks), and per shot of a two-shot plan.
+
+References are taught by role (:mod:`pipelines.train.reference_pairs`: an image
+reference shows the subject in another shot); the clip's own first frame is
+image-to-video, its own mode with its own slot (the model's last image slot,
+``ReferenceSet.first_frame``), not a reference. ``--own-p`` sets how often training
+gives a clip its own first frame in that I2V slot.
 
     python bench/train_conditioning.py --out /tmp/cond --vae-steps 300 --dit-steps 800
 """
@@ -79,8 +86,10 @@ def make_text_table(path: str, manifest: str) -> None:
 
 @torch.no_grad()
 def reference_diagnostic(pipe, manifest: str, clips: int = 16) -> dict:
-    """Flow-matching error of latent frame 0 on training clips, slot 0 = own first frame
-    present vs absent (same noise, same t): does the DiT read the reference at all?"""
+    """Flow-matching error of latent frame 0 on training clips with the clip's own first
+    frame put in image slot 0, against no reference (same noise, same t): does the DiT
+    read an image slot at all? A probe of reading only: training gives a clip its own
+    first frame in the I2V slot (the last image slot), and fills slot 0 by role."""
     import pyarrow.parquet as pq
 
     from core.media import read_clip

@@ -50,13 +50,23 @@ def curate(
     ),
 ) -> None:
     """Curate raw footage into clips, a versioned Parquet manifest and an HTML report."""
+    from flows import prefect_api
+
+    # First, before the curation stages load and Ray starts: given a server that is
+    # not there, Prefect would retry for 30 s and end in a traceback.
+    prefect_api.check_reachable()
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cli.common import absolute, fail
     from core.config import load_config
     from curation.pipeline import CurateConfig
     from flows import curate as flow_module
 
+    # Absolute here, where the user's working directory is known: the sources run
+    # as Ray tasks elsewhere.
+    input_glob, out, config_uri = absolute(input_glob), absolute(out), absolute(config_uri)
+    speech_model_dir, caption_model_path = absolute(speech_model_dir), absolute(caption_model_path)
     console = Console()
     config = CurateConfig().to_dict()
     config["clips"].update(min_clip_s=min_clip_s, max_clip_s=max_clip_s)
@@ -80,8 +90,11 @@ def curate(
                     config[section] = values
         CurateConfig.from_dict(config)
     except (TypeError, ValueError, OSError) as err:
-        console.print(f"[red]bad configuration:[/red] {err}")
-        raise typer.Exit(code=2) from err
+        fail(f"bad configuration: {err}")
+    if not flow_module.discover_inputs(input_glob):
+        # Before Prefect and Ray start: an empty run would only write an empty manifest.
+        fail(f"no file matches {input_glob}: name files or a quoted pattern, e.g. "
+             "'raw/*.mp4' (a folder alone matches nothing)")  # fmt: skip
     speech_config = {"model_dir": speech_model_dir} if speech_model_dir else {}
 
     with Progress(

@@ -24,21 +24,42 @@ def _progress() -> Progress:
     )
 
 
-def synth_step(raw_uri: str, num_videos: int, seed: int) -> list[str]:
-    """Generate the raw corpus unless a complete one (commit marker) is already there."""
-    from core.synth import generate_corpus
+# ``--quick``: the smallest corpus the chain runs on (the curation minimum of
+# 128x128 px; shots long enough for one 33-frame training clip each).
+QUICK_VIDEOS = 3
+QUICK_SYNTH = {
+    "width": 128, "height": 128, "fps": 16.0, "sample_rate": 16000, "min_shots": 2,
+    "max_shots": 2, "min_shot_s": 2.5, "max_shot_s": 3.5,
+    "kinds": ("bouncing_balls", "collision"),
+}  # fmt: skip
 
+
+def synth_step(raw_uri: str, num_videos: int, seed: int, quick: bool = False) -> list[str]:
+    """Generate the raw corpus unless the same one (commit marker) is already there."""
+    import json
+    from dataclasses import asdict
+
+    from core.synth import SynthConfig, generate_corpus
+
+    config = SynthConfig(**QUICK_SYNTH) if quick else SynthConfig()
+    # JSON's view of the settings, to compare with the marker a previous run wrote.
+    wanted = json.loads(
+        json.dumps({"num_videos": num_videos, "seed": seed, "config": asdict(config)})
+    )
     if storage.is_committed(raw_uri):
         uris = storage.list_files(raw_uri, suffixes=(".mp4",))
-        if len(uris) == num_videos:
+        marker = storage.read_json(storage.join(raw_uri, storage.MARKER_NAME))
+        same = marker == wanted or (not quick and "config" not in marker)  # older markers
+        if same and len(uris) == num_videos:
             console.print(f"raw corpus already at {raw_uri} ({len(uris)} videos)")
             return uris
     with _progress() as bar:
         task = bar.add_task("synthesising raw footage", total=num_videos)
         uris = generate_corpus(
-            raw_uri, num_videos, seed=seed, progress=lambda i, uri: bar.advance(task)
-        )
-    storage.write_marker(raw_uri, {"num_videos": num_videos, "seed": seed})
+            raw_uri, num_videos, seed=seed, config=config,
+            progress=lambda i, uri: bar.advance(task),
+        )  # fmt: skip
+    storage.write_marker(raw_uri, wanted)
     return uris
 
 
@@ -137,9 +158,26 @@ def curate_step(raw_uri: str, curated_uri: str, speech: bool) -> dict:
     return summary
 
 
-def demo_train_config(curated_uri: str, run_uri: str, scale: float = 1.0):
-    """A short ``tiny`` run: minutes on a laptop CPU; ``scale`` multiplies every stage's steps."""
+def demo_train_config(curated_uri: str, run_uri: str, scale: float = 1.0, quick: bool = False):
+    """A short ``tiny`` run: minutes on a laptop CPU; ``scale`` multiplies every stage's steps.
+    ``quick``: a few steps per stage, batches of 2, a log line per step."""
     from pipelines.train.config import train_config_from
+
+    if quick:
+
+        def stage(n: int) -> dict:
+            return {"steps": n, "batch_size": 2, "checkpoint_every": n, "log_every": 1}
+
+        return train_config_from(
+            {
+                "preset": "tiny",
+                "run_uri": run_uri,
+                "data": {"curated_uri": curated_uri},
+                "vae": {**stage(4), "eval_clips": 1},
+                "pretrain": stage(4),
+                "sft": stage(2),
+            }
+        )
 
     def steps(n: int) -> int:
         return max(1, int(round(n * scale)))
@@ -161,27 +199,23 @@ def demo_train_config(curated_uri: str, run_uri: str, scale: float = 1.0):
     )
 
 
-def train_step(curated_uri: str, run_uri: str, scale: float, num_workers: int) -> dict[str, str]:
+def train_step(
+    curated_uri: str, run_uri: str, scale: float, num_workers: int, quick: bool = False
+) -> dict[str, str]:
     """vae -> pretrain -> sft on the curated corpus with Ray Train; finished stages are kept."""
+    from cli.progress import TrainProgress
     from pipelines.train import train
 
-    cfg = demo_train_config(curated_uri, run_uri, scale)
+    cfg = demo_train_config(curated_uri, run_uri, scale, quick)
     console.print(f"[bold]training[/bold] tiny: vae -> pretrain -> sft on Ray Train x{num_workers}")
-    with _progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, step: int, total: int, row: dict) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"train {stage}", total=total)
-            bar.update(tasks[stage], completed=step)
-
-        finals = train(cfg, runner="ray", num_workers=num_workers, progress=on_progress)
+    with TrainProgress(console) as progress:
+        finals = train(cfg, runner="ray", num_workers=num_workers, progress=progress)
     for stage, uri in finals.items():
         console.print(f"  {stage}: {uri}")
     return finals
 
 
-def generate_step(checkpoint_uri: str, curated_uri: str, out_uri: str) -> str:
+def generate_step(checkpoint_uri: str, curated_uri: str, out_uri: str, steps: int = 20) -> str:
     """One clip from the trained checkpoint, for a caption of a held-out clip."""
     from core.media import write_mp4
     from model.generate import GenerationRequest, generate
@@ -197,12 +231,13 @@ def generate_step(checkpoint_uri: str, curated_uri: str, out_uri: str) -> str:
     except TrainDataError:
         rows = load_clip_rows(data, pipeline.config.fps)
     prompts = held_out_prompts(rows) or ["a red ball bounces on a floor"]
-    request = GenerationRequest(prompt=prompts[0], duration_s=2.0, seed=0, steps=20)
+    request = GenerationRequest(prompt=prompts[0], duration_s=2.0, seed=0, steps=steps)
     result = generate(request, pipeline=pipeline)
     video_uri = storage.join(out_uri, "generated.mp4")
     write_mp4(video_uri, result.clip)
     storage.write_json(
-        storage.join(out_uri, "generated.json"), {**result.metadata, "checkpoint": checkpoint_uri}
+        storage.join(out_uri, "generated.json"),
+        {"kind": "generation", **result.metadata, "checkpoint": checkpoint_uri},
     )
     console.print(f"[bold]generated[/bold] {video_uri} for {prompts[0]!r}")
     return video_uri
@@ -233,7 +268,7 @@ def shipped_step(out_uri: str) -> str | None:
     adherence = caption_adherence(SHIPPED_DEMO_PROMPT, probe["frames"])
     storage.write_json(
         storage.join(out_uri, "shipped.json"),
-        {**result.metadata, "checkpoint": checkpoint, "adherence": adherence,
+        {"kind": "generation", **result.metadata, "checkpoint": checkpoint, "adherence": adherence,
          "av_offset_ms": probe["av_offset_ms"]},
     )  # fmt: skip
     console.print(
@@ -333,10 +368,44 @@ def run_demo(
     speech: bool = True,
     train_scale: float = 1.0,
     train_workers: int = 2,
+    quick: bool = False,
+) -> None:
+    """The demo into ``out_uri`` (made absolute by the caller: Ray Train workers and
+    Serve replicas run in working directories of their own). ``quick``: the smallest
+    corpus and a few training steps, through curate -> Ray Train -> generate only."""
+    from flows import prefect_api
+
+    # Curation and the ad batch are Prefect flows: an absent server is one line now,
+    # not a traceback after synthesis and probing.
+    prefect_api.check_reachable()
+    import ray
+
+    from core.ray_setup import init_ray
+
+    if quick:
+        num_videos, speech, train_scale, train_workers = QUICK_VIDEOS, False, 1.0, 1
+    # One local Ray for every step: curation, training and serving join it instead
+    # of each starting and stopping its own (seconds each on a small machine).
+    started_ray = init_ray(None)
+    try:
+        _run_steps(out_uri, num_videos, seed, speech, train_scale, train_workers, quick)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _run_steps(
+    out_uri: str,
+    num_videos: int,
+    seed: int,
+    speech: bool,
+    train_scale: float,
+    train_workers: int,
+    quick: bool,
 ) -> None:
     started = time.perf_counter()
     raw_uri = storage.join(out_uri, "raw")
-    videos = synth_step(raw_uri, num_videos, seed)
+    videos = synth_step(raw_uri, num_videos, seed, quick)
     probe_step(videos, storage.join(out_uri, "probe_summary.json"))
     curated_uri = storage.join(out_uri, "curated")
     curated = curate_step(raw_uri, curated_uri, speech)
@@ -344,8 +413,17 @@ def run_demo(
         console.print(f"[bold]curation report:[/bold] {curated['report']}")
     finals = {}
     if train_scale > 0:
-        finals = train_step(curated_uri, storage.join(out_uri, "train"), train_scale, train_workers)
-        generate_step(finals["sft"], curated_uri, out_uri)
+        # A quick run has its own run folder: a full demo into the same folder must
+        # not skip its stages as finished.
+        run_uri = storage.join(out_uri, "train-quick" if quick else "train")
+        finals = train_step(curated_uri, run_uri, train_scale, train_workers, quick)
+        generate_step(finals["sft"], curated_uri, out_uri, steps=4 if quick else 20)
+    if quick:
+        console.print(
+            f"[green]quick demo finished in {time.perf_counter() - started:.0f} s[/green]; "
+            f"outputs under {out_uri}"
+        )
+        return
     shipped_step(out_uri)
     from model.checkpoint import default_checkpoint
 

@@ -56,7 +56,7 @@ def generate(
     ),
     sampler: str = typer.Option("heun", "--sampler", help="euler | heun"),
     duration: float = typer.Option(
-        2.0, "--duration", help="Seconds (ignored with --shots or editing)."
+        2.0, "--duration", help="Seconds (ignored with --shots, editing, --v2a or --a2v)."
     ),
     text_scale: float = typer.Option(4.0, "--text-scale"),
     ref_scale: float = typer.Option(1.5, "--ref-scale"),
@@ -70,6 +70,16 @@ def generate(
     keep: str = typer.Option(
         "none", "--keep", help="Editing: none | audio | video (branch kept from the source)."
     ),
+    v2a: str = typer.Option(
+        None,
+        "--v2a",
+        help="Video-to-audio: sound for this video (URI); its picture is kept unchanged.",
+    ),
+    a2v: str = typer.Option(
+        None,
+        "--a2v",
+        help="Audio-to-video: a picture for this soundtrack (URI); the audio is kept unchanged.",
+    ),
     image_ref: list[str] = typer.Option(
         None, "--image-ref", help="Image reference URI (repeat, up to 9)."
     ),
@@ -81,13 +91,28 @@ def generate(
     ),
 ) -> None:
     """Generate a clip with synchronized audio and write it as an MP4 (plus a JSON sidecar)."""
+    from cli.common import absolute, absolute_all
     from core import storage
     from core.media import MediaError, read_audio, read_clip, read_video, write_mp4
     from model.checkpoint import CheckpointError
-    from model.generate import EditSpec, GenerationRequest, ReferenceSet, resolve_pipeline
+    from model.generate import (
+        EditSpec,
+        GenerationRequest,
+        GivenMedia,
+        ReferenceSet,
+        resolve_pipeline,
+    )
     from model.generate import generate as run_generate
 
+    out, checkpoint, edit_source = absolute(out), absolute(checkpoint), absolute(edit_source)
+    v2a, a2v = absolute(v2a), absolute(a2v)
+    if sum(x is not None for x in (edit_source, v2a, a2v)) > 1:
+        typer.echo("error: --edit-source, --v2a and --a2v exclude each other", err=True)
+        raise typer.Exit(code=2)
+    image_ref, video_ref, audio_ref = map(absolute_all, (image_ref, video_ref, audio_ref))
     checkpoint = _choose_checkpoint(checkpoint, random_weights, preset)
+    if checkpoint:
+        check_checkpoint(checkpoint, prompt)
     try:
         pipeline = resolve_pipeline(None, checkpoint, preset)
         cfg = pipeline.config
@@ -107,6 +132,13 @@ def generate(
                 edit_source, sample_rate=cfg.sample_rate, size=(cfg.width, cfg.height)
             )
             edit = EditSpec(source=source, strength=strength, keep=keep)
+        given = None
+        if v2a:
+            frames, fps = read_video(v2a, size=(cfg.width, cfg.height))
+            given = GivenMedia("v2a", frames=frames, fps=fps)
+        elif a2v:
+            audio, rate = read_audio(a2v, sample_rate=cfg.sample_rate, channels=2)
+            given = GivenMedia("a2v", audio=audio, sample_rate=rate)
         request = GenerationRequest(
             prompt=prompt,
             duration_s=duration,
@@ -118,6 +150,7 @@ def generate(
             references=references,
             shots=_shot_plan(shots) if shots else None,
             edit=edit,
+            given=given,
             quality="fast" if fast else "full",
         )
         result = run_generate(request, pipeline=pipeline)
@@ -135,7 +168,8 @@ def generate(
     sidecar = (
         str(Path(out).with_suffix(".json")) if "://" not in out else out.rsplit(".", 1)[0] + ".json"
     )
-    metadata = {**result.metadata, "checkpoint": checkpoint, "video": out}
+    # "kind" tells `duet probe` this is no ground truth (core.probes.probe.sidecar_kind).
+    metadata = {"kind": "generation", **result.metadata, "checkpoint": checkpoint, "video": out}
     storage.write_json(sidecar, metadata)
     clip = result.clip
     typer.echo(
@@ -169,3 +203,53 @@ def _choose_checkpoint(checkpoint: str | None, random_weights: bool, preset: str
         )
         raise typer.Exit(code=2)
     return found
+
+
+def check_checkpoint(uri: str, prompt: str) -> None:
+    """Refuse what is not a generating checkpoint (exit 2, one line), before any
+    weights load; warn about prompt words the checkpoint's captions never used."""
+    from cli.common import fail, warn
+    from core import storage
+    from model.checkpoint import CONFIG_NAME, read_meta
+    from pipelines.align.reward import META_NAME as REWARD_META_NAME
+    from pipelines.train.vocabulary import checkpoint_vocabulary, unknown_words
+
+    if not storage.exists(uri):
+        fail(f"{uri}: no such checkpoint folder")
+    if storage.exists(storage.join(uri, REWARD_META_NAME)):
+        fail(
+            f"{uri} is a reward model (the rlhf stage's judge of clips), not a generating "
+            "checkpoint: pass a pretrain, sft, rlhf or distill checkpoint (the run's sft/final)"
+        )
+    if not storage.exists(storage.join(uri, CONFIG_NAME)):
+        # A run folder or a stage folder: name the finished checkpoints inside it.
+        found = []
+        for pattern in ("final", "*/final", "*/*/final"):
+            found += storage.glob(storage.join(uri, pattern, CONFIG_NAME))
+        below = [f[: -len(CONFIG_NAME) - 1] for f in found]
+        hint = (
+            f"checkpoints inside it: {', '.join(below[:4])}"
+            if below
+            else "pass the folder of a trained checkpoint (a training run's RUN/sft/final)"
+        )
+        fail(f"{uri} is not a checkpoint (no {CONFIG_NAME}): {hint}")
+    meta = read_meta(uri)
+    if (meta.get("extra") or {}).get("stage") == "vae":
+        fail(
+            f"{uri} is a vae-stage checkpoint: only its VAEs are trained, so its DiT would "
+            "generate noise; pass a pretrain, sft, rlhf or distill checkpoint "
+            "(the run's sft/final)"
+        )
+    vocabulary = checkpoint_vocabulary(meta)
+    if not vocabulary or not prompt:
+        return
+    unknown = unknown_words(prompt, vocabulary)
+    if unknown:
+        named = ", ".join(
+            f"{word!r} (nearest known: {', '.join(near)})" if near else f"{word!r}"
+            for word, near in unknown.items()
+        )
+        warn(
+            f"this checkpoint's training captions never use {named}; it knows "
+            f"{len(vocabulary)} words and may ignore the others"
+        )

@@ -14,23 +14,25 @@ def probe(
         False, "--frames/--no-frames", help="Include per-frame detections in the printed JSON."
     ),
 ) -> None:
-    """Print the probe JSON of a video on stdout; with a ground-truth sidecar beside
-    it, a table of its errors goes to stderr (stdout stays parseable JSON)."""
+    """Print the probe JSON of a video on stdout. A JSON file beside it is named on
+    stderr by kind: ground truth (a table of the probe's errors against it) or a
+    generated clip's metadata (its prompt's adherence); stdout stays parseable JSON."""
     import json
 
     from rich.console import Console
-    from rich.table import Table
 
+    from cli.common import FAILED, absolute, fail
     from core import storage
     from core.media import MediaError
-    from core.probes import compare_to_truth, probe_video
+    from core.probes import probe_video
 
     console = Console(stderr=True)
+    video_uri, json_out = absolute(video_uri), absolute(json_out)
     try:
         result = probe_video(video_uri, include_frames=True)
     except MediaError as err:
-        console.print(f"[red]cannot probe {video_uri}: {err.reason}[/red]")
-        raise typer.Exit(code=1) from err
+        # One line, whatever the terminal's width: the reason quotes the whole path.
+        fail(f"cannot probe {video_uri}: {err.reason}", FAILED)
     if json_out:
         storage.write_json(json_out, result)
     shown = result if frames else {k: v for k, v in result.items() if k != "frames"}
@@ -38,7 +40,30 @@ def probe(
 
     sidecar_uri = video_uri.rsplit(".", 1)[0] + ".json"
     if storage.exists(sidecar_uri) and sidecar_uri != json_out:
-        errors = compare_to_truth(result, storage.read_json(sidecar_uri))
+        _report_sidecar(console, result, sidecar_uri)
+
+
+def _report_sidecar(console, result: dict, sidecar_uri: str) -> None:
+    """Say which kind of file sits beside the video, and compare the probe with it
+    only when it is ground truth (stderr: stdout stays the probe JSON)."""
+    import json
+
+    from rich.table import Table
+
+    from core import storage
+    from core.probes.captions import caption_adherence
+    from core.probes.probe import SIDECAR_GENERATION, SIDECAR_TRUTH, compare_to_truth, sidecar_kind
+
+    try:
+        sidecar = storage.read_json(sidecar_uri)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        sidecar = None
+    kind = sidecar_kind(sidecar)
+    if kind == SIDECAR_TRUTH:
+        console.print(
+            f"{sidecar_uri}: ground truth of the synthetic world", highlight=False, soft_wrap=True
+        )
+        errors = compare_to_truth(result, sidecar)
         table = Table(title=f"errors against ground truth ({sidecar_uri})")
         table.add_column("metric")
         table.add_column("value")
@@ -49,3 +74,31 @@ def probe(
             else:
                 table.add_row(key, str(value))
         console.print(table)
+    elif kind == SIDECAR_GENERATION:
+        prompt = sidecar.get("prompt") or ""
+        console.print(
+            f"{sidecar_uri}: generation metadata, not ground truth (prompt {prompt!r}); "
+            "measured against the prompt only",
+            highlight=False,
+            soft_wrap=True,
+        )
+        table = Table(title=f"generated clip against its request ({sidecar_uri})")
+        table.add_column("metric")
+        table.add_column("value")
+        table.add_row("prompt", prompt)
+        try:
+            adherence = f"{caption_adherence(prompt, result['frames']):.3f}"
+        except ValueError:
+            adherence = "n/a (the prompt names no coloured shape the probes know)"
+        table.add_row("caption adherence", adherence)
+        table.add_row("av_offset_ms", str(result["av_offset_ms"]))
+        for key in ("checkpoint", "seed", "steps", "quality"):
+            if key in sidecar:
+                table.add_row(key, str(sidecar[key]))
+        console.print(table)
+    else:
+        console.print(
+            f"{sidecar_uri}: neither ground truth nor generation metadata; not used",
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -65,10 +65,12 @@ def deploy(
     """Register the Prefect deployments (curate, train, adgen) on PREFECT_API_URL."""
     import asyncio
 
+    from flows import prefect_api
     from infra.prefect_deploy import TARGETS, register
 
     if target not in TARGETS:
         raise typer.BadParameter(f"--target must be one of {TARGETS}")
+    prefect_api.check_reachable(local_fallback=False)
     ids = asyncio.run(register(_config(config_uri), target))
     for name, deployment_id in ids.items():
         typer.echo(f"{name}: {deployment_id}")

@@ -34,8 +34,10 @@ def synth(
         TimeRemainingColumn,
     )
 
+    from cli.common import absolute
     from core.synth import SCENE_KINDS, SynthConfig, generate_corpus
 
+    out_uri = absolute(out_uri)
     console = Console()
     chosen = tuple(k.strip() for k in kinds.split(",") if k.strip()) or SCENE_KINDS
     config = SynthConfig(

@@ -279,6 +279,263 @@ def _is_variable_frame_rate(
     return bool(gaps.max() > (1 + tolerance) * median or gaps.min() < (1 - tolerance) * median)
 
 
+# ---------------------------------------------------------------- limits (untrusted media)
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """What one untrusted media file (a served request's reference) may hold.
+
+    A few kilobytes can declare minutes of frames or a huge canvas, so these are
+    checked in three phases, each cheaper than what it guards: the header
+    (:func:`check_media_header`, from :func:`probe_media`), the packets, demuxed but
+    not decoded (:func:`scan_packets`: a header that understates its length is
+    caught by counting what is really there), and the decoded frames themselves
+    (:class:`DecodeBudget`: a stream that changes resolution mid-way, or whose
+    packets decode to more than their timestamps said, stops at the limit).
+    """
+
+    max_seconds: float = 30.0
+    max_frames: int = 1800  # 30 s at 60 fps
+    max_pixels: int = MAX_PIXELS  # per frame
+    max_side: int = 8192  # either dimension
+    # Everything decoded, at the coded size: RGB24 per video frame, float32 per audio
+    # sample and channel. 30 s of 1080p at 30 fps is 5.6 GB.
+    max_decoded_bytes: int = 8 * 1024**3
+    max_streams: int = 16
+    max_channels: int = 8  # 7.1
+    max_sample_rate: int = 192_000
+
+
+# Counted durations may run past the header's by a codec's priming and the last
+# frame's length; this much slack keeps honest media from being refused for it.
+COUNT_GRACE_S = 0.5
+
+
+class MediaLimitError(MediaError):
+    """Media over one of :class:`MediaLimits`: ``limit`` names the field, ``detail``
+    says what was found."""
+
+    def __init__(self, uri: str, limit: str, detail: str):
+        super().__init__(uri, f"{detail} (over {limit})")
+        self.limit = limit
+        self.detail = detail
+
+
+def _decoded_video_bytes(width: int, height: int, frames: int) -> int:
+    return int(width) * int(height) * 3 * int(frames)
+
+
+def check_media_header(info: MediaInfo, limits: MediaLimits) -> None:
+    """Refuse media whose header (as :func:`probe_media` read it) declares more than
+    ``limits``; nothing has been decoded yet. A header that says nothing (a raw
+    stream: duration 0) passes here and is counted by :func:`scan_packets`."""
+    uri = info.uri
+    if info.has_video:
+        w, h = info.width, info.height
+        if max(w, h) > limits.max_side:
+            raise MediaLimitError(
+                uri, "max_side", f"video is {w}x{h}: a side over {limits.max_side}"
+            )
+        if w * h > limits.max_pixels:
+            raise MediaLimitError(
+                uri,
+                "max_pixels",
+                f"video is {w}x{h} = {w * h} pixels a frame",
+            )
+        if info.frame_count > limits.max_frames:
+            raise MediaLimitError(
+                uri,
+                "max_frames",
+                f"header declares {info.frame_count} frames",
+            )
+    if info.duration_s > limits.max_seconds:
+        raise MediaLimitError(
+            uri,
+            "max_seconds",
+            f"header declares {info.duration_s:.1f} s",
+        )
+    if info.has_audio:
+        if info.audio_channels > limits.max_channels:
+            raise MediaLimitError(
+                uri,
+                "max_channels",
+                f"audio has {info.audio_channels} channels",
+            )
+        if info.audio_rate > limits.max_sample_rate:
+            raise MediaLimitError(
+                uri,
+                "max_sample_rate",
+                f"audio is sampled at {info.audio_rate} Hz",
+            )
+    decoded = (
+        _decoded_video_bytes(info.width, info.height, info.frame_count) if info.has_video else 0
+    )
+    decoded += int(info.duration_s * info.audio_rate) * info.audio_channels * 4
+    if decoded > limits.max_decoded_bytes:
+        raise MediaLimitError(
+            uri,
+            "max_decoded_bytes",
+            f"header declares {decoded} bytes decoded",
+        )
+
+
+@dataclass
+class PacketCount:
+    """What :func:`scan_packets` counted: video packets (one per frame), the longest
+    stream's seconds, and the container's streams."""
+
+    frames: int
+    seconds: float
+    streams: int
+
+
+def scan_packets(uri: str, limits: MediaLimits) -> PacketCount:
+    """Demux (never decode) the first video stream and every audio stream, counting
+    frames and seconds, and stop at the first limit passed.
+
+    A stream's seconds are the most of: its timestamps' span, the sum of its packets'
+    durations, and (video) its packet count at the stated rate, so neither a header
+    nor timestamps that understate can hide what the packets hold. Costs one read of
+    the file's bytes, bounded by the upload limit.
+    """
+    with local_path(uri) as path, _open_input(uri, path) as container:
+        count = len(container.streams)
+        if count > limits.max_streams:
+            raise MediaLimitError(uri, "max_streams", f"{count} streams")
+        video = container.streams.video[0] if container.streams.video else None
+        streams = ([video] if video is not None else []) + list(container.streams.audio)
+        if not streams:
+            return PacketCount(0, 0.0, count)
+        fps = 0.0
+        width = height = 0
+        if video is not None:
+            width, height = video.codec_context.width, video.codec_context.height
+            rate = video.average_rate or video.guessed_rate or video.base_rate
+            fps = float(rate) if rate else 0.0
+        first: dict[int, float] = {}
+        last: dict[int, float] = {}
+        summed: dict[int, float] = {}
+        frames = 0
+        seconds = 0.0
+        try:
+            for packet in container.demux(*streams):
+                if packet.size == 0:  # the demuxer's end-of-stream flush
+                    continue
+                key = packet.stream.index
+                tb = packet.time_base or packet.stream.time_base
+                length = float(packet.duration * tb) if packet.duration and tb else 0.0
+                summed[key] = summed.get(key, 0.0) + length
+                stamp = packet.pts if packet.pts is not None else packet.dts
+                if stamp is not None and tb:
+                    t = float(stamp * tb)
+                    first[key] = min(first.get(key, t), t)
+                    last[key] = max(last.get(key, t), t + length)
+                span = last.get(key, 0.0) - first.get(key, 0.0)
+                stream_s = max(span, summed[key])
+                if packet.stream is video:
+                    frames += 1
+                    if fps:
+                        stream_s = max(stream_s, frames / fps)
+                    if frames > limits.max_frames:
+                        raise MediaLimitError(
+                            uri, "max_frames", f"holds more than {limits.max_frames} video frames"
+                        )
+                    if _decoded_video_bytes(width, height, frames) > limits.max_decoded_bytes:
+                        raise MediaLimitError(
+                            uri,
+                            "max_decoded_bytes",
+                            f"{frames} frames of {width}x{height} decode to more than "
+                            f"{limits.max_decoded_bytes} bytes",
+                        )
+                seconds = max(seconds, stream_s)
+                if seconds > limits.max_seconds + COUNT_GRACE_S:
+                    raise MediaLimitError(
+                        uri, "max_seconds", f"holds more than {limits.max_seconds:g} s of media"
+                    )
+        except av.error.FFmpegError as err:
+            raise MediaError(uri, f"cannot read packets ({err})") from err
+        return PacketCount(frames, seconds, count)
+
+
+class DecodeBudget:
+    """Counts what is decoded from one untrusted file and raises
+    :class:`MediaLimitError` at the first frame past ``limits``, whatever the header
+    and the packets said. Pass one to :func:`read_video`, :func:`read_audio` or
+    :func:`read_clip` (``budget=``); :func:`decode_audio_within` uses one alone."""
+
+    def __init__(self, limits: MediaLimits, uri: str = ""):
+        self.limits = limits
+        self.uri = uri
+        self.frames = 0
+        self.audio_seconds = 0.0
+        self.decoded_bytes = 0
+        self._first: dict[str, float] = {}
+
+    def _fail(self, limit: str, reason: str) -> None:
+        raise MediaLimitError(self.uri, limit, reason)
+
+    def _span(self, kind: str, time_s: float | None, length_s: float) -> None:
+        if time_s is None:
+            return
+        start = self._first.setdefault(kind, float(time_s))
+        if float(time_s) + length_s - start > self.limits.max_seconds + COUNT_GRACE_S:
+            self._fail("max_seconds", f"{kind} runs past {self.limits.max_seconds:g} s")
+
+    def _add_bytes(self, n: int) -> None:
+        self.decoded_bytes += n
+        if self.decoded_bytes > self.limits.max_decoded_bytes:
+            self._fail(
+                "max_decoded_bytes", f"decodes to more than {self.limits.max_decoded_bytes} bytes"
+            )
+
+    def video_frame(self, frame: av.VideoFrame) -> None:
+        """Account for one decoded frame (call before converting it)."""
+        lim = self.limits
+        w, h = frame.width, frame.height
+        if max(w, h) > lim.max_side:
+            self._fail("max_side", f"a frame is {w}x{h}: a side over {lim.max_side}")
+        if w * h > lim.max_pixels:
+            self._fail("max_pixels", f"a frame is {w}x{h} = {w * h} pixels")
+        self.frames += 1
+        if self.frames > lim.max_frames:
+            self._fail("max_frames", f"decodes to more than {lim.max_frames} frames")
+        self._span("video", frame.time, 0.0)
+        self._add_bytes(_decoded_video_bytes(w, h, 1))
+
+    def audio_frame(self, frame: av.AudioFrame) -> None:
+        """Account for one decoded audio frame (before resampling)."""
+        lim = self.limits
+        channels, rate = frame.layout.nb_channels, frame.sample_rate
+        if channels > lim.max_channels:
+            self._fail("max_channels", f"audio has {channels} channels")
+        if rate > lim.max_sample_rate:
+            self._fail("max_sample_rate", f"audio is sampled at {rate} Hz")
+        length = frame.samples / rate if rate else 0.0
+        self.audio_seconds += length
+        if self.audio_seconds > lim.max_seconds + COUNT_GRACE_S:
+            self._fail("max_seconds", f"decodes to more than {lim.max_seconds:g} s of audio")
+        self._span("audio", frame.time, length)
+        self._add_bytes(frame.samples * channels * 4)
+
+
+def decode_audio_within(uri: str, limits: MediaLimits) -> float:
+    """Decode the audio stream a reader would use, keeping nothing, and return its
+    seconds; raises :class:`MediaLimitError` at the first frame past ``limits``, so
+    the cost is bounded by the limits, not by what the file claims or holds."""
+    budget = DecodeBudget(limits, uri)
+    with local_path(uri) as path, _open_input(uri, path) as container:
+        stream = choose_audio_stream(container)
+        if stream is None:
+            raise MediaError(uri, "no audio stream")
+        try:
+            for frame in container.decode(stream):
+                budget.audio_frame(frame)
+        except av.error.FFmpegError as err:
+            raise MediaError(uri, f"audio decode failed ({err})") from err
+    return budget.audio_seconds
+
+
 # ---------------------------------------------------------------- video
 
 
@@ -287,12 +544,15 @@ def iter_video_frames(
     start_s: float = 0.0,
     end_s: float | None = None,
     size: tuple[int, int] | None = None,
+    budget: DecodeBudget | None = None,
 ) -> Iterator[tuple[float, np.ndarray]]:
     """Yield ``(time_s, frame)`` for frames with ``start_s <= time < end_s``.
 
     Seeks to the keyframe before ``start_s`` and discards frames before it, so
     reads are frame-accurate. ``size=(w, h)`` scales while converting to RGB,
     which is much cheaper than decoding full size and resizing afterwards.
+    ``budget`` (untrusted input) counts every decoded frame and stops the read at
+    the first one past its limits.
     """
     with storage.local_copy(uri) as path, _open_input(uri, path) as container:
         if not container.streams.video:
@@ -310,6 +570,8 @@ def iter_video_frames(
         index = 0
         try:
             for frame in container.decode(stream):
+                if budget is not None:
+                    budget.video_frame(frame)
                 t = _frame_time(frame, index / fps)
                 index += 1
                 if t < start_s - eps:
@@ -330,11 +592,12 @@ def read_video(
     start_s: float = 0.0,
     end_s: float | None = None,
     size: tuple[int, int] | None = None,
+    budget: DecodeBudget | None = None,
 ) -> tuple[np.ndarray, float]:
     """All frames in ``[start_s, end_s)`` as ``(T, H, W, 3)`` uint8, and the fps."""
     info_fps = None
     frames = []
-    for _, frame in iter_video_frames(uri, start_s, end_s, size):
+    for _, frame in iter_video_frames(uri, start_s, end_s, size, budget):
         frames.append(frame)
     with storage.local_copy(uri) as path, _open_input(uri, path) as container:
         if container.streams.video:
@@ -353,12 +616,14 @@ def read_audio(
     end_s: float | None = None,
     sample_rate: int | None = None,
     channels: int | None = None,
+    budget: DecodeBudget | None = None,
 ) -> tuple[np.ndarray, int]:
     """Audio in ``[start_s, end_s)`` as ``(C, N)`` float32 and its sample rate.
 
     Samples are placed by their decoded timestamps, so an encoder's priming
     delay or a stream that starts late keeps its true position relative to
-    the video.
+    the video. ``budget`` (untrusted input) counts every decoded frame, and its
+    timestamps' span, and stops the read at the first one past its limits.
     """
     with storage.local_copy(uri) as path, _open_input(uri, path) as container:
         if not container.streams.audio:
@@ -378,6 +643,8 @@ def read_audio(
             container.seek(int(start_s * av.time_base), backward=True)
         try:
             for frame in container.decode(stream):
+                if budget is not None:
+                    budget.audio_frame(frame)
                 t0 = _frame_time(frame, 0.0)
                 if end_s is not None and t0 >= end_s:
                     break
@@ -444,14 +711,15 @@ def read_clip(
     sample_rate: int | None = None,
     size: tuple[int, int] | None = None,
     require_audio: bool = True,
+    budget: DecodeBudget | None = None,
 ) -> AVClip:
     """Frames and audio of ``[start_s, end_s)``; silent stereo if audio is absent
-    and ``require_audio`` is False."""
-    frames, fps = read_video(uri, start_s, end_s, size)
+    and ``require_audio`` is False. ``budget`` bounds both reads together."""
+    frames, fps = read_video(uri, start_s, end_s, size, budget)
     # Audio is cut to exactly the frames' span so the two stay the same length.
     span_end = start_s + frames.shape[0] / fps
     try:
-        audio, rate = read_audio(uri, start_s, span_end, sample_rate=sample_rate)
+        audio, rate = read_audio(uri, start_s, span_end, sample_rate=sample_rate, budget=budget)
     except MediaError as err:
         if require_audio or err.reason != "no audio stream":
             raise
@@ -467,8 +735,15 @@ def write_mp4(
     preset: str = "veryfast",
     audio_bitrate: int = 192_000,
     aac_coder: str | None = None,
+    lossless: bool = False,
 ) -> None:
     """Encode H.264 (yuv420p) + AAC into an MP4 at ``uri``, atomically.
+
+    ``lossless=True`` encodes at quantiser 0: the decoded frames are exactly the
+    clip's frames after the RGB -> YUV 4:2:0 conversion, whatever choices the
+    encoder makes. libx264 at a CRF does not give the same bytes for the same frames
+    from run to run (its rate control and threads), so a corpus that must be the
+    same every time it is built (test fixtures, benchmarks) is written lossless.
 
     ``aac_coder="fast"`` selects FFmpeg's fast AAC coder: about 3x cheaper than the
     default two-loop search, at slightly lower quality -- right for training clips
@@ -494,7 +769,9 @@ def write_mp4(
             video = container.add_stream("libx264", rate=rate)
             video.width, video.height = w, h
             video.pix_fmt = "yuv420p"
-            video.options = {"crf": str(crf), "preset": preset}
+            video.options = (
+                {"qp": "0", "preset": preset} if lossless else {"crf": str(crf), "preset": preset}
+            )
             video.codec_context.time_base = 1 / rate
             audio = None
             if layout is not None:

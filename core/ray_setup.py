@@ -20,6 +20,7 @@ token is never copied into a job's runtime environment (the cluster's nodes have
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,26 @@ def quiet_ray_environment(local: bool) -> None:
             Config.initialize("")
 
 
+class ClusterUnreachableError(ConnectionError):
+    """The Ray cluster the user named does not answer (or refused this driver)."""
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at ``address``: Ray itself retries an
+    absent head for minutes before it gives up with a timeout deep in its logs."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and other forms Ray resolves itself
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ClusterUnreachableError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}): start one "
+            "(`make up`, or `ray start --head`) or leave out --ray-address to use a local Ray"
+        ) from err
+
+
 def init_ray(
     ray_address: str | None, num_cpus: int | None = None, log_to_driver: bool = False
 ) -> bool:
@@ -128,6 +149,7 @@ def init_ray(
         "runtime_env": {"env_vars": forwarded_env()},
     }
     if ray_address:
+        check_reachable(ray_address)
         try:
             ray.init(address=ray_address, **options)
         except ConnectionError as err:
@@ -137,7 +159,7 @@ def init_ray(
                 used = f"this driver sent the token from {auth_token_source()}"
             else:
                 used = "this driver sent no token"
-            raise ConnectionError(
+            raise ClusterUnreachableError(
                 f"{err}. If the cluster uses token authentication (on by default since "
                 f"Ray 2.52), {used}: set {AUTH_TOKEN_ENV} or {AUTH_TOKEN_PATH_ENV} to the "
                 "cluster's token (for `make up`: source .duet-stack/env.sh)"

@@ -67,6 +67,22 @@ def strip_scheme(uri: str) -> str:
     return uri.split("://", 1)[1]
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local path made absolute against this process's working directory.
+
+    Ray Train workers, Prefect tasks and Serve replicas run with working directories
+    of their own, so a relative path handed to them names another place (``make
+    demo`` once lost its manifest that way). Entry points call this once, in the
+    process whose working directory the user meant. ``file://`` keeps its scheme,
+    remote URIs (``s3://``) and ``""`` pass unchanged; glob characters are kept.
+    """
+    if not uri or scheme_of(uri) != "file":
+        return uri
+    if uri.startswith("file://"):
+        return "file://" + os.path.abspath(os.path.expanduser(uri[len("file://") :]))
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def with_scheme(uri_like: str, path: str) -> str:
     """Re-attach ``uri_like``'s scheme to a bare fsspec path."""
     scheme = scheme_of(uri_like)

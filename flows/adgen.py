@@ -41,6 +41,28 @@ def results_uri(out_uri: str) -> str:
     return storage.join(out_uri, RESULTS_NAME)
 
 
+def absolute_serve_config(config: ServeConfig) -> ServeConfig:
+    """``config`` with its local paths made absolute in this process: Serve replicas
+    run in Ray's working directories, where a relative checkpoint or jobs folder
+    names nothing."""
+    import dataclasses
+
+    absolute = storage.absolute_uri
+    return dataclasses.replace(
+        config,
+        checkpoint=absolute(config.checkpoint),  # None (the default checkpoint) stays None
+        models={name: absolute(uri) for name, uri in config.models.items()},
+        jobs_uri=absolute(config.jobs_uri),
+        fast=dataclasses.replace(config.fast, checkpoint=absolute(config.fast.checkpoint)),
+        full=dataclasses.replace(config.full, checkpoint=absolute(config.full.checkpoint)),
+        rank=dataclasses.replace(
+            config.rank,
+            table_uri=absolute(config.rank.table_uri),
+            media_root=absolute(config.rank.media_root),
+        ),
+    )
+
+
 @contextlib.contextmanager
 def serving(
     serve_url: str | None, api_key: str | None, serve_config: str | dict | ServeConfig | None
@@ -56,7 +78,7 @@ def serving(
 
     from serve.app import run
 
-    config = serve_config_from(serve_config)
+    config = absolute_serve_config(serve_config_from(serve_config))
     key = api_key or (config.all_api_keys() or (secrets.token_urlsafe(24),))[0]
     if key not in config.all_api_keys():
         config.api_keys = (*config.api_keys, key)
@@ -189,6 +211,10 @@ def adgen(
 ) -> dict[str, Any]:
     """Expand the brief, generate every unfinished variant, write MP4s and results."""
     logger = get_run_logger()
+    # The videos are written by Serve replicas, which run in Ray's working directories.
+    brief_uri, out_uri = storage.absolute_uri(brief_uri), storage.absolute_uri(out_uri)
+    if isinstance(serve_config, str):
+        serve_config = storage.absolute_uri(serve_config)
     brief, variants = expand_task(brief_uri)
     previous = read_results(results_uri(out_uri))
     done = _finished(previous)

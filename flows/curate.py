@@ -204,6 +204,8 @@ def curate(
     ``max_in_flight`` to twice the cluster's CPUs. Returns a summary with the
     manifest and report URIs.
     """
+    # The sources run as Ray tasks, in working directories of Ray's choosing.
+    input_glob, out_uri = storage.absolute_uri(input_glob), storage.absolute_uri(out_uri)
     cfg = resolve_config(config, config_uri)
     if cpus_per_source is None:
         cpus_per_source = SourcePipeline(cfg).resources["num_cpus"]

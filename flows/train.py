@@ -15,8 +15,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.train import train as run_training
-from pipelines.train.config import STAGES, TrainConfig, train_config_from
+from pipelines.train.config import STAGES, TrainConfig, train_config_from, with_absolute_uris
 from pipelines.train.loop import final_uri, stage_done
+from pipelines.train.sequences import needs_sequences, sequences_from_footage
 
 
 @task(name="train-stage", cache_policy=NO_CACHE, retries=1)
@@ -31,6 +32,16 @@ def stage_task(
     return run_training(cfg, (stage,), runner, num_workers, use_gpu, ray_address)[stage]
 
 
+@task(name="train-sequences", cache_policy=NO_CACHE)
+def sequences_task(curated_uri: str) -> str | None:
+    """Multi-shot sequences cut from curated footage that has shots and none yet."""
+    if not needs_sequences(curated_uri):
+        return None
+    table = sequences_from_footage(curated_uri, curated_uri)
+    get_run_logger().info("multi-shot sequences: %s", table)
+    return table
+
+
 @flow(name="train")
 def train_flow(
     config: dict[str, Any] | None = None,
@@ -40,9 +51,15 @@ def train_flow(
     num_workers: int = 1,
     use_gpu: bool = False,
     ray_address: str | None = None,
+    sequences: bool = False,
 ) -> dict[str, str]:
-    """Train ``stages`` (default: all) in order; returns each stage's final checkpoint."""
-    cfg = train_config_from(config_uri if config_uri else config)
+    """Train ``stages`` (default: all) in order; returns each stage's final checkpoint.
+    ``sequences``: first cut multi-shot sequences from the curated footage when it has
+    a shots table and no sequences table (off by default: it reads every source)."""
+    # Absolute before the tasks see it: a worker (Prefect's or Ray's) may run elsewhere.
+    cfg = with_absolute_uris(train_config_from(config_uri if config_uri else config))
+    if sequences:
+        sequences_task(cfg.data.curated_uri)
     finals = {}
     for stage in stages or list(STAGES):
         finals[stage] = stage_task(cfg, stage, runner, num_workers, use_gpu, ray_address)

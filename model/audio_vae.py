@@ -109,8 +109,10 @@ def griffin_lim(
     iters: int = 32,
     momentum: float = 0.99,
     generator: torch.Generator | None = None,
+    return_phase: bool = False,
 ) -> torch.Tensor:
-    """Fast Griffin-Lim: magnitude (B, F, T+1) -> waveform (B, length)."""
+    """Fast Griffin-Lim: magnitude (B, F, T+1) -> waveform (B, length), or with
+    ``return_phase`` the final unit-modulus phase estimate (B, F, T+1)."""
     if generator is None:
         angles = torch.ones_like(magnitude, dtype=torch.complex64)
     else:
@@ -123,7 +125,35 @@ def griffin_lim(
         accelerated = rebuilt - (momentum / (1 + momentum)) * previous
         angles = accelerated / accelerated.abs().clamp_min(1e-8)
         previous = rebuilt
+    if return_phase:
+        return angles
     return mel.istft(magnitude * angles, length)
+
+
+def griffin_lim_shared_phase(
+    mel: MelSpectrogram,
+    magnitude: torch.Tensor,  # (B, C, F, T+1): one magnitude per channel
+    length: int,
+    iters: int = 32,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Griffin-Lim for multichannel audio with one phase estimate shared by the channels.
+
+    A mel spectrogram carries no phase and no inter-channel time difference, so the
+    only stereo image it can express is a level difference per time-frequency bin.
+    Running Griffin-Lim per channel draws an independent phase for each (a random
+    start, and the iterations converge to unrelated local optima): a source panned
+    to the centre comes out decorrelated, heard as a phasey image with no position.
+    Estimating the phase once, on the mid magnitude (the channels' mean), and giving
+    every channel that phase with its own magnitude keeps the channels coherent and
+    their level differences intact. Returns (B, C, length).
+    """
+    b, c, f, t = magnitude.shape
+    phase = griffin_lim(
+        mel, magnitude.mean(dim=1), length, iters, generator=generator, return_phase=True
+    )  # (B, F, T+1) unit complex
+    spec = magnitude * phase[:, None]
+    return mel.istft(spec.reshape(b * c, f, t), length).view(b, c, length)
 
 
 class ResBlock1d(nn.Module):
@@ -270,8 +300,8 @@ class AudioVAE(nn.Module):
         flat = mel.reshape(b * c, m, t).float()
         length = t * self.hop_length
         if vocoder is None:
-            mag = self.mel.to_magnitude(flat)
-            wav = griffin_lim(
+            mag = self.mel.to_magnitude(flat).view(b, c, -1, t + 1)
+            wav = griffin_lim_shared_phase(
                 self.mel, mag, length, self.cfg.griffin_lim_iters, generator=generator
             )
         else:
@@ -288,11 +318,37 @@ class AudioVAE(nn.Module):
         return self.mel_to_waveform(self.decode_mel(z), vocoder, generator)
 
 
+# (n_fft, hop) of the multi-resolution STFT distance (Parallel WaveGAN's, at 16 kHz).
+STFT_RESOLUTIONS = ((256, 64), (512, 128), (1024, 256))
+
+
+def mr_stft_distance(
+    pred: torch.Tensor, target: torch.Tensor, resolutions=STFT_RESOLUTIONS
+) -> torch.Tensor:
+    """Multi-resolution STFT distance of waveforms (..., N): spectral convergence plus
+    log-magnitude L1, averaged over resolutions (0 = identical magnitudes). Phase is
+    not compared, so it scores what is heard, not the sample values."""
+    pred, target = pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1])
+    total = 0.0
+    for n_fft, hop in resolutions:
+        window = torch.hann_window(n_fft, device=pred.device)
+        p = torch.stft(pred, n_fft, hop, window=window, return_complex=True).abs()
+        t = torch.stft(target, n_fft, hop, window=window, return_complex=True).abs()
+        sc = torch.linalg.norm(p - t) / torch.linalg.norm(t).clamp_min(1e-5)
+        log_l1 = F.l1_loss(torch.log(p.clamp_min(1e-5)), torch.log(t.clamp_min(1e-5)))
+        total = total + sc + log_l1
+    return total / len(resolutions)
+
+
 class NeuralVocoder(nn.Module):
     """Normalised log-mel -> STFT magnitude and phase -> istft (Vocos style).
 
-    Small dilated 1D conv stack; trained with :meth:`loss` (log-magnitude L1 and
-    spectral convergence at the analysis resolution plus a mel L1).
+    A small dilated 1D conv stack predicting log-magnitude and phase per STFT bin,
+    trained as a GAN (:meth:`loss` with an :class:`~model.discriminators.AudioDiscriminator`:
+    least-squares adversarial and feature-matching terms) on top of a mel L1 and a
+    multi-resolution STFT distance, as HiFi-GAN and Vocos are. Each channel of a
+    stereo clip is vocoded by the same deterministic function of its own mel, so
+    channels that agree stay in phase (no random phase to decorrelate them).
     """
 
     def __init__(self, cfg: AudioVAEConfig):
@@ -315,25 +371,89 @@ class NeuralVocoder(nn.Module):
         h = self.blocks(self.conv_in(mel))
         log_mag, phase = self.conv_out(F.silu(self.norm_out(h))).chunk(2, dim=1)
         mag = torch.exp(log_mag.clamp(max=8.0))
-        return torch.polar(mag, torch.pi * torch.tanh(phase))
+        # The phase is used as an angle directly (Vocos: cos p + i sin p): it wraps
+        # smoothly, where a squashed pi * tanh(p) cannot cross +-pi.
+        return torch.polar(mag, phase)
 
     def forward(self, mel: torch.Tensor, analysis: MelSpectrogram, length: int) -> torch.Tensor:
         return analysis.istft(self.spectrum(mel), length)
 
-    def loss(self, wav: torch.Tensor, analysis: MelSpectrogram) -> tuple[torch.Tensor, dict]:
-        """wav (B, N) mono -> loss of re-synthesising it from its own mel."""
+    def loss(
+        self,
+        wav: torch.Tensor,
+        analysis: MelSpectrogram,
+        discriminator: nn.Module | None = None,
+        adv_weight: float = 1.0,
+        fm_weight: float = 2.0,
+        mel_weight: float = 45.0,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """wav (B, N) mono -> loss of re-synthesising it from its own mel.
+
+        Without ``discriminator``: mel L1 + multi-resolution STFT distance. With one,
+        also the generator's least-squares adversarial and feature-matching terms
+        (through the discriminator with its parameters detached) and the
+        discriminator's own loss (on the output detached): one backward trains both
+        (see :mod:`model.discriminators`).
+        """
+        from model.discriminators import (
+            detached,
+            feature_matching_loss,
+            lsgan_discriminator_loss,
+            lsgan_generator_loss,
+        )
+
         target_mel = analysis(wav[:, None])[:, 0]
         pred = self(target_mel, analysis, wav.shape[-1])
-        target_mag = analysis.stft(wav).abs()
-        pred_mag = analysis.stft(pred).abs()
-        log_l1 = F.l1_loss(torch.log(pred_mag + 1e-5), torch.log(target_mag + 1e-5))
-        conv = torch.linalg.norm(pred_mag - target_mag) / torch.linalg.norm(target_mag).clamp_min(
-            1e-5
-        )
         mel_l1 = F.l1_loss(analysis(pred[:, None])[:, 0], target_mel)
-        total = log_l1 + conv + mel_l1
-        return total, {
-            "log_mag": float(log_l1.detach()),
-            "sc": float(conv.detach()),
-            "mel": float(mel_l1.detach()),
-        }
+        stft = mr_stft_distance(pred, wav)
+        total = mel_weight * mel_l1 + stft
+        metrics = {"mel": float(mel_l1.detach()), "mr_stft": float(stft.detach())}
+        if discriminator is None:
+            return total, metrics
+        real = discriminator(wav)
+        d_loss = lsgan_discriminator_loss(real, discriminator(pred.detach()))
+        fake = detached(discriminator, pred)
+        g_adv = lsgan_generator_loss(fake)
+        fm = feature_matching_loss(real, fake)
+        total = total + adv_weight * (g_adv + fm_weight * fm) + d_loss
+        metrics |= {"g_adv": float(g_adv.detach()), "fm": float(fm.detach())}
+        metrics["d_loss"] = float(d_loss.detach())
+        return total, metrics
+
+
+VOCODER_KIND = "duet.vocoder"
+
+
+def save_vocoder(uri: str, vocoder: NeuralVocoder, cfg: AudioVAEConfig) -> None:
+    """A standalone vocoder checkpoint (safetensors + config.json with its config)."""
+    from dataclasses import asdict
+
+    from model.checkpoint import save_state
+
+    save_state(uri, vocoder.state_dict(), {"kind": VOCODER_KIND, "audio_vae": asdict(cfg)})
+
+
+def load_vocoder(uri: str) -> NeuralVocoder:
+    """Read a vocoder checkpoint; a missing, truncated, corrupt or foreign one raises
+    :class:`~model.checkpoint.CheckpointError` naming the file and what is wrong."""
+    from core.config import ConfigError, config_from_dict
+    from model.checkpoint import CheckpointError, load_state
+
+    try:
+        tensors, meta = load_state(uri)
+    except CheckpointError:
+        raise
+    except Exception as err:  # a file system or format error the checks did not name
+        raise CheckpointError(f"{uri}: unreadable vocoder checkpoint: {err}") from err
+    if meta.get("kind") != VOCODER_KIND:
+        raise CheckpointError(f"{uri}: not a vocoder checkpoint (kind {meta.get('kind')!r})")
+    try:
+        cfg = config_from_dict(AudioVAEConfig, meta.get("audio_vae", {}))
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{uri}: bad vocoder config: {err}") from err
+    vocoder = NeuralVocoder(cfg)
+    try:
+        vocoder.load_state_dict(tensors)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+        raise CheckpointError(f"{uri}: weights do not fit the vocoder config: {err}") from err
+    return vocoder.eval()

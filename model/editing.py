@@ -4,10 +4,10 @@ The source clip is encoded, noised to flow time ``strength`` (1 = pure noise, a
 fresh generation; near 0 = the source back up to VAE reconstruction error) and
 denoised from there under the edit prompt. ``keep="audio"`` keeps the source
 soundtrack and regenerates only the picture; ``keep="video"`` keeps the picture
-and regenerates only the sound. The kept branch is re-noised from its source
-latent at every sampler step (so the regenerated branch hears/sees it at the right
-noise level through cross-modal attention) and the kept media is copied from the
-source into the output unchanged.
+and regenerates only the sound. The kept branch is conditioning, as in
+video-to-audio / audio-to-video: held at its clean source latents with flow time 0
+at every sampler step (the model has a time per branch), and the kept media is
+copied from the source into the output unchanged.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def prepare_edit(
     init_a = (1.0 - strength) * audio + strength * noise_a
     kept = None
     if keep == "audio":
-        kept = KeepLatents(audio=audio, audio_noise=noise_a)
+        kept = KeepLatents(audio=audio)
     elif keep == "video":
-        kept = KeepLatents(video=video, video_noise=noise_v)
+        kept = KeepLatents(video=video)
     return EditState(init_v, init_a, float(strength), num_frames, kept)
 
 

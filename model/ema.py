@@ -1,4 +1,4 @@
-"""Exponential moving average of weights, shared by ``model.fit`` and ``pipelines.train``.
+"""Exponential moving average of weights, kept by the trainer (``pipelines.train.loop``).
 
 After optimizer step ``step`` (0-based) every average moves toward its parameter::
 

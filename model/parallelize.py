@@ -4,7 +4,10 @@ The model code knows nothing about activation checkpointing, compilation or
 sharding. :func:`parallelize_dit` applies them in torchtitan's order:
 
 1. activation checkpointing: every :class:`DualBlock` is wrapped so its
-   activations are recomputed in backward (``checkpoint_wrapper``, non-reentrant);
+   activations are recomputed in backward (``checkpoint_wrapper``, non-reentrant):
+   all of them ("full"), or all but the matmul and attention outputs ("selective":
+   only the memory-bound norms, modulations and activations are recomputed, so the
+   backward repeats none of the FLOPs and most of the memory is still saved);
 2. ``torch.compile`` of every (wrapped) block, in place (``Module.compile``), so
    parameter names and state-dict keys do not change;
 3. FSDP2: ``fully_shard`` on every block, then on the root, over a 1-D device mesh,
@@ -22,6 +25,7 @@ checkpointed/compiled) DiT; :func:`unwrap` gives back the DiT for state dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -30,12 +34,12 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from model.dit import DualBranchDiT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-AC_MODES = ("none", "full")
+AC_MODES = ("none", "full", "selective")
 
 
 @dataclass
 class ParallelConfig:
-    activation_checkpointing: str = "none"  # "none" | "full" (every DualBlock)
+    activation_checkpointing: str = "none"  # "none" | "full" | "selective" (every DualBlock)
     compile: bool = False  # torch.compile each DualBlock
     compile_backend: str = "inductor"  # "aot_eager" compiles fast, for tests
     fsdp: bool = False  # FSDP2 over the mesh (blocks, then the root)
@@ -68,8 +72,8 @@ def parallelize_dit(
     and the caller materialises them (``to_empty`` + init, or a checkpoint load).
     """
     cfg.validate()
-    if cfg.activation_checkpointing == "full":
-        apply_activation_checkpointing(dit)
+    if cfg.activation_checkpointing != "none":
+        apply_activation_checkpointing(dit, cfg.activation_checkpointing)
     if cfg.compile:
         apply_compile(dit, cfg.compile_backend)
     if cfg.fsdp:
@@ -83,10 +87,41 @@ def parallelize_dit(
     return dit
 
 
-def apply_activation_checkpointing(dit: DualBranchDiT) -> None:
-    """Recompute every block's activations in backward (keys keep their names)."""
+def _saved_ops() -> set:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_flash_attention_for_cpu")  # fmt: skip
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED = _saved_ops()
+
+
+def _selective_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def apply_activation_checkpointing(dit: DualBranchDiT, mode: str = "full") -> None:
+    """Recompute every block's activations in backward (keys keep their names).
+
+    "selective" keeps the outputs of matmuls and attention (op-level selective
+    checkpointing, torchtitan's "op" mode) and recomputes the elementwise ops.
+    """
+    if mode not in ("full", "selective"):
+        raise ValueError(f"activation checkpointing mode must be full or selective, got {mode!r}")
+    extra = {"context_fn": _selective_context} if mode == "selective" else {}
+    wrap = partial(checkpoint_wrapper, preserve_rng_state=True, **extra)
     for i, block in enumerate(dit.blocks):
-        dit.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+        dit.blocks[i] = wrap(block)
 
 
 def apply_compile(dit: DualBranchDiT, backend: str = "inductor") -> None:

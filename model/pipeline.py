@@ -183,10 +183,12 @@ def parameter_breakdown(cfg: ModelConfig) -> list[tuple[str, int]]:
     audio_branch = sum(count_parameters(b.audio) for b in dit.blocks)
     cross = sum(count_parameters(b.cross) for b in dit.blocks if b.cross is not None)
     embed_v = sum(
-        count_parameters(m) for m in (dit.video_in, dit.time_v, dit.text_v, dit.video_out)
+        count_parameters(m)
+        for m in (dit.video_in, dit.time_v, dit.other_time_v, dit.text_v, dit.video_out)
     )
     embed_a = sum(
-        count_parameters(m) for m in (dit.audio_in, dit.time_a, dit.text_a, dit.audio_out)
+        count_parameters(m)
+        for m in (dit.audio_in, dit.time_a, dit.other_time_a, dit.text_a, dit.audio_out)
     )
     rows = [
         ("video_vae.encoder", count_parameters(pipe.video_vae.encoder)),

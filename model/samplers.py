@@ -7,9 +7,12 @@ InstructPix2Pix): with references present three predictions are combined,
                          + s_text * (v(text, refs) - v(null, refs)),
 
 and without references the usual two. All passes run as one batched forward.
-Keep-masks support editing: a kept branch is re-noised from its source latent at
-every step (SDEdit inpainting), so the other branch always sees it at the right
-noise level, and is returned exactly at t = 0.
+
+A branch can be given instead of generated (:class:`KeepLatents`: video-to-audio,
+audio-to-video, "keep audio / keep video" edits): it is conditioning, not
+replacement. The model has a flow time per branch, so the given branch is held at
+its clean latents with time 0 at every step while the other is integrated; the
+given branch is returned exactly as it came in.
 """
 
 from __future__ import annotations
@@ -37,12 +40,25 @@ class Conditioning:
 
 @dataclass
 class KeepLatents:
-    """Source latents of a branch kept fixed during sampling, and its fixed noise."""
+    """Clean latents of a given branch, held fixed at flow time 0 during sampling."""
 
-    video: torch.Tensor | None = None
-    audio: torch.Tensor | None = None
-    video_noise: torch.Tensor | None = None
-    audio_noise: torch.Tensor | None = None
+    video: torch.Tensor | None = None  # (B, Cv, T, h, w)
+    audio: torch.Tensor | None = None  # (B, Ca, Na)
+
+    def __post_init__(self) -> None:
+        if self.video is not None and self.audio is not None:
+            raise ValueError("at most one branch can be given: nothing would be generated")
+
+    def times(self, t: float) -> tuple[float, float]:
+        """(video, audio) flow times at sampler time t: 0 for the given branch."""
+        return (0.0 if self.video is not None else t, 0.0 if self.audio is not None else t)
+
+    def hold(self, video: torch.Tensor, audio: torch.Tensor):
+        """The latents with the given branch put back (exactly)."""
+        return (
+            video if self.video is None else self.video.to(video.dtype),
+            audio if self.audio is None else self.audio.to(audio.dtype),
+        )
 
 
 def _repeat_refs(refs: ReferenceLatents, times: int) -> ReferenceLatents:
@@ -119,12 +135,17 @@ def guided_velocity(
     model: DualBranchDiT,
     video: torch.Tensor,
     audio: torch.Tensor,
-    t: float,
+    t: float | tuple[float, float],  # one time, or (video, audio) times
     cond: Conditioning,
     guidance: Guidance,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b = video.shape[0]
-    tt = torch.full((b,), float(t), device=video.device)
+    t_v, t_a = (t, t) if isinstance(t, (int, float)) else t
+    # One (B,) tensor when the branches share the time (what callers that wrap the
+    # model expect), a (video, audio) pair when one branch is given.
+    tt = torch.full((b,), float(t_v), device=video.device)
+    if t_a != t_v:
+        tt = (tt, torch.full((b,), float(t_a), device=video.device))
     has_refs = cond.references is not None and not cond.references.is_empty()
     use_text_cfg = guidance.text_scale != 1.0
     use_ref_cfg = has_refs and guidance.ref_scale != 1.0
@@ -142,7 +163,7 @@ def guided_velocity(
     v_all, a_all = model(
         video.repeat(n, 1, 1, 1, 1),
         audio.repeat(n, 1, 1),
-        tt.repeat(n),
+        tt.repeat(n) if isinstance(tt, torch.Tensor) else (tt[0].repeat(n), tt[1].repeat(n)),
         _concat_text(texts),
         refs,
         cond.shots,
@@ -157,16 +178,6 @@ def guided_velocity(
         v = v_unc + guidance.text_scale * (v_full - v_unc)
         a = a_unc + guidance.text_scale * (a_full - a_unc)
     return v, a
-
-
-def _apply_keep(video, audio, t: float, keep: KeepLatents | None):
-    if keep is None:
-        return video, audio
-    if keep.video is not None:
-        video = (1.0 - t) * keep.video + t * keep.video_noise
-    if keep.audio is not None:
-        audio = (1.0 - t) * keep.audio + t * keep.audio_noise
-    return video, audio
 
 
 @torch.no_grad()
@@ -184,18 +195,17 @@ def sample(
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown sampler {method!r}; use 'euler' or 'heun'")
     guidance = guidance or Guidance(1.0, 1.0)
+    keep = keep or KeepLatents()
     ts = [float(x) for x in times]
+    video, audio = keep.hold(video, audio)
     for i in range(len(ts) - 1):
         t_cur, t_next = ts[i], ts[i + 1]
-        video, audio = _apply_keep(video, audio, t_cur, keep)
         dt = t_next - t_cur
-        v1, a1 = guided_velocity(model, video, audio, t_cur, cond, guidance)
-        video_e, audio_e = video + dt * v1, audio + dt * a1
+        v1, a1 = guided_velocity(model, video, audio, keep.times(t_cur), cond, guidance)
+        video_e, audio_e = keep.hold(video + dt * v1, audio + dt * a1)
         if method == "heun" and t_next > 0:
             # Trapezoidal correction; skipped on the last step (t = 0 is not evaluated).
-            video_e, audio_e = _apply_keep(video_e, audio_e, t_next, keep)
-            v2, a2 = guided_velocity(model, video_e, audio_e, t_next, cond, guidance)
-            video_e = video + dt * 0.5 * (v1 + v2)
-            audio_e = audio + dt * 0.5 * (a1 + a2)
+            v2, a2 = guided_velocity(model, video_e, audio_e, keep.times(t_next), cond, guidance)
+            video_e, audio_e = keep.hold(video + dt * 0.5 * (v1 + v2), audio + dt * 0.5 * (a1 + a2))
         video, audio = video_e, audio_e
-    return _apply_keep(video, audio, 0.0, keep)
+    return video, audio

@@ -5,6 +5,12 @@ package; any other local encoder directory works through ``model_path``. Nothing
 is ever fetched from a hub (``local_files_only=True``). The learned projection into
 the transformer's width lives in the DiT (:class:`model.dit.TextProjection`), so the
 encoder itself carries no trainable weights and is not saved in checkpoints.
+
+A multi-shot plan's text is encoded in one pass (:meth:`FrozenTextEncoder.embed_segments`):
+its pieces (subject, per-shot transition words and prompts) are tokenised apart,
+joined between one ``[CLS]`` and ``[SEP]`` within the token budget, and every
+output token keeps the shot id of its piece, so per-shot routing survives the joint
+encoding and each token still sees the whole plan.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ class FrozenTextEncoder:
     def __init__(
         self,
         model_path: str = "",
-        max_tokens: int = 32,
+        max_tokens: int = 77,
         device: str | torch.device = "cpu",
         cache_size: int = 4096,
     ):
@@ -48,7 +54,8 @@ class FrozenTextEncoder:
         self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device)
         self.model.eval().requires_grad_(False)
         self.embed_dim = int(self.model.config.hidden_size)
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # prompt -> (L, D) tokens; (budget, segments) -> ((L, D) tokens, (L,) shot ids)
+        self._cache: OrderedDict = OrderedDict()
         self._cache_size = cache_size
 
     @torch.no_grad()
@@ -78,6 +85,39 @@ class FrozenTextEncoder:
             self._cache.move_to_end(prompt)
         return hit
 
+    @torch.no_grad()
+    def embed_segments(self, segments, max_tokens: int | None = None):
+        """(L, D) tokens and (L,) shot ids of a plan's text pieces in one pass.
+
+        ``segments``: items with ``text``, ``shot`` (-1 = every shot) and ``trim``
+        (model.multishot.TextSegment). When the pieces exceed the budget, the longest
+        trimmable pieces lose tail tokens first, so every shot keeps its words; a
+        plan whose untrimmable words alone overflow is an error.
+        """
+        budget = int(max_tokens or self.max_tokens)
+        key = (budget, tuple((s.text, int(s.shot), bool(s.trim)) for s in segments))
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        ids = [self.tokenizer(s.text, add_special_tokens=False)["input_ids"] for s in segments]
+        keep = fit_lengths([len(i) for i in ids], [s.trim for s in segments], budget - 2)
+        tok = self.tokenizer
+        input_ids = [tok.cls_token_id]
+        shots = [-1]
+        for seg, piece, n in zip(segments, ids, keep, strict=True):
+            input_ids += piece[:n]
+            shots += [int(seg.shot)] * n
+        input_ids.append(tok.sep_token_id)
+        shots.append(-1)
+        batch = torch.tensor([input_ids], device=self.device)
+        hidden = self.model(input_ids=batch, attention_mask=torch.ones_like(batch))
+        out = (hidden.last_hidden_state[0].float().cpu(), torch.tensor(shots, dtype=torch.long))
+        self._cache[key] = out
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return out
+
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> embeddings (B, L, D) and validity mask (B, L) bool (True = token)."""
         if not prompts:
@@ -94,3 +134,20 @@ class FrozenTextEncoder:
             out[i, : r.shape[0]] = r
             mask[i, : r.shape[0]] = True
         return out, mask
+
+
+def fit_lengths(lengths: list[int], trimmable: list[bool], budget: int) -> list[int]:
+    """Token counts that fit ``budget``: the longest trimmable piece loses a token at
+    a time (a trimmable piece keeps at least one)."""
+    keep = list(lengths)
+    fixed = sum(n for n, t in zip(lengths, trimmable, strict=True) if not t)
+    floor = fixed + sum(1 for n, t in zip(lengths, trimmable, strict=True) if t and n)
+    if floor > budget:
+        raise ValueError(
+            f"the text needs at least {floor + 2} tokens (subject, transition words and "
+            f"one token per shot); this model reads at most {budget + 2}"
+        )
+    while sum(keep) > budget:
+        i = max((j for j, t in enumerate(trimmable) if t), key=lambda j: keep[j])
+        keep[i] -= 1
+    return keep

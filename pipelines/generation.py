@@ -5,7 +5,7 @@ pipeline. Requests that can share a denoising batch (plain text-to-audio-video w
 the same length, steps, sampler and guidance scales) are sampled as one batch, with
 each request's initial noise drawn from its own seeded generator exactly as
 ``model.generate.generate`` draws it, so a clip does not depend on what it was batched
-with. Everything else (references, editing, multi-shot) runs through
+with. Everything else (references, editing, V2A / A2V, multi-shot) runs through
 ``model.generate.generate`` one request at a time.
 
 A negative prompt replaces the null text of classifier-free guidance for its row
@@ -70,7 +70,7 @@ def batch_key(request: GenerationRequest, negative_prompt: str = "") -> tuple | 
     """Requests with equal keys can share one denoising batch; None: run alone."""
     if request.references is not None and not request.references.is_empty():
         return None
-    if request.shots is not None or request.edit is not None:
+    if request.shots is not None or request.edit is not None or request.given is not None:
         return None
     return (
         round(float(request.duration_s), 6),
@@ -196,6 +196,7 @@ def _metadata(pipeline, req, clip, shift, elapsed, batch_size, negative) -> dict
         "references": {"images": 0, "videos": 0, "audios": 0},
         "shots": None,
         "edit": None,
+        "given": None,
         "vocoder": "neural" if pipeline.use_neural_vocoder else "griffin_lim",
         "elapsed_s": round(elapsed, 3),
         "batch_size": batch_size,

@@ -5,6 +5,12 @@ deployment wraps (``serve.app``) and that tests drive in-process. Request models
 built from the configured limits, so the served OpenAPI states them; limits that
 depend on the request as a whole (references, uploads, shots) are checked in code
 and refused with a 4xx that names the limit.
+
+Who may call: :class:`serve.gate.RequestGate` wraps the whole app and refuses any
+non-public path without a configured key before a body byte is read, and limits the
+bytes received; every ``/v1`` route is on one router whose dependency
+(:func:`require_principal`) hands the route its caller. Each key belongs to a tenant:
+a tenant's jobs are invisible (404) to other tenants' keys, visible to an admin's.
 """
 
 import asyncio
@@ -14,29 +20,47 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, File, Form, Path, Query, Request, Security, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    File,
+    Form,
+    Path,
+    Query,
+    Request,
+    Security,
+    UploadFile,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core import storage
-from serve.config import ServeConfig
+from serve.config import Principal, ServeConfig
 from serve.dispatch import Backend, Dispatcher
+from serve.gate import PRINCIPAL_SCOPE_KEY, RequestGate
 from serve.guards import (
     KINDS,
     GuardError,
-    api_key_matches,
     check_reference_uri,
     probe_reference,
     read_reference_bytes,
+    resolve_key,
 )
 from serve.jobs import JobRecord, JobStore, new_job_id
+from serve.rank import add_rank_routes
 
 log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-API-Key"
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+# JobRequest.mode; the page offers those it has fields for. v2a: sound for the source
+# video; a2v: a picture for the source audio track.
+MODES = ("t2av", "v2v", "multishot", "v2a", "a2v")
+# Modes that need a source ("source" URI or upload), and the media it must be.
+SOURCE_KIND = {"v2v": "videos", "v2a": "videos", "a2v": "audios"}
 _EXTENSIONS = {"images": ".img", "videos": ".video", "audios": ".audio", "source": ".video"}
 
 
@@ -46,6 +70,7 @@ class ErrorBody(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
+    tenant: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: float
     quality: Literal["fast", "full"]
@@ -73,6 +98,65 @@ class ServiceInfo(BaseModel):
     fps: float
     resolutions: list[str]
     limits: dict[str, Any]
+    # Models whose Fast deployment is a distilled student, and the modes it learnt
+    # ("references" counts as one); other modes are refused or run on Full (see
+    # fast_unsupported_modes).
+    fast_modes: dict[str, list[str]] = {}
+    fast_unsupported_modes: Literal["refuse", "full_model"] = "refuse"
+
+
+_KEY_HEADER = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
+
+# Every string field of a JobRequest, by path ("[]": items of a list), is either a
+# URI the server reads (checked by the one URI guard, walked by reference_uris) or
+# plain text; tests/test_serve_guards.py fails on a field that is neither, so a new
+# URI-bearing field cannot be added without the guard seeing it.
+URI_FIELDS = ("references.images[]", "references.videos[]", "references.audios[]", "source")
+TEXT_FIELDS = (
+    "prompt", "negative_prompt", "subject", "resolution", "quality", "mode", "model",
+    "shots[].prompt", "shots[].transition",
+)  # fmt: skip
+
+
+def reference_uris(job) -> list[tuple[str, str]]:
+    """``(kind, uri)`` of every URI-bearing field of a JobRequest (``URI_FIELDS``), in
+    the order they are stored: the guard and the fetch both walk this one list."""
+    out = [(kind, uri) for kind in KINDS for uri in getattr(job.references, kind)]
+    if job.source is not None:
+        out.append(("source", job.source))
+    return out
+
+
+def require_principal(
+    request: Request, api_key: Annotated[str | None, Security(_KEY_HEADER)] = None
+) -> Principal:
+    """The caller: the dependency of every ``/v1`` route (set on the router).
+
+    :class:`serve.gate.RequestGate` has already authenticated the request before its
+    body was read and left the principal in the scope; checking the key again here
+    keeps a route safe even in an app built without the gate."""
+    principal = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    if principal is None:
+        principal = resolve_key(api_key, request.app.state.principals)
+    if principal is None:
+        raise GuardError(401, f"missing or wrong API key (send it in {API_KEY_HEADER})")
+    return principal
+
+
+Caller = Annotated[Principal, Depends(require_principal)]
+
+
+class GuardedFastAPI(FastAPI):
+    """FastAPI with :class:`serve.gate.RequestGate` outside everything else (outside
+    Starlette's error middleware, which would otherwise answer a cut-off body 500)."""
+
+    gate_options: dict[str, Any] | None = None
+
+    def build_middleware_stack(self):
+        stack = super().build_middleware_stack()
+        if self.gate_options is None:
+            raise RuntimeError("GuardedFastAPI needs gate_options before serving")
+        return RequestGate(stack, **self.gate_options)
 
 
 def request_models(config: ServeConfig, model_facts: dict[str, Any]):
@@ -114,7 +198,7 @@ def request_models(config: ServeConfig, model_facts: dict[str, Any]):
         resolution: Resolution | None = None  # type: ignore[valid-type]
         seed: Annotated[int, Field(ge=0, le=limits.max_seed)] = 0
         quality: Literal["fast", "full"] = "fast"
-        mode: Literal["t2av", "v2v", "multishot"] = "t2av"
+        mode: Literal[MODES] = "t2av"  # type: ignore[valid-type]
         strength: Annotated[float, Field(gt=0, le=1)] = 0.6
         keep_audio: bool = False
         keep_video: bool = False
@@ -149,15 +233,18 @@ _JOB_ERRORS = {**_ERRORS, 404: {"model": ErrorBody, "description": "No such job"
 
 def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]) -> FastAPI:
     """The FastAPI app. ``model_facts``: ``fps``, ``resolutions``, ``models`` served."""
+    config.validate()
     store = JobStore(config.jobs_uri)
     dispatcher = Dispatcher(config, store, backend)
-    keys = config.all_api_keys()
-    if not keys:
+    principals = config.principals()
+    if not principals:
         raise ValueError(
-            "no API keys configured: set api_keys in the serve config or DUET_API_KEYS"
+            "no API keys configured: set api_keys or tenants in the serve config, or DUET_API_KEYS"
         )
     JobRequest, _, _ = request_models(config, model_facts)
     limits = config.limits
+    fast_modes: dict[str, list[str] | None] = model_facts.get("fast_modes", {})
+    full_is_student: dict[str, bool] = model_facts.get("full_is_student", {})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -166,19 +253,24 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
         yield
         await dispatcher.close()
 
-    app = FastAPI(
+    app = GuardedFastAPI(
         title="Duet generation API",
         version="1",
         description="Submit audio-video generation jobs, poll them, fetch the MP4.",
         lifespan=lifespan,
     )
+    app.gate_options = {
+        "authenticate": lambda key: resolve_key(key, principals),
+        "max_body_bytes": limits.max_request_bytes,
+        "max_part_bytes": limits.max_upload_bytes,
+        # Every reference and the source as files, the request field, and a few
+        # empty parts a browser form may add.
+        "max_parts": limits.max_images + limits.max_videos + limits.max_audios + 8,
+        "key_header": API_KEY_HEADER,
+    }
     app.state.dispatcher = dispatcher
     app.state.store = store
-    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
-
-    def require_key(provided: str | None) -> None:
-        if not api_key_matches(provided, keys):
-            raise GuardError(401, f"missing or wrong API key (send it in {API_KEY_HEADER})")
+    app.state.principals = principals
 
     @app.exception_handler(GuardError)
     async def guard_error(request: Request, err: GuardError):
@@ -197,17 +289,10 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
         ]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_request_bytes):
-            return _error(413, f"request body over the limit of {limits.max_request_bytes} bytes")
-        return await call_next(request)
-
     def status_of(record: JobRecord) -> JobStatus:
         done = record.status == "succeeded"
         return JobStatus(
-            id=record.id, status=record.status, progress=record.progress,
+            id=record.id, tenant=record.tenant, status=record.status, progress=record.progress,
             quality=record.quality, model=record.model, created_at=record.created_at,
             updated_at=record.updated_at, started_at=record.started_at,
             finished_at=record.finished_at, attempts=record.attempts, error=record.error,
@@ -245,8 +330,10 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
                 raise GuardError(
                     422, f"the shots last {total:g} s; the limit is {limits.max_duration_s:g} s"
                 )  # noqa: E501
-        elif not job.prompt.strip():
-            raise GuardError(422, "a prompt is required (or mode multishot with shots)")
+        elif not job.prompt.strip() and job.mode not in ("v2a", "a2v"):
+            raise GuardError(
+                422, "a prompt is required (or mode multishot with shots, or v2a / a2v)"
+            )
         if job.mode == "v2v":
             if job.keep_audio and job.keep_video:
                 raise GuardError(
@@ -257,9 +344,32 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
         if job.mode != "multishot" and job.shots:
             raise GuardError(422, "shots apply to mode multishot only")
 
-    async def accept(job, uploads: dict[str, list[tuple[str, bytes]]]) -> JobStatus:
+    def fast_fallback(job, uploads) -> str | None:
+        """None when the job's deployment can serve it as asked; the reason when a Fast
+        job runs on the Full model instead; 422 when the config says refuse."""
+        learnt = fast_modes.get(job.model)
+        if job.quality != "fast" or learnt is None:
+            return None
+        needed = [job.mode] if job.mode != "t2av" else []
+        if any(getattr(job.references, k) or uploads.get(k) for k in KINDS):
+            needed.append("references")
+        missing = [m for m in needed if m not in learnt]
+        if not missing:
+            return None
+        reason = (
+            f"the Fast model of {job.model!r} was distilled for {learnt} only, not for {missing}"
+        )
+        if config.fast.unsupported_modes == "full_model" and not full_is_student.get(job.model):
+            return (
+                f"{reason}: run by the Full model at the Fast deployment's "
+                f"{config.fast.steps} {config.fast.sampler} steps"
+            )
+        raise GuardError(422, f"{reason}; ask for quality 'full'")
+
+    async def accept(job, uploads: dict[str, list[tuple[str, bytes]]], who: Principal) -> JobStatus:
         check_request(job)
-        dispatcher.admit(job.quality)
+        fallback = fast_fallback(job, uploads)
+        dispatcher.admit("full" if fallback else job.quality, who.tenant)
         refs = {k: list(getattr(job.references, k)) for k in KINDS}
         counts = {k: len(refs[k]) + len(uploads.get(k, [])) for k in KINDS}
         maxima = {
@@ -273,25 +383,24 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
                     422, f"{counts[kind]} {kind} references; the limit is {maxima[kind]}"
                 )  # noqa: E501
         has_source = job.source is not None or bool(uploads.get("source"))
-        if job.mode == "v2v" and not has_source:
-            raise GuardError(422, "mode v2v needs a source video ('source' URI or upload)")
-        if job.mode != "v2v" and has_source:
-            raise GuardError(422, "a source video applies to mode v2v only")
-        for kind in KINDS:
-            for uri in refs[kind]:
-                check_reference_uri(uri, config.uri_policy)
-        if job.source is not None:
-            check_reference_uri(job.source, config.uri_policy)
+        needs = SOURCE_KIND.get(job.mode)
+        if needs and not has_source:
+            what = "audio track" if needs == "audios" else "video"
+            raise GuardError(422, f"mode {job.mode} needs a source {what} ('source' URI or upload)")
+        if not needs and has_source:
+            raise GuardError(422, "a source applies to modes v2v, v2a and a2v only")
+        for _, uri in reference_uris(job):
+            check_reference_uri(uri, config.uri_policy)
         job_id = new_job_id()
         try:
-            inputs = await asyncio.to_thread(_store_inputs, job_id, job, refs, uploads)
+            inputs = await asyncio.to_thread(_store_inputs, job_id, job, uploads)
         except GuardError:
             raise
         except OSError as err:
             raise storage_down(err) from err
         record = JobRecord(
             id=job_id, spec=job.model_dump(mode="json"), quality=job.quality, model=job.model,
-            inputs=inputs,
+            inputs=inputs, tenant=who.tenant, fallback=fallback,
         )  # fmt: skip
         try:
             await asyncio.to_thread(store.save, record)
@@ -300,35 +409,44 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
         dispatcher.start(record)
         return status_of(record)
 
-    def _store_inputs(job_id, job, refs, uploads) -> dict[str, list[str]]:
+    def _store_inputs(job_id, job, uploads) -> dict[str, list[str]]:
         """Fetch URI references (policy-checked), probe everything, keep it with the job."""
         stored: dict[str, list[str]] = {}
         items: list[tuple[str, str, bytes]] = []
-        for kind in KINDS:
-            for i, uri in enumerate(refs[kind]):
-                data = read_reference_bytes(uri, config.uri_policy, limits.max_upload_bytes)
-                items.append((kind, f"{kind} reference {i} ({uri})", data))
+        for kind, uri in reference_uris(job):
+            data = read_reference_bytes(uri, config.uri_policy, limits.max_upload_bytes)
+            items.append((kind, f"{kind} reference ({uri})", data))
+        for kind in (*KINDS, "source"):
             for name, data in uploads.get(kind, []):
-                items.append((kind, f"uploaded {kind[:-1]} {name!r}", data))
-        if job.source is not None:
-            data = read_reference_bytes(job.source, config.uri_policy, limits.max_upload_bytes)
-            items.append(("source", f"source ({job.source})", data))
-        for name, data in uploads.get("source", []):
-            items.append(("source", f"uploaded source {name!r}", data))
+                items.append((kind, f"uploaded {kind.rstrip('s')} {name!r}", data))
+        # The source is a video (v2v, v2a) or an audio track (a2v).
+        source_kind = SOURCE_KIND.get(job.mode, "videos")
         for kind, label, data in items:
-            probe_reference(data, "videos" if kind == "source" else kind, limits, label)
+            probe_reference(data, source_kind if kind == "source" else kind, limits, label)
         for kind, _, data in items:
             index = len(stored.setdefault(kind, []))
-            uri = store.input_uri(job_id, f"{kind}-{index}{_EXTENSIONS[kind]}")
+            ext = _EXTENSIONS[source_kind if kind == "source" else kind]
+            uri = store.input_uri(job_id, f"{kind}-{index}{ext}")
             storage.write_bytes(uri, data)
             stored[kind].append(uri)
         return stored
 
     # -- routes ------------------------------------------------------------------
+    # What the page offers: the served model's example prompts and vocabulary (its
+    # training captions, serve/examples.py) and the API's modes, as JSON in the page.
+    page_facts = {
+        "examples": model_facts.get("examples") or {"prompts": [], "vocabulary": []},
+        "modes": list(MODES),
+        "limits": {"max_shots": limits.max_shots, "max_duration_s": limits.max_duration_s},
+    }
+    page_json = json.dumps(page_facts)
+    for char in "<>&":  # inside <script>: no "</script>" from a caption can close it
+        page_json = page_json.replace(char, f"\\u{ord(char):04x}")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         html = resources.files("serve").joinpath("static/index.html").read_text()
-        return HTMLResponse(html)
+        return HTMLResponse(html.replace("__DUET_PAGE_FACTS__", page_json))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -348,86 +466,84 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
             )  # noqa: E501
         return {"status": "ready", **{k: "up" for k in ready}}
 
-    @app.get("/v1/info", response_model=ServiceInfo, responses={401: _ERRORS[401]})
-    async def info(api_key: str | None = Security(key_header)) -> ServiceInfo:
-        require_key(api_key)
+    # Every /v1 route is on this router: its dependency names the caller (the gate
+    # has already refused anyone else before the body was read).
+    v1 = APIRouter(
+        prefix="/v1", dependencies=[Depends(require_principal)], responses={401: _ERRORS[401]}
+    )
+
+    @v1.get("/info", response_model=ServiceInfo)
+    async def info(who: Caller) -> ServiceInfo:
         return ServiceInfo(
-            qualities=["fast", "full"], modes=["t2av", "v2v", "multishot"],
+            qualities=["fast", "full"], modes=list(MODES),
             models=model_facts["models"], fps=model_facts["fps"],
             resolutions=model_facts["resolutions"],
             limits={k: v for k, v in vars(limits).items()},
+            fast_modes={k: v for k, v in fast_modes.items() if v is not None},
+            fast_unsupported_modes=config.fast.unsupported_modes,
         )  # fmt: skip
 
-    @app.post("/v1/jobs", status_code=202, response_model=JobStatus, responses=_ERRORS)
-    async def submit(job: JobRequest, api_key: str | None = Security(key_header)) -> JobStatus:  # type: ignore[valid-type]
-        require_key(api_key)
-        return await accept(job, {})
+    @v1.post("/jobs", status_code=202, response_model=JobStatus, responses=_ERRORS)
+    async def submit(job: JobRequest, who: Caller) -> JobStatus:  # type: ignore[valid-type]
+        return await accept(job, {}, who)
 
-    @app.post("/v1/jobs/upload", status_code=202, response_model=JobStatus, responses=_ERRORS)
+    @v1.post("/jobs/upload", status_code=202, response_model=JobStatus, responses=_ERRORS)
     async def submit_upload(
+        who: Caller,
         request: Annotated[str, Form(description="The JobRequest as JSON text")] = "{}",
         images: Annotated[list[UploadFile], File()] = [],  # noqa: B006
         videos: Annotated[list[UploadFile], File()] = [],  # noqa: B006
         audios: Annotated[list[UploadFile], File()] = [],  # noqa: B006
         source: Annotated[list[UploadFile], File(max_length=1)] = [],  # noqa: B006
-        api_key: str | None = Security(key_header),
     ) -> JobStatus:
-        require_key(api_key)
         try:
             job = JobRequest.model_validate(json.loads(request))
         except (json.JSONDecodeError, ValidationError, TypeError) as err:
             raise GuardError(422, f"field 'request' is not a valid JobRequest: {err}") from err
         uploads: dict[str, list[tuple[str, bytes]]] = {}
-        for kind, files in (
-            ("images", images),
-            ("videos", videos),
-            ("audios", audios),
-            ("source", source),
-        ):  # noqa: E501
+        parts = {"images": images, "videos": videos, "audios": audios, "source": source}
+        for kind, files in parts.items():
             for upload in files:
+                # The gate already cut off any part over the limit as it arrived.
                 data = await upload.read(limits.max_upload_bytes + 1)
                 if len(data) > limits.max_upload_bytes:
                     raise GuardError(
                         413,
-                        f"uploaded file {upload.filename!r} is over the limit of {limits.max_upload_bytes} bytes",
-                    )  # noqa: E501
+                        f"uploaded file {upload.filename!r} is over the limit of "
+                        f"{limits.max_upload_bytes} bytes",
+                    )
                 uploads.setdefault(kind, []).append((upload.filename or "upload", data))
         if len(uploads.get("source", [])) > 1:
             raise GuardError(422, "only one source video can be uploaded")
-        return await accept(job, uploads)
+        return await accept(job, uploads, who)
 
-    @app.get("/v1/jobs", response_model=JobList, responses={401: _ERRORS[401]})
-    async def list_jobs(
-        limit: Annotated[int, Query(ge=1, le=100)] = 20, api_key: str | None = Security(key_header)
-    ) -> JobList:
-        require_key(api_key)
-        records = await asyncio.to_thread(store.recent, limit)
+    @v1.get("/jobs", response_model=JobList)
+    async def list_jobs(who: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
+        # An admin sees every tenant's jobs; anyone else only their own tenant's.
+        tenant = None if who.admin else who.tenant
+        records = await asyncio.to_thread(store.recent, limit, tenant)
         return JobList(jobs=[status_of(r) for r in records])
 
-    async def load_job(job_id: str) -> JobRecord:
+    async def load_job(job_id: str, who: Principal) -> JobRecord:
         try:
             record = await asyncio.to_thread(store.load, job_id)
         except OSError as err:
             raise storage_down(err) from err
-        if record is None:
+        # Another tenant's job answers exactly as a job that does not exist: 404, so
+        # a key cannot even learn which ids are taken.
+        if record is None or not (who.admin or record.tenant == who.tenant):
             raise GuardError(404, f"no job {job_id}")
         return record
 
     job_path = Path(pattern=JOB_ID_PATTERN, description="32 hex characters")
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=_JOB_ERRORS)
-    async def job_status(
-        job_id: Annotated[str, job_path], api_key: str | None = Security(key_header)
-    ) -> JobStatus:
-        require_key(api_key)
-        return status_of(await load_job(job_id))
+    @v1.get("/jobs/{job_id}", response_model=JobStatus, responses=_JOB_ERRORS)
+    async def job_status(job_id: Annotated[str, job_path], who: Caller) -> JobStatus:
+        return status_of(await load_job(job_id, who))
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobStatus, responses=_JOB_ERRORS)
-    async def cancel(
-        job_id: Annotated[str, job_path], api_key: str | None = Security(key_header)
-    ) -> JobStatus:
-        require_key(api_key)
-        record = await load_job(job_id)
+    @v1.post("/jobs/{job_id}/cancel", response_model=JobStatus, responses=_JOB_ERRORS)
+    async def cancel(job_id: Annotated[str, job_path], who: Caller) -> JobStatus:
+        record = await load_job(job_id, who)
         if record.terminal:
             return status_of(record)
         await asyncio.to_thread(store.request_cancel, job_id)
@@ -437,33 +553,32 @@ def build_api(config: ServeConfig, backend: Backend, model_facts: dict[str, Any]
             await asyncio.to_thread(store.save, record)
         return status_of(record)
 
-    @app.get(
-        "/v1/jobs/{job_id}/video",
+    @v1.get(
+        "/jobs/{job_id}/video",
         response_class=Response,
         responses={**_JOB_ERRORS, 409: {"model": ErrorBody, "description": "Not finished"},
                    200: {"content": {"video/mp4": {}}, "description": "The MP4"}},
     )  # fmt: skip
-    async def video(job_id: Annotated[str, job_path], api_key: str | None = Security(key_header)):
-        require_key(api_key)
-        record = await load_job(job_id)
+    async def video(job_id: Annotated[str, job_path], who: Caller):
+        record = await load_job(job_id, who)
         if record.status != "succeeded" or not record.output_uri:
             raise GuardError(409, f"job {job_id} is {record.status}, not succeeded")
         data = await asyncio.to_thread(storage.read_bytes, store.output_uri(job_id))
         return Response(data, media_type="video/mp4")
 
-    @app.get(
-        "/v1/jobs/{job_id}/metadata",
+    @v1.get(
+        "/jobs/{job_id}/metadata",
         responses={**_JOB_ERRORS, 409: {"model": ErrorBody, "description": "Not finished"}},
     )
-    async def metadata(
-        job_id: Annotated[str, job_path], api_key: str | None = Security(key_header)
-    ) -> dict[str, Any]:
-        require_key(api_key)
-        record = await load_job(job_id)
+    async def metadata(job_id: Annotated[str, job_path], who: Caller) -> dict[str, Any]:
+        record = await load_job(job_id, who)
         if record.status != "succeeded":
             raise GuardError(409, f"job {job_id} is {record.status}, not succeeded")
         data = await asyncio.to_thread(storage.read_json, store.metadata_uri(job_id))
         data.pop("video", None)  # a storage path: server-side only
         return data
 
+    # The /rank page and /v1/rank routes (serve/rank.py): people judge candidate pairs.
+    add_rank_routes(app, v1, config.rank, Caller, ErrorBody)
+    app.include_router(v1)
     return app

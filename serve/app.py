@@ -26,13 +26,7 @@ from core.config import config_to_dict
 from serve.api import build_api
 from serve.config import QUALITIES, ModelDeploymentConfig, ServeConfig, serve_config_from
 from serve.dispatch import BackendFull, ReplicaLost
-from serve.worker import (
-    ModelWorker,
-    allowed_resolutions,
-    load_pipeline,
-    model_config_for,
-    served_models,
-)
+from serve.worker import ModelWorker, load_pipeline, serving_facts
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +157,7 @@ def _model_options(deployment: ModelDeploymentConfig, name: str) -> dict[str, An
 
 
 def model_facts(config: ServeConfig) -> dict:
-    cfg = model_config_for(config)
-    return {
-        "fps": float(cfg.fps),
-        "resolutions": allowed_resolutions(cfg),
-        "models": served_models(config),
-    }
+    return serving_facts(config)
 
 
 def build_app(args: dict | None = None):
@@ -182,7 +171,7 @@ def build_app(args: dict | None = None):
     config = serve_config_from(source)
     if not config.all_api_keys():
         raise ValueError(
-            "no API keys configured: set api_keys in the serve config or DUET_API_KEYS"
+            "no API keys configured: set api_keys or tenants in the serve config, or DUET_API_KEYS"
         )
     plain = config_to_dict(config)
     fast = ModelDeployment.options(**_model_options(config.fast, "fast")).bind(plain, "fast")

@@ -9,12 +9,18 @@ are the product's limits (9 images, 3 videos, 3 audio tracks).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
-from core.config import config_from_dict, load_config
+from core.config import ConfigError, config_from_dict, load_config
 
 QUALITIES = ("fast", "full")
-API_KEYS_ENV = "DUET_API_KEYS"  # comma-separated keys, added to the configured ones
+# Comma-separated entries added to the configured keys: ``key`` (tenant "default"),
+# ``tenant:key``, or ``tenant:key:admin``.
+API_KEYS_ENV = "DUET_API_KEYS"
+DEFAULT_TENANT = "default"  # the tenant of a bare key (api_keys, or a bare env entry)
+UNSUPPORTED_MODES = ("refuse", "full_model")
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass
@@ -48,6 +54,11 @@ class ModelDeploymentConfig:
     health_check_timeout_s: float = 30.0
     graceful_shutdown_timeout_s: float = 20.0
     torch_threads: int = 1
+    # A request mode this deployment's model was not distilled for (a Fast student
+    # has learnt plain text-to-audio-video only: no references, multi-shot or V2V):
+    # "refuse" answers 422 with the reason; "full_model" runs it on the Full model at
+    # this deployment's step count and says so in the job's metadata.
+    unsupported_modes: str = "refuse"
 
     def validate(self) -> ModelDeploymentConfig:
         if self.steps < 1:
@@ -61,6 +72,10 @@ class ModelDeploymentConfig:
             )
         if self.max_ongoing_requests < 1 or self.max_batch_size < 1:
             raise ValueError("max_ongoing_requests and max_batch_size must be >= 1")
+        if self.unsupported_modes not in UNSUPPORTED_MODES:
+            raise ValueError(
+                f"unsupported_modes must be one of {UNSUPPORTED_MODES}, got {self.unsupported_modes!r}"
+            )
         return self
 
 
@@ -76,13 +91,39 @@ class LimitsConfig:
     max_shots: int = 6
     max_upload_bytes: int = 20 * 1024**2  # one uploaded or fetched reference
     max_request_bytes: int = 64 * 1024**2  # a whole request body
+    # Reference media (image, video and audio references, the V2V source; uploaded or
+    # fetched) are checked before they are decoded -- the header, then a video's
+    # packets counted without decoding, an audio track decoded within these limits --
+    # and counted again frame by frame when the model replica decodes them, so a few
+    # kilobytes declaring a huge canvas or lying about their length are refused
+    # (413 naming the limit) and never decoded past it. Per reference.
     max_reference_seconds: float = 30.0
-    max_reference_pixels: int = 4096 * 4096
+    max_reference_frames: int = 1800  # 30 s at 60 fps
+    max_reference_pixels: int = 4096 * 4096  # per image or frame
+    max_reference_side: int = 8192  # either dimension, pixels
+    # RGB24 of every frame (float32 per audio sample and channel) at the coded size:
+    # 30 s of 1080p at 30 fps is 5.6 GB; 30 s of 4K is refused.
+    max_reference_decoded_bytes: int = 8 * 1024**3
+    max_reference_streams: int = 16  # a phone clip: video, audio and a few metadata
+    max_reference_audio_channels: int = 8  # 7.1
+    max_reference_sample_rate: int = 192_000
+    max_reference_image_frames: int = 1000  # an animated GIF, APNG or WebP
     # Jobs accepted by one ingress replica and not yet finished, per quality; past
     # it a submit gets 429 with Retry-After instead of joining an unbounded queue.
     max_pending_jobs: int = 32
+    # Per tenant (defaults for tenants that set none): jobs handed to a model
+    # deployment at once, and jobs accepted and waiting for that; past running +
+    # queued a submit gets 429 with Retry-After. Counted per ingress replica.
+    tenant_max_running_jobs: int = 4
+    tenant_max_queued_jobs: int = 16
     retry_after_s: int = 5
     max_seed: int = 2**31 - 1
+
+    def validate(self) -> LimitsConfig:
+        for name, value in vars(self).items():
+            if name.startswith("max_reference_") and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        return self
 
 
 @dataclass
@@ -104,6 +145,52 @@ class UriPolicyConfig:
 
 
 @dataclass
+class RankConfig:
+    """The ``/rank`` page: people judge pairs of candidates of a preference table."""
+
+    # A candidate table (pipelines.align.preferences, e.g. RUN/rlhf/preferences/
+    # preferences.parquet); judgements are appended beside it. None: no ranking.
+    table_uri: str | None = None
+    # Clips are served only from under this folder (None: the table's folder); a
+    # candidate whose clip lies elsewhere is not offered.
+    media_root: str | None = None
+    # One judgement is a few hundred bytes; anything larger is refused unread.
+    max_judgement_bytes: int = 4096
+    max_clip_bytes: int = 64 * 1024**2
+
+
+@dataclass
+class TenantConfig:
+    """One customer of a shared deployment: its keys, its scope and its quotas.
+
+    A tenant's jobs, results and outputs are visible to its own keys only; another
+    tenant's key gets 404 for them, as if they did not exist."""
+
+    api_keys: tuple[str, ...] = ()
+    # Admin keys read, list and cancel every tenant's jobs (operators); jobs they
+    # submit are still this tenant's.
+    admin: bool = False
+    # None: the limits' tenant_max_running_jobs / tenant_max_queued_jobs.
+    max_running_jobs: int | None = None
+    max_queued_jobs: int | None = None
+
+    def validate(self) -> TenantConfig:
+        for name in ("max_running_jobs", "max_queued_jobs"):
+            value = getattr(self, name)
+            if value is not None and value < (1 if name == "max_running_jobs" else 0):
+                raise ValueError(f"{name} must be >= 1 (queued: >= 0), got {value}")
+        return self
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is: the tenant its key belongs to, and whether it may see all."""
+
+    tenant: str
+    admin: bool = False
+
+
+@dataclass
 class ServeConfig:
     # Checkpoint URI to serve; None: model.checkpoint.default_checkpoint().
     checkpoint: str | None = None
@@ -114,7 +201,10 @@ class ServeConfig:
     models: dict[str, str] = field(default_factory=dict)
     # Where jobs live: state, uploads and outputs (any URI: local or s3://).
     jobs_uri: str = "serve_jobs"
+    # Bare keys: each belongs to the tenant "default" (one customer, as before tenancy).
     api_keys: tuple[str, ...] = ()
+    # Tenants by name, each with its own keys and quotas ([tenants.brand-a] in TOML).
+    tenants: dict[str, TenantConfig] = field(default_factory=dict)
     app_name: str = "duet"
     route_prefix: str = "/"
     host: str = "127.0.0.1"
@@ -135,10 +225,24 @@ class ServeConfig:
     full: ModelDeploymentConfig = field(default_factory=ModelDeploymentConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     uri_policy: UriPolicyConfig = field(default_factory=UriPolicyConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
     # Estimated price of one CPU- (or GPU-) second, for the cost column of batch results.
     price_per_compute_s: float = 0.0001
 
     def validate(self) -> ServeConfig:
+        # core.config builds nested dataclasses by type hint but leaves dict values
+        # as tables: build each tenant here, naming its path in any error.
+        tenants = {}
+        for name, tenant in (self.tenants or {}).items():
+            if not isinstance(name, str) or not _TENANT_NAME.match(name):
+                raise ValueError(f"tenant name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+            if not isinstance(tenant, TenantConfig):
+                try:
+                    tenant = config_from_dict(TenantConfig, tenant, f"tenants.{name}")
+                except ConfigError as err:
+                    raise ValueError(str(err)) from err
+            tenants[name] = tenant
+        self.tenants = tenants
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not self.route_prefix.startswith("/"):
@@ -151,8 +255,61 @@ class ServeConfig:
         return self.fast if quality == "fast" else self.full
 
     def all_api_keys(self) -> tuple[str, ...]:
-        extra = tuple(k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip())
-        return tuple(k for k in self.api_keys if k) + extra
+        """Every key that may call the API (config, tenants and the environment)."""
+        return tuple(self.principals())
+
+    def principals(self) -> dict[str, Principal]:
+        """Key -> who it is. A key named twice for different tenants is refused."""
+        entries: list[tuple[str, Principal, str]] = []
+        for key in self.api_keys:
+            entries.append((key, Principal(DEFAULT_TENANT), "api_keys"))
+        for name, tenant in self.tenants.items():
+            for key in tenant.api_keys:
+                entries.append((key, Principal(name, tenant.admin), f"tenants.{name}"))
+        for raw in os.environ.get(API_KEYS_ENV, "").split(","):
+            if raw.strip():
+                key, principal = parse_key_entry(raw.strip())
+                entries.append((key, principal, API_KEYS_ENV))
+        out: dict[str, Principal] = {}
+        for key, principal, where in entries:
+            if not key:
+                continue
+            if key in out and out[key] != principal:
+                raise ValueError(
+                    f"an API key in {where} is already a key of tenant {out[key].tenant!r}: "
+                    "each key belongs to one tenant"
+                )
+            out[key] = principal
+        return out
+
+    def tenant_quota(self, tenant: str) -> tuple[int, int]:
+        """``(max running, max queued)`` jobs for a tenant."""
+        found = self.tenants.get(tenant)
+        running = found.max_running_jobs if found else None
+        queued = found.max_queued_jobs if found else None
+        return (
+            running if running is not None else self.limits.tenant_max_running_jobs,
+            queued if queued is not None else self.limits.tenant_max_queued_jobs,
+        )
+
+
+def parse_key_entry(entry: str) -> tuple[str, Principal]:
+    """``key`` | ``tenant:key`` | ``tenant:key:admin`` (an env entry) -> key, principal."""
+    parts = entry.split(":")
+    if len(parts) == 1:
+        return parts[0], Principal(DEFAULT_TENANT)
+    if len(parts) == 2 or (len(parts) == 3 and parts[2] == "admin"):
+        tenant = parts[0]
+        if not _TENANT_NAME.match(tenant) or not parts[1]:
+            raise ValueError(
+                f"{API_KEYS_ENV} entry {tenant!r}:...: expected key, tenant:key or "
+                "tenant:key:admin with a tenant of 1-64 letters, digits, '.', '_' or '-'"
+            )
+        return parts[1], Principal(tenant, admin=len(parts) == 3)
+    raise ValueError(
+        f"{API_KEYS_ENV} has an entry with {len(parts) - 1} ':' (expected key, tenant:key "
+        "or tenant:key:admin)"
+    )
 
 
 def serve_config_from(source: str | dict | ServeConfig | None) -> ServeConfig:

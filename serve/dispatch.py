@@ -1,9 +1,11 @@
 """From accepted job to finished job: bounded admission, retries, recovery.
 
 The :class:`Dispatcher` is what the ingress runs. It admits a job only while fewer
-than ``limits.max_pending_jobs`` of that quality are unfinished in this ingress
-(past that, 429 with Retry-After: the queue never grows without bound), hands the
-job to a backend (the Serve model deployments, or an in-process worker), and:
+than ``limits.max_pending_jobs`` of that deployment are unfinished in this ingress
+and its tenant is under its quota (running + queued jobs; past either, 429 with
+Retry-After: the queue never grows without bound), hands the job to a backend (the
+Serve model deployments, or an in-process worker) while its tenant has fewer than
+its ``max running`` jobs there, and:
 
 - waits and retries when the backend is itself full (Serve's ``max_queued_requests``
   back-pressure): the job stays queued, no attempt is spent;
@@ -22,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from serve.config import QUALITIES, ServeConfig
+from serve.config import DEFAULT_TENANT, QUALITIES, ServeConfig
 from serve.guards import GuardError
 from serve.jobs import JobRecord, JobStore
 
@@ -51,6 +53,7 @@ class Backend(Protocol):
 class DispatchStats:
     accepted: int = 0
     rejected_full: int = 0
+    rejected_tenant_quota: int = 0
     retried_replica_lost: int = 0
     waited_backend_full: int = 0
     recovered: int = 0
@@ -61,81 +64,112 @@ class Dispatcher:
         self.config = config
         self.store = store
         self.backend = backend
+        # Unfinished jobs driven here, by deployment and by tenant.
         self.pending: dict[str, set[str]] = {q: set() for q in QUALITIES}
+        self.by_tenant: dict[str, set[str]] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
         self.tasks: set[asyncio.Task] = set()
         self.stats = DispatchStats()
+        self.watch_every_s = 1.0
         self._sweeper: asyncio.Task | None = None
 
     # -- admission ---------------------------------------------------------------
-    def admit(self, quality: str) -> None:
-        """Raise 429 (Retry-After) when this quality's bounded queue is full."""
+    def admit(self, quality: str, tenant: str = DEFAULT_TENANT) -> None:
+        """Raise 429 (Retry-After) when the deployment's bounded queue is full or the
+        tenant has its quota of unfinished jobs (running + queued) here."""
+        retry = self.config.limits.retry_after_s
         limit = self.config.limits.max_pending_jobs
         if len(self.pending[quality]) >= limit:
             self.stats.rejected_full += 1
-            retry = self.config.limits.retry_after_s
             raise GuardError(
                 429,
                 f"the {quality} queue is full ({limit} unfinished jobs); retry in {retry} s",
                 {"Retry-After": str(retry)},
             )
+        running, queued = self.config.tenant_quota(tenant)
+        have = len(self.by_tenant.get(tenant, ()))
+        if have >= running + queued:
+            self.stats.rejected_tenant_quota += 1
+            raise GuardError(
+                429,
+                f"tenant {tenant!r} has {have} unfinished jobs, its quota ({running} running "
+                f"+ {queued} queued); retry in {retry} s",
+                {"Retry-After": str(retry)},
+            )
 
     def start(self, record: JobRecord) -> None:
         self.stats.accepted += 1
-        self._spawn(record.id, record.quality, record.model)
+        self._spawn(record, self._drive)
 
-    def _spawn(self, job_id: str, quality: str, model: str) -> None:
-        self.pending[quality].add(job_id)
-        task = asyncio.get_running_loop().create_task(self._drive(job_id, quality, model))
+    def _spawn(self, record: JobRecord, drive) -> None:
+        deployment, tenant = record.deployment, record.tenant
+        self.pending[deployment].add(record.id)
+        self.by_tenant.setdefault(tenant, set()).add(record.id)
+
+        async def run() -> None:
+            try:
+                await drive(record.id, deployment, record.model, tenant)
+            except Exception as err:  # never leave a job without a terminal state
+                log.exception("dispatching %s failed", record.id)
+                await asyncio.to_thread(self._fail, record.id, f"dispatch error: {err}")
+            finally:
+                self.pending[deployment].discard(record.id)
+                self.by_tenant.get(tenant, set()).discard(record.id)
+
+        task = asyncio.get_running_loop().create_task(run())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    # -- one job -----------------------------------------------------------------
-    async def _drive(self, job_id: str, quality: str, model: str) -> None:
-        try:
-            await self._drive_inner(job_id, quality, model)
-        except Exception as err:  # never leave a job without a terminal state
-            log.exception("dispatching %s failed", job_id)
-            await asyncio.to_thread(self._fail, job_id, f"dispatch error: {err}")
-        finally:
-            self.pending[quality].discard(job_id)
+    def _slot(self, tenant: str) -> asyncio.Semaphore:
+        """The tenant's running-jobs slots: a job waits here (queued) for one."""
+        if tenant not in self._slots:
+            self._slots[tenant] = asyncio.Semaphore(self.config.tenant_quota(tenant)[0])
+        return self._slots[tenant]
 
-    async def _drive_inner(self, job_id: str, quality: str, model: str) -> None:
+    # -- one job -----------------------------------------------------------------
+    async def _drive(self, job_id: str, deployment: str, model: str, tenant: str) -> None:
         while True:
-            record = await asyncio.to_thread(self.store.load, job_id)
-            if record is None or record.terminal:
+            async with self._slot(tenant):
+                wait = await self._attempt(job_id, deployment, model)
+            if wait is None:
                 return
+            if wait > 0:
+                await asyncio.sleep(wait)
+
+    async def _attempt(self, job_id: str, deployment: str, model: str) -> float | None:
+        """One try at the job: None once it is settled, else seconds to wait first."""
+        record = await asyncio.to_thread(self.store.load, job_id)
+        if record is None or record.terminal:
+            return None
+        if record.attempts >= self.config.max_attempts:
+            await asyncio.to_thread(
+                self._fail, job_id, f"gave up after {record.attempts} attempt(s)"
+            )
+            return None
+        record.attempts += 1
+        record.status = "queued"
+        await asyncio.to_thread(self.store.save, record)
+        try:
+            await self.backend.run(job_id, deployment, model)
+        except BackendFull as full:
+            self.stats.waited_backend_full += 1
+            record.attempts -= 1  # not started: no attempt spent
+            await asyncio.to_thread(self.store.save, record)
+            return max(0.2, full.retry_after_s)
+        except ReplicaLost as lost:
+            self.stats.retried_replica_lost += 1
+            log.warning("job %s: replica lost on attempt %d: %s", job_id, record.attempts, lost)
             if record.attempts >= self.config.max_attempts:
                 await asyncio.to_thread(
-                    self._fail, job_id, f"gave up after {record.attempts} attempt(s)"
+                    self._fail,
+                    job_id,
+                    f"the replica running it died on each of {record.attempts} attempt(s): {lost}",
                 )
-                return
-            record.attempts += 1
-            record.status = "queued"
-            await asyncio.to_thread(self.store.save, record)
-            try:
-                await self.backend.run(job_id, quality, model)
-            except BackendFull as full:
-                self.stats.waited_backend_full += 1
-                record.attempts -= 1  # not started: no attempt spent
-                await asyncio.to_thread(self.store.save, record)
-                await asyncio.sleep(max(0.2, full.retry_after_s))
-                continue
-            except ReplicaLost as lost:
-                self.stats.retried_replica_lost += 1
-                log.warning("job %s: replica lost on attempt %d: %s", job_id, record.attempts, lost)
-                if record.attempts >= self.config.max_attempts:
-                    await asyncio.to_thread(
-                        self._fail,
-                        job_id,
-                        f"the replica running it died on each of {record.attempts} attempt(s): "
-                        f"{lost}",
-                    )
-                    return
-                continue
-            # The worker wrote the outcome; a job another replica is running is
-            # watched until it ends or its heartbeat goes stale.
-            if await self._watch(job_id):
-                return
+                return None
+            return 0.0
+        # The worker wrote the outcome; a job another replica is running is watched
+        # until it ends or its heartbeat goes stale (then it is tried again).
+        return None if await self._watch(job_id) else 0.0
 
     async def _watch(self, job_id: str) -> bool:
         """True once the job is terminal; False when it went stale (retry it)."""
@@ -148,7 +182,7 @@ class Dispatcher:
             beat = record.heartbeat_at or record.started_at or record.updated_at
             if time.time() - beat > self.config.stale_after_s:
                 return False
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.watch_every_s)
 
     def _fail(self, job_id: str, reason: str) -> None:
         record = self.store.load(job_id)
@@ -174,36 +208,25 @@ class Dispatcher:
         """Dispatch stored jobs nobody drives; returns how many were picked up."""
         picked = 0
         for record in await asyncio.to_thread(self.store.unfinished):
-            if record.id in self.pending.get(record.quality, set()):
+            if any(record.id in ids for ids in self.pending.values()):
                 continue
             if record.quality not in QUALITIES:
                 await asyncio.to_thread(self._fail, record.id, f"unknown quality {record.quality}")
                 continue
             picked += 1
             self.stats.recovered += 1
-            self.pending[record.quality].add(record.id)
-            task = asyncio.get_running_loop().create_task(
-                self._recover(record.id, record.quality, record.model)
-            )
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self._spawn(record, self._recover)
         return picked
 
-    async def _recover(self, job_id: str, quality: str, model: str) -> None:
-        try:
-            # A running job (its replica outlived the ingress that dispatched it) is
-            # watched; it is dispatched again only if its heartbeat goes stale.
-            record = await asyncio.to_thread(self.store.load, job_id)
-            if record is not None and record.status == "running":
-                if await self._watch(job_id):
-                    return
-                log.warning("job %s: heartbeat stale, dispatching again", job_id)
-            await self._drive_inner(job_id, quality, model)
-        except Exception as err:
-            log.exception("recovering %s failed", job_id)
-            await asyncio.to_thread(self._fail, job_id, f"dispatch error: {err}")
-        finally:
-            self.pending[quality].discard(job_id)
+    async def _recover(self, job_id: str, deployment: str, model: str, tenant: str) -> None:
+        # A running job (its replica outlived the ingress that dispatched it) is
+        # watched; it is dispatched again only if its heartbeat goes stale.
+        record = await asyncio.to_thread(self.store.load, job_id)
+        if record is not None and record.status == "running":
+            if await self._watch(job_id):
+                return
+            log.warning("job %s: heartbeat stale, dispatching again", job_id)
+        await self._drive(job_id, deployment, model, tenant)
 
     async def close(self) -> None:
         if self._sweeper is not None:

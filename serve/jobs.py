@@ -24,7 +24,10 @@ from typing import Any
 
 from core import storage
 
-SCHEMA_VERSION = 1
+# 2: jobs carry their tenant and, for a Fast job run on the Full model, the reason.
+# A version-1 record (written before tenancy) is read as the "default" tenant's.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -53,11 +56,20 @@ class JobRecord:
     metadata_uri: str | None = None
     compute_s: float | None = None
     inputs: dict[str, list[str]] = field(default_factory=dict)
+    tenant: str = "default"
+    # Set when a Fast job runs on the Full model (a mode the Fast student was not
+    # distilled for, and the config says so): why, for the job's metadata.
+    fallback: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def deployment(self) -> str:
+        """The model deployment that runs it: its quality's, or Full for a fallback."""
+        return "full" if self.fallback else self.quality
 
     def public(self) -> dict[str, Any]:
         """What the API shows (storage URIs of inputs stay server-side)."""
@@ -108,8 +120,9 @@ class JobStore:
                 if attempt == 4:
                     raise
                 time.sleep(0.05 * (attempt + 1))
-        if data.get("schema_version") != SCHEMA_VERSION:
+        if data.get("schema_version") not in READABLE_VERSIONS:
             raise ValueError(f"{uri}: unknown job schema {data.get('schema_version')!r}")
+        data["schema_version"] = SCHEMA_VERSION
         return JobRecord(**data)
 
     def request_cancel(self, job_id: str) -> None:
@@ -131,11 +144,12 @@ class JobStore:
                 names.append(name)
         return sorted(names)
 
-    def recent(self, limit: int) -> list[JobRecord]:
+    def recent(self, limit: int, tenant: str | None = None) -> list[JobRecord]:
+        """The newest ``limit`` jobs, of ``tenant`` only unless it is None (all)."""
         out = []
         for job_id in reversed(self.job_ids()):
             record = self.load(job_id)
-            if record is not None:
+            if record is not None and (tenant is None or record.tenant == tenant):
                 out.append(record)
             if len(out) >= limit:
                 break

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from serve.api import build_api
 from serve.config import QUALITIES, ServeConfig
-from serve.worker import ModelWorker, allowed_resolutions, model_config_for, served_models
+from serve.worker import ModelWorker, serving_facts
 
 
 class LocalBackend:
@@ -40,12 +40,7 @@ class LocalBackend:
 
 
 def model_facts(config: ServeConfig) -> dict:
-    cfg = model_config_for(config)
-    return {
-        "fps": float(cfg.fps),
-        "resolutions": allowed_resolutions(cfg),
-        "models": served_models(config),
-    }
+    return serving_facts(config)
 
 
 def build_local_app(config: ServeConfig) -> tuple[FastAPI, LocalBackend]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from core import storage
 from model.configs import ModelConfig, get_config
-from model.generate import EditSpec, GenerationRequest, ReferenceSet
+from model.generate import EditSpec, GenerationRequest, GivenMedia, ReferenceSet
 from model.multishot import ShotPlan
 from model.pipeline import DuetPipeline
 from pipelines.generation import (
@@ -28,7 +28,8 @@ from pipelines.generation import (
     center_crop,
     generate_many,
 )
-from serve.config import ModelDeploymentConfig, ServeConfig
+from serve.config import LimitsConfig, ModelDeploymentConfig, ServeConfig
+from serve.examples import model_examples
 from serve.jobs import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,36 @@ def model_config_for(config: ServeConfig, quality: str = "full") -> ModelConfig:
     if uri is None:
         return get_config(config.random_weights_preset)
     return model_config(read_meta(uri), uri)
+
+
+def distilled_modes(config: ServeConfig, model: str, quality: str) -> list[str] | None:
+    """The request modes a distilled Fast student serving ``model`` at ``quality`` learnt
+    (``extra.fast.modes`` of its checkpoint; a student records none: plain
+    text-to-audio-video, ``["t2av"]``), or None when that checkpoint is not a student."""
+    from model.checkpoint import read_meta
+
+    uri = checkpoint_for(config, model, quality)
+    if uri is None:
+        return None
+    fast = read_meta(uri).get("extra", {}).get("fast")
+    if not fast:
+        return None
+    return [str(m) for m in fast.get("modes", ["t2av"])]
+
+
+def serving_facts(config: ServeConfig) -> dict:
+    """What the API states and checks about the served models (no weights loaded)."""
+    cfg = model_config_for(config)
+    models = served_models(config)
+    return {
+        "fps": float(cfg.fps),
+        "resolutions": allowed_resolutions(cfg),
+        "models": models,
+        "fast_modes": {m: distilled_modes(config, m, "fast") for m in models},
+        "full_is_student": {m: distilled_modes(config, m, "full") is not None for m in models},
+        # The web page's example prompts: what the default model was trained on.
+        "examples": model_examples(checkpoint_for(config, "default", "full")),
+    }
 
 
 def load_pipeline(config: ServeConfig, model: str, quality: str) -> DuetPipeline:
@@ -154,7 +185,11 @@ class ModelWorker:
             record.replica, record.progress, record.error = self.replica, 0.0, None
             self.store.save(record)
             try:
-                request, negative = build_request(record, self.store, pipeline, self.deployment)
+                # A Fast job run here by fallback samples at the Fast deployment's steps.
+                deployment = self.config.deployment(record.quality)
+                request, negative = build_request(
+                    record, self.store, pipeline, deployment, self.config.limits
+                )
             except Exception as err:  # a bad stored input fails this job only
                 self._finish(record, "failed", f"{type(err).__name__}: {err}")
                 outcome[job_id] = {"id": job_id, "status": "failed", "error": record.error}
@@ -225,10 +260,13 @@ class ModelWorker:
             "job_id": record.id,
             "quality": record.quality,
             "model": record.model,
+            "deployment": record.deployment,
             "width": width,
             "height": height,
             "video": video_uri,
         }
+        if record.fallback:
+            metadata["fallback"] = record.fallback
         meta_uri = self.store.metadata_uri(record.id)
         storage.write_json(meta_uri, metadata)
         record.output_uri, record.metadata_uri = video_uri, meta_uri
@@ -265,45 +303,56 @@ def allowed_resolutions(cfg: ModelConfig) -> list[str]:
 
 
 def build_request(
-    record: JobRecord, store: JobStore, pipeline: DuetPipeline, deployment: ModelDeploymentConfig
+    record: JobRecord,
+    store: JobStore,
+    pipeline: DuetPipeline,
+    deployment: ModelDeploymentConfig,
+    limits: LimitsConfig | None = None,
 ) -> tuple[GenerationRequest, str]:
-    """The model request for a stored job (its inputs were probed at submit)."""
-    from core.media import read_audio, read_clip, read_video
-    from serve.guards import _probe_image
+    """The model request for a stored job (its inputs were probed at submit; they are
+    decoded here within the same limits, frame by frame, in case a header lied)."""
+    from serve.guards import (
+        _probe_image,
+        read_reference_audio,
+        read_reference_video,
+        read_source_clip,
+    )
 
     spec = record.spec
     cfg = pipeline.config
     inputs = record.inputs or {}
+    limits = limits or LimitsConfig()
+    size = (cfg.width, cfg.height)
     references = None
     if any(inputs.get(k) for k in ("images", "videos", "audios")):
-        from serve.config import LimitsConfig
-
         references = ReferenceSet(
             images=[
-                _probe_image(storage.read_bytes(u), LimitsConfig(), u)
-                for u in inputs.get("images", [])
+                _probe_image(storage.read_bytes(u), limits, u) for u in inputs.get("images", [])
             ],
-            videos=[
-                read_video(u, size=(cfg.width, cfg.height))[0] for u in inputs.get("videos", [])
-            ],
+            videos=[read_reference_video(u, limits, size) for u in inputs.get("videos", [])],
             audios=[
-                read_audio(u, sample_rate=cfg.sample_rate, channels=2)[0]
-                for u in inputs.get("audios", [])
+                read_reference_audio(u, limits, cfg.sample_rate) for u in inputs.get("audios", [])
             ],
         )
     mode = spec.get("mode", "t2av")
     shots = None
     edit = None
+    given = None
     if mode == "multishot":
         shots = ShotPlan.from_json({"subject": spec.get("subject") or "", "shots": spec["shots"]})
     elif mode == "v2v":
         (source_uri,) = inputs["source"]
-        source = read_clip(
-            source_uri, sample_rate=cfg.sample_rate, size=(cfg.width, cfg.height),
-            require_audio=False,
-        )  # fmt: skip
+        source = read_source_clip(source_uri, limits, cfg.sample_rate, size)
         keep = "audio" if spec.get("keep_audio") else "video" if spec.get("keep_video") else "none"
         edit = EditSpec(source=source, strength=float(spec.get("strength", 0.6)), keep=keep)
+    elif mode == "v2a":
+        (source_uri,) = inputs["source"]
+        source = read_source_clip(source_uri, limits, cfg.sample_rate, size)
+        given = GivenMedia("v2a", frames=source.frames, fps=source.fps)
+    elif mode == "a2v":
+        (source_uri,) = inputs["source"]
+        audio = read_reference_audio(source_uri, limits, cfg.sample_rate)
+        given = GivenMedia("a2v", audio=audio, sample_rate=cfg.sample_rate)
     request = GenerationRequest(
         prompt=spec.get("prompt") or "",
         duration_s=float(spec.get("duration_s", 2.0)),
@@ -313,5 +362,6 @@ def build_request(
         references=references,
         shots=shots,
         edit=edit,
+        given=given,
     )
     return request, spec.get("negative_prompt") or ""

@@ -21,17 +21,17 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # so that both workers end together (seconds measured with two workers on the 2-core
 # VM, BENCHMARKS.md "Test suite time").
 _SHARED_SESSION_FIXTURE = {
-    "test_train_conditioning.py": "tiny_conditioning_run",
-    "test_align.py": "tiny_conditioning_run",
+    "test_align.py": "tiny_chain_run",
+    "test_learning_signal.py": "tiny_chain_run",
     "test_train_e2e.py": "tiny_curated_corpus",
     "test_train_pipeline.py": "tiny_curated_corpus",
     "test_flow_train.py": "tiny_curated_corpus",
 }
 _LONGEST_UNITS_FIRST = (
-    "tiny_conditioning_run",  # ~1000 s: the conditioning run, then alignment
-    "test_model_overfit.py",  # ~820 s
-    "tiny_curated_corpus",  # ~600 s: curation, then the Ray Train chain
-    "test_stack_e2e.py",  # ~350 s
+    "tiny_curated_corpus",  # ~400 s: curation, then the Ray Train chain with a kill
+    "test_stack_e2e.py",  # ~320 s
+    "test_docs.py",  # ~250 s: duet demo --quick, then the README's chain
+    "tiny_chain_run",  # ~200 s: the one-minute chain, then alignment and learning signals
 )
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
@@ -44,28 +44,64 @@ if XDIST_WORKER:
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"duet-prefect-{XDIST_WORKER}-")
 
 
+def _refuse(what: str):
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError(
+            f"`make test-fast` (-m 'not slow') must not {what}: mark this test `slow`"
+        )
+
+    return refuse
+
+
+def pytest_configure(config):
+    """`make test-fast` promises minutes without Ray or Prefect: under ``-m "not slow"``
+    starting either is an error, so a test that needs them and lacks the `slow` mark
+    fails there instead of quietly making the fast suite slow."""
+    if "not slow" not in (config.getoption("markexpr", "") or ""):
+        return
+    import ray
+    from prefect.server.api import server
+
+    ray.init = _refuse("start Ray")
+    server.SubprocessASGIServer.start = _refuse("start a Prefect API server")
+
+
 def _work_unit(nodeid: str) -> str:
     module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
     return _SHARED_SESSION_FIXTURE.get(module, module)
 
 
+# Session fixtures that run the curation flow (a Prefect temporary server and Ray):
+# every test that needs one, directly or through another fixture, is `slow`.
+_FIXTURES_THAT_START_PREFECT_AND_RAY = ("tiny_curated_corpus",)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(f in item.fixturenames for f in _FIXTURES_THAT_START_PREFECT_AND_RAY):
+            item.add_marker(pytest.mark.slow)
     rank = {unit: i for i, unit in enumerate(_LONGEST_UNITS_FIRST)}
     # Stable sort: the long units first, everything else in collection order.
     items.sort(key=lambda item: rank.get(_work_unit(item.nodeid), len(rank)))
 
 
-def pytest_xdist_make_scheduler(config, log):
+def _scheduler_class():
     """xdist's module-scope scheduling over :func:`_work_unit` (xdist's own
     ``xdist_group`` marks do not reach its scheduler under pytest 9: it rewrites a
-    node id attribute pytest no longer reads)."""
+    node id attribute pytest no longer reads). ``_split_scope`` is private to xdist:
+    tests/test_suite_config.py fails if xdist stops calling it."""
     from xdist.scheduler import LoadScopeScheduling
 
     class SharedFixtureScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return _work_unit(nodeid)
 
-    return SharedFixtureScheduling(config, log)
+    return SharedFixtureScheduling
+
+
+@pytest.hookimpl(optionalhook=True)  # absent under -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+    return _scheduler_class()(config, log)
 
 
 def _free_port() -> int:
@@ -217,61 +253,52 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return uri
 
 
-def _conditioning_recipe(manifest: str, run_uri: str):
-    """The CPU recipe of tests/test_train_conditioning.py (also the base of tests/test_align.py)."""
-    from pipelines.train.conditioning import CorpusSpec
-    from pipelines.train.config import (
-        DataConfig,
-        DiTStageConfig,
-        ReferenceSampling,
-        TrainConfig,
-        VAEStageConfig,
-    )
-
-    return TrainConfig(
-        preset="tiny",
-        run_uri=run_uri,
-        seed=0,
-        data=DataConfig(curated_uri=manifest, frame_buckets=(CorpusSpec().frames_per_shot,)),
-        vae=VAEStageConfig(
-            steps=1200, batch_size=8, window_frames=9, crop_px=32, crop_candidates=8,
-            checkpoint_every=10**6, log_every=100, eval_clips=1,
-        ),
-        pretrain=DiTStageConfig(
-            steps=1200, batch_size=8, lr=3e-3, warmup_steps=20, ema_decay=0.99,
-            checkpoint_every=10**6, log_every=100,
-            references=ReferenceSampling(
-                reference_probability=0.8, max_images=2, max_videos=0, max_audios=0,
-                own_frame_probability=1.0, multishot_probability=0.3,
-            ),
-        ),
-        keep_checkpoints=1,
-    )  # fmt: skip
+def _short_chain_config(manifest: str, run_uri: str) -> dict:
+    """Every stage, vae -> pretrain -> sft -> rlhf -> distill, at the fewest steps
+    that exercise it (checkpoints, resume points, logs): for functional tests, not
+    quality. What a CPU recipe learns is measured by ``bench/quality.py``."""
+    refs = {
+        "reference_probability": 0.8,
+        "max_images": 2,
+        "max_videos": 0,
+        "max_audios": 0,
+        "own_frame_probability": 1.0,
+        "multishot_probability": 0.3,
+    }
+    return {
+        "preset": "tiny", "run_uri": run_uri, "seed": 0, "keep_checkpoints": 2,
+        "data": {"curated_uri": manifest, "frame_buckets": [17]},
+        "vae": {"steps": 40, "batch_size": 4, "window_frames": 9, "crop_px": 32,
+                "crop_candidates": 4, "checkpoint_every": 20, "log_every": 5, "eval_clips": 1},
+        "pretrain": {"steps": 40, "batch_size": 4, "lr": 3e-3, "warmup_steps": 5,
+                     "ema_decay": 0.9, "checkpoint_every": 20, "log_every": 5,
+                     "references": refs},
+        "sft": {"steps": 10, "batch_size": 4, "lr": 5e-4, "warmup_steps": 0, "ema_decay": 0.0,
+                "checkpoint_every": 10, "log_every": 2},
+        "rlhf": {"steps": 3, "batch_size": 1, "lr": 2e-4, "group_size": 4, "sample_steps": 4,
+                 "checkpoint_every": 1, "log_every": 1,
+                 "preferences": {"candidates_per_prompt": 4, "rounds": 1, "steps": 4},
+                 "reward": {"steps": 20, "holdout_fraction": 0.34, "min_margin": 0.01, "min_agreement": 0.0}},
+        "distill": {"steps": 20, "batch_size": 8, "trajectories_per_prompt": 2,
+                    "teacher_steps": 4, "checkpoint_every": 10, "log_every": 5},
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def tiny_conditioning_run(tmp_path_factory):
-    """``tiny`` trained ``vae -> pretrain`` (local runner) on the conditioning corpus of
-    :mod:`pipelines.train.conditioning` (one-colour bouncing balls, 40 clips): the
-    TrainConfig, whose ``run_uri`` holds both finals.
-
-    Trained once per session and shared: tests/test_train_conditioning.py measures its
-    reference and multi-shot use, tests/test_align.py continues it with sft, rlhf and
-    distill (other stage directories of the same run).
-    """
-    import time
-
+def tiny_chain_run(tmp_path_factory):
+    """``tiny`` trained through every stage at the fewest steps (about a minute), on
+    the conditioning corpus of :mod:`pipelines.train.conditioning` (one-colour
+    bouncing balls, written losslessly: the same frames every run). Returns the
+    TrainConfig; its ``run_uri`` holds every stage's checkpoints and final."""
     import torch
 
     from pipelines.train import train
     from pipelines.train.conditioning import CorpusSpec, build_corpus
+    from pipelines.train.config import train_config_from
 
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("conditioning")
-    started = time.perf_counter()
-    manifest = build_corpus(str(root / "corpus"), CorpusSpec(sources=10, colourless_fraction=0.5))
-    built = time.perf_counter()
-    cfg = _conditioning_recipe(manifest, str(root / "run"))
-    train(cfg, stages=("vae", "pretrain"))
-    print(f"corpus {built - started:.0f} s, training {time.perf_counter() - built:.0f} s")
+    root = tmp_path_factory.mktemp("chain")
+    manifest = build_corpus(str(root / "corpus"), CorpusSpec(sources=4))
+    cfg = train_config_from(_short_chain_config(manifest, str(root / "run")))
+    train(cfg, stages=("vae", "pretrain", "sft", "rlhf", "distill"))
     return cfg

@@ -15,7 +15,7 @@ import pytest
 
 from core import media
 from core.manifest_layout import latest_version, manifest_table_uri
-from curation.captions import CaptionConfig, CaptionStage
+from curation.captions import CaptionStage
 from curation.manifest import ManifestWriter
 from curation.pipeline import (
     CurateConfig,
@@ -145,18 +145,29 @@ def test_auto_captions_without_a_sidecar_or_model_keep_the_clip(tmp_path):
     assert clip.caption == "" and clip.caption_verdict == "caption_missing" and clip.keep
 
 
-def test_auto_captions_use_the_sidecar_when_present(tmp_path):
+def test_auto_captions_use_the_sidecar_when_present(tmp_path, down_server):
     path = _source(str(tmp_path / "side.mp4"))
     with open(str(tmp_path / "side.json"), "w") as fh:
         fh.write('{"shots": [{"start_s": 0, "end_s": 4, "caption": "a white bar moves"}]}')
-    (clip,) = SourcePipeline(CurateConfig())(path, str(tmp_path / "out")).clip_records()
+    # A model backend is configured too: the source's own sidecar wins, and the
+    # model is never asked.
+    config = CurateConfig.from_dict({"captions": {"model": "vlm", "base_url": down_server}})
+    assert CaptionStage(config.captions).model_backend == "openai"
+    (clip,) = SourcePipeline(config)(path, str(tmp_path / "out")).clip_records()
     assert (clip.caption, clip.caption_backend, clip.caption_verdict) == (
         "a white bar moves",
         "sidecar",
         "captioned",
     )
-    broken = CaptionStage(CaptionConfig())
-    assert broken.model_backend == ""
+    assert _DownServer.calls == 0
+    # A sidecar that is present but broken fails that clip's caption, not the source.
+    with open(str(tmp_path / "side.json"), "w") as fh:
+        fh.write('{"shots": [{"start_s": 0, "end_s": 4, "caption": ')
+    result = SourcePipeline(config)(path, str(tmp_path / "out2"))
+    (clip,) = result.clip_records()
+    assert result.status == "curated" and clip.keep
+    assert (clip.caption, clip.caption_verdict) == ("", "caption_failed") and clip.caption_error
+    assert _DownServer.calls == 0
 
 
 def test_resume_key_follows_config_and_stage_versions(tmp_path):
@@ -236,15 +247,19 @@ def test_manifest_writer_streams_in_order_with_bounded_pending(tmp_path):
     out = str(tmp_path / "out")
     uris = [f"s3://raw/video-{i:05d}.mp4" for i in range(1000)]
     writer = ManifestWriter(out, uris, run_config={"x": 1}, group_size=64)
-    order = list(uris)
-    random.Random(1).shuffle(order[:200])  # out of order, as parallel work finishes
-    window = order[:200]
+    # The first 200 finish out of order, as parallel work does; the rest in order.
+    window = uris[:200]
     random.Random(2).shuffle(window)
-    order = window + order[200:]
-    for uri in order:
+    order = window + uris[200:]
+    assert order[:200] != uris[:200] and sorted(order) == uris
+    parts = tmp_path / "out" / "manifest" / "v=000001" / "_parts"
+    for i, uri in enumerate(order):
         writer.add(uri, _result(uri, 2 if uri[-5] != "7" else 0))
         # Finished results wait only until their group is complete.
         assert writer.max_pending <= 200 + 64
+        if i == 499:  # groups 0-6 are complete: already on disk, long before finish
+            assert len(list(parts.glob("clips-*.parquet"))) == 7
+    assert writer.max_pending > 64, "no result ever waited: the order was never shuffled"
     uris_out = writer.finish({"inputs": 1000})
     assert latest_version(out) == 1 and uris_out["clips"] == manifest_table_uri(out, "clips")
     clips = pl.read_parquet(uris_out["clips"])

@@ -1,11 +1,12 @@
-"""The weight EMA (``model.ema``, used by ``model.fit`` and ``pipelines.train.loop``).
+"""The weight EMA (``model.ema``, which the trainer, ``pipelines.train.loop``, updates
+after every optimizer step and swaps in for the stage's final weights).
 
 Expectations are hand-computed numbers and limits, never the code's own update rule
 run again: the warm-up decays at known steps, a two-step trajectory worked out on
-paper, convergence to a constant parameter, and the lag after a late jump. The
-trajectories are imposed on the parameter through ``model.fit._train`` itself: the
-loss function writes the step's value into the parameter and returns a loss with
-zero gradient, so AdamW (zero moments, no weight decay) leaves it there.
+paper, convergence to a constant parameter, the lag after a late jump, and several
+tensors updated in one call each moving by its own rule. That the trainer's final
+checkpoint holds the EMA, not the last step's weights, is checked on a real run in
+tests/test_learning_signal.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import pytest
 import torch
 
 from model.ema import ema_decay_at, ema_update
-from model.fit import FitReport, FitSettings, _train
 
 
 def test_warmup_decays_by_hand():
@@ -36,52 +36,42 @@ def test_update_two_steps_by_hand():
     torch.testing.assert_close(avg, torch.full((3,), 28.8 / 11))
 
 
-def _imposed(values: list[float], decay: float, start: float = 0.0) -> tuple[float, list[float]]:
-    """Run model.fit._train on one scalar whose value after step k is values[k].
-
-    Returns the module's final value (the EMA swapped in when decay > 0) and the
-    values the loss function saw before each step (the previous step's result)."""
-    param = torch.nn.Parameter(torch.tensor([start]))
-    module = torch.nn.Module()
-    module.p = param
-    seen: list[float] = []
-
-    def loss_fn(step: int):
-        seen.append(float(param.detach()))
-        with torch.no_grad():
-            param.fill_(values[step])
-        return (param * 0.0).sum(), {}
-
-    settings = FitSettings(log_every=10_000, grad_clip=1.0)
-    _train(module, [param], len(values), 1e-2, loss_fn, "p", FitReport(), settings,
-           None, ema_decay=decay)  # fmt: skip
-    return float(param.detach()), seen
+def _average_of(values: list[float], decay: float, start: float = 0.0) -> float:
+    """The average of one scalar parameter whose value after optimizer step k is
+    values[k], updated after every step as the trainer does (pipelines/train/loop.py)."""
+    average = torch.tensor([start])
+    for step, value in enumerate(values):
+        ema_update([average], [torch.tensor([value])], decay, step)
+    return float(average)
 
 
-def test_fit_imposed_trajectory_stays_put_without_ema():
-    final, seen = _imposed([1.0, 3.0, -2.0], decay=0.0)
-    assert seen == [0.0, 1.0, 3.0] and final == -2.0  # zero gradient: AdamW moves nothing
-
-
-def test_fit_ema_two_steps_by_hand():
-    final, _ = _imposed([1.0, 3.0], decay=0.9)
-    assert final == pytest.approx(28.8 / 11, abs=1e-6)
-
-
-def test_fit_ema_converges_to_a_constant_parameter():
-    final, _ = _imposed([2.5] * 300, decay=0.95, start=-4.0)
+def test_ema_converges_to_a_constant_parameter():
+    final = _average_of([2.5] * 300, decay=0.95, start=-4.0)
     # The start's weight after 300 steps is below 0.95**280: gone.
     assert final == pytest.approx(2.5, abs=1e-5)
 
 
-def test_fit_ema_lags_a_late_jump_by_one_minus_decay():
+def test_ema_lags_a_late_jump_by_one_minus_decay():
     # 200 steps at 0 (the average settles at 0), then one step at 1: the average
     # moves by (1 - 0.9) of the jump, not onto the last value.
-    final, _ = _imposed([0.0] * 200 + [1.0], decay=0.9, start=5.0)
+    final = _average_of([0.0] * 200 + [1.0], decay=0.9, start=5.0)
     assert final == pytest.approx(0.1, abs=1e-6)
 
 
-def test_fit_ema_warmup_forgets_the_initial_weights_fast():
+def test_ema_warmup_forgets_the_initial_weights_fast():
     # Step 0 keeps a tenth of the start whatever the decay (0.999 would keep 99.9%).
-    final, _ = _imposed([0.0], decay=0.999, start=10.0)
+    final = _average_of([0.0], decay=0.999, start=10.0)
     assert final == pytest.approx(1.0, abs=1e-6)
+
+
+def test_update_moves_each_tensor_toward_its_own_parameter():
+    # Several tensors in one call (the trainer passes every DiT tensor at once), of
+    # different shapes: each pair moves by the same weight, 1 - 2/11 = 9/11 at step 1.
+    averages = [torch.zeros(2, 3), torch.full((4,), 11.0)]
+    params = [torch.full((2, 3), 11.0), torch.zeros(4)]
+    ema_update(averages, params, decay=0.99, step=1)
+    torch.testing.assert_close(averages[0], torch.full((2, 3), 9.0))
+    torch.testing.assert_close(averages[1], torch.full((4,), 2.0))
+    assert float(params[0][0, 0]) == 11.0 and float(params[1][0]) == 0.0  # untouched
+    with pytest.raises(RuntimeError):  # lists that do not pair up
+        ema_update(averages, params[:1], decay=0.99, step=1)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -366,16 +367,57 @@ def test_gpu_group_can_hold_the_serve_deployments_and_training(cfg):
 
 
 def test_the_serve_app_builds_from_the_rayservice_args(cfg, monkeypatch):
-    """The RayService's import path and args build the serving engineer's application."""
-    from ray.serve import Application
+    """The RayService's import path and args build the application the deploy config
+    describes: an ingress over a Fast and a Full deployment, each with the scaling,
+    back-pressure and GPUs of infra/duet.toml and the config the args carry.
 
-    from serve.app import build_app
+    The application is expanded into deployments by the step ``serve build`` and
+    ``serve.run`` take (Ray's ``build_app``; an internal module, so a Ray release
+    that moves it fails here, loudly)."""
+    import importlib
 
+    from ray.serve._private.build_app import build_app as expand
+    from ray.serve.deployment import deployment_to_schema
+
+    from serve.config import serve_config_from
+
+    module, attr = cfg.service.import_path.split(":")
+    build_app = getattr(importlib.import_module(module), attr)
     args = kuberay.serve_app_args(cfg)
     # Untrained tiny weights instead of the checkpoint on S3; the rest as deployed.
     args["config"].update(checkpoint=None, random_weights_preset="tiny")
-    monkeypatch.setenv("DUET_API_KEYS", "test-key")
-    assert isinstance(build_app(args), Application)
+    monkeypatch.delenv(cfg.service.api_keys_env(), raising=False)
+    with pytest.raises(ValueError, match="no API keys"):
+        build_app(args)  # the RayService injects the keys from its secret; none: refused
+    monkeypatch.setenv(cfg.service.api_keys_env(), "test-key")
+    built = expand(build_app(args), name=cfg.service.app.app_name)
+    deployments = {d.name: d for d in built.deployments}
+    assert built.ingress_deployment_name == "ingress"
+    assert set(deployments) == {"ingress", "fast", "full"}
+    app = cfg.service.app
+    deployed = serve_config_from(args["config"])
+    assert deployed.checkpoint is None and deployed.random_weights_preset == "tiny"
+    for quality, wanted in (("fast", app.fast), ("full", app.full)):
+        deployment = deployments[quality]
+        config, given_quality = deployment.init_args
+        assert given_quality == quality
+        assert serve_config_from(config) == deployed, "the replicas get another config"
+        schema = deployment_to_schema(deployment).model_dump(exclude_unset=True)
+        scaling = schema["autoscaling_config"]
+        assert (scaling["min_replicas"], scaling["max_replicas"]) == (
+            wanted.min_replicas,
+            wanted.max_replicas,
+        )
+        assert scaling["target_ongoing_requests"] == wanted.target_ongoing_requests
+        assert (schema["max_ongoing_requests"], schema["max_queued_requests"]) == (
+            wanted.max_ongoing_requests,
+            wanted.max_queued_requests,
+        )
+        assert schema["ray_actor_options"].get("num_gpus", 0) == wanted.num_gpus
+    ingress = deployment_to_schema(deployments["ingress"]).model_dump(exclude_unset=True)
+    assert ingress["num_replicas"] == app.ingress_replicas
+    assert ingress["backpressure_config"]["status_code"] == 429
+    assert serve_config_from(deployments["ingress"].init_args[0]) == deployed
 
 
 def test_prefect_deployments_point_at_real_flows(cfg):
@@ -574,6 +616,16 @@ def _ppid(pid: int) -> int:
         return -1
 
 
+@contextlib.contextmanager
+def _listening_port():
+    """A port something listens on, so the reachability check passes and the (patched)
+    join itself is what refuses."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield sock.getsockname()[1]
+
+
 def test_a_refused_join_says_which_token_to_set(clean_ray_auth, monkeypatch):
     """Ray reports a cluster refusing a token-less driver only as a failed connection."""
     import ray
@@ -585,8 +637,8 @@ def test_a_refused_join_says_which_token_to_set(clean_ray_auth, monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda address=None, **kw: refuse())
-    with pytest.raises(ConnectionError, match="RAY_AUTH_TOKEN_PATH"):
-        ray_setup.init_ray("127.0.0.1:6379")
+    with _listening_port() as port, pytest.raises(ConnectionError, match="RAY_AUTH_TOKEN_PATH"):
+        ray_setup.init_ray(f"127.0.0.1:{port}")
 
 
 def test_a_refused_token_says_where_it_came_from(clean_ray_auth, monkeypatch):
@@ -603,8 +655,11 @@ def test_a_refused_token_says_where_it_came_from(clean_ray_auth, monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda address=None, **kw: refuse())
-    with pytest.raises(ConnectionError, match="sent the token from RAY_AUTH_TOKEN_PATH"):
-        ray_setup.init_ray("127.0.0.1:6379")
+    with (
+        _listening_port() as port,
+        pytest.raises(ConnectionError, match="sent the token from RAY_AUTH_TOKEN_PATH"),
+    ):
+        ray_setup.init_ray(f"127.0.0.1:{port}")
 
 
 def _stack_config(tmp_path):

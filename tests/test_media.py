@@ -143,11 +143,13 @@ def _bad_files(tmp_path) -> dict[str, str]:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["zero-byte", "truncated", "non-media", "corrupt"])
-def test_bad_inputs_raise_media_error(tmp_path, kind):
+@pytest.mark.parametrize("reader", ["probe_media", "read_clip"])
+def test_bad_inputs_raise_media_error(tmp_path, kind, reader):
+    """Each entry point refuses bad bytes on its own (one call per ``pytest.raises``:
+    with both in one block the second never ran)."""
     path = _bad_files(tmp_path)[kind]
     with pytest.raises(media.MediaError) as info:
-        media.probe_media(path)
-        media.read_clip(path)
+        getattr(media, reader)(path)
     assert path in str(info.value) and info.value.reason
     if kind == "zero-byte":
         assert "empty" in info.value.reason

@@ -1,10 +1,15 @@
 """generate(): determinism, reference limits, SDEdit editing, multi-shot layout, checkpoints, CLI.
 
 Whether a *trained* model follows its references and per-shot prompts is measured in
-tests/test_train_conditioning.py; the checks here are structural.
+tests/test_train_conditioning.py; here a hand-set DiT that copies its image reference
+shows that the reference path (encoding, slot, guidance, decoding) carries the image
+through to the output.
 """
 
 from __future__ import annotations
+
+import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -76,9 +81,97 @@ def test_generate_shapes_and_seeded_determinism(pipeline):
         generate(GenerationRequest(prompt="x", sampler="ddim"), pipeline=pipeline)
 
 
+class FollowsImageReference(torch.nn.Module):
+    """A hand-set DiT: the clean video it predicts is the latent of image slot 0 in
+    every latent frame (zero where that slot is absent), the clean audio zero, and it
+    returns the rectified-flow velocity (x - x0) / t of that prediction. It ignores
+    the prompt, so what ``generate`` makes of it depends on the reference path alone:
+    the image's encoding, its slot, and reference guidance."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.inner = dit  # for the null prompt the sampler asks for
+
+    def null_text_conditioning(self, batch, device=None):
+        return self.inner.null_text_conditioning(batch, device)
+
+    def forward(self, video, audio, t, text, references=None, shots=None):
+        x0 = torch.zeros_like(video)
+        slot = references.images[0] if references is not None and references.images else None
+        if slot is not None:
+            present = torch.ones(video.shape[0]) if slot.present is None else slot.present
+            x0 = slot.latent.expand_as(video) * present.float().view(-1, 1, 1, 1, 1)
+        return (video - x0) / t.view(-1, 1, 1, 1, 1), audio / t.view(-1, 1, 1)
+
+
+def _generate_latents(pipe, monkeypatch, references, ref_scale=1.0):
+    """(video latent handed to the decoder, decoded clip) of a generate() call."""
+    seen = {}
+    decode = pipe.decode_latents
+
+    def capture(video, audio, *args, **kwargs):
+        seen["video"] = video.clone()
+        return decode(video, audio, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "decode_latents", capture)
+    request = GenerationRequest(
+        prompt="a ball", duration_s=0.5, seed=2, steps=4, sampler="euler",
+        text_scale=3.0, ref_scale=ref_scale, references=references,
+    )  # fmt: skip
+    clip = generate(request, pipeline=pipe).clip
+    monkeypatch.undo()
+    return seen["video"], clip
+
+
+@contextlib.contextmanager
+def _hand_set_dit(pipe):
+    """The pipeline with its DiT replaced by FollowsImageReference, put back after (by
+    hand: monkeypatch would delete a submodule on undo, not restore it)."""
+    original = pipe.dit
+    pipe.dit = FollowsImageReference(original)
+    try:
+        yield pipe
+    finally:
+        pipe.dit = original
+
+
+def test_an_image_reference_steers_the_output_to_that_image(pipeline, monkeypatch):
+    """With the hand-set model, generation lands on the reference image's latent in
+    every frame; reference guidance scales that pull (ref_scale 2 lands twice as
+    far); without an image reference, or with only a video reference (another
+    slot), nothing pulls and the sample ends at zero."""
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[...] = (220, 40, 40)
+    with _hand_set_dit(pipeline) as pipe:
+        target = pipe.encode_image(red)  # (1, Cv, 1, h, w)
+        video, _ = _generate_latents(pipe, monkeypatch, ReferenceSet(images=[red]))
+        assert video.shape[2] > 1 and torch.allclose(video, target.expand_as(video), atol=1e-4)
+        video, _ = _generate_latents(pipe, monkeypatch, ReferenceSet(images=[red]), 2.0)
+        assert torch.allclose(video, 2.0 * target.expand_as(video), atol=1e-4)
+        for refs in (None, ReferenceSet(videos=[_ball_clip(9).frames])):
+            video, _ = _generate_latents(pipe, monkeypatch, refs)
+            assert torch.allclose(video, torch.zeros_like(video), atol=1e-4)
+
+
+def test_an_image_reference_sets_the_colour_of_the_decoded_clip(monkeypatch):
+    """The same hand-set model on the shipped checkpoint's trained VAE: a red image
+    reference gives a red clip, a blue one a blue clip."""
+    from model.checkpoint import DEFAULT_CHECKPOINT_DIR
+
+    shipped = DuetPipeline.from_checkpoint(str(DEFAULT_CHECKPOINT_DIR)).eval()
+    shipped.dit = FollowsImageReference(shipped.dit)  # a pipeline of this test's own
+    means = {}
+    for name, rgb in (("red", (220, 40, 40)), ("blue", (40, 40, 220))):
+        image = np.zeros((shipped.config.height, shipped.config.width, 3), np.uint8)
+        image[...] = rgb
+        _, clip = _generate_latents(shipped, monkeypatch, ReferenceSet(images=[image]))
+        means[name] = clip.frames.reshape(-1, 3).mean(0)
+        assert np.abs(means[name] - np.array(rgb)).max() < 50, (name, means[name])
+    assert means["red"][0] - means["red"][2] > 100 and means["blue"][2] - means["blue"][0] > 100
+
+
 def test_references_are_counted_and_limited(pipeline):
-    """Bookkeeping and limits only: that a trained model follows its reference slots
-    is measured in tests/test_train_conditioning.py."""
+    """Bookkeeping and limits (what the references do is checked above)."""
     image = _ball_clip().frames[0]
     refs = ReferenceSet(images=[image], videos=[_ball_clip(9).frames], audios=[_ball_clip().audio])
     request = GenerationRequest(
@@ -181,9 +274,19 @@ def test_multishot_layout_text_masks_and_fades(pipeline):
     groups = shots.audio_latent_shot.view(-1, m)
     assert (groups.float().mean(dim=1) - shots.video_latent_shot.float()).abs().max() <= 0.5
 
-    out = generate(GenerationRequest(shots=plan, seed=0, steps=2), pipeline=pipeline)
+    # This DiT was never trained on multi-shot footage: as a "stitched" checkpoint it
+    # gets the plan's fades drawn on the decoded clip (the named fallback).
+    pipeline.config.multishot = "stitched"
+    try:
+        out = generate(GenerationRequest(shots=plan, seed=0, steps=2), pipeline=pipeline)
+    finally:
+        pipeline.config.multishot = "continuous"
     clip = out.clip
     assert clip.num_frames == num_frames and out.metadata["shots"]["subject"] == plan.subject
+    assert out.metadata["transitions"] == "applied"
+    generated = generate(GenerationRequest(shots=plan, seed=0, steps=2), pipeline=pipeline)
+    assert generated.metadata["transitions"] == "generated"
+    assert generated.clip.frames[int(round(1.0 * FPS))].max() > 0  # nothing drawn on it
     boundary = int(round(1.0 * FPS))  # the fade's centre frame: dipped to black
     assert clip.frames[boundary].max() == 0
     assert np.abs(clip.audio[:, int(1.0 * SR) - 2 : int(1.0 * SR) + 2]).max() < 1e-3
@@ -281,21 +384,61 @@ def test_checkpoint_roundtrip_and_cli(pipeline, tmp_path):
     assert read_clip(edited).num_frames == 17
 
 
-def test_fit_runs_every_stage_with_image_references(text_encoder):
-    from model.fit import FitSettings, fit_pipeline
+def test_trained_pipeline_with_vocoder_and_references_generates(tmp_path):
+    """The shipped trainer (``pipelines.train``, local runner) trains every network of a
+    pipeline a few steps -- both VAEs on motion-picked crops, the neural vocoder, the DiT
+    with the clip's own first frame as image reference -- and what it writes generates
+    through the neural vocoder, with an image reference."""
+    from pipelines.train import train
+    from pipelines.train.conditioning import CorpusSpec, build_corpus
+    from pipelines.train.config import train_config_from
 
-    pipe = DuetPipeline.from_preset("tiny", seed=1, text_encoder=text_encoder)
-    clips = [_ball_clip(9), _ball_clip(9, color=(40, 40, 220))]
-    settings = FitSettings(
-        video_vae_steps=3, audio_vae_steps=3, vocoder_steps=2, dit_steps=3, batch_size=2,
-        video_window_frames=5, video_crop_px=32, first_frame_reference=True, log_every=1,
-    )  # fmt: skip
-    report = fit_pipeline(pipe, clips, ["a red ball", "a blue ball"], settings)
-    assert set(report.losses) == {"video_vae", "audio_vae", "vocoder", "dit"}
+    spec = CorpusSpec(sources=1, shots_per_source=2, colourless_fraction=0.0)  # 17 frames
+    manifest = build_corpus(str(tmp_path / "corpus"), spec)
+    refs = {
+        "reference_probability": 1.0, "own_frame_probability": 1.0, "max_images": 1,
+        "max_videos": 0, "max_audios": 0, "multishot_probability": 0.0,
+    }  # fmt: skip
+    cfg = train_config_from(
+        {
+            "run_uri": str(tmp_path / "run"),
+            "data": {"curated_uri": manifest, "frame_buckets": [17]},
+            "vae": {
+                "steps": 3,
+                "batch_size": 2,
+                "window_frames": 5,
+                "crop_px": 32,
+                "crop_candidates": 4,
+                "vocoder_steps": 1,
+                "log_every": 1,
+                "checkpoint_every": 3,
+                "eval_clips": 1,
+            },
+            "pretrain": {
+                "steps": 3,
+                "batch_size": 2,
+                "log_every": 1,
+                "checkpoint_every": 3,
+                "references": refs,
+            },
+        }  # fmt: skip
+    )
+    finals = train(cfg, stages=("vae", "pretrain"))
+    vae_rows = [
+        json.loads(x) for x in (tmp_path / "run/vae/metrics.jsonl").read_text().splitlines()
+    ]
+    for key in ("video_loss", "audio_loss", "vocoder_loss"):
+        assert len(vae_rows) == 3 and all(np.isfinite(r[key]) for r in vae_rows), key
+    pipe = DuetPipeline.from_checkpoint(finals["pretrain"])
     assert pipe.use_neural_vocoder and not pipe.dit.training
-    assert all(np.isfinite(v).all() for v in report.losses.values())
-    # The VAEs were calibrated: latents of the training clips are roughly unit scale.
-    zv, _ = pipe.encode_clip(clips[0])
+    clip = read_clip(str(tmp_path / "corpus/clips/src000-00.mp4"))
+    # The VAE stage calibrated the latents: the training clips encode to about unit scale.
+    zv, _ = pipe.encode_clip(clip)
     assert 0.2 < float(zv.std()) < 5.0
-    with pytest.raises(ValueError, match="caption"):
-        fit_pipeline(pipe, clips, ["only one"], settings)
+    request = GenerationRequest(
+        prompt="a red circle bounces on a gray floor", duration_s=17 / FPS, seed=0, steps=2,
+        references=ReferenceSet(images=[clip.frames[0]]),
+    )  # fmt: skip
+    out = generate(request, pipeline=pipe)
+    assert out.metadata["vocoder"] == "neural" and out.clip.num_frames == 17
+    assert np.isfinite(out.clip.audio).all() and np.abs(out.clip.audio).max() > 0

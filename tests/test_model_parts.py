@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.media import AVClip
 from model.audio_vae import AudioVAE, NeuralVocoder
 from model.configs import PRESETS, ModelConfig, get_config
 from model.dit import DualBranchDiT, TextConditioning, component_parameter_counts
@@ -17,7 +18,7 @@ from model.flow_matching import (
     shift_timesteps,
     velocity_target,
 )
-from model.pipeline import parameter_breakdown
+from model.pipeline import clip_tensors, parameter_breakdown
 from model.references import ReferenceLatents, RefSlot
 from model.rope import apply_rope, audio_positions, rope_1d, video_positions
 from model.video_vae import VideoVAE, motion_map, pick_crop
@@ -80,16 +81,31 @@ def test_config_roundtrip_and_validation():
         get_config("tiny").num_latent_frames(8)
 
 
-def test_audio_latent_rate_is_integer_multiple_of_video_rate():
-    for name in PRESETS:
-        cfg = get_config(name)
-        ratio = cfg.audio_latent_rate / cfg.video_latent_rate
-        assert ratio == int(ratio) == cfg.audio_latents_per_video_latent
-        # audio samples covered by the latents of 1 + 4k frames = (k + 1) video latent steps
-        assert (
-            cfg.audio_samples_for_latents(3)
-            == 3 * cfg.video_vae.temporal_factor * cfg.sample_rate / cfg.fps
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_audio_and_video_latents_of_a_clip_cover_the_same_time(name):
+    """Each preset's real VAEs on a clip's own tensors: 1 + 4k frames give k + 1 video
+    latent steps and exactly m (k + 1) audio latents, and the waveform they encode
+    spans the seconds of those video latent steps."""
+    cfg = get_config(name)
+    sf, tf = cfg.video_vae.spatial_factor, cfg.video_vae.temporal_factor
+    cfg.height = cfg.width = sf  # one latent pixel: only the time axis is checked here
+    video_vae = VideoVAE(cfg.video_vae).eval()
+    audio_vae = AudioVAE(cfg.audio_vae, cfg.sample_rate, cfg.mel_hop_length).eval()
+    m = cfg.audio_latents_per_video_latent
+    for k in (1, 3):
+        n = 1 + tf * k
+        samples = round(n * cfg.sample_rate / cfg.fps)
+        clip = AVClip(
+            np.zeros((n, sf, sf, 3), np.uint8),
+            cfg.fps,
+            np.zeros((2, samples), np.float32),
+            cfg.sample_rate,
         )
+        video, audio = clip_tensors(clip, cfg)
+        with torch.no_grad():
+            zv, za = video_vae.encode(video[None]), audio_vae.encode(audio[None])
+        assert zv.shape[2] == k + 1 and za.shape[-1] == m * (k + 1), (zv.shape, za.shape)
+        assert audio.shape[-1] / cfg.sample_rate == pytest.approx((k + 1) * tf / cfg.fps)
 
 
 # -- VAEs -----------------------------------------------------------------------------
@@ -387,6 +403,14 @@ def test_flow_matching_pieces():
     assert torch.allclose(xt[0], x0[0]) and torch.allclose(xt[2], noise[2])
     # Following the exact velocity from noise lands on the data.
     assert torch.allclose(xt[2] - 1.0 * velocity_target(x0, noise)[2], x0[2])
+    # Between the ends: the straight line (1 - t) x0 + t noise, one t per sample of a
+    # video-shaped batch, and x_t - t v recovers the data at every t.
+    x0, noise = torch.randn(5, 2, 3, 4, 4), torch.randn(5, 2, 3, 4, 4)
+    tt = torch.tensor([0.1, 0.25, 0.5, 0.7, 0.93])
+    xt = add_noise(x0, noise, tt)
+    for i, t in enumerate(tt.tolist()):
+        assert torch.allclose(xt[i], (1.0 - t) * x0[i] + t * noise[i], atol=1e-6)
+    assert torch.allclose(xt - tt.view(-1, 1, 1, 1, 1) * velocity_target(x0, noise), x0, atol=1e-6)
     with pytest.raises(ValueError):
         schedule(0, 1.0)
 
@@ -395,6 +419,14 @@ def test_frames_and_audio_helpers():
     cfg = get_config("tiny")
     assert cfg.frames_for_duration(2.0) == 33
     assert (cfg.frames_for_duration(0.1) - 1) % 4 == 0
-    assert np.isclose(
-        cfg.video_latent_rate * cfg.audio_latents_per_video_latent, cfg.audio_latent_rate
-    )
+    # The clip's sound keeps its time against the frames: a click at frame 20 sits
+    # (temporal_factor - 1) frames of front padding later in the model's waveform,
+    # which is what lines audio latent group j up with video latent j.
+    n, per_frame = 33, round(cfg.sample_rate / cfg.fps)
+    wav = np.zeros((2, n * per_frame), np.float32)
+    wav[:, 20 * per_frame] = 1.0
+    clip = AVClip(np.zeros((n, 8, 8, 3), np.uint8), cfg.fps, wav, cfg.sample_rate)
+    _, audio = clip_tensors(clip, cfg, n)
+    assert audio.shape == (2, cfg.audio_samples_for_latents(cfg.num_latent_frames(n)))
+    pad = (cfg.video_vae.temporal_factor - 1) * per_frame
+    assert torch.nonzero(audio[0]).flatten().tolist() == [pad + 20 * per_frame]

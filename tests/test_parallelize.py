@@ -101,7 +101,7 @@ def _assert_close(a: dict, b: dict, atol: float) -> float:
 
 def test_config_rejects_unknown_modes():
     with pytest.raises(ValueError, match="activation_checkpointing"):
-        ParallelConfig(activation_checkpointing="selective").validate()
+        ParallelConfig(activation_checkpointing="every_other").validate()
     with pytest.raises(ValueError, match="param_dtype"):
         ParallelConfig(param_dtype="float8").validate()
 
@@ -121,6 +121,35 @@ def test_activation_checkpointing_matches_plain_and_recomputes():
     assert len(calls) == 2 * len(wrapped.blocks)
     assert torch.equal(loss0, loss1)
     _assert_close(grads0, grads1, GRAD_ATOL)
+
+
+def _backward_flops(dit: torch.nn.Module, b: dict[str, torch.Tensor]) -> tuple[int, dict]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dit.zero_grad()
+    loss = _loss(dit, b)
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in _named_params(dit) if p.grad is not None}
+    return counter.get_total_flops(), grads
+
+
+def test_selective_checkpointing_matches_plain_and_recomputes_no_matmul():
+    plain = _dit()
+    b = _batch()
+    flops = {}
+    for mode in ("none", "full", "selective"):
+        dit = parallelize_dit(copy.deepcopy(plain), ParallelConfig(activation_checkpointing=mode))
+        assert dit.state_dict().keys() == plain.state_dict().keys()
+        flops[mode], grads = _backward_flops(dit, b)
+        if mode == "none":
+            grads0 = grads
+        else:
+            _assert_close(grads0, grads, GRAD_ATOL)
+    # Full checkpointing repeats the forward's matmuls in backward; selective keeps
+    # their outputs (and attention's), so its backward does the plain model's FLOPs.
+    assert flops["full"] > flops["none"]
+    assert flops["selective"] == flops["none"]
 
 
 # Inductor's C++ build of the block graphs takes about 3 CPU-minutes on this machine

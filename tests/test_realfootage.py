@@ -30,10 +30,16 @@ from curation.pipeline import CurateConfig, SourcePipeline
 FPS = 25
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("ffmpeg") is None or shutil.which("espeak-ng") is None,
-    reason="needs ffmpeg and espeak-ng (make installs both)",
-)
+
+@pytest.fixture(autouse=True, scope="session")  # before the session corpora are made
+def _system_tools():
+    """ffmpeg and espeak-ng are installed by make (infra/local/install_system_deps.sh):
+    a missing one fails these tests, it does not skip them."""
+    missing = [tool for tool in ("ffmpeg", "espeak-ng") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(
+            f"{' and '.join(missing)} not installed: run infra/local/install_system_deps.sh"
+        )
 
 
 def ffmpeg(*args: str) -> None:

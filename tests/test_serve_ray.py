@@ -2,8 +2,8 @@
 
 One app (random ``tiny`` weights, 2-step sampling, fractional CPUs) is started for
 the module. Checked: composition over HTTP with dynamic batching, the served page
-and OpenAPI; a killed model replica mid-request (the job is retried or failed,
-never lost); a killed ingress (jobs in storage carry on); and autoscaling of
+and OpenAPI; a killed model replica mid-request (the job is retried and succeeds on
+its second attempt); a killed ingress (jobs in storage carry on); and autoscaling of
 ``fast`` from 1 replica up and back down under bounded load from a second process,
 with every accepted job counted by its final state.
 """
@@ -110,12 +110,11 @@ def test_killing_a_model_replica_mid_request_retries_the_job(app):
         record = store.load(job_id)
     ray.kill(ray.get_actor(record.replica, namespace="serve"), no_restart=True)
     final = client.wait(job_id, timeout_s=400)
-    # Retried on another replica, or failed with the reason: never silently lost.
-    assert final["status"] in ("succeeded", "failed"), final
-    if final["status"] == "succeeded":
-        assert final["attempts"] == 2, final
-    else:
-        assert "died" in final["error"], final
+    # Retried on the replica Serve starts in its place (max_attempts is 2): a dead
+    # replica costs one attempt, never the job. (Failing after every attempt died is
+    # tests/test_serve_dispatch.py's.)
+    assert final["status"] == "succeeded", final
+    assert final["attempts"] == 2, final
 
 
 def test_jobs_outlive_a_killed_ingress(app):
@@ -154,7 +153,7 @@ def test_fast_scales_up_under_load_and_back_down(app, tmp_path):
         assert time.time() < deadline, _replicas("fast")
         time.sleep(1.0)
     out, stop = tmp_path / "load.json", tmp_path / "stop"
-    # Load runs until a second replica has served for a while (replicas start slowly
+    # Load runs until a second replica has served for 5 s (replicas start slowly
     # on a busy 2-core machine), at most 300 s; then it stops and the scale-down is watched.
     load = subprocess.Popen(
         [sys.executable, "-m", "serve.loadgen", url, "--key", KEY, "--concurrency", "6",
@@ -168,7 +167,7 @@ def test_fast_scales_up_under_load_and_back_down(app, tmp_path):
         timeline.append((now, _replicas("fast"), _replicas("fast", "STARTING")))
         if timeline[-1][1] >= 2 and up_since is None:
             up_since = now
-        if up_since is not None and now - up_since > 15:
+        if up_since is not None and now - up_since > 5:
             stop.touch()
         assert now < 900, timeline[-5:]
         time.sleep(1.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import numpy as np
 import pytest
@@ -20,9 +19,6 @@ from core.synth import (
 )
 from core.synth.scenes import simulate_bounce, simulate_box
 
-needs_espeak = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None, reason="espeak-ng is not installed"
-)
 SMALL = {"width": 160, "height": 96, "fps": 24.0, "sample_rate": 16000}
 
 
@@ -32,8 +28,6 @@ def _hash(frames: np.ndarray) -> str:
 
 @pytest.mark.parametrize("kind", SCENE_KINDS)
 def test_render_shot_kinds(kind):
-    if kind == "talking_avatar" and shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
     clip, truth = render_shot(kind, seed=5, duration_s=3.0, **SMALL)
     assert clip.frames.shape == (72, 96, 160, 3)
     assert clip.frames.dtype == np.uint8
@@ -118,7 +112,6 @@ def test_stereo_pan_follows_position():
         assert (left > right) == (x < clip.width / 2)
 
 
-@needs_espeak
 def test_speech_word_times_are_exact_and_mouth_follows():
     clip, truth = render_shot("talking_avatar", seed=4, duration_s=4.0)
     words = truth["speech"]["words"]

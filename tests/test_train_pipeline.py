@@ -228,17 +228,56 @@ def test_sft_runs_on_the_quality_subset_from_its_parent(vae_run, tmp_path):
     assert len(storage.filesystem(cfg.data.latent_cache_uri).ls(cfg.data.latent_cache_uri)) == 2
 
 
-def test_bad_inputs_fail_before_any_compute(vae_run, tmp_path):
+@pytest.fixture
+def compute_calls(monkeypatch) -> list[str]:
+    """Names of the compute entry points called: decoding a clip (every path to
+    pixels goes through ``core.media.read_clip``), encoding latents, a backward
+    pass, an optimizer step. Each still runs; the test asserts the list is empty."""
+    import core.media
+    import pipelines.train.latents
+
+    calls: list[str] = []
+
+    def watch(owner, name):
+        original = getattr(owner, name)
+
+        def watched(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, watched)
+
+    watch(core.media, "read_clip")
+    watch(pipelines.train.latents, "encode_rows")
+    watch(torch.autograd, "backward")
+    watch(torch.optim.AdamW, "step")
+    return calls
+
+
+def _nothing_computed(cfg: TrainConfig, calls: list[str], keep: tuple[str, ...] = ()) -> None:
+    """No compute entry point ran, and the run left nothing behind but ``keep``."""
+    assert calls == [], f"compute ran before the error: {calls}"
+    written = []
+    for base in (cfg.run_uri, cfg.data.latent_cache_uri):
+        if storage.exists(base):
+            written += storage.filesystem(base).find(base)
+    left = [w for w in written if not any(w.endswith(k) for k in keep)]
+    assert left == [], f"files written before the error: {left}"
+
+
+def test_bad_inputs_fail_before_any_compute(vae_run, tmp_path, compute_calls):
     rt = Runtime()
     parent = final_uri(vae_run, "vae")
     # A checkpoint of another preset.
     cfg = _config(vae_run.data.curated_uri, str(tmp_path / "p"), init_from=parent, preset="small")
     with pytest.raises(CheckpointError, match="holds preset 'tiny'"):
         run_stage(cfg, "pretrain", rt)
+    _nothing_computed(cfg, compute_calls)
     # A parent stage that never finished.
     cfg = _config(vae_run.data.curated_uri, str(tmp_path / "q"))
     with pytest.raises(TrainError, match="needs 'vae' first"):
         run_stage(cfg, "pretrain", rt)
+    _nothing_computed(cfg, compute_calls)
     # A frame bucket the VAE cannot encode (not 1 + 4k).
     cfg = _config(
         vae_run.data.curated_uri,
@@ -248,6 +287,7 @@ def test_bad_inputs_fail_before_any_compute(vae_run, tmp_path):
     )
     with pytest.raises(TrainError, match="frame_buckets"):
         run_stage(cfg, "pretrain", rt)
+    _nothing_computed(cfg, compute_calls)
     # A manifest without usable clips: every clip is shorter than the bucket.
     cfg = _config(
         vae_run.data.curated_uri,
@@ -257,12 +297,14 @@ def test_bad_inputs_fail_before_any_compute(vae_run, tmp_path):
     )
     with pytest.raises(TrainDataError, match="no kept clips"):
         run_stage(cfg, "pretrain", rt)
+    _nothing_computed(cfg, compute_calls)
     # Crops picked among no candidates.
     cfg = _config(
         vae_run.data.curated_uri, str(tmp_path / "u"), vae={"crop_px": 32, "crop_candidates": 0}
     )
     with pytest.raises(TrainError, match="crop_candidates"):
         run_stage(cfg, "vae", rt)
+    _nothing_computed(cfg, compute_calls)
     # A corrupt checkpoint to resume from.
     cfg = _config(vae_run.data.curated_uri, str(tmp_path / "t"), init_from=parent)
     bad = storage.join(cfg.run_uri, "pretrain", "checkpoint_00000003")
@@ -273,3 +315,8 @@ def test_bad_inputs_fail_before_any_compute(vae_run, tmp_path):
     storage.write_json(storage.join(bad, "config.json"), storage.read_json(parent + "/config.json"))
     with pytest.raises(CheckpointError):
         run_stage(cfg, "pretrain", rt)
+    _nothing_computed(
+        cfg, compute_calls, keep=("train_state.json", "model.safetensors", "config.json")
+    )
+    # The bad checkpoint is left as it was, for a person to look at.
+    assert storage.read_bytes(storage.join(bad, "model.safetensors")) == b"not a safetensors file"

@@ -1,5 +1,12 @@
 """``probe_clip`` / ``probe_video``: every measurement of a video in one JSON-able dict,
-and ``compare_to_truth``: its errors against a synthetic sidecar."""
+and ``compare_to_truth``: its errors against a synthetic sidecar.
+
+Two kinds of JSON file sit beside a video under its name: the synthetic world's
+ground truth (``core.synth``: ``schema_version``, ``fps``, ``shots`` with
+``events``, ``transitions``) and the metadata of a generated clip (``duet
+generate``: ``prompt``, ``steps``, ...; ``"kind": "generation"`` since it was
+added). :func:`sidecar_kind` tells them apart by their schema, old files included.
+"""
 
 from __future__ import annotations
 
@@ -134,6 +141,34 @@ def probe_video(uri: str, include_frames: bool = True) -> dict:
     return result
 
 
+SIDECAR_TRUTH = "truth"
+SIDECAR_GENERATION = "generation"
+SIDECAR_UNKNOWN = "unknown"
+
+
+def sidecar_kind(doc: object) -> str:
+    """``"truth"`` for a synthetic ground-truth sidecar, ``"generation"`` for generation
+    metadata, ``"unknown"`` for anything else (never compared to a probe)."""
+    if not isinstance(doc, dict):
+        return SIDECAR_UNKNOWN
+    if doc.get("kind") == SIDECAR_GENERATION:
+        return SIDECAR_GENERATION
+    shots, transitions = doc.get("shots"), doc.get("transitions")
+    if (
+        isinstance(doc.get("schema_version"), int)
+        and isinstance(doc.get("fps"), int | float)
+        and isinstance(shots, list)
+        and isinstance(transitions, list)
+        and all(isinstance(s, dict) and isinstance(s.get("events"), list) for s in shots)
+    ):
+        return SIDECAR_TRUTH
+    # Generation metadata written before it carried "kind".
+    # (Its "transitions" is None or a word; ground truth's is a list of events.)
+    if isinstance(doc.get("prompt"), str) and "steps" in doc and not isinstance(transitions, list):
+        return SIDECAR_GENERATION
+    return SIDECAR_UNKNOWN
+
+
 def _nearest_errors(truth: list[float], measured: list[float], tolerance: float) -> list[float]:
     """Signed error (measured - truth) of each truth time's nearest measurement within tolerance."""
     if not measured:
@@ -167,7 +202,11 @@ def compare_to_truth(probe: dict, sidecar: dict) -> dict:
     Visual event errors are in frames, audio onset errors in ms, transition errors
     in frames, camera pan errors in px/s. Attribute accuracy per shot is the multiset IoU of ground-truth
     (colour, shape) objects and the detections in the shot's interior frames.
+    Raises ValueError when ``sidecar`` is not ground truth (:func:`sidecar_kind`).
     """
+    kind = sidecar_kind(sidecar)
+    if kind != SIDECAR_TRUTH:
+        raise ValueError(f"not a ground-truth sidecar (it reads as {kind}): nothing to compare")
     fps = float(sidecar["fps"])
     truth_events = [e["time_s"] for s in sidecar["shots"] for e in s["events"]]
     visual = [e["time_s"] for e in probe["visual_events"]]

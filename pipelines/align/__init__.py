@@ -5,7 +5,7 @@
 - :mod:`.preferences`: the versioned preference table (rater or human rankings);
 - :mod:`.reward`: the learned multi-head reward model (per-head Bradley-Terry);
 - :mod:`.sde`: the flow sampler as an SDE with per-step log-probabilities;
-- :mod:`.grpo`: DanceGRPO's group rollouts, advantages and clipped objective;
+- :mod:`.grpo`: DanceGRPO's group rollouts, per-head advantages and clipped losses;
 - :mod:`.distill`: the Fast student (reflow on guided teacher couplings);
 - :mod:`.stages`: both stages as tasks of :func:`pipelines.train.loop.run_stage`;
 - :mod:`.evaluate`: probe metrics on held-out prompts, Full against Fast.

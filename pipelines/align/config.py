@@ -14,14 +14,17 @@ from dataclasses import dataclass, field
 
 # Reward heads, in the order the reward model outputs them.
 HEADS = ("sync", "adherence", "motion", "visual", "audio")
+DISTILL_METHODS = ("reflow", "dmd2")
+# Flow-GRPO's KL coefficient (the same per-element-mean Gaussian KL as grpo.py's).
+DEFAULT_KL_WEIGHT = 0.04
 
 
 @dataclass
 class PromptSplit:
     """Which prompts the stage trains on and which it holds out for evaluation.
 
-    Prompts are the distinct captions of the manifest's clips that name a coloured
-    shape (dialogue removed). Every ``holdout_every``-th prompt (sorted, so the split
+    Prompts are the distinct captions of the manifest's clips (dialogue removed), of
+    any corpus: synthetic or real footage. Every ``holdout_every``-th prompt (sorted, so the split
     does not depend on file order) is held out: neither the preference data nor
     DanceGRPO sees it, and evaluation uses only those.
     """
@@ -46,18 +49,52 @@ class PreferenceConfig:
 
 @dataclass
 class RewardConfig:
-    """The learned multi-head reward model (per-head Bradley-Terry on latents + text)."""
+    """The learned multi-head reward model (per-head Bradley-Terry on latents + prompt).
 
-    width: int = 32
+    The network is :class:`pipelines.align.reward.RewardNetConfig` preset ``preset``
+    (``tiny`` for CPU, ``small``, ``base`` for a GPU); ``width`` and ``depth`` override
+    the preset's when set."""
+
+    preset: str = "tiny"
+    width: int | None = None
+    depth: int | None = None
     steps: int = 300
     batch_pairs: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
     # Pairs whose rater scores differ by less than this carry no preference.
     min_margin: float = 0.05
-    # Fraction of prompt groups held out to measure agreement with the rater.
+    # Fraction of the preference prompts held out (every round(1 / fraction)-th of the
+    # sorted prompts): their pairs never reach training and measure agreement with the
+    # rater on prompts the reward model never saw.
     holdout_fraction: float = 0.25
     seed: int = 0
+    # The floor: ``reward_source="model"`` refuses to start DanceGRPO when the held-out
+    # agreement with the rater of a head it optimises (weight > 0) is below this, or
+    # unknown (no held-out pairs). 0 turns the floor off. (Optimising a reward that
+    # orders held-out pairs no better than chance moves nothing the rater measures.)
+    min_agreement: float = 0.6
+    # Weight in the loss of each preference pair by where it came from: people (the
+    # /rank page, `duet prefs import`, human ranks in the table) or the programmatic
+    # rater. 0 leaves that source out.
+    human_weight: float = 1.0
+    rater_weight: float = 1.0
+
+
+@dataclass
+class JudgeConfig:
+    """A vision-language judge behind an OpenAI-compatible chat-completions endpoint
+    (``reward_source="judge"``, :mod:`pipelines.align.judge`): P("yes") per head."""
+
+    base_url: str = ""  # e.g. "http://127.0.0.1:8000/v1" (http or https, no credentials)
+    model: str = ""
+    api_key_env: str = ""  # the NAME of the environment variable holding the key ("": none)
+    timeout_s: float = 60.0  # per request, connection to last byte
+    max_frames: int = 4  # decoded frames sent per clip, evenly spaced
+    max_response_bytes: int = 1 << 20
+    top_logprobs: int = 20
+    # Heads it is asked about (it sees frames, not sound: sync and audio are not asked).
+    heads: tuple[str, ...] = ("adherence", "motion", "visual")
 
 
 @dataclass
@@ -78,25 +115,41 @@ class RLHFStageConfig:
     text_scale: float = 4.0  # the policy samples with the guidance it is used with
     timestep_fraction: float = 0.6  # fraction of sampling steps trained on, drawn per step
     clip_range: float = 1e-3  # PPO ratio clip (log-probs are per-element means)
-    adv_clip_max: float = 5.0
+    adv_clip_max: float = 5.0  # per head, on its group-normalised advantage
+    # Optimiser steps per rollout batch: the batch's (candidate, step) rows are split
+    # over this many updates (as DanceGRPO's gradient-accumulation chunks), so from the
+    # second on the policy has moved, the ratio differs from 1 and the clip acts.
+    updates_per_rollout: int = 2
     # Candidates trained on per group: the best and worst k by total reward (0 = all G).
     best_worst_k: int = 0
     # KL to the frozen parent (SFT) policy, per trained step; 0 = off (as in DanceGRPO).
-    kl_weight: float = 0.0
+    # None: on (Flow-GRPO's 0.04) when the reward is learned, which a policy can exploit;
+    # off with the rater.
+    kl_weight: float | None = None
     # Per-head advantage weights, in HEADS order.
     head_weights: tuple[float, ...] = (1.0, 1.0, 0.25, 0.25, 0.25)
-    # Reward the policy optimises: "model" (the learned reward) or "rater" (the probes;
-    # for ablations only: then the probes are no longer an independent check).
+    # Reward the policy optimises: "model" (the learned reward), "judge" (a
+    # vision-language endpoint, ``judge``) or "rater" (the probes; for ablations only:
+    # then the probes are no longer an independent check).
     reward_source: str = "model"
+    # Rate every rollout with the programmatic rater too (reward_source="model"), log
+    # both, and flag a reward model score that rises while the rater's falls.
+    monitor_rater: bool = True
     prompts: PromptSplit = field(default_factory=PromptSplit)
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def validate(self) -> None:
-        if self.reward_source not in ("model", "rater"):
+        if self.reward_source not in ("model", "judge", "rater"):
             raise ValueError(
-                f"reward_source must be 'model' or 'rater', got {self.reward_source!r}"
+                f"reward_source must be 'model', 'judge' or 'rater', got {self.reward_source!r}"
             )
+        if self.reward_source == "judge" and not (self.judge.base_url and self.judge.model):
+            raise ValueError("reward_source 'judge' needs judge.base_url and judge.model")
+        unknown = sorted(set(self.judge.heads) - set(HEADS))
+        if unknown:
+            raise ValueError(f"judge.heads {unknown} are not reward heads ({', '.join(HEADS)})")
         if len(self.head_weights) != len(HEADS):
             raise ValueError(f"head_weights needs {len(HEADS)} entries ({', '.join(HEADS)})")
         if self.group_size < 2:
@@ -105,6 +158,47 @@ class RLHFStageConfig:
             raise ValueError("timestep_fraction must be in (0, 1]")
         if self.best_worst_k and 2 * self.best_worst_k > self.group_size:
             raise ValueError("best_worst_k must be at most group_size / 2")
+        if self.updates_per_rollout < 1:
+            raise ValueError("updates_per_rollout must be >= 1")
+        if self.kl_weight is not None and self.kl_weight < 0:
+            raise ValueError("kl_weight must be >= 0 (or unset: on with a learned reward)")
+
+    def kl_coefficient(self) -> float:
+        """The KL weight in force: ``kl_weight``, or by default 0.04 with a learned reward
+        or a judge (both can be exploited; the rater is the ablation)."""
+        if self.kl_weight is not None:
+            return self.kl_weight
+        return DEFAULT_KL_WEIGHT if self.reward_source != "rater" else 0.0
+
+
+@dataclass
+class DMDConfig:
+    """DMD2 (``distill.method = "dmd2"``, :mod:`pipelines.align.dmd`).
+
+    The loop's steps alternate: ``fake_updates`` updates of the fake score, then one
+    of the student (DMD2's two time-scale rule: the fake score has to follow the
+    student's distribution, so it is updated more often). ``distill.steps`` counts
+    both kinds."""
+
+    fake_updates: int = 4
+    # Learning rates of the student and the fake score (distill.lr is reflow's). The
+    # student's is lower: at reflow's 5e-4 the tiny student drifted away from its
+    # teacher (bench/align_fast.py --compare), at 1e-4 it moved toward it.
+    lr: float = 1e-4
+    fake_lr: float = 5e-4
+    # Noise levels of the distribution-matching and fake-score terms (before the
+    # resolution shift): away from the ends, where the scores carry no signal.
+    time_min: float = 0.02
+    time_max: float = 0.98
+    # Share of each batch's prompts drawn from the caption grammar (the rest are
+    # captions: the training prompts, the manifest's other captions, extra_prompts).
+    grammar_fraction: float = 0.5
+    # Clip lengths (frames, each 1 + 4k) drawn per step; empty: every bucket the
+    # parent's stages trained on (data, pretrain and sft frame_buckets).
+    frame_buckets: tuple[int, ...] = ()
+    # Optional regression on the guided teacher's ODE endpoint of the same initial
+    # noise (DMD's regression loss; DMD2 drops it): 0 = off.
+    regression_weight: float = 0.0
 
 
 @dataclass
@@ -122,20 +216,39 @@ class DistillStageConfig:
     teacher_steps: int = 16
     text_scale: float = 4.0
     trajectories_per_prompt: int = 16
-    # Prompts distilled besides the alignment training prompts. The student keeps its
-    # teacher's scores on the prompts it was distilled on and drifts on others (a
+    # Prompts distilled besides the alignment training prompts. A reflow student keeps
+    # its teacher's scores on the prompts it was distilled on and drifts on others (a
     # student of 8 prompts kept 69% of its teacher's held-out adherence, one with a
-    # ninth prompt near a held-out one 100%: BENCHMARKS.md), so a user's own prompt
-    # list belongs here; no data is needed, the teacher draws the targets. Held-out
-    # prompts are refused.
+    # ninth prompt near a held-out one 100%: BENCHMARKS.md). method="dmd2" draws from
+    # the whole caption distribution (manifest captions and the caption grammar), so
+    # it needs none; these are added to its pool all the same. Held-out prompts are
+    # refused.
     extra_prompts: tuple[str, ...] = ()
     duration_s: float = 17 / 16
     # Step counts the student is trained for (its time grid is the union of theirs;
     # the shifted schedule of 8 steps contains that of 4).
     student_steps: tuple[int, ...] = (4, 8)
     default_steps: int = 4
+    # "reflow" (teacher couplings of the training prompts, :mod:`pipelines.align.distill`)
+    # or "dmd2" (distribution matching over the whole caption distribution, every
+    # clip length, :mod:`pipelines.align.dmd`; ``extra_prompts`` is not needed).
+    method: str = "reflow"
+    dmd: DMDConfig = field(default_factory=DMDConfig)
 
     def validate(self) -> None:
+        if self.method not in DISTILL_METHODS:
+            raise ValueError(
+                f"distill.method must be one of {DISTILL_METHODS}, got {self.method!r}"
+            )
+        d = self.dmd
+        if d.fake_updates < 1:
+            raise ValueError("distill.dmd.fake_updates must be >= 1")
+        if not 0.0 <= d.time_min < d.time_max <= 1.0:
+            raise ValueError("distill.dmd needs 0 <= time_min < time_max <= 1")
+        if not 0.0 <= d.grammar_fraction <= 1.0:
+            raise ValueError("distill.dmd.grammar_fraction must be in [0, 1]")
+        if d.regression_weight < 0 or d.fake_lr <= 0 or d.lr <= 0:
+            raise ValueError("distill.dmd needs lr > 0, fake_lr > 0, regression_weight >= 0")
         if self.default_steps not in self.student_steps:
             raise ValueError(f"default_steps {self.default_steps} not in {self.student_steps}")
         if any(s < 1 for s in self.student_steps):

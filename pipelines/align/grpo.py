@@ -1,34 +1,43 @@
-"""DanceGRPO on the flow sampler: group rollouts, per-head advantages, clipped ratio.
+"""DanceGRPO on the flow sampler: group rollouts, per-head advantages, a clipped loss per head.
 
-One training step, for each prompt of the worker's batch:
+A rollout batch, for each prompt of the worker's batch:
 
 1. **Rollout** (no gradient): ``G`` candidates from one shared initial noise, sampled
    with the SDE of :mod:`pipelines.align.sde` (noise level ``eta``) and the text
    guidance the model is used with; the log-probability of every step is kept.
 2. **Reward**: the learned reward model scores the final latents per head
    (``reward_source="rater"`` decodes and asks the probes instead; an ablation only).
-3. **Advantages**: per head, normalised within the group (``(r - mean) / std``; a
-   head on which the group does not differ gives 0), then weighted and summed, and
-   clipped to ``adv_clip_max``. Optionally only the best and worst ``k`` candidates
-   by advantage are trained on (best-and-worst-of-N).
-4. **Policy loss** on a random ``timestep_fraction`` of the sampling steps:
-   ``max(-A r, -A clip(r, 1 - c, 1 + c))`` with ``r = exp(logp_new - logp_old)`` of the
-   step the sampler took; all chosen (step, candidate) rows go through one batched
-   forward (so DDP sees one forward per backward). Optionally plus ``kl_weight`` times
-   the KL from the frozen parent policy's step to this one's (both Gaussians of the
-   same width: ``|mean - mean_ref|^2 / 2 std^2``), the guard against reward hacking
-   that DanceGRPO leaves out.
+   With the learned reward the rater also scores the same candidates (the
+   reward-hacking monitor: both are logged, and the stage's report flags a reward
+   model score that rises while the rater's falls).
+3. **Advantages, per head**: each head's rewards normalised within the group
+   (``(r - mean) / std``; a head on which the group does not differ gives 0) and
+   clipped to ``adv_clip_max``. Optionally only the best and worst ``k`` candidates by
+   weighted advantage are trained on (best-and-worst-of-N).
+4. **Rows**: each candidate trains on its own random ``timestep_fraction`` of the
+   sampling steps (a permutation per sample, as DanceGRPO); the (candidate, step) rows
+   of the batch are shuffled and split over ``updates_per_rollout`` optimiser steps.
 
-The loop does one optimizer step per call, so ``r`` is 1 at the start of every step
-(as in DanceGRPO without gradient accumulation across rollouts); the clip bounds
-the ratio of the steps after the first of a rollout when ``timestep_fraction``
-rows are spread over several forwards, and is kept for that and for parity.
+An update, on its share of the rows: one batched forward of the policy (so DDP sees
+one forward per backward) gives ``r = exp(logp_new - logp_old)`` of the step the
+sampler took, and the loss is a clipped PPO objective per head,
+
+    L_h = mean_rows max(-A_h r, -A_h clip(r, 1 - c, 1 + c)),   L = sum_h w_h L_h
+
+(DanceGRPO's multi-reward loss: each reward has its own clipped objective, rather
+than one clip of the summed advantage, so a head whose candidate already moved far
+stops pulling while the others still pull). The first update of a rollout sees the
+policy that drew it (``r = 1``); the later ones see the policy the earlier updates
+moved, so the ratio and the clip act. Plus ``kl_coefficient()`` times the KL from the
+frozen parent policy's step to this one's (both Gaussians of the same width:
+``|mean - mean_ref|^2 / 2 std^2`` per element), on by default with a learned reward.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,18 +46,40 @@ from pipelines.align.config import HEADS
 from pipelines.align.sde import gaussian_logprob, guided_velocities, sde_rollout, step_mean
 from pipelines.train.batches import pad_text
 
+ROW_KEYS = ("x_v", "x_a", "next_v", "next_a", "t", "t_next", "old", "adv", "prompt")
 
-def group_advantages(
-    rewards: torch.Tensor, weights: tuple[float, ...], clip: float
-) -> torch.Tensor:
-    """(G,) advantages from (G, H) per-head rewards of one group."""
+
+def head_advantages(rewards: torch.Tensor, clip: float) -> torch.Tensor:
+    """(G, H) per-head advantages of one group's (G, H) rewards, each clipped to ``clip``."""
     mean = rewards.mean(0, keepdim=True)
     std = rewards.std(0, unbiased=False, keepdim=True)
     norm = torch.where(
         std > 1e-6, (rewards - mean) / std.clamp_min(1e-6), torch.zeros_like(rewards)
     )
+    return norm.clamp(-clip, clip)
+
+
+def group_advantages(
+    rewards: torch.Tensor, weights: tuple[float, ...], clip: float
+) -> torch.Tensor:
+    """(G,) weighted sum of the per-head advantages (what best-and-worst-of-N ranks by)."""
     w = torch.tensor(weights, dtype=rewards.dtype, device=rewards.device)
-    return (norm * w).sum(-1).clamp(-clip, clip)
+    return (head_advantages(rewards, clip) * w).sum(-1)
+
+
+def clipped_objective(
+    ratio: torch.Tensor,  # (R,) exp(logp_new - logp_old) per row
+    adv: torch.Tensor,  # (R, H) per-head advantages of each row's candidate
+    weights: tuple[float, ...],
+    clip_range: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted sum of per-head clipped PPO losses, and the (H,) per-head losses."""
+    r = ratio[:, None]
+    unclipped = -adv * r
+    clipped = -adv * torch.clamp(r, 1.0 - clip_range, 1.0 + clip_range)
+    per_head = torch.maximum(unclipped, clipped).mean(0)  # (H,)
+    w = torch.tensor(weights, dtype=per_head.dtype, device=per_head.device)
+    return (per_head * w).sum(), per_head
 
 
 def select_candidates(adv: torch.Tensor, k: int) -> list[int]:
@@ -59,15 +90,56 @@ def select_candidates(adv: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k] + order[-k:])
 
 
-def rater_rewards(pipeline, prompt: str, video, audio, frames: int) -> torch.Tensor:
+def rater_scores(
+    pipeline, prompt: str, video, audio, frames: int, skip: tuple[str, ...] = ()
+) -> torch.Tensor:
+    """(G, H) rater scores of decoded candidates; NaN where a head does not apply."""
     from pipelines.align.rater import rate_clip
 
     out = []
     for c in range(video.shape[0]):
         clip = pipeline.decode_latents(video[c : c + 1], audio[c : c + 1], frames, seed=c)
-        scores = rate_clip(prompt, clip)
-        out.append([float(scores[h]) if scores.get(h) is not None else 0.0 for h in HEADS])
-    return torch.tensor(out)
+        scores = rate_clip(prompt, clip, skip=skip)
+        out.append([math.nan if scores.get(h) is None else float(scores[h]) for h in HEADS])
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def rater_rewards(pipeline, prompt: str, video, audio, frames: int, skip=()) -> torch.Tensor:
+    """Rater scores as rewards: a head that does not apply gives 0 (no advantage)."""
+    return torch.nan_to_num(rater_scores(pipeline, prompt, video, audio, frames, skip), nan=0.0)
+
+
+@dataclass
+class Rollout:
+    """One rollout batch kept for its updates: the training rows and how they are split."""
+
+    step: int  # the loop step that drew it
+    rows: dict[str, torch.Tensor]  # ROW_KEYS; adv is (R, H), the others (R, ...)
+    order: torch.Tensor  # (R,) shuffled row indices; update u trains on order[u::parts]
+    parts: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def part(self, u: int | None) -> dict[str, torch.Tensor]:
+        if u is None:
+            return self.rows
+        idx = self.order[u :: self.parts].to(self.rows["old"].device)
+        return {k: v[idx] for k, v in self.rows.items()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything as CPU tensors (safetensors), to resume inside a rollout."""
+        out = {f"row.{k}": v.detach().cpu().contiguous() for k, v in self.rows.items()}
+        out["order"] = self.order.cpu()
+        out["step_parts"] = torch.tensor([self.step, self.parts])
+        for k, v in self.metrics.items():
+            out[f"metric.{k}"] = torch.tensor([v], dtype=torch.float64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], device) -> Rollout:
+        rows = {k[4:]: v.to(device) for k, v in t.items() if k.startswith("row.")}
+        metrics = {k[7:]: float(v[0]) for k, v in t.items() if k.startswith("metric.")}
+        step, parts = (int(x) for x in t["step_parts"])
+        return cls(step, rows, t["order"], parts, metrics)
 
 
 @dataclass
@@ -84,7 +156,11 @@ class GRPO:
     shapes: tuple
     times: list[float]
     device: torch.device
-    weights: tuple[float, ...] = ()  # per-head advantage weights (settings' by default)
+    weights: tuple[float, ...] = ()  # per-head loss weights (settings' by default)
+    # Rater heads that do not apply to this corpus (they need the synthetic world).
+    skip_heads: tuple[str, ...] = ()
+    # Rate rollouts with the rater too (the reward-hacking monitor); learned reward only.
+    monitor: bool = False
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -116,80 +192,115 @@ class GRPO:
     def rewards(self, prompt_index: int, video, audio) -> torch.Tensor:
         if self.settings.reward_source == "rater":
             return rater_rewards(
-                self.pipeline, self.prompts[prompt_index], video, audio, self.shapes[2]
-            ).to(self.device)
+                self.pipeline, self.prompts[prompt_index], video, audio, self.shapes[2],
+                self.skip_heads,
+            ).to(self.device)  # fmt: skip
+        if self.settings.reward_source == "judge":  # a JudgeReward: decodes and asks
+            prompt = self.prompts[prompt_index]
+            return self.reward_model.rewards(prompt, video, audio).to(self.device)
         g = video.shape[0]
         tokens = self.tokens[prompt_index : prompt_index + 1].expand(g, -1, -1)
         mask = self.mask[prompt_index : prompt_index + 1].expand(g, -1)
         return self.reward_model(video, audio, tokens, mask).float()
 
-    def step(self, indices: list[int], gen: torch.Generator):
+    def collect(self, indices: list[int], gen: torch.Generator, step: int = 0, parts: int = 1):
+        """Roll out, score and turn one batch of prompts into training rows (no gradient)."""
         s = self.settings
         n_steps = len(self.times) - 1
         n_train = max(1, round(s.timestep_fraction * n_steps))
-        rows = {"x_v": [], "x_a": [], "next_v": [], "next_a": [], "t": [], "t_next": [],
-                "old": [], "adv": [], "prompt": []}  # fmt: skip
-        reward_means = []
+        rows: dict[str, list] = {k: [] for k in ROW_KEYS}
+        model_means, rater_means = [], []
         for pi in indices:
             traj = self.rollout(pi, gen)
             final_v, final_a = traj.final
             rewards = self.rewards(pi, final_v, final_a)  # (G, H)
-            reward_means.append(rewards.mean(0))
-            adv = group_advantages(rewards, self.weights, s.adv_clip_max)
-            chosen = select_candidates(adv, s.best_worst_k)
-            steps = torch.randperm(n_steps, generator=gen)[:n_train].tolist()
-            for j in steps:
-                for c in chosen:
+            model_means.append(rewards.mean(0).cpu())
+            if self.monitor and s.reward_source != "rater":
+                with torch.no_grad():
+                    rated = rater_scores(
+                        self.pipeline, self.prompts[pi], final_v, final_a, self.shapes[2],
+                        self.skip_heads,
+                    )  # fmt: skip
+                rater_means.append(rated.nanmean(0))
+            adv = head_advantages(rewards, s.adv_clip_max)  # (G, H)
+            w = torch.tensor(self.weights, dtype=adv.dtype, device=adv.device)
+            chosen = select_candidates((adv * w).sum(-1), s.best_worst_k)
+            for c in chosen:
+                # A permutation of the sampling steps per sample (DanceGRPO), not per prompt.
+                for j in torch.randperm(n_steps, generator=gen)[:n_train].tolist():
                     rows["x_v"].append(traj.videos[j][c])
                     rows["x_a"].append(traj.audios[j][c])
                     rows["next_v"].append(traj.videos[j + 1][c])
                     rows["next_a"].append(traj.audios[j + 1][c])
-                    rows["t"].append(self.times[j])
-                    rows["t_next"].append(self.times[j + 1])
+                    rows["t"].append(torch.tensor(self.times[j]))
+                    rows["t_next"].append(torch.tensor(self.times[j + 1]))
                     rows["old"].append(traj.logprobs[j, c])
                     rows["adv"].append(adv[c])
-                    rows["prompt"].append(pi)
-        x_v, x_a = torch.stack(rows["x_v"]), torch.stack(rows["x_a"])
-        nxt_v, nxt_a = torch.stack(rows["next_v"]), torch.stack(rows["next_a"])
-        t = torch.tensor(rows["t"], device=self.device)
-        t_next = torch.tensor(rows["t_next"], device=self.device)
-        old = torch.stack(rows["old"])
-        adv = torch.stack(rows["adv"])
-        text = self._texts(rows["prompt"])
+                    rows["prompt"].append(torch.tensor(pi))
+        stacked = {k: torch.stack(v).to(self.device) for k, v in rows.items()}
+        order = torch.randperm(stacked["old"].shape[0], generator=gen)
+        metrics = self._reward_metrics(model_means, rater_means)
+        return Rollout(step, stacked, order, max(1, parts), metrics)
+
+    def _reward_metrics(self, model_means: list, rater_means: list) -> dict[str, float]:
+        model = torch.stack(model_means).mean(0)
+        out = {f"reward_{h}": float(model[k]) for k, h in enumerate(HEADS)}
+        out["reward"] = sum(w * float(model[k]) for k, w in enumerate(self.weights))
+        if rater_means:
+            rater = torch.stack(rater_means).nanmean(0)
+            # Like for like: the weighted heads the rater measures on this corpus.
+            both = [
+                k for k, w in enumerate(self.weights) if w > 0 and HEADS[k] not in self.skip_heads
+            ]
+            for k in both:
+                out[f"rater_{HEADS[k]}"] = float(torch.nan_to_num(rater[k], nan=0.0))
+            out["rater"] = sum(self.weights[k] * out[f"rater_{HEADS[k]}"] for k in both)
+            out["reward_monitored"] = sum(self.weights[k] * float(model[k]) for k in both)
+        return out
+
+    def loss(self, rollout: Rollout, part: int | None = None):
+        """The clipped per-head objective (plus KL) on one update's share of a rollout."""
+        s = self.settings
+        rows = rollout.part(part)
+        x_v, x_a = rows["x_v"], rows["x_a"]
+        t, t_next = rows["t"], rows["t_next"]
+        text = self._texts(rows["prompt"].tolist())
         null = self.dit.null_text_conditioning(x_v.shape[0], self.device)
         vel_v, vel_a = guided_velocities(self.module, x_v, x_a, t, text, null, s.text_scale)
         mean_v, mean_a, std = self._means(x_v, x_a, vel_v, vel_a, t, t_next, s.eta)
-        new = gaussian_logprob(nxt_v, nxt_a, mean_v, mean_a, std)
-        ratio = torch.exp(new - old)
-        unclipped = -adv * ratio
-        clipped = -adv * torch.clamp(ratio, 1.0 - s.clip_range, 1.0 + s.clip_range)
-        loss = torch.maximum(unclipped, clipped).mean()
-        metrics = {}
-        if self.reference is not None:
+        new = gaussian_logprob(rows["next_v"], rows["next_a"], mean_v, mean_a, std)
+        ratio = torch.exp(new - rows["old"])
+        loss, per_head = clipped_objective(ratio, rows["adv"], self.weights, s.clip_range)
+        metrics = dict(rollout.metrics)
+        kl_weight = s.kl_coefficient()
+        if self.reference is not None and kl_weight > 0:
             with torch.no_grad():
                 ref_v, ref_a = guided_velocities(
                     self.reference, x_v, x_a, t, text, null, s.text_scale
                 )
                 rmean_v, rmean_a, _ = self._means(x_v, x_a, ref_v, ref_a, t, t_next, s.eta)
             n = x_v[0].numel() + x_a[0].numel()
-            sq = ((mean_v - rmean_v) ** 2).flatten(1).sum(1) + ((mean_a - rmean_a) ** 2).flatten(
-                1
-            ).sum(1)
+            sq = ((mean_v - rmean_v) ** 2).flatten(1).sum(1)
+            sq = sq + ((mean_a - rmean_a) ** 2).flatten(1).sum(1)
             kl = (sq / (2 * std**2 * n)).mean()
-            loss = loss + s.kl_weight * kl
+            loss = loss + kl_weight * kl
             metrics["kl"] = float(kl.detach())
-        rewards = torch.stack(reward_means).mean(0)
+        r = ratio.detach()
+        metrics["ratio"] = float(r.mean())
+        metrics["ratio_dev_max"] = float((r - 1.0).abs().max())
+        metrics["clip_fraction"] = float(((r - 1.0).abs() > s.clip_range).float().mean())
+        metrics["adv_abs"] = statistics.fmean(float(a) for a in rows["adv"].abs().mean(1))
         for k, h in enumerate(HEADS):
-            metrics[f"reward_{h}"] = float(rewards[k])
-        weights = torch.tensor(self.weights, device=rewards.device, dtype=rewards.dtype)
-        metrics["reward"] = float((rewards * weights).sum())
-        metrics["ratio"] = float(ratio.detach().mean())
-        metrics["clip_fraction"] = float(
-            ((ratio.detach() - 1.0).abs() > s.clip_range).float().mean()
-        )
-        metrics["adv_abs"] = statistics.fmean(float(a) for a in adv.abs())
+            if self.weights[k] > 0:
+                metrics[f"loss_{h}"] = float(per_head[k].detach())
         tokens = x_v[0, 0].numel() // self.dit.patch**2 + x_a.shape[-1]
-        return loss, metrics, int(tokens * x_v.shape[0] / max(1, len(indices)))
+        prompts = max(1, len(set(rollout.rows["prompt"].tolist())))
+        return loss, metrics, int(tokens * x_v.shape[0] / prompts)
+
+    def step(self, indices: list[int], gen: torch.Generator):
+        """One rollout and one update on all its rows (the stage splits a rollout over
+        ``updates_per_rollout`` updates through :meth:`collect` and :meth:`loss`)."""
+        return self.loss(self.collect(indices, gen), None)
 
     def _texts(self, prompt_rows: list[int]) -> TextConditioning:
         rows = [self.tokens[p][self.mask[p]].cpu() for p in prompt_rows]

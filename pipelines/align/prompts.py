@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
-from core.probes.captions import parse_caption
 from pipelines.align.config import PromptSplit
 
 
 def manifest_prompts(data_cfg, fps: float) -> list[str]:
-    """Distinct captions (dialogue removed) that name a coloured shape, from every split."""
+    """Distinct captions (dialogue removed) of every split, from any corpus.
+
+    Real footage's captions are prompts like any other; which rater heads apply to
+    them is :func:`pipelines.align.rater.skipped_heads`' business, not the prompt set's.
+    """
     from pipelines.train.data import TrainDataError, load_clip_rows
 
-    found = set()
+    captions = []
     for split in ("train", "val"):
         try:
             rows = load_clip_rows(data_cfg, fps, split=split)
         except TrainDataError:
             continue
-        for row in rows:
-            caption = row.text.split('"')[0].strip()
-            if caption and parse_caption(caption):
-                found.add(caption)
-    return sorted(found)
+        captions += [row.text for row in rows]
+    return caption_prompts(captions)
+
+
+def caption_prompts(captions) -> list[str]:
+    """Distinct, sorted prompts of captions: quoted dialogue and what follows dropped."""
+    found = {c.split('"')[0].strip() for c in captions if c}
+    return sorted(p for p in found if p)
 
 
 def split_prompts(prompts: list[str], split: PromptSplit) -> tuple[list[str], list[str]]:

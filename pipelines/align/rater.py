@@ -27,6 +27,12 @@ Every head is a number in [0, 1], higher is better, computed from
 - ``audio``: no clipping (samples at full scale) and no dropouts (10 ms windows far
   below the world's room tone between sounds).
 
+``sync``, ``adherence`` and ``motion`` read the synthetic world's coloured shapes (the
+palette detector of :mod:`core.probes.detect`, the caption grammar); on a corpus whose
+captions are not all of that world (real footage) they do not apply and are skipped
+(:func:`skipped_heads`; ``None`` scores: no pairs, no rewards, named in the run's
+report). ``visual`` and ``audio`` apply to any clip.
+
 Ranks within a group are per head (0 = best). Human ratings use the same schema
 (:mod:`pipelines.align.preferences`) with another ``rater_id``.
 """
@@ -34,11 +40,18 @@ Ranks within a group are per head (0 = best). Human ratings use the same schema
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
 import numpy as np
 
-from core.probes.captions import caption_adherence, multiset_iou, observed_objects, parse_caption
+from core.probes.captions import (
+    SHAPE_WORDS,
+    caption_adherence,
+    multiset_iou,
+    observed_objects,
+    parse_caption,
+)
 from core.probes.detect import label_pixels, min_object_area
 from core.probes.probe import TRACK_GATE_FRACTION, probe_clip
 from pipelines.align.config import HEADS
@@ -50,6 +63,29 @@ FLICKER_SCALE = 4.0  # luma levels per frame at which the flicker score is 1/e
 SHARPNESS_FULL = 24.0  # luma levels per pixel of gradient that count as fully sharp
 DROPOUT_RMS = 2e-4  # well below the synthetic world's room tone (about 1.5e-3)
 CLIP_LEVEL = 0.999
+# Heads that need the synthetic world (its palette of coloured shapes and its captions).
+WORLD_HEADS = ("sync", "adherence", "motion")
+
+
+def names_world_shape(prompt: str) -> bool:
+    return any(w in SHAPE_WORDS for w in re.findall(r"[a-z]+", prompt.lower()))
+
+
+def skipped_heads(prompts: list[str]) -> tuple[tuple[str, ...], str]:
+    """Rater heads that do not apply to a corpus of these prompts, and why ("" if none).
+
+    A corpus is the synthetic world when every caption names one of its shapes
+    (coloured or not: the conditioning corpus leaves colours out of half its
+    captions); one caption that names none makes it a real corpus for the rater.
+    """
+    foreign = [p for p in prompts if not names_world_shape(p)]
+    if not foreign:
+        return (), ""
+    return WORLD_HEADS, (
+        f"{len(foreign)} of {len(prompts)} prompt(s) do not describe the synthetic world's "
+        f"coloured shapes (e.g. {foreign[0]!r}): {', '.join(WORLD_HEADS)} need its palette "
+        "detector and caption grammar"
+    )
 
 
 def match_events(visual: list[float], onsets: list[float], tolerance_s: float) -> int:
@@ -140,8 +176,10 @@ def audio_score(audio: np.ndarray, sample_rate: int) -> float:
     return max(0.0, 1.0 - 20.0 * clipped) * (1.0 - dropouts)
 
 
-def rate_clip(prompt: str, clip) -> dict:
-    """Per-head scores of one clip for its prompt (plus the sync parts), JSON-able."""
+def rate_clip(prompt: str, clip, skip: tuple[str, ...] = ()) -> dict:
+    """Per-head scores of one clip for its prompt (plus the sync parts), JSON-able.
+
+    Heads in ``skip`` (:func:`skipped_heads`) score ``None``."""
     side_px = min(clip.frames.shape[1:3])
     probe = probe_clip(clip, include_frames=True, min_object_area=min_object_area(side_px))
     fps = float(clip.fps)
@@ -157,6 +195,8 @@ def rate_clip(prompt: str, clip) -> dict:
     scores["audio"] = audio_score(clip.audio, clip.sample_rate)
     scores["visual_events"] = len(visual)
     scores["audio_onsets"] = len(probe["audio_onsets_s"])
+    for h in skip:
+        scores[h] = None
     return scores
 
 

@@ -3,38 +3,43 @@
 **Why Bradley-Terry per head, not RewardDance's yes-probability.** RewardDance
 frames reward as the probability a vision-language model gives the token "yes"
 under a comparison prompt; what makes that work is the VLM's pretrained language
-head and its scaling with model size. Duet has no pretrained VLM that reads its
-latents, and a "yes" head trained from scratch on our preferences is a logistic
-classifier of ``(A, B)`` pairs, i.e. ``sigmoid(g(A, B))``; with ``g(A, B) =
-r(A) - r(B)`` that *is* Bradley-Terry, and a pointwise ``r`` is what GRPO needs (a
-score per candidate, compared within the group, without a reference candidate at
-every step). So: one scalar per head, trained with ``-log sigmoid(r_h(win) -
-r_h(lose))`` on the rater's pairs of that head; the heads share a trunk, so a head
-with few informative pairs borrows features from the others.
+head and its scaling with model size. A team with such a model behind an
+OpenAI-compatible endpoint uses it directly (:mod:`pipelines.align.judge`,
+``reward_source="judge"``). Without one, a "yes" head trained from scratch on our
+preferences is a logistic classifier of ``(A, B)`` pairs, i.e. ``sigmoid(g(A, B))``;
+with ``g(A, B) = r(A) - r(B)`` that *is* Bradley-Terry, and a pointwise ``r`` is what
+GRPO needs (a score per candidate, compared within the group). So: one scalar per
+head, trained with ``-w log sigmoid(r_h(win) - r_h(lose))`` on the pairs of that
+head (``w`` the pair's weight: people's pairs may count more than the rater's); the
+heads share a trunk, so a head with few informative pairs borrows features.
 
-**Where it lives and what it reads.** ``pipelines/align`` (it is trained by the
-``rlhf`` stage and only that stage uses it). It scores the VAE latents the DiT
-produces (video ``(Cv, T, h, w)`` and audio ``(Ca, Na)``, normalised) with the
-prompt's frozen text tokens, so DanceGRPO never decodes a clip to score it; clips
-rated by people are encoded with the VAE first. The trunk:
+**What it reads.** The VAE latents the DiT produces (video ``(Cv, T, h, w)``, audio
+``(Ca, T * m)``) and the prompt's frozen text-encoder tokens, so DanceGRPO never
+decodes a clip to score it (clips rated by people are encoded with the VAE first).
 
-- video: two 3D convolutions (the second strided in space), FiLM-modulated by the
-  pooled prompt (so colour and count are read *relative to the prompt*), then pooled
-  over space per latent step;
-- audio: two 1D convolutions, grouped per video latent step (the branches' shared
-  time grid);
-- sync: a temporal convolution over the per-step concatenation of both, so an
-  impact and its sound are compared at the same latent time;
-- heads: a small MLP from the pooled features and the prompt to one score per head.
+**The network** (:class:`RewardNetConfig`, presets ``tiny`` for CPU, ``small``,
+``base`` for a GPU): one sequence of
 
-Nothing in it repeats the rater's rules (no colour tables, no onset detector), so
-agreement on held-out groups measures how far it generalises from them.
+- video patches (``video_patch`` x ``video_patch`` latent pixels per latent step,
+  then a 3D convolution on the patch grid),
+- audio tokens, one per video latent step (the branches' shared time grid, so an
+  impact and its sound sit at the same time coordinate),
+- the prompt's word tokens,
+
+each with Fourier features of its (time, y, x) position and a type embedding, through
+``depth`` transformer blocks whose norms are modulated by the pooled prompt (adaLN,
+as DiT), so colour and count are read *relative to the prompt* and attention can
+match a word to a patch. Each head then pools the sequence with its own learned query
+and reads one score. Nothing in it repeats the rater's rules (no colour tables, no
+onset detector): agreement on held-out *prompts* measures how far it generalises.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +52,75 @@ from pipelines.align.config import HEADS, RewardConfig
 
 MODEL_NAME = "reward.safetensors"
 META_NAME = "reward.json"
-REWARD_SCHEMA_VERSION = 1
+FORMAT = "duet-reward-model"
+# 1: the convolutional net over latents (no format tag); 2: the prompt-conditioned
+# transformer with its network config in the JSON.
+REWARD_SCHEMA_VERSION = 2
+
+
+class RewardModelFileError(ValueError):
+    """A reward model directory this code cannot load (old, foreign or damaged)."""
+
+
+@dataclass(frozen=True)
+class RewardNetConfig:
+    width: int = 32
+    depth: int = 1  # transformer blocks over the joint (video, audio, prompt) sequence
+    head_dim: int = 16  # attention heads = width // head_dim (at least one)
+    video_patch: int = 2  # spatial patch of the video latents
+    mlp_ratio: float = 2.0
+    frequencies: int = 4  # Fourier frequencies per position coordinate
+
+
+REWARD_PRESETS = {
+    "tiny": RewardNetConfig(width=32, depth=1, video_patch=4),  # CPU
+    "small": RewardNetConfig(width=64, depth=2, video_patch=2),
+    "base": RewardNetConfig(width=256, depth=6, head_dim=64, video_patch=2),  # a GPU
+}
+
+
+def net_config(cfg: RewardConfig) -> RewardNetConfig:
+    """The preset of ``cfg.preset`` with ``cfg.width`` / ``cfg.depth`` where set."""
+    if cfg.preset not in REWARD_PRESETS:
+        raise ValueError(
+            f"rlhf.reward.preset {cfg.preset!r} is not one of {sorted(REWARD_PRESETS)}"
+        )
+    net = REWARD_PRESETS[cfg.preset]
+    over = {k: v for k, v in (("width", cfg.width), ("depth", cfg.depth)) if v is not None}
+    return dataclasses.replace(net, **over)
+
+
+def _fourier(coords: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, k) coordinates in [0, 1] -> (N, 2 k n) sines and cosines."""
+    freqs = math.pi * 2.0 ** torch.arange(n, dtype=coords.dtype, device=coords.device)
+    angles = coords[..., None] * freqs  # (N, k, n)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+class Block(nn.Module):
+    """Pre-norm attention + MLP; the norms' shift, scale and the gates come from the prompt."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.ada = nn.Linear(width, 6 * width)
+
+    def forward(self, x: torch.Tensor, p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        # x (B, N, w), p (B, w), keep (B, N) bool: keys attended to.
+        b, n, w = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(p)[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        q, k, v = self.qkv(h).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        x = x + gate1 * self.proj(a.transpose(1, 2).reshape(b, n, w))
+        h = self.norm2(x) * (1 + scale2) + shift2
+        return x + gate2 * self.mlp(h)
 
 
 class RewardModel(nn.Module):
@@ -57,35 +130,57 @@ class RewardModel(nn.Module):
         audio_channels: int,
         text_dim: int,
         audio_per_video: int,
-        width: int = 64,
+        net: RewardNetConfig | None = None,
         heads: tuple[str, ...] = HEADS,
     ):
         super().__init__()
+        net = net or RewardNetConfig()
         self.dims = {
             "video_channels": video_channels,
             "audio_channels": audio_channels,
             "text_dim": text_dim,
             "audio_per_video": audio_per_video,
-            "width": width,
         }
+        self.net = net
         self.heads = tuple(heads)
-        w = width
-        self.m = audio_per_video
-        self.text = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, w), nn.GELU())
-        self.video1 = nn.Conv3d(video_channels, w, 3, padding=1)
-        # Strided in space: half the grid is enough to place objects and count them.
-        self.video2 = nn.Conv3d(w, w, 3, stride=(1, 2, 2), padding=1)
-        self.film = nn.Linear(w, 2 * w)
-        self.audio1 = nn.Conv1d(audio_channels, w, 3, padding=1)
-        self.audio2 = nn.Conv1d(w, w, 3, padding=1)
-        self.audio_group = nn.Linear(w * audio_per_video, w)
-        self.sync = nn.Conv1d(2 * w, w, 3, padding=1)
-        self.out = nn.Sequential(nn.Linear(5 * w, 2 * w), nn.GELU(), nn.Linear(2 * w, len(heads)))
+        w, m, pp = net.width, audio_per_video, net.video_patch
+        self.m, self.patch = m, pp
+        self.text_pool = nn.Sequential(
+            nn.LayerNorm(text_dim), nn.Linear(text_dim, w), nn.GELU(), nn.Linear(w, w)
+        )
+        self.text_tokens = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, w))
+        # Patches first, then a 3D convolution on the patch grid: the convolution at the
+        # latents' full resolution would cost most of a CPU step.
+        self.video_patch = nn.Conv3d(video_channels, w, (1, pp, pp), stride=(1, pp, pp))
+        self.video_mix = nn.Conv3d(w, w, 3, padding=1)
+        self.audio_in = nn.Conv1d(audio_channels, w, 3, padding=1)
+        # One audio token per video latent step: the m audio latents of that step.
+        self.audio_patch = nn.Conv1d(w, w, m, stride=m)
+        self.position = nn.Linear(3 * 2 * net.frequencies, w)
+        self.kind = nn.Parameter(torch.zeros(3, w))  # video, audio, text
+        n_heads = max(1, w // net.head_dim)
+        if w % n_heads:
+            raise ValueError(f"reward width {w} is not a multiple of {n_heads} attention heads")
+        self.blocks = nn.ModuleList(Block(w, n_heads, net.mlp_ratio) for _ in range(net.depth))
+        self.norm = nn.LayerNorm(w)
+        self.query = nn.Parameter(torch.randn(len(heads), w) / math.sqrt(w))
+        self.key = nn.Linear(w, w)
+        self.value = nn.Linear(w, w)
+        # Within a group every candidate has the same prompt, so only how the clip's
+        # features interact with the prompt can order them: a CLIP-like product term.
+        self.match = nn.Linear(w, w)
+        self.read = nn.Sequential(nn.Linear(2 * w, w), nn.GELU())
+        self.out_w = nn.Parameter(torch.randn(len(heads), w) / math.sqrt(w))
+        self.out_b = nn.Parameter(torch.zeros(len(heads)))
 
     def prompt_vector(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.float().unsqueeze(-1)
-        pooled = (tokens.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return self.text(pooled)  # (B, w)
+        pooled = (tokens.float() * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
+        return self.text_pool(pooled)  # (B, w)
+
+    def _positions(self, t: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        coords = torch.stack([t, y, x], dim=-1).float()  # (N, 3) in [0, 1]
+        return self.position(_fourier(coords, self.net.frequencies))  # (N, w)
 
     def forward(
         self,
@@ -94,22 +189,44 @@ class RewardModel(nn.Module):
         tokens: torch.Tensor,  # (B, L, D)
         mask: torch.Tensor,  # (B, L)
     ) -> torch.Tensor:  # (B, heads)
+        b, _, t, h, w = video.shape
+        dev = video.device
         p = self.prompt_vector(tokens, mask)
-        hv = F.gelu(self.video1(video.float()))
-        gamma, beta = self.film(p).chunk(2, dim=-1)
-        hv = hv * (1 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
-        hv = F.gelu(self.video2(hv))
-        v_time = hv.mean(dim=(3, 4))  # (B, w, T)
-        v_max = hv.amax(dim=(2, 3, 4))  # (B, w): the strongest evidence anywhere
-        ha = F.gelu(self.audio2(F.gelu(self.audio1(audio.float()))))  # (B, w, Na)
-        b, w, na = ha.shape
-        t = v_time.shape[-1]
-        a_time = self.audio_group(
-            ha[:, :, : t * self.m].reshape(b, w, t, self.m).permute(0, 2, 1, 3).reshape(b, t, -1)
-        ).transpose(1, 2)  # (B, w, T)
-        joint = F.gelu(self.sync(torch.cat([v_time, a_time], dim=1)))  # (B, w, T)
-        feats = torch.cat([v_time.mean(-1), v_max, a_time.mean(-1), joint.mean(-1), p], dim=-1)
-        return self.out(feats)
+        # Video patches (pad the grid to whole patches).
+        pad_h, pad_w = (-h) % self.patch, (-w) % self.patch
+        hv = F.gelu(self.video_patch(F.pad(video.float(), (0, pad_w, 0, pad_h))))
+        hv = hv + self.video_mix(hv)  # (B, w, T, h', w')
+        _, width, _, hp, wp = hv.shape
+        xv = hv.flatten(2).transpose(1, 2)  # (B, T h' w', w)
+        tt, yy, xx = torch.meshgrid(
+            torch.arange(t, device=dev) / max(t - 1, 1),
+            torch.arange(hp, device=dev) / max(hp - 1, 1),
+            torch.arange(wp, device=dev) / max(wp - 1, 1),
+            indexing="ij",
+        )
+        xv = xv + self._positions(tt.flatten(), yy.flatten(), xx.flatten()) + self.kind[0]
+        # Audio: one token per video latent step, at that step's time coordinate.
+        ha = F.gelu(self.audio_in(audio.float()))[:, :, : t * self.m]
+        xa = self.audio_patch(ha).transpose(1, 2)  # (B, T, w)
+        ta = torch.arange(xa.shape[1], device=dev) / max(t - 1, 1)
+        xa = xa + self._positions(ta, torch.zeros_like(ta), torch.zeros_like(ta)) + self.kind[1]
+        # The prompt's words (position 0: the sentence order is in the encoder's output).
+        xt = self.text_tokens(tokens.float()) + self.kind[2]  # (B, L, w)
+        x = torch.cat([xv, xa, xt], dim=1)  # (B, N, w)
+        keep = torch.cat(
+            [torch.ones(b, xv.shape[1] + xa.shape[1], dtype=torch.bool, device=dev), mask.bool()],
+            dim=1,
+        )
+        for block in self.blocks:
+            x = block(x, p, keep)
+        # Per head: attention pooling with the head's own query, then one score.
+        x = self.norm(x)
+        logits = torch.einsum("hw,bnw->bhn", self.query, self.key(x)) / math.sqrt(width)
+        logits = logits.masked_fill(~keep[:, None, :], float("-inf"))
+        pooled = torch.einsum("bhn,bnw->bhw", logits.softmax(-1), self.value(x))  # (B, H, w)
+        match = pooled * self.match(p)[:, None]  # (B, H, w)
+        feats = self.read(torch.cat([pooled, match], dim=-1))
+        return (feats * self.out_w).sum(-1) + self.out_b  # (B, H)
 
 
 def save_reward_model(uri: str, model: RewardModel, meta: dict) -> None:
@@ -117,8 +234,8 @@ def save_reward_model(uri: str, model: RewardModel, meta: dict) -> None:
     storage.write_bytes(storage.join(uri, MODEL_NAME), save_safetensors(state))
     storage.write_json(
         storage.join(uri, META_NAME),
-        {"schema_version": REWARD_SCHEMA_VERSION, "dims": model.dims, "heads": list(model.heads),
-         **meta},
+        {"format": FORMAT, "schema_version": REWARD_SCHEMA_VERSION, "dims": model.dims,
+         "net": dataclasses.asdict(model.net), "heads": list(model.heads), **meta},
     )  # fmt: skip
 
 
@@ -126,11 +243,27 @@ def load_reward_model(uri: str) -> tuple[RewardModel, dict]:
     meta_uri = storage.join(uri, META_NAME)
     if not storage.exists(meta_uri):
         raise FileNotFoundError(f"{uri}: no trained reward model ({META_NAME} missing)")
-    meta = storage.read_json(meta_uri)
-    if meta.get("schema_version") != REWARD_SCHEMA_VERSION:
-        raise ValueError(f"{meta_uri}: unknown reward model schema version")
-    model = RewardModel(**meta["dims"], heads=tuple(meta["heads"]))
-    model.load_state_dict(load_safetensors(storage.read_bytes(storage.join(uri, MODEL_NAME))))
+    try:
+        meta = storage.read_json(meta_uri)
+    except ValueError as err:
+        raise RewardModelFileError(f"{meta_uri}: not JSON ({err})") from err
+    retrain = "; delete that directory and rerun the rlhf stage to train a current one"
+    if not isinstance(meta, dict) or (meta.get("format") != FORMAT and "dims" not in meta):
+        raise RewardModelFileError(f"{meta_uri}: not a Duet reward model (no format {FORMAT!r})")
+    version = meta.get("schema_version")
+    if version != REWARD_SCHEMA_VERSION:
+        what = "the convolutional model without the prompt's words" if version == 1 else "unknown"
+        raise RewardModelFileError(
+            f"{meta_uri}: reward model schema version {version!r} ({what}); this code reads "
+            f"version {REWARD_SCHEMA_VERSION}" + retrain
+        )
+    try:
+        net = RewardNetConfig(**meta["net"])
+        model = RewardModel(**meta["dims"], net=net, heads=tuple(meta["heads"]))
+        model.load_state_dict(load_safetensors(storage.read_bytes(storage.join(uri, MODEL_NAME))))
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise RewardModelFileError(f"{uri}: reward model weights or config unreadable: {err}"
+                                   + retrain) from err  # fmt: skip
     return model.eval(), meta
 
 
@@ -139,33 +272,78 @@ def reward_exists(uri: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------
-# Training on the rater's pairs.
+# Training on preference pairs.
 
 
-def _pair_index(rows: list[dict], min_margin: float) -> dict[str, list[tuple[int, int]]]:
+def rater_pairs(min_margin: float):
+    """The default pair source: :func:`preference_pairs` of the table, weight 1 each."""
     from pipelines.align.preferences import preference_pairs
 
+    def pairs(rows: list[dict], head: str) -> list[tuple[dict, dict, float]]:
+        return [(w, lo, 1.0) for w, lo in preference_pairs(rows, head, min_margin)]
+
+    return pairs
+
+
+def _pair_index(rows: list[dict], pairs_of) -> dict[str, list[tuple[int, int, float]]]:
+    """Per head: (winner, loser, weight) as positions in ``rows``. ``pairs_of(rows, head)``
+    gives (winner row, loser row[, weight[, ...]]) tuples over the same row objects;
+    a pair of weight 0 is dropped."""
     position = {id(r): i for i, r in enumerate(rows)}
-    return {
-        h: [(position[id(w)], position[id(lo)]) for w, lo in preference_pairs(rows, h, min_margin)]
-        for h in HEADS
-    }
+    out = {}
+    for h in HEADS:
+        found = []
+        for pair in pairs_of(rows, h):
+            weight = float(pair[2]) if len(pair) > 2 else 1.0
+            if weight < 0 or not math.isfinite(weight):
+                raise ValueError(f"preference pair weight must be >= 0, got {weight} ({h})")
+            if weight > 0:
+                found.append((position[id(pair[0])], position[id(pair[1])], weight))
+        out[h] = found
+    return out
+
+
+def bradley_terry_loss(margin: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean of ``-log sigmoid(r(win) - r(lose))`` over pairs: ``sum w l / sum w``."""
+    per_pair = F.softplus(-margin)  # = -logsigmoid(margin), stable
+    if weight is None:
+        return per_pair.mean()
+    weight = weight.to(per_pair)
+    return (weight * per_pair).sum() / weight.sum().clamp_min(1e-12)
+
+
+def split_by_prompt(rows: list[dict], holdout_fraction: float) -> list[dict]:
+    """Set every row's ``split`` by its prompt: every ``round(1 / holdout_fraction)``-th
+    of the sorted distinct prompts is ``val`` (at least one when there are two or more
+    prompts), so no held-out prompt reaches training. Returns ``rows`` (changed in place)."""
+    prompts = sorted({r["prompt"] for r in rows})
+    every = max(2, round(1.0 / holdout_fraction)) if holdout_fraction > 0 else 0
+    held = {p for i, p in enumerate(prompts) if every and i % every == every - 1}
+    if not held and every and len(prompts) >= 2:
+        held = {prompts[-1]}
+    for r in rows:
+        r["split"] = "val" if r["prompt"] in held else "train"
+    return rows
 
 
 def agreement(
-    model: RewardModel, rows: list[dict], inputs: dict, min_margin: float
+    model: RewardModel, rows: list[dict], inputs: dict, min_margin: float, pairs_of=None
 ) -> dict[str, dict]:
-    """Per head: the fraction of the rater's pairs the model orders the same way."""
+    """Per head: the (weighted) fraction of pairs the model orders the same way."""
     with torch.no_grad():
-        scores = score_rows(model, inputs, range(len(rows)))
+        scores = torch.cat(
+            [score_rows(model, inputs, range(i, min(i + 256, len(rows))))
+             for i in range(0, len(rows), 256)]
+        )  # fmt: skip
     out = {}
-    for h, pairs in _pair_index(rows, min_margin).items():
+    for h, pairs in _pair_index(rows, pairs_of or rater_pairs(min_margin)).items():
         k = HEADS.index(h)
         if not pairs:
             out[h] = {"pairs": 0, "agreement": None}
             continue
-        right = sum(1 for w, lo in pairs if scores[w, k] > scores[lo, k])
-        p = right / len(pairs)
+        total = sum(wt for _, _, wt in pairs)
+        right = sum(wt for w, lo, wt in pairs if scores[w, k] > scores[lo, k])
+        p = right / total
         out[h] = {
             "pairs": len(pairs),
             "agreement": round(p, 4),
@@ -182,22 +360,29 @@ def score_rows(model: RewardModel, inputs: dict, index) -> torch.Tensor:
 
 
 def train_reward_model(
-    rows: list[dict], inputs: dict, cfg: RewardConfig, dims: dict, log=None
+    rows: list[dict], inputs: dict, cfg: RewardConfig, dims: dict, log=None, pairs_of=None
 ) -> tuple[RewardModel, dict]:
-    """Fit on the ``train`` groups' pairs; report agreement on the ``val`` groups."""
+    """Fit on the ``train`` rows' pairs; report agreement on the ``val`` rows' pairs.
+
+    ``pairs_of(rows, head)`` gives (winner, loser, weight) tuples over ``rows`` (called
+    once per split, so a pair never spans the split); by default the table's scores and
+    ranks, weight 1. The stage sets the split by prompt (:func:`split_by_prompt`), so
+    ``val_agreement`` is measured on prompts the model never saw; the report says how
+    many held-out prompts also appear in training (0 there)."""
+    pairs_of = pairs_of or rater_pairs(cfg.min_margin)
     train_rows = [i for i, r in enumerate(rows) if r["split"] == "train"]
     val_rows = [i for i, r in enumerate(rows) if r["split"] == "val"]
     sub = [rows[i] for i in train_rows]
     pairs = {
-        h: [(train_rows[w], train_rows[lo]) for w, lo in ps]
-        for h, ps in _pair_index(sub, cfg.min_margin).items()
+        h: [(train_rows[w], train_rows[lo], wt) for w, lo, wt in ps]
+        for h, ps in _pair_index(sub, pairs_of).items()
     }
     usable = [h for h in HEADS if pairs[h]]
     if not usable:
-        raise ValueError("the preference data holds no pair with a preference on any head")
+        raise NoPreferencesError(no_pairs_message(rows, cfg.min_margin))
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = RewardModel(**dims, width=cfg.width)
+    model = RewardModel(**dims, net=net_config(cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses = []
     per_head = max(1, cfg.batch_pairs // len(usable))
@@ -206,17 +391,18 @@ def train_reward_model(
         for group in opt.param_groups:
             group["lr"] = lr
         # One forward for every head's pairs: winners then losers, head by head.
-        win, lose, head_of = [], [], []
+        win, lose, head_of, weight = [], [], [], []
         for h in usable:
             pick = torch.randint(0, len(pairs[h]), (per_head,), generator=gen).tolist()
             win += [pairs[h][i][0] for i in pick]
             lose += [pairs[h][i][1] for i in pick]
+            weight += [pairs[h][i][2] for i in pick]
             head_of += [HEADS.index(h)] * per_head
         scores = score_rows(model, inputs, win + lose)
         cols = torch.tensor(head_of)
         n = len(win)
         margin = scores[torch.arange(n), cols] - scores[torch.arange(n, 2 * n), cols]
-        loss = -F.logsigmoid(margin).mean()
+        loss = bradley_terry_loss(margin, torch.tensor(weight))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -224,15 +410,90 @@ def train_reward_model(
         if log is not None and (step + 1) % 100 == 0:
             log(step + 1, statistics.fmean(losses[-100:]))
     model.eval()
+    train_prompts = {r["prompt"] for r in sub}
+    val_prompts = sorted({rows[i]["prompt"] for i in val_rows})
     report = {
+        "net": dataclasses.asdict(model.net),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "train_pairs": {h: len(pairs[h]) for h in HEADS},
+        "train_prompt_count": len(train_prompts),
         "final_loss": statistics.fmean(losses[-50:]),
-        "train_agreement": agreement(model, sub, _subset(inputs, train_rows), cfg.min_margin),
+        "train_agreement": agreement(
+            model, sub, _subset(inputs, train_rows), cfg.min_margin, pairs_of
+        ),
+        "held_out": {
+            "prompts": val_prompts,
+            "seen_in_training": sum(p in train_prompts for p in val_prompts),
+        },
     }
     if val_rows:
         val = [rows[i] for i in val_rows]
-        report["val_agreement"] = agreement(model, val, _subset(inputs, val_rows), cfg.min_margin)
+        report["val_agreement"] = agreement(
+            model, val, _subset(inputs, val_rows), cfg.min_margin, pairs_of
+        )
     return model, report
+
+
+class NoPreferencesError(ValueError):
+    """The preference data orders no pair of candidates on any head."""
+
+
+class RewardFloorError(ValueError):
+    """The reward model agrees too little with the rater to be optimised."""
+
+
+def no_pairs_message(rows: list[dict], min_margin: float) -> str:
+    from pipelines.align.preferences import groups
+
+    spread = {}
+    for h in HEADS:
+        gaps = [
+            max(v) - min(v)
+            for members in groups(rows).values()
+            if len(v := [r[f"score_{h}"] for r in members if r[f"score_{h}"] is not None]) > 1
+        ]
+        spread[h] = f"{max(gaps):.3f}" if gaps else "not rated"
+    n_groups = len({r["group_id"] for r in rows})
+    return (
+        f"the preference data ({len(rows)} candidates in {n_groups} groups) holds no pair "
+        f"whose rater scores differ by rlhf.reward.min_margin = {min_margin} or more on any "
+        f"head (largest spread within a training group per head: "
+        + ", ".join(f"{h} {v}" for h, v in spread.items())
+        + "): the parent model's candidates are too alike for the rater to prefer one. "
+        "Train the parent longer, draw more or more varied candidates "
+        "(rlhf.preferences.candidates_per_prompt, rounds, eta), or lower "
+        "rlhf.reward.min_margin; delete RUN/rlhf/preferences/ to draw them again"
+    )
+
+
+def check_agreement_floor(report: dict, weights, floor: float) -> None:
+    """Refuse a reward model whose held-out agreement with the rater on a head with
+    weight > 0 is below ``floor`` or unknown (no held-out pairs). ``floor`` 0: no floor."""
+    if floor <= 0:
+        return
+    val = report.get("val_agreement") or {}
+    held = (report.get("held_out") or {}).get("prompts")
+    where = f" of {len(held)} held-out prompt(s)" if held else ""
+    bad = []
+    for h, w in zip(HEADS, weights, strict=True):
+        if w <= 0:
+            continue
+        found = val.get(h) or {}
+        value, pairs = found.get("agreement"), found.get("pairs", 0)
+        if value is None:
+            bad.append(f"{h}: no held-out pairs (agreement unknown)")
+        elif value < floor:
+            bad.append(f"{h}: held-out agreement {value:.3f} on {pairs} pairs{where}")
+    if bad:
+        raise RewardFloorError(
+            f"the reward model does not track the rater on head(s) DanceGRPO would optimise "
+            f"(rlhf.reward.min_agreement = {floor}): " + "; ".join(bad) + ". Optimising it "
+            "would move nothing the rater measures. Improve the reward model (more "
+            "preference data: rlhf.preferences.rounds, candidates_per_prompt; "
+            "rlhf.reward.steps, preset; delete RUN/rlhf/reward/ to retrain), give those "
+            "heads weight 0 in rlhf.head_weights, or lower rlhf.reward.min_agreement "
+            "(0 turns the floor off)"
+        )
 
 
 def _subset(inputs: dict, index: list[int]) -> dict:

@@ -10,15 +10,31 @@ skipped when present (so a resumed or restarted stage reuses it):
      prompts (groups of G from one shared initial noise, the SDE sampler), rated by
      :mod:`pipelines.align.rater`, as the versioned table of
      :mod:`pipelines.align.preferences` with the clips and latents beside it;
-  2. ``RUN/rlhf/reward/``: the reward model trained on it, with its per-head
-     agreement on held-out groups;
-  3. DanceGRPO steps (:mod:`pipelines.align.grpo`) on the training prompts.
+  2. ``RUN/rlhf/reward/``: the reward model trained on it (and on people's
+     judgements beside the table, weighted by ``rlhf.reward.human_weight``), with its
+     per-head agreement on held-out *prompts* (every ``1 / holdout_fraction``-th
+     preference prompt: none of their pairs reaches training);
+  3. DanceGRPO (:mod:`pipelines.align.grpo`) on the training prompts: a rollout
+     batch every ``updates_per_rollout`` loop steps, one optimiser step per loop
+     step on its share of the batch (:class:`RolloutSchedule`). With the learned
+     reward it first checks the reward model's held-out agreement against
+     ``rlhf.reward.min_agreement`` (the floor) and refuses to start below it. With
+     ``reward_source = "judge"`` steps 1-2 are skipped: a vision-language endpoint
+     (:mod:`pipelines.align.judge`) scores the decoded candidates.
 
-``distill`` (parent: ``rlhf``)
-  1. ``RUN/distill/couplings.safetensors``: (noise, teacher sample) pairs of the
-     parent sampled with Heun and classifier-free guidance;
-  2. reflow steps (:mod:`pipelines.align.distill`); the final checkpoint is marked
-     as a Fast student (``extra.fast``), which ``generate(quality="fast")`` reads.
+Prompts are the manifest's captions, of any corpus; on a corpus that is not the
+synthetic world the rater heads that need it (:data:`pipelines.align.rater.WORLD_HEADS`)
+are skipped, and the reward model's and the stage's reports say so.
+
+``distill`` (parent: ``rlhf``), ``distill.method``:
+  ``reflow`` 1. ``RUN/distill/couplings.safetensors``: (noise, teacher sample) pairs
+     of the parent sampled with Heun and classifier-free guidance;
+     2. reflow steps (:mod:`pipelines.align.distill`).
+  ``dmd2``: distribution matching over the whole caption distribution and every
+     clip length (:mod:`pipelines.align.dmd`); nothing is built before the steps,
+     the fake score is checkpointed beside the student.
+  The final checkpoint is marked as a Fast student (``extra.fast``), which
+  ``generate(quality="fast")`` reads.
 """
 
 from __future__ import annotations
@@ -37,15 +53,19 @@ from pipelines.align.config import HEADS
 from pipelines.align.preferences import (
     NO_REFERENCES,
     TABLE_NAME,
+    read_judgements,
     read_preferences,
+    weighted_pairs,
     write_preferences,
 )
 from pipelines.align.prompts import manifest_prompts, split_prompts
-from pipelines.align.rater import ranks, rate_clip
+from pipelines.align.rater import ranks, rate_clip, skipped_heads
 from pipelines.align.reward import (
+    check_agreement_floor,
     load_reward_model,
     reward_exists,
     save_reward_model,
+    split_by_prompt,
     train_reward_model,
 )
 from pipelines.align.sde import sde_rollout
@@ -112,8 +132,12 @@ def _seed(*parts: int) -> int:
 
 
 @torch.no_grad()
-def build_preferences(cfg, pipeline, prompts: list[str], out_uri: str, log=print) -> str:
-    """Rate G candidates per group for every prompt and round; returns the table URI."""
+def build_preferences(
+    cfg, pipeline, prompts: list[str], out_uri: str, log=print, skip: tuple[str, ...] = ()
+) -> str:
+    """Rate G candidates per group for every prompt and round; returns the table URI.
+
+    Heads in ``skip`` (they need the synthetic world) are left unrated."""
     p = cfg.rlhf.preferences
     mcfg = pipeline.config
     pipeline.eval()
@@ -122,7 +146,6 @@ def build_preferences(cfg, pipeline, prompts: list[str], out_uri: str, log=print
     times = sampling_times(mcfg, v_shape, a_shape, p.steps)
     tokens, mask = encode_prompts(pipeline, prompts)
     g = p.candidates_per_prompt
-    holdout = max(1, round(1.0 / cfg.rlhf.reward.holdout_fraction))
     rows = []
     for pi, prompt in enumerate(prompts):
         text = pad_text([tokens[pi][mask[pi]]] * g, None, mcfg.text.max_tokens)
@@ -142,13 +165,12 @@ def build_preferences(cfg, pipeline, prompts: list[str], out_uri: str, log=print
             )  # fmt: skip
             final_v, final_a = traj.final
             group_id = f"p{pi:03d}-r{r:02d}"
-            split = "val" if r % holdout == holdout - 1 else "train"
             scored = []
             for c in range(g):
                 clip = pipeline.decode_latents(
                     final_v[c : c + 1], final_a[c : c + 1], frames, seed=noise_seed + c
                 )
-                scores = rate_clip(prompt, clip)
+                scores = rate_clip(prompt, clip, skip=skip)
                 base = storage.join(out_uri, "candidates", f"{group_id}-c{c}")
                 clip_uri = ""
                 if p.write_mp4:
@@ -179,7 +201,7 @@ def build_preferences(cfg, pipeline, prompts: list[str], out_uri: str, log=print
                     "clip_uri": clip_uri,
                     "latent_uri": latent_uri,
                     "rater_id": p.rater_id,
-                    "split": split,
+                    "split": "train",  # set by prompt below
                 }
                 for h in HEADS:
                     row[f"score_{h}"] = scores.get(h)
@@ -187,6 +209,7 @@ def build_preferences(cfg, pipeline, prompts: list[str], out_uri: str, log=print
                 rows.append(row)
         if log is not None:
             log(f"preferences: prompt {pi + 1}/{len(prompts)}")
+    split_by_prompt(rows, cfg.rlhf.reward.holdout_fraction)
     return write_preferences(storage.join(out_uri, TABLE_NAME), rows)
 
 
@@ -237,17 +260,32 @@ def ensure_reward_model(cfg, pipeline, rt, log=print):
     reward_uri = storage.join(here, "reward")
     if rt.is_main and not reward_exists(reward_uri):
         train_prompts, held = prompt_sets(cfg)
+        skip, why = skipped_heads(train_prompts + held)
         table = storage.join(pref_uri, TABLE_NAME)
         if not storage.exists(table):
-            build_preferences(cfg, pipeline, train_prompts, pref_uri, log)
-        rows = read_preferences(table)
+            build_preferences(cfg, pipeline, train_prompts, pref_uri, log, skip)
+        # Held out by prompt whatever the table says (an older table split by round,
+        # people's rows): agreement is then measured on prompts it never trained on.
+        rows = split_by_prompt(read_preferences(table), cfg.rlhf.reward.holdout_fraction)
+        judgements = read_judgements(table)
+        r = cfg.rlhf.reward
+
+        def pairs_of(sub: list[dict], head: str):
+            return weighted_pairs(sub, head, r.min_margin, judgements,
+                                  human_weight=r.human_weight, rater_weight=r.rater_weight,
+                                  rater_id=cfg.rlhf.preferences.rater_id)  # fmt: skip
+
         inputs = reward_inputs(pipeline, rows)
-        model, report = train_reward_model(rows, inputs, cfg.rlhf.reward, reward_dims(pipeline))
+        model, report = train_reward_model(rows, inputs, r, reward_dims(pipeline),
+                                           pairs_of=pairs_of)  # fmt: skip
         report.update({"train_prompts": train_prompts, "held_out_prompts": held,
-                       "preferences": table, "candidates": len(rows)})  # fmt: skip
+                       "preferences": table, "candidates": len(rows),
+                       "judgements": len(judgements),
+                       "rater_skipped_heads": list(skip), "rater_skip_reason": why})  # fmt: skip
         save_reward_model(reward_uri, model, {"report": report})
         if log is not None:
-            log("reward model: " + json.dumps(report.get("val_agreement", {})))
+            log(f"reward model, held-out agreement on {len(report['held_out']['prompts'])} "
+                "unseen prompt(s): " + json.dumps(report.get("val_agreement", {})))  # fmt: skip
     rt.barrier()
     model, meta = load_reward_model(reward_uri)
     return model, meta
@@ -284,21 +322,113 @@ def active_head_weights(weights, train_pairs: dict, reward_source: str) -> tuple
     )
 
 
+class RolloutSchedule:
+    """Several optimiser steps per rollout batch inside the loop's one step per call.
+
+    Loop step ``k`` belongs to the rollout drawn at ``k - k % updates_per_rollout``
+    (with that step's generator and the prompts the sampler gave it; the batches the
+    sampler gives the other steps of the rollout are not used) and trains on its
+    share ``k % updates_per_rollout`` of the rows. Resume stays exact: a rollout with
+    a checkpoint inside it (``checkpoint_every`` not a multiple of
+    ``updates_per_rollout``) is written beside the checkpoints, per rank, and a run
+    resumed inside it reads it back instead of drawing from weights it no longer has.
+    """
+
+    def __init__(self, policy: grpo.GRPO, settings, stage_uri: str, rank: int):
+        self.policy = policy
+        self.s = settings
+        self.uri = storage.join(stage_uri, "rollouts", f"rank{rank:04d}.safetensors")
+        self.current: grpo.Rollout | None = None
+
+    def __call__(self, indices, gen, step: int):
+        u = self.s.updates_per_rollout
+        start = step - step % u
+        if self.current is None or self.current.step != start:
+            if step == start:
+                parts = min(u, self.s.steps - start)
+                self.current = self.policy.collect(indices, gen, start, parts)
+                if self._checkpoint_inside(start, parts):
+                    storage.write_bytes(self.uri, save_safetensors(self.current.tensors()))
+            else:
+                self.current = self._read(start)
+        return self.policy.loss(self.current, step - start)
+
+    def _checkpoint_inside(self, start: int, parts: int) -> bool:
+        every = self.s.checkpoint_every
+        return any(m % every == 0 for m in range(start + 1, start + parts))
+
+    def _read(self, start: int) -> grpo.Rollout:
+        found = None
+        if storage.exists(self.uri):
+            found = grpo.Rollout.from_tensors(
+                load_safetensors(storage.read_bytes(self.uri)), self.policy.device
+            )
+        if found is None or found.step != start:
+            raise RuntimeError(
+                f"resuming rlhf inside the rollout of step {start} needs {self.uri} "
+                f"(it holds {'nothing' if found is None else f'step {found.step}'}); resume "
+                "from a checkpoint at a multiple of rlhf.updates_per_rollout"
+            )
+        return found
+
+
+def _slope(points: list[tuple[float, float]]) -> float | None:
+    xs = [x for x, _ in points]
+    if len(set(xs)) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(y for _, y in points) / len(points)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in points) / sxx
+
+
+def reward_trends(rows: list[dict], heads: list[str]) -> dict:
+    """The reward-hacking monitor: per-step slopes of the reward model's and the rater's
+    scores on the same rollouts (weighted total and per head); ``diverging`` when the
+    model's score rises while the rater's falls."""
+
+    def pair(model_key: str, rater_key: str) -> dict:
+        pts = [(r["step"], r[model_key], r[rater_key]) for r in rows
+               if model_key in r and rater_key in r]  # fmt: skip
+        m = _slope([(x, a) for x, a, _ in pts])
+        v = _slope([(x, b) for x, _, b in pts])
+        out = {"points": len(pts), "reward_model_slope": m, "rater_slope": v}
+        out["diverging"] = None if m is None or v is None else bool(m > 0 and v < 0)
+        return out
+
+    total = pair("reward_monitored", "rater")
+    total["heads"] = {h: pair(f"reward_{h}", f"rater_{h}") for h in heads}
+    flagged = [h for h, v in total["heads"].items() if v["diverging"]]
+    total["diverging_heads"] = flagged
+    return total
+
+
 def rlhf_task(cfg, pipeline, rt):
-    from pipelines.train.loop import StageTask
+    from pipelines.train.loop import StageTask, stage_uri
 
     s = cfg.rlhf
     pipeline.to(rt.device)
-    reward_model, reward_meta = ensure_reward_model(cfg, pipeline, rt)
-    reward_model.to(rt.device)
-    weights = active_head_weights(
-        s.head_weights, reward_meta["report"]["train_pairs"], s.reward_source
-    )
-    train_prompts, _ = prompt_sets(cfg)
+    train_prompts, held = prompt_sets(cfg)
+    skip, why = skipped_heads(train_prompts + held)
+    if s.reward_source == "judge":
+        from pipelines.align.judge import Judge, JudgeReward
+
+        frames = latent_shapes(pipeline.config, s.preferences.duration_s)[2]
+        reward_model, report = JudgeReward(Judge(s.judge), pipeline, frames), {}
+        # The judge answers only the heads it is asked; the others carry no reward.
+        weights = tuple(w if h in s.judge.heads else 0.0
+                        for h, w in zip(HEADS, s.head_weights, strict=True))  # fmt: skip
+    else:
+        reward_model, reward_meta = ensure_reward_model(cfg, pipeline, rt)
+        reward_model.to(rt.device)
+        report = reward_meta["report"]
+        weights = active_head_weights(s.head_weights, report["train_pairs"], s.reward_source)
+        weights = tuple(0.0 if h in skip else w for h, w in zip(HEADS, weights, strict=True))
+    if s.reward_source == "model":
+        check_agreement_floor(report, weights, s.reward.min_agreement)
     rows = [PromptRow(i, p) for i, p in enumerate(train_prompts)]
     tokens, mask = encode_prompts(pipeline, train_prompts)
     reference = None
-    if s.kl_weight > 0:
+    if s.kl_coefficient() > 0:
         import copy
 
         reference = copy.deepcopy(pipeline.dit).eval().requires_grad_(False)
@@ -320,13 +450,109 @@ def rlhf_task(cfg, pipeline, rt):
         times=times,
         device=rt.device,
         weights=weights,
+        skip_heads=skip,
+        monitor=s.monitor_rater,
     )
+    here = stage_uri(cfg, "rlhf")
+    batch = RolloutSchedule(policy, s, here, rt.rank)
 
-    def batch(indices, gen, step):
-        return policy.step(indices, gen)
+    def finish() -> dict:
+        from pipelines.train.logs import METRICS_NAME
+
+        summary = {
+            "head_weights": dict(zip(HEADS, weights, strict=True)),
+            "kl_weight": s.kl_coefficient(),
+            "updates_per_rollout": s.updates_per_rollout,
+            "rater_skipped_heads": list(skip),
+            "rater_skip_reason": why,
+            "reward_source": s.reward_source,
+            # Per head, on preference prompts the reward model never trained on.
+            "reward_val_agreement": report.get("val_agreement"),
+            "reward_held_out_prompts": (report.get("held_out") or {}).get("prompts"),
+        }
+        uri = storage.join(here, METRICS_NAME)
+        if policy.monitor and s.reward_source != "rater" and storage.exists(uri):
+            logged = [json.loads(x) for x in storage.read_text(uri).splitlines()]
+            heads = [h for h, w in zip(HEADS, weights, strict=True) if w > 0 and h not in skip]
+            trends = reward_trends(logged, heads)
+            summary["reward_hacking"] = trends
+            if trends["diverging"] or trends["diverging_heads"]:
+                print(
+                    "rlhf: WARNING reward hacking suspected: the reward model's score rises "
+                    "while the rater's falls on the same rollouts: " + json.dumps(trends)
+                )
+        return summary
 
     groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": s.lr}]
-    return StageTask("rlhf", module, ("dit",), s, rows, batch, groups, None)
+    return StageTask("rlhf", module, ("dit",), s, rows, batch, groups, finish)
+
+
+def distill_caption_pool(cfg) -> tuple[list[str], list[str]]:
+    """(captions, held-out prompts) of DMD2 distillation: the training prompts, every
+    other manifest caption and ``distill.extra_prompts``, less the held-out prompts."""
+    from model.configs import get_config
+
+    every = manifest_prompts(cfg.data, get_config(cfg.preset).fps)
+    train, held = split_prompts(every, cfg.rlhf.prompts)
+    captions = distill_prompts(train, held, cfg.distill.extra_prompts) + every
+    return [p for p in dict.fromkeys(captions) if p not in set(held)], held
+
+
+def distill_buckets(cfg, mcfg) -> tuple[int, ...]:
+    """Clip lengths DMD2 draws from: ``distill.dmd.frame_buckets``, else every bucket
+    the supervised stages trained on."""
+    buckets = cfg.distill.dmd.frame_buckets or tuple(
+        sorted({*cfg.data.frame_buckets, *cfg.pretrain.frame_buckets, *cfg.sft.frame_buckets})
+    )
+    for frames in buckets:
+        mcfg.num_latent_frames(frames)  # a clear error for a length off the latent grid
+    return tuple(buckets)
+
+
+def dmd_task(cfg, pipeline, rt):
+    import copy
+
+    from pipelines.align import dmd
+    from pipelines.train.loop import StageTask
+
+    s = cfg.distill
+    pipeline.to(rt.device)
+    captions, held = distill_caption_pool(cfg)
+    stream = dmd.PromptStream(captions, held, s.dmd.grammar_fraction)
+    mcfg = pipeline.config
+    buckets = distill_buckets(cfg, mcfg)
+    # Teacher and fake score start as the parent (rlhf) weights; on resume the fake
+    # score's trained weights come back from the checkpoint (a training-only component).
+    teacher = copy.deepcopy(pipeline.dit).eval().requires_grad_(False)
+    pair = dmd.DMDPair(pipeline.dit, copy.deepcopy(pipeline.dit))
+    pair.train()
+    parallelize_dit(pair.dit, cfg.parallel)
+    parallelize_dit(pair.fake_score, cfg.parallel)
+    module = pair
+    if rt.distributed and not cfg.parallel.fsdp:
+        # One network gets gradients per step: the other's parameters go unused.
+        module = torch.nn.parallel.DistributedDataParallel(pair, find_unused_parameters=True)
+    step_fn = dmd.DMD2(s, module, pair, teacher, pipeline.text_encoder, mcfg, buckets, stream,
+                       rt.device)  # fmt: skip
+    rows = [dmd.PromptSlot(i) for i in range(s.batch_size * rt.world_size)]
+    groups = [
+        {"params": [p for p in pair.dit.parameters() if p.requires_grad], "lr": s.dmd.lr},
+        {"params": [p for p in pair.fake_score.parameters() if p.requires_grad],
+         "lr": s.dmd.fake_lr},
+    ]  # fmt: skip
+    task = StageTask("distill", module, ("dit", "fake_score"), s, rows, step_fn, groups, None)
+    task.final_extra = {
+        "fast": {
+            **_fast_metadata(s),
+            "method": "dmd2",
+            "fake_updates": s.dmd.fake_updates,
+            "frame_buckets": list(buckets),
+            # Text-to-audio-video only: references, multi-shot and V2V are not
+            # distilled, and the Fast deployment refuses them (serve fast.unsupported_modes).
+            "modes": ["t2av"],
+        }
+    }
+    return task
 
 
 def distill_task(cfg, pipeline, rt):
@@ -334,6 +560,8 @@ def distill_task(cfg, pipeline, rt):
     from pipelines.train.loop import StageTask, stage_uri
 
     s = cfg.distill
+    if s.method == "dmd2":
+        return dmd_task(cfg, pipeline, rt)
     pipeline.to(rt.device)
     prompts = distill_prompts(*prompt_sets(cfg), s.extra_prompts)
     uri = storage.join(stage_uri(cfg, "distill"), COUPLINGS_NAME)
@@ -358,16 +586,23 @@ def distill_task(cfg, pipeline, rt):
     task = StageTask("distill", module, ("dit",), s, rows, batch, groups, None)
     task.final_extra = {
         "fast": {
-            "steps": list(s.student_steps),
-            "default_steps": s.default_steps,
-            "sampler": "euler",
-            "guidance": "distilled",
-            "teacher_text_scale": s.text_scale,
+            **_fast_metadata(s),
             "teacher_steps": s.teacher_steps,
             "method": "reflow on guided teacher couplings",
         }
     }
     return task
+
+
+def _fast_metadata(s) -> dict:
+    """What every Fast student records for serving, whichever method distilled it."""
+    return {
+        "steps": list(s.student_steps),
+        "default_steps": s.default_steps,
+        "sampler": "euler",
+        "guidance": "distilled",
+        "teacher_text_scale": s.text_scale,
+    }
 
 
 def align_task(cfg, stage: str, pipeline, rt):

@@ -1,7 +1,7 @@
 """The shipped default checkpoint: what a one-GPU training run carries, the run, its quality.
 
-The lent GPU machine starts bare (no PyAV to decode clips, no text-encoder weights, no
-Ray) and takes at most 64 MiB of files. :mod:`.carry` packs the curated clips (cut to
+An offline GPU host may start bare (no PyAV to decode clips, no text-encoder weights, no
+Ray) and take only a small bundle of files (64 MiB by default). :mod:`.carry` packs the curated clips (cut to
 the one frame bucket trained on), the text encoder's embeddings of their captions and
 PyAV's wheel; :mod:`.gpu_job` installs them there and runs the ``vae -> pretrain ->
 sft`` stages of :mod:`pipelines.train` unchanged inside a wall-clock budget, exporting

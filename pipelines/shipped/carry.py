@@ -1,7 +1,7 @@
-"""What the bare GPU machine needs to run every training stage, packed under 64 MiB.
+"""What a bare, offline GPU host needs to run every training stage, packed under 64 MiB.
 
-The lent machine has PyTorch but no PyAV (our clip decoder), no text-encoder weights
-and no Ray, and takes at most 64 MiB of files. A carry folder holds:
+An offline GPU host may have PyTorch but no PyAV (our clip decoder), no text-encoder
+weights and no Ray, and take only a small bundle of files (64 MiB by default). A carry folder holds:
 
 - ``clips/<clip_id>.mp4``: the curated clips of the chosen manifests (kept, train
   and val splits), cut to the first ``frames`` frames (the one frame bucket the
@@ -9,19 +9,34 @@ and no Ray, and takes at most 64 MiB of files. A carry folder holds:
   600 fit; the curation flow chose and captioned them, this only shortens them;
 - ``clips.parquet``: those manifests' rows (same schema and version metadata),
   ``clip_uri`` relative to the carry folder and ``end_s`` at the cut;
+- ``sequences/<sequence_id>.mp4`` and ``sequences.parquet`` (when the manifests have
+  multi-shot sequences beside them, :mod:`pipelines.train.sequences`): whole
+  sequences (every shot and cut kept), transcoded like the clips, within their own
+  byte budget; ``sequence_uri`` relative to the carry folder;
 - ``texts.safetensors``: the frozen text encoder's token embeddings (fp16) of every
-  conditioning text, keyed by the text (:class:`TableTextEncoder` serves them);
+  conditioning text, keyed by the text, and of every carried sequence's multi-shot
+  plan (:meth:`FrozenTextEncoder.embed_segments`: one joint pass, so not rebuilt from
+  the texts' rows), keyed by :func:`plan_key` (tokens) and :func:`plan_shots_key`
+  (each token's shot id), for every shot count the sequence can be trimmed to
+  (training drops shots that start past its frame bucket); :class:`TableTextEncoder`
+  serves both;
 - ``av-*.whl``: PyAV's wheel (abi3, any CPython >= 3.11), installed there first.
 
-:func:`unpack` installs the wheel, rewrites ``clip_uri`` to absolute paths and
-swaps the pipeline's text encoder for the table, so :mod:`pipelines.train` runs
-``vae -> pretrain -> sft`` there unchanged.
+:func:`unpack` installs the wheel, rewrites ``clip_uri`` and ``sequence_uri`` to
+absolute paths and swaps the pipeline's text encoder for the table, so
+:mod:`pipelines.train` runs ``vae -> pretrain -> sft`` there unchanged, multi-shot
+steps included.
+
+Versions (``carry.json`` ``schema_version``): 2 adds the sequences and the plan
+entries; a version 1 carry still unpacks (single-shot clips only: training warns
+that it has no sequences and takes no multi-shot steps); a newer one is refused.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -30,10 +45,30 @@ from collections import OrderedDict
 
 import torch
 
-CARRY_SCHEMA_VERSION = 1
+CARRY_SCHEMA_VERSION = 2
 TEXTS_NAME = "texts.safetensors"
 MANIFEST_NAME = "clips.parquet"
+SEQUENCES_NAME = "sequences.parquet"  # beside the manifest: where training looks
 INFO_NAME = "carry.json"
+# Plan entries' keys start with a control character no caption holds, so a text's
+# key can never be taken for a plan's.
+_PLAN_PREFIX = "\x1fplan\x1f"
+_PLAN_SHOTS_PREFIX = "\x1fplan-shots\x1f"
+
+
+def _plan_json(segments, max_tokens: int) -> str:
+    parts = [[s.text, int(s.shot), bool(s.trim)] for s in segments]
+    return json.dumps([int(max_tokens), parts], ensure_ascii=False, separators=(",", ":"))
+
+
+def plan_key(segments, max_tokens: int) -> str:
+    """Table key of a plan's (L, D) tokens: its pieces and the token budget."""
+    return _PLAN_PREFIX + _plan_json(segments, max_tokens)
+
+
+def plan_shots_key(segments, max_tokens: int) -> str:
+    """Table key of a plan's (L,) shot ids."""
+    return _PLAN_SHOTS_PREFIX + _plan_json(segments, max_tokens)
 
 
 class CarryError(RuntimeError):
@@ -47,8 +82,11 @@ def pack(
     frames: int = 33,
     max_clip_bytes: int = 16 * 1024 * 1024,
     progress=None,
+    max_sequence_bytes: int = 8 * 1024 * 1024,
+    plan_tokens: tuple[int, ...] = (77,),
 ) -> dict:
-    """Write the carry folder; returns a summary (clip counts, bytes)."""
+    """Write the carry folder; returns a summary (clip counts, bytes). Plans are
+    embedded for each budget of ``plan_tokens`` (the model's ``text.max_tokens``)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -93,6 +131,8 @@ def pack(
     table = pa.Table.from_pylist(written, schema=schema)
     pq.write_table(table, os.path.join(out_dir, MANIFEST_NAME))
 
+    sequences, seq_bytes, seq_skipped = _pack_sequences(manifests, out_dir, max_sequence_bytes)
+
     encoder = FrozenTextEncoder()
     texts = sorted({conditioning_text(r["caption"], r["transcript"]) for r in written} - {""})
     table_tensors = {}
@@ -101,6 +141,13 @@ def pack(
         tokens, mask = encoder.encode(chunk)
         for text, tok, m in zip(chunk, tokens, mask, strict=True):
             table_tensors[text] = tok[m].to(torch.float16).contiguous()
+    plans = 0
+    for segments in _plans(sequences):
+        for budget in plan_tokens:
+            tok, shot = encoder.embed_segments(segments, budget)
+            table_tensors[plan_key(segments, budget)] = tok.to(torch.float16).contiguous()
+            table_tensors[plan_shots_key(segments, budget)] = shot.contiguous()
+            plans += 1
     save_file(table_tensors, os.path.join(out_dir, TEXTS_NAME))
     shutil.copyfile(wheel, os.path.join(out_dir, os.path.basename(wheel)))
     info = {
@@ -112,7 +159,12 @@ def pack(
         "skipped_short": skipped,
         "kept_rows_available": len(rows),
         "clip_bytes": used,
-        "texts": len(table_tensors),
+        "sequences": len(sequences),
+        "sequences_skipped_budget": seq_skipped,
+        "sequence_bytes": seq_bytes,
+        "texts": len(texts),
+        "plans": plans,
+        "plan_tokens": list(plan_tokens),
         "text_encoder": {"model_path": encoder.model_path, "max_tokens": encoder.max_tokens},
     }
     with open(os.path.join(out_dir, INFO_NAME), "w") as f:
@@ -123,6 +175,60 @@ def pack(
         if os.path.isfile(os.path.join(out_dir, name))
     }
     return info
+
+
+def _pack_sequences(manifests: list[str], out_dir: str, budget: int) -> tuple[list[dict], int, int]:
+    """The manifests' multi-shot sequences, whole and transcoded like the clips, in a
+    seeded order until ``budget`` bytes; their rows go to ``sequences.parquet`` with
+    ``sequence_uri`` relative. Returns (rows, bytes, sequences left out)."""
+    import numpy as np
+
+    from core import storage
+    from core.media import read_clip, write_mp4
+    from pipelines.train.sequences import read_records, table_uri, write_sequences
+
+    records = []
+    for manifest in manifests:
+        uri = table_uri(manifest)
+        if storage.exists(uri):
+            records += read_records(uri)
+    if not records:
+        return [], 0, 0
+    order = np.random.default_rng(0).permutation(len(records))
+    written, used, skipped = [], 0, 0
+    for rec in (records[i] for i in order):
+        rel = f"sequences/{rec['sequence_id']}.mp4"
+        done = os.path.join(out_dir, rel)
+        if not os.path.exists(done):  # a repack keeps sequences already transcoded
+            clip = read_clip(rec["sequence_uri"], require_audio=False)
+            write_mp4(done, clip, crf=20, audio_bitrate=64_000, aac_coder="fast")
+        size = os.path.getsize(done)
+        if used + size > budget:  # a sequence is carried whole or not at all
+            os.remove(done)
+            skipped += 1
+            continue
+        used += size
+        written.append({**rec, "sequence_uri": rel})
+    written.sort(key=lambda r: r["sequence_id"])
+    write_sequences(os.path.join(out_dir, SEQUENCES_NAME), written)
+    return written, used, skipped
+
+
+def _plans(records: list[dict]):
+    """Every plan training can read from the rows: the whole sequence and each
+    shorter run of its first shots (a frame bucket may leave the last shots out)."""
+    from model.multishot import plan_segments
+    from pipelines.train.sequences import MIN_SHOTS
+
+    seen = set()
+    for rec in records:
+        captions, transitions = rec["shot_captions"], rec["transitions"]
+        for k in range(MIN_SHOTS, len(captions) + 1):
+            segments = plan_segments(rec.get("subject") or "", captions[:k], transitions[: k - 1])
+            key = _plan_json(segments, 0)
+            if key not in seen:
+                seen.add(key)
+                yield segments
 
 
 def install_pyav(carry_dir: str) -> None:
@@ -165,14 +271,41 @@ class TableTextEncoder:
     def __init__(self, model_path: str = "", max_tokens: int = 32, **_):
         self.model_path, self.max_tokens = "table", max_tokens
         self.device = torch.device("cpu")
-        self._cache = OrderedDict((k, v.float()) for k, v in self.table.items())
-        self.embed_dim = next(iter(self._cache.values())).shape[1]
+        plans = (_PLAN_PREFIX, _PLAN_SHOTS_PREFIX)
+        self._cache = OrderedDict(
+            (k, v.float()) for k, v in self.table.items() if not k.startswith(plans)
+        )
+        self._plans = {k: v for k, v in self.table.items() if k.startswith(plans)}
+        first = next(iter(self._cache.values()), None)
+        if first is None:
+            first = next(v for k, v in self._plans.items() if k.startswith(_PLAN_PREFIX))
+        self.embed_dim = first.shape[1]
 
     def embed_tokens(self, prompt: str) -> torch.Tensor:
         hit = self._cache.get(prompt)
         if hit is None:
             raise CarryError(f"text not in the carried embedding table: {prompt!r}")
         return hit
+
+    def embed_segments(self, segments, max_tokens: int | None = None):
+        """(L, D) tokens and (L,) shot ids of a plan, as the frozen encoder made them
+        when the carry was packed (the joint pass cannot be rebuilt from the texts)."""
+        budget = int(max_tokens or self.max_tokens)
+        tokens = self._plans.get(plan_key(segments, budget))
+        shots = self._plans.get(plan_shots_key(segments, budget))
+        if tokens is None or shots is None:
+            carried = sorted(
+                {
+                    json.loads(k[len(_PLAN_PREFIX) :])[0]
+                    for k in self._plans
+                    if k.startswith(_PLAN_PREFIX)
+                }
+            )
+            raise CarryError(
+                f"multi-shot plan not in the carried embedding table at {budget} tokens "
+                f"(carried budgets: {carried or 'none'}): {[s.text for s in segments]!r}"
+            )
+        return tokens.float(), shots.long()
 
     def encode(self, prompts: list[str]):
         rows = [self.embed_tokens(p) for p in prompts]
@@ -212,6 +345,7 @@ def unpack(carry_dir: str, work_dir: str) -> str:
     for name in (MANIFEST_NAME, TEXTS_NAME, INFO_NAME):
         if not os.path.isfile(os.path.join(carry_dir, name)):
             raise CarryError(f"{carry_dir}: {name} missing")
+    check_version(carry_dir)
     install_pyav(carry_dir)
     table = pq.read_table(os.path.join(carry_dir, MANIFEST_NAME))
     rows = table.to_pylist()
@@ -222,8 +356,47 @@ def unpack(carry_dir: str, work_dir: str) -> str:
     os.makedirs(work_dir, exist_ok=True)
     manifest = os.path.join(work_dir, MANIFEST_NAME)
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), manifest)
+    _unpack_sequences(carry_dir, work_dir)
     use_text_table(carry_dir)
     return manifest
+
+
+def check_version(carry_dir: str) -> int:
+    """The carry's format version; a newer one than this code reads is refused."""
+    with open(os.path.join(carry_dir, INFO_NAME)) as f:
+        version = json.load(f).get("schema_version")
+    if not isinstance(version, int) or version < 1:
+        raise CarryError(f"{carry_dir}: {INFO_NAME} has no valid schema_version ({version!r})")
+    if version > CARRY_SCHEMA_VERSION:
+        raise CarryError(
+            f"{carry_dir}: carry schema_version {version}, this Duet reads up to "
+            f"{CARRY_SCHEMA_VERSION}: update Duet on this host or pack the carry again"
+        )
+    if version < 2:
+        logging.getLogger(__name__).warning(
+            "%s: carry schema_version %d holds no multi-shot sequences; training takes "
+            "no multi-shot steps (pack it again to carry them)", carry_dir, version
+        )  # fmt: skip
+    return version
+
+
+def _unpack_sequences(carry_dir: str, work_dir: str) -> None:
+    """The carried sequences table, with absolute ``sequence_uri``, beside the
+    unpacked manifest (where training looks for it)."""
+    from pipelines.train.sequences import read_records, write_sequences
+
+    path = os.path.join(carry_dir, SEQUENCES_NAME)
+    target = os.path.join(work_dir, SEQUENCES_NAME)
+    if not os.path.isfile(path):
+        if os.path.exists(target):  # an earlier carry's table would name other files
+            os.remove(target)
+        return
+    rows = read_records(path)
+    for row in rows:
+        row["sequence_uri"] = os.path.join(carry_dir, row["sequence_uri"])
+        if not os.path.isfile(row["sequence_uri"]):
+            raise CarryError(f"carried sequence missing: {row['sequence_uri']}")
+    write_sequences(target, rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,6 +408,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wheel", required=True, help="PyAV wheel (abi3)")
     parser.add_argument("--frames", type=int, default=33)
     parser.add_argument("--max-clip-mib", type=float, default=16.0)
+    parser.add_argument("--max-sequence-mib", type=float, default=8.0)
+    parser.add_argument(
+        "--plan-tokens", type=int, action="append", help="model text.max_tokens (default 77)"
+    )
     args = parser.parse_args(argv)
 
     def progress(n: int, used: int) -> None:
@@ -242,8 +419,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{n} clips, {used / 2**20:.1f} MiB", flush=True)
 
     info = pack(
-        args.manifest, args.out, args.wheel, args.frames, int(args.max_clip_mib * 2**20), progress
-    )
+        args.manifest, args.out, args.wheel, args.frames, int(args.max_clip_mib * 2**20), progress,
+        int(args.max_sequence_mib * 2**20), tuple(args.plan_tokens or (77,)),
+    )  # fmt: skip
     print(json.dumps(info, indent=1))
 
 

@@ -4,8 +4,8 @@
         --exclude-manifest CURATED/clips.parquet --text 100 --edits 10 --multishot 10 \
         --references 8 --out quality.json
 
-Runs on a CPU or a GPU. Where the text encoder's weights are missing (the lent GPU
-machine), ``--make-text-table FILE`` (run where they are) writes the embeddings of
+Runs on a CPU or a GPU. Where the text encoder's weights are missing (an offline GPU
+host), ``--make-text-table FILE`` (run where they are) writes the embeddings of
 every prompt the run will use, and ``--text-table FILE`` serves them.
 """
 

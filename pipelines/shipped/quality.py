@@ -19,6 +19,9 @@ with :func:`core.probes.probe.probe_clip`:
   shape seen in both shots, and the detected cut's distance from the plan's;
 - ``reference``: an image reference of a coloured ball, the text naming no colour:
   whether the reference colour is the most common object colour.
+
+Issue 21's conditioning items (references by role, V2A, A2V, four-shot plans, V2V,
+each against its target) are measured by :mod:`pipelines.shipped.conditioning_quality`.
 """
 
 from __future__ import annotations

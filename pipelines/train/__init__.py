@@ -33,9 +33,13 @@ def train(
 
     ``runner``: ``"local"`` (this process, or a torchrun group) or ``"ray"``
     (Ray Train with ``num_workers`` workers). A stage whose final checkpoint exists
-    is skipped, so rerunning the same command resumes where it stopped.
+    is skipped, so rerunning the same command resumes where it stopped. Local paths
+    in ``cfg`` are made absolute here, before any worker sees them.
     """
+    from pipelines.train.config import with_absolute_uris
     from pipelines.train.loop import final_uri, run_stage, stage_done
+
+    cfg = with_absolute_uris(cfg)
 
     if runner not in ("local", "ray"):
         raise ValueError(f"runner must be 'local' or 'ray', got {runner!r}")
@@ -45,6 +49,8 @@ def train(
     finals = {}
     for stage in stages:
         if not stage_done(cfg, stage):
+            if progress is not None:  # shown while Ray starts and latents are encoded
+                progress(stage, 0, cfg.stage(stage).steps, {})
             if runner == "ray":
                 from pipelines.train.ray_train import run_stage_on_ray
 

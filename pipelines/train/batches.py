@@ -1,31 +1,42 @@
-"""DiT training batches from cached latents: text, references and multi-shot sequences.
+"""DiT training batches from cached latents: text and references.
 
-References are filled from the data, as the model will be used: for a clip of
-source S, image slot 0 is the subject, the clip's own first frame (latent frame 0
-of the causal VAE is exactly the image latent of frame 0); the other image slots
-are first frames of *other* clips of S, video references the openings of other
-clips of S, audio references their sound. Each sample draws
-its own slot counts (uniform up to 9/3/3) or none at all, so the model sees every
-count and absence. Video and audio references are cut to a few latent steps, never
+References are taught by role (:mod:`pipelines.train.reference_pairs`): each
+reference of a clip shares one attribute with it -- its subject's appearance
+(image), its motion (video), its tempo or voice (audio) -- and, with
+``binding_probability``, the caption is followed by an @-binding per reference
+that names its slot and role (``@image2 subject``; :mod:`model.reference_binding`),
+encoded apart and appended to the cached caption tokens exactly as generation
+encodes a prompt with bindings. Slots are filled in random order, so only the
+binding says which slot holds what. Pairs come from the dataset's pair table
+(exact synthetic pairs) or, without one, from other shots of the clip's source.
+Each sample draws its own slot counts per kind (uniform up to the limits, never
+more than its distinct pairs) or none at all.
+
+Image-to-video is a mode of its own: with ``i2v_probability`` the clip's own first
+frame (latent frame 0 of the causal VAE is exactly the image latent of frame 0)
+fills the I2V slot, the model's last image slot, flagged per sample in
+``DiTBatch.i2v``. Video and audio references are cut to a few latent steps, never
 more than the model's ``ref_time_stride``, so their RoPE times never overlap the
 clip's or each other's.
 
-A multi-shot batch joins two consecutive clips of one source into one sequence
-with per-shot captions (text tokens carry their shot id), the layout multi-shot
-generation uses, so per-shot prompt routing is learned rather than assumed.
+Multi-shot batches are continuous footage of 2..N shots encoded once
+(:mod:`pipelines.train.sequences`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from model.dit import ShotLayout, TextConditioning
+from model.reference_binding import binding_phrase, join_tokens
 from model.references import ReferenceLatents, RefSlot
 from pipelines.train.config import ReferenceSampling
 from pipelines.train.data import ClipRow
 from pipelines.train.latents import LatentSample, LatentStore
+from pipelines.train.reference_pairs import KINDS, ReferencePair, same_source_pairs
 
 
 @dataclass
@@ -38,6 +49,18 @@ class DiTBatch:
     references: ReferenceLatents | None = None
     shots: ShotLayout | None = None
     clip_ids: tuple[str, ...] = ()
+    i2v: torch.Tensor | None = None  # (B,) bool: own first frame in the I2V slot
+    bindings: tuple[tuple[str, ...], ...] = ()  # per sample: @-binding phrases appended
+
+
+@dataclass
+class ReferenceDraw:
+    """What :meth:`BatchBuilder.references` drew for a batch."""
+
+    latents: ReferenceLatents | None
+    i2v: torch.Tensor  # (B,) bool
+    bindings: list[list[str]] = field(default_factory=list)  # per sample, in token order
+    roles: list[list[ReferencePair]] = field(default_factory=list)  # per sample
 
 
 def pad_text(rows: list[torch.Tensor], shot_ids: list[torch.Tensor] | None, max_tokens: int):
@@ -68,11 +91,17 @@ class BatchBuilder:
         max_refs: tuple[int, int, int],
         ref_time_stride: float,
         audio_latents_per_video_latent: int,
+        pairs: list[ReferencePair] | None = None,
+        binder: Callable[[str], torch.Tensor] | None = None,
     ):
+        """``pairs``: the dataset's reference pairs (None: other shots of each clip's
+        source). ``binder``: (L, D) text tokens of a binding phrase (the text
+        encoder's ``embed_tokens``); None appends no binding tokens."""
         self.rows = rows
         self.store = store
         self.sampling = sampling
         self.max_tokens = max_tokens
+        self.max_refs_model = tuple(max_refs)
         self.max_refs = tuple(
             min(a, b)
             for a, b in zip(
@@ -81,13 +110,24 @@ class BatchBuilder:
                 strict=True,
             )
         )
+        # The model's last image slot is the I2V slot; role images use the others.
+        self.i2v_slot = max_refs[0] - 1
+        self.role_limits = (min(self.max_refs[0], self.i2v_slot), *self.max_refs[1:])
+        i2v = sampling.own_frame_probability
+        self.i2v_probability = sampling.i2v_probability if i2v is None else i2v
+        for name, p in (("i2v_probability", self.i2v_probability),
+                        ("binding_probability", sampling.binding_probability)):  # fmt: skip
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
         self.ref_frames = int(min(sampling.max_reference_latent_frames, ref_time_stride))
         self.m = audio_latents_per_video_latent
-        by_source: dict[str, list[ClipRow]] = {}
-        for row in reference_pool:
-            if row.clip_id in store:
-                by_source.setdefault(row.source_id, []).append(row)
-        self.by_source = {k: sorted(v, key=lambda r: r.start_s) for k, v in by_source.items()}
+        self.binder = binder
+        self.by_id = {r.clip_id: r for r in reference_pool if r.clip_id in store}
+        if pairs is None:
+            pairs = same_source_pairs(
+                [(r.clip_id, r.source_id, r.shot_index) for r in self.by_id.values()]
+            )
+        self.pairs = _index_pairs(pairs, self.by_id)
 
     # -- single-shot -------------------------------------------------------------
     def build(self, indices: list[int], gen: torch.Generator) -> DiTBatch:
@@ -96,64 +136,65 @@ class BatchBuilder:
         t_lat = min(s.video.shape[1] for s in samples)
         video = torch.stack([s.video[:, :t_lat] for s in samples])
         audio = torch.stack([s.audio[:, : t_lat * self.m] for s in samples])
-        tokens, mask, _ = pad_text([s.text for s in samples], None, self.max_tokens)
+        draw = self.references(rows, gen)
+        texts = [
+            self._text(s.text, phrases) for s, phrases in zip(samples, draw.bindings, strict=True)
+        ]
+        tokens, mask, _ = pad_text(texts, None, max(t.shape[0] for t in texts))
         return DiTBatch(
             video=video,
             audio=audio,
             text=TextConditioning(tokens, mask),
-            text_missing=torch.tensor([s.text.shape[0] == 0 for s in samples]),
+            # A sample with bindings but no caption still has text: the bindings.
+            text_missing=torch.tensor([t.shape[0] == 0 for t in texts]),
             has_audio=torch.tensor([s.has_audio for s in samples]),
-            references=self.references(rows, gen),
+            references=draw.latents,
             clip_ids=tuple(r.clip_id for r in rows),
+            i2v=draw.i2v,
+            bindings=tuple(tuple(b) for b in draw.bindings),
         )
 
-    def _others(self, row: ClipRow) -> list[ClipRow]:
-        return [r for r in self.by_source.get(row.source_id, []) if r.clip_id != row.clip_id]
+    def _text(self, caption: torch.Tensor, phrases: list[str]) -> torch.Tensor:
+        """The caption's tokens (cut to the model's budget) then each binding's."""
+        caption = caption[: self.max_tokens]
+        if not phrases or self.binder is None:
+            return caption
+        return join_tokens([caption] + [self.binder(p) for p in phrases], caption.shape[1])
 
-    def references(self, rows: list[ClipRow], gen: torch.Generator) -> ReferenceLatents | None:
-        max_img, max_vid, max_aud = self.max_refs
-        picks: list[tuple[list, list, list]] = []
-        for row in rows:
-            others = self._others(row)
-            with_audio = [r for r in others if r.has_audio]
-            if (
-                not others
-                or float(torch.rand(1, generator=gen)) >= self.sampling.reference_probability
-            ):
-                picks.append(([], [], []))
-                continue
-            # Image slot 0 is the subject: the clip's own first frame, or absent. The
-            # other image slots show first frames of other clips of the source. Were
-            # the own frame put in a random slot among the others (as at first), the
-            # slots would be exchangeable in the data, so nothing could teach the
-            # model which of several images to follow: given a red image in one slot
-            # and a blue one in another it could only blend or guess, and swapping
-            # two slots could not change the output in any predictable way. With a
-            # fixed subject slot the model learns to take the subject from slot 0
-            # and to treat the rest as context, which a test can check.
-            n_img = _count(max_img, gen)
-            images: list[ClipRow | None] = []
-            if n_img:
-                own = float(torch.rand(1, generator=gen)) < self.sampling.own_frame_probability
-                images = [row if own else None] + _choose(others, n_img - 1, gen)
-            picks.append(
-                (
-                    images,
-                    _choose(others, _count(max_vid, gen), gen),
-                    _choose(with_audio, _count(max_aud, gen), gen),
-                )
-            )
-        if not any(any(p[0]) or p[1] or p[2] for p in picks):
-            return None
+    def references(self, rows: list[ClipRow], gen: torch.Generator) -> ReferenceDraw:
+        """Role references, I2V frames and bindings for a batch's rows."""
+        i2v = torch.rand(len(rows), generator=gen) < self.i2v_probability
+        # picks[k][i]: sample i's {slot: pair} of kind k
+        picks: list[list[dict[int, ReferencePair]]] = [[{} for _ in rows] for _ in KINDS]
+        bindings: list[list[str]] = []
+        for i, row in enumerate(rows):
+            pool = self.pairs.get(row.clip_id, {})
+            phrases: list[str] = []
+            if pool and float(torch.rand(1, generator=gen)) < self.sampling.reference_probability:
+                bind = float(torch.rand(1, generator=gen)) < self.sampling.binding_probability
+                for k, kind in enumerate(KINDS):
+                    chosen = _choose(pool.get(kind, []), _count(self.role_limits[k], gen), gen)
+                    for slot, pair in zip(self._slots(len(chosen), k, gen), chosen, strict=True):
+                        picks[k][i][slot] = pair
+                        if bind:
+                            phrases.append(binding_phrase(kind, slot, pair.word))
+                if phrases:
+                    order = torch.randperm(len(phrases), generator=gen).tolist()
+                    phrases = [phrases[j] for j in order]
+            bindings.append(phrases)
+        roles = [
+            [picks[k][i][s] for k in range(3) for s in sorted(picks[k][i])]
+            for i in range(len(rows))
+        ]
 
-        def slots(kind: int, limit: int, extract) -> list[RefSlot | None]:
+        def slots(k: int, limit: int, extract) -> list[RefSlot | None]:
             out: list[RefSlot | None] = []
             for s in range(limit):
-                chosen = [p[kind][s] if s < len(p[kind]) else None for p in picks]
+                chosen = [self._clip_at(picks, k, s, i, row, i2v) for i, row in enumerate(rows)]
                 if all(c is None for c in chosen):
                     out.append(None)
                     continue
-                latents = [extract(self.store.get(c.clip_id)) if c else None for c in chosen]
+                latents = [extract(self.store.get(c)) if c else None for c in chosen]
                 like = next(x for x in latents if x is not None)
                 stacked = torch.stack(
                     [x if x is not None else torch.zeros_like(like) for x in latents]
@@ -174,81 +215,25 @@ class BatchBuilder:
             return s.audio[:, : self.ref_frames * self.m]
 
         refs = ReferenceLatents(
-            images=slots(0, max_img, image),
-            videos=slots(1, max_vid, video),
-            audios=slots(2, max_aud, audio),
+            images=slots(0, self.max_refs_model[0], image),
+            videos=slots(1, self.role_limits[1], video),
+            audios=slots(2, self.role_limits[2], audio),
         )
-        return None if refs.is_empty() else refs
+        return ReferenceDraw(None if refs.is_empty() else refs, i2v, bindings, roles)
 
-    # -- multi-shot --------------------------------------------------------------
-    def shot_pairs(self) -> list[tuple[ClipRow, ClipRow]]:
-        """Consecutive clips of one source (the second starts after the first ends)."""
-        wanted = {r.clip_id for r in self.rows}
-        pairs = []
-        for clips in self.by_source.values():
-            for a, b in zip(clips, clips[1:], strict=False):
-                if a.clip_id in wanted and b.start_s > a.start_s:
-                    pairs.append((a, b))
-        return pairs
+    def _slots(self, n: int, k: int, gen: torch.Generator) -> list[int]:
+        """Slots for n references of kind k: a random choice among the role slots
+        (the first n when not shuffled)."""
+        if not self.sampling.shuffle_slots:
+            return list(range(n))
+        return torch.randperm(self.role_limits[k], generator=gen)[:n].tolist()
 
-    def build_multishot(
-        self, pairs: list[tuple[ClipRow, ClipRow]], gen: torch.Generator
-    ) -> DiTBatch:
-        first = [self.store.get(a.clip_id) for a, _ in pairs]
-        second = [self.store.get(b.clip_id) for _, b in pairs]
-        t_lat = min(s.video.shape[1] for s in first + second)
-        video = torch.stack(
-            [
-                torch.cat([x.video[:, :t_lat], y.video[:, :t_lat]], dim=1)
-                for x, y in zip(first, second, strict=True)
-            ]
-        )
-        n_a = t_lat * self.m
-        audio = torch.stack(
-            [
-                torch.cat([x.audio[:, :n_a], y.audio[:, :n_a]], dim=1)
-                for x, y in zip(first, second, strict=True)
-            ]
-        )
-        rows, ids = [], []
-        for x, y in zip(first, second, strict=True):
-            half = self.max_tokens
-            tx, ty = x.text[:half], y.text[:half]
-            rows.append(torch.cat([tx, ty]))
-            ids.append(
-                torch.cat(
-                    [
-                        torch.zeros(tx.shape[0], dtype=torch.long),
-                        torch.ones(ty.shape[0], dtype=torch.long),
-                    ]
-                )
-            )
-        tokens, mask, shot_ids = pad_text(rows, ids, 2 * self.max_tokens)
-        layout = ShotLayout(
-            video_latent_shot=torch.cat(
-                [torch.zeros(t_lat, dtype=torch.long), torch.ones(t_lat, dtype=torch.long)]
-            ),
-            audio_latent_shot=torch.cat(
-                [torch.zeros(n_a, dtype=torch.long), torch.ones(n_a, dtype=torch.long)]
-            ),
-        )
-        missing = torch.tensor(
-            [
-                x.text.shape[0] == 0 or y.text.shape[0] == 0
-                for x, y in zip(first, second, strict=True)
-            ]
-        )
-        return DiTBatch(
-            video=video,
-            audio=audio,
-            text=TextConditioning(tokens, mask, shot_ids),
-            text_missing=missing,
-            has_audio=torch.tensor(
-                [x.has_audio and y.has_audio for x, y in zip(first, second, strict=True)]
-            ),
-            shots=layout,
-            clip_ids=tuple(f"{a.clip_id}+{b.clip_id}" for a, b in pairs),
-        )
+    def _clip_at(self, picks, k: int, slot: int, i: int, row: ClipRow, i2v) -> str | None:
+        """Clip id whose latents fill slot ``slot`` of kind ``k`` for sample i."""
+        if k == 0 and slot == self.i2v_slot:
+            return row.clip_id if bool(i2v[i]) else None
+        pair = picks[k][i].get(slot)
+        return None if pair is None else pair.reference
 
 
 def _count(limit: int, gen: torch.Generator) -> int:
@@ -256,7 +241,30 @@ def _count(limit: int, gen: torch.Generator) -> int:
 
 
 def _choose(pool: list, n: int, gen: torch.Generator) -> list:
+    """Up to n distinct items of pool, in random order."""
     if not pool or n <= 0:
         return []
     order = torch.randperm(len(pool), generator=gen).tolist()
-    return [pool[order[i % len(pool)]] for i in range(n)]
+    return [pool[j] for j in order[:n]]
+
+
+def _index_pairs(
+    pairs: list[ReferencePair], clips: dict[str, ClipRow]
+) -> dict[str, dict[str, list[ReferencePair]]]:
+    """clip id -> kind -> its pairs with the clip as target. A pair shares one
+    attribute, which works both ways, so each pair also serves its reference as a
+    target. Pairs with a clip outside the cache, and audio references of clips
+    without sound, are left out; duplicates count once."""
+    out: dict[str, dict[str, list[ReferencePair]]] = {}
+    seen = set()
+    for p in pairs:
+        for target, ref in ((p.target, p.reference), (p.reference, p.target)):
+            key = (target, ref, p.kind)
+            if key in seen or target not in clips or ref not in clips or target == ref:
+                continue
+            if p.kind == "audio" and not clips[ref].has_audio:
+                continue
+            seen.add(key)
+            flipped = ReferencePair(target, ref, p.kind, p.attribute, p.exact)
+            out.setdefault(target, {}).setdefault(p.kind, []).append(flipped)
+    return out

@@ -1,6 +1,6 @@
 """Does a trained model follow its reference slots and per-shot prompts? Data and probes.
 
-Used by ``tests/test_train_conditioning.py`` (and ``bench/train_conditioning.py``,
+Used by ``bench/quality.py`` and ``tests/`` (and ``bench/train_conditioning.py``,
 which sweeps recipes): a small synthetic corpus is written as a clips manifest, the
 model is trained on it with :func:`pipelines.train.train`, and generated clips are
 measured by the synthetic world's colour probe (:func:`core.probes.label_pixels`).
@@ -16,6 +16,20 @@ captions leave things out: on those clips only an image reference of the clip it
 can tell the colour. Every caption says "a gray floor" whatever the shot's backdrop
 (gray, beige, slate, charcoal), so the backdrop is a colour that only an image
 reference carries.
+
+Each source is also written as multi-shot footage: ``sequence_max_shots`` or fewer
+(at least 2) consecutive shots of it in ONE file, joined by hard cuts or dips to
+black as the synthetic world films them, with a ``sequences.parquet`` row (shot start
+frames, transitions, the shots' captions, and a subject: the first caption without
+its colour, since colour is what changes from shot to shot here); see
+:mod:`pipelines.train.sequences`.
+
+With ``reference_kinds`` set, the corpus also carries reference pairs taught by
+role (:mod:`pipelines.train.reference_pairs`): for each clip an image reference
+(its subject's colour and shape elsewhere) and a video reference (its trajectory in
+other colours and shapes), and ``tempo_shots`` beat clips with an audio reference at
+the same tempo, each rendered from the target's seed, listed in
+``reference_pairs.parquet``.
 
 The manifest is written directly (the columns :mod:`pipelines.train.data` reads)
 rather than by the curation flow: the shots are known exactly, so curation would
@@ -33,11 +47,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core import storage
-from core.media import write_mp4
+from core.media import AVClip, write_mp4
 from core.probes import label_pixels
 from core.synth import render_shot
 from core.synth.palette import COLOR_NAMES
 from core.synth.scenes import SceneError
+from pipelines.train.reference_pairs import Geometry, pairs_table_uri, render_reference, write_pairs
+from pipelines.train.sequences import table_uri, write_sequences
 
 FPS, SAMPLE_RATE, SIZE = 16.0, 16000, 64
 
@@ -51,6 +67,20 @@ class CorpusSpec:
     # Fraction of clips whose caption names no colour.
     colourless_fraction: float = 0.5
     seed: int = 0
+    # Multi-shot footage: shots per source's sequence (2..this), the chance that a
+    # boundary is a fade rather than a cut, and a fade's length (dip to black).
+    sequence_max_shots: int = 4
+    fade_probability: float = 0.4
+    fade_frames: int = 8
+    # Reference pairs by role (pipelines.train.reference_pairs), rendered from each
+    # target's seed and written as reference_pairs.parquet beside the clips table:
+    # "image" (same subject appearance elsewhere) and "video" (same trajectory, other
+    # colours and shapes) for every corpus clip; "audio" adds ``tempo_shots``
+    # beat_pulse clips, each with a reference at the same tempo. Each reference is a
+    # clip of its own source (so no same-source reference is drawn from it) and a
+    # training clip too. Empty: the corpus as before, no pair table.
+    reference_kinds: tuple[str, ...] = ()
+    tempo_shots: int = 8
 
 
 def colourless(caption: str) -> str:
@@ -60,66 +90,162 @@ def colourless(caption: str) -> str:
     return re.sub(r"\ban (?=[^aeiou])", "a ", text)
 
 
-def _one_colour_shots(spec: CorpusSpec):
+def _one_colour_shots(spec: CorpusSpec, scene: str = "bouncing_balls", first: int = 0):
     """Endless (seed, clip, truth) of shots whose objects all share one allowed colour."""
     duration = spec.frames_per_shot / FPS
-    seed = spec.seed * 100_003
+    seed = spec.seed * 100_003 + first
     while True:
         seed += 1
         try:
             clip, truth = render_shot(
-                "bouncing_balls", seed, duration, SIZE, SIZE, FPS, SAMPLE_RATE,
+                scene, seed, duration, SIZE, SIZE, FPS, SAMPLE_RATE,
                 guard_start_s=0.1, guard_end_s=0.1,
             )  # fmt: skip
         except SceneError:
             continue
         colours = {o["color"] for o in truth["objects"]}
         if len(colours) == 1 and colours <= set(spec.colours):
-            yield clip, truth
+            yield seed, clip, truth
+
+
+def join_shots(clips: list[AVClip], transitions: list[str], fade_frames: int) -> AVClip:
+    """Shots as one piece of footage: hard cuts, or fades (picture and sound ramp
+    down over the last ``fade_frames / 2`` frames of a shot and up over the first of
+    the next, as core.synth.corpus films them). No padding anywhere."""
+    fps, rate = clips[0].fps, clips[0].sample_rate
+    frames = np.concatenate([c.frames for c in clips]).astype(np.float32)
+    audio = np.concatenate([c.audio for c in clips], axis=1).astype(np.float32)
+    starts = np.cumsum([0] + [c.num_frames for c in clips])[1:-1]
+    half = fade_frames / 2 / fps
+    for start, kind in zip(starts, transitions, strict=True):
+        if kind != "fade":
+            continue
+        boundary = start / fps
+        frames *= np.clip(np.abs(np.arange(len(frames)) / fps - boundary) / half, 0, 1)[
+            :, None, None, None
+        ]
+        audio *= np.clip(np.abs(np.arange(audio.shape[1]) / rate - boundary) / half, 0, 1)
+    return AVClip(frames=np.rint(frames).astype(np.uint8), fps=fps, audio=audio, sample_rate=rate)
+
+
+def _sequence(out_uri, source_id, clips, captions, spec: CorpusSpec, rng) -> dict:
+    """2..sequence_max_shots consecutive shots of a source as one file, and its row."""
+    count = int(rng.integers(2, min(spec.sequence_max_shots, len(clips)) + 1))
+    first = int(rng.integers(0, len(clips) - count + 1))
+    transitions = [
+        "fade" if rng.random() < spec.fade_probability else "cut" for _ in range(count - 1)
+    ]
+    picked = clips[first : first + count]
+    footage = join_shots(picked, transitions, spec.fade_frames)
+    sequence_id = f"{source_id}-seq"
+    uri = storage.join(out_uri, "sequences", f"{sequence_id}.mp4")
+    write_mp4(uri, footage, lossless=True, aac_coder="fast")
+    return {
+        "sequence_id": sequence_id,
+        "source_id": source_id,
+        "sequence_uri": uri,
+        "fps": FPS,
+        "num_frames": footage.num_frames,
+        "shot_start_frames": np.cumsum([0] + [c.num_frames for c in picked[:-1]]).tolist(),
+        "transitions": transitions,
+        "shot_captions": captions[first : first + count],
+        "subject": colourless(captions[first]),
+        "has_audio": True,
+        "split": "train",
+    }
 
 
 def build_corpus(out_uri: str, spec: CorpusSpec | None = None) -> str:
-    """Write clips and ``clips.parquet`` under ``out_uri``; returns the manifest's URI."""
+    """Write clips and ``clips.parquet`` (and the sources' multi-shot footage and
+    ``sequences.parquet``) under ``out_uri``; returns the clips manifest's URI."""
     spec = spec or CorpusSpec()
+    if spec.shots_per_source >= 2 and spec.sequence_max_shots < 2:
+        raise ValueError(f"sequence_max_shots must be >= 2, got {spec.sequence_max_shots}")
+    # Its own random stream: adding sequences leaves the clips and captions as they were.
+    seq_rng = np.random.default_rng([spec.seed, 1])
+    sequences = []
     shots = _one_colour_shots(spec)
     rng = np.random.default_rng(spec.seed)
-    rows = []
+    rows, pairs = [], []
     shot_s = spec.frames_per_shot / FPS
+    unknown = set(spec.reference_kinds) - {"image", "video", "audio"}
+    if unknown:
+        raise ValueError(f"reference_kinds: unknown kinds {sorted(unknown)}")
+
+    def add(clip_id, source_id, k, clip, truth):
+        uri = storage.join(out_uri, "clips", f"{clip_id}.mp4")
+        # Lossless: the same frames every time the corpus is built (core.media.write_mp4).
+        write_mp4(uri, clip, lossless=True, aac_coder="fast")
+        caption = truth["caption"]
+        if rng.random() < spec.colourless_fraction:
+            caption = colourless(caption)
+        rows.append(
+            {
+                "clip_id": clip_id,
+                "source_id": source_id,
+                "clip_uri": uri,
+                "start_s": k * shot_s,
+                "end_s": (k + 1) * shot_s,
+                "keep": True,
+                "split": "train",
+                "caption": caption,
+                "transcript": "",
+                "shot_index": k,
+                "score_sync_confidence": 1.0,
+                "has_audio": True,
+                "colour": truth["objects"][0]["color"],
+            }
+        )
+
+    def add_references(seed, clip_id, kinds, scene):
+        for kind in kinds:
+            ref = render_reference(kind, seed, _pair_geometry(spec), scene, spec.colours)
+            ref_id = f"{clip_id}~{kind}"
+            add(ref_id, ref_id, 0, ref.clip, ref.truth)
+            pairs.append(
+                {
+                    "target_clip_id": clip_id, "reference_clip_id": ref_id, "kind": kind,
+                    "attribute": ref.attribute, "exact": True, "seed": seed,
+                    "shared": ref.shared,
+                }
+            )  # fmt: skip
+
+    visual = [k for k in spec.reference_kinds if k != "audio"]
     for s in range(spec.sources):
         source_id = f"src{s:03d}"
         previous = None
+        source_clips, captions = [], []
         for k in range(spec.shots_per_source):
-            clip, truth = next(shots)
+            seed, clip, truth = next(shots)
             while truth["objects"][0]["color"] == previous:
-                clip, truth = next(shots)
+                seed, clip, truth = next(shots)
             previous = truth["objects"][0]["color"]
             clip_id = f"{source_id}-{k:02d}"
-            uri = storage.join(out_uri, "clips", f"{clip_id}.mp4")
-            write_mp4(uri, clip, crf=16, aac_coder="fast")
-            caption = truth["caption"]
-            if rng.random() < spec.colourless_fraction:
-                caption = colourless(caption)
-            rows.append(
-                {
-                    "clip_id": clip_id,
-                    "source_id": source_id,
-                    "clip_uri": uri,
-                    "start_s": k * shot_s,
-                    "end_s": (k + 1) * shot_s,
-                    "keep": True,
-                    "split": "train",
-                    "caption": caption,
-                    "transcript": "",
-                    "shot_index": k,
-                    "score_sync_confidence": 1.0,
-                    "has_audio": True,
-                    "colour": previous,
-                }
-            )
+            add(clip_id, source_id, k, clip, truth)
+            source_clips.append(clip)
+            captions.append(rows[-1]["caption"])
+            add_references(seed, clip_id, visual, "bouncing_balls")
+        if spec.shots_per_source >= 2:
+            sequences.append(_sequence(out_uri, source_id, source_clips, captions, spec, seq_rng))
+    if "audio" in spec.reference_kinds:
+        beats = _one_colour_shots(spec, "beat_pulse", first=50_000)
+        for j in range(spec.tempo_shots):
+            seed, clip, truth = next(beats)
+            clip_id = f"tempo{j:03d}"
+            add(clip_id, clip_id, 0, clip, truth)
+            add_references(seed, clip_id, ["audio"], "beat_pulse")
     manifest = storage.join(out_uri, "clips.parquet")
     with storage.local_output(manifest) as path:
         pq.write_table(pa.Table.from_pylist(rows), path)
+    if pairs:
+        write_pairs(pairs_table_uri(manifest), pairs)
+    if sequences:
+        write_sequences(table_uri(manifest), sequences)
     return manifest
+
+
+def _pair_geometry(spec: CorpusSpec) -> Geometry:
+    return Geometry(SIZE, SIZE, FPS, SAMPLE_RATE, spec.frames_per_shot, 0.1)
 
 
 def colour_pixels(frames: np.ndarray) -> dict[str, int]:
@@ -144,7 +270,7 @@ def first_frame_of(colour: str, spec: CorpusSpec | None = None, skip: int = 0) -
     shots = _one_colour_shots(probe)
     for _ in range(skip):
         next(shots)
-    clip, _ = next(shots)
+    _, clip, _ = next(shots)
     return clip.frames[0]
 
 

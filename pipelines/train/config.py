@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from core import storage
 from core.config import config_from_dict, load_config
 from model.parallelize import ParallelConfig
 from pipelines.align.config import DistillStageConfig, RLHFStageConfig
@@ -63,12 +64,19 @@ class ReferenceSampling:
     max_images: int = 9
     max_videos: int = 3
     max_audios: int = 3
-    # Image slot 0 is the subject: it shows the clip's own first frame with this
-    # probability (else it is absent); slots 1.. show first frames of other clips of
-    # the source. Subject references in practice show the subject being generated,
-    # and a fixed subject slot is what lets the model tell it from the others
-    # (see pipelines.train.batches).
-    own_frame_probability: float = 0.5
+    # References are taught by role (pipelines.train.reference_pairs): each shares
+    # one attribute with the clip (subject appearance, motion, tempo, voice), and
+    # the prompt names it with an @-binding ("@image2 subject") with this
+    # probability per sample (else the references go unnamed). Slots are drawn in
+    # random order so the binding, not the slot, says which reference is which.
+    binding_probability: float = 0.8
+    shuffle_slots: bool = True
+    # Image-to-video as its own mode: with this probability a sample's own first
+    # frame fills the I2V slot (the model's last image slot), flagged in the batch
+    # (DiTBatch.i2v); role references use the other image slots.
+    i2v_probability: float = 0.25
+    # Old name of i2v_probability (recipes from before role pairs); wins when set.
+    own_frame_probability: float | None = None
     # Video and audio references are cut to this many video latent steps (at most
     # the model's ref_time_stride, so reference time positions never overlap).
     max_reference_latent_frames: int = 4
@@ -103,8 +111,51 @@ class VAEStageConfig(StageConfig):
     crop_candidates: int = 1
     kl_weight: float = 1e-6
     motion_weight: float = 10.0
+    # The vocoder trains beside the VAEs on every step of this stage when
+    # vocoder_steps > 0 (a switch, as recipes have always used it: its step count is
+    # the stage's ``steps``). Each step it re-synthesises vocoder_segments random
+    # mono segments of vocoder_segment_s seconds (clamped to the clip; on the audio
+    # latent grid), drawn with the step's seeded per-rank generator, so a resumed
+    # run draws the same ones; 0 segments = every channel of every clip whole (the
+    # old recipe). Why segments: bench/decoders.py, 2-vCPU, synthetic clips' MR-STFT:
+    # 4 x 1 s a step beat Griffin-Lim (1.02 vs 1.10 at 4000 steps), whole waveforms
+    # with an early full-weight GAN did not (1.28).
+    vocoder_segments: int = 4
+    vocoder_segment_s: float = 1.0
+    # The GAN (multi-period / multi-resolution discriminators, feature matching) only
+    # for the last vocoder_gan_fraction of the stage's steps, at vocoder_gan_weight,
+    # ramped in over vocoder_gan_ramp_steps (a fresh discriminator's gradient is noise
+    # at first). Mel + MR-STFT losses do the work; a full-weight GAN from 70% of the
+    # steps made it worse, and a GAN step costs ~25 plain ones on CPU. A fraction
+    # that rounds to no step (short runs) means no GAN and no discriminator.
+    # vocoder_gan_start, when set (older configs: 50, or -1 = never), is the step the
+    # GAN starts at instead of the fraction's.
+    vocoder_gan_fraction: float = 0.05
+    vocoder_gan_weight: float = 0.1
+    vocoder_gan_start: int | None = None
+    vocoder_gan_ramp_steps: int = 50
+    # The video VAE's patch discriminator joins at video_gan_start (-1 = never; off
+    # by default, so the tiny CPU recipes train as before), weighted by VQGAN's
+    # adaptive weight times video_gan_weight.
+    video_gan_start: int = -1
+    video_gan_weight: float = 0.1
+    disc_lr: float = 2e-4
     # Held-out clips for PSNR and mel distance.
     eval_clips: int = 4
+
+    def validate(self) -> None:
+        """Vocoder settings that would silently train something else (core.config
+        calls this when a config is loaded)."""
+        if self.vocoder_segments < 0 or self.vocoder_segment_s <= 0:
+            raise ValueError(
+                f"vocoder_segments must be >= 0 (0 = whole clips) and vocoder_segment_s > 0, "
+                f"got {self.vocoder_segments} and {self.vocoder_segment_s}"
+            )
+        if not 0.0 <= self.vocoder_gan_fraction <= 1.0 or self.vocoder_gan_weight < 0:
+            raise ValueError(
+                f"vocoder_gan_fraction must be in [0, 1] and vocoder_gan_weight >= 0, got "
+                f"{self.vocoder_gan_fraction} and {self.vocoder_gan_weight}"
+            )
 
 
 @dataclass
@@ -117,6 +168,13 @@ class DiTStageConfig(StageConfig):
     # longer clips than pretraining (e.g. (33, 49)) where the corpus has them; each
     # set of buckets has its own latent cache.
     frame_buckets: tuple[int, ...] = ()
+    # A flow time per branch (see pipelines.train.loop.branch_times): the fraction of
+    # samples whose audio time is drawn independently of the video's (else both
+    # share one), and the fraction (among clips with sound) where one branch, video
+    # or audio at even odds, is clean (t = 0) with its loss masked: that teaches
+    # video-to-audio and audio-to-video as conditioning.
+    independent_time_probability: float = 0.3
+    clean_branch_probability: float = 0.2
 
 
 @dataclass
@@ -160,6 +218,21 @@ def train_config_from(source: str | dict | None) -> TrainConfig:
     if isinstance(source, dict):
         return config_from_dict(TrainConfig, source)
     return load_config(TrainConfig, source)
+
+
+def with_absolute_uris(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every local path made absolute in this process (the driver).
+
+    Ray Train workers run in a directory of their own, where a relative run or data
+    path names nothing (``core.storage.absolute_uri``); remote URIs are unchanged.
+    """
+    absolute = storage.absolute_uri
+    data = replace(
+        cfg.data,
+        curated_uri=absolute(cfg.data.curated_uri),
+        latent_cache_uri=absolute(cfg.data.latent_cache_uri),
+    )
+    return replace(cfg, run_uri=absolute(cfg.run_uri), init_from=absolute(cfg.init_from), data=data)
 
 
 def stage_data(cfg: TrainConfig, stage: str) -> DataConfig:

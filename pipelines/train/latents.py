@@ -3,13 +3,15 @@
 The cache lives at ``CACHE/<key>/`` on any URI: ``shard-NNNNN.safetensors`` files of
 ``latent_shard_clips`` clips each (per clip: normalised video latent, audio latent,
 text-encoder tokens) and an ``index.json`` written last (its presence means the cache
-is complete). ``key`` hashes the VAE weights, the text encoder and the clip
-geometry, so a retrained VAE or another bucket list never reads stale latents.
+is complete). ``key`` hashes the VAE weights and configs, the text encoder and the
+clip geometry, so a retrained or reconfigured VAE or another bucket list never reads
+stale latents.
 Shards are encoded by whichever workers exist (shard i by rank i mod W).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import OrderedDict
@@ -32,7 +34,7 @@ class LatentCacheError(RuntimeError):
 
 
 def cache_key(pipeline, buckets: tuple[int, ...]) -> str:
-    """Hash of the VAE weights, the text encoder and the clip geometry."""
+    """Hash of the VAE weights and configs, the text encoder and the clip geometry."""
     digest = hashlib.sha256()
     for name in ("video_vae", "audio_vae"):
         for key, value in sorted(getattr(pipeline, name).state_dict().items()):
@@ -45,6 +47,12 @@ def cache_key(pipeline, buckets: tuple[int, ...]) -> str:
         "sample_rate": cfg.sample_rate,
         "buckets": list(buckets),
         "text": [cfg.text.model_path, cfg.text.max_tokens, cfg.text.embed_dim],
+        # Not everything that shapes a latent is a weight: the mel filterbank (band,
+        # FFT size) and the hop (set by the audio latent rate) are rebuilt from the
+        # config, so two VAEs with equal weights can still encode differently.
+        "video_vae": dataclasses.asdict(cfg.video_vae),
+        "audio_vae": dataclasses.asdict(cfg.audio_vae),
+        "mel_hop_length": cfg.mel_hop_length,
     }
     digest.update(json.dumps(geometry, sort_keys=True).encode())
     return digest.hexdigest()[:16]

@@ -11,6 +11,7 @@ runs in one process, under torchrun, and as each Ray Train worker
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -25,7 +26,8 @@ from torch import nn
 
 from core import storage
 from core.config import config_to_dict
-from model.checkpoint import CheckpointError, save_state
+from model.checkpoint import CheckpointError, read_meta, save_state
+from model.discriminators import AudioDiscriminator, PatchDiscriminator
 from model.ema import ema_update
 from model.flow_matching import add_noise, resolution_shift, sample_timesteps, velocity_target
 from model.parallelize import apply_ddp, parallelize_dit
@@ -53,7 +55,10 @@ from pipelines.train.data import (
 )
 from pipelines.train.latents import LatentStore, cache_key, encode_cache
 from pipelines.train.logs import MetricsLog
+from pipelines.train.reference_pairs import load_pairs
 from pipelines.train.runtime import Runtime
+from pipelines.train.sequences import sequence_batches
+from pipelines.train.vocabulary import VOCABULARY_KEY, checkpoint_vocabulary, vocabulary_of
 
 Progress = Callable[[str, int, int, dict], None]
 
@@ -100,30 +105,94 @@ def clean_fqn(name: str) -> str:
 
 
 class VAEPair(nn.Module):
-    """Both VAEs (and optionally the vocoder) as one module, so DDP sees one forward."""
+    """Both VAEs (and optionally the vocoder) as one module, so DDP sees one forward.
 
-    def __init__(self, pipeline: DuetPipeline, with_vocoder: bool):
+    With GAN terms on (``vae.vocoder_gan_start``, ``vae.video_gan_start``) it also
+    holds the discriminators, as training-only components (``audio_disc``,
+    ``video_disc``): checkpointed for resume, never part of the final pipeline.
+    """
+
+    def __init__(self, pipeline: DuetPipeline, with_vocoder: bool, settings: VAEStageConfig):
         super().__init__()
         self.video_vae = pipeline.video_vae
         self.audio_vae = pipeline.audio_vae
         self.vocoder = pipeline.vocoder if with_vocoder else None
-        self.settings: VAEStageConfig | None = None
+        self.settings = settings
+        # No discriminator when the GAN never starts within the stage (short runs).
+        gan_audio = with_vocoder and 0 <= vocoder_gan_start(settings) < settings.steps
+        self.audio_disc = AudioDiscriminator() if gan_audio else None
+        self.video_disc = PatchDiscriminator() if settings.video_gan_start >= 0 else None
 
-    def forward(self, windows, audio, has_audio, gen):
+    def gan_components(self) -> tuple[str, ...]:
+        return tuple(n for n in ("audio_disc", "video_disc") if getattr(self, n) is not None)
+
+    def forward(self, windows, audio, has_audio, gen, step: int = 0):
         s = self.settings
-        loss_v, parts = self.video_vae.loss(windows, s.kl_weight, gen, s.motion_weight)
+        video_disc = self.video_disc if 0 <= s.video_gan_start <= step else None
+        loss_v, parts = self.video_vae.loss(
+            windows, s.kl_weight, gen, s.motion_weight, video_disc, s.video_gan_weight
+        )
         metrics = {"video_loss": float(loss_v.detach())}
+        metrics |= {f"video_{k}": v for k, v in parts.items() if k not in ("recon", "kl")}
         loss = loss_v
         if bool(has_audio.any()):
             loss_a, _ = self.audio_vae.loss(audio[has_audio], s.kl_weight, gen)
             loss = loss + loss_a
             metrics["audio_loss"] = float(loss_a.detach())
             if self.vocoder is not None:
-                wav = audio[has_audio][:, 0]
-                loss_voc, _ = self.vocoder.loss(wav, self.audio_vae.mel)
+                # After the VAEs' losses: their noise stream is what it was.
+                loss_voc, vparts = vocoder_loss(
+                    self.vocoder, self.audio_disc, self.audio_vae, audio[has_audio], s, gen, step
+                )
                 loss = loss + loss_voc
                 metrics["vocoder_loss"] = float(loss_voc.detach())
+                metrics |= {f"vocoder_{k}": v for k, v in vparts.items()}
         return loss, metrics
+
+
+def vocoder_gan_start(s: VAEStageConfig) -> int:
+    """The stage step the vocoder's GAN starts at (-1 = never): ``vocoder_gan_start``
+    when set, else the last ``vocoder_gan_fraction`` of the stage's steps."""
+    if s.vocoder_gan_start is not None:
+        return s.vocoder_gan_start
+    gan_steps = int(s.vocoder_gan_fraction * s.steps)
+    return s.steps - gan_steps if gan_steps > 0 else -1
+
+
+def vocoder_gan_weight(s: VAEStageConfig, step: int) -> float:
+    """The adversarial weight on the vocoder at ``step`` (0 = the GAN is off)."""
+    start = vocoder_gan_start(s)
+    if start < 0 or step < start:
+        return 0.0
+    return s.vocoder_gan_weight * min(1.0, (step - start + 1) / max(1, s.vocoder_gan_ramp_steps))
+
+
+def vocoder_segments(audio: torch.Tensor, s: VAEStageConfig, audio_vae, gen) -> torch.Tensor:
+    """(B, C, N) clips -> (s.vocoder_segments, L) random mono segments of
+    ``s.vocoder_segment_s`` (clamped to N) starting on the audio latent grid; with 0
+    segments, every channel whole (B*C, N). Positions come from ``gen`` (the step's
+    seeded per-rank generator), never the global RNG, so a resumed run repeats them."""
+    flat = audio.flatten(0, 1)  # (B*C, N): every channel is a mono training signal
+    if s.vocoder_segments <= 0:
+        return flat
+    spl = audio_vae.samples_per_latent
+    n = flat.shape[-1]
+    length = min(n, max(spl, int(s.vocoder_segment_s * audio_vae.sample_rate) // spl * spl))
+    k = s.vocoder_segments
+    rows = torch.randint(flat.shape[0], (k,), generator=gen)
+    starts = spl * torch.randint((n - length) // spl + 1, (k,), generator=gen)
+    return torch.stack(
+        [flat[r, o : o + length] for r, o in zip(rows.tolist(), starts.tolist(), strict=True)]
+    )
+
+
+def vocoder_loss(vocoder, audio_disc, audio_vae, audio, s: VAEStageConfig, gen, step: int):
+    """The stage's vocoder loss on (B, C, N) clips at ``step``: mel + MR-STFT on random
+    segments, plus the GAN terms in its last steps (``audio_disc``, when it exists)."""
+    wav = vocoder_segments(audio, s, audio_vae, gen)
+    weight = vocoder_gan_weight(s, step)
+    disc = audio_disc if weight > 0 else None
+    return vocoder.loss(wav, audio_vae.mel, disc, weight)
 
 
 @dataclass
@@ -179,8 +248,7 @@ class DecodedClips:
 def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask:
     s: VAEStageConfig = cfg.vae
     rows = load_clip_rows(cfg.data, pipeline.config.fps)
-    pair = VAEPair(pipeline, with_vocoder=s.vocoder_steps > 0)
-    pair.settings = s
+    pair = VAEPair(pipeline, with_vocoder=s.vocoder_steps > 0, settings=s)
     pair.to(rt.device)
     module: nn.Module = pair
     if rt.distributed:
@@ -204,7 +272,7 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
         windows = torch.stack([_window(v, s, tf, sf, gen) for v, _ in clips])
         audio = torch.stack([a for _, a in clips])
         has_audio = torch.tensor([rows[i].has_audio for i in indices])
-        loss, metrics = module(windows.to(rt.device), audio.to(rt.device), has_audio, gen)
+        loss, metrics = module(windows.to(rt.device), audio.to(rt.device), has_audio, gen, step)
         return loss, metrics, int(windows[0].numel() // 3)
 
     groups = [
@@ -213,11 +281,14 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
     ]
     if pair.vocoder is not None:
         groups.append({"params": list(pair.vocoder.parameters()), "lr": s.audio_lr})
+    for name in pair.gan_components():
+        groups.append({"params": list(getattr(pair, name).parameters()), "lr": s.disc_lr})
 
     def finish() -> dict:
         return finish_vae(cfg, pipeline, rows, decoded, rt)
 
     components = ("video_vae", "audio_vae") + (("vocoder",) if pair.vocoder is not None else ())
+    components += pair.gan_components()
     start = stream.start if stream is not None else None
     return StageTask("vae", module, components, s, rows, batch, groups, finish, start)
 
@@ -230,7 +301,9 @@ def finish_vae(cfg, pipeline: DuetPipeline, rows, decoded: DecodedClips, rt: Run
     pipeline.video_vae.calibrate([decoded.get(r)[0][None].to(rt.device) for r in calib])
     with_audio = [r for r in calib if r.has_audio] or calib
     pipeline.audio_vae.calibrate([decoded.get(r)[1][None].to(rt.device) for r in with_audio])
-    if cfg.vae.vocoder_steps > 0:
+    # Decode with the vocoder only where this stage trained it (it saw sound);
+    # otherwise the pipeline keeps what it had (Griffin-Lim for a fresh one).
+    if cfg.vae.vocoder_steps > 0 and any(r.has_audio for r in rows):
         pipeline.use_neural_vocoder = True
     try:
         held_out = load_clip_rows(cfg.data, pipeline.config.fps, split="val")
@@ -258,6 +331,17 @@ def finish_vae(cfg, pipeline: DuetPipeline, rows, decoded: DecodedClips, rt: Run
     }
 
 
+def dataset_pairs(data) -> list:
+    """The dataset's reference pairs; kinds it cannot pair are said once, with why."""
+    from pipelines.train.data import clips_table_uri, read_clips_table
+
+    uri = data.curated_uri
+    pairs, skipped = load_pairs(clips_table_uri(uri), read_clips_table(uri))
+    for reason in skipped:
+        logging.getLogger(__name__).warning("reference pairs: no %s", reason)
+    return pairs
+
+
 def dit_task(cfg: TrainConfig, stage: str, pipeline: DuetPipeline, rt: Runtime) -> StageTask:
     s: DiTStageConfig = cfg.stage(stage)
     mcfg = pipeline.config
@@ -283,21 +367,33 @@ def dit_task(cfg: TrainConfig, stage: str, pipeline: DuetPipeline, rt: Runtime) 
         (d.max_image_refs, d.max_video_refs, d.max_audio_refs),
         d.ref_time_stride,
         mcfg.audio_latents_per_video_latent,
+        # Role pairs (the pair table, else other shots of each source) and the
+        # @-binding tokens of each role reference, as generation encodes them.
+        pairs=dataset_pairs(data),
+        binder=lambda phrase: pipeline.text_encoder.embed_tokens(phrase),
     )
-    pairs = builder.shot_pairs()
+    # Multi-shot footage (continuous sequences of 2..N shots), encoded once each
+    # (not at all when the stage takes no multi-shot steps).
+    sequences = sequence_batches(
+        pipeline, data.curated_uri, data.split, latent_cache_uri(cfg, pipeline, data),
+        cfg.data.latent_shard_clips, rt, enabled=s.references.multishot_probability > 0,
+    )  # fmt: skip
     flow = mcfg.flow
 
     def batch(indices, gen, step):
         shared = step_generator(cfg.seed, stage + "/shared", step, 0)  # same on every rank
         multishot = (
-            pairs and float(torch.rand(1, generator=shared)) < s.references.multishot_probability
+            len(sequences) > 0
+            and float(torch.rand(1, generator=shared)) < s.references.multishot_probability
         )
         if multishot:
-            picks = torch.randint(0, len(pairs), (len(indices),), generator=gen).tolist()
-            b = builder.build_multishot([pairs[i] for i in picks], gen)
+            b = sequences.build(len(indices), gen)
         else:
             b = builder.build(indices, gen)
-        loss, metrics = dit_loss(module, b, flow, mcfg.dit.video_patch, gen, rt.device)
+        loss, metrics = dit_loss(module, b, flow, mcfg.dit.video_patch, gen, rt.device, s)
+        if b.i2v is not None:
+            metrics["i2v"] = float(b.i2v.float().mean())
+            metrics["bound"] = sum(bool(x) for x in b.bindings) / len(b.bindings)
         metrics["multishot"] = float(bool(multishot))
         tokens = b.video[0, 0].numel() // mcfg.dit.video_patch**2 + b.audio.shape[-1]
         return loss, metrics, int(tokens)
@@ -306,15 +402,61 @@ def dit_task(cfg: TrainConfig, stage: str, pipeline: DuetPipeline, rt: Runtime) 
     return StageTask(stage, module, ("dit",), s, rows, batch, groups, None)
 
 
-def dit_loss(module, b: DiTBatch, flow, patch: int, gen, device):
-    """Rectified-flow loss on both branches; audio counts only where the clip has sound."""
+@dataclass
+class BranchTimes:
+    """Flow times of one batch: (B,) each, and which samples have a clean branch."""
+
+    video: torch.Tensor
+    audio: torch.Tensor
+    clean_video: torch.Tensor  # (B,) bool: video given at t = 0, its loss masked
+    clean_audio: torch.Tensor
+
+
+def branch_times(
+    bsz: int,
+    flow,
+    shift: float,
+    has_audio: torch.Tensor,
+    gen: torch.Generator,
+    independent: float = 0.0,
+    clean: float = 0.0,
+) -> BranchTimes:
+    """A flow time per branch: shared, except that with probability ``independent``
+    the audio's is drawn on its own, and with probability ``clean`` (clips with sound
+    only: a silent clip's audio teaches nothing to condition on) one branch, video or
+    audio at even odds, is clean at t = 0."""
+    for name, p in (("independent_time_probability", independent), ("clean_branch_probability", clean)):  # fmt: skip
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    t_v = sample_timesteps(bsz, flow, shift, gen)
+    own = sample_timesteps(bsz, flow, shift, gen)
+    t_a = torch.where(torch.rand(bsz, generator=gen) < independent, own, t_v)
+    one_clean = (torch.rand(bsz, generator=gen) < clean) & has_audio.bool().cpu()
+    audio_side = torch.rand(bsz, generator=gen) < 0.5
+    clean_v, clean_a = one_clean & ~audio_side, one_clean & audio_side
+    zero = torch.zeros(())
+    return BranchTimes(
+        torch.where(clean_v, zero, t_v), torch.where(clean_a, zero, t_a), clean_v, clean_a
+    )
+
+
+def dit_loss(module, b: DiTBatch, flow, patch: int, gen, device, stage=None):
+    """Rectified-flow loss on both branches, each at its own flow time
+    (:func:`branch_times`, rates from the stage config); audio counts only where the
+    clip has sound, and a clean (given) branch does not count."""
     bsz = b.video.shape[0]
     x0v, x0a = b.video.to(device), b.audio.to(device)
     nv = torch.randn(x0v.shape, generator=gen).to(device)
     na = torch.randn(x0a.shape, generator=gen).to(device)
     num_tokens = x0v.shape[2] * (x0v.shape[3] // patch) * (x0v.shape[4] // patch) + x0a.shape[2]
-    t = sample_timesteps(bsz, flow, resolution_shift(num_tokens, flow), gen).to(device)
+    shift = resolution_shift(num_tokens, flow)
     drop = (torch.rand(bsz, generator=gen) < flow.text_dropout) | b.text_missing
+    times = branch_times(
+        bsz, flow, shift, b.has_audio, gen,
+        getattr(stage, "independent_time_probability", 0.0),
+        getattr(stage, "clean_branch_probability", 0.0),
+    )  # fmt: skip
+    t_v, t_a = times.video.to(device), times.audio.to(device)
     text = type(b.text)(
         b.text.tokens.to(device),
         b.text.mask.to(device),
@@ -322,20 +464,28 @@ def dit_loss(module, b: DiTBatch, flow, patch: int, gen, device):
     )
     refs = _refs_to(b.references, device)
     pred_v, pred_a = module(
-        add_noise(x0v, nv, t),
-        add_noise(x0a, na, t),
-        t,
+        add_noise(x0v, nv, t_v),
+        add_noise(x0a, na, t_a),
+        (t_v, t_a),
         text,
         refs,
         b.shots,
         text_drop=drop.to(device),
     )
-    loss_v = torch.mean((pred_v.float() - velocity_target(x0v, nv).float()) ** 2)
+    per_sample_v = ((pred_v.float() - velocity_target(x0v, nv).float()) ** 2).flatten(1).mean(1)
+    weight_v = (~times.clean_video).to(device).float()
+    loss_v = (per_sample_v * weight_v).sum() / weight_v.sum().clamp_min(1.0)
     per_sample_a = ((pred_a.float() - velocity_target(x0a, na).float()) ** 2).flatten(1).mean(1)
-    weight = b.has_audio.to(device).float()
-    loss_a = (per_sample_a * weight).sum() / weight.sum().clamp_min(1.0)
+    weight_a = (b.has_audio.to(device).bool() & ~times.clean_audio.to(device)).float()
+    loss_a = (per_sample_a * weight_a).sum() / weight_a.sum().clamp_min(1.0)
     loss = loss_v + flow.audio_loss_weight * loss_a
-    return loss, {"video_loss": float(loss_v.detach()), "audio_loss": float(loss_a.detach())}
+    metrics = {
+        "video_loss": float(loss_v.detach()),
+        "audio_loss": float(loss_a.detach()),
+        "clean_video": float(times.clean_video.float().mean()),
+        "clean_audio": float(times.clean_audio.float().mean()),
+    }
+    return loss, metrics
 
 
 def _refs_to(refs, device):
@@ -539,7 +689,11 @@ def run_stage(
         losses.append((step, float(loss.detach())))
         if state.step % s.log_every == 0 or state.step == s.steps:
             elapsed = time.perf_counter() - tick
-            row = {k: sum(w.get(k, 0.0) for w in window) / len(window) for k in window[-1]}
+            # Each metric averaged over the steps that report it (DMD2's steps
+            # alternate between two networks with their own losses).
+            keys = dict.fromkeys(k for w in window for k in w)
+            row = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window)
+                   for k in keys}  # fmt: skip
             row["lr"] = optimizer.param_groups[0]["lr"]
             row["tokens_per_s"] = tokens_since * rt.world_size / max(elapsed, 1e-9)
             log.add(state.step, row)
@@ -600,6 +754,12 @@ def _save(cfg, stage, task, pipeline, optimizer, ema, state, rt: Runtime, log) -
     rt.barrier()
 
 
+def _vocabulary(task: StageTask, parent: str | None) -> list[str]:
+    """The words of the captions this stage trained on, with its parent's."""
+    inherited = (checkpoint_vocabulary(read_meta(parent)) or []) if parent else []
+    return vocabulary_of((getattr(row, "text", "") for row in task.rows), inherited)
+
+
 def _write_final(cfg, stage, task, pipeline, ema, state, rt: Runtime, summary, log) -> str:
     """The stage's output: the pipeline with EMA weights, and where it came from."""
     model_state = ckpt.full_model_state(task.module)
@@ -618,6 +778,8 @@ def _write_final(cfg, stage, task, pipeline, ema, state, rt: Runtime, summary, l
             "world_size": rt.world_size,
             "device": str(rt.device),
             "metrics": summary,
+            # What prompts this checkpoint knows (duet generate warns outside it).
+            VOCABULARY_KEY: _vocabulary(task, state.parent),
             **task.final_extra,
         }
         trained = _split_components(task, model_state)

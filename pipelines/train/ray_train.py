@@ -17,7 +17,7 @@ from typing import Any
 
 from core import storage
 from core.config import config_to_dict
-from pipelines.train.config import TrainConfig, train_config_from
+from pipelines.train.config import TrainConfig, train_config_from, with_absolute_uris
 
 
 def _worker_entry(config: dict[str, Any]) -> None:
@@ -70,6 +70,8 @@ def run_stage_on_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # The workers' working directory is Ray's, not the caller's.
+    cfg = with_absolute_uris(cfg)
     ensure_ray(ray_address)
     storage_path, filesystem = _storage(cfg.run_uri)
     trainer = TorchTrainer(

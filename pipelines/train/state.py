@@ -41,6 +41,9 @@ from model.checkpoint import COMPONENTS, CheckpointError, load_state, save_state
 STATE_NAME = "train_state.json"
 EMA_NAME = "ema.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
+# Weights a stage trains that are no pipeline component (the VAE stage's GAN
+# discriminators): kept for resume, never in the pipeline's own weights.
+TRAINING_ONLY_NAME = "training_only.safetensors"
 CHECKPOINT_PREFIX = "checkpoint_"
 FINAL_NAME = "final"
 STATE_SCHEMA_VERSION = 1
@@ -143,6 +146,14 @@ def write_checkpoint(
         pipeline_meta(pipeline, {"stage": state.stage, "step": state.step}),
     )
     storage.write_bytes(storage.join(uri, OPTIMIZER_NAME), save_safetensors(opt_tensors))
+    extra = {
+        f"{name}.{key}": value.detach().cpu().contiguous()
+        for name, comp in trained.items()
+        if name not in COMPONENTS
+        for key, value in comp.items()
+    }
+    if extra:
+        storage.write_bytes(storage.join(uri, TRAINING_ONLY_NAME), save_safetensors(extra))
     if ema_state is not None:
         storage.write_bytes(storage.join(uri, EMA_NAME), save_safetensors(ema_state))
     storage.write_json(
@@ -190,6 +201,12 @@ def restore_checkpoint(
     """
     # ``opened``: what open_checkpoint already read, so the weights are read once.
     state, tensors = opened or open_checkpoint(uri)
+    extra_uri = storage.join(uri, TRAINING_ONLY_NAME)
+    if any(c not in COMPONENTS for c in components) and storage.exists(extra_uri):
+        try:
+            tensors = {**tensors, **load_safetensors(storage.read_bytes(extra_uri))}
+        except Exception as err:  # safetensors' own errors for truncated/corrupt files
+            raise CheckpointError(f"{extra_uri}: unreadable: {err}") from err
     if len(components) == 1:
         prefix = f"{components[0]}."
         model_state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -200,12 +217,22 @@ def restore_checkpoint(
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"{uri}: {components} do not match the model: {err}") from err
     opt_tensors = load_safetensors(storage.read_bytes(storage.join(uri, OPTIMIZER_NAME)))
+    # strict=False: a parameter no step has updated yet has no optimizer state (the
+    # distill stage's unused null token; DMD2's student before its first update).
     set_optimizer_state_dict(
         module,
         optimizer,
         _unflatten_optimizer(opt_tensors, state.param_groups),
-        options=StateDictOptions(full_state_dict=True),
+        options=StateDictOptions(full_state_dict=True, strict=False),
     )
+    # Loading first gives every parameter a zero state at step 1; one that had none
+    # must have none again, or its first real update is bias-corrected as a second.
+    saved = {name.rsplit("/", 1)[0] for name in opt_tensors}
+    for name, param in module.named_parameters():
+        for wrapper in ("module.", "_orig_mod.", "_checkpoint_wrapped_module."):
+            name = name.replace(wrapper, "")
+        if name not in saved:
+            optimizer.state.pop(param, None)
     if ema is not None:
         ema_uri = storage.join(uri, EMA_NAME)
         if not storage.exists(ema_uri):

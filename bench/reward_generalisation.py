@@ -1,0 +1,195 @@
+"""Does the learned reward model generalise? Per-head agreement with the rater on
+preference pairs of prompts it never trained on, on a CPU corpus.
+
+    python -m bench.reward_generalisation --shots 160 --steps 300
+
+The corpus: ``--shots`` shots of the synthetic world (``--scenes``; the checkpoint's
+geometry, 17 frames), each the group of one prompt (its caption) with five
+candidates: the shot itself; its picture under noise (visual); its sound shifted by
+a quarter second (sync); its first frame held (motion); and another shot with another
+caption (adherence, count, colour). The programmatic rater
+(:func:`pipelines.align.rater.rate_clip`) scores every candidate for the group's
+prompt, the pairs are those of :func:`pipelines.align.preferences.preference_pairs`,
+the candidates are encoded with the checkpoint's VAEs (``--checkpoint``), and the
+split is by prompt (:func:`pipelines.align.reward.split_by_prompt`, every
+``1 / --holdout``-th caption held out). Each ``--variants`` entry trains a reward
+model on the training prompts and prints its per-head agreement on the held-out
+prompts' pairs (with the number of pairs and the binomial standard error), and
+"match": on held-out groups, how often adherence ranks the shot above the other
+shot when the rater does (the pairs only the prompt can order: both are clean);
+``noprompt`` is the ``tiny`` preset with every prompt replaced by one constant token
+(what the prompt contributes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def candidates(clip, other, rng):
+    """(name, clip) variants of one shot."""
+    from core.media import AVClip
+
+    def like(frames=None, audio=None):
+        return AVClip(frames=clip.frames if frames is None else frames, fps=clip.fps,
+                      audio=clip.audio if audio is None else audio,
+                      sample_rate=clip.sample_rate)  # fmt: skip
+
+    noisy = np.clip(clip.frames + rng.normal(0, 40, clip.frames.shape), 0, 255).astype(np.uint8)
+    shift = clip.sample_rate // 4
+    late = np.concatenate([np.zeros_like(clip.audio[:, :shift]), clip.audio[:, :-shift]], axis=1)
+    held = np.repeat(clip.frames[:1], clip.frames.shape[0], axis=0)
+    return [("clean", clip), ("noisy", like(frames=noisy)), ("late-sound", like(audio=late)),
+            ("held-frame", like(frames=held)), ("other-shot", other)]  # fmt: skip
+
+
+def build(pipe, shots: int, scenes: list[str], seed: int):
+    from core.synth import render_shot
+    from core.synth.scenes import SceneError
+    from pipelines.align.config import HEADS
+    from pipelines.align.rater import rate_clip
+
+    mcfg = pipe.config
+    frames = 17
+    duration = frames / mcfg.fps
+    rendered, s = [], seed * 1_000_003
+    while len(rendered) < shots:
+        s += 1
+        try:
+            clip, truth = render_shot(scenes[s % len(scenes)], s, duration, mcfg.width,
+                                      mcfg.height, mcfg.fps, mcfg.sample_rate,
+                                      guard_start_s=0.1, guard_end_s=0.1)  # fmt: skip
+        except SceneError:
+            continue
+        rendered.append((truth["caption"].split('"')[0].strip(), clip))
+    rng = np.random.default_rng(seed)
+    rows, videos, audios = [], [], []
+    for i, (prompt, clip) in enumerate(rendered):
+        j = (i + 1 + int(rng.integers(len(rendered) - 1))) % len(rendered)
+        while rendered[j][0] == prompt:
+            j = (j + 1) % len(rendered)
+        for c, (name, cand) in enumerate(candidates(clip, rendered[j][1], rng)):
+            scores = rate_clip(prompt, cand)
+            with torch.no_grad():
+                zv, za = pipe.encode_clip(cand, frames)
+            row = {"group_id": f"s{i:04d}", "candidate": c, "prompt": prompt, "kind": name,
+                   "split": "train", "rater_id": "probe-rater-v1"}  # fmt: skip
+            for h in HEADS:
+                row[f"score_{h}"] = scores.get(h)
+                row[f"rank_{h}"] = None
+            rows.append(row)
+            videos.append(zv[0])
+            audios.append(za[0])
+        if (i + 1) % 20 == 0:
+            print(f"corpus: {i + 1}/{len(rendered)} shots", flush=True)
+    prompts = sorted({r["prompt"] for r in rows})
+    tokens, mask = pipe.text_encoder.encode(prompts)
+    index = torch.tensor([prompts.index(r["prompt"]) for r in rows])
+    inputs = {"video": torch.stack(videos), "audio": torch.stack(audios),
+              "tokens": tokens[index], "mask": mask[index]}  # fmt: skip
+    return rows, inputs
+
+
+def prompt_match(model, rows, inputs) -> tuple[float, int]:
+    """Held-out groups where the rater puts the clean shot above the other shot on
+    adherence: the fraction where the model does too, and how many."""
+    from pipelines.align.config import HEADS
+    from pipelines.align.reward import score_rows
+
+    k = HEADS.index("adherence")
+    by_group = {}
+    for i, r in enumerate(rows):
+        if r["split"] == "val" and r["kind"] in ("clean", "other-shot"):
+            by_group.setdefault(r["group_id"], {})[r["kind"]] = i
+    pairs = [
+        (g["clean"], g["other-shot"]) for g in by_group.values()
+        if len(g) == 2 and (rows[g["clean"]]["score_adherence"] or 0)
+        >= (rows[g["other-shot"]]["score_adherence"] or 0) + 0.05
+    ]  # fmt: skip
+    if not pairs:
+        return float("nan"), 0
+    with torch.no_grad():
+        s = score_rows(model, inputs, [i for p in pairs for i in p])[:, k]
+    right = sum(bool(s[2 * j] > s[2 * j + 1]) for j in range(len(pairs)))
+    return right / len(pairs), len(pairs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default="checkpoints/default")
+    ap.add_argument("--shots", type=int, default=160)
+    ap.add_argument("--scenes", default="bouncing_balls")
+    ap.add_argument("--holdout", type=float, default=0.25)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--variants", default="tiny,small,noprompt")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default="", help="write the results here too")
+    ap.add_argument("--cache", default="", help="corpus file (.safetensors + .json): reuse")
+    args = ap.parse_args(argv)
+
+    from model.pipeline import DuetPipeline
+    from pipelines.align.config import HEADS, RewardConfig
+    from pipelines.align.preferences import preference_pairs
+    from pipelines.align.reward import split_by_prompt, train_reward_model
+    from pipelines.align.stages import reward_dims
+
+    torch.manual_seed(args.seed)
+    pipe = DuetPipeline.from_checkpoint(args.checkpoint).eval()
+    t0 = time.perf_counter()
+    if args.cache and os.path.exists(args.cache + ".json"):
+        rows = json.loads(open(args.cache + ".json").read())
+        inputs = load_file(args.cache + ".safetensors")
+    else:
+        rows, inputs = build(pipe, args.shots, args.scenes.split(","), args.seed)
+        if args.cache:
+            save_file({k: v.contiguous() for k, v in inputs.items()}, args.cache + ".safetensors")
+            with open(args.cache + ".json", "w") as f:
+                json.dump(rows, f)
+    split_by_prompt(rows, args.holdout)
+    prompts = {s: sorted({r["prompt"] for r in rows if r["split"] == s}) for s in ("train", "val")}
+    pairs = {h: len(preference_pairs(rows, h, 0.05)) for h in HEADS}
+    print(f"corpus: {len(rows)} candidates, {len(prompts['train'])} training and "
+          f"{len(prompts['val'])} held-out prompts, pairs per head {pairs}, "
+          f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    results = {"shots": args.shots, "candidates": len(rows), "prompts": {
+        k: len(v) for k, v in prompts.items()}, "pairs": pairs, "variants": {}}  # fmt: skip
+    for variant in args.variants.split(","):
+        preset = "tiny" if variant == "noprompt" else variant
+        data = dict(inputs)
+        if variant == "noprompt":
+            data["tokens"] = torch.ones_like(inputs["tokens"][:, :1])
+            data["mask"] = torch.ones_like(inputs["mask"][:, :1])
+        cfg = RewardConfig(preset=preset, steps=args.steps, seed=args.seed)
+        t1 = time.perf_counter()
+        model, report = train_reward_model(rows, data, cfg, reward_dims(pipe))
+        took = time.perf_counter() - t1
+        match = prompt_match(model, rows, data)
+        val = report["val_agreement"]
+        print(f"\n{variant}: {report['parameters']} parameters, {took:.0f} s, "
+              f"final loss {report['final_loss']:.3f}")  # fmt: skip
+        print(f"  {'head':10s} {'held-out':>9s} {'+-se':>6s} {'pairs':>6s} {'train':>7s}")
+        for h in HEADS:
+            v, tr = val[h], report["train_agreement"][h]
+            if v["agreement"] is None:
+                print(f"  {h:10s} {'-':>9s}")
+                continue
+            print(f"  {h:10s} {v['agreement']:9.3f} {v['stderr']:6.3f} {v['pairs']:6d} "
+                  f"{tr['agreement']:7.3f}")  # fmt: skip
+        print(f"  match (adherence, shot vs other shot, held-out): {match[0]:.3f} on {match[1]}")
+        results["variants"][variant] = {"seconds": round(took, 1), "val": val, "match": match,
+                                        "parameters": report["parameters"]}  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

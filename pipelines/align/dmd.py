@@ -1,0 +1,348 @@
+"""The Fast student by distribution matching: DMD2 (Yin et al., 2024) on the flow DiT.
+
+**Networks.** The *real score* is the teacher (the ``rlhf`` model, frozen) with
+classifier-free guidance; the *fake score* is a copy of the teacher trained online,
+by the flow-matching loss, on the student's own samples, so it tracks the student's
+distribution; the *student* (initialised from the teacher) is the generator.
+
+**Student.** It is sampled as users sample it: Euler on the shifted schedule of ``n``
+steps (``distill.student_steps``), guidance distilled in (one evaluation a step). A
+training step draws ``n`` and a step index ``k < n`` and runs the student without
+gradient from noise through the first ``k`` steps (DMD2's backward simulation, so
+its inputs at ``t_k`` are what inference feeds it), then predicts with gradient
+``x0 = x_tk - t_k v`` at ``t_k``.
+
+**Distribution matching.** ``x0`` is noised again to a time ``t`` (uniform in
+``[time_min, time_max]``, resolution-shifted like the teacher's training), both
+scores denoise it, and ``x0`` moves along ``x0_real - x0_fake``, normalised per
+sample by ``mean |x0 - x0_real|`` (DMD's weighting), through the surrogate
+``0.5 ||x0 - sg(x0 - grad)||^2``. Video and audio are normalised separately. The
+fake score is updated ``dmd.fake_updates`` times per student update (the two
+time-scale rule), on the same kind of samples, at the same noise levels.
+
+**Coverage.** Prompts are drawn per sample from the whole caption distribution
+(:class:`PromptStream`): the training prompts, every other manifest caption and
+``distill.extra_prompts``, and new captions from the caption grammar
+(:class:`CaptionGrammar`); held-out alignment prompts are removed from the pool and
+from every grammar draw, by construction. The clip length is drawn per step from
+every frame bucket the parent trained on, at the preset's resolution; no teacher
+couplings are needed, so nothing limits the prompts to a precomputed set.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.dit import TextConditioning
+from model.flow_matching import resolution_shift, schedule, shift_timesteps
+from model.samplers import Conditioning, Guidance, sample
+from pipelines.train.batches import pad_text
+
+PHASES = ("fake", "generator")
+
+# ---------------------------------------------------------------------------------
+# Prompts: the caption distribution, held-out prompts excluded by construction.
+
+_SINGULAR_COUNTS = ("a", "an", "one", "single")
+_COUNT_WORDS = (*_SINGULAR_COUNTS, "two", "three", "four", "five", "six", "seven", "eight",
+                "nine", "ten")  # fmt: skip
+
+
+def normalise(prompt: str) -> str:
+    """The form prompts are compared in (case and spacing do not make a new prompt)."""
+    return " ".join(prompt.lower().split())
+
+
+def _phrase_pattern() -> re.Pattern:
+    from core.probes.captions import SHAPE_WORDS
+    from core.synth.palette import COLOR_NAMES
+
+    counts = "|".join(_COUNT_WORDS)
+    colours = "|".join(sorted(COLOR_NAMES, key=len, reverse=True))
+    shapes = "|".join(sorted(SHAPE_WORDS, key=len, reverse=True))
+    return re.compile(rf"\b({counts})\s+(?:({colours})\s+)?({shapes})\b", re.IGNORECASE)
+
+
+class CaptionGrammar:
+    """New captions from the noun phrases and sentence frames of given captions.
+
+    A caption is read as frames around noun phrases ``count [colour] shape`` (the
+    phrases the rater's caption parser reads). A draw takes a frame and fills each of
+    its phrases anew: a count of the phrase's number (singular frames keep singular
+    verbs), a colour or none, a shape word of that number, each from the words the
+    captions use, so a draw stays inside the checkpoint's vocabulary.
+    """
+
+    def __init__(self, captions: list[str]):
+        pattern = _phrase_pattern()
+        self.frames: list[list[str | bool]] = []  # text pieces; a bool slot = plural?
+        self.counts: set[str] = set()
+        self.colours: set[str | None] = set()
+        self.shapes: dict[bool, set[str]] = {False: set(), True: set()}
+        for caption in captions:
+            pieces: list[str | bool] = []
+            last = 0
+            for m in pattern.finditer(caption):
+                count, colour, shape = m.group(1), m.group(2), m.group(3)
+                plural = count.lower() not in _SINGULAR_COUNTS
+                pieces += [caption[last : m.start()], plural]
+                last = m.end()
+                if plural:
+                    self.counts.add(count.lower())
+                self.colours.add(colour.lower() if colour else None)
+                self.shapes[plural].add(shape.lower())
+            if len(pieces) > 0:
+                self.frames.append([*pieces, caption[last:]])
+
+    def __bool__(self) -> bool:
+        return bool(self.frames)
+
+    def sample(self, gen: torch.Generator) -> str:
+        def pick(options):
+            options = sorted(options, key=lambda o: o or "")
+            return options[int(torch.randint(0, len(options), (1,), generator=gen))]
+
+        frame = self.frames[int(torch.randint(0, len(self.frames), (1,), generator=gen))]
+        out = []
+        for piece in frame:
+            if isinstance(piece, str):
+                out.append(piece)
+                continue
+            colour, shape = pick(self.colours), pick(self.shapes[piece])
+            words = [colour, shape] if colour else [shape]
+            count = pick(self.counts) if piece else ("an" if words[0][0] in "aeiou" else "a")
+            out.append(" ".join([count, *words]))
+        return "".join(out)
+
+
+class PromptStream:
+    """Per-sample prompts over the caption distribution, never a held-out one."""
+
+    def __init__(self, captions: list[str], held_out: list[str], grammar_fraction: float):
+        self.held_out = frozenset(normalise(p) for p in held_out)
+        self.captions = [c for c in dict.fromkeys(captions) if normalise(c) not in self.held_out]
+        if not self.captions:
+            raise ValueError("distillation has no prompts left once the held-out ones are removed")
+        # The grammar reads every caption, held-out ones too: their words are the
+        # checkpoint's vocabulary (it trained on them); what is held out is the prompts,
+        # which no draw returns.
+        self.grammar = CaptionGrammar([*self.captions, *held_out])
+        self.grammar_fraction = grammar_fraction if self.grammar else 0.0
+
+    def draw(self, n: int, gen: torch.Generator, attempts: int = 32) -> list[str]:
+        out = []
+        for _ in range(n):
+            prompt = None
+            if float(torch.rand((), generator=gen)) < self.grammar_fraction:
+                for _ in range(attempts):
+                    candidate = self.grammar.sample(gen)
+                    if normalise(candidate) not in self.held_out:
+                        prompt = candidate
+                        break
+            if prompt is None:
+                prompt = self.captions[
+                    int(torch.randint(0, len(self.captions), (1,), generator=gen))
+                ]
+            out.append(prompt)
+        return out
+
+
+# ---------------------------------------------------------------------------------
+# The distribution-matching gradient.
+
+
+def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """DMD's per-sample normalised direction ``(x0_fake - x0_real) / mean|x0 - x0_real|``.
+
+    Descending it moves ``x0`` toward what the real score denoises to and away from the
+    fake's: the KL gradient between the noised real and student distributions."""
+    dims = tuple(range(1, x0.dim()))
+    scale = (x0 - x0_real).abs().mean(dim=dims, keepdim=True)
+    return torch.nan_to_num((x0_fake - x0_real) / scale)
+
+
+def dmd_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """``0.5 * mean((x0 - sg(x0 - grad))^2)``: its gradient in ``x0`` is grad / numel."""
+    grad = dmd_gradient(x0.detach().float(), x0_real.float(), x0_fake.float())
+    return 0.5 * F.mse_loss(x0.float(), (x0.detach().float() - grad))
+
+
+def denoised(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x0 = x_t - t v`` for per-sample times (B,)."""
+    return x - t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype) * v
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - t) * x0 + t * noise
+
+
+def guided_denoise(net, video, audio, t, text: TextConditioning, scale: float):
+    """Denoised (video, audio) of ``net`` at per-sample times, with text guidance."""
+    if scale == 1.0:
+        v, a = net(video, audio, t, text)
+    else:
+        b = video.shape[0]
+        both = TextConditioning(torch.cat([text.tokens] * 2), torch.cat([text.mask] * 2))
+        drop = torch.cat([torch.zeros(b), torch.ones(b)]).bool().to(video.device)
+        v2, a2 = net(torch.cat([video] * 2), torch.cat([audio] * 2), torch.cat([t] * 2), both,
+                     text_drop=drop)  # fmt: skip
+        (vc, vu), (ac, au) = v2.chunk(2), a2.chunk(2)
+        v, a = vu + scale * (vc - vu), au + scale * (ac - au)
+    return denoised(video, v.float(), t), denoised(audio, a.float(), t)
+
+
+# ---------------------------------------------------------------------------------
+# The student and its fake score as one trained module.
+
+
+class DMDPair(nn.Module):
+    """The student (``dit``, a pipeline component) and the fake score (``fake_score``,
+    training-only: checkpointed for resume, never in the final pipeline).
+
+    One forward per step runs with gradient, through the (possibly DDP-wrapped) pair,
+    so that gradients are synchronised; ``net`` names which network it is."""
+
+    def __init__(self, student: nn.Module, fake_score: nn.Module):
+        super().__init__()
+        self.dit = student
+        self.fake_score = fake_score
+
+    def forward(self, net: str, video, audio, t, text):
+        return getattr(self, net)(video, audio, t, text)
+
+
+def frame_shapes(mcfg, frames: int) -> tuple[tuple, tuple]:
+    """Video and audio latent shapes (batch 1) of a clip of ``frames`` frames."""
+    n_lat = mcfg.num_latent_frames(frames)
+    sf = mcfg.video_vae.spatial_factor
+    v = (1, mcfg.video_vae.latent_channels, n_lat, mcfg.height // sf, mcfg.width // sf)
+    a = (1, mcfg.audio_vae.latent_channels, n_lat * mcfg.audio_latents_per_video_latent)
+    return v, a
+
+
+def token_count(mcfg, v_shape, a_shape) -> int:
+    p = mcfg.dit.video_patch
+    return v_shape[2] * (v_shape[3] // p) * (v_shape[4] // p) + a_shape[2]
+
+
+class DMD2:
+    """One loop step of DMD2: a fake-score update or a student update, by step number.
+
+    ``step % (fake_updates + 1) < fake_updates`` updates the fake score, the rest the
+    student; every draw comes from the step's generator, so a resumed run repeats an
+    uninterrupted one exactly."""
+
+    def __init__(self, settings, module, pair: DMDPair, teacher, text_encoder, mcfg, buckets,
+                 stream: PromptStream, device):  # fmt: skip
+        self.s = settings
+        self.module = module
+        self.pair = pair
+        self.teacher = teacher
+        self.text_encoder = text_encoder
+        self.mcfg = mcfg
+        self.buckets = tuple(buckets)
+        self.stream = stream
+        self.device = device
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def phase(self, step: int) -> str:
+        period = self.s.dmd.fake_updates + 1
+        return "generator" if step % period == period - 1 else "fake"
+
+    def text(self, prompts: list[str]) -> TextConditioning:
+        for p in dict.fromkeys(prompts):
+            if p not in self._rows:
+                # One prompt at a time: a batched encoding depends (in the last bits) on
+                # its batch's padding, which a resumed run would not repeat.
+                self._rows[p] = self.text_encoder.embed_tokens(p)
+        tk, m, _ = pad_text([self._rows[p] for p in prompts], None, self.mcfg.text.max_tokens)
+        return TextConditioning(tk.to(self.device), m.to(self.device))
+
+    def noise_times(self, b: int, shift: float, gen) -> torch.Tensor:
+        d = self.s.dmd
+        u = d.time_min + (d.time_max - d.time_min) * torch.rand(b, generator=gen)
+        return shift_timesteps(u, shift).to(self.device)
+
+    def student_x0(self, noise, times: list[float], k: int, text, grad: bool):
+        """Backward simulation: Euler through the first ``k`` steps without gradient,
+        then the prediction ``x0`` at ``t_k`` (with gradient when ``grad``)."""
+        video, audio = noise
+        b = video.shape[0]
+        with torch.no_grad():
+            for i in range(k):
+                t = torch.full((b,), times[i], device=self.device)
+                v, a = self.pair.dit(video, audio, t, text)
+                dt = times[i + 1] - times[i]
+                video, audio = video + dt * v.float(), audio + dt * a.float()
+        t = torch.full((b,), times[k], device=self.device)
+        if grad:
+            v, a = self.module("dit", video, audio, t, text)
+        else:
+            with torch.no_grad():
+                v, a = self.pair.dit(video, audio, t, text)
+        return denoised(video, v.float(), t), denoised(audio, a.float(), t)
+
+    def __call__(self, indices, gen: torch.Generator, step: int):
+        s, mcfg = self.s, self.mcfg
+        b = len(indices)
+        frames = self.buckets[int(torch.randint(0, len(self.buckets), (1,), generator=gen))]
+        v_shape, a_shape = frame_shapes(mcfg, frames)
+        shift = resolution_shift(token_count(mcfg, v_shape, a_shape), mcfg.flow)
+        n = s.student_steps[int(torch.randint(0, len(s.student_steps), (1,), generator=gen))]
+        times = [float(x) for x in schedule(n, shift)]
+        k = int(torch.randint(0, n, (1,), generator=gen))
+        text = self.text(self.stream.draw(b, gen))
+        noise = (
+            torch.randn((b, *v_shape[1:]), generator=gen).to(self.device),
+            torch.randn((b, *a_shape[1:]), generator=gen).to(self.device),
+        )
+        t = self.noise_times(b, shift, gen)
+        eps_v = torch.randn((b, *v_shape[1:]), generator=gen).to(self.device)
+        eps_a = torch.randn((b, *a_shape[1:]), generator=gen).to(self.device)
+        phase = self.phase(step)
+        x0v, x0a = self.student_x0(noise, times, k, text, grad=phase == "generator")
+        xv, xa = noised(x0v.detach(), eps_v, t), noised(x0a.detach(), eps_a, t)
+        if phase == "fake":
+            # The fake score learns the student's samples by flow matching.
+            pv, pa = self.module("fake_score", xv, xa, t, text)
+            loss_v = torch.mean((pv.float() - (eps_v - x0v)) ** 2)
+            loss_a = torch.mean((pa.float() - (eps_a - x0a)) ** 2)
+            loss = loss_v + loss_a
+            metrics = {"fake_loss": float(loss.detach())}
+        else:
+            with torch.no_grad():
+                real_v, real_a = guided_denoise(self.teacher, xv, xa, t, text, s.text_scale)
+                fake_v, fake_a = guided_denoise(self.pair.fake_score, xv, xa, t, text, 1.0)
+            loss = dmd_loss(x0v, real_v, fake_v) + dmd_loss(x0a, real_a, fake_a)
+            metrics = {
+                "dmd_loss": float(loss.detach()),
+                "real_fake_gap": float(
+                    (real_v - fake_v).abs().mean() + (real_a - fake_a).abs().mean()
+                ),
+            }
+            if s.dmd.regression_weight > 0:
+                reg = self.regression(noise, times, k, x0v, x0a, text, shift)
+                loss = loss + s.dmd.regression_weight * reg
+                metrics["regression_loss"] = float(reg.detach())
+        return loss, metrics, token_count(mcfg, v_shape, a_shape)
+
+    def regression(self, noise, times, k, x0v, x0a, text, shift):
+        """MSE to the guided teacher's Heun endpoint of the same initial noise."""
+        ts = schedule(self.s.teacher_steps, shift)
+        tv, ta = sample(self.teacher, noise[0], noise[1], Conditioning(text=text), ts, "heun",
+                        Guidance(self.s.text_scale, 1.0))  # fmt: skip
+        return torch.mean((x0v - tv.float()) ** 2) + torch.mean((x0a - ta.float()) ** 2)
+
+
+class PromptSlot:
+    """A sample slot as the epoch sampler sees it: prompts and lengths are drawn per
+    step, so the rows only set the batch size."""
+
+    def __init__(self, index: int):
+        self.clip_id = f"slot{index:05d}"
+        self.bucket = 0

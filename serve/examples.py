@@ -1,0 +1,87 @@
+"""What the web page suggests: prompts the served model was trained on.
+
+A small model knows only the words of its training captions; the page once offered
+"a red ball bounces on a wooden floor", not one word of which the shipped model had
+seen. The page's examples and placeholder come from the served checkpoint instead:
+
+1. ``extra.caption_examples``: captions recorded in the checkpoint (the shipped
+   checkpoint records them, see checkpoints/default/README.md);
+2. else the captions of its training data (``extra.train_config.data.curated_uri``),
+   when that manifest can still be read;
+3. else none, and the page lists the words of ``extra.caption_vocabulary``.
+
+Prompts with a word outside the recorded vocabulary are never suggested.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pipelines.train.vocabulary import caption_words, checkpoint_vocabulary
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_KEY = "caption_examples"
+MAX_EXAMPLES = 6
+
+
+def _data_captions(meta: dict) -> list[str]:
+    """Captions of the checkpoint's training data, or [] when it cannot be read."""
+    from pipelines.train.config import DataConfig
+    from pipelines.train.data import load_clip_rows
+
+    data = ((meta.get("extra") or {}).get("train_config") or {}).get("data") or {}
+    curated = data.get("curated_uri")
+    if not curated:
+        return []
+    try:
+        # The clips it trained on: its own frame buckets decide which were long enough.
+        buckets = {"frame_buckets": data["frame_buckets"]} if data.get("frame_buckets") else {}
+        cfg = DataConfig(curated_uri=curated, **buckets)
+        rows = load_clip_rows(cfg, float(meta["config"]["fps"]))
+    except Exception as err:  # gone, moved, another schema: the page does without
+        log.info("no example captions from %s: %s", curated, err)
+        return []
+    return [row.text for row in rows if getattr(row, "text", "")]
+
+
+def pick_examples(captions: list[str], vocabulary: list[str] | None, limit: int) -> list[str]:
+    """Up to ``limit`` distinct captions with every word known, varied: the shortest,
+    then each next one the caption bringing the most words not shown yet (deterministic),
+    so six examples are not six colours of one sentence."""
+    known = set(vocabulary) if vocabulary else None
+    pool = sorted(
+        {
+            " ".join(text.split())
+            for text in captions
+            if caption_words(text) and (known is None or set(caption_words(text)) <= known)
+        },
+        key=lambda t: (len(t), t),
+    )
+    picked: list[str] = []
+    shown: set[str] = set()
+    while pool and len(picked) < limit:
+        # The shortest first, then whichever shows the most words not shown yet.
+        best = max(pool, key=lambda t: (len(set(caption_words(t)) - shown), -len(t)))
+        best = best if picked else pool[0]
+        pool.remove(best)
+        picked.append(best)
+        shown |= set(caption_words(best))
+    return picked
+
+
+def model_examples(checkpoint_uri: str | None, limit: int = MAX_EXAMPLES) -> dict:
+    """``{"prompts": [...], "vocabulary": [...]}`` for the page (both may be empty:
+    random weights, or a checkpoint that records neither)."""
+    if checkpoint_uri is None:
+        return {"prompts": [], "vocabulary": []}
+    from model.checkpoint import read_meta
+
+    meta = read_meta(checkpoint_uri)
+    vocabulary = checkpoint_vocabulary(meta)
+    recorded = (meta.get("extra") or {}).get(EXAMPLES_KEY)
+    captions = list(recorded) if isinstance(recorded, list) else _data_captions(meta)
+    return {
+        "prompts": pick_examples(captions, vocabulary, limit),
+        "vocabulary": vocabulary or [],
+    }

@@ -1,0 +1,299 @@
+"""DanceGRPO as published, the reward model's floor and RL on any corpus, on small
+closed-form models: deterministic and fast (no trained pipeline).
+
+- the per-head advantages and the clipped loss per head against values worked by hand;
+- several optimiser steps per rollout: the ratio is 1 on the first update of a
+  rollout and differs from 1 on the second (the clip acts), and a run resumed inside
+  a rollout trains on exactly the rows an uninterrupted one does;
+- the floor refuses a reward model that orders held-out pairs against the rater,
+  naming the head and the figure;
+- prompts from a caption list that is not the synthetic world, whose rater heads that
+  need that world are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core.media import AVClip
+from model.dit import TextConditioning
+from pipelines.align.config import HEADS, RewardConfig, RLHFStageConfig
+from pipelines.align.grpo import GRPO, clipped_objective, group_advantages, head_advantages
+from pipelines.align.prompts import caption_prompts, split_prompts
+from pipelines.align.rater import WORLD_HEADS, rate_clip, skipped_heads
+from pipelines.align.reward import (
+    NoPreferencesError,
+    RewardFloorError,
+    check_agreement_floor,
+    train_reward_model,
+)
+from pipelines.align.stages import RolloutSchedule, reward_trends
+
+Z = 1.5 / math.sqrt(1.25)  # the z-score of 1 and 4 in a group 1, 2, 3, 4
+
+
+# -- per-head advantages and the clipped loss per head -----------------------------
+
+
+def test_per_head_advantages_and_clipped_loss_worked_by_hand():
+    # Head 0 orders the group 1..4, head 1 the opposite way: the summed advantage is 0
+    # for every candidate, so one clip of the sum would give no loss at all.
+    rewards = torch.tensor([[1.0, 4.0], [2.0, 3.0], [3.0, 2.0], [4.0, 1.0]])
+    adv = head_advantages(rewards, clip=5.0)
+    a0 = torch.tensor([-Z, -Z / 3, Z / 3, Z])
+    assert torch.allclose(adv, torch.stack([a0, -a0], 1), atol=1e-6)
+    assert torch.allclose(group_advantages(rewards, (1.0, 1.0), 5.0), torch.zeros(4), atol=1e-6)
+    # Each head is clipped on its own: |z| 1.34 -> 1, |z| 0.45 kept.
+    clipped = head_advantages(rewards, clip=1.0)
+    assert torch.allclose(clipped[:, 0], torch.tensor([-1.0, -Z / 3, Z / 3, 1.0]), atol=1e-6)
+    # At ratio 1 the loss is -mean(A) per head: 0 for a group-normalised head.
+    loss, per_head = clipped_objective(torch.ones(4), adv, (1.0, 1.0), 1e-3)
+    assert abs(float(loss)) < 1e-6
+    # Ratio 1.01 everywhere, clip 1e-3: max(-A r, -A clip(r)) takes r = 1.01 where
+    # A < 0 and 1.001 where A > 0 (the pessimistic bound), so per head
+    # mean(z 1.01, z/3 1.01, -z/3 1.001, -z 1.001) = (4z/3) 0.009 / 4 = 0.003 z.
+    loss, per_head = clipped_objective(torch.full((4,), 1.01), adv, (1.0, 1.0), 1e-3)
+    assert torch.allclose(per_head, torch.full((2,), 0.003 * Z), atol=1e-6)
+    assert float(loss) == pytest.approx(0.006 * Z, abs=1e-6)
+    # Weights scale each head's loss; a head with weight 0 adds nothing.
+    loss, _ = clipped_objective(torch.full((4,), 1.01), adv, (1.0, 0.0), 1e-3)
+    assert float(loss) == pytest.approx(0.003 * Z, abs=1e-6)
+    # Per-row ratios, one head: rows (A, r) = (-z, 0.99), (-z/3, 1), (z/3, 1.0005),
+    # (z, 1.02); clip 1e-3 gives max(z 0.99, z 0.999) = 0.999 z, z/3, -z/3 1.0005,
+    # max(-1.02 z, -1.001 z) = -1.001 z.
+    ratio = torch.tensor([0.99, 1.0, 1.0005, 1.02])
+    loss, _ = clipped_objective(ratio, adv[:, :1], (1.0,), 1e-3)
+    by_hand = (0.999 * Z + Z / 3 - 1.0005 * Z / 3 - 1.001 * Z) / 4
+    assert float(loss) == pytest.approx(by_hand, abs=1e-7)
+
+
+# -- several optimiser steps per rollout -------------------------------------------
+
+D = 4  # text width of the toy policy
+
+
+class ToyPolicy(nn.Module):
+    """A velocity field with a handful of weights, read from the prompt's tokens."""
+
+    patch = 1
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.text = nn.Linear(D, 2)
+        self.scale = nn.Parameter(torch.tensor(-0.5))
+
+    def forward(self, video, audio, t, text, *rest, **kw):
+        m = text.mask.float().unsqueeze(-1)
+        c = self.text((text.tokens * m).sum(1) / m.sum(1).clamp_min(1.0))  # (B, 2)
+        v = self.scale * video + c[:, 0].view(-1, 1, 1, 1, 1) + 0.1 * t.view(-1, 1, 1, 1, 1)
+        return v, self.scale * audio + c[:, 1].view(-1, 1, 1)
+
+    def null_text_conditioning(self, b, device):
+        return TextConditioning(torch.zeros(b, 1, D), torch.ones(b, 1, dtype=torch.bool))
+
+
+class VideoMean(nn.Module):
+    def forward(self, video, audio, tokens, mask):  # (G, heads): head h rewards (-1)^h mean
+        m = video.float().mean(dim=(1, 2, 3, 4))
+        return torch.stack([m * (-1) ** k for k in range(len(HEADS))], 1)
+
+
+def _policy(**settings) -> tuple[GRPO, RLHFStageConfig]:
+    s = RLHFStageConfig(
+        group_size=4, sample_steps=4, timestep_fraction=0.5, clip_range=1e-3,
+        monitor_rater=False, **settings,
+    )  # fmt: skip
+    toy = ToyPolicy()
+    tokens = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(1))
+    policy = GRPO(
+        settings=s, module=toy, dit=toy, reference=None, reward_model=VideoMean(),
+        pipeline=None, tokens=tokens, mask=torch.ones(2, 3, dtype=torch.bool),
+        prompts=["a red circle", "a blue square"], shapes=((1, 2, 2, 2, 2), (1, 2, 4), 5),
+        times=[1.0, 0.75, 0.5, 0.25, 0.0], device=torch.device("cpu"),
+        weights=(1.0, 0.5, 0.0, 0.0, 0.0),
+    )  # fmt: skip
+    return policy, s
+
+
+def _gen(step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1000 + step)
+
+
+def _updates(schedule, opt, steps: range, record: list) -> None:
+    for step in steps:
+        loss, metrics, _ = schedule([0, 1], _gen(step), step)
+        record.append((float(loss.detach()), metrics))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_ratio_leaves_1_on_the_second_update_of_a_rollout_and_resume_is_exact(tmp_path):
+    policy, s = _policy(updates_per_rollout=2, steps=4, checkpoint_every=1)
+    schedule = RolloutSchedule(policy, s, str(tmp_path / "a"), rank=0)
+    opt = torch.optim.SGD(policy.module.parameters(), lr=0.5)
+    got: list = []
+    _updates(schedule, opt, range(4), got)
+    dev = [m["ratio_dev_max"] for _, m in got]
+    # Updates 0 and 2 open a rollout: the policy that drew it, ratio 1 to rounding.
+    assert dev[0] < 1e-5 and dev[2] < 1e-5, dev
+    # Updates 1 and 3 reuse it after an optimiser step: the ratio moved and the clip acts.
+    assert dev[1] > 10 * s.clip_range and dev[3] > 10 * s.clip_range, dev
+    assert got[1][1]["clip_fraction"] > 0 and got[0][1]["clip_fraction"] == 0.0
+    # The two updates of a rollout train on disjoint halves of its rows.
+    rollout = schedule.current
+    halves = [set(rollout.order[u::2].tolist()) for u in range(2)]
+    assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == len(rollout.order)
+    # Each sample drew its own training steps (a permutation per sample, not per prompt):
+    # 2 of 4 steps per candidate; the 4 candidates of the first prompt do not all
+    # train on the same pair.
+    t = rollout.rows["t"].view(-1, 2)[:4]  # rows in collection order: candidate by candidate
+    assert len({tuple(sorted(r.tolist())) for r in t}) > 1
+
+    # A run killed after step 2 (its checkpoint sits inside the rollout of step 2)
+    # resumes with the weights of that checkpoint and reads the rollout back.
+    policy_b, s_b = _policy(updates_per_rollout=2, steps=4, checkpoint_every=1)
+    schedule_b = RolloutSchedule(policy_b, s_b, str(tmp_path / "b"), rank=0)
+    opt_b = torch.optim.SGD(policy_b.module.parameters(), lr=0.5)
+    before: list = []
+    _updates(schedule_b, opt_b, range(3), before)
+    resumed = RolloutSchedule(policy_b, s_b, str(tmp_path / "b"), rank=0)  # fresh process
+    after: list = []
+    _updates(resumed, opt_b, range(3, 4), after)
+    losses = [x for x, _ in before + after]
+    assert losses == [x for x, _ in got], (losses, [x for x, _ in got])
+
+
+def test_one_update_per_rollout_keeps_the_ratio_at_1():
+    policy, s = _policy(updates_per_rollout=1, steps=2, checkpoint_every=1)
+    schedule = RolloutSchedule(policy, s, "/nonexistent-never-written", rank=0)
+    opt = torch.optim.SGD(policy.module.parameters(), lr=0.5)
+    got: list = []
+    _updates(schedule, opt, range(2), got)
+    assert all(m["ratio_dev_max"] < 1e-5 for _, m in got)
+
+
+def test_kl_to_the_sft_model_is_on_by_default_only_with_a_learned_reward():
+    assert RLHFStageConfig().kl_coefficient() == pytest.approx(0.04)
+    assert RLHFStageConfig(reward_source="rater").kl_coefficient() == 0.0
+    assert RLHFStageConfig(kl_weight=0.0).kl_coefficient() == 0.0
+
+
+def test_reward_hacking_monitor_flags_a_reward_rising_while_the_rater_falls():
+    rows = [
+        {"step": k, "reward_monitored": 0.1 * k, "rater": 0.5 - 0.05 * k,
+         "reward_sync": 0.1 * k, "rater_sync": 0.5 - 0.05 * k,
+         "reward_adherence": 0.1 * k, "rater_adherence": 0.2 + 0.01 * k}
+        for k in range(1, 6)
+    ]  # fmt: skip
+    got = reward_trends(rows, ["sync", "adherence"])
+    assert got["diverging"] is True and got["diverging_heads"] == ["sync"]
+    assert got["reward_model_slope"] == pytest.approx(0.1)
+    assert got["rater_slope"] == pytest.approx(-0.05)
+    assert got["heads"]["adherence"]["diverging"] is False
+    assert reward_trends(rows[:1], ["sync"])["diverging"] is None  # one point: no trend
+
+
+# -- the floor ----------------------------------------------------------------------
+
+
+def _row(group: str, c: int, split: str, visual: float) -> dict:
+    row = {
+        "group_id": group, "candidate": c, "prompt": "p", "references": "{}", "seed": 0,
+        "noise_seed": c, "clip_uri": "", "latent_uri": "", "rater_id": "r", "split": split,
+    }  # fmt: skip
+    for h in HEADS:
+        row[f"score_{h}"] = visual if h == "visual" else None
+        row[f"rank_{h}"] = None
+    return row
+
+
+def _preferences(val_sign: float):
+    """Groups of 4 latents rated on ``visual`` by their mean brightness; the held-out
+    groups are rated by ``val_sign`` times it (-1: the opposite of what was taught)."""
+    gen = torch.Generator().manual_seed(0)
+    rows, videos = [], []
+    for g in range(12):
+        split = "val" if g >= 9 else "train"
+        for c in range(4):
+            v = torch.randn(2, 2, 4, 4, generator=gen) + 0.5 * c - 0.75
+            m = float(v.mean())
+            rows.append(_row(f"g{g}", c, split, m * (val_sign if split == "val" else 1.0)))
+            videos.append(v)
+    n = len(rows)
+    inputs = {
+        "video": torch.stack(videos), "audio": torch.zeros(n, 2, 4),
+        "tokens": torch.ones(n, 1, 4), "mask": torch.ones(n, 1, dtype=torch.bool),
+    }  # fmt: skip
+    return rows, inputs
+
+
+DIMS = {"video_channels": 2, "audio_channels": 2, "text_dim": 4, "audio_per_video": 2}
+WEIGHTS = (0.0, 0.0, 0.0, 1.0, 0.0)  # visual only
+
+
+def test_floor_refuses_a_reward_model_that_disagrees_with_the_rater_on_held_out_pairs():
+    cfg = RewardConfig(steps=60, width=8, batch_pairs=32, lr=1e-2)
+    rows, inputs = _preferences(val_sign=-1.0)
+    _, bad = train_reward_model(rows, inputs, cfg, DIMS)
+    figure = bad["val_agreement"]["visual"]["agreement"]
+    assert figure < 0.3, bad["val_agreement"]
+    with pytest.raises(RewardFloorError, match=rf"visual: held-out agreement {figure:.3f}"):
+        check_agreement_floor(bad, WEIGHTS, 0.6)
+    check_agreement_floor(bad, (0.0,) * len(HEADS), 0.6)  # a head not optimised: no check
+    check_agreement_floor(bad, WEIGHTS, 0.0)  # floor off
+    rows, inputs = _preferences(val_sign=1.0)
+    _, good = train_reward_model(rows, inputs, cfg, DIMS)
+    assert good["val_agreement"]["visual"]["agreement"] >= 0.8, good["val_agreement"]
+    check_agreement_floor(good, WEIGHTS, 0.6)
+    # A head it optimises with no held-out pairs is unknown, and refused too.
+    with pytest.raises(RewardFloorError, match="sync: no held-out pairs"):
+        check_agreement_floor(good, (1.0, 0.0, 0.0, 1.0, 0.0), 0.6)
+
+
+def test_preferences_without_any_pair_say_what_to_change():
+    rows, inputs = _preferences(val_sign=1.0)
+    for r in rows:
+        r["score_visual"] = 0.5
+    with pytest.raises(NoPreferencesError, match=r"min_margin = 0.05.*visual 0.000"):
+        train_reward_model(rows, inputs, RewardConfig(steps=1), DIMS)
+
+
+# -- RL on any corpus ---------------------------------------------------------------
+
+REAL_CAPTIONS = [
+    'A man in a grey coat walks a dog along a beach at dusk "come on, boy"',
+    "Two children ride bicycles down a leafy street",
+    "A chef slices onions on a wooden board",
+    "Rain falls on a city street at night",
+    "A woman plays the piano in a bright room",
+    "Two children ride bicycles down a leafy street",
+]
+
+
+def test_prompts_come_from_any_captions_and_world_heads_are_skipped_on_real_ones():
+    prompts = caption_prompts(REAL_CAPTIONS)
+    assert len(prompts) == 5 and "A man in a grey coat walks a dog along a beach at dusk" in prompts
+    train, held = split_prompts(prompts, RLHFStageConfig().prompts)
+    assert len(train) == 4 and len(held) == 1
+    skip, why = skipped_heads(train + held)
+    assert skip == WORLD_HEADS == ("sync", "adherence", "motion")
+    assert "5 of 5 prompt(s)" in why
+    # The synthetic world, colour words or not, keeps every head.
+    world = ["a red circle bounces on a gray floor", "a circle bounces on a gray floor"]
+    assert skipped_heads(caption_prompts(world)) == ((), "")
+    # The rater leaves the skipped heads unrated (no pairs, no reward) and rates the rest.
+    rng = np.random.default_rng(0)
+    clip = AVClip(
+        frames=rng.integers(0, 255, (9, 64, 64, 3), dtype=np.uint8), fps=16.0,
+        audio=(0.1 * rng.standard_normal((1, 9000))).astype(np.float32), sample_rate=16000,
+    )  # fmt: skip
+    scores = rate_clip(prompts[0], clip, skip=skip)
+    assert all(scores[h] is None for h in WORLD_HEADS)
+    assert scores["visual"] is not None and scores["audio"] is not None

@@ -1,0 +1,233 @@
+"""DMD2 distillation of the Fast student (``distill.method = "dmd2"``), small and
+deterministic:
+
+- the distribution-matching gradient against hand-built cases: zero when the fake
+  score equals the real one (through the whole student step on a tiny DiT), and on
+  Gaussians with closed-form denoisers it moves the student's mean to the real mean;
+- the prompt stream covers training captions and new grammar captions but never a
+  held-out prompt, though the grammar can write them;
+- a run resumed from a checkpoint ends bit for bit where an uninterrupted one does
+  (student, fake score and both optimiser states restored).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from core import storage
+from model.configs import get_config
+from model.dit import DualBranchDiT
+from pipelines.align.config import DistillStageConfig
+from pipelines.align.dmd import (
+    DMD2,
+    CaptionGrammar,
+    DMDPair,
+    PromptStream,
+    denoised,
+    dmd_gradient,
+    dmd_loss,
+    noised,
+)
+
+CAPTIONS = [
+    "a red circle bounces on a gray floor",
+    "two blue circles bounce on a gray floor",
+    "three green circles bounce on a gray floor",
+    "a circle bounces on a gray floor",
+    "a yellow circle and a red square slide and collide on a gray floor",
+]
+HELD_OUT = ["a blue circle bounces on a gray floor", "two red circles bounce on a gray floor"]
+
+
+# -- the distribution-matching gradient -------------------------------------------
+
+
+def test_dmd_gradient_is_zero_when_the_fake_score_is_the_real_one():
+    x0 = torch.randn(3, 4, 5, requires_grad=True)
+    real = torch.randn(3, 4, 5)
+    dmd_loss(x0, real, real.clone()).backward()
+    assert torch.count_nonzero(x0.grad) == 0
+    # Not zero otherwise: the direction is (fake - real), per-sample normalised.
+    fake = real + 0.5
+    grad = dmd_gradient(x0.detach(), real, fake)
+    scale = (x0.detach() - real).abs().mean(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(grad, 0.5 / scale.expand_as(grad))
+
+
+class _HashText:
+    """Fixed per-word embeddings (the test's prompts are inputs, not what is tested)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def embed_tokens(self, prompt: str) -> torch.Tensor:  # (L, D)
+        seeds = [int(hashlib.sha256(w.encode()).hexdigest()[:8], 16) for w in prompt.split()]
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return torch.stack([torch.randn(self.dim, generator=g) for g in gens])
+
+
+def _tiny_step(text_scale: float, fake_updates: int = 1):
+    mcfg = get_config("tiny")
+    torch.manual_seed(0)
+    teacher = DualBranchDiT(mcfg)
+    with torch.no_grad():  # off AdaLN-zero, so every prediction depends on its input
+        for p in teacher.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    teacher.eval().requires_grad_(False)
+    pair = DMDPair(*(copy.deepcopy(teacher).requires_grad_(True) for _ in range(2)))
+    s = DistillStageConfig(method="dmd2", text_scale=text_scale, student_steps=(2,),
+                           default_steps=2)  # fmt: skip
+    s.dmd.fake_updates = fake_updates
+    stream = PromptStream(CAPTIONS, HELD_OUT, 0.5)
+    step = DMD2(s, pair, pair, teacher, _HashText(mcfg.text.embed_dim), mcfg, (9,), stream, "cpu")
+    return step, pair
+
+
+def test_student_gets_no_gradient_when_fake_equals_real_and_one_otherwise():
+    """Teacher without guidance = fake score (both the teacher's copy): the whole
+    student step (backward simulation, noising, both denoisers) gives zero gradient;
+    with guidance 4 the real score differs and the gradient does not vanish."""
+    for scale, zero in ((1.0, True), (4.0, False)):
+        step, pair = _tiny_step(scale)
+        assert step.phase(1) == "generator" and step.phase(0) == "fake"
+        for seed in range(3):  # step 1: a generator step (fake_updates = 1)
+            loss, metrics, _ = step([0, 1], torch.Generator().manual_seed(seed), 1)
+            pair.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = sum(
+                float(p.grad.abs().sum()) for p in pair.dit.parameters() if p.grad is not None
+            )
+            assert all(p.grad is None for p in pair.fake_score.parameters())
+            assert (norm == 0.0) == zero, (scale, norm, metrics)
+
+
+def _gaussian_x0(x_t, t, mean, var):
+    """E[x0 | x_t] for x0 ~ N(mean, var), x_t = (1 - t) x0 + t eps (closed form)."""
+    a = 1 - t
+    return mean + a * var / (a * a * var + t * t) * (x_t - a * mean)
+
+
+def test_dmd_on_gaussians_moves_the_student_mean_to_the_real_mean():
+    """Student x0 = theta + z; real data N(2, 1); the fake score is the exact denoiser of
+    the student's current distribution N(theta, 1). SGD on the DMD loss takes theta
+    from -1 to 2."""
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.tensor([-1.0, -1.0], requires_grad=True)
+    real_mean = torch.tensor([2.0, 2.0])
+    opt = torch.optim.SGD([theta], lr=0.5)
+    for _ in range(300):
+        z = torch.randn(256, 2, generator=gen)
+        x0 = theta + z
+        t = 0.02 + 0.96 * torch.rand(256, generator=gen)
+        x_t = noised(x0.detach(), torch.randn(256, 2, generator=gen), t)
+        tt = t[:, None]
+        real = _gaussian_x0(x_t, tt, real_mean, 1.0)
+        fake = _gaussian_x0(x_t, tt, theta.detach(), 1.0)
+        opt.zero_grad()
+        (dmd_loss(x0, real, fake) * x0.shape[1]).backward()  # d/dtheta: the mean direction
+        opt.step()
+    torch.testing.assert_close(theta.detach(), real_mean, atol=0.1, rtol=0)
+    # x0 = x_t - t v inverts x_t for the flow's velocity v = noise - x0.
+    x0, eps, t = torch.randn(4, 3), torch.randn(4, 3), torch.rand(4)
+    torch.testing.assert_close(denoised(noised(x0, eps, t), eps - x0, t), x0)
+
+
+# -- the prompt stream -------------------------------------------------------------
+
+
+def test_prompt_stream_covers_the_grammar_and_never_yields_a_held_out_prompt():
+    grammar = CaptionGrammar(CAPTIONS)
+    gen = torch.Generator().manual_seed(0)
+    free = {grammar.sample(gen) for _ in range(3000)}
+    # The grammar alone writes the held-out prompts (so excluding them does work) and
+    # keeps number agreement ("two ... circles bounce", "a ... circle bounces").
+    assert set(HELD_OUT) <= free
+    assert all(("bounces" in p) == p.startswith(("a ", "an ")) for p in free if "collide" not in p)
+    stream = PromptStream([*CAPTIONS, HELD_OUT[0]], HELD_OUT, grammar_fraction=0.5)
+    drawn = stream.draw(3000, torch.Generator().manual_seed(1))
+    assert not set(drawn) & set(HELD_OUT)
+    assert set(CAPTIONS) <= set(drawn)  # every caption, and new ones of the grammar
+    assert len(set(drawn) - set(CAPTIONS)) >= 20
+    # Spelling does not smuggle one in.
+    stream = PromptStream(["A Blue  circle bounces on a gray floor", *CAPTIONS], HELD_OUT, 1.0)
+    assert not {p.lower() for p in stream.draw(2000, torch.Generator().manual_seed(2))} & {
+        " ".join(h.split()) for h in HELD_OUT
+    }
+
+
+# -- resume ------------------------------------------------------------------------
+
+
+def _manifest(root) -> str:
+    rows = [
+        {"clip_id": f"c{i}", "source_id": f"s{i}", "clip_uri": f"{root}/c{i}.mp4", "start_s": 0.0,
+         "end_s": 2.0, "keep": True, "caption": c, "split": "train"}
+        for i, c in enumerate(CAPTIONS + HELD_OUT)
+    ]  # fmt: skip
+    uri = f"{root}/clips.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), uri)
+    return uri
+
+
+def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_run(tmp_path):
+    from model.pipeline import DuetPipeline
+    from pipelines.train.config import train_config_from
+    from pipelines.train.loop import run_stage
+    from pipelines.train.runtime import Runtime
+    from pipelines.train.state import TRAINING_ONLY_NAME, checkpoint_dir
+
+    parent = str(tmp_path / "parent")
+    DuetPipeline.from_preset("tiny", seed=0).save(parent)
+
+    def config(run: str):
+        return train_config_from({
+            "preset": "tiny", "run_uri": run, "seed": 0, "init_from": parent,
+            "keep_checkpoints": 10, "data": {"curated_uri": _manifest(tmp_path), "frame_buckets": [9]},
+            "distill": {"method": "dmd2", "steps": 4, "batch_size": 2,
+                        "checkpoint_every": 2, "log_every": 1, "student_steps": [2],
+                        "default_steps": 2, "dmd": {"fake_updates": 2, "lr": 1e-3}},
+        })  # fmt: skip
+
+    straight = config(str(tmp_path / "straight"))
+    run_stage(straight, "distill", Runtime())
+    # What a run killed after its step-2 checkpoint leaves behind: that checkpoint
+    # (in which the student has not been updated yet: steps 0 and 1 train the fake score).
+    resumed = config(str(tmp_path / "resumed"))
+    shutil.copytree(checkpoint_dir(f"{straight.run_uri}/distill", 2),
+                    checkpoint_dir(f"{resumed.run_uri}/distill", 2))  # fmt: skip
+    result = run_stage(resumed, "distill", Runtime())
+    assert result.resumed_from.endswith("checkpoint_00000002")
+
+    a = DuetPipeline.from_checkpoint(f"{straight.run_uri}/distill/final").dit.state_dict()
+    b = DuetPipeline.from_checkpoint(f"{resumed.run_uri}/distill/final").dit.state_dict()
+    first = DuetPipeline.from_checkpoint(parent).dit.state_dict()
+    assert any(not torch.equal(a[k], first[k]) for k in a), "the student never moved"
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    from safetensors.torch import load as load_safetensors
+
+    fa, fb = (
+        load_safetensors(
+            storage.read_bytes(f"{checkpoint_dir(r + '/distill', 4)}/{TRAINING_ONLY_NAME}")
+        )
+        for r in (straight.run_uri, resumed.run_uri)
+    )
+    assert fa.keys() == fb.keys() and all(k.startswith("fake_score.") for k in fa)
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    meta = storage.read_json(f"{resumed.run_uri}/distill/final/config.json")["extra"]["fast"]
+    assert meta["method"] == "dmd2" and meta["modes"] == ["t2av"] and meta["frame_buckets"] == [9]
+
+
+@pytest.mark.parametrize("bad", [{"method": "lcm"}, {"dmd": {"fake_updates": 0}}])
+def test_bad_distill_settings_are_refused(bad):
+    from pipelines.train.config import train_config_from
+
+    with pytest.raises(ValueError, match="distill"):
+        train_config_from({"distill": bad})
