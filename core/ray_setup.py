@@ -19,9 +19,12 @@ token is never copied into a job's runtime environment (the cluster's nodes have
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,10 @@ FORWARDED_ENV = ("HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+# Ray's words when its raylet did not register with the GCS within a fixed 30 s: on a
+# machine busy with other work that can pass, and a second start usually succeeds.
+RAY_NODE_STARTUP_TIMEOUT = "timed out during startup"
+LOCAL_START_ATTEMPTS = 2
 
 
 class RayAuthError(RuntimeError):
@@ -171,5 +178,54 @@ def init_ray(
         # RAY_ADDRESS, Ray's own way to name a cluster, is still honoured.
         address = os.environ.get("RAY_ADDRESS") or "local"
         local = {"num_cpus": num_cpus, "include_dashboard": False} if address == "local" else {}
-        ray.init(address=address, **local, **options)
+        _start_local(ray, {"address": address, **local, **options})
     return True
+
+
+def _start_local(ray, init_kwargs: dict[str, Any]) -> None:
+    """``ray.init`` for a local cluster, once more if its node timed out starting."""
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        before = _child_pids()
+        try:
+            ray.init(**init_kwargs)
+            return
+        except Exception as err:  # Ray raises a bare Exception for this one
+            if attempt == LOCAL_START_ATTEMPTS or RAY_NODE_STARTUP_TIMEOUT not in str(err):
+                raise
+            print(
+                "local Ray timed out starting its node (busy machine?): starting it again",
+                file=sys.stderr,
+            )
+            # The failed attempt's GCS and raylet are this driver's children; a second
+            # cluster beside them would compete for the same cores.
+            _stop_pids(_child_pids() - before)
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+
+
+def _child_pids() -> set[int]:
+    """Live children of this process (Ray's local processes are started as such)."""
+    me = os.getpid()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == me and fields[0] != "Z":
+                    found.add(int(entry.name))
+    return found
+
+
+def _stop_pids(pids: set[int], grace_s: float = 10.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            for pid in pids:  # reap only our own: other children belong to others
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            if not (pids & _child_pids()):
+                return
+            time.sleep(0.1)

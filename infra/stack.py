@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import config_to_dict
+from core.ray_setup import RAY_NODE_STARTUP_TIMEOUT
 from infra.config import REPO_ROOT, DeployConfig
 
 STATE_FILE = "stack.json"
@@ -41,9 +42,8 @@ TOKEN_FILE = "ray_auth_token"
 ENV_FILE = "env.sh"
 # Environment a started service must not inherit from whoever ran `make up`.
 _SCRUBBED_PREFIXES = ("RAY_ADDRESS", "RAY_AUTH_", "PREFECT_API_URL")
-# What `ray start` prints when its raylet did not register in time, and how often the
-# head is started before `up` gives up.
-RAY_REGISTRATION_TIMEOUT = "timed out during startup"
+# How often the head is started before `up` gives up when `ray start` says its raylet
+# did not register in time (RAY_NODE_STARTUP_TIMEOUT).
 RAY_START_ATTEMPTS = 2
 
 
@@ -277,7 +277,7 @@ def up(cfg: DeployConfig, log=print) -> dict[str, Any]:
                 # `ray start` gives its raylet a fixed 30 s to register with the GCS; on
                 # a machine busy with other work that can pass. Nothing was served yet,
                 # so clear this attempt's processes and start the head again.
-                if attempt == RAY_START_ATTEMPTS or RAY_REGISTRATION_TIMEOUT not in str(err):
+                if attempt == RAY_START_ATTEMPTS or RAY_NODE_STARTUP_TIMEOUT not in str(err):
                     raise
                 log("Ray head timed out registering its node (busy machine?): starting it again")
                 _stop_processes(
@@ -439,7 +439,9 @@ def _cmdline_mentions(text: str) -> set[int]:
     return found
 
 
-def _stop_processes(state: dict[str, Any], log=print, grace_s: float = 15.0) -> list[int]:
+def _stop_processes(
+    state: dict[str, Any], log=print, grace_s: float = 15.0, kill_wait_s: float = 60.0
+) -> list[int]:
     """TERM, then KILL after ``grace_s``, every process the stack started (newest first)."""
     targets: set[int] = set()
     for proc in reversed(list(state["processes"].values())):
@@ -454,18 +456,28 @@ def _stop_processes(state: dict[str, Any], log=print, grace_s: float = 15.0) -> 
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(_alive(p) for p in targets):
         time.sleep(0.3)
-    # Some of Ray's agents ignore SIGTERM once their raylet is gone.
+    # Some of Ray's agents ignore SIGTERM once their raylet is gone, and a raylet or a
+    # Prefect worker may have started a child after the first look: look again.
+    for proc in state["processes"].values():
+        targets |= _family(proc["pid"], proc["pgid"])
+    if state.get("ray_temp_dir"):
+        targets |= _cmdline_mentions(state["ray_temp_dir"] + "/")
+    targets.discard(os.getpid())
     killed = [p for p in targets if _alive(p)]
     for pid in killed:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    # SIGKILL is delivered when the process next runs: on a loaded machine that can
-    # be after kill() returns, so wait (briefly) for them to be gone before saying so.
-    deadline = time.monotonic() + 10.0
+    # SIGKILL is delivered when the process next runs, and a large process takes a
+    # while to release its memory: on a loaded machine that can be seconds after
+    # kill() returns, so wait for them to be gone before saying so.
+    deadline = time.monotonic() + kill_wait_s
     while killed and time.monotonic() < deadline and any(_alive(p) for p in killed):
         time.sleep(0.05)
     if killed:
         log(f"killed {len(killed)} process(es) that ignored SIGTERM")
+    survivors = [p for p in killed if _alive(p)]
+    if survivors:
+        log(f"still alive {kill_wait_s:.0f} s after SIGKILL: {survivors}")
     return sorted(targets)
 
 

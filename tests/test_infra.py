@@ -19,6 +19,8 @@ import json
 import re
 import shlex
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -660,6 +662,44 @@ def test_a_refused_token_says_where_it_came_from(clean_ray_auth, monkeypatch):
         pytest.raises(ConnectionError, match="sent the token from RAY_AUTH_TOKEN_PATH"),
     ):
         ray_setup.init_ray(f"127.0.0.1:{port}")
+
+
+def test_a_local_ray_that_timed_out_starting_is_started_again(monkeypatch):
+    """Ray's raylet gets a fixed 30 s to register; on a busy machine that can pass."""
+    import ray
+
+    from core import ray_setup
+
+    calls, leftovers = [], []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:  # the failed attempt leaves its processes behind, as Ray's does
+            leftovers.append(
+                subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            )
+            raise Exception("The current node timed out during startup. This could happen")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_setup.init_ray(None, num_cpus=1) is True
+    assert len(calls) == 2 and calls[1]["address"] == "local" and calls[1]["num_cpus"] == 1
+    assert leftovers[0].poll() is not None, "the failed attempt's processes were left running"
+
+    calls.clear()
+    monkeypatch.setattr(ray_setup, "LOCAL_START_ATTEMPTS", 1)
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_setup.init_ray(None)
+    leftovers[-1].kill()
+
+    def broken(**_):
+        raise ValueError("num_cpus must be positive")
+
+    monkeypatch.setattr(ray, "init", broken)
+    with pytest.raises(ValueError):  # other errors are not retried
+        ray_setup.init_ray(None)
 
 
 def _stack_config(tmp_path):
