@@ -182,9 +182,18 @@ class ManifestError(ValueError):
     """A manifest file is missing, of another schema version, or malformed."""
 
 
-def assign_split(source_id: str, val_fraction: float, test_fraction: float) -> str:
-    """Split by source (never by clip), so clips of one video never straddle splits."""
-    bucket = int(hashlib.sha1(source_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+def split_key(source_uri: str) -> str:
+    """What a source's split is drawn from: its file name, not its folder or bucket,
+    so the same footage curated from another place (a copy on S3, another checkout)
+    lands in the same split."""
+    return source_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def assign_split(key: str, val_fraction: float, test_fraction: float) -> str:
+    """Split by source (never by clip), so clips of one video never straddle splits;
+    ``key`` is :func:`split_key` of the source's URI."""
+    bucket = int(hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:8], 16)
+    bucket /= 0xFFFFFFFF
     if bucket < test_fraction:
         return "test"
     if bucket < test_fraction + val_fraction:
@@ -468,7 +477,8 @@ class ManifestWriter:
             shots += result.shot_records()
             for clip in result.clip_records():
                 apply_speech(clip, speech, self.speech)
-                clip.split = assign_split(clip.source_id, self.val_fraction, self.test_fraction)
+                key = split_key(clip.source_uri)
+                clip.split = assign_split(key, self.val_fraction, self.test_fraction)
                 clips.append(clip)
             sources.append((pos, result))
         mark_near_duplicates(clips, self.max_duplicate_bits, self._duplicates)

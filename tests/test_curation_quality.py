@@ -16,6 +16,7 @@ from curation.manifest import (
     clips_table,
     manifest_uris,
     read_clips,
+    split_key,
     write_manifest,
 )
 from curation.quality import QualityConfig, QualityStage, mark_near_duplicates, perceptual_hash
@@ -117,7 +118,7 @@ def test_manifest_round_trip_with_polars(tmp_path):
         clip.caption = f"caption {i}"
         clip.words = [{"word": "hello", "start_s": 0.1, "end_s": 0.4, "score": 0.9}]
         clip.transcript, clip.alignment_method = "hello", "wav2vec2"
-        clip.split = assign_split(clip.source_id, 0.1, 0.0)
+        clip.split = assign_split(split_key(clip.source_uri), 0.1, 0.0)
         clips.append(clip)
     mark_near_duplicates(clips, 8)
     quarantine = [QuarantineRecord("/raw/bad.mp4", "q", "validate", "file is empty (0 bytes)", 0)]
@@ -169,3 +170,14 @@ def test_short_stills_are_not_frozen_but_long_ones_are():
     stuck = np.concatenate([moving[:12], np.repeat(moving[12:13], 36, 0)])
     clip = QualityStage()(_record(), stuck, _tone(), RATE)
     assert clip.scores["frozen_ratio"] > 0.5 and not clip.verdicts["not_frozen"]
+
+
+def test_a_source_keeps_its_split_wherever_it_is_stored():
+    """The split is drawn from the file name: a copy in another folder or bucket (or the
+    same footage in another checkout) trains and validates the same way."""
+    names = [f"synth_{i:05d}.mp4" for i in range(40)]
+    here = [assign_split(split_key(f"/home/me/raw/{n}"), 0.2, 0.1) for n in names]
+    there = [assign_split(split_key(f"s3://bucket/footage/{n}"), 0.2, 0.1) for n in names]
+    assert here == there
+    assert {"train", "val", "test"} == set(here)  # the fractions still act
+    assert split_key("s3://b/raw/a%20b.mp4") == "a%20b.mp4" and split_key("a.mp4") == "a.mp4"

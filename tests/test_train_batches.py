@@ -18,7 +18,7 @@ from safetensors.torch import save as save_safetensors
 from core import storage
 from pipelines.train.batches import BatchBuilder, pad_text
 from pipelines.train.config import ReferenceSampling
-from pipelines.train.data import ClipRow
+from pipelines.train.data import ClipRow, sft_subset
 from pipelines.train.latents import LatentStore, write_index_entries
 
 CV, CA, H, W, D, M = 2, 3, 2, 2, 4, 4  # latent channels, grid, text dim, audio per video
@@ -185,3 +185,15 @@ def test_batches_are_a_function_of_the_seed(store):
 
     assert picks(5) == picks(5)
     assert picks(5) != picks(6)
+
+
+def test_the_sft_subset_is_the_top_fraction_but_at_least_one_global_batch():
+    rows = [
+        ClipRow(f"c{i}", "s", "u", 0.0, 17, 17, "t", True, q, 0)
+        for i, q in enumerate([0.9, 0.1, 0.5, 0.3])
+    ]
+    assert [r.clip_id for r in sft_subset(rows, 0.25)] == ["c0"]
+    assert sorted(r.clip_id for r in sft_subset(rows, 0.5)) == ["c0", "c2"]
+    # a batch of 3 takes the three best, not the top quarter's one clip
+    assert sorted(r.clip_id for r in sft_subset(rows, 0.25, min_rows=3)) == ["c0", "c2", "c3"]
+    assert len(sft_subset(rows, 0.25, min_rows=9)) == 4  # no more than there are

@@ -127,14 +127,16 @@ def load_clip_rows(cfg: DataConfig, fps: float, split: str | None = None) -> lis
     return rows
 
 
-def sft_subset(rows: list[ClipRow], top_fraction: float) -> list[ClipRow]:
-    """The highest-quality clips: top fraction by score (all when no scores)."""
+def sft_subset(rows: list[ClipRow], top_fraction: float, min_rows: int = 1) -> list[ClipRow]:
+    """The highest-quality clips: top fraction by score (all when no scores), and never
+    fewer than ``min_rows`` (one global batch) while the data has them: on a small
+    corpus half the clips may not fill a batch that all of them can."""
     if not 0 < top_fraction <= 1:
         raise TrainDataError(f"sft_top_fraction must be in (0, 1], got {top_fraction}")
     scored = [r for r in rows if not np.isnan(r.quality)]
     if not scored:
         return rows
-    keep = max(1, int(round(len(scored) * top_fraction)))
+    keep = min(len(scored), max(1, min_rows, int(round(len(scored) * top_fraction))))
     threshold = sorted((r.quality for r in scored), reverse=True)[keep - 1]
     return [r for r in scored if r.quality >= threshold]
 

@@ -347,7 +347,11 @@ def dit_task(cfg: TrainConfig, stage: str, pipeline: DuetPipeline, rt: Runtime) 
     mcfg = pipeline.config
     data = stage_data(cfg, stage)
     all_rows = load_clip_rows(data, mcfg.fps)
-    rows = all_rows if stage == "pretrain" else sft_subset(all_rows, data.sft_top_fraction)
+    global_batch = s.batch_size * rt.world_size
+    if stage != "pretrain":
+        rows = sft_subset(all_rows, data.sft_top_fraction, min_rows=global_batch)
+    else:
+        rows = all_rows
     pipeline.to(rt.device)
     store = LatentStore(ensure_latents(cfg, pipeline, all_rows, rt, data))
     dit = pipeline.dit
