@@ -81,7 +81,7 @@ def _onset_error(truth_audio, out_audio, sample_rate: int, frame_s: float) -> fl
     return max(min((abs(t - f) for f in found), default=9.9) / frame_s for t in truth)
 
 
-def _synth_clips(cfg, seeds, seconds: float, spl: int):
+def _synth_clips(cfg, seeds, seconds: float, spl: int, kinds: tuple[str, ...] = ()):
     """(frames cut to the latent grid, stereo audio cut to whole latents) per seed."""
     import numpy as np
     import torch
@@ -91,6 +91,7 @@ def _synth_clips(cfg, seeds, seconds: float, spl: int):
     synth = SynthConfig(
         width=cfg.width, height=cfg.height, fps=cfg.fps, sample_rate=cfg.sample_rate,
         min_shots=1, max_shots=1, min_shot_s=seconds, max_shot_s=seconds,
+        **({"kinds": tuple(kinds)} if kinds else {}),
     )  # fmt: skip
     tf = cfg.video_vae.temporal_factor
     out = []
@@ -100,6 +101,11 @@ def _synth_clips(cfg, seeds, seconds: float, spl: int):
         audio = torch.from_numpy(np.ascontiguousarray(clip.audio, dtype=np.float32))
         out.append((clip.frames[:n], audio[:, : audio.shape[1] // spl * spl]))
     return out
+
+
+def _kinds(args) -> tuple[str, ...]:
+    """``--kinds`` as a tuple (empty: every scene kind, the talking avatar included)."""
+    return tuple(k.strip() for k in args.kinds.split(",") if k.strip())
 
 
 def _speech_lines(indices, sample_rate: int, spl: int):
@@ -463,7 +469,9 @@ def _video_table(args, pipe, eval_clips, device) -> list:
                 vaes[f"{label} ({uri})"] = other
     elif args.video_steps > 0:
         seeds = range(3000, 3000 + args.video_train_clips)
-        train = _synth_clips(cfg, seeds, args.seconds, pipe.audio_vae.samples_per_latent)
+        train = _synth_clips(
+            cfg, seeds, args.seconds, pipe.audio_vae.samples_per_latent, _kinds(args)
+        )
         tuned = _finetune_video_vaes(
             vae, train, args.video_steps, args.video_gan_start, args.video_lr, device
         )
@@ -622,6 +630,11 @@ def main() -> None:
     parser.add_argument("--speech-out", default="", help="save the decoded lines here")
     parser.add_argument("--transcribe", default="", help="only: WER of a --speech-out dir")
     parser.add_argument("--show-transcripts", action="store_true")
+    parser.add_argument(
+        "--kinds", default="",
+        help="scene kinds of the synthetic clips (comma-separated; default all; the "
+        "talking avatar needs espeak-ng)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
@@ -644,7 +657,7 @@ def main() -> None:
     print(f"checkpoint: {uri or 'fresh tiny (untrained: numbers mean nothing)'}; device {device}")
     spl = pipe.audio_vae.samples_per_latent
     n_eval = max(args.clips, args.video_clips)
-    clips = _synth_clips(cfg, range(1000, 1000 + n_eval), args.seconds, spl)
+    clips = _synth_clips(cfg, range(1000, 1000 + n_eval), args.seconds, spl, _kinds(args))
 
     audio = _audio_tables(args, pipe, clips[: args.clips], device)
     rows = _video_table(args, pipe, clips[: args.video_clips], device)
