@@ -18,7 +18,7 @@ must be readable). ``--train-prompts`` also scores the training prompts, which t
 a generalisation gap (a student that keeps its teacher's scores on the prompts it was
 distilled on but not on held-out ones) from a model that is simply worse.
 
-On a machine without the text encoder (the lent GPU hosts), ``--text-table FILE``
+On a machine without the text encoder (an offline GPU host), ``--text-table FILE``
 serves token embeddings from a safetensors table made here with ``--make-text-table``.
 """
 

@@ -62,7 +62,7 @@ PROMPTS = (
 def use_text_table(path: str) -> None:
     """Replace the text encoder by a table of precomputed embeddings (``--text-table``).
 
-    For machines without the offline MiniLM package (the lent GPU image): the table
+    For machines without the offline MiniLM package (an offline GPU host): the table
     is written here with ``--make-text-table`` and holds every corpus caption and
     every prompt this script generates.
     """
