@@ -73,9 +73,21 @@ def train_run(recipe: dict, out: str, skip_train: bool):
     stages = ("vae", "pretrain", "sft", "rlhf", "distill")
     if not skip_train:
         started = time.perf_counter()
-        train(cfg, stages=stages, runner="local")  # finished stages are skipped
-        print(f"trained in {time.perf_counter() - started:.0f} s")
+        train(cfg, stages=stages, runner="local", progress=stage_progress(started))
+        print(f"trained in {time.perf_counter() - started:.0f} s", flush=True)
     return cfg, {s: f"{cfg.run_uri}/{s}/final" for s in stages}
+
+
+def stage_progress(started: float):
+    """A progress callback printing each logged step with the run's elapsed time, so
+    a log shows where the time goes (finished stages are skipped silently)."""
+
+    def show(stage: str, step: int, total: int, metrics: dict) -> None:
+        loss = metrics.get("loss")
+        loss = f", loss {loss:.4f}" if isinstance(loss, float) else ""
+        print(f"{stage} {step}/{total} at {time.perf_counter() - started:.0f} s{loss}", flush=True)
+
+    return show
 
 
 def conditioning(pipeline, args) -> dict:
