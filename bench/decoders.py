@@ -23,12 +23,13 @@ checkpoint's if it uses a trained one, else one trained here for
 losses, then the GAN) on the clips and on other sentences than the ones scored: the
 WER lines are held out from its training.
 
-Video: the checkpoint's video VAE, then a plain and an adversarially trained one.
+Video: the checkpoint's video VAE, then plain and adversarially trained ones.
 ``--video-plain`` / ``--video-adv`` name checkpoints (their video VAEs are used);
-otherwise both are fine-tuned here from the checkpoint's for ``--video-steps`` on
-the same windows of other synthetic clips with the vae stage's settings, the
-adversarial one with the patch discriminator (``model.discriminators``) from
-``--video-gan-start``. Per VAE: PSNR, SSIM, decode seconds per output second and
+otherwise three are fine-tuned here from the checkpoint's for ``--video-steps`` on
+the same windows of other synthetic clips with the vae stage's settings: with the
+motion weighting alone (the stage's loss before its standout term), with the
+stage's loss, and with the stage's loss and the patch discriminator
+(``model.discriminators``) from ``--video-gan-start``. Per VAE: PSNR, SSIM, decode seconds per output second and
 object retention per colour through the probes (a colour found in an original's
 median frame found in its reconstruction's, as bench/vae_objects.py counts it), on
 ``--video-clips`` held-out clips. The checkpoint's VAE is also decoded in tiles
@@ -182,22 +183,28 @@ def _train_vocoder(pipe, waveforms, steps: int, gan_fraction: float, gan_weight:
 
 
 def _finetune_video_vaes(vae, train_clips, steps: int, gan_start: int, lr: float, device):
-    """Two copies of ``vae`` fine-tuned on identical windows and noise with the vae
-    stage's settings but ``lr``: plain, and with the patch discriminator from
-    ``gan_start``. A fresh AdamW at the stage's 5e-4 knocks the trained VAE down (one
+    """Copies of ``vae`` fine-tuned on identical windows and noise with the vae
+    stage's settings but ``lr``: motion weighting only (the stage's loss before the
+    standout term), the stage's loss, and the stage's loss with the patch
+    discriminator from ``gan_start``. A fresh AdamW at the stage's 5e-4 knocks the trained VAE down (one
     step: 31.5 -> 12.3 dB; 20 warm-up steps: 26.4 dB), hence a smaller rate."""
     import torch
 
     from model.discriminators import PatchDiscriminator
     from model.video_vae import frames_to_tensor
     from pipelines.train.config import VAEStageConfig
-    from pipelines.train.loop import lr_at
+    from pipelines.train.loop import lr_at, recon_weights
 
     s = VAEStageConfig()
     tf = vae.cfg.temporal_factor
     videos = [frames_to_tensor(frames) for frames, _ in train_clips]  # (3, T, H, W)
     out = {}
-    for label, adversarial in (("plain", False), ("adversarial", True)):
+    variants = (
+        ("motion-weighted", False, dataclasses.replace(recon_weights(s), standout=0.0)),
+        ("stage loss", False, recon_weights(s)),
+        ("stage loss, adversarial", True, recon_weights(s)),
+    )
+    for label, adversarial, weights in variants:
         torch.manual_seed(0)
         model = copy.deepcopy(vae).to(device).train()
         disc = PatchDiscriminator().to(device) if adversarial else None
@@ -223,7 +230,7 @@ def _finetune_video_vaes(vae, train_clips, steps: int, gan_start: int, lr: float
                 batch.append(v[:, start : start + frames])
             x = torch.stack(batch).to(device)
             d = disc if (disc is not None and step >= gan_start) else None
-            loss, _ = model.loss(x, s.kl_weight, gen, s.motion_weight, d, s.video_gan_weight)
+            loss, _ = model.loss(x, weights, gen, d)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)

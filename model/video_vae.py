@@ -478,46 +478,37 @@ class VideoVAE(nn.Module):
     # -- training ----------------------------------------------------------------
     def loss(
         self,
-        x: torch.Tensor,
-        kl_weight: float = 1e-6,
+        x: torch.Tensor,  # (B, 3, T, H, W) in [-1, 1]
+        weights: ReconLossWeights | None = None,
         generator: torch.Generator | None = None,
-        motion_weight: float = 0.0,
         discriminator: nn.Module | None = None,
-        gan_weight: float = 0.1,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Reconstruction (L1 + MSE) plus a small KL term on the raw posterior.
-
-        ``motion_weight`` > 0 up-weights pixels that differ from the window's temporal
-        median (moving objects): small moving objects cover few pixels, and without
-        it an unweighted loss is content to paint the static background alone.
+        """Reconstruction (L1 + MSE, per pixel weighted by :func:`pixel_weights`) plus a
+        small KL term on the raw posterior.
 
         ``discriminator`` (a :class:`~model.discriminators.PatchDiscriminator`, passed
         only once the trainer's warm-up is over) adds VQGAN's adversarial term: the
         generator's hinge loss through the discriminator with its parameters
-        detached, scaled by ``gan_weight`` times the adaptive weight (reconstruction
+        detached, scaled by ``weights.gan`` times the adaptive weight (reconstruction
         over adversarial gradient norm at the decoder's last layer), plus the
         discriminator's own hinge loss on the reconstruction detached.
         """
+        w = weights or ReconLossWeights()
         mean, logvar = self.encode_distribution(x, tiled=False)
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         z = mean + torch.exp(0.5 * logvar) * noise
         recon = self.decoder(z)
         err = (recon - x).abs() + (recon - x).pow(2)  # (B, 3, T, H, W)
-        if motion_weight > 0:
-            background = x.median(dim=2, keepdim=True).values
-            moving = (x - background).abs().amax(dim=1, keepdim=True)  # (B, 1, T, H, W)
-            weight = 1.0 + motion_weight * moving
-            rec = (err * weight).sum() / (weight.sum() * x.shape[1])
-        else:
-            rec = err.mean()
+        weight = pixel_weights(x, w)  # (B, 1, T, H, W)
+        rec = (err * weight).sum() / (weight.sum() * x.shape[1])
         kl = 0.5 * torch.mean(mean.pow(2) + logvar.exp() - 1.0 - logvar)
-        total = rec + kl_weight * kl
+        total = rec + w.kl * kl
         parts = {"recon": float(rec.detach()), "kl": float(kl.detach())}
         if discriminator is not None:
             from model.discriminators import adaptive_weight, detached, hinge_discriminator_loss
 
             g_loss = -detached(discriminator, recon).mean()
-            d_weight = gan_weight * adaptive_weight(rec, g_loss, self.last_layer)
+            d_weight = w.gan * adaptive_weight(rec, g_loss, self.last_layer)
             d_loss = hinge_discriminator_loss(discriminator(x), discriminator(recon.detach()))
             total = total + d_weight * g_loss + d_loss
             parts |= {"g_adv": float(g_loss.detach()), "d_loss": float(d_loss.detach())}
@@ -581,6 +572,39 @@ def blend_ramp(length: int, overlap: int, lead: bool, trail: bool) -> torch.Tens
         if trail:
             w[-overlap:] = torch.minimum(w[-overlap:], ramp.flip(0))
     return w
+
+
+@dataclass(frozen=True)
+class ReconLossWeights:
+    """How :meth:`VideoVAE.loss` weighs its terms (a VAE stage's config carries them)."""
+
+    kl: float = 1e-6
+    # Pixels that differ from the window's temporal median (moving objects).
+    motion: float = 0.0
+    # Pixels that differ from their own frame's spatial median (whatever stands out
+    # of the backdrop, moving or not).
+    standout: float = 0.0
+    gan: float = 0.1
+
+
+def pixel_weights(x: torch.Tensor, w: ReconLossWeights) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> (B, 1, T, H, W) per-pixel loss weights >= 1.
+
+    Small objects cover a few percent of a frame: an unweighted loss is content to
+    paint the backdrop and lets their colour drift into it. The motion term up-weights
+    what moves; the standout term also what sits still (a static square lost its
+    green entirely under motion weighting alone, bench/decoders.py in BENCHMARKS.md).
+    On textured real footage most pixels stand out a little, so the weight spreads
+    out rather than concentrating.
+    """
+    weight = torch.ones_like(x[:, :1])
+    if w.motion > 0:
+        background = x.median(dim=2, keepdim=True).values  # (B, 3, 1, H, W)
+        weight = weight + w.motion * (x - background).abs().amax(dim=1, keepdim=True)
+    if w.standout > 0:
+        backdrop = x.flatten(3).median(dim=3).values[..., None, None]  # (B, 3, T, 1, 1)
+        weight = weight + w.standout * (x - backdrop).abs().amax(dim=1, keepdim=True)
+    return weight
 
 
 def motion_map(video: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from model.flow_matching import (
 from model.pipeline import clip_tensors, parameter_breakdown
 from model.references import ReferenceLatents, RefSlot
 from model.rope import apply_rope, audio_positions, rope_1d, video_positions
-from model.video_vae import VideoVAE, motion_map, pick_crop
+from model.video_vae import ReconLossWeights, VideoVAE, motion_map, pick_crop, pixel_weights
 
 
 @pytest.fixture(autouse=True)
@@ -164,6 +164,30 @@ def test_motion_crops_find_the_small_moving_object():
     y = 8 * int(torch.randint(0, 5, (1,), generator=gen_b))
     x = 8 * int(torch.randint(0, 5, (1,), generator=gen_b))
     assert pick_crop(motion_map(video), 32, 8, 1, gen_a) == (y, x)
+
+
+def test_pixel_weights_lift_a_still_object_only_with_the_standout_term():
+    """A still green square and a moving ball on a gray backdrop: motion weighting
+    lifts the ball alone (the square, unchanged over time, gets the backdrop's 1);
+    the standout term lifts the square too, by its distance from the frame's median,
+    and leaves the backdrop at 1."""
+    video = torch.full((1, 3, 9, 32, 32), -0.1)  # gray backdrop, (B, 3, T, H, W)
+    video[0, :, :, 4:10, 4:10] = torch.tensor([-0.6, 0.5, -0.5])[:, None, None, None]
+    for t in range(9):
+        video[0, :, t, 20:24, 2 + 2 * t : 6 + 2 * t] = 0.8
+    square, backdrop = (0, 0, 4, 6, 6), (0, 0, 4, 28, 28)
+    ball = (0, 0, 4, 21, 2 + 2 * 4 + 1)
+
+    motion_only = pixel_weights(video, ReconLossWeights(motion=10.0))
+    assert motion_only[square] == pytest.approx(1.0)
+    assert motion_only[backdrop] == pytest.approx(1.0)
+    assert motion_only[ball] == pytest.approx(1.0 + 10.0 * 0.9)
+
+    both = pixel_weights(video, ReconLossWeights(motion=10.0, standout=10.0))
+    assert both[square] == pytest.approx(1.0 + 10.0 * 0.6)  # largest channel gap: 0.6
+    assert both[backdrop] == pytest.approx(1.0)
+    assert both[ball] == pytest.approx(1.0 + 10.0 * 0.9 + 10.0 * 0.9)
+    assert pixel_weights(video, ReconLossWeights()).eq(1.0).all()  # no weighting: the mean
 
 
 def test_video_vae_levels_use_their_configured_time_kernels():

@@ -110,7 +110,10 @@ class VAEStageConfig(StageConfig):
     # moving objects are a few percent of a frame and uniform crops mostly miss them.
     crop_candidates: int = 1
     kl_weight: float = 1e-6
+    # Per-pixel loss weights (model.video_vae.pixel_weights): what moves, and what
+    # stands out of its frame's backdrop, moving or not.
     motion_weight: float = 10.0
+    standout_weight: float = 10.0
     # The vocoder trains beside the VAEs on every step of this stage when
     # vocoder_steps > 0 (a switch, as recipes have always used it: its step count is
     # the stage's ``steps``). Each step it re-synthesises vocoder_segments random

@@ -32,7 +32,7 @@ from model.ema import ema_update
 from model.flow_matching import add_noise, resolution_shift, sample_timesteps, velocity_target
 from model.parallelize import apply_ddp, parallelize_dit
 from model.pipeline import DuetPipeline
-from model.video_vae import motion_map, pick_crop
+from model.video_vae import ReconLossWeights, motion_map, pick_crop
 from pipelines.train import state as ckpt
 from pipelines.train.batches import BatchBuilder, DiTBatch
 from pipelines.train.config import (
@@ -129,9 +129,7 @@ class VAEPair(nn.Module):
     def forward(self, windows, audio, has_audio, gen, step: int = 0):
         s = self.settings
         video_disc = self.video_disc if 0 <= s.video_gan_start <= step else None
-        loss_v, parts = self.video_vae.loss(
-            windows, s.kl_weight, gen, s.motion_weight, video_disc, s.video_gan_weight
-        )
+        loss_v, parts = self.video_vae.loss(windows, recon_weights(s), gen, video_disc)
         metrics = {"video_loss": float(loss_v.detach())}
         metrics |= {f"video_{k}": v for k, v in parts.items() if k not in ("recon", "kl")}
         loss = loss_v
@@ -148,6 +146,10 @@ class VAEPair(nn.Module):
                 metrics["vocoder_loss"] = float(loss_voc.detach())
                 metrics |= {f"vocoder_{k}": v for k, v in vparts.items()}
         return loss, metrics
+
+
+def recon_weights(s: VAEStageConfig) -> ReconLossWeights:
+    return ReconLossWeights(s.kl_weight, s.motion_weight, s.standout_weight, s.video_gan_weight)
 
 
 def vocoder_gan_start(s: VAEStageConfig) -> int:
