@@ -592,10 +592,9 @@ def pixel_weights(x: torch.Tensor, w: ReconLossWeights) -> torch.Tensor:
 
     Small objects cover a few percent of a frame: an unweighted loss is content to
     paint the backdrop and lets their colour drift into it. The motion term up-weights
-    what moves; the standout term also what sits still (a static square lost its
-    green entirely under motion weighting alone, bench/decoders.py in BENCHMARKS.md).
-    On textured real footage most pixels stand out a little, so the weight spreads
-    out rather than concentrating.
+    what moves; the standout term also what sits still, by its distance from its
+    frame's median colour. On textured real footage most pixels stand out a little,
+    so that weight spreads out rather than concentrating.
     """
     weight = torch.ones_like(x[:, :1])
     if w.motion > 0:

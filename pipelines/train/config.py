@@ -111,9 +111,11 @@ class VAEStageConfig(StageConfig):
     crop_candidates: int = 1
     kl_weight: float = 1e-6
     # Per-pixel loss weights (model.video_vae.pixel_weights): what moves, and what
-    # stands out of its frame's backdrop, moving or not.
+    # stands out of its frame's backdrop, moving or not. The standout term is off by
+    # default: fine-tuning the shipped VAE with it kept one more magenta in 300 CPU
+    # steps but nothing more in 2000 GPU steps (BENCHMARKS.md, session 12).
     motion_weight: float = 10.0
-    standout_weight: float = 10.0
+    standout_weight: float = 0.0
     # The vocoder trains beside the VAEs on every step of this stage when
     # vocoder_steps > 0 (a switch, as recipes have always used it: its step count is
     # the stage's ``steps``). Each step it re-synthesises vocoder_segments random
