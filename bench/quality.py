@@ -14,6 +14,10 @@ every model on the same (prompt, seed) pairs through ``model.generate``:
 
 - SFT against pretrain and RLHF against SFT: paired differences per head (mean +- se);
 - the Fast student (4 Euler steps) against its teacher: ratio of means per head;
+- reference usage (a diagnostic, no target): pretrain's and SFT's denoising loss
+  on the run's own role-reference batches with each sample's reference, another's
+  and none (:mod:`pipelines.train.reference_usage`): whether training taught the
+  model to read references at all;
 - image references: the backdrop of a reference image (a ball on that backdrop, not
   a frame of the generated clip) in generations whose text names none, against its
   share under the other images;
@@ -132,8 +136,20 @@ def score(cfg, finals: dict, args) -> dict:
         "held_out": held_out,
         "evals": evals,
         "backdrops": backdrops,
+        "reference_usage": usage(cfg, args),
         "conditioning": conditioning(teacher, args),
     }
+
+
+def usage(cfg, args) -> dict:
+    """Whether pretrain and SFT learned to read role references at all
+    (:mod:`pipelines.train.reference_usage`): a diagnostic beside the targets."""
+    from pipelines.train.reference_usage import reference_usage
+
+    started = time.perf_counter()
+    out = {s: reference_usage(cfg, s, batches=8, device=args.device) for s in ("pretrain", "sft")}
+    print(f"measured reference usage in {time.perf_counter() - started:.0f} s", flush=True)
+    return out
 
 
 def check_targets(scores: dict, targets: dict) -> list[dict]:
@@ -192,6 +208,19 @@ def print_table(rows: list[dict], scores: dict) -> None:
             + " | ".join(f"{s[h]['mean']:.3f} +- {s[h]['se']:.3f}" for h in HEADS)
             + " |"
         )
+    if scores.get("reference_usage"):
+        print("\n| model | reference | video loss, own ref | gain vs none | gain vs another's |")
+        print("| --- | --- | --- | --- | --- |")
+    for stage, kinds in scores.get("reference_usage", {}).items():
+        for kind, u in kinds.items():
+            cells = [
+                "n/a"
+                if g["mean"] is None
+                else f"{g['mean']:+.4f} +- {g['se']:.4f} (n={g['samples']})"
+                for g in (u["gain_vs_none"], u["gain_vs_other"])
+            ]
+            own = "n/a" if u["loss_own"] is None else f"{u['loss_own']:.4f}"
+            print(f"| {stage} | {kind} | {own} | {cells[0]} | {cells[1]} |")
     print("\n| target | measured | bar | met |\n| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['target']} | {r['measured']} | {r['bar']} | {'yes' if r['met'] else 'NO'} |")
@@ -249,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
              "checkpoint": args.checkpoint or None, "cases": args.cases,
              "held_out": scores.get("held_out"), "summaries": summaries,
              "backdrops": scores.get("backdrops"), "conditioning": scores["conditioning"],
+             "reference_usage": scores.get("reference_usage"),
              "targets": rows}, indent=1, default=str))  # fmt: skip
     missed = [r["target"] for r in rows if not r["met"]]
     if missed:

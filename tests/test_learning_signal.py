@@ -233,3 +233,21 @@ def test_dance_grpo_raises_a_fixed_reward_in_six_steps(tiny_chain_run, sign):
     print(f"reward {before[0]:+.3f} +- {before[1]:.3f} -> {after[0]:+.3f} +- {after[1]:.3f}")
     assert after[0] - before[0] >= 0.05
     assert after[0] - before[0] >= 5 * (before[1] ** 2 + after[1] ** 2) ** 0.5
+
+
+def test_reference_usage_runs_on_the_runs_own_reference_batches(tiny_chain_run):
+    """bench/quality.py's reference-usage diagnostic on the chain's pretrain model:
+    the stage's builder draws one kind of role reference per pass from the corpus's
+    same-source pairs (image and video here: no speaker labels, so no audio pairs),
+    every paired loss is finite, and the same call gives the same numbers."""
+    import math
+
+    from pipelines.train.reference_usage import reference_usage
+
+    first = reference_usage(tiny_chain_run, "pretrain", batches=2)
+    assert set(first) == {"image", "video"}, first
+    for kind, u in first.items():
+        for gain in (u["gain_vs_none"], u["gain_vs_other"]):
+            assert gain["samples"] > 0 and math.isfinite(gain["mean"]), (kind, u)
+        assert u["loss_own"] > 0
+    assert reference_usage(tiny_chain_run, "pretrain", batches=2) == first
