@@ -197,3 +197,26 @@ def test_the_sft_subset_is_the_top_fraction_but_at_least_one_global_batch():
     # a batch of 3 takes the three best, not the top quarter's one clip
     assert sorted(r.clip_id for r in sft_subset(rows, 0.25, min_rows=3)) == ["c0", "c2", "c3"]
     assert len(sft_subset(rows, 0.25, min_rows=9)) == 4  # no more than there are
+
+
+def test_standout_weighting_lifts_the_object_positions_of_the_video_loss():
+    """dit_loss's ``standout_weight``: latent positions far from their frame's median
+    latent weigh 1 + w * distance; the backdrop keeps 1, and 0 is the plain mean. An
+    error on the object alone then costs more than the same error on a backdrop
+    position."""
+    from pipelines.train.loop import latent_standout, weighted_mean
+
+    x0 = torch.zeros(1, 4, 2, 4, 4)  # (B, Cv, T, h, w): a flat backdrop...
+    x0[0, 1, :, 1, 2] = 0.5  # ...and one object position, off by 0.5 in one channel
+    weight = latent_standout(x0, 10.0)
+    assert weight.shape == (1, 1, 2, 4, 4)
+    assert weight[0, 0, 0, 1, 2] == pytest.approx(6.0) and weight[0, 0, 0, 0, 0] == 1.0
+    assert latent_standout(x0, 0.0) is None
+
+    on_object, on_backdrop = torch.zeros_like(x0), torch.zeros_like(x0)
+    on_object[0, 0, :, 1, 2] = 1.0
+    on_backdrop[0, 0, :, 3, 3] = 1.0
+    plain = [weighted_mean(e, None).item() for e in (on_object, on_backdrop)]
+    assert plain[0] == plain[1] == pytest.approx(2 / x0.numel())
+    lifted = [weighted_mean(e, weight).item() for e in (on_object, on_backdrop)]
+    assert lifted[0] > 5 * lifted[1]

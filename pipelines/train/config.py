@@ -180,6 +180,12 @@ class DiTStageConfig(StageConfig):
     # video-to-audio and audio-to-video as conditioning.
     independent_time_probability: float = 0.3
     clean_branch_probability: float = 0.2
+    # Video loss weight of latent positions that stand out of their frame's median
+    # latent (objects on a backdrop), as the VAE's standout term does for pixels:
+    # a reference or a colour word that describes a small object changes a few
+    # percent of the positions, so an unweighted mean gives reading it little
+    # gradient. 0 = the plain mean.
+    standout_weight: float = 0.0
 
 
 @dataclass

@@ -478,7 +478,10 @@ def dit_loss(module, b: DiTBatch, flow, patch: int, gen, device, stage=None):
         b.shots,
         text_drop=drop.to(device),
     )
-    per_sample_v = ((pred_v.float() - velocity_target(x0v, nv).float()) ** 2).flatten(1).mean(1)
+    err_v = (pred_v.float() - velocity_target(x0v, nv).float()) ** 2  # (B, Cv, T, h, w)
+    per_sample_v = weighted_mean(
+        err_v, latent_standout(x0v, getattr(stage, "standout_weight", 0.0))
+    )
     weight_v = (~times.clean_video).to(device).float()
     loss_v = (per_sample_v * weight_v).sum() / weight_v.sum().clamp_min(1.0)
     per_sample_a = ((pred_a.float() - velocity_target(x0a, na).float()) ** 2).flatten(1).mean(1)
@@ -492,6 +495,23 @@ def dit_loss(module, b: DiTBatch, flow, patch: int, gen, device, stage=None):
         "clean_audio": float(times.clean_audio.float().mean()),
     }
     return loss, metrics
+
+
+def latent_standout(x0v: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """(B, 1, T, h, w) loss weights 1 + weight * (distance of each latent position
+    from its frame's median latent, largest over channels); None when weight is 0."""
+    if weight <= 0:
+        return None
+    backdrop = x0v.float().flatten(3).median(dim=3).values[..., None, None]  # (B, Cv, T, 1, 1)
+    return 1.0 + weight * (x0v.float() - backdrop).abs().amax(dim=1, keepdim=True)
+
+
+def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, ...) -> (B,): the mean over all but the batch, weighted per position."""
+    if weight is None:
+        return err.flatten(1).mean(1)
+    w = weight.expand_as(err)
+    return (err * w).flatten(1).sum(1) / w.flatten(1).sum(1)
 
 
 def _refs_to(refs, device):

@@ -6,7 +6,8 @@ settings cannot fix it. This measures the training-side question directly, on th
 run's own data: batches drawn by the stage's batch builder with one kind of role
 reference per pass (image subject, video motion or audio tempo; no I2V first frame,
 no multi-shot), and for each sample that got a reference, the video branch's
-flow-matching loss with its own reference, with another sample's (the batch
+flow-matching loss (positions weighted toward what stands out of the backdrop,
+where a subject is) with its own reference, with another sample's (the batch
 rolled by one) and with none, all at the same noise and times. A model that uses
 the reference denoises better with its own: ``gain_vs_none`` and
 ``gain_vs_other`` (paired mean +- standard error over samples) above zero. Zero
@@ -25,6 +26,10 @@ import torch
 from model.flow_matching import add_noise, resolution_shift, sample_timesteps, velocity_target
 from model.references import ReferenceLatents, RefSlot
 
+# A reference's subject is a few percent of a frame's latent positions: the plain
+# mean loss hides what reading it gains, so positions are weighted by how far they
+# stand out of their frame's median latent (pipelines.train.loop.latent_standout).
+STANDOUT = 10.0
 KIND_LIMITS = {
     "image": {"max_images": 1, "max_videos": 0, "max_audios": 0},
     "video": {"max_images": 0, "max_videos": 1, "max_audios": 0},
@@ -62,10 +67,14 @@ def has_reference(refs: ReferenceLatents | None, batch_size: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def video_losses(dit, batch, references, flow, patch: int, seed: int) -> torch.Tensor:
-    """(B,) per-sample video flow-matching loss of ``batch`` under ``references``;
-    the same ``seed`` gives every call the same noise and times."""
-    from pipelines.train.loop import _refs_to
+def video_losses(
+    dit, batch, references, flow, patch: int, seed: int, standout: float = STANDOUT
+) -> torch.Tensor:
+    """(B,) per-sample video flow-matching loss of ``batch`` under ``references``,
+    positions weighted by how far they stand out of their frame's median latent
+    (``standout``; 0 = the plain mean); the same ``seed`` gives every call the same
+    noise and times."""
+    from pipelines.train.loop import _refs_to, latent_standout, weighted_mean
 
     device = next(dit.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -79,8 +88,8 @@ def video_losses(dit, batch, references, flow, patch: int, seed: int) -> torch.T
         batch.text, tokens=batch.text.tokens.to(device), mask=batch.text.mask.to(device)
     )
     pred_v, _ = dit(xv, xa, t.to(device), text, _refs_to(references, device))
-    target = velocity_target(x0v, nv).to(device)
-    return ((pred_v.float() - target.float()) ** 2).flatten(1).mean(1).cpu()
+    err = (pred_v.float() - velocity_target(x0v, nv).to(device).float()) ** 2
+    return weighted_mean(err, latent_standout(x0v.to(device), standout)).cpu()
 
 
 def paired(diffs: list[float]) -> dict:
