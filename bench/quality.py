@@ -209,7 +209,7 @@ def print_table(rows: list[dict], scores: dict) -> None:
             + " |"
         )
     if scores.get("reference_usage"):
-        print("\n| model | reference | video loss, own ref | gain vs none | gain vs another's |")
+        print("\n| model | reference | branch loss, own ref | gain vs none | gain vs another's |")
         print("| --- | --- | --- | --- | --- |")
     for stage, kinds in scores.get("reference_usage", {}).items():
         for kind, u in kinds.items():
@@ -220,7 +220,7 @@ def print_table(rows: list[dict], scores: dict) -> None:
                 for g in (u["gain_vs_none"], u["gain_vs_other"])
             ]
             own = "n/a" if u["loss_own"] is None else f"{u['loss_own']:.4f}"
-            print(f"| {stage} | {kind} | {own} | {cells[0]} | {cells[1]} |")
+            print(f"| {stage} | {kind} | {u['branch']} {own} | {cells[0]} | {cells[1]} |")
     print("\n| target | measured | bar | met |\n| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['target']} | {r['measured']} | {r['bar']} | {'yes' if r['met'] else 'NO'} |")

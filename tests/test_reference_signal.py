@@ -19,7 +19,7 @@ from model.dit import DualBranchDiT, TextConditioning
 from model.flow_matching import add_noise, velocity_target
 from model.references import ReferenceLatents, RefSlot
 from pipelines.train.batches import DiTBatch
-from pipelines.train.reference_usage import has_reference, paired, roll_references, video_losses
+from pipelines.train.reference_usage import branch_losses, has_reference, paired, roll_references
 
 BATCH, LAT_FRAMES, GRID = 8, 2, 4
 
@@ -103,10 +103,10 @@ def test_reference_usage_sees_a_model_that_reads_its_references(trained):
     patch = cfg.dit.video_patch
     vs_none, vs_other = [], []
     for seed in range(4):
-        own = video_losses(dit, batch, refs, cfg.flow, patch, seed)
-        assert torch.equal(own, video_losses(dit, batch, refs, cfg.flow, patch, seed))
-        none = video_losses(dit, batch, None, cfg.flow, patch, seed)
-        other = video_losses(dit, batch, rolled, cfg.flow, patch, seed)
+        own = branch_losses(dit, batch, refs, cfg.flow, patch, seed)[0]
+        assert torch.equal(own, branch_losses(dit, batch, refs, cfg.flow, patch, seed)[0])
+        none = branch_losses(dit, batch, None, cfg.flow, patch, seed)[0]
+        other = branch_losses(dit, batch, rolled, cfg.flow, patch, seed)[0]
         both = present & present.roll(1, 0)
         vs_none += (none - own)[present].tolist()
         vs_other += (other - own)[both].tolist()

@@ -5,9 +5,10 @@ what the clip holds. Generation then does not follow references, and sampling
 settings cannot fix it. This measures the training-side question directly, on the
 run's own data: batches drawn by the stage's batch builder with one kind of role
 reference per pass (image subject, video motion or audio tempo; no I2V first frame,
-no multi-shot), and for each sample that got a reference, the video branch's
-flow-matching loss (positions weighted toward what stands out of the backdrop,
-where a subject is) with its own reference, with another sample's (the batch
+no multi-shot), and for each sample that got a reference, the flow-matching loss of
+the branch the reference speaks to (video for image and video references, positions
+weighted toward what stands out of the backdrop, where a subject is; audio for audio
+references) with its own reference, with another sample's (the batch
 rolled by one) and with none, all at the same noise and times. A model that uses
 the reference denoises better with its own: ``gain_vs_none`` and
 ``gain_vs_other`` (paired mean +- standard error over samples) above zero. Zero
@@ -67,13 +68,14 @@ def has_reference(refs: ReferenceLatents | None, batch_size: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def video_losses(
+def branch_losses(
     dit, batch, references, flow, patch: int, seed: int, standout: float = STANDOUT
-) -> torch.Tensor:
-    """(B,) per-sample video flow-matching loss of ``batch`` under ``references``,
-    positions weighted by how far they stand out of their frame's median latent
-    (``standout``; 0 = the plain mean); the same ``seed`` gives every call the same
-    noise and times."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) per-sample video and audio flow-matching losses of ``batch`` under
+    ``references``; video positions weighted by how far they stand out of their
+    frame's median latent (``standout``; 0 = the plain mean). The same ``seed`` gives
+    every call the same noise and times (the text, bindings included, is the batch's
+    in every call)."""
     from pipelines.train.loop import _refs_to, latent_standout, weighted_mean
 
     device = next(dit.parameters()).device
@@ -87,9 +89,11 @@ def video_losses(
     text = dataclasses.replace(
         batch.text, tokens=batch.text.tokens.to(device), mask=batch.text.mask.to(device)
     )
-    pred_v, _ = dit(xv, xa, t.to(device), text, _refs_to(references, device))
-    err = (pred_v.float() - velocity_target(x0v, nv).to(device).float()) ** 2
-    return weighted_mean(err, latent_standout(x0v.to(device), standout)).cpu()
+    pred_v, pred_a = dit(xv, xa, t.to(device), text, _refs_to(references, device))
+    err_v = (pred_v.float() - velocity_target(x0v, nv).to(device).float()) ** 2
+    err_a = (pred_a.float() - velocity_target(x0a, na).to(device).float()) ** 2
+    video = weighted_mean(err_v, latent_standout(x0v.to(device), standout))
+    return video.cpu(), weighted_mean(err_a, None).cpu()
 
 
 def paired(diffs: list[float]) -> dict:
@@ -102,8 +106,8 @@ def paired(diffs: list[float]) -> dict:
 
 
 def reference_usage(cfg, stage: str, batches: int = 8, seed: int = 0, device="cpu") -> dict:
-    """{kind: {"gain_vs_none", "gain_vs_other", "loss_own"}} for the run's final
-    ``stage`` checkpoint (kinds whose pairs the data lacks are left out)."""
+    """{kind: {"gain_vs_none", "gain_vs_other", "loss_own", "branch"}} for the run's
+    final ``stage`` checkpoint (kinds whose pairs the data lacks are left out)."""
     from model.pipeline import DuetPipeline
     from pipelines.train.batches import BatchBuilder
     from pipelines.train.config import stage_data
@@ -143,10 +147,10 @@ def reference_usage(cfg, stage: str, batches: int = 8, seed: int = 0, device="cp
             with_ref = has_reference(b.references, batch_size)
             if b.references is None or not bool(with_ref.any()):
                 continue
-            own = video_losses(pipeline.dit, b, b.references, mcfg.flow, d.video_patch, k)
-            none = video_losses(pipeline.dit, b, None, mcfg.flow, d.video_patch, k)
-            other = video_losses(
-                pipeline.dit, b, roll_references(b.references), mcfg.flow, d.video_patch, k
+            branch = 1 if kind == "audio" else 0
+            own, none, other = (
+                branch_losses(pipeline.dit, b, refs, mcfg.flow, d.video_patch, k)[branch]
+                for refs in (b.references, None, roll_references(b.references))
             )
             # Another's only where the rolled-in sample had one too.
             other_ok = with_ref & with_ref.roll(1, 0)
@@ -157,5 +161,6 @@ def reference_usage(cfg, stage: str, batches: int = 8, seed: int = 0, device="cp
             "gain_vs_none": paired(vs_none),
             "gain_vs_other": paired(vs_other),
             "loss_own": sum(own_losses) / len(own_losses) if own_losses else None,
+            "branch": "audio" if kind == "audio" else "video",
         }
     return out
