@@ -601,9 +601,15 @@ def pixel_weights(x: torch.Tensor, w: ReconLossWeights) -> torch.Tensor:
         background = x.median(dim=2, keepdim=True).values  # (B, 3, 1, H, W)
         weight = weight + w.motion * (x - background).abs().amax(dim=1, keepdim=True)
     if w.standout > 0:
-        backdrop = x.flatten(3).median(dim=3).values[..., None, None]  # (B, 3, T, 1, 1)
-        weight = weight + w.standout * (x - backdrop).abs().amax(dim=1, keepdim=True)
+        weight = weight + w.standout * standout_map(x)
     return weight
+
+
+def standout_map(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) pixels or latents -> (B, 1, T, H, W): each position's largest
+    channel distance from its own frame's median (the backdrop, where one dominates)."""
+    backdrop = x.flatten(3).median(dim=3).values[..., None, None]  # (B, C, T, 1, 1)
+    return (x - backdrop).abs().amax(dim=1, keepdim=True)
 
 
 def motion_map(video: torch.Tensor) -> torch.Tensor:

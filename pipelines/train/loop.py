@@ -32,7 +32,7 @@ from model.ema import ema_update
 from model.flow_matching import add_noise, resolution_shift, sample_timesteps, velocity_target
 from model.parallelize import apply_ddp, parallelize_dit
 from model.pipeline import DuetPipeline
-from model.video_vae import ReconLossWeights, motion_map, pick_crop
+from model.video_vae import ReconLossWeights, motion_map, pick_crop, standout_map
 from pipelines.train import state as ckpt
 from pipelines.train.batches import BatchBuilder, DiTBatch
 from pipelines.train.config import (
@@ -502,8 +502,7 @@ def latent_standout(x0v: torch.Tensor, weight: float) -> torch.Tensor | None:
     from its frame's median latent, largest over channels); None when weight is 0."""
     if weight <= 0:
         return None
-    backdrop = x0v.float().flatten(3).median(dim=3).values[..., None, None]  # (B, Cv, T, 1, 1)
-    return 1.0 + weight * (x0v.float() - backdrop).abs().amax(dim=1, keepdim=True)
+    return 1.0 + weight * standout_map(x0v.float())
 
 
 def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
