@@ -184,7 +184,8 @@ class DiTStageConfig(StageConfig):
     # latent (objects on a backdrop), as the VAE's standout term does for pixels:
     # a reference or a colour word that describes a small object changes a few
     # percent of the positions, so an unweighted mean gives reading it little
-    # gradient. 0 = the plain mean.
+    # gradient. 0 = the plain mean (10 did not change reference usage in CPU runs:
+    # BENCHMARKS.md, session 12).
     standout_weight: float = 0.0
 
 
