@@ -182,37 +182,47 @@ def _train_vocoder(pipe, waveforms, steps: int, gan_fraction: float, gan_weight:
 
 
 STANDOUT = 10.0  # the standout weight of the fine-tune that turns it on
+PERMUTE = 0.5  # the colour-permutation probability of the fine-tune that turns it on
 
 
-def _finetune_video_vaes(vae, train_clips, steps: int, gan_start: int, lr: float, device):
+def _finetune_video_vaes(
+    vae, train_clips, steps, gan_start, lr, device, only=(), scratch=None, batch_size=2
+):
     """Copies of ``vae`` fine-tuned on identical windows and noise with the vae
     stage's settings but ``lr``: the stage's loss, the stage's loss with the standout
     weighting on (``vae.standout_weight``: still objects up-weighted), and the
-    stage's loss with the patch discriminator from ``gan_start``. A fresh AdamW at the stage's 5e-4 knocks the trained VAE down (one
-    step: 31.5 -> 12.3 dB; 20 warm-up steps: 26.4 dB), hence a smaller rate."""
+    stage's loss with the patch discriminator from ``gan_start``, and the stage's loss
+    on windows whose colours are permuted (``vae.colour_permute``). ``only``: indices
+    of the variants to run (empty: all). A fresh AdamW at the stage's 5e-4 knocks the
+    trained VAE down (one step: 31.5 -> 12.3 dB; 20 warm-up steps: 26.4 dB), hence a
+    smaller rate. ``scratch`` (a VideoVAEConfig): train fresh VAEs of that config
+    instead of copies of ``vae`` (then the stage's rate suits)."""
     import torch
 
     from model.discriminators import PatchDiscriminator
-    from model.video_vae import frames_to_tensor
+    from model.video_vae import VideoVAE, frames_to_tensor
     from pipelines.train.config import VAEStageConfig
-    from pipelines.train.loop import lr_at, recon_weights
+    from pipelines.train.loop import lr_at, permute_colours, recon_weights
 
     s = VAEStageConfig()
     tf = vae.cfg.temporal_factor
     videos = [frames_to_tensor(frames) for frames, _ in train_clips]  # (3, T, H, W)
     out = {}
     variants = (
-        ("stage loss", False, recon_weights(s)),
+        ("stage loss", False, recon_weights(s), 0.0),
         (
             f"stage loss + standout {STANDOUT}",
             False,
             dataclasses.replace(recon_weights(s), standout=STANDOUT),
+            0.0,
         ),
-        ("stage loss, adversarial", True, recon_weights(s)),
+        ("stage loss, adversarial", True, recon_weights(s), 0.0),
+        (f"stage loss, colours permuted p={PERMUTE}", False, recon_weights(s), PERMUTE),
     )
-    for label, adversarial, weights in variants:
+    variants = tuple(v for i, v in enumerate(variants) if not only or i in only)
+    for label, adversarial, weights, permute in variants:
         torch.manual_seed(0)
-        model = copy.deepcopy(vae).to(device).train()
+        model = (VideoVAE(scratch) if scratch else copy.deepcopy(vae)).to(device).train()
         disc = PatchDiscriminator().to(device) if adversarial else None
         groups = [{"params": model.parameters(), "lr": lr}]
         if disc is not None:
@@ -228,12 +238,12 @@ def _finetune_video_vaes(vae, train_clips, steps: int, gan_start: int, lr: float
             for g, lr in zip(opt.param_groups, base, strict=True):
                 g["lr"] = lr_at(step, steps, lr, s.warmup_steps)
             batch = []
-            for _ in range(2):
+            for _ in range(batch_size):
                 v = videos[int(torch.randint(len(videos), (1,), generator=gen))]
                 start = tf * int(
                     torch.randint(0, (v.shape[1] - frames) // tf + 1, (1,), generator=gen)
                 )
-                batch.append(v[:, start : start + frames])
+                batch.append(permute_colours(v[:, start : start + frames], permute, gen))
             x = torch.stack(batch).to(device)
             d = disc if (disc is not None and step >= gan_start) else None
             loss, _ = model.loss(x, weights, gen, d)
@@ -452,6 +462,35 @@ def transcribe_saved(out_dir: str) -> None:
         print(f"{name:42s} WER {wer:.3f}")
 
 
+PALETTE_SIDES = (0.1, 0.25)  # square sides of the palette sweep, as fractions of the frame
+
+
+def _palette_clips(cfg, frames: int = 9) -> list:
+    """Still clips of one square on a two-tone backdrop: every object colour of the
+    synthetic world (night-dimmed on the night backdrops) on every backdrop, at two
+    sizes. 8 colours x 6 backdrops x 2 sizes = 96 objects, 12 per colour: a retention
+    figure per colour that a handful of held-out clips cannot give."""
+    import numpy as np
+
+    from core.synth import palette as pal
+
+    h, w = cfg.height, cfg.width
+    backdrops = [(b, 1.0) for b in pal.DAY_BACKGROUNDS.values()]
+    backdrops += [(b, pal.NIGHT_OBJECT_GAIN) for b in pal.NIGHT_BACKGROUNDS.values()]
+    out = []
+    for colour, rgb in pal.OBJECT_COLORS.items():
+        for (sky, floor), gain in backdrops:
+            for i, side in enumerate(PALETTE_SIDES):
+                img = np.empty((h, w, 3), np.uint8)
+                img[: h // 2], img[h // 2 :] = sky, floor
+                n = max(4, round(side * min(h, w)))
+                # Left or right of centre, straddling the horizon at the larger size.
+                y, x = h // 2 - n // 2 - (n // 4 if i == 0 else 0), (w // 4 if i == 0 else w // 2)
+                img[y : y + n, x : x + n] = np.round(np.asarray(rgb) * gain).astype(np.uint8)
+                out.append((colour, np.repeat(img[None], frames, axis=0)))
+    return out
+
+
 def _video_table(args, pipe, eval_clips, device) -> list:
     import numpy as np
     import torch
@@ -485,14 +524,23 @@ def _video_table(args, pipe, eval_clips, device) -> list:
         train = _synth_clips(
             cfg, seeds, args.seconds, pipe.audio_vae.samples_per_latent, _kinds(args)
         )
+        only = tuple(int(i) for i in args.video_variants.split(",") if i.strip())
+        scratch = None
+        if args.video_scratch:
+            widths = tuple(int(c) for c in args.video_scratch.split(","))
+            scratch = dataclasses.replace(vae.cfg, channels=widths[:-1], latent_channels=widths[-1])
+            scratch = dataclasses.replace(scratch, **_whole_fields())
         tuned = _finetune_video_vaes(
-            vae, train, args.video_steps, args.video_gan_start, args.video_lr, device
-        )
+            vae, train, args.video_steps, args.video_gan_start, args.video_lr, device, only,
+            scratch, args.video_batch,
+        )  # fmt: skip
+        how = f"from scratch ({args.video_scratch})" if scratch else "fine-tuned"
         for label, model in tuned.items():
-            vaes[f"{label}, fine-tuned {args.video_steps} steps"] = model
+            vaes[f"{label}, {how} {args.video_steps} steps"] = model
 
     area = min_object_area(min(cfg.height, cfg.width))
     orig_dets = [[detect_objects(f, area) for f in frames] for frames, _ in eval_clips]
+    palette = _palette_clips(cfg)
     rows = []
     for label, model in vaes.items():
         acc = collections.defaultdict(list)
@@ -517,6 +565,16 @@ def _video_table(args, pipe, eval_clips, device) -> list:
                     found[colour][1] += 1
                     found[colour][0] += _colour_found(recon, colour)
             acc["recs"].append(rec.cpu())
+        sweep = collections.defaultdict(lambda: [0, 0])
+        # The tiled decode is the same VAE (its difference is printed): not swept again.
+        for colour, frames in palette if model is not tiled else ():
+            x = frames_to_tensor(frames)[None].to(device)
+            with torch.no_grad():
+                rec = model.decode(model.encode(x))
+            recon = [detect_objects(f, area) for f in tensor_to_frames(rec[0])]
+            sweep[colour][1] += 1
+            sweep[colour][0] += _colour_found(recon, colour)
+        acc["palette"] = dict(sweep)
         rows.append((label, acc, dict(sorted(found.items()))))
     return rows
 
@@ -588,6 +646,17 @@ def _print_video(rows, n_clips: int, n_frames: int, cfg) -> None:
             f"{label:44s} {np.mean(acc['psnr']):8.2f} {np.mean(acc['ssim']):6.3f} "
             f"{np.mean(acc['rtf']):9.4f}  {ret or 'no colours found'}"
         )
+    print(
+        f"\npalette sweep: one square of each colour on {len(PALETTE_SIDES) * 6} backdrop/size"
+        " pairs (found / shown)"
+    )
+    for label, acc, _ in rows:
+        sweep = acc["palette"]
+        if not sweep:
+            continue
+        k, n = sum(v[0] for v in sweep.values()), sum(v[1] for v in sweep.values())
+        per = ", ".join(f"{c} {a}/{b}" for c, (a, b) in sweep.items())
+        print(f"{label:44s} {k:3d}/{n} ({100 * k / n:.0f}%)  {per}")
     diff = max(
         float((a - b).abs().max())
         for a, b in zip(rows[0][1]["recs"], rows[1][1]["recs"], strict=True)
@@ -614,10 +683,14 @@ def _verdict(audio, rows) -> None:
                 f"  onsets ({table}) within 1 frame: {'yes' if not bad else 'NO: ' + bad}"
                 f" (worst {worst:.2f})"
             )
-    for label, _, found in rows:
+    for label, acc, found in rows:
         low = {c: k / n for c, (k, n) in found.items() if k / n < 0.95}
         verdict = "yes" if found and not low else f"NO ({', '.join(low) or 'no colours'})"
         print(f"  {label}: every colour retained >= 95%: {verdict}")
+        low = [c for c, (k, n) in acc["palette"].items() if k / n < 0.95]
+        verdict = "yes" if not low else f"NO ({', '.join(low)})"
+        if acc["palette"]:
+            print(f"  {label}: every colour of the palette sweep retained >= 95%: {verdict}")
 
 
 def main() -> None:
@@ -637,6 +710,15 @@ def main() -> None:
     parser.add_argument("--video-steps", type=int, default=40, help="0: checkpoint's VAE only")
     parser.add_argument("--video-gan-start", type=int, default=0)
     parser.add_argument("--video-lr", type=float, default=5e-5)
+    parser.add_argument("--video-batch", type=int, default=2, help="windows per fine-tune step")
+    parser.add_argument(
+        "--video-variants", default="", help="e.g. 0,3: which fine-tunes (default: all)"
+    )
+    parser.add_argument(
+        "--video-scratch",
+        default="",
+        help="e.g. 48,96,8: train fresh VAEs of these widths and latent channels instead",
+    )
     parser.add_argument("--video-plain", default="", help="checkpoint of a plain-trained VAE")
     parser.add_argument("--video-adv", default="", help="checkpoint of an adversarial VAE")
     parser.add_argument("--lines-file", default="", help=".npz of the lines (made if absent)")

@@ -16,7 +16,7 @@ from model.configs import get_config
 from model.discriminators import AudioDiscriminator, AudioDiscriminatorConfig, adaptive_weight
 from model.video_vae import VideoVAE
 from pipelines.train.config import VAEStageConfig
-from pipelines.train.loop import VAEPair
+from pipelines.train.loop import COLOUR_ORDERS, VAEPair, permute_colours
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -306,3 +306,29 @@ def test_vae_stage_checkpoint_keeps_the_discriminators_for_resume(tmp_path):
     for name in ("audio_disc", "video_disc"):
         live, back = getattr(pair, name).state_dict(), getattr(resumed, name).state_dict()
         assert all(torch.equal(live[k], back[k]) for k in live)
+
+
+def test_colour_permutation_reorders_channels_and_draws_nothing_when_off():
+    """``vae.colour_permute``: with probability p a window's RGB channels come back in
+    one of the five other orders (all five drawn, each a true reordering); at p = 0
+    the window is returned untouched and the step's generator is not advanced, so
+    recipes without the option keep their random streams (and resume bit for bit)."""
+    clip = torch.stack([torch.full((2, 4, 4), v) for v in (-0.5, 0.1, 0.9)])  # (3, T, H, W)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert permute_colours(clip, 0.0, gen) is clip
+    assert torch.equal(gen.get_state(), state)
+
+    orders, permuted = set(), 0
+    for seed in range(200):
+        out = permute_colours(clip, 0.5, torch.Generator().manual_seed(seed))
+        order = tuple(int(torch.nonzero(clip[:, 0, 0, 0] == v)) for v in out[:, 0, 0, 0])
+        assert sorted(order) == [0, 1, 2] and out.shape == clip.shape
+        if order != (0, 1, 2):
+            permuted += 1
+            orders.add(order)
+    assert orders == set(COLOUR_ORDERS) and 70 <= permuted <= 130  # expected 100
+    always = permute_colours(clip, 1.0, torch.Generator().manual_seed(1))
+    assert not torch.equal(always, clip)
+    with pytest.raises(ValueError, match="colour_permute"):
+        VAEStageConfig(colour_permute=1.5).validate()

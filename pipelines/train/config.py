@@ -116,6 +116,12 @@ class VAEStageConfig(StageConfig):
     # steps but nothing more in 2000 GPU steps (BENCHMARKS.md, session 12).
     motion_weight: float = 10.0
     standout_weight: float = 0.0
+    # Probability that a training window's RGB channels are permuted (one of the five
+    # non-identity orders, uniformly). A reconstruction target stays valid under any
+    # permutation, and it shows the VAE every hue: a VAE trained on a corpus with few
+    # green objects has no code for green (the shipped one returns a green square as
+    # gray while red and blue survive; BENCHMARKS.md, session 13).
+    colour_permute: float = 0.0
     # The vocoder trains beside the VAEs on every step of this stage when
     # vocoder_steps > 0 (a switch, as recipes have always used it: its step count is
     # the stage's ``steps``). Each step it re-synthesises vocoder_segments random
@@ -155,6 +161,10 @@ class VAEStageConfig(StageConfig):
             raise ValueError(
                 f"vocoder_segments must be >= 0 (0 = whole clips) and vocoder_segment_s > 0, "
                 f"got {self.vocoder_segments} and {self.vocoder_segment_s}"
+            )
+        if not 0.0 <= self.colour_permute <= 1.0:
+            raise ValueError(
+                f"colour_permute is a probability in [0, 1], got {self.colour_permute}"
             )
         if not 0.0 <= self.vocoder_gan_fraction <= 1.0 or self.vocoder_gan_weight < 0:
             raise ValueError(

@@ -229,6 +229,20 @@ def _window(video: torch.Tensor, s: VAEStageConfig, tf: int, sf: int, gen) -> to
     return clip
 
 
+# The five RGB orders other than the identity.
+COLOUR_ORDERS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+
+def permute_colours(clip: torch.Tensor, p: float, gen) -> torch.Tensor:
+    """(3, ...) -> the same with its channels in another RGB order, with probability
+    ``p`` (no random draw at all when ``p`` is 0, so recipes without it keep their
+    random streams)."""
+    if p <= 0.0 or float(torch.rand((), generator=gen)) >= p:
+        return clip
+    order = COLOUR_ORDERS[int(torch.randint(len(COLOUR_ORDERS), (1,), generator=gen))]
+    return clip[list(order)]
+
+
 class DecodedClips:
     """Per-worker decode cache for the VAE stage (a bounded LRU of decoded clips)."""
 
@@ -271,7 +285,9 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
             clips = stream.take(indices)
         else:
             clips = [decoded.get(rows[i]) for i in indices]
-        windows = torch.stack([_window(v, s, tf, sf, gen) for v, _ in clips])
+        windows = torch.stack(
+            [permute_colours(_window(v, s, tf, sf, gen), s.colour_permute, gen) for v, _ in clips]
+        )
         audio = torch.stack([a for _, a in clips])
         has_audio = torch.tensor([rows[i].has_audio for i in indices])
         loss, metrics = module(windows.to(rt.device), audio.to(rt.device), has_audio, gen, step)
