@@ -256,7 +256,10 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 def _short_chain_config(manifest: str, run_uri: str) -> dict:
     """Every stage, vae -> pretrain -> sft -> rlhf -> distill, at the fewest steps
     that exercise it (checkpoints, resume points, logs): for functional tests, not
-    quality. What a CPU recipe learns is measured by ``bench/quality.py``."""
+    quality. What a CPU recipe learns is measured by ``bench/quality.py``. The VAE's
+    colour permutation (on by default) is off: 40 steps are too few for it, and the
+    learning-signal bars of tests/test_learning_signal.py were set on these latents
+    (with it, the distill loss falls to 0.70 of its start instead of under 0.6)."""
     refs = {
         "reference_probability": 0.8,
         "max_images": 2,
@@ -269,7 +272,8 @@ def _short_chain_config(manifest: str, run_uri: str) -> dict:
         "preset": "tiny", "run_uri": run_uri, "seed": 0, "keep_checkpoints": 2,
         "data": {"curated_uri": manifest, "frame_buckets": [17]},
         "vae": {"steps": 40, "batch_size": 4, "window_frames": 9, "crop_px": 32,
-                "crop_candidates": 4, "checkpoint_every": 20, "log_every": 5, "eval_clips": 1},
+                "crop_candidates": 4, "checkpoint_every": 20, "log_every": 5, "eval_clips": 1,
+                "colour_permute": 0.0},
         "pretrain": {"steps": 40, "batch_size": 4, "lr": 3e-3, "warmup_steps": 5,
                      "ema_decay": 0.9, "checkpoint_every": 20, "log_every": 5,
                      "references": refs},
