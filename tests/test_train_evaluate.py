@@ -69,3 +69,21 @@ def test_evaluate_adherence_averages_prompts_and_seeds(monkeypatch):
     assert [r["adherence"] for r in result["rows"]] == [1.0, 0.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="no prompt names a coloured shape"):
         evaluate_adherence("the pipeline", prompts[2:], EvalSettings(seeds=(0,), steps=3))
+
+
+def test_held_out_prompts_drop_dialogue_and_put_whole_scenes_first():
+    """A talking-avatar caption loses its line and the verb before it (never "a yellow
+    face says"); captions that had no line come first; duplicates and captions that
+    name no coloured shape are left out."""
+    rows = [
+        SimpleNamespace(text='a yellow face says "the red ball is here"'),
+        SimpleNamespace(text="a red circle bounces on a gray floor"),
+        SimpleNamespace(text='a yellow face says "another line"'),
+        SimpleNamespace(text="the camera pans"),
+        SimpleNamespace(text="a red circle bounces on a gray floor"),
+    ]
+    assert evaluate.held_out_prompts(rows) == [
+        "a red circle bounces on a gray floor",
+        "a yellow face",
+    ]
+    assert evaluate.held_out_prompts(rows, limit=1) == ["a red circle bounces on a gray floor"]

@@ -33,15 +33,30 @@ class EvalSettings:
     text_scale: float = 4.0
 
 
+# A talking-avatar caption is `a yellow face says "<line>"`: without its line, the verb
+# that introduced it would dangle ("a yellow face says").
+SPEECH_VERBS = ("says", "said", "speaks", "sings")
+
+
+def without_dialogue(caption: str) -> str:
+    """The caption with its quoted line, and the verb that introduces it, removed."""
+    words = caption.split('"')[0].split()
+    if words and words[-1].lower() in SPEECH_VERBS:
+        words = words[:-1]
+    return " ".join(words)
+
+
 def held_out_prompts(rows, limit: int = 8) -> list[str]:
-    """Distinct captions (no dialogue) of held-out clips that name coloured shapes."""
-    seen, prompts = set(), []
+    """Distinct captions of held-out clips that name coloured shapes, without their
+    dialogue; captions that had none come first (they are whole scenes the model
+    was trained to draw, where a face without its line is only a part of one)."""
+    seen, whole, cut = set(), [], []
     for row in rows:
-        caption = row.text.split('"')[0].strip()
+        caption = without_dialogue(row.text)
         if caption and caption not in seen and parse_caption(caption):
             seen.add(caption)
-            prompts.append(caption)
-    return prompts[:limit]
+            (cut if '"' in row.text else whole).append(caption)
+    return (whole + cut)[:limit]
 
 
 def clip_scores(prompt: str, clip) -> dict:
