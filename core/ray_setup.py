@@ -203,17 +203,22 @@ def _start_local(ray, init_kwargs: dict[str, Any]) -> None:
                 ray.shutdown()
 
 
-def _child_pids() -> set[int]:
-    """Live children of this process (Ray's local processes are started as such)."""
-    me = os.getpid()
-    found = set()
+def process_table() -> dict[int, tuple[str, int, int]]:
+    """pid -> (state, ppid, pgid) of every process visible in /proc (Linux); a
+    process that exits while it is read is left out."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == me and fields[0] != "Z":
-                    found.add(int(entry.name))
-    return found
+                table[int(entry.name)] = (fields[0], int(fields[1]), int(fields[2]))
+    return table
+
+
+def _child_pids() -> set[int]:
+    """Live children of this process (Ray's local processes are started as such)."""
+    me = os.getpid()
+    return {pid for pid, (state, ppid, _) in process_table().items() if ppid == me and state != "Z"}
 
 
 def _stop_pids(pids: set[int], grace_s: float = 10.0) -> None:

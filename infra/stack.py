@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import config_to_dict
-from core.ray_setup import RAY_NODE_STARTUP_TIMEOUT
+from core.ray_setup import RAY_NODE_STARTUP_TIMEOUT, process_table
 from infra.config import REPO_ROOT, DeployConfig
 
 STATE_FILE = "stack.json"
@@ -402,21 +402,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _process_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, pgid) for every process visible in /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            table[int(entry.name)] = (int(fields[1]), int(fields[2]))
-    return table
-
-
 def _family(root: int, pgid: int) -> set[int]:
     """``root``, its descendants, and every member of its process group."""
-    table = _process_table()
+    table = {pid: (ppid, pgid) for pid, (_, ppid, pgid) in process_table().items()}
     members = {pid for pid, (_, group) in table.items() if group == pgid}
     found = {root} if root in table else set()
     frontier = [root]

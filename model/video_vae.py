@@ -598,8 +598,7 @@ def pixel_weights(x: torch.Tensor, w: ReconLossWeights) -> torch.Tensor:
     """
     weight = torch.ones_like(x[:, :1])
     if w.motion > 0:
-        background = x.median(dim=2, keepdim=True).values  # (B, 3, 1, H, W)
-        weight = weight + w.motion * (x - background).abs().amax(dim=1, keepdim=True)
+        weight = weight + w.motion * motion_map(x).unsqueeze(1)
     if w.standout > 0:
         weight = weight + w.standout * standout_map(x)
     return weight
