@@ -15,6 +15,7 @@ import pytest
 
 from core.media import AVClip
 from core.synth import palette, raster
+from pipelines.align.prompts import caption_prompts
 from pipelines.train import evaluate
 from pipelines.train.evaluate import EvalSettings, clip_scores, evaluate_adherence
 
@@ -87,3 +88,8 @@ def test_held_out_prompts_drop_dialogue_and_put_whole_scenes_first():
         "a yellow face",
     ]
     assert evaluate.held_out_prompts(rows, limit=1) == ["a red circle bounces on a gray floor"]
+    assert caption_prompts([r.text for r in rows]) == [  # the alignment stages' prompts
+        "a red circle bounces on a gray floor",
+        "a yellow face",
+        "the camera pans",
+    ]

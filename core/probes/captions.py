@@ -29,6 +29,18 @@ SHAPE_WORDS = {
     "triangle": "triangle", "triangles": "triangle",
 }  # fmt: skip
 COLOR_WORDS = {name: name for name in COLOR_NAMES}
+# A talking-avatar caption is `a yellow face says "<line>"`: without its line, the verb
+# that introduced it would dangle ("a yellow face says").
+SPEECH_VERBS = ("says", "said", "speaks", "sings")
+
+
+def without_dialogue(caption: str) -> str:
+    """The caption with its quoted line (and what follows), and the verb that
+    introduces it, removed: the scene a prompt can ask for."""
+    words = caption.split('"')[0].split()
+    if words and words[-1].lower() in SPEECH_VERBS:
+        words = words[:-1]
+    return " ".join(words)
 
 
 def parse_caption(caption: str) -> Counter:

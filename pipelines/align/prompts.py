@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from core.probes.captions import without_dialogue
 from pipelines.align.config import PromptSplit
 
 
@@ -24,8 +25,9 @@ def manifest_prompts(data_cfg, fps: float) -> list[str]:
 
 
 def caption_prompts(captions) -> list[str]:
-    """Distinct, sorted prompts of captions: quoted dialogue and what follows dropped."""
-    found = {c.split('"')[0].strip() for c in captions if c}
+    """Distinct, sorted prompts of captions: quoted dialogue, what follows it and the
+    verb that introduces it dropped (:func:`core.probes.captions.without_dialogue`)."""
+    found = {without_dialogue(c) for c in captions if c}
     return sorted(p for p in found if p)
 
 

@@ -19,7 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from core.probes.captions import caption_adherence, observed_objects, parse_caption
+from core.probes.captions import (
+    caption_adherence,
+    observed_objects,
+    parse_caption,
+    without_dialogue,
+)
 from core.probes.probe import probe_clip
 from model.generate import GenerationRequest, generate
 from model.pipeline import DuetPipeline
@@ -31,19 +36,6 @@ class EvalSettings:
     steps: int = 12
     duration_s: float = 2.0
     text_scale: float = 4.0
-
-
-# A talking-avatar caption is `a yellow face says "<line>"`: without its line, the verb
-# that introduced it would dangle ("a yellow face says").
-SPEECH_VERBS = ("says", "said", "speaks", "sings")
-
-
-def without_dialogue(caption: str) -> str:
-    """The caption with its quoted line, and the verb that introduces it, removed."""
-    words = caption.split('"')[0].split()
-    if words and words[-1].lower() in SPEECH_VERBS:
-        words = words[:-1]
-    return " ".join(words)
 
 
 def held_out_prompts(rows, limit: int = 8) -> list[str]:
