@@ -79,6 +79,13 @@ class RewardConfig:
     # rater. 0 leaves that source out.
     human_weight: float = 1.0
     rater_weight: float = 1.0
+    # Known-order pairs from the training corpus (pipelines.align.contrast_pairs): this
+    # many clips, each under its own caption against another's (adherence) and with its
+    # sound rotated by contrast_shift_steps video latent steps (sync), at contrast_weight
+    # per pair. Clips of held-out prompts are never used. 0 = none.
+    corpus_contrasts: int = 0
+    contrast_weight: float = 1.0
+    contrast_shift_steps: int = 2
 
 
 @dataclass

@@ -50,6 +50,12 @@ from model.flow_matching import resolution_shift, schedule
 from model.parallelize import apply_ddp, parallelize_dit
 from pipelines.align import grpo
 from pipelines.align.config import HEADS
+from pipelines.align.contrast_pairs import (
+    contrast_latents,
+    contrast_pairs,
+    contrast_rows,
+    pick_contrasts,
+)
 from pipelines.align.preferences import (
     NO_REFERENCES,
     TABLE_NAME,
@@ -241,6 +247,40 @@ def reward_inputs(pipeline, rows: list[dict]) -> dict:
     }
 
 
+def corpus_contrast_inputs(cfg, pipeline, held_out: list[str], like: dict):
+    """Contrast rows (:mod:`pipelines.align.contrast_pairs`) of the corpus's training
+    clips and their inputs, cut to the latent shape of ``like`` (the preference rows')."""
+    from core.media import read_clip
+    from pipelines.train.data import load_clip_rows
+
+    r = cfg.rlhf.reward
+    mcfg = pipeline.config
+    n_lat, n_audio = like["video"].shape[2], like["audio"].shape[-1]
+    frames = 1 + mcfg.video_vae.temporal_factor * (n_lat - 1)
+    clips = [c for c in load_clip_rows(cfg.data, mcfg.fps, split="train") if c.num_frames >= frames]
+    prompts, picks = pick_contrasts(
+        [c.text for c in clips], [c.has_audio for c in clips], held_out, r.corpus_contrasts, r.seed
+    )
+    rows = contrast_rows(prompts, picks)
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def latents(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i not in cache:
+            clip = read_clip(clips[i].clip_uri, require_audio=False)
+            with torch.no_grad():
+                zv, za = pipeline.encode_clip(clip, num_frames=frames)
+            cache[i] = (zv[0, :, :n_lat].cpu(), za[0, :, :n_audio].cpu())
+        return cache[i]
+
+    video, audio = contrast_latents(
+        rows, latents, r.contrast_shift_steps, mcfg.audio_latents_per_video_latent
+    )
+    names = sorted({row["prompt"] for row in rows})
+    tokens, mask = encode_prompts(pipeline, names)
+    index = torch.tensor([names.index(row["prompt"]) for row in rows], dtype=torch.long)
+    return rows, {"video": video, "audio": audio, "tokens": tokens[index], "mask": mask[index]}
+
+
 def reward_dims(pipeline) -> dict:
     mcfg = pipeline.config
     return {
@@ -276,8 +316,19 @@ def ensure_reward_model(cfg, pipeline, rt, log=print):
                                   rater_id=cfg.rlhf.preferences.rater_id)  # fmt: skip
 
         inputs = reward_inputs(pipeline, rows)
+        contrasts = 0
+        if r.corpus_contrasts > 0:
+            extra, extra_inputs = corpus_contrast_inputs(cfg, pipeline, held, inputs)
+            rows = rows + extra
+            inputs = {k: torch.cat([inputs[k], extra_inputs[k]]) for k in inputs}
+            contrasts = len({row["contrast"] for row in extra})
+
+        def all_pairs_of(sub: list[dict], head: str):
+            return pairs_of(sub, head) + contrast_pairs(sub, head, r.contrast_weight)
+
         model, report = train_reward_model(rows, inputs, r, reward_dims(pipeline),
-                                           pairs_of=pairs_of)  # fmt: skip
+                                           pairs_of=all_pairs_of)  # fmt: skip
+        report["corpus_contrasts"] = contrasts
         report.update({"train_prompts": train_prompts, "held_out_prompts": held,
                        "preferences": table, "candidates": len(rows),
                        "judgements": len(judgements),
