@@ -118,3 +118,15 @@ def test_a_reward_model_trained_on_contrasts_orders_unseen_clips_sync(tiny_chain
     # own-caption-over-another's generalises needs more than this corpus's ~16 clips
     # and three colours (3 of 5 here): bench/quality.py measures it at scale.
     assert val["sync"]["agreement"] >= 0.875, val
+
+
+def test_the_rlhf_stage_trains_its_reward_model_with_the_corpus_contrasts(tiny_chain_run):
+    """The short chain asks for 8 contrasts: the stage's reward model report counts
+    them and its training pairs include theirs (more sync pairs than the table's)."""
+    from pipelines.align.reward import load_reward_model
+
+    _, meta = load_reward_model(f"{tiny_chain_run.run_uri}/rlhf/reward")
+    report = meta["report"]
+    assert report["corpus_contrasts"] == 8
+    assert report["train_pairs"]["adherence"] > 0 and report["train_pairs"]["sync"] > 0
+    assert report["train_agreement"]["sync"]["pairs"] == report["train_pairs"]["sync"]
