@@ -126,15 +126,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     from pipelines.shipped.carry import unpack
+
+    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(f"[ship] device {device_name}, torch {torch.__version__}, {sys.version}", flush=True)
+    # Unpacked first: it installs PyAV, which the training modules import (core.media).
+    manifest = unpack(args.carry, os.path.join(args.run, "data"))
+    print(f"[ship] unpacked in {time.monotonic() - t0:.1f} s", flush=True)
     from pipelines.train import loop
     from pipelines.train import state as ckpt
     from pipelines.train.runtime import local_runtime
 
     rt = local_runtime()
-    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(f"[ship] device {device_name}, torch {torch.__version__}, {sys.version}", flush=True)
-    manifest = unpack(args.carry, os.path.join(args.run, "data"))
-    print(f"[ship] unpacked in {time.monotonic() - t0:.1f} s", flush=True)
     # Every clip decoded once for the vae stage (the default LRU of 256 would decode
     # most of a 600-clip corpus again on every epoch).
     loop.DecodedClips.__init__.__defaults__ = (1_000_000,)
@@ -218,7 +220,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- vae: its steps or its time share, whichever ends first ----------------------
     cfg = build_config(args, manifest, {"pretrain": 1, "sft": 1}, 10**9)
-    run_timed(cfg, "vae", t0 + args.vae_budget_s)
+    if run_timed(cfg, "vae", t0 + args.vae_budget_s) == 0:
+        # Every later stage starts from the VAE's final: nothing to train on.
+        raise SystemExit(
+            f"[ship] the vae stage wrote no checkpoint within --vae-budget-s "
+            f"{args.vae_budget_s:g}: raise it or lower --vae-checkpoint-every "
+            f"({args.vae_checkpoint_every})"
+        )
 
     # -- calibration: seconds per DiT step, start-up excluded (fills the latent cache) --
     calib = build_config(args, manifest, {"pretrain": args.calib_steps, "sft": 1}, 10**9)
