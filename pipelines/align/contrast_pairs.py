@@ -33,12 +33,12 @@ CONTRAST_RATER_ID = "corpus-contrast"
 ROLES = ("own", "other_caption", "shifted_sound")
 
 
-def pick_contrasts(captions: list[str], in_sync: list[bool], held_out, count: int, seed: int):
-    """Up to ``count`` (clip, other clip or None, sync usable) triples over corpus
-    clips, in a seeded order: clip ``i``'s prompt and the other clip's (its caption,
-    dialogue removed) both name coloured shapes, neither is held out, and they name
-    different colours. A clip with no such partner gives only its sync pair, one out
-    of sync neither."""
+def pick_contrasts(captions: list[str], has_sound: list[bool], held_out, count: int, seed: int):
+    """Up to ``count`` (clip, other clip or None, has sound) triples over corpus clips,
+    in a seeded order. The other clip's prompt (its caption, dialogue removed) and
+    clip ``i``'s both name coloured shapes, of different colours, and neither is held
+    out. A clip without such a partner gives only its sync pair (when it has sound);
+    one with neither gives nothing."""
     prompts = [without_dialogue(c) for c in captions]
     colours = [frozenset(c for c, _ in parse_caption(p)) for p in prompts]
     held = set(held_out)
@@ -51,9 +51,9 @@ def pick_contrasts(captions: list[str], in_sync: list[bool], held_out, count: in
         other = (
             partners[int(torch.randint(len(partners), (1,), generator=gen))] if partners else None
         )
-        if other is None and not in_sync[i]:
+        if other is None and not has_sound[i]:
             continue
-        out.append((i, other, in_sync[i]))
+        out.append((i, other, has_sound[i]))
         if len(out) == count:
             break
     return prompts, out

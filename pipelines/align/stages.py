@@ -316,7 +316,7 @@ def ensure_reward_model(cfg, pipeline, rt, log=print):
                                   rater_id=cfg.rlhf.preferences.rater_id)  # fmt: skip
 
         inputs = reward_inputs(pipeline, rows)
-        contrasts = 0
+        candidates, contrasts = len(rows), 0
         if r.corpus_contrasts > 0:
             extra, extra_inputs = corpus_contrast_inputs(cfg, pipeline, held, inputs)
             rows = rows + extra
@@ -330,7 +330,7 @@ def ensure_reward_model(cfg, pipeline, rt, log=print):
                                            pairs_of=all_pairs_of)  # fmt: skip
         report["corpus_contrasts"] = contrasts
         report.update({"train_prompts": train_prompts, "held_out_prompts": held,
-                       "preferences": table, "candidates": len(rows),
+                       "preferences": table, "candidates": candidates,
                        "judgements": len(judgements),
                        "rater_skipped_heads": list(skip), "rater_skip_reason": why})  # fmt: skip
         save_reward_model(reward_uri, model, {"report": report})
