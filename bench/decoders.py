@@ -1,7 +1,8 @@
 """Old vs new decoders, side by side in one run (issue 22).
 
     python -m bench.decoders [--checkpoint URI] [--clips 2] [--lines 6] [--vocoder-steps 4000]
-        [--vocoder URI] [--video-steps 40] [--video-lr 5e-5] [--video-plain URI --video-adv URI] [--device cuda]
+        [--vocoder URI] [--video-steps 40] [--video-lr 5e-5] [--video-plain URI --video-adv URI]
+        [--video-variants 0,3] [--video-scratch 24,48,8] [--video-batch 8] [--device cuda]
 
 Audio, two tables.
 
@@ -25,13 +26,18 @@ WER lines are held out from its training.
 
 Video: the checkpoint's video VAE, then plain and adversarially trained ones.
 ``--video-plain`` / ``--video-adv`` name checkpoints (their video VAEs are used);
-otherwise three are fine-tuned here from the checkpoint's for ``--video-steps`` on
-the same windows of other synthetic clips with the vae stage's settings: its loss,
-its loss with the standout weighting on (still objects up-weighted), and its loss
-with the patch discriminator (``model.discriminators``) from ``--video-gan-start``. Per VAE: PSNR, SSIM, decode seconds per output second and
-object retention per colour through the probes (a colour found in an original's
-median frame found in its reconstruction's, as bench/vae_objects.py counts it), on
-``--video-clips`` held-out clips. The checkpoint's VAE is also decoded in tiles
+otherwise four are fine-tuned here from the checkpoint's for ``--video-steps`` on
+the same windows of other synthetic clips with the vae stage's settings (variants
+0-3, ``--video-variants`` picks): its loss, its loss with the standout weighting on
+(still objects up-weighted), its loss with the patch discriminator
+(``model.discriminators``) from ``--video-gan-start``, and its loss on windows whose
+colour channels are permuted (``vae.colour_permute``). ``--video-scratch W1,W2,C``
+trains fresh VAEs of those widths and latent channels instead of fine-tuning. Per
+VAE: PSNR, SSIM, decode seconds per output second and object retention per colour
+through the probes (a colour found in an original's median frame found in its
+reconstruction's, as bench/vae_objects.py counts it), on ``--video-clips`` held-out
+clips, and on a palette sweep (every object colour on every backdrop at two sizes,
+still squares: 12 per colour). The checkpoint's VAE is also decoded in tiles
 (temporal chunks and 8-latent-pixel tiles) with the largest tiled-vs-whole
 difference.
 """
