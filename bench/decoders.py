@@ -192,7 +192,8 @@ PERMUTE = 0.5  # the colour-permutation probability of the fine-tune that turns 
 
 
 def _finetune_video_vaes(
-    vae, train_clips, steps, gan_start, lr, device, only=(), scratch=None, batch_size=2
+    vae, train_clips, steps, gan_start, lr, device, only=(), scratch=None, batch_size=2,
+    decoder_only=False,
 ):
     """Copies of ``vae`` fine-tuned on identical windows and noise with the vae
     stage's settings but ``lr``: the stage's loss, the stage's loss with the standout
@@ -202,7 +203,9 @@ def _finetune_video_vaes(
     of the variants to run (empty: all). A fresh AdamW at the stage's 5e-4 knocks the
     trained VAE down (one step: 31.5 -> 12.3 dB; 20 warm-up steps: 26.4 dB), hence a
     smaller rate. ``scratch`` (a VideoVAEConfig): train fresh VAEs of that config
-    instead of copies of ``vae`` (then the stage's rate suits)."""
+    instead of copies of ``vae`` (then the stage's rate suits). ``decoder_only``: the
+    encoder stays frozen, so the latents (and a generator trained on them) stay valid
+    (``vae.decoders_only``)."""
     import torch
 
     from model.discriminators import PatchDiscriminator
@@ -230,7 +233,9 @@ def _finetune_video_vaes(
         torch.manual_seed(0)
         model = (VideoVAE(scratch) if scratch else copy.deepcopy(vae)).to(device).train()
         disc = PatchDiscriminator().to(device) if adversarial else None
-        groups = [{"params": model.parameters(), "lr": lr}]
+        trained = model.decoder if decoder_only else model
+        model.encoder.requires_grad_(not decoder_only)
+        groups = [{"params": list(trained.parameters()), "lr": lr}]
         if disc is not None:
             groups.append({"params": disc.parameters(), "lr": s.disc_lr})  # fresh: full rate
         opt = torch.optim.AdamW(groups, weight_decay=s.weight_decay, betas=(0.9, 0.99))
@@ -255,7 +260,7 @@ def _finetune_video_vaes(
             loss, _ = model.loss(x, weights, gen, d)
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), s.grad_clip)
             opt.step()
         print(
             f"video VAE fine-tune ({label}): {steps} steps, {time.perf_counter() - started:.0f} s"
@@ -538,9 +543,10 @@ def _video_table(args, pipe, eval_clips, device) -> list:
             scratch = dataclasses.replace(scratch, **_whole_fields())
         tuned = _finetune_video_vaes(
             vae, train, args.video_steps, args.video_gan_start, args.video_lr, device, only,
-            scratch, args.video_batch,
+            scratch, args.video_batch, args.video_decoder_only,
         )  # fmt: skip
         how = f"from scratch ({args.video_scratch})" if scratch else "fine-tuned"
+        how += ", decoder only" if args.video_decoder_only else ""
         for label, model in tuned.items():
             vaes[f"{label}, {how} {args.video_steps} steps"] = model
 
@@ -725,6 +731,11 @@ def main() -> None:
         default="",
         help="e.g. 48,96,8: train fresh VAEs of these widths and latent channels instead",
     )
+    parser.add_argument(
+        "--video-decoder-only",
+        action="store_true",
+        help="fine-tune the decoder only (the encoder and its latents stay as they are)",
+    )
     parser.add_argument("--video-plain", default="", help="checkpoint of a plain-trained VAE")
     parser.add_argument("--video-adv", default="", help="checkpoint of an adversarial VAE")
     parser.add_argument("--lines-file", default="", help=".npz of the lines (made if absent)")
@@ -739,6 +750,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
+    if args.video_decoder_only and args.video_scratch:
+        parser.error("--video-decoder-only fine-tunes a checkpoint's VAE: not with --video-scratch")
     if args.transcribe:
         transcribe_saved(args.transcribe)
         return

@@ -99,6 +99,11 @@ def test_the_key_follows_the_vae_and_the_clip_geometry(text_encoder):
     with torch.no_grad():
         next(b.dit.parameters()).add_(1.0)
     assert cache_key(b, (33,)) == cache_key(a, (33,))
+    # Nor do the decoders: a decoder-only fine-tune keeps the cache.
+    with torch.no_grad():
+        next(b.video_vae.decoder.parameters()).add_(1.0)
+        next(b.audio_vae.decoder.parameters()).add_(1.0)
+    assert cache_key(b, (33,)) == cache_key(a, (33,))
     for name, change in CHANGES.items():
         assert cache_key(change(a), (33,)) != cache_key(a, (33,)), name
 

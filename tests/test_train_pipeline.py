@@ -151,6 +151,27 @@ def test_vae_stage_writes_a_loadable_final_with_its_lineage(vae_run):
     ]
 
 
+def test_decoders_only_vae_stage_keeps_the_latents(vae_run, tmp_path):
+    """``vae.decoders_only`` from a trained checkpoint: the decoders learn, the encoders,
+    their calibration and the DiT stay bit for bit, so the latent cache key is kept."""
+    from pipelines.train.latents import cache_key
+
+    parent = final_uri(vae_run, "vae")
+    settings = {"steps": 3, "checkpoint_every": 3, "decoders_only": True}
+    with pytest.raises(TrainError, match="init_from"):
+        train(_config(vae_run.data.curated_uri, str(tmp_path / "bare"), vae=settings), ("vae",))
+    cfg = _config(vae_run.data.curated_uri, str(tmp_path / "dec"), init_from=parent, vae=settings)
+    before = DuetPipeline.from_checkpoint(parent)
+    after = DuetPipeline.from_checkpoint(train(cfg, stages=("vae",), runner="local")["vae"])
+    for name in ("video_vae", "audio_vae"):
+        old, new = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        kept = [k for k in old if not k.startswith("decoder.")]
+        assert kept and all(torch.equal(old[k], new[k]) for k in kept), name
+        assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder.")), name
+    assert all(torch.equal(v, after.dit.state_dict()[k]) for k, v in before.dit.state_dict().items())
+    assert cache_key(after, (17,)) == cache_key(before, (17,))
+
+
 def _duet_train(stage: str, cfg: TrainConfig, tmp_path, extra=()) -> subprocess.CompletedProcess:
     cfg_path = tmp_path / f"cfg-{os.urandom(3).hex()}.json"
     from core.config import config_to_dict

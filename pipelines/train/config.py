@@ -124,6 +124,12 @@ class VAEStageConfig(StageConfig):
     # scratch: palette retention 61% -> 97% and PSNR 28.7 -> 30.9 dB with p = 0.5
     # (BENCHMARKS.md, session 13). 0 = off.
     colour_permute: float = 0.5
+    # Train the decoders only (video decoder, audio mel decoder, vocoder): both
+    # encoders and the latent calibration stay as the init_from checkpoint has them,
+    # so the latents are unchanged and the DiT trained on them keeps working with the
+    # new decoders (how improved image-VAE decoders are shipped as drop-ins). Needs
+    # ``init_from``: a fresh encoder would be frozen at random.
+    decoders_only: bool = False
     # The vocoder trains beside the VAEs on every step of this stage when
     # vocoder_steps > 0 (a switch, as recipes have always used it: its step count is
     # the stage's ``steps``). Each step it re-synthesises vocoder_segments random

@@ -34,10 +34,14 @@ class LatentCacheError(RuntimeError):
 
 
 def cache_key(pipeline, buckets: tuple[int, ...]) -> str:
-    """Hash of the VAE weights and configs, the text encoder and the clip geometry."""
+    """Hash of the VAE encoders' weights (calibration included) and the VAE configs,
+    the text encoder and the clip geometry. The decoders make no latent: a VAE whose
+    decoders were fine-tuned alone (``vae.decoders_only``) keeps its cache."""
     digest = hashlib.sha256()
     for name in ("video_vae", "audio_vae"):
         for key, value in sorted(getattr(pipeline, name).state_dict().items()):
+            if key.startswith("decoder."):
+                continue
             digest.update(key.encode())
             digest.update(value.detach().cpu().contiguous().float().numpy().tobytes())
     cfg = pipeline.config

@@ -264,6 +264,14 @@ class DecodedClips:
 def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask:
     s: VAEStageConfig = cfg.vae
     rows = load_clip_rows(cfg.data, pipeline.config.fps)
+    if s.decoders_only:
+        if not cfg.init_from:
+            raise TrainError(
+                "vae.decoders_only keeps the encoders of a trained checkpoint: set init_from"
+            )
+        # Before DDP wraps the pair: it leaves frozen parameters out of its reducer.
+        pipeline.video_vae.encoder.requires_grad_(False)
+        pipeline.audio_vae.encoder.requires_grad_(False)
     pair = VAEPair(pipeline, with_vocoder=s.vocoder_steps > 0, settings=s)
     pair.to(rt.device)
     module: nn.Module = pair
@@ -294,8 +302,8 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
         return loss, metrics, int(windows[0].numel() // 3)
 
     groups = [
-        {"params": list(pair.video_vae.parameters()), "lr": s.lr},
-        {"params": list(pair.audio_vae.parameters()), "lr": s.audio_lr},
+        {"params": _trainable(pair.video_vae), "lr": s.lr},
+        {"params": _trainable(pair.audio_vae), "lr": s.audio_lr},
     ]
     if pair.vocoder is not None:
         groups.append({"params": list(pair.vocoder.parameters()), "lr": s.audio_lr})
@@ -311,14 +319,20 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
     return StageTask("vae", module, components, s, rows, batch, groups, finish, start)
 
 
+def _trainable(module: nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 @torch.no_grad()
 def finish_vae(cfg, pipeline: DuetPipeline, rows, decoded: DecodedClips, rt: Runtime) -> dict:
     """Latent calibration (same clips on every rank) and held-out reconstruction quality."""
     pipeline.eval()
-    calib = rows[: min(len(rows), 16)]
-    pipeline.video_vae.calibrate([decoded.get(r)[0][None].to(rt.device) for r in calib])
-    with_audio = [r for r in calib if r.has_audio] or calib
-    pipeline.audio_vae.calibrate([decoded.get(r)[1][None].to(rt.device) for r in with_audio])
+    if not cfg.vae.decoders_only:  # else the latents, their scale included, stay as they were
+        calib = rows[: min(len(rows), 16)]
+        pipeline.video_vae.calibrate([decoded.get(r)[0][None].to(rt.device) for r in calib])
+        with_audio = [r for r in calib if r.has_audio] or calib
+        audio = [decoded.get(r)[1][None].to(rt.device) for r in with_audio]
+        pipeline.audio_vae.calibrate(audio)
     # Decode with the vocoder only where this stage trained it (it saw sound);
     # otherwise the pipeline keeps what it had (Griffin-Lim for a fresh one).
     if cfg.vae.vocoder_steps > 0 and any(r.has_audio for r in rows):
