@@ -192,7 +192,15 @@ PERMUTE = 0.5  # the colour-permutation probability of the fine-tune that turns 
 
 
 def _finetune_video_vaes(
-    vae, train_clips, steps, gan_start, lr, device, only=(), scratch=None, batch_size=2,
+    vae,
+    train_clips,
+    steps,
+    gan_start,
+    lr,
+    device,
+    only=(),
+    scratch=None,
+    batch_size=2,
     decoder_only=False,
 ):
     """Copies of ``vae`` fine-tuned on identical windows and noise with the vae

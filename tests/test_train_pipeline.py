@@ -168,7 +168,9 @@ def test_decoders_only_vae_stage_keeps_the_latents(vae_run, tmp_path):
         kept = [k for k in old if not k.startswith("decoder.")]
         assert kept and all(torch.equal(old[k], new[k]) for k in kept), name
         assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder.")), name
-    assert all(torch.equal(v, after.dit.state_dict()[k]) for k, v in before.dit.state_dict().items())
+    assert all(
+        torch.equal(v, after.dit.state_dict()[k]) for k, v in before.dit.state_dict().items()
+    )
     assert cache_key(after, (17,)) == cache_key(before, (17,))
 
 
