@@ -156,12 +156,16 @@ def test_decoders_only_vae_stage_keeps_the_latents(vae_run, tmp_path):
     their calibration and the DiT stay bit for bit, so the latent cache key is kept."""
     from pipelines.train.latents import cache_key
 
-    parent = final_uri(vae_run, "vae")
+    # Calibrated on some other corpus (here: scaled): this one's must not replace it.
+    before = DuetPipeline.from_checkpoint(final_uri(vae_run, "vae"))
+    before.video_vae.latent_std.mul_(2.0)
+    before.audio_vae.latent_std.mul_(2.0)
+    parent = str(tmp_path / "parent")
+    before.save(parent)
     settings = {"steps": 3, "checkpoint_every": 3, "decoders_only": True}
     with pytest.raises(TrainError, match="init_from"):
         train(_config(vae_run.data.curated_uri, str(tmp_path / "bare"), vae=settings), ("vae",))
     cfg = _config(vae_run.data.curated_uri, str(tmp_path / "dec"), init_from=parent, vae=settings)
-    before = DuetPipeline.from_checkpoint(parent)
     after = DuetPipeline.from_checkpoint(train(cfg, stages=("vae",), runner="local")["vae"])
     for name in ("video_vae", "audio_vae"):
         old, new = getattr(before, name).state_dict(), getattr(after, name).state_dict()
