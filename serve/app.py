@@ -96,8 +96,12 @@ class ServeBackend:
         self.config = config
 
     async def run(self, job_id: str, quality: str, model: str) -> dict:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-        from ray.serve.exceptions import BackPressureError
+        from ray.exceptions import ActorDiedError, RayError, RayTaskError
+        from ray.serve.exceptions import (
+            BackPressureError,
+            RayServeException,
+            ReplicaUnavailableError,
+        )
 
         handle = self.handles[quality].options(multiplexed_model_id=model)
         try:
@@ -105,8 +109,20 @@ class ServeBackend:
         except BackPressureError as err:
             retry = getattr(err, "retry_after_s", None) or self.config.limits.retry_after_s
             raise BackendFull(float(retry), str(err)) from err
-        except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
-            raise ReplicaLost(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+        except RayTaskError as err:
+            if isinstance(getattr(err, "cause", None), ActorDiedError):
+                raise ReplicaLost(_first_line(err.cause)) from err
+            raise  # the replica's own code raised: not a lost replica
+        except RayError as err:
+            # The replica's process died, became unreachable or lost its worker: the
+            # dispatcher retries (counting an attempt only if the job had started).
+            raise ReplicaLost(_first_line(err)) from err
+        except ReplicaUnavailableError as err:
+            raise ReplicaLost(_first_line(err)) from err
+        except RayServeException as err:
+            if isinstance(err.__cause__, ActorDiedError):
+                raise ReplicaLost(_first_line(err.__cause__)) from err
+            raise
 
     async def ready(self) -> dict[str, bool]:
         def statuses() -> dict[str, bool]:
@@ -115,6 +131,10 @@ class ServeBackend:
             return {q: deployments[q].status == "HEALTHY" for q in QUALITIES if q in deployments}
 
         return await asyncio.to_thread(statuses)
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
 
 
 @serve.deployment

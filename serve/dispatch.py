@@ -10,7 +10,9 @@ its ``max running`` jobs there, and:
 - waits and retries when the backend is itself full (Serve's ``max_queued_requests``
   back-pressure): the job stays queued, no attempt is spent;
 - retries a job whose replica died mid-request, up to ``max_attempts``, then fails
-  it with the reason: a job is never silently lost;
+  it with the reason: a job is never silently lost. A request that reached a dead
+  replica before the job started (the router had not yet dropped it) spends no
+  attempt; it is retried after a back-off, at most ``MAX_UNSTARTED_LOSSES`` times;
 - on start-up and every few seconds, picks up jobs in storage that nobody drives (a
   restarted ingress): queued ones are dispatched, running ones whose heartbeat went
   stale are retried.
@@ -29,6 +31,10 @@ from serve.guards import GuardError
 from serve.jobs import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
+
+# Requests a job may lose to dead replicas before any of them started it. Past this the
+# deployment is not coming back (its replicas die at start-up) and the job fails.
+MAX_UNSTARTED_LOSSES = 8
 
 
 class ReplicaLost(Exception):
@@ -71,6 +77,10 @@ class Dispatcher:
         self.tasks: set[asyncio.Task] = set()
         self.stats = DispatchStats()
         self.watch_every_s = 1.0
+        # After a lost replica, time for Serve to drop it from the router's set (doubled
+        # on each loss that never started the job, up to 8x).
+        self.lost_backoff_s = 1.0
+        self._unstarted_losses: dict[str, int] = {}
         self._sweeper: asyncio.Task | None = None
 
     # -- admission ---------------------------------------------------------------
@@ -113,6 +123,7 @@ class Dispatcher:
                 log.exception("dispatching %s failed", record.id)
                 await asyncio.to_thread(self._fail, record.id, f"dispatch error: {err}")
             finally:
+                self._unstarted_losses.pop(record.id, None)
                 self.pending[deployment].discard(record.id)
                 self.by_tenant.get(tenant, set()).discard(record.id)
 
@@ -157,19 +168,41 @@ class Dispatcher:
             await asyncio.to_thread(self.store.save, record)
             return max(0.2, full.retry_after_s)
         except ReplicaLost as lost:
-            self.stats.retried_replica_lost += 1
-            log.warning("job %s: replica lost on attempt %d: %s", job_id, record.attempts, lost)
-            if record.attempts >= self.config.max_attempts:
-                await asyncio.to_thread(
-                    self._fail,
-                    job_id,
-                    f"the replica running it died on each of {record.attempts} attempt(s): {lost}",
-                )
-                return None
-            return 0.0
+            return await self._lost(job_id, lost)
         # The worker wrote the outcome; a job another replica is running is watched
         # until it ends or its heartbeat goes stale (then it is tried again).
         return None if await self._watch(job_id) else 0.0
+
+    async def _lost(self, job_id: str, lost: ReplicaLost) -> float | None:
+        """The replica died: retry after a back-off, or fail once the job's attempts
+        (or, for a job no replica ever started, its unstarted losses) are spent."""
+        self.stats.retried_replica_lost += 1
+        record = await asyncio.to_thread(self.store.load, job_id)
+        if record is None or record.terminal:
+            return None
+        if record.status == "queued":  # no worker started it: the request hit a dead replica
+            unstarted = self._unstarted_losses.get(job_id, 0) + 1
+            self._unstarted_losses[job_id] = unstarted
+            log.warning("job %s: request lost before it started (%d): %s", job_id, unstarted, lost)
+            if unstarted > MAX_UNSTARTED_LOSSES:
+                await asyncio.to_thread(
+                    self._fail,
+                    job_id,
+                    f"{unstarted} requests for it reached dead replicas before any started it: {lost}",
+                )
+                return None
+            record.attempts -= 1
+            await asyncio.to_thread(self.store.save, record)
+            return self.lost_backoff_s * min(2 ** (unstarted - 1), 8)
+        log.warning("job %s: replica lost on attempt %d: %s", job_id, record.attempts, lost)
+        if record.attempts >= self.config.max_attempts:
+            await asyncio.to_thread(
+                self._fail,
+                job_id,
+                f"the replica running it died on each of {record.attempts} attempt(s): {lost}",
+            )
+            return None
+        return self.lost_backoff_s
 
     async def _watch(self, job_id: str) -> bool:
         """True once the job is terminal; False when it went stale (retry it)."""

@@ -1,8 +1,9 @@
 """The dispatcher's recovery paths, made deterministic with a scripted backend.
 
 Each job's backend calls follow a script: ``lost`` (the replica died mid-request,
-after marking the job running as a worker does), ``full`` (back-pressure, nothing
-started), ``ok`` (the job runs and succeeds). Jobs live in a real store on disk.
+after marking the job running as a worker does), ``unstarted`` (the request reached a
+dead replica: nothing started), ``full`` (back-pressure, nothing started), ``ok``
+(the job runs and succeeds). Jobs live in a real store on disk.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from serve.config import serve_config_from
-from serve.dispatch import BackendFull, Dispatcher, ReplicaLost
+from serve.dispatch import MAX_UNSTARTED_LOSSES, BackendFull, Dispatcher, ReplicaLost
 from serve.guards import GuardError
 from serve.jobs import JobRecord, JobStore, new_job_id
 
@@ -30,6 +31,8 @@ class _Scripted:
         record = self.store.load(job_id)
         if step == "full":
             raise BackendFull(0.0)
+        if step == "unstarted":
+            raise ReplicaLost("ActorDiedError: the actor died before this task ran")
         record.status, record.started_at = "running", time.time()
         record.heartbeat_at, record.replica = time.time(), f"replica-{len(self.calls)}"
         self.store.save(record)
@@ -52,6 +55,7 @@ def _setup(tmp_path, script: dict[str, list[str]], **config):
     backend = _Scripted(store, script)
     dispatcher = Dispatcher(cfg, store, backend)
     dispatcher.watch_every_s = 0.05
+    dispatcher.lost_backoff_s = 0.01
     return store, backend, dispatcher
 
 
@@ -97,6 +101,40 @@ def test_a_job_whose_replica_dies_every_time_fails_with_the_reason(tmp_path):
     assert "died on each of 3 attempt(s)" in final.error and "ActorDiedError" in final.error
     assert backend.calls_for(record.id) == ["lost"] * 3
     assert not any(dispatcher.pending.values())  # nothing left counted as pending
+
+
+def test_a_request_lost_before_the_job_started_spends_no_attempt(tmp_path):
+    # The retry after a replica died went to the same dead replica (the router had not
+    # dropped it yet): with max_attempts=2 that must not fail the job.
+    store, backend, dispatcher = _setup(tmp_path, {}, max_attempts=2)
+    record = _job(store)
+    backend.script[record.id] = ["lost", "unstarted", "unstarted", "ok"]
+
+    async def main():
+        dispatcher.start(record)
+        await _settle(dispatcher)
+
+    asyncio.run(main())
+    final = store.load(record.id)
+    assert final.status == "succeeded" and final.attempts == 2, final
+    assert backend.calls_for(record.id) == ["lost", "unstarted", "unstarted", "ok"]
+    assert not dispatcher._unstarted_losses  # forgotten once the job settled
+
+
+def test_a_job_no_replica_ever_starts_fails_with_the_reason(tmp_path):
+    store, backend, dispatcher = _setup(tmp_path, {}, max_attempts=2)
+    record = _job(store)
+    backend.script[record.id] = ["unstarted"]
+
+    async def main():
+        dispatcher.start(record)
+        await _settle(dispatcher)
+
+    asyncio.run(main())
+    final = store.load(record.id)
+    assert final.status == "failed", final
+    assert "reached dead replicas before any started it" in final.error, final.error
+    assert backend.calls_for(record.id) == ["unstarted"] * (MAX_UNSTARTED_LOSSES + 1)
 
 
 def test_back_pressure_waits_without_spending_an_attempt(tmp_path):
@@ -179,3 +217,54 @@ def test_a_running_job_with_a_fresh_heartbeat_is_left_to_its_replica(tmp_path):
     asyncio.run(main())
     assert backend.calls == []  # never dispatched twice
     assert store.load(alive.id).attempts == 1
+
+
+class _RaisingHandle:
+    """A deployment handle whose ``run.remote`` raises ``error``."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+        self.run = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, job_id: str):
+        async def fail():
+            raise self.error
+
+        return fail()
+
+
+def test_ray_errors_map_to_lost_replica_back_pressure_or_the_replicas_own_error():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+    from ray.exceptions import WorkerCrashedError
+    from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+
+    from serve.app import ServeBackend
+
+    cfg = serve_config_from({"jobs_uri": "/tmp/unused", "api_keys": ["k"]})
+
+    def outcome(error: BaseException) -> type:
+        backend = ServeBackend({"fast": _RaisingHandle(error)}, cfg)
+        try:
+            asyncio.run(backend.run("job", "fast", "default"))
+        except Exception as err:
+            return type(err)
+        raise AssertionError("no error")
+
+    try:
+        raise ValueError("bad spec")
+    except ValueError as app_error:
+        own = RayTaskError("run", "traceback", app_error)
+    died = ActorDiedError()
+    lost = [
+        died,
+        ActorUnavailableError("unreachable", b"a" * 16),
+        WorkerCrashedError(),
+        RayTaskError("run", "traceback", died),
+        ReplicaUnavailableError("replica-1"),
+    ]
+    assert [outcome(e) for e in lost] == [ReplicaLost] * len(lost)
+    assert outcome(BackPressureError(num_queued_requests=9, max_queued_requests=8)) is BackendFull
+    assert outcome(own) is not ReplicaLost  # the replica's own error is not retried as lost

@@ -113,7 +113,7 @@ def test_killing_a_model_replica_mid_request_retries_the_job(app):
     # Retried on the replica Serve starts in its place (max_attempts is 2): a dead
     # replica costs one attempt, never the job. (Failing after every attempt died is
     # tests/test_serve_dispatch.py's.)
-    assert final["status"] == "succeeded", final
+    assert final["status"] == "succeeded", (final.get("error"), final)
     assert final["attempts"] == 2, final
 
 
