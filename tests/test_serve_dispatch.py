@@ -237,8 +237,12 @@ class _RaisingHandle:
 
 
 def test_ray_errors_map_to_lost_replica_back_pressure_or_the_replicas_own_error():
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-    from ray.exceptions import WorkerCrashedError
+    from ray.exceptions import (
+        ActorDiedError,
+        ActorUnavailableError,
+        RayTaskError,
+        WorkerCrashedError,
+    )
     from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
     from serve.app import ServeBackend
