@@ -213,7 +213,8 @@ class ServeConfig:
     ingress_num_cpus: float = 0.1
     ingress_max_ongoing_requests: int = 64
     ingress_max_queued_requests: int = 64
-    # Dispatch: how often a job whose replica died is retried before it is failed.
+    # Dispatch: attempts at a job whose replica died while running it before it is
+    # failed (a request that reached a dead replica before the job started spends none).
     max_attempts: int = 2
     # A running job whose heartbeat is older than this is treated as orphaned.
     stale_after_s: float = 120.0
