@@ -54,8 +54,8 @@ TRAIN_CONFIG = {
 }
 # One Ray Train stage on the stack's Ray and S3 is what this test adds (each costs ~1
 # min of the suite's two shared cores): the vae stage's final is put in S3 beforehand,
-# so the flow skips it and trains pretrain on it. Both stages on Ray Train with an S3
-# run folder and a kill: tests/test_train_e2e.py.
+# so the flow skips it and trains pretrain on it. The vae stage on Ray Train with S3
+# checkpoints and a kill: tests/test_train_e2e.py.
 STAGES = ["vae", "pretrain"]
 BRIEF = """
 name = "e2e"
