@@ -55,6 +55,17 @@ def binding_phrase(kind: str, slot: int, word: str = "") -> str:
     return f"@{kind}{slot + 1}" + (f" {word}" if word else "")
 
 
+def all_binding_phrases(max_slot: int = 9) -> list[str]:
+    """Every phrase :func:`binding_phrase` can make for slots 1..``max_slot``: what a
+    precomputed text table must hold for the binder (training draws any of them)."""
+    return [
+        binding_phrase(kind, slot, word)
+        for kind in KINDS
+        for slot in range(max_slot)
+        for word in ("",) + ROLE_WORDS
+    ]
+
+
 def split_bindings(prompt: str) -> tuple[str, list[Binding]]:
     """(the prompt without its bindings, the bindings in prompt order)."""
     bindings = [

@@ -34,3 +34,78 @@ def test_the_job_unpacks_the_carry_before_importing_what_needs_pyav(tmp_path):
     )  # fmt: skip
     assert done.returncode == 1, done.stderr[-2000:]
     assert "unpacked before anything imported PyAV" in done.stderr, done.stderr[-2000:]
+
+
+# PyAV hidden: "av" resolves only from a folder named _site on sys.path (where the
+# carry unpacks its xz-packed wheel), so the installed PyAV cannot answer for it.
+XZ_PROGRAM = """
+import importlib.machinery, sys
+
+class OnlyFromCarry:
+    def find_spec(self, name, path=None, target=None):
+        if name != "av" and not name.startswith("av."):
+            return None
+        sites = [p for p in sys.path if p.endswith("_site")]
+        if not sites:
+            raise ImportError("no PyAV on this host")
+        return importlib.machinery.PathFinder.find_spec(name, path or sites)
+
+sys.meta_path.insert(0, OnlyFromCarry())
+from pipelines.shipped import carry
+carry.install_pyav(sys.argv[1])
+import av
+print(av.MARK, av.codecs.NAME)
+"""
+
+
+def _fake_wheel(path: Path) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("av/__init__.py", "from . import codecs\nMARK = 'carried'\n")
+        z.writestr("av/codecs.py", "NAME = 'h264' * 1000\n")
+        z.writestr("av-0.dist-info/METADATA", "Name: av\nVersion: 0\n")
+    return path
+
+
+def test_an_xz_packed_wheel_installs_pyav_on_a_host_without_it(tmp_path):
+    from pipelines.shipped import carry
+
+    out = tmp_path / "carry"
+    out.mkdir()
+    packed = carry._pack_wheel_xz(str(_fake_wheel(tmp_path / "av-0-cp311-abi3-any.whl")), str(out))
+    assert Path(packed).name == "av-0-cp311-abi3-any.tar.xz"
+    assert not list(out.glob("*.whl"))
+    done = subprocess.run(
+        [sys.executable, "-c", XZ_PROGRAM, str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["carried", "h264" * 1000]
+    # Without the carried archive the same host has no PyAV, and says so.
+    Path(packed).unlink()
+    done = subprocess.run(
+        [sys.executable, "-c", XZ_PROGRAM, str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and "no PyAV wheel and no PyAV installed" in done.stderr
+
+
+def test_an_xz_wheel_with_an_entry_outside_its_folder_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    import pytest
+
+    from pipelines.shipped import carry
+
+    archive = tmp_path / "av-0.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        for name in ("av/__init__.py", "../escaped.py"):
+            entry = tarfile.TarInfo(name)
+            entry.size = 3
+            tar.addfile(entry, io.BytesIO(b"x=1"))
+    with pytest.raises(carry.CarryError, match="refusing entry '../escaped.py'"):
+        carry.extract_wheel_xz(str(archive), str(tmp_path / "site"))
+    assert not (tmp_path / "escaped.py").exists()
+    assert not (tmp_path / "site" / "av").exists()

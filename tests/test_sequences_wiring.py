@@ -194,6 +194,12 @@ def test_a_carry_serves_the_plans_embed_segments_as_the_encoder_made_them(
     )
     with pytest.raises(carry.CarryError, match="at 32 tokens"):
         table.embed_segments(segments, 32)
+    # So does every binding phrase training's binder appends to a caption when a
+    # sample has role references (the carried job failed on the first one).
+    for phrase in ("@video3 motion", "@image9", "@audio1 voice"):
+        torch.testing.assert_close(
+            table.embed_tokens(phrase), frozen.embed_tokens(phrase), atol=2e-3, rtol=2e-3
+        )
 
 
 def test_a_carry_of_a_newer_format_is_refused_and_version_1_still_unpacks(tmp_path):

@@ -20,7 +20,10 @@ weights and no Ray, and take only a small bundle of files (64 MiB by default). A
   (each token's shot id), for every shot count the sequence can be trimmed to
   (training drops shots that start past its frame bucket); :class:`TableTextEncoder`
   serves both;
-- ``av-*.whl``: PyAV's wheel (abi3, any CPython >= 3.11), installed there first.
+- ``av-*.whl``: PyAV's wheel (abi3, any CPython >= 3.11), installed there first; or,
+  packed with ``wheel_xz``, ``av-*.tar.xz``: the same wheel's files, xz-packed (36 MB
+  -> 25 MB for PyAV 18: a wheel is deflated, and its bundled FFmpeg libraries pack
+  far smaller with xz, which leaves room for more clips in a bounded carry).
 
 :func:`unpack` installs the wheel, rewrites ``clip_uri`` and ``sequence_uri`` to
 absolute paths and swaps the pipeline's text encoder for the table, so
@@ -84,6 +87,7 @@ def pack(
     progress=None,
     max_sequence_bytes: int = 8 * 1024 * 1024,
     plan_tokens: tuple[int, ...] = (77,),
+    wheel_xz: bool = False,
 ) -> dict:
     """Write the carry folder; returns a summary (clip counts, bytes). Plans are
     embedded for each budget of ``plan_tokens`` (the model's ``text.max_tokens``)."""
@@ -93,6 +97,7 @@ def pack(
     from safetensors.torch import save_file
 
     from core.media import AVClip, read_clip, write_mp4
+    from model.reference_binding import all_binding_phrases
     from model.text_encoder import FrozenTextEncoder
     from pipelines.train.data import conditioning_text
 
@@ -135,6 +140,9 @@ def pack(
 
     encoder = FrozenTextEncoder()
     texts = sorted({conditioning_text(r["caption"], r["transcript"]) for r in written} - {""})
+    # Training appends binding phrases ("@video2 motion") to captions of samples
+    # with role references; the binder embeds them through this table too.
+    texts += all_binding_phrases()
     table_tensors = {}
     for i in range(0, len(texts), 64):
         chunk = texts[i : i + 64]
@@ -149,7 +157,10 @@ def pack(
             table_tensors[plan_shots_key(segments, budget)] = shot.contiguous()
             plans += 1
     save_file(table_tensors, os.path.join(out_dir, TEXTS_NAME))
-    shutil.copyfile(wheel, os.path.join(out_dir, os.path.basename(wheel)))
+    if wheel_xz:
+        _pack_wheel_xz(wheel, out_dir)
+    else:
+        shutil.copyfile(wheel, os.path.join(out_dir, os.path.basename(wheel)))
     info = {
         "schema_version": CARRY_SCHEMA_VERSION,
         "manifests": manifests,
@@ -231,8 +242,48 @@ def _plans(records: list[dict]):
                 yield segments
 
 
+def _pack_wheel_xz(wheel: str, out_dir: str) -> str:
+    """Write the wheel's files as ``<wheel name>.tar.xz`` in ``out_dir``."""
+    import tarfile
+    import zipfile
+
+    name = os.path.basename(wheel)
+    if not name.endswith(".whl"):
+        raise CarryError(f"{wheel}: not a wheel (.whl)")
+    target = os.path.join(out_dir, name[: -len(".whl")] + ".tar.xz")
+    with zipfile.ZipFile(wheel) as z, tarfile.open(target + ".tmp", "w:xz") as tar:
+        for info in z.infolist():
+            if info.is_dir():
+                continue
+            entry = tarfile.TarInfo(info.filename)
+            entry.size = info.file_size
+            entry.mode = 0o755 if info.filename.endswith(".so") or ".so." in info.filename else 0o644
+            with z.open(info) as member:
+                tar.addfile(entry, member)
+    os.replace(target + ".tmp", target)
+    return target
+
+
+def extract_wheel_xz(archive: str, target: str) -> None:
+    """Unpack an xz-packed wheel into ``target`` (a folder for ``sys.path``). Entries that
+    would land outside ``target`` (absolute, ``..``, links) are refused."""
+    import tarfile
+
+    root = os.path.realpath(target)
+    with tarfile.open(archive, "r:xz") as tar:
+        members = tar.getmembers()
+        for m in members:
+            dest = os.path.realpath(os.path.join(root, m.name))
+            if not m.isfile() or not dest.startswith(root + os.sep):
+                raise CarryError(f"{archive}: refusing entry {m.name!r} (not a file inside)")
+        tar.extractall(root, members=members, filter="data")
+
+
 def install_pyav(carry_dir: str) -> None:
-    """Make ``import av`` work: already there, else the carried wheel (pip, or unzipped)."""
+    """Make ``import av`` work: already there, else the carried wheel (pip, or unzipped),
+    else the carried xz-packed wheel (unpacked onto ``sys.path``)."""
+    import importlib
+
     try:
         import av  # noqa: F401
 
@@ -240,9 +291,17 @@ def install_pyav(carry_dir: str) -> None:
     except ImportError:
         pass
     wheels = glob.glob(os.path.join(carry_dir, "av-*.whl"))
+    packed = glob.glob(os.path.join(carry_dir, "av-*.tar.xz"))
+    if not wheels and packed:
+        target = os.path.join(carry_dir, "_site")
+        extract_wheel_xz(packed[0], target)
+        sys.path.insert(0, target)
+        importlib.invalidate_caches()
+        import av  # noqa: F401
+
+        return
     if not wheels:
         raise CarryError(f"{carry_dir}: no PyAV wheel and no PyAV installed")
-    import importlib
 
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheels[0]],
@@ -406,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manifest", action="append", required=True, help="clips.parquet")
     parser.add_argument("--out", required=True)
     parser.add_argument("--wheel", required=True, help="PyAV wheel (abi3)")
+    parser.add_argument(
+        "--wheel-xz", action="store_true", help="carry the wheel's files xz-packed (smaller)"
+    )
     parser.add_argument("--frames", type=int, default=33)
     parser.add_argument("--max-clip-mib", type=float, default=16.0)
     parser.add_argument("--max-sequence-mib", type=float, default=8.0)
@@ -420,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
 
     info = pack(
         args.manifest, args.out, args.wheel, args.frames, int(args.max_clip_mib * 2**20), progress,
-        int(args.max_sequence_mib * 2**20), tuple(args.plan_tokens or (77,)),
+        int(args.max_sequence_mib * 2**20), tuple(args.plan_tokens or (77,)), args.wheel_xz,
     )  # fmt: skip
     print(json.dumps(info, indent=1))
 

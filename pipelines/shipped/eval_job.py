@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
         for caption, _, _ in edit_shots:
             derived |= {v for k, v in q.edit_prompts(caption).items() if k != "new_colour"}
         derived |= {q.second_shot_prompt(c) for c, _, _ in ms_shots}
-        captions = sorted(keys - derived)
+        from model.reference_binding import all_binding_phrases
+
+        captions = sorted(keys - derived - set(all_binding_phrases()))
         random.Random(0).shuffle(captions)
         text_shots = [(c, None, None) for c in captions[: args.text]]
         print(f"held-out captions from the table: {len(captions)}, using {len(text_shots)}")
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
         from model.text_encoder import FrozenTextEncoder
 
         encoder = FrozenTextEncoder()
-        prompts = q.all_prompts(text_shots, edit_shots, ms_shots)
+        from model.reference_binding import all_binding_phrases
+
+        prompts = q.all_prompts(text_shots, edit_shots, ms_shots) + all_binding_phrases()
         table = {}
         for i in range(0, len(prompts), 64):
             chunk = prompts[i : i + 64]

@@ -75,6 +75,8 @@ def build_config(args, manifest: str, steps: dict[str, int], every: int):
         vae=VAEStageConfig(
             steps=args.vae_steps, batch_size=args.vae_batch, window_frames=9,
             checkpoint_every=args.vae_checkpoint_every, log_every=args.log_every, eval_clips=8,
+            vocoder_steps=args.vae_steps if args.vocoder else 0,
+            video_gan_start=args.video_gan_start, colour_permute=args.colour_permute,
         ),
         pretrain=DiTStageConfig(
             steps=steps["pretrain"], batch_size=args.batch, lr=args.lr,
@@ -103,6 +105,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--vae-budget-s", type=float, default=110.0)
     parser.add_argument("--vae-checkpoint-every", type=int, default=200)
+    parser.add_argument(
+        "--vocoder", action=argparse.BooleanOptionalAction, default=True,
+        help="train the neural vocoder in the vae stage (the checkpoint then decodes with it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--video-gan-start", type=int, default=-1,
+        help="vae step the video VAE's patch discriminator joins at (-1: never)",
+    )  # fmt: skip
+    parser.add_argument("--colour-permute", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sft-lr", type=float, default=3e-4)
