@@ -74,6 +74,11 @@ def plan_shots_key(segments, max_tokens: int) -> str:
     return _PLAN_SHOTS_PREFIX + _plan_json(segments, max_tokens)
 
 
+def is_plan_key(key: str) -> bool:
+    """Whether a table key holds a plan (its tokens or shot ids) rather than a text."""
+    return key.startswith((_PLAN_PREFIX, _PLAN_SHOTS_PREFIX))
+
+
 class CarryError(RuntimeError):
     """A carry folder is incomplete, or a text is missing from its table."""
 

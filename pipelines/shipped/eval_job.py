@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
         derived |= {q.second_shot_prompt(c) for c, _, _ in ms_shots}
         from model.reference_binding import all_binding_phrases
 
-        captions = sorted(keys - derived - set(all_binding_phrases()))
+        from pipelines.shipped.carry import is_plan_key
+
+        texts = {k for k in keys if not is_plan_key(k)}
+        captions = sorted(texts - derived - set(all_binding_phrases()))
         random.Random(0).shuffle(captions)
         text_shots = [(c, None, None) for c in captions[: args.text]]
         print(f"held-out captions from the table: {len(captions)}, using {len(text_shots)}")
@@ -100,6 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
             tokens, mask = encoder.encode(chunk)
             for p, t, m in zip(chunk, tokens, mask, strict=True):
                 table[p] = t[m].to(torch.float16).contiguous()
+        # Multi-shot plans of checkpoints trained on whole plans are encoded in one pass
+        # (model.multishot.shot_text): the table holds each plan at the model's budget.
+        from pipelines.shipped.carry import plan_key, plan_shots_key
+
+        for caption, _, _ in ms_shots:
+            segments, budget = q.multishot_plan(caption).segments(), cfg.text.max_tokens
+            tok, shot = encoder.embed_segments(segments, budget)
+            table[plan_key(segments, budget)] = tok.to(torch.float16).contiguous()
+            table[plan_shots_key(segments, budget)] = shot.contiguous()
         save_file(table, args.make_text_table)
         print(f"{len(table)} prompts -> {args.make_text_table}")
         return {}

@@ -250,16 +250,21 @@ def edit_quality(pipeline, shots, settings: QualitySettings) -> dict:
     return out
 
 
-def multishot_quality(pipeline, shots, settings: QualitySettings) -> dict:
+def multishot_plan(caption: str):
+    """The two-shot plan measured for a held-out caption: it, then a cut to its
+    subject at night."""
     from model.multishot import Shot, ShotPlan
 
+    return ShotPlan([Shot(caption, 1.5), Shot(second_shot_prompt(caption), 1.5, transition="cut")])
+
+
+def multishot_quality(pipeline, shots, settings: QualitySettings) -> dict:
     rows = []
     fps = pipeline.config.fps
     for caption, _, _ in shots:
         wanted = parse_caption(caption)
         subject = next(iter(wanted))
-        second = second_shot_prompt(caption)
-        plan = ShotPlan([Shot(caption, 1.5), Shot(second, 1.5, transition="cut")])
+        plan = multishot_plan(caption)
         clip = generate_clip(pipeline, settings, 0, shots=plan)
         probe = probe_clip(clip, include_frames=True)
         boundary = plan.boundaries_s[0]
