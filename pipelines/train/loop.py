@@ -212,6 +212,10 @@ class StageTask:
     start: Callable[[SamplerPosition, int], None] | None = None
     # Written into the final checkpoint's metadata (e.g. the Fast student's ``fast``).
     final_extra: dict = field(default_factory=dict)
+    # Names of param_groups whose gradients are clipped each on its own (networks
+    # with losses of their own: one shared clip lets the largest gradient, the
+    # vocoder's, scale every other network's step down); empty = one clip for all.
+    clip_groups: tuple[str, ...] = ()
 
 
 def _window(video: torch.Tensor, s: VAEStageConfig, tf: int, sf: int, gen) -> torch.Tensor:
@@ -316,7 +320,10 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
     components = ("video_vae", "audio_vae") + (("vocoder",) if pair.vocoder is not None else ())
     components += pair.gan_components()
     start = stream.start if stream is not None else None
-    return StageTask("vae", module, components, s, rows, batch, groups, finish, start)
+    # One param group per network, in ``components`` order; each clipped alone.
+    return StageTask(
+        "vae", module, components, s, rows, batch, groups, finish, start, clip_groups=components
+    )
 
 
 def _trainable(module: nn.Module) -> list[torch.Tensor]:
@@ -734,7 +741,17 @@ def run_stage(
         loss, metrics, tokens = task.batch_fn(indices, gen, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), s.grad_clip, foreach=True)
+        if task.clip_groups:
+            norms = [
+                torch.nn.utils.clip_grad_norm_(g["params"], s.grad_clip, foreach=True)
+                for g in optimizer.param_groups
+            ]
+            grad_norm = torch.stack(norms).square().sum().sqrt()  # all of them, unclipped
+            metrics |= {f"grad_norm_{n}": float(v) for n, v in zip(task.clip_groups, norms)}
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                list(params.values()), s.grad_clip, foreach=True
+            )
         optimizer.step()
         if ema is not None:
             ema_update(ema.values(), [params[name] for name in ema], s.ema_decay, step)
