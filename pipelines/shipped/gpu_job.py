@@ -125,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--export-every-s", type=float, default=90.0)
     parser.add_argument("--max-steps", type=int, default=0, help="cap per DiT stage (dry runs)")
+    parser.add_argument(
+        "--vae-only", action="store_true",
+        help="stop after the vae stage and export its final (decoder experiments)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -239,6 +243,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"({args.vae_checkpoint_every})"
         )
 
+    if args.vae_only:
+        final = loop.final_uri(cfg, "vae")
+        summary["exported_from"] = final
+        summary["exported_bytes"] = export_bf16(final, ship, {"stage": "vae", "partial": False})
+        return _finish(summary, args, t0)
+
     # -- calibration: seconds per DiT step, start-up excluded (fills the latent cache) --
     calib = build_config(args, manifest, {"pretrain": args.calib_steps, "sft": 1}, 10**9)
     calib.run_uri = args.run.rstrip("/") + "_calib"
@@ -290,6 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
             "partial": False,
         },
     )
+    return _finish(summary, args, t0)
+
+
+def _finish(summary: dict, args, t0: float) -> dict:
     if torch.cuda.is_available():
         summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     summary["wall_s"] = round(time.monotonic() - t0, 1)

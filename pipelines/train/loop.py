@@ -746,7 +746,8 @@ def run_stage(
                 torch.nn.utils.clip_grad_norm_(g["params"], s.grad_clip, foreach=True)
                 for g in optimizer.param_groups
             ]
-            grad_norm = torch.stack(norms).square().sum().sqrt()  # all of them, unclipped
+            # All of them, unclipped (a group without gradients answers a CPU zero).
+            grad_norm = sum(float(n) ** 2 for n in norms) ** 0.5
             metrics |= {f"grad_norm_{n}": float(v) for n, v in zip(task.clip_groups, norms)}
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(
