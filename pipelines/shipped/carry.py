@@ -262,7 +262,9 @@ def _pack_wheel_xz(wheel: str, out_dir: str) -> str:
                 continue
             entry = tarfile.TarInfo(info.filename)
             entry.size = info.file_size
-            entry.mode = 0o755 if info.filename.endswith(".so") or ".so." in info.filename else 0o644
+            entry.mode = (
+                0o755 if info.filename.endswith(".so") or ".so." in info.filename else 0o644
+            )
             with z.open(info) as member:
                 tar.addfile(entry, member)
     os.replace(target + ".tmp", target)

@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> dict:
             derived |= {v for k, v in q.edit_prompts(caption).items() if k != "new_colour"}
         derived |= {q.second_shot_prompt(c) for c, _, _ in ms_shots}
         from model.reference_binding import all_binding_phrases
-
         from pipelines.shipped.carry import is_plan_key
 
         texts = {k for k in keys if not is_plan_key(k)}

@@ -748,7 +748,9 @@ def run_stage(
             ]
             # All of them, unclipped (a group without gradients answers a CPU zero).
             grad_norm = sum(float(n) ** 2 for n in norms) ** 0.5
-            metrics |= {f"grad_norm_{n}": float(v) for n, v in zip(task.clip_groups, norms)}
+            metrics |= {
+                f"grad_norm_{n}": float(v) for n, v in zip(task.clip_groups, norms, strict=True)
+            }
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 list(params.values()), s.grad_clip, foreach=True
