@@ -49,7 +49,10 @@ def app(tiny_checkpoint, tmp_path_factory):
                 "look_back_period_s": 2.0,
                 "max_ongoing_requests": 2, "max_queued_requests": 8,
                 "max_batch_size": 4, "batch_wait_timeout_s": 0.2,
-                "health_check_period_s": 2.0, "graceful_shutdown_timeout_s": 2.0,
+                # A replica the autoscaler removes finishes its jobs first: with a
+                # 2 s grace, the kill test's retry landed on a replica scaled down a
+                # second later and was force-killed too (fresh clone, 2026-12-04).
+                "health_check_period_s": 2.0, "graceful_shutdown_timeout_s": 60.0,
             },
             "full": {"steps": 2, "sampler": "euler", "num_cpus": 0.25, "min_replicas": 1,
                      "max_replicas": 1},
