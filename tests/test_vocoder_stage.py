@@ -16,7 +16,7 @@ from model.configs import get_config
 from model.discriminators import AudioDiscriminator, AudioDiscriminatorConfig
 from model.pipeline import DuetPipeline
 from pipelines.train.config import TrainConfig, VAEStageConfig, train_config_from
-from pipelines.train.data import ClipRow
+from pipelines.train.data import ClipRow, has_dialogue
 from pipelines.train.loop import (
     DecodedClips,
     VAEPair,
@@ -27,6 +27,7 @@ from pipelines.train.loop import (
     vocoder_gan_weight,
     vocoder_loss,
     vocoder_segments,
+    vocoder_training_audio,
 )
 from pipelines.train.runtime import Runtime
 
@@ -72,6 +73,36 @@ def test_segments_come_from_the_step_generator():
     assert vocoder_segments(short, s, avae, step_generator(0, "vae", 0, 0)).shape == (4, 3 * spl)
     whole = VAEStageConfig(vocoder_segments=0)  # the old recipe: every channel whole
     assert torch.equal(vocoder_segments(audio, whole, avae, None), flat)
+
+
+def test_clips_with_dialogue_get_their_share_of_the_segments():
+    """``vocoder_speech_share`` of the step's segments come from the clips with
+    dialogue (here all 0.7), the rest from the batch (all 0.1), cut to one length;
+    without dialogue clips, or at share 0, the batch alone as before."""
+    cfg = get_config("tiny")
+    avae = AudioVAE(cfg.audio_vae, cfg.sample_rate, cfg.mel_hop_length)
+    batch = torch.full((2, 2, 3 * cfg.sample_rate), 0.1)
+    speech = torch.full((1, 2, 2 * cfg.sample_rate), 0.7)
+
+    def sources(share, speech_clips):
+        s = VAEStageConfig(vocoder_speech_share=share)
+        wav = vocoder_training_audio(batch, speech_clips, s, avae, step_generator(0, "vae", 0, 0))
+        assert wav.shape == (4, cfg.sample_rate)
+        return sorted(round(float(seg.mean()), 3) for seg in wav)
+
+    assert sources(0.5, speech) == [0.1, 0.1, 0.7, 0.7]
+    assert sources(1.0, speech) == [0.7] * 4
+    assert sources(0.25, speech) == [0.1, 0.1, 0.1, 0.7]
+    assert sources(0.0, speech) == [0.1] * 4
+    assert sources(1.0, None) == [0.1] * 4
+    short = speech[..., : cfg.sample_rate // 2]  # shorter than a segment: every one cut to it
+    s = VAEStageConfig(vocoder_speech_share=0.5)
+    wav = vocoder_training_audio(batch, short, s, avae, step_generator(0, "vae", 0, 0))
+    assert wav.shape[0] == 4 and wav.shape[1] <= cfg.sample_rate // 2
+    assert has_dialogue('a green face says "hello world"')
+    assert not has_dialogue("a red ball bounces") and not has_dialogue('a "" b')
+    with pytest.raises(ConfigError, match="vocoder_speech_share"):
+        train_config_from({"vae": {"vocoder_speech_share": 1.5}})
 
 
 def test_stage_vocoder_loss_goes_down_with_the_gan_only_at_the_end():

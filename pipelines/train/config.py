@@ -141,6 +141,13 @@ class VAEStageConfig(StageConfig):
     # with an early full-weight GAN did not (1.28).
     vocoder_segments: int = 4
     vocoder_segment_s: float = 1.0
+    # Share of those segments drawn from clips with dialogue (quoted speech in the
+    # conditioning text), when the corpus has any. The shipped corpus has dialogue in
+    # 13 of 369 clips, and a vocoder trained on its batches alone did not learn speech:
+    # word error rate 0.79 on held-out lines from their own mel, against Griffin-Lim's
+    # 0.105 (one H200, 2000 steps); the same recipe on speech-rich audio reached 0.053
+    # in 4000 steps (BENCHMARKS.md, session 17). 0 = the batch's clips only.
+    vocoder_speech_share: float = 0.25
     # The GAN (multi-period / multi-resolution discriminators, feature matching) only
     # for the last vocoder_gan_fraction of the stage's steps, at vocoder_gan_weight,
     # ramped in over vocoder_gan_ramp_steps (a fresh discriminator's gradient is noise
@@ -169,6 +176,10 @@ class VAEStageConfig(StageConfig):
             raise ValueError(
                 f"vocoder_segments must be >= 0 (0 = whole clips) and vocoder_segment_s > 0, "
                 f"got {self.vocoder_segments} and {self.vocoder_segment_s}"
+            )
+        if not 0.0 <= self.vocoder_speech_share <= 1.0:
+            raise ValueError(
+                f"vocoder_speech_share is a share in [0, 1], got {self.vocoder_speech_share}"
             )
         if not 0.0 <= self.colour_permute <= 1.0:
             raise ValueError(

@@ -48,6 +48,13 @@ def conditioning_text(caption: str, transcript: str) -> str:
     return caption
 
 
+def has_dialogue(text: str) -> bool:
+    """Whether a clip's conditioning text quotes speech (a transcript, or a caption
+    that quotes its line): the clips a vocoder learns speech from."""
+    first = text.find('"')
+    return first >= 0 and text.find('"', first + 1) > first + 1
+
+
 def clips_table_uri(curated_uri: str) -> str:
     if curated_uri.endswith(".parquet"):
         return curated_uri

@@ -50,6 +50,7 @@ from pipelines.train.data import (
     SamplerPosition,
     data_version,
     decode_clip,
+    has_dialogue,
     load_clip_rows,
     sft_subset,
 )
@@ -126,7 +127,9 @@ class VAEPair(nn.Module):
     def gan_components(self) -> tuple[str, ...]:
         return tuple(n for n in ("audio_disc", "video_disc") if getattr(self, n) is not None)
 
-    def forward(self, windows, audio, has_audio, gen, step: int = 0):
+    def forward(self, windows, audio, has_audio, gen, step: int = 0, speech=None):
+        """``speech``: (B', C, N') clips with dialogue the vocoder also trains on
+        (``vae.vocoder_speech_share``), or None."""
         s = self.settings
         video_disc = self.video_disc if 0 <= s.video_gan_start <= step else None
         loss_v, parts = self.video_vae.loss(windows, recon_weights(s), gen, video_disc)
@@ -140,8 +143,9 @@ class VAEPair(nn.Module):
             if self.vocoder is not None:
                 # After the VAEs' losses: their noise stream is what it was.
                 loss_voc, vparts = vocoder_loss(
-                    self.vocoder, self.audio_disc, self.audio_vae, audio[has_audio], s, gen, step
-                )
+                    self.vocoder, self.audio_disc, self.audio_vae, audio[has_audio], s, gen, step,
+                    speech,
+                )  # fmt: skip
                 loss = loss + loss_voc
                 metrics["vocoder_loss"] = float(loss_voc.detach())
                 metrics |= {f"vocoder_{k}": v for k, v in vparts.items()}
@@ -169,18 +173,21 @@ def vocoder_gan_weight(s: VAEStageConfig, step: int) -> float:
     return s.vocoder_gan_weight * min(1.0, (step - start + 1) / max(1, s.vocoder_gan_ramp_steps))
 
 
-def vocoder_segments(audio: torch.Tensor, s: VAEStageConfig, audio_vae, gen) -> torch.Tensor:
-    """(B, C, N) clips -> (s.vocoder_segments, L) random mono segments of
-    ``s.vocoder_segment_s`` (clamped to N) starting on the audio latent grid; with 0
-    segments, every channel whole (B*C, N). Positions come from ``gen`` (the step's
-    seeded per-rank generator), never the global RNG, so a resumed run repeats them."""
+def vocoder_segments(
+    audio: torch.Tensor, s: VAEStageConfig, audio_vae, gen, count: int | None = None
+) -> torch.Tensor:
+    """(B, C, N) clips -> (count, L) random mono segments of ``s.vocoder_segment_s``
+    (clamped to N) starting on the audio latent grid; ``count`` defaults to
+    ``s.vocoder_segments``; with 0 segments, every channel whole (B*C, N). Positions
+    come from ``gen`` (the step's seeded per-rank generator), never the global RNG, so
+    a resumed run repeats them."""
     flat = audio.flatten(0, 1)  # (B*C, N): every channel is a mono training signal
     if s.vocoder_segments <= 0:
         return flat
     spl = audio_vae.samples_per_latent
     n = flat.shape[-1]
     length = min(n, max(spl, int(s.vocoder_segment_s * audio_vae.sample_rate) // spl * spl))
-    k = s.vocoder_segments
+    k = s.vocoder_segments if count is None else count
     rows = torch.randint(flat.shape[0], (k,), generator=gen)
     starts = spl * torch.randint((n - length) // spl + 1, (k,), generator=gen)
     return torch.stack(
@@ -188,13 +195,42 @@ def vocoder_segments(audio: torch.Tensor, s: VAEStageConfig, audio_vae, gen) -> 
     )
 
 
-def vocoder_loss(vocoder, audio_disc, audio_vae, audio, s: VAEStageConfig, gen, step: int):
+def speech_segment_count(s: VAEStageConfig) -> int:
+    """How many of a step's vocoder segments come from clips with dialogue."""
+    if s.vocoder_segments <= 0:
+        return 0
+    return round(s.vocoder_speech_share * s.vocoder_segments)
+
+
+def vocoder_training_audio(
+    audio: torch.Tensor, speech: torch.Tensor | None, s: VAEStageConfig, audio_vae, gen
+) -> torch.Tensor:
+    """The step's mono training segments: ``speech_segment_count`` of them from
+    ``speech`` (clips with dialogue) when given, the rest from the batch's ``audio``,
+    cut to one length."""
+    k_speech = speech_segment_count(s) if speech is not None and len(speech) else 0
+    if k_speech == 0:
+        return vocoder_segments(audio, s, audio_vae, gen)
+    parts = [vocoder_segments(speech, s, audio_vae, gen, k_speech)]
+    if s.vocoder_segments > k_speech and len(audio):
+        parts.insert(0, vocoder_segments(audio, s, audio_vae, gen, s.vocoder_segments - k_speech))
+    length = min(p.shape[-1] for p in parts)
+    return torch.cat([p[:, :length] for p in parts])
+
+
+def vocoder_loss(
+    vocoder, audio_disc, audio_vae, audio, s: VAEStageConfig, gen, step: int, speech=None
+):
     """The stage's vocoder loss on (B, C, N) clips at ``step``: mel + MR-STFT on random
-    segments, plus the GAN terms in its last steps (``audio_disc``, when it exists)."""
-    wav = vocoder_segments(audio, s, audio_vae, gen)
+    segments (some from ``speech``, clips with dialogue, when given), plus the GAN
+    terms in its last steps (``audio_disc``, when it exists)."""
+    wav = vocoder_training_audio(audio, speech, s, audio_vae, gen)
     weight = vocoder_gan_weight(s, step)
     disc = audio_disc if weight > 0 else None
-    return vocoder.loss(wav, audio_vae.mel, disc, weight)
+    loss, metrics = vocoder.loss(wav, audio_vae.mel, disc, weight)
+    if speech is not None:
+        metrics["speech_segments"] = speech_segment_count(s)
+    return loss, metrics
 
 
 @dataclass
@@ -292,6 +328,20 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
         sampler = EpochSampler(rows, s.batch_size, rt.world_size, cfg.seed)
         stream = DecodedClipStream(rows, sampler, rt.rank, mcfg, cfg.data.decode_cpus)
 
+    dialogue = [i for i, r in enumerate(rows) if r.has_audio and has_dialogue(r.text)]
+    speech_clips = speech_segment_count(s) if pair.vocoder is not None and dialogue else 0
+
+    def speech_audio(step: int) -> torch.Tensor | None:
+        """Clips with dialogue for the vocoder, drawn with a generator of their own
+        (the VAEs' windows and noise stay as they were without them)."""
+        if speech_clips == 0:
+            return None
+        draw = step_generator(cfg.seed, "vae/speech", step, rt.rank)
+        picks = torch.randint(len(dialogue), (speech_clips,), generator=draw).tolist()
+        sounds = [decoded.get(rows[dialogue[i]])[1] for i in picks]
+        n = min(a.shape[-1] for a in sounds)
+        return torch.stack([a[..., :n] for a in sounds])
+
     def batch(indices, gen, step):
         if stream is not None:
             clips = stream.take(indices)
@@ -302,7 +352,12 @@ def vae_task(cfg: TrainConfig, pipeline: DuetPipeline, rt: Runtime) -> StageTask
         )
         audio = torch.stack([a for _, a in clips])
         has_audio = torch.tensor([rows[i].has_audio for i in indices])
-        loss, metrics = module(windows.to(rt.device), audio.to(rt.device), has_audio, gen, step)
+        speech = speech_audio(step)
+        if speech is not None:
+            speech = speech.to(rt.device)
+        loss, metrics = module(
+            windows.to(rt.device), audio.to(rt.device), has_audio, gen, step, speech
+        )
         return loss, metrics, int(windows[0].numel() // 3)
 
     groups = [
