@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import secrets
@@ -92,10 +93,12 @@ def _wait(what: str, ready, timeout_s: float, proc: subprocess.Popen, log: Path)
 
 
 def _http_ok(url: str) -> bool:
+    """Whether ``url`` answers 200; a refused connection, or something on the port
+    that does not speak HTTP, is "not yet" (its own process ending says what is wrong)."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, http.client.HTTPException, OSError):
         return False
 
 
@@ -229,6 +232,38 @@ def up(cfg: DeployConfig, log=print) -> dict[str, Any]:
         _create_buckets(cfg)
         log(f"S3 server up in {time.monotonic() - t0:.1f} s")
 
+        # Prefect before Ray: once up, Ray takes random ports for its own services
+        # (raylet, object manager), and one of them may be the port Prefect was
+        # configured with; bound first, it is Prefect's.
+        t0 = time.monotonic()
+        prefect_env = _service_env(
+            {
+                "PREFECT_HOME": str(directory / "prefect"),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_API_HOST": cfg.prefect.host,
+                "PREFECT_SERVER_API_PORT": str(cfg.prefect.port),
+                "PREFECT_UI_API_URL": cfg.prefect_api_url(),
+            }
+        )
+        record(
+            "prefect",
+            _start(
+                "prefect",
+                [_bin("prefect"), "server", "start", "--host", cfg.prefect.host,
+                 "--port", str(cfg.prefect.port)],
+                prefect_env,
+                logs,
+            ),
+        )  # fmt: skip
+        _wait(
+            "Prefect server",
+            lambda: _http_ok(cfg.prefect_api_url() + "/health"),
+            240,
+            procs["prefect"],
+            logs / "prefect.log",
+        )
+        log(f"Prefect server up in {time.monotonic() - t0:.1f} s")
+
         token = None
         ray_env = _service_env({"RAY_USAGE_STATS_ENABLED": "0"})
         if cfg.ray.auth_mode == "token":
@@ -289,35 +324,6 @@ def up(cfg: DeployConfig, log=print) -> dict[str, Any]:
                 )
                 shutil.rmtree(ray_temp, ignore_errors=True)
         log(f"Ray head up in {time.monotonic() - t0:.1f} s")
-
-        t0 = time.monotonic()
-        prefect_env = _service_env(
-            {
-                "PREFECT_HOME": str(directory / "prefect"),
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_SERVER_API_HOST": cfg.prefect.host,
-                "PREFECT_SERVER_API_PORT": str(cfg.prefect.port),
-                "PREFECT_UI_API_URL": cfg.prefect_api_url(),
-            }
-        )
-        record(
-            "prefect",
-            _start(
-                "prefect",
-                [_bin("prefect"), "server", "start", "--host", cfg.prefect.host,
-                 "--port", str(cfg.prefect.port)],
-                prefect_env,
-                logs,
-            ),
-        )  # fmt: skip
-        _wait(
-            "Prefect server",
-            lambda: _http_ok(cfg.prefect_api_url() + "/health"),
-            240,
-            procs["prefect"],
-            logs / "prefect.log",
-        )
-        log(f"Prefect server up in {time.monotonic() - t0:.1f} s")
 
         t0 = time.monotonic()
         state["deployments"] = _register_deployments(cfg, token)

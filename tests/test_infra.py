@@ -765,3 +765,30 @@ def test_up_starts_the_ray_head_again_when_its_node_registration_timed_out(tmp_p
     finally:
         stack.down(cfg, log=lines.append)  # only if a retry started one after all
     assert not any("starting it again" in line for line in lines), lines
+
+
+def test_a_port_that_answers_something_other_than_http_is_not_ready():
+    """`make up` waits for Prefect's /health; in one fresh-clone run one of Ray's own
+    gRPC services had taken the port the stack was given for Prefect, answered the
+    probe with binary frames, and `make up` died with a traceback (BadStatusLine)
+    instead of waiting for Prefect's process to say what was wrong. Not HTTP: not
+    ready. (Prefect now also starts before Ray, so Ray cannot take its port.)"""
+    import threading
+
+    from infra.stack import _http_ok
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+
+        def answer_binary():
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00@@@\x00\x03\n")
+
+        thread = threading.Thread(target=answer_binary, daemon=True)
+        thread.start()
+        assert _http_ok(f"http://127.0.0.1:{port}/health") is False
+        thread.join(timeout=5)
