@@ -190,6 +190,36 @@ def test_vae_pair_trains_the_vocoder_on_segments_and_the_gan_only_when_it_runs()
     assert {"vocoder_mel", "vocoder_mr_stft"} <= set(metrics) and "vocoder_g_adv" not in metrics
 
 
+def test_the_audio_vae_hears_the_dialogue_clips_only_when_asked():
+    """``audio_vae_speech``: the audio VAE reconstructs the step's clips with dialogue
+    beside the batch's (cut to one length); off, it sees the batch alone, as before."""
+    torch.manual_seed(0)
+    pipe = DuetPipeline.from_preset("tiny", seed=0)
+    seen, reconstruct = [], pipe.audio_vae.loss
+
+    def spy(wav, *args, **kwargs):
+        seen.append(wav.clone())
+        return reconstruct(wav, *args, **kwargs)
+
+    pipe.audio_vae.loss = spy
+    windows = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    audio = _tone_clip(16000, 3 * 16000)
+    speech = torch.full((1, 2, 2 * 16000), 0.25)
+
+    def heard(on: bool) -> torch.Tensor:
+        seen.clear()
+        s = VAEStageConfig(steps=3, vocoder_steps=1, audio_vae_speech=on)
+        pair = VAEPair(pipe, with_vocoder=True, settings=s)
+        pair(windows, audio, torch.tensor([True]), step_generator(0, "vae", 0, 0), 0, speech)
+        return seen[0]
+
+    off, on = heard(False), heard(True)
+    assert torch.equal(off, audio)
+    assert on.shape == (2, 2, 2 * 16000)
+    assert torch.equal(on[0], audio[0, :, : 2 * 16000]) and torch.equal(on[1], speech[0])
+    assert train_config_from({"vae": {"audio_vae_speech": True}}).vae.audio_vae_speech
+
+
 def test_pipeline_decodes_with_the_vocoder_only_when_the_stage_trained_it(tmp_path):
     """finish_vae switches the pipeline to its vocoder only if the stage trained it on
     sound; config.json records the choice and decoding follows it: the vocoder, or

@@ -77,6 +77,7 @@ def build_config(args, manifest: str, steps: dict[str, int], every: int):
             checkpoint_every=args.vae_checkpoint_every, log_every=args.log_every, eval_clips=8,
             vocoder_steps=args.vae_steps if args.vocoder else 0,
             video_gan_start=args.video_gan_start, colour_permute=args.colour_permute,
+            audio_vae_speech=args.audio_vae_speech,
         ),
         pretrain=DiTStageConfig(
             steps=steps["pretrain"], batch_size=args.batch, lr=args.lr,
@@ -116,6 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="vae step the video VAE's patch discriminator joins at (-1: never)",
     )  # fmt: skip
     parser.add_argument("--colour-permute", type=float, default=0.5)
+    parser.add_argument(
+        "--audio-vae-speech", action="store_true",
+        help="the audio VAE also reconstructs the vocoder's clips with dialogue",
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sft-lr", type=float, default=3e-4)

@@ -148,6 +148,12 @@ class VAEStageConfig(StageConfig):
     # 0.105 (one H200, 2000 steps); the same recipe on speech-rich audio reached 0.053
     # in 4000 steps (BENCHMARKS.md, session 17). 0 = the batch's clips only.
     vocoder_speech_share: float = 0.25
+    # The audio VAE also reconstructs those clips with dialogue (the vocoder's draw, so
+    # the windows and the VAEs' other data stay as they were). Off by default: speech
+    # through the audio VAE is unintelligible for every decoder (word error rate about
+    # 1.0 at 3.5% speech in the corpus) and whether more speech fixes it, or the
+    # latent's 16 channels at 16 Hz are too few, is what this switch measures.
+    audio_vae_speech: bool = False
     # The GAN (multi-period / multi-resolution discriminators, feature matching) only
     # for the last vocoder_gan_fraction of the stage's steps, at vocoder_gan_weight,
     # ramped in over vocoder_gan_ramp_steps (a fresh discriminator's gradient is noise

@@ -137,7 +137,9 @@ class VAEPair(nn.Module):
         metrics |= {f"video_{k}": v for k, v in parts.items() if k not in ("recon", "kl")}
         loss = loss_v
         if bool(has_audio.any()):
-            loss_a, _ = self.audio_vae.loss(audio[has_audio], s.kl_weight, gen)
+            loss_a, _ = self.audio_vae.loss(
+                audio_vae_batch(audio[has_audio], speech, s), s.kl_weight, gen
+            )
             loss = loss + loss_a
             metrics["audio_loss"] = float(loss_a.detach())
             if self.vocoder is not None:
@@ -150,6 +152,15 @@ class VAEPair(nn.Module):
                 metrics["vocoder_loss"] = float(loss_voc.detach())
                 metrics |= {f"vocoder_{k}": v for k, v in vparts.items()}
         return loss, metrics
+
+
+def audio_vae_batch(audio: torch.Tensor, speech, s: VAEStageConfig) -> torch.Tensor:
+    """(B, C, N) clips the audio VAE reconstructs: the batch's, and with
+    ``audio_vae_speech`` the step's clips with dialogue too (all cut to one length)."""
+    if not s.audio_vae_speech or speech is None or not len(speech):
+        return audio
+    n = min(audio.shape[-1], speech.shape[-1])
+    return torch.cat([audio[..., :n], speech[..., :n]])
 
 
 def recon_weights(s: VAEStageConfig) -> ReconLossWeights:
