@@ -31,6 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -173,15 +174,48 @@ def _register_deployments(cfg: DeployConfig, token: str | None) -> dict[str, str
         return asyncio.run(register(cfg, "local", blocks))
 
 
-def up(cfg: DeployConfig, log=print) -> dict[str, Any]:
-    """Start the stack; returns the state written to ``stack.json``."""
+@dataclass
+class _Launch:
+    """What ``up`` has started so far, recorded in ``stack.json`` as it grows (so
+    ``down``, or ``up``'s own clean-up, can stop exactly that)."""
+
+    directory: Path
+    state: dict[str, Any]
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def logs(self) -> Path:
+        return self.directory / "logs"
+
+    @property
+    def ray_temp(self) -> Path:
+        return Path(self.state["ray_temp_dir"])
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        proc = _start(name, cmd, env, self.logs)
+        self.procs[name] = proc
+        self.state["processes"][name] = {"pid": proc.pid, "pgid": proc.pid, "cmd": proc.args}
+        _write_state(self.directory, self.state)
+        return proc
+
+
+def _new_launch(cfg: DeployConfig) -> _Launch:
     directory = state_dir(cfg)
-    previous = read_state(directory)
-    if previous and any(_alive(p["pid"]) for p in previous["processes"].values()):
-        raise StackError(f"the stack in {directory} is already up: `make down` first")
-    logs = directory / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    busy = [
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
+    # Ray's sockets live under its temp dir, whose path must stay short (AF_UNIX).
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:10]
+    state: dict[str, Any] = {
+        "config": config_to_dict(cfg),
+        "state_dir": str(directory),
+        "ray_temp_dir": str(Path("/tmp") / f"duet-stack-{digest}"),
+        "processes": {},
+        "started_at": time.time(),
+    }
+    return _Launch(directory, state)
+
+
+def _busy_ports(cfg: DeployConfig) -> list[str]:
+    return [
         f"{name} port {port}"
         for name, port in (
             ("S3", cfg.s3.port),
@@ -192,168 +226,147 @@ def up(cfg: DeployConfig, log=print) -> dict[str, Any]:
         )
         if _port_open(cfg.ray.host, port)
     ]
+
+
+def up(cfg: DeployConfig, log=print) -> dict[str, Any]:
+    """Start the stack; returns the state written to ``stack.json``."""
+    directory = state_dir(cfg)
+    previous = read_state(directory)
+    if previous and any(_alive(p["pid"]) for p in previous["processes"].values()):
+        raise StackError(f"the stack in {directory} is already up: `make down` first")
+    busy = _busy_ports(cfg)
     if busy:
         raise StackError(f"in use: {', '.join(busy)} (set other ports in the config)")
-    # Ray's sockets live under its temp dir, whose path must stay short (AF_UNIX).
-    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:10]
-    ray_temp = Path("/tmp") / f"duet-stack-{digest}"
-    state: dict[str, Any] = {
-        "config": config_to_dict(cfg),
-        "state_dir": str(directory),
-        "ray_temp_dir": str(ray_temp),
-        "processes": {},
-        "started_at": time.time(),
-    }
-    procs: dict[str, subprocess.Popen] = {}
-
-    def record(name: str, proc: subprocess.Popen) -> None:
-        procs[name] = proc
-        state["processes"][name] = {"pid": proc.pid, "pgid": proc.pid, "cmd": proc.args}
-        _write_state(directory, state)
-
+    launch = _new_launch(cfg)
     try:
-        t0 = time.monotonic()
-        record(
-            "s3",
-            _start(
-                "s3",
-                [sys.executable, "-m", "moto.server", "-H", cfg.s3.host, "-p", str(cfg.s3.port)],
-                _service_env(),
-                logs,
-            ),
-        )
-        _wait(
-            "S3 server",
-            lambda: _http_ok(cfg.s3_endpoint() + "/moto-api/"),
-            60,
-            procs["s3"],
-            logs / "s3.log",
-        )
-        _create_buckets(cfg)
-        log(f"S3 server up in {time.monotonic() - t0:.1f} s")
-
+        _start_s3(cfg, launch, log)
         # Prefect before Ray: once up, Ray takes random ports for its own services
         # (raylet, object manager), and one of them may be the port Prefect was
         # configured with; bound first, it is Prefect's.
-        t0 = time.monotonic()
-        prefect_env = _service_env(
-            {
-                "PREFECT_HOME": str(directory / "prefect"),
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_SERVER_API_HOST": cfg.prefect.host,
-                "PREFECT_SERVER_API_PORT": str(cfg.prefect.port),
-                "PREFECT_UI_API_URL": cfg.prefect_api_url(),
-            }
-        )
-        record(
-            "prefect",
-            _start(
-                "prefect",
-                [_bin("prefect"), "server", "start", "--host", cfg.prefect.host,
-                 "--port", str(cfg.prefect.port)],
-                prefect_env,
-                logs,
-            ),
-        )  # fmt: skip
-        _wait(
-            "Prefect server",
-            lambda: _http_ok(cfg.prefect_api_url() + "/health"),
-            240,
-            procs["prefect"],
-            logs / "prefect.log",
-        )
-        log(f"Prefect server up in {time.monotonic() - t0:.1f} s")
-
-        token = None
-        ray_env = _service_env({"RAY_USAGE_STATS_ENABLED": "0"})
-        if cfg.ray.auth_mode == "token":
-            token = secrets.token_hex(32)
-            token_path = directory / TOKEN_FILE
-            token_path.write_text(token)
-            token_path.chmod(0o600)
-            ray_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
-        else:
-            ray_env["RAY_AUTH_MODE"] = "disabled"
-        host = cfg.ray.host
-        ray_cmd = [
-            _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
-            f"--node-ip-address={host}", f"--port={cfg.ray.gcs_port}",
-            "--include-dashboard=true", f"--dashboard-host={host}",
-            f"--dashboard-port={cfg.ray.dashboard_port}",
-            f"--ray-client-server-port={cfg.ray.client_port}",
-            f"--temp-dir={ray_temp}",
-            f"--min-worker-port={cfg.ray.min_worker_port}",
-            f"--max-worker-port={cfg.ray.max_worker_port}",
-            # Ports Ray would otherwise take at fixed defaults, which another Ray on
-            # this machine may hold.
-            f"--dashboard-agent-listen-port={_free_port(host)}",
-            f"--dashboard-agent-grpc-port={_free_port(host)}",
-            f"--metrics-export-port={_free_port(host)}",
-            f"--runtime-env-agent-port={_free_port(host)}",
-        ]  # fmt: skip
-        if cfg.ray.num_cpus is not None:
-            ray_cmd.append(f"--num-cpus={cfg.ray.num_cpus}")
-        t0 = time.monotonic()
-        for attempt in range(1, RAY_START_ATTEMPTS + 1):
-            record("ray", _start("ray", ray_cmd, ray_env, logs))
-            try:
-                _wait(
-                    "Ray head",
-                    lambda: (
-                        (ray_temp / "ray_current_cluster").exists()
-                        and _port_open(host, cfg.ray.dashboard_port)
-                    ),
-                    180,
-                    procs["ray"],
-                    logs / "ray.log",
-                )
-                break
-            except StackError as err:
-                # `ray start` gives its raylet a fixed 30 s to register with the GCS; on
-                # a machine busy with other work that can pass. Nothing was served yet,
-                # so clear this attempt's processes and start the head again.
-                if attempt == RAY_START_ATTEMPTS or RAY_NODE_STARTUP_TIMEOUT not in str(err):
-                    raise
-                log("Ray head timed out registering its node (busy machine?): starting it again")
-                _stop_processes(
-                    {
-                        "processes": {"ray": state["processes"]["ray"]},
-                        "ray_temp_dir": str(ray_temp),
-                    },
-                    log=log,
-                )
-                shutil.rmtree(ray_temp, ignore_errors=True)
-        log(f"Ray head up in {time.monotonic() - t0:.1f} s")
-
-        t0 = time.monotonic()
-        state["deployments"] = _register_deployments(cfg, token)
-        _write_state(directory, state)
-        # No S3 credentials or Ray token: runs get them from their deployment.
-        worker_env = {
-            k: v
-            for k, v in _service_env({"PREFECT_API_URL": cfg.prefect_api_url()}).items()
-            if not k.startswith("AWS_")
-        }
-        worker_env["PREFECT_HOME"] = str(directory / "prefect-worker")
-        record(
-            "worker",
-            _start(
-                "worker",
-                [_bin("prefect"), "worker", "start", "--pool", cfg.prefect.local_work_pool,
-                 "--type", "process", "--name", "duet-local-worker"],
-                worker_env,
-                logs,
-            ),
-        )  # fmt: skip
-        log(f"deployments registered, worker started in {time.monotonic() - t0:.1f} s")
+        _start_prefect(cfg, launch, log)
+        token = _start_ray_head(cfg, launch, log)
+        _start_worker(cfg, launch, token, log)
     except BaseException:
-        _stop_processes(state, log=lambda *_: None)
+        _stop_processes(launch.state, log=lambda *_: None)
         raise
     env = user_env(cfg, directory)
     (directory / ENV_FILE).write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
-    state["urls"] = urls(cfg)
-    _write_state(directory, state)
-    return state
+    launch.state["urls"] = urls(cfg)
+    _write_state(directory, launch.state)
+    return launch.state
+
+
+def _start_s3(cfg: DeployConfig, launch: _Launch, log) -> None:
+    t0 = time.monotonic()
+    cmd = [sys.executable, "-m", "moto.server", "-H", cfg.s3.host, "-p", str(cfg.s3.port)]
+    proc = launch.start("s3", cmd, _service_env())
+    ready = lambda: _http_ok(cfg.s3_endpoint() + "/moto-api/")  # noqa: E731
+    _wait("S3 server", ready, 60, proc, launch.logs / "s3.log")
+    _create_buckets(cfg)
+    log(f"S3 server up in {time.monotonic() - t0:.1f} s")
+
+
+def _start_prefect(cfg: DeployConfig, launch: _Launch, log) -> None:
+    t0 = time.monotonic()
+    env = _service_env(
+        {
+            "PREFECT_HOME": str(launch.directory / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_API_HOST": cfg.prefect.host,
+            "PREFECT_SERVER_API_PORT": str(cfg.prefect.port),
+            "PREFECT_UI_API_URL": cfg.prefect_api_url(),
+        }
+    )
+    cmd = [_bin("prefect"), "server", "start", "--host", cfg.prefect.host,
+           "--port", str(cfg.prefect.port)]  # fmt: skip
+    proc = launch.start("prefect", cmd, env)
+    ready = lambda: _http_ok(cfg.prefect_api_url() + "/health")  # noqa: E731
+    _wait("Prefect server", ready, 240, proc, launch.logs / "prefect.log")
+    log(f"Prefect server up in {time.monotonic() - t0:.1f} s")
+
+
+def _ray_head_command(cfg: DeployConfig, ray_temp: Path) -> list[str]:
+    host = cfg.ray.host
+    cmd = [
+        _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
+        f"--node-ip-address={host}", f"--port={cfg.ray.gcs_port}",
+        "--include-dashboard=true", f"--dashboard-host={host}",
+        f"--dashboard-port={cfg.ray.dashboard_port}",
+        f"--ray-client-server-port={cfg.ray.client_port}",
+        f"--temp-dir={ray_temp}",
+        f"--min-worker-port={cfg.ray.min_worker_port}",
+        f"--max-worker-port={cfg.ray.max_worker_port}",
+        # Ports Ray would otherwise take at fixed defaults, which another Ray on
+        # this machine may hold.
+        f"--dashboard-agent-listen-port={_free_port(host)}",
+        f"--dashboard-agent-grpc-port={_free_port(host)}",
+        f"--metrics-export-port={_free_port(host)}",
+        f"--runtime-env-agent-port={_free_port(host)}",
+    ]  # fmt: skip
+    if cfg.ray.num_cpus is not None:
+        cmd.append(f"--num-cpus={cfg.ray.num_cpus}")
+    return cmd
+
+
+def _start_ray_head(cfg: DeployConfig, launch: _Launch, log) -> str | None:
+    """The Ray head (started again once if its raylet missed registering); returns
+    the head's auth token, or None when token authentication is off."""
+    token = None
+    env = _service_env({"RAY_USAGE_STATS_ENABLED": "0"})
+    if cfg.ray.auth_mode == "token":
+        token = secrets.token_hex(32)
+        token_path = launch.directory / TOKEN_FILE
+        token_path.write_text(token)
+        token_path.chmod(0o600)
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    else:
+        env["RAY_AUTH_MODE"] = "disabled"
+    host, ray_temp = cfg.ray.host, launch.ray_temp
+    cmd = _ray_head_command(cfg, ray_temp)
+    t0 = time.monotonic()
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        proc = launch.start("ray", cmd, env)
+        try:
+            ready = lambda: (  # noqa: E731
+                (ray_temp / "ray_current_cluster").exists()
+                and _port_open(host, cfg.ray.dashboard_port)
+            )
+            _wait("Ray head", ready, 180, proc, launch.logs / "ray.log")
+            break
+        except StackError as err:
+            # `ray start` gives its raylet a fixed 30 s to register with the GCS; on
+            # a machine busy with other work that can pass. Nothing was served yet,
+            # so clear this attempt's processes and start the head again.
+            if attempt == RAY_START_ATTEMPTS or RAY_NODE_STARTUP_TIMEOUT not in str(err):
+                raise
+            log("Ray head timed out registering its node (busy machine?): starting it again")
+            _stop_processes(
+                {
+                    "processes": {"ray": launch.state["processes"]["ray"]},
+                    "ray_temp_dir": str(ray_temp),
+                },
+                log=log,
+            )
+            shutil.rmtree(ray_temp, ignore_errors=True)
+    log(f"Ray head up in {time.monotonic() - t0:.1f} s")
+    return token
+
+
+def _start_worker(cfg: DeployConfig, launch: _Launch, token: str | None, log) -> None:
+    t0 = time.monotonic()
+    launch.state["deployments"] = _register_deployments(cfg, token)
+    _write_state(launch.directory, launch.state)
+    # No S3 credentials or Ray token: runs get them from their deployment.
+    env = {
+        k: v
+        for k, v in _service_env({"PREFECT_API_URL": cfg.prefect_api_url()}).items()
+        if not k.startswith("AWS_")
+    }
+    env["PREFECT_HOME"] = str(launch.directory / "prefect-worker")
+    cmd = [_bin("prefect"), "worker", "start", "--pool", cfg.prefect.local_work_pool,
+           "--type", "process", "--name", "duet-local-worker"]  # fmt: skip
+    launch.start("worker", cmd, env)
+    log(f"deployments registered, worker started in {time.monotonic() - t0:.1f} s")
 
 
 def urls(cfg: DeployConfig) -> dict[str, str]:
