@@ -18,6 +18,12 @@ Audio, two tables.
   (``curation.speech.word_error_rate``), MR-STFT distance, worst onset error, L/R
   correlation, decode seconds per output second (VAE decode included).
 
+``--audio-scratch 16@64-96,32@128-256`` also trains fresh audio VAEs (latent channels
+@ level widths; each level halves the latent rate) for ``--audio-steps`` on the synthetic
+clips and the talking-avatar sentences that are not scored, by the vae stage's audio
+settings, and hears the scored lines through each with the same vocoder: what an audio
+VAE of that shape can keep of speech, apart from what the checkpoint's corpus taught it.
+
 The vocoder is ``--vocoder`` (a standalone vocoder checkpoint), else the
 checkpoint's if it uses a trained one, else one trained here for
 ``--vocoder-steps`` by the vae stage's recipe and code (random segments, mel + STFT
@@ -277,6 +283,57 @@ def _finetune_video_vaes(
     return out
 
 
+def _scratch_audio_vae(pipe, spec: str, waveforms, steps: int, device):
+    """A fresh audio VAE of ``spec`` ("L@W1-W2": latent channels @ level widths) trained
+    for ``steps`` on random 1 s stereo segments of ``waveforms`` (4 a step) with the vae
+    stage's audio settings (its KL weight, audio rate, schedule, AdamW and clip)."""
+    import torch
+
+    from model.audio_vae import AudioVAE
+    from pipelines.train.config import VAEStageConfig
+    from pipelines.train.loop import lr_at, step_generator
+
+    latent, _, widths = spec.partition("@")
+    cfg = dataclasses.replace(
+        pipe.config.audio_vae,
+        latent_channels=int(latent),
+        channels=tuple(int(w) for w in widths.split("-")),
+    )
+    s = VAEStageConfig(steps=steps)
+    torch.manual_seed(0)
+    vae = AudioVAE(cfg, pipe.audio_vae.sample_rate, pipe.audio_vae.hop_length).to(device).train()
+    opt = torch.optim.AdamW(
+        vae.parameters(), lr=s.audio_lr, weight_decay=s.weight_decay, betas=(0.9, 0.99)
+    )
+    spl = vae.samples_per_latent
+    seg = max(spl, pipe.audio_vae.sample_rate // spl * spl)
+    usable = [w for w in waveforms if w.shape[-1] >= seg]
+    started = time.perf_counter()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, s.audio_lr, s.warmup_steps)
+        gen = step_generator(0, "bench/audio_vae", step, 0)
+        picks = torch.randint(len(usable), (4,), generator=gen).tolist()
+        batch = []
+        for i in picks:
+            w = usable[i]
+            o = spl * int(torch.randint((w.shape[-1] - seg) // spl + 1, (1,), generator=gen))
+            batch.append(w[:, o : o + seg])
+        loss, _ = vae.loss(torch.stack(batch).to(device), s.kl_weight, gen)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), s.grad_clip)
+        opt.step()
+    vae.eval()
+    vae.calibrate([w[None, :, : w.shape[-1] // spl * spl].to(device) for w in usable])
+    params = sum(p.numel() for p in vae.parameters())
+    print(
+        f"audio VAE {spec} from scratch: {steps} steps, {params / 1e6:.2f}M parameters, "
+        f"{1 / (spl / vae.sample_rate):.0f} latents/s, {time.perf_counter() - started:.0f} s"
+    )
+    return vae
+
+
 def _audio_tables(args, pipe, clips, device) -> dict:
     import torch
 
@@ -366,6 +423,20 @@ def _audio_tables(args, pipe, clips, device) -> dict:
         "audio VAE -> griffin_lim (shared phase)": (gl_shared, vae_mel),
         "audio VAE -> neural vocoder": (neural, vae_mel),
     }
+    if args.audio_scratch:
+        unscored = _speech_lines(range(args.lines, 20), cfg.sample_rate, spl)
+        waveforms = [a for _, a in clips] + [a for _, a in unscored]
+        for spec in args.audio_scratch.split(","):
+            fresh = _scratch_audio_vae(pipe, spec, waveforms, args.audio_steps, device)
+
+            def through(audio, vae=fresh):
+                n = audio.shape[-1]  # padded to the fresh VAE's latent grid, cut back after
+                padded = torch.nn.functional.pad(audio, (0, (-n) % vae.samples_per_latent))
+                return vae.decode_mel(vae.encode(padded[None].to(device)))[
+                    ..., : n // vae.hop_length
+                ]
+
+            speech_decoders[f"fresh audio VAE {spec} -> neural vocoder"] = (neural, through)
     decoded = {}
     for name, (decode, source) in speech_decoders.items():
         acc = collections.defaultdict(list)
@@ -746,6 +817,11 @@ def main() -> None:
     )
     parser.add_argument("--video-plain", default="", help="checkpoint of a plain-trained VAE")
     parser.add_argument("--video-adv", default="", help="checkpoint of an adversarial VAE")
+    parser.add_argument(
+        "--audio-scratch", default="",
+        help="e.g. 16@64-96,32@128-256: fresh audio VAEs (latent channels @ level widths)",
+    )  # fmt: skip
+    parser.add_argument("--audio-steps", type=int, default=3000)
     parser.add_argument("--lines-file", default="", help=".npz of the lines (made if absent)")
     parser.add_argument("--speech-out", default="", help="save the decoded lines here")
     parser.add_argument("--transcribe", default="", help="only: WER of a --speech-out dir")
