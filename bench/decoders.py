@@ -329,7 +329,7 @@ def _scratch_audio_vae(pipe, spec: str, waveforms, steps: int, device):
     params = sum(p.numel() for p in vae.parameters())
     print(
         f"audio VAE {spec} from scratch: {steps} steps, {params / 1e6:.2f}M parameters, "
-        f"{1 / (spl / vae.sample_rate):.0f} latents/s, {time.perf_counter() - started:.0f} s"
+        f"{vae.sample_rate / spl:.0f} latents/s, {time.perf_counter() - started:.0f} s"
     )
     return vae
 
@@ -424,7 +424,9 @@ def _audio_tables(args, pipe, clips, device) -> dict:
         "audio VAE -> neural vocoder": (neural, vae_mel),
     }
     if args.audio_scratch:
-        unscored = _speech_lines(range(args.lines, 20), cfg.sample_rate, spl)
+        from core.synth.speech import SENTENCES
+
+        unscored = _speech_lines(range(args.lines, len(SENTENCES)), cfg.sample_rate, spl)
         waveforms = [a for _, a in clips] + [a for _, a in unscored]
         for spec in args.audio_scratch.split(","):
             fresh = _scratch_audio_vae(pipe, spec, waveforms, args.audio_steps, device)

@@ -149,10 +149,11 @@ class VAEStageConfig(StageConfig):
     # in 4000 steps (BENCHMARKS.md, session 17). 0 = the batch's clips only.
     vocoder_speech_share: float = 0.25
     # The audio VAE also reconstructs those clips with dialogue (the vocoder's draw, so
-    # the windows and the VAEs' other data stay as they were). Off by default: speech
-    # through the audio VAE is unintelligible for every decoder (word error rate about
-    # 1.0 at 3.5% speech in the corpus) and whether more speech fixes it, or the
-    # latent's 16 channels at 16 Hz are too few, is what this switch measures.
+    # the windows and the VAEs' other data stay as they were). Off by default: on the
+    # shipped corpus it left speech through the compact audio VAE as unintelligible as
+    # before (word error rate 0.895 either way, one H200, 6000 steps); fresh VAEs on
+    # speech-rich data show the latent rate is the limit (16 latents a second: 0.47-0.58
+    # at any width; 32 a second: 0.0). BENCHMARKS.md, session 18.
     audio_vae_speech: bool = False
     # The GAN (multi-period / multi-resolution discriminators, feature matching) only
     # for the last vocoder_gan_fraction of the stage's steps, at vocoder_gan_weight,
