@@ -258,16 +258,21 @@ def _tiny() -> ModelConfig:
 
 
 def _compact() -> ModelConfig:
-    # tiny's VAEs (8x spatial, 4x temporal, 8 latent channels) at 128x128: a 16x16
-    # latent grid, 8x8 tokens per latent frame with the 2x2 patch, so a 2 s clip is
-    # 9 x 64 video tokens + 36 audio tokens and a CPU samples it in seconds. Head dims
+    # tiny's video VAE (8x spatial, 4x temporal, 8 latent channels) at 128x128: a 16x16
+    # latent grid, 8x8 tokens per latent frame with the 2x2 patch. The audio VAE has one
+    # level (32 latents a second, 8 per video latent): at two levels (16 a second) no
+    # recipe kept speech intelligible (WER 0.47-0.58 on held-out lines), at one it did
+    # (0.000; bench/decoders --audio-scratch, BENCHMARKS.md session 18). A 2 s clip is
+    # 9 x 64 video tokens + 72 audio tokens and a CPU samples it in seconds. Head dims
     # 64 (video) and 48 (audio). About 11M parameters in all, so the bf16 checkpoint
     # stays under the repository's 24 MB budget for shipped weights.
     return ModelConfig(
         name="compact",
         width=128,
         height=128,
+        audio_latents_per_video_latent=8,
         video_vae=VideoVAEConfig(latent_channels=8, channels=(24, 48), level_time_kernels=(1, 3)),
+        audio_vae=AudioVAEConfig(channels=(64,)),
         dit=DiTConfig(
             video=BranchConfig(dim=192, heads=3),
             audio=BranchConfig(dim=96, heads=2),

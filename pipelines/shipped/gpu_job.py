@@ -136,7 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vae-only", action="store_true",
         help="stop after the vae stage and export its final (decoder experiments)",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.calib_steps < 3:  # two logged steps after the first are needed for a rate
+        parser.error(f"--calib-steps must be at least 3, got {args.calib_steps}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
