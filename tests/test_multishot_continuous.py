@@ -10,6 +10,7 @@ words routed to its own time span; a checkpoint config from before (32 tokens, n
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -207,7 +208,11 @@ def test_a_four_shot_plan_fits_77_tokens_routed_per_shot(pipe, encoder):
 
 
 def test_an_old_32_token_checkpoint_config_loads_and_computes_the_old_text(encoder):
-    with open("checkpoints/default/config.json") as f:
+    # The config recorded by the checkpoint shipped on 2026-11-26 (32-token prompts,
+    # stitched multi-shot), kept here after the shipped checkpoint moved on.
+    with open(
+        os.path.join(os.path.dirname(__file__), "fixtures", "compact_config_2026-11-26.json")
+    ) as f:
         recorded = json.load(f)["config"]
     assert "multishot" not in recorded
     old = ModelConfig.from_dict(recorded)
