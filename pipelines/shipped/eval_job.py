@@ -3,10 +3,13 @@
     python -m pipelines.shipped.eval_job --checkpoint checkpoints/default \
         --exclude-manifest CURATED/clips.parquet --text 100 --edits 10 --multishot 10 \
         --references 8 --out quality.json
+    python -m pipelines.shipped.eval_job --compare old.json new.json
 
 Runs on a CPU or a GPU. Where the text encoder's weights are missing (an offline GPU
 host), ``--make-text-table FILE`` (run where they are) writes the embeddings of
-every prompt the run will use, and ``--text-table FILE`` serves them.
+every prompt the run will use, and ``--text-table FILE`` serves them. ``--compare``
+prints the paired differences (new - old, with standard errors) of two runs on the
+same prompts, clip by clip.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", default="")
     parser.add_argument("--exclude-manifest", action="append", default=[])
     parser.add_argument("--text", type=int, default=100)
     parser.add_argument("--edits", type=int, default=10)
@@ -37,7 +40,26 @@ def main(argv: list[str] | None = None) -> dict:
         help="which to run (the "
         "counts still pick the held-out prompts, so a subset run measures the same ones)",
     )
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("OLD_JSON", "NEW_JSON"),
+        help="print paired differences (new - old, standard errors) of two runs' "
+        "outputs on the same prompts, and generate nothing",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.compare:
+        from pipelines.shipped.quality import compare_runs, comparison_table
+
+        runs = []
+        for path in args.compare:
+            with open(path) as f:
+                runs.append(json.load(f))
+        rows = compare_runs(*runs)
+        if not rows:
+            parser.error("the two runs share no measured clip (were they run on the same prompts?)")
+        print(comparison_table(rows))
+        return {"comparison": rows}
+    if not args.checkpoint:
+        parser.error("--checkpoint is required (except with --compare)")
 
     import pyarrow.parquet as pq
 

@@ -328,3 +328,78 @@ def reference_quality(pipeline, settings: QualitySettings, count: int = 8) -> di
         "chance": 1 / len(colours),
         "rows": rows,
     }
+
+
+# Per-clip measures of each family that a paired comparison reads: (family, row key,
+# measure name). Rows are matched by what identifies their clip, so two runs on the
+# same held-out prompts compare prompt by prompt and the draw mostly cancels.
+PAIRED_MEASURES = (
+    ("text", "colour", "colour adherence"),
+    ("text", "shape", "shape adherence"),
+    ("text", "pair", "(colour, shape) pairs"),
+    ("text", "count", "count exact"),
+    ("text", "iou", "multiset IoU"),
+    ("text", "abs_av_offset_ms", "absolute AV offset, ms (clips both measured)"),
+    ("edit", "correlation", "V2V trajectory correlation"),
+    ("multishot", "both_shots", "multi-shot subject kept"),
+    ("reference", "followed", "image reference colour followed"),
+)
+
+
+def _row_id(family: str, index: int, row: dict) -> tuple:
+    if family == "edit":
+        return (row["kind"], row["prompt"])
+    if family == "reference":  # the same seeds give the same references in both runs
+        return (index, row["reference_colour"])
+    return (row["prompt"],)
+
+
+def _row_value(row: dict, key: str) -> float | None:
+    if key == "abs_av_offset_ms":
+        value = row.get("av_offset_ms")
+        return None if value is None else abs(float(value))
+    value = row.get(key)
+    return None if value is None else float(value)
+
+
+def compare_runs(old: dict, new: dict) -> list[dict]:
+    """Paired ``new - old`` (mean, standard error, pairs) of every per-clip measure both
+    eval runs (:mod:`pipelines.shipped.eval_job` outputs) hold, matched clip by clip."""
+    from pipelines.align.evaluate import mean_se
+
+    out = []
+    for family, key, name in PAIRED_MEASURES:
+        old_rows = (old.get(family) or {}).get("rows") or []
+        new_rows = (new.get(family) or {}).get("rows") or []
+        index = {_row_id(family, i, r): r for i, r in enumerate(old_rows)}
+        pairs = []
+        for i, row in enumerate(new_rows):
+            match = index.get(_row_id(family, i, row))
+            a = None if match is None else _row_value(match, key)
+            b = _row_value(row, key)
+            if a is not None and b is not None:
+                pairs.append((a, b))
+        if not pairs:
+            continue
+        diff, se = mean_se([b - a for a, b in pairs])
+        out.append({
+            "family": family, "measure": name, "pairs": len(pairs),
+            "old": statistics.fmean(a for a, _ in pairs),
+            "new": statistics.fmean(b for _, b in pairs),
+            "diff": diff, "se": se,
+        })  # fmt: skip
+    return out
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`compare_runs`."""
+    lines = [
+        "| family | measure | pairs | old | new | new - old |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['family']} | {r['measure']} | {r['pairs']} | {r['old']:.3f} | "
+            f"{r['new']:.3f} | {r['diff']:+.3f} +- {r['se']:.3f} |"
+        )
+    return "\n".join(lines)
