@@ -109,3 +109,44 @@ def test_an_xz_wheel_with_an_entry_outside_its_folder_is_refused(tmp_path):
         carry.extract_wheel_xz(str(archive), str(tmp_path / "site"))
     assert not (tmp_path / "escaped.py").exists()
     assert not (tmp_path / "site" / "av").exists()
+
+
+def test_decoders_tuned_alone_are_shipped_with_the_parents_dit_and_metadata(tmp_path):
+    """``--decoders-only`` exports the parent checkpoint with the tuned decoders and
+    vocoder; a tuned checkpoint whose encoder moved is refused (its latents are not the
+    ones the parent's DiT learned)."""
+    import pytest
+    import torch
+
+    from model.checkpoint import load_state
+    from model.pipeline import DuetPipeline
+    from pipelines.shipped.gpu_job import export_decoders
+
+    parent = DuetPipeline.from_preset("tiny", seed=0)
+    parent.save(str(tmp_path / "parent"), extra={"stage": "sft", "caption_vocabulary": ["red"]})
+    tuned = DuetPipeline.from_checkpoint(str(tmp_path / "parent"))
+    with torch.no_grad():
+        for module in (tuned.video_vae.decoder, tuned.audio_vae.decoder, tuned.vocoder):
+            next(module.parameters()).add_(1.0)
+        next(tuned.dit.parameters()).add_(1.0)  # the tuned run's DiT is not shipped
+    tuned.use_neural_vocoder = True
+    tuned.save(str(tmp_path / "tuned"), extra={"stage": "vae"})
+    out = str(tmp_path / "ship")
+    export_decoders(str(tmp_path / "parent"), str(tmp_path / "tuned"), out, {"steps": 3})
+
+    shipped, meta = load_state(out)
+    before, _ = load_state(str(tmp_path / "parent"))
+    after, _ = load_state(str(tmp_path / "tuned"))
+    for key, value in shipped.items():
+        from_tuned = key.startswith(("video_vae.decoder.", "audio_vae.decoder.", "vocoder."))
+        want = (after if from_tuned else before)[key].to(torch.bfloat16)
+        assert torch.equal(value, want), key
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("vocoder."))
+    assert meta["extra"]["stage"] == "sft" and meta["extra"]["caption_vocabulary"] == ["red"]
+    assert meta["extra"]["decoders"] == {"steps": 3} and meta["use_neural_vocoder"]
+
+    with torch.no_grad():
+        next(tuned.video_vae.encoder.parameters()).add_(1.0)
+    tuned.save(str(tmp_path / "moved"))
+    with pytest.raises(ValueError, match="video_vae.encoder.*not a decoders-only run"):
+        export_decoders(str(tmp_path / "parent"), str(tmp_path / "moved"), out, {})

@@ -58,13 +58,58 @@ def export_bf16(src_uri: str, out_dir: str, extra: dict | None = None) -> int:
     return sum(v.numel() * v.element_size() for v in out.values())
 
 
+DECODER_COMPONENTS = ("video_vae.", "audio_vae.", "vocoder.")
+
+
+def export_decoders(parent_uri: str, tuned_uri: str, out_dir: str, extra: dict) -> int:
+    """The parent checkpoint (its DiT, encoders, metadata) with the decoders and vocoder
+    of a ``vae.decoders_only`` run on it, as bf16 shards.
+
+    The run kept the encoders and their calibration bit for bit; a tuned checkpoint
+    whose encoders differ from the parent's was not such a run and is refused (its
+    latents are not the ones the parent's DiT was trained on)."""
+    from model.checkpoint import load_state, save_state
+
+    parent, meta = load_state(parent_uri)
+    tuned, tuned_meta = load_state(tuned_uri)
+    if tuned_meta.get("config") != meta.get("config"):
+        raise ValueError(f"{tuned_uri} has another model config than {parent_uri}")
+    taken = 0
+    for key, value in tuned.items():
+        if not key.startswith(DECODER_COMPONENTS):
+            continue
+        value = value.to(parent[key].dtype) if key in parent else value
+        if ".encoder." in f".{key}" or key.endswith(("latent_mean", "latent_std")):
+            if key not in parent or not torch.equal(parent[key], value):
+                raise ValueError(
+                    f"{tuned_uri} changed {key}: not a decoders-only run on {parent_uri}"
+                )
+            continue
+        parent[key] = value
+        taken += 1
+    if not taken:
+        raise ValueError(f"{tuned_uri} holds no decoder weights")
+    meta = {k: v for k, v in meta.items() if k not in ("schema_version", "weight_files")}
+    meta["use_neural_vocoder"] = tuned_meta.get("use_neural_vocoder", False)
+    meta["extra"] = {**meta.get("extra", {}), "decoders": extra, "weights_dtype": "bf16"}
+    out = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in parent.items()}
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_state(tmp, out, meta, max_shard_bytes=SHARD_BYTES)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return sum(v.numel() * v.element_size() for v in out.values())
+
+
 def build_config(args, manifest: str, steps: dict[str, int], every: int):
     from pipelines.train.config import DataConfig, DiTStageConfig, TrainConfig, VAEStageConfig
 
+    vae_rates = {"lr": args.vae_lr, "audio_lr": args.vae_audio_lr, "warmup_steps": args.vae_warmup}
     return TrainConfig(
         preset=args.preset,
         run_uri=args.run,
         seed=args.seed,
+        init_from=args.init_from,
         data=DataConfig(
             curated_uri=manifest,
             frame_buckets=(args.frames,),
@@ -77,7 +122,8 @@ def build_config(args, manifest: str, steps: dict[str, int], every: int):
             checkpoint_every=args.vae_checkpoint_every, log_every=args.log_every, eval_clips=8,
             vocoder_steps=args.vae_steps if args.vocoder else 0,
             video_gan_start=args.video_gan_start, colour_permute=args.colour_permute,
-            audio_vae_speech=args.audio_vae_speech,
+            audio_vae_speech=args.audio_vae_speech, decoders_only=args.decoders_only,
+            **{k: v for k, v in vae_rates.items() if v is not None},
         ),
         pretrain=DiTStageConfig(
             steps=steps["pretrain"], batch_size=args.batch, lr=args.lr,
@@ -136,7 +182,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vae-only", action="store_true",
         help="stop after the vae stage and export its final (decoder experiments)",
     )  # fmt: skip
+    parser.add_argument(
+        "--init-from", default="",
+        help="start from this trained checkpoint (with --decoders-only: the one to tune)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decoders-only", action="store_true",
+        help="tune the decoders and vocoder of --init-from (vae stage only, encoders and "
+        "DiT kept) and export that checkpoint with them",
+    )  # fmt: skip
+    parser.add_argument("--vae-lr", type=float, default=None, help="default: the stage's")
+    parser.add_argument("--vae-audio-lr", type=float, default=None)
+    parser.add_argument("--vae-warmup", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.decoders_only and not args.init_from:
+        parser.error("--decoders-only tunes the decoders of a trained checkpoint: give --init-from")
+    if args.decoders_only:
+        args.vae_only = True
     if args.calib_steps < 3:  # two logged steps after the first are needed for a rate
         parser.error(f"--calib-steps must be at least 3, got {args.calib_steps}")
     return args
@@ -253,6 +315,18 @@ def main(argv: list[str] | None = None) -> dict:
             f"({args.vae_checkpoint_every})"
         )
 
+    if args.decoders_only:
+        final = loop.final_uri(cfg, "vae")
+        summary["exported_from"] = final
+        tuned = {
+            "steps": summary["stages"]["vae"]["steps"],
+            "video_gan_start": args.video_gan_start,
+            "lr": cfg.vae.lr,
+            "device": device_name,
+            "from": args.init_from,
+        }
+        summary["exported_bytes"] = export_decoders(args.init_from, final, ship, tuned)
+        return _finish(summary, args, t0)
     if args.vae_only:
         final = loop.final_uri(cfg, "vae")
         summary["exported_from"] = final
