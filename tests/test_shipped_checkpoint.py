@@ -47,10 +47,9 @@ def shipped() -> DuetPipeline:
     return DuetPipeline.from_checkpoint(str(DEFAULT_CHECKPOINT_DIR))
 
 
-# Measured on the CPU (2026-11-26) and, for the same prompt and seed, on the H200: both
-# named colours and the shape seen (IoU 1.0), AV offset 48.4 ms (one frame is 62.5 ms).
-# ("a red circle bounces on a gray floor" also passes: -21.7 ms; one prompt keeps the
-# test to one clip.)
+# Measured on the CPU with v2 (2026-12-04): both named colours and the shape seen, the
+# count exact (IoU 1.0), AV offset 14.8 ms (one frame is 62.5 ms; v1 measured 48.4 ms).
+# One prompt keeps the test to one clip.
 FIXED_PROMPTS = ("a blue circle and a red circle bounce on a gray floor",)
 
 
