@@ -380,10 +380,14 @@ def _audio_tables(args, pipe, clips, device) -> dict:
         with torch.no_grad():
             if source is vae_mel:
                 z = avae.encode(audio[None].to(device))
+                _warm_up(device, lambda: decode(avae.decode_mel(z), gen))
+                gen.manual_seed(0)
                 started = time.perf_counter()
                 out = decode(avae.decode_mel(z), gen)[0].cpu()
             else:
                 mel = source(audio)
+                _warm_up(device, lambda: decode(mel, gen))
+                gen.manual_seed(0)
                 started = time.perf_counter()
                 out = decode(mel, gen)[0].cpu()
             if device.type == "cuda":
@@ -557,6 +561,16 @@ def transcribe_saved(out_dir: str) -> None:
 PALETTE_SIDES = (0.1, 0.25)  # square sides of the palette sweep, as fractions of the frame
 
 
+def _warm_up(device, call, *args) -> None:
+    """On a GPU, run ``call(*args)`` once untimed and wait for it, so a timing that
+    follows measures decoding, not CUDA's first-call start-up (a CPU needs none)."""
+    import torch
+
+    if device.type == "cuda":
+        call(*args)
+        torch.cuda.synchronize()
+
+
 def _palette_clips(cfg, frames: int = 9) -> list:
     """Still clips of one square on a two-tone backdrop: every object colour of the
     synthetic world (night-dimmed on the night backdrops) on every backdrop, at two
@@ -642,6 +656,7 @@ def _video_table(args, pipe, eval_clips, device) -> list:
             x = frames_to_tensor(frames)[None].to(device)
             with torch.no_grad():
                 z = model.encode(x)
+                _warm_up(device, model.decode, z)
                 started = time.perf_counter()
                 rec = model.decode(z)
                 if device.type == "cuda":
