@@ -2,6 +2,7 @@
 
     python -m bench.page_examples                                   # checkpoints/default
     python -m bench.page_examples --checkpoint URI --seeds 3 --json out.json
+    python -m bench.page_examples --first-seed 2     # seeds the examples were not chosen on
 
 The page (serve/examples.py) suggests prompts taken from what the served checkpoint
 was trained on. This generates each suggested prompt with a few seeds, probes every
@@ -21,7 +22,7 @@ import sys
 import time
 
 
-def score_examples(checkpoint: str, seeds: int, settings) -> list[dict]:
+def score_examples(checkpoint: str, seeds: range, settings) -> list[dict]:
     from core.probes.captions import parse_caption
     from core.probes.probe import probe_clip
     from model.pipeline import DuetPipeline
@@ -34,7 +35,7 @@ def score_examples(checkpoint: str, seeds: int, settings) -> list[dict]:
         if not parse_caption(prompt):
             rows.append({"prompt": prompt, "seed": None, "scored": False})
             continue
-        for seed in range(seeds):
+        for seed in seeds:
             clip = generate_clip(pipeline, settings, seed, prompt=prompt, duration_s=2.0)
             detections = probe_clip(clip, include_frames=True)["frames"]
             rows.append({"prompt": prompt, "seed": seed, "scored": True,
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="checkpoints/default")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--first-seed", type=int, default=0,
+        help="seeds other than those pipelines.shipped.examples_job chose the examples on",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--target", type=float, default=0.8,
                         help="share of scored clips with every named pair seen")  # fmt: skip
@@ -75,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    rows = score_examples(args.checkpoint, args.seeds, QualitySettings(steps=args.steps))
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    rows = score_examples(args.checkpoint, seeds, QualitySettings(steps=args.steps))
     result = summary(rows)
     print(f"{'prompt':70s} seed colour shape pair count")
     for r in rows:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from pipelines.train.vocabulary import caption_words, checkpoint_vocabulary
+from pipelines.train.vocabulary import checkpoint_vocabulary, pick_examples
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +43,6 @@ def _data_captions(meta: dict) -> list[str]:
         log.info("no example captions from %s: %s", curated, err)
         return []
     return [row.text for row in rows if getattr(row, "text", "")]
-
-
-def pick_examples(captions: list[str], vocabulary: list[str] | None, limit: int) -> list[str]:
-    """Up to ``limit`` distinct captions with every word known, varied: the shortest,
-    then each next one the caption bringing the most words not shown yet (deterministic),
-    so six examples are not six colours of one sentence."""
-    known = set(vocabulary) if vocabulary else None
-    pool = sorted(
-        {
-            " ".join(text.split())
-            for text in captions
-            if caption_words(text) and (known is None or set(caption_words(text)) <= known)
-        },
-        key=lambda t: (len(t), t),
-    )
-    picked: list[str] = []
-    shown: set[str] = set()
-    while pool and len(picked) < limit:
-        # The shortest first, then whichever shows the most words not shown yet.
-        best = max(pool, key=lambda t: (len(set(caption_words(t)) - shown), -len(t)))
-        best = best if picked else pool[0]
-        pool.remove(best)
-        picked.append(best)
-        shown |= set(caption_words(best))
-    return picked
 
 
 def model_examples(checkpoint_uri: str | None, limit: int = MAX_EXAMPLES) -> dict:

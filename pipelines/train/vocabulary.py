@@ -44,3 +44,28 @@ def unknown_words(prompt: str, vocabulary: Iterable[str]) -> dict[str, list[str]
         if word not in known and word not in out:
             out[word] = difflib.get_close_matches(word, known, n=3, cutoff=0.6)
     return out
+
+
+def pick_examples(captions: list[str], vocabulary: list[str] | None, limit: int) -> list[str]:
+    """Up to ``limit`` distinct captions with every word known, varied: the shortest,
+    then each next one the caption bringing the most words not shown yet (deterministic),
+    so six examples are not six colours of one sentence."""
+    known = set(vocabulary) if vocabulary else None
+    pool = sorted(
+        {
+            " ".join(text.split())
+            for text in captions
+            if caption_words(text) and (known is None or set(caption_words(text)) <= known)
+        },
+        key=lambda t: (len(t), t),
+    )
+    picked: list[str] = []
+    shown: set[str] = set()
+    while pool and len(picked) < limit:
+        # The shortest first, then whichever shows the most words not shown yet.
+        best = max(pool, key=lambda t: (len(set(caption_words(t)) - shown), -len(t)))
+        best = best if picked else pool[0]
+        pool.remove(best)
+        picked.append(best)
+        shown |= set(caption_words(best))
+    return picked
