@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from pipelines.train.vocabulary import checkpoint_vocabulary, pick_examples
+from pipelines.train.vocabulary import checkpoint_vocabulary, pick_examples, training_captions
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +27,17 @@ MAX_EXAMPLES = 6
 
 def _data_captions(meta: dict) -> list[str]:
     """Captions of the checkpoint's training data, or [] when it cannot be read."""
-    from pipelines.train.config import DataConfig
-    from pipelines.train.data import load_clip_rows
-
     data = ((meta.get("extra") or {}).get("train_config") or {}).get("data") or {}
     curated = data.get("curated_uri")
     if not curated:
         return []
     try:
         # The clips it trained on: its own frame buckets decide which were long enough.
-        buckets = {"frame_buckets": data["frame_buckets"]} if data.get("frame_buckets") else {}
-        cfg = DataConfig(curated_uri=curated, **buckets)
-        rows = load_clip_rows(cfg, float(meta["config"]["fps"]))
+        fps = float(meta["config"]["fps"])
+        return training_captions(curated, fps, data.get("frame_buckets"))
     except Exception as err:  # gone, moved, another schema: the page does without
         log.info("no example captions from %s: %s", curated, err)
         return []
-    return [row.text for row in rows if getattr(row, "text", "")]
 
 
 def model_examples(checkpoint_uri: str | None, limit: int = MAX_EXAMPLES) -> dict:

@@ -89,3 +89,6 @@ def test_two_runs_compare_clip_by_clip_with_standard_errors(tmp_path, capsys):
     other.write_text(json.dumps({"text": {"rows": [text_row("z", 1.0, None)]}}))
     with pytest.raises(SystemExit):  # no prompt in common: said, not an empty table
         eval_job.main(["--compare", paths[0], str(other)])
+    with pytest.raises(SystemExit) as err:  # a missing run: one line, not a traceback
+        eval_job.main(["--compare", paths[0], str(tmp_path / "missing.json")])
+    assert err.value.code == 2 and "cannot read the eval run" in capsys.readouterr().err

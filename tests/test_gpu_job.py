@@ -150,3 +150,19 @@ def test_decoders_tuned_alone_are_shipped_with_the_parents_dit_and_metadata(tmp_
     tuned.save(str(tmp_path / "moved"))
     with pytest.raises(ValueError, match="video_vae.encoder.*not a decoders-only run"):
         export_decoders(str(tmp_path / "parent"), str(tmp_path / "moved"), out, {})
+
+
+def test_settings_that_cannot_run_are_refused_before_any_work(capsys):
+    import pytest
+
+    from pipelines.shipped.gpu_job import parse_args
+
+    base = ["--carry", "c", "--out", "o"]
+    for extra, said in (
+        (["--calib-steps", "2"], "--calib-steps must be at least 3"),
+        (["--decoders-only"], "give --init-from"),
+    ):
+        with pytest.raises(SystemExit) as err:
+            parse_args(base + extra)
+        assert err.value.code == 2 and said in capsys.readouterr().err
+    assert parse_args(base + ["--decoders-only", "--init-from", "ck"]).vae_only

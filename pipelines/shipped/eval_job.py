@@ -47,12 +47,15 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.compare:
+        from core import storage
         from pipelines.shipped.quality import compare_runs, comparison_table
 
         runs = []
-        for path in args.compare:
-            with open(path) as f:
-                runs.append(json.load(f))
+        for uri in args.compare:
+            try:
+                runs.append(storage.read_json(uri))
+            except (OSError, ValueError) as err:
+                parser.error(f"cannot read the eval run {uri}: {err}")
         rows = compare_runs(*runs)
         if not rows:
             parser.error("the two runs share no measured clip (were they run on the same prompts?)")

@@ -22,15 +22,6 @@ EXAMPLES_KEY = "caption_examples"
 CHECK_KEY = "caption_examples_check"
 
 
-def candidate_captions(manifest: str, fps: float, frames: int) -> list[str]:
-    """Training-split captions of the clips long enough to train on."""
-    from pipelines.train.config import DataConfig
-    from pipelines.train.data import load_clip_rows
-
-    rows = load_clip_rows(DataConfig(curated_uri=manifest, frame_buckets=(frames,)), fps)
-    return [row.text for row in rows if row.text]
-
-
 def recognised(pipeline, prompt: str, seeds: range, settings) -> bool | None:
     """True when every clip of ``prompt`` shows every named (colour, shape) pair; None
     when the probes cannot read the prompt."""
@@ -93,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     from model.checkpoint import read_meta
     from model.pipeline import DuetPipeline
     from pipelines.shipped.quality import QualitySettings
-    from pipelines.train.vocabulary import checkpoint_vocabulary
+    from pipelines.train.vocabulary import checkpoint_vocabulary, training_captions
 
     started = time.perf_counter()
     meta = read_meta(args.checkpoint)
     vocabulary = checkpoint_vocabulary(meta)
     if not vocabulary:
         parser.error(f"{args.checkpoint} records no caption vocabulary to check prompts against")
-    candidates = candidate_captions(args.manifest, float(meta["config"]["fps"]), args.frames)
+    candidates = training_captions(args.manifest, float(meta["config"]["fps"]), (args.frames,))
     pipeline = DuetPipeline.from_checkpoint(args.checkpoint)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     settings = QualitySettings(steps=args.steps)

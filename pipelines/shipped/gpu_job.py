@@ -35,27 +35,35 @@ class StageDeadline(Exception):
     """A stage ran past its share of the budget."""
 
 
-def export_bf16(src_uri: str, out_dir: str, extra: dict | None = None) -> int:
-    """Copy a checkpoint as bf16 shards (EMA DiT weights when the source has them)."""
-    from safetensors.torch import load as load_bytes
+def save_bf16(tensors: dict, meta: dict, out_dir: str, extra: dict) -> int:
+    """Write ``tensors`` as bf16 shards under 16 MiB with ``meta`` (its extra updated
+    with ``extra``), replacing ``out_dir`` whole; returns the bytes of weights."""
+    from model.checkpoint import save_state
 
-    from core import storage
-    from model.checkpoint import load_state, save_state
-
-    tensors, meta = load_state(src_uri)
-    ema_uri = storage.join(src_uri, "ema.safetensors")
-    if storage.exists(ema_uri):
-        for key, value in load_bytes(storage.read_bytes(ema_uri)).items():
-            tensors[f"dit.{key}"] = value
     out = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in tensors.items()}
     meta = {k: v for k, v in meta.items() if k not in ("schema_version", "weight_files")}
-    meta["extra"] = {**meta.get("extra", {}), **(extra or {}), "weights_dtype": "bf16"}
+    meta["extra"] = {**meta.get("extra", {}), **extra, "weights_dtype": "bf16"}
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_state(tmp, out, meta, max_shard_bytes=SHARD_BYTES)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return sum(v.numel() * v.element_size() for v in out.values())
+
+
+def export_bf16(src_uri: str, out_dir: str, extra: dict | None = None) -> int:
+    """Copy a checkpoint as bf16 shards (EMA DiT weights when the source has them)."""
+    from safetensors.torch import load as load_bytes
+
+    from core import storage
+    from model.checkpoint import load_state
+
+    tensors, meta = load_state(src_uri)
+    ema_uri = storage.join(src_uri, "ema.safetensors")
+    if storage.exists(ema_uri):
+        for key, value in load_bytes(storage.read_bytes(ema_uri)).items():
+            tensors[f"dit.{key}"] = value
+    return save_bf16(tensors, meta, out_dir, extra or {})
 
 
 DECODER_COMPONENTS = ("video_vae.", "audio_vae.", "vocoder.")
@@ -68,7 +76,7 @@ def export_decoders(parent_uri: str, tuned_uri: str, out_dir: str, extra: dict) 
     The run kept the encoders and their calibration bit for bit; a tuned checkpoint
     whose encoders differ from the parent's was not such a run and is refused (its
     latents are not the ones the parent's DiT was trained on)."""
-    from model.checkpoint import load_state, save_state
+    from model.checkpoint import load_state
 
     parent, meta = load_state(parent_uri)
     tuned, tuned_meta = load_state(tuned_uri)
@@ -89,16 +97,8 @@ def export_decoders(parent_uri: str, tuned_uri: str, out_dir: str, extra: dict) 
         taken += 1
     if not taken:
         raise ValueError(f"{tuned_uri} holds no decoder weights")
-    meta = {k: v for k, v in meta.items() if k not in ("schema_version", "weight_files")}
-    meta["use_neural_vocoder"] = tuned_meta.get("use_neural_vocoder", False)
-    meta["extra"] = {**meta.get("extra", {}), "decoders": extra, "weights_dtype": "bf16"}
-    out = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in parent.items()}
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_state(tmp, out, meta, max_shard_bytes=SHARD_BYTES)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return sum(v.numel() * v.element_size() for v in out.values())
+    meta = {**meta, "use_neural_vocoder": tuned_meta.get("use_neural_vocoder", False)}
+    return save_bf16(parent, meta, out_dir, {"decoders": extra})
 
 
 def build_config(args, manifest: str, steps: dict[str, int], every: int):

@@ -69,3 +69,14 @@ def pick_examples(captions: list[str], vocabulary: list[str] | None, limit: int)
         picked.append(best)
         shown |= set(caption_words(best))
     return picked
+
+
+def training_captions(curated_uri: str, fps: float, frame_buckets=None) -> list[str]:
+    """Captions of the training-split clips of a curated manifest that are long enough
+    for ``frame_buckets`` (the data config's default when None)."""
+    from pipelines.train.config import DataConfig
+    from pipelines.train.data import load_clip_rows
+
+    buckets = {"frame_buckets": tuple(frame_buckets)} if frame_buckets else {}
+    rows = load_clip_rows(DataConfig(curated_uri=curated_uri, **buckets), fps)
+    return [row.text for row in rows if getattr(row, "text", "")]
