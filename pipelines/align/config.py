@@ -142,6 +142,10 @@ class RLHFStageConfig:
     # Rate every rollout with the programmatic rater too (reward_source="model"), log
     # both, and flag a reward model score that rises while the rater's falls.
     monitor_rater: bool = True
+    # Processes that run the rater beside the sampler (preference data and the monitor's
+    # ratings; pipelines.align.rater.rater_pool). 0 rates in the stage's process; on a
+    # GPU host the CPU-bound probes otherwise take most of each group's time.
+    rater_workers: int = 0
     prompts: PromptSplit = field(default_factory=PromptSplit)
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -165,6 +169,8 @@ class RLHFStageConfig:
             raise ValueError("timestep_fraction must be in (0, 1]")
         if self.best_worst_k and 2 * self.best_worst_k > self.group_size:
             raise ValueError("best_worst_k must be at most group_size / 2")
+        if self.rater_workers < 0:
+            raise ValueError("rater_workers must be >= 0 (0 rates in the stage's process)")
         if self.updates_per_rollout < 1:
             raise ValueError("updates_per_rollout must be >= 1")
         if self.kl_weight is not None and self.kl_weight < 0:
@@ -200,6 +206,12 @@ class DMDConfig:
     # Share of each batch's prompts drawn from the caption grammar (the rest are
     # captions: the training prompts, the manifest's other captions, extra_prompts).
     grammar_fraction: float = 0.5
+    # 0: a new grammar caption at every draw. N > 0: N distinct grammar captions drawn
+    # once at the stage's start (seeded by the run's seed, written to the stage's
+    # grammar_prompts.txt), the draws picking among them: the captions a student was
+    # distilled on are then on record, and their text embeddings can be made ahead of
+    # time for a host without the text encoder (pipelines.shipped.align_job).
+    grammar_pool: int = 0
     # Clip lengths (frames, each 1 + 4k) drawn per step; empty: every bucket the
     # parent's stages trained on (data, pretrain and sft frame_buckets).
     frame_buckets: tuple[int, ...] = ()
@@ -252,6 +264,8 @@ class DistillStageConfig:
             raise ValueError("distill.dmd.fake_updates must be >= 1")
         if not 0.0 <= d.time_min < d.time_max <= 1.0:
             raise ValueError("distill.dmd needs 0 <= time_min < time_max <= 1")
+        if d.grammar_pool < 0:
+            raise ValueError("distill.dmd.grammar_pool must be >= 0 (0: no fixed pool)")
         if not 0.0 <= d.grammar_fraction <= 1.0:
             raise ValueError("distill.dmd.grammar_fraction must be in [0, 1]")
         if d.regression_weight < 0 or d.fake_lr <= 0 or d.lr <= 0:

@@ -122,7 +122,14 @@ class CaptionGrammar:
 class PromptStream:
     """Per-sample prompts over the caption distribution, never a held-out one."""
 
-    def __init__(self, captions: list[str], held_out: list[str], grammar_fraction: float):
+    def __init__(
+        self,
+        captions: list[str],
+        held_out: list[str],
+        grammar_fraction: float,
+        pool_size: int = 0,
+        seed: int = 0,
+    ):
         self.held_out = frozenset(normalise(p) for p in held_out)
         self.captions = [c for c in dict.fromkeys(captions) if normalise(c) not in self.held_out]
         if not self.captions:
@@ -132,17 +139,37 @@ class PromptStream:
         # which no draw returns.
         self.grammar = CaptionGrammar([*self.captions, *held_out])
         self.grammar_fraction = grammar_fraction if self.grammar else 0.0
+        # A fixed pool of grammar captions (distill.dmd.grammar_pool), drawn once.
+        self.pool: list[str] = []
+        if pool_size > 0 and self.grammar_fraction > 0:
+            self.pool = self._draw_pool(pool_size, torch.Generator().manual_seed(seed))
+
+    def _grammar_caption(self, gen: torch.Generator, attempts: int = 32) -> str | None:
+        for _ in range(attempts):
+            candidate = self.grammar.sample(gen)
+            if normalise(candidate) not in self.held_out:
+                return candidate
+        return None
+
+    def _draw_pool(self, size: int, gen: torch.Generator) -> list[str]:
+        found: dict[str, None] = {}
+        for _ in range(size * 4):  # a small grammar may hold fewer than `size` captions
+            caption = self._grammar_caption(gen)
+            if caption is not None:
+                found[caption] = None
+            if len(found) == size:
+                break
+        return list(found)
 
     def draw(self, n: int, gen: torch.Generator, attempts: int = 32) -> list[str]:
         out = []
         for _ in range(n):
             prompt = None
             if float(torch.rand((), generator=gen)) < self.grammar_fraction:
-                for _ in range(attempts):
-                    candidate = self.grammar.sample(gen)
-                    if normalise(candidate) not in self.held_out:
-                        prompt = candidate
-                        break
+                if self.pool:
+                    prompt = self.pool[int(torch.randint(0, len(self.pool), (1,), generator=gen))]
+                else:
+                    prompt = self._grammar_caption(gen, attempts)
             if prompt is None:
                 prompt = self.captions[
                     int(torch.randint(0, len(self.captions), (1,), generator=gen))

@@ -91,22 +91,27 @@ def select_candidates(adv: torch.Tensor, k: int) -> list[int]:
 
 
 def rater_scores(
-    pipeline, prompt: str, video, audio, frames: int, skip: tuple[str, ...] = ()
+    pipeline, prompt: str, video, audio, frames: int, skip: tuple[str, ...] = (), pool=None
 ) -> torch.Tensor:
-    """(G, H) rater scores of decoded candidates; NaN where a head does not apply."""
-    from pipelines.align.rater import rate_clip
+    """(G, H) rater scores of decoded candidates; NaN where a head does not apply.
+    ``pool``: :func:`pipelines.align.rater.rater_pool` processes to rate in."""
+    from pipelines.align.rater import rate_clips
 
-    out = []
-    for c in range(video.shape[0]):
-        clip = pipeline.decode_latents(video[c : c + 1], audio[c : c + 1], frames, seed=c)
-        scores = rate_clip(prompt, clip, skip=skip)
-        out.append([math.nan if scores.get(h) is None else float(scores[h]) for h in HEADS])
+    clips = [
+        pipeline.decode_latents(video[c : c + 1], audio[c : c + 1], frames, seed=c)
+        for c in range(video.shape[0])
+    ]
+    rated = rate_clips([prompt] * len(clips), clips, skip, pool)
+    out = [[math.nan if s.get(h) is None else float(s[h]) for h in HEADS] for s in rated]
     return torch.tensor(out, dtype=torch.float32)
 
 
-def rater_rewards(pipeline, prompt: str, video, audio, frames: int, skip=()) -> torch.Tensor:
+def rater_rewards(
+    pipeline, prompt: str, video, audio, frames: int, skip=(), pool=None
+) -> torch.Tensor:
     """Rater scores as rewards: a head that does not apply gives 0 (no advantage)."""
-    return torch.nan_to_num(rater_scores(pipeline, prompt, video, audio, frames, skip), nan=0.0)
+    scores = rater_scores(pipeline, prompt, video, audio, frames, skip, pool)
+    return torch.nan_to_num(scores, nan=0.0)
 
 
 @dataclass
@@ -161,6 +166,8 @@ class GRPO:
     skip_heads: tuple[str, ...] = ()
     # Rate rollouts with the rater too (the reward-hacking monitor); learned reward only.
     monitor: bool = False
+    # Processes the rater runs in (rlhf.rater_workers; None: in this process).
+    rater_pool: object = None
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -193,7 +200,7 @@ class GRPO:
         if self.settings.reward_source == "rater":
             return rater_rewards(
                 self.pipeline, self.prompts[prompt_index], video, audio, self.shapes[2],
-                self.skip_heads,
+                self.skip_heads, self.rater_pool,
             ).to(self.device)  # fmt: skip
         if self.settings.reward_source == "judge":  # a JudgeReward: decodes and asks
             prompt = self.prompts[prompt_index]
@@ -219,7 +226,7 @@ class GRPO:
                 with torch.no_grad():
                     rated = rater_scores(
                         self.pipeline, self.prompts[pi], final_v, final_a, self.shapes[2],
-                        self.skip_heads,
+                        self.skip_heads, self.rater_pool,
                     )  # fmt: skip
                 rater_means.append(rated.nanmean(0))
             adv = head_advantages(rewards, s.adv_clip_max)  # (G, H)

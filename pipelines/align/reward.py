@@ -334,7 +334,7 @@ def agreement(
         scores = torch.cat(
             [score_rows(model, inputs, range(i, min(i + 256, len(rows))))
              for i in range(0, len(rows), 256)]
-        )  # fmt: skip
+        ).cpu()  # fmt: skip
     out = {}
     for h, pairs in _pair_index(rows, pairs_of or rater_pairs(min_margin)).items():
         k = HEADS.index(h)
@@ -360,9 +360,16 @@ def score_rows(model: RewardModel, inputs: dict, index) -> torch.Tensor:
 
 
 def train_reward_model(
-    rows: list[dict], inputs: dict, cfg: RewardConfig, dims: dict, log=None, pairs_of=None
+    rows: list[dict],
+    inputs: dict,
+    cfg: RewardConfig,
+    dims: dict,
+    log=None,
+    pairs_of=None,
+    device=None,
 ) -> tuple[RewardModel, dict]:
     """Fit on the ``train`` rows' pairs; report agreement on the ``val`` rows' pairs.
+    Trained on ``device`` (default the CPU); the model comes back on the CPU.
 
     ``pairs_of(rows, head)`` gives (winner, loser, weight) tuples over ``rows`` (called
     once per split, so a pair never spans the split); by default the table's scores and
@@ -382,7 +389,9 @@ def train_reward_model(
         raise NoPreferencesError(no_pairs_message(rows, cfg.min_margin))
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = RewardModel(**dims, net=net_config(cfg))
+    device = torch.device(device or "cpu")
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    model = RewardModel(**dims, net=net_config(cfg)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses = []
     per_head = max(1, cfg.batch_pairs // len(usable))
@@ -431,7 +440,7 @@ def train_reward_model(
         report["val_agreement"] = agreement(
             model, val, _subset(inputs, val_rows), cfg.min_margin, pairs_of
         )
-    return model, report
+    return model.cpu(), report
 
 
 class NoPreferencesError(ValueError):

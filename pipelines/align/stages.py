@@ -65,7 +65,7 @@ from pipelines.align.preferences import (
     write_preferences,
 )
 from pipelines.align.prompts import manifest_prompts, split_prompts
-from pipelines.align.rater import ranks, rate_clip, skipped_heads
+from pipelines.align.rater import ranks, rate_clips, rater_pool, skipped_heads
 from pipelines.align.reward import (
     check_agreement_floor,
     load_reward_model,
@@ -79,6 +79,7 @@ from pipelines.train.batches import pad_text
 
 ALIGN_STAGES = ("rlhf", "distill")
 COUPLINGS_NAME = "couplings.safetensors"
+GRAMMAR_POOL_NAME = "grammar_prompts.txt"
 
 
 class PromptRow:
@@ -143,7 +144,17 @@ def build_preferences(
 ) -> str:
     """Rate G candidates per group for every prompt and round; returns the table URI.
 
-    Heads in ``skip`` (they need the synthetic world) are left unrated."""
+    Heads in ``skip`` (they need the synthetic world) are left unrated. The rater runs
+    in ``rlhf.rater_workers`` processes when set."""
+    pool = rater_pool(cfg.rlhf.rater_workers)
+    try:
+        return _build_preferences(cfg, pipeline, prompts, out_uri, log, skip, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _build_preferences(cfg, pipeline, prompts, out_uri, log, skip, pool) -> str:
     p = cfg.rlhf.preferences
     mcfg = pipeline.config
     pipeline.eval()
@@ -172,11 +183,14 @@ def build_preferences(
             final_v, final_a = traj.final
             group_id = f"p{pi:03d}-r{r:02d}"
             scored = []
-            for c in range(g):
-                clip = pipeline.decode_latents(
+            clips = [
+                pipeline.decode_latents(
                     final_v[c : c + 1], final_a[c : c + 1], frames, seed=noise_seed + c
                 )
-                scores = rate_clip(prompt, clip, skip=skip)
+                for c in range(g)
+            ]
+            rated = rate_clips([prompt] * g, clips, skip, pool)
+            for c, (clip, scores) in enumerate(zip(clips, rated, strict=True)):
                 base = storage.join(out_uri, "candidates", f"{group_id}-c{c}")
                 clip_uri = ""
                 if p.write_mp4:
@@ -281,6 +295,23 @@ def corpus_contrast_inputs(cfg, pipeline, held_out: list[str], like: dict):
     return rows, {"video": video, "audio": audio, "tokens": tokens[index], "mask": mask[index]}
 
 
+def concat_inputs(a: dict, b: dict) -> dict:
+    """Reward-model inputs of two row sets as one; prompt tokens padded to the longer
+    (each set is padded to its own longest prompt)."""
+    length = max(a["tokens"].shape[1], b["tokens"].shape[1])
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        extra = length - x.shape[1]
+        if extra == 0:
+            return x
+        return torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], dim=1)
+
+    out = {k: torch.cat([a[k], b[k]]) for k in a if k not in ("tokens", "mask")}
+    for k in ("tokens", "mask"):
+        out[k] = torch.cat([pad(a[k]), pad(b[k])])
+    return out
+
+
 def reward_dims(pipeline) -> dict:
     mcfg = pipeline.config
     return {
@@ -320,14 +351,14 @@ def ensure_reward_model(cfg, pipeline, rt, log=print):
         if r.corpus_contrasts > 0:
             extra, extra_inputs = corpus_contrast_inputs(cfg, pipeline, held, inputs)
             rows = rows + extra
-            inputs = {k: torch.cat([inputs[k], extra_inputs[k]]) for k in inputs}
+            inputs = concat_inputs(inputs, extra_inputs)
             contrasts = len({row["contrast"] for row in extra})
 
         def all_pairs_of(sub: list[dict], head: str):
             return pairs_of(sub, head) + contrast_pairs(sub, head, r.contrast_weight)
 
         model, report = train_reward_model(rows, inputs, r, reward_dims(pipeline),
-                                           pairs_of=all_pairs_of)  # fmt: skip
+                                           pairs_of=all_pairs_of, device=rt.device)  # fmt: skip
         report["corpus_contrasts"] = contrasts
         report.update({"train_prompts": train_prompts, "held_out_prompts": held,
                        "preferences": table, "candidates": candidates,
@@ -503,6 +534,7 @@ def rlhf_task(cfg, pipeline, rt):
         weights=weights,
         skip_heads=skip,
         monitor=s.monitor_rater,
+        rater_pool=rater_pool(s.rater_workers),
     )
     here = stage_uri(cfg, "rlhf")
     batch = RolloutSchedule(policy, s, here, rt.rank)
@@ -510,6 +542,8 @@ def rlhf_task(cfg, pipeline, rt):
     def finish() -> dict:
         from pipelines.train.logs import METRICS_NAME
 
+        if policy.rater_pool is not None:
+            policy.rater_pool.shutdown()
         summary = {
             "head_weights": dict(zip(HEADS, weights, strict=True)),
             "kl_weight": s.kl_coefficient(),
@@ -549,6 +583,16 @@ def distill_caption_pool(cfg) -> tuple[list[str], list[str]]:
     return [p for p in dict.fromkeys(captions) if p not in set(held)], held
 
 
+def distill_prompt_stream(cfg):
+    """The DMD2 stage's prompt stream (its grammar pool, when configured, drawn from
+    the run's seed: the same on every host that reads the same manifest)."""
+    from pipelines.align import dmd
+
+    captions, held = distill_caption_pool(cfg)
+    d = cfg.distill.dmd
+    return dmd.PromptStream(captions, held, d.grammar_fraction, d.grammar_pool, cfg.seed)
+
+
 def distill_buckets(cfg, mcfg) -> tuple[int, ...]:
     """Clip lengths DMD2 draws from: ``distill.dmd.frame_buckets``, else every bucket
     the supervised stages trained on."""
@@ -564,12 +608,14 @@ def dmd_task(cfg, pipeline, rt):
     import copy
 
     from pipelines.align import dmd
-    from pipelines.train.loop import StageTask
+    from pipelines.train.loop import StageTask, stage_uri
 
     s = cfg.distill
     pipeline.to(rt.device)
-    captions, held = distill_caption_pool(cfg)
-    stream = dmd.PromptStream(captions, held, s.dmd.grammar_fraction)
+    stream = distill_prompt_stream(cfg)
+    if stream.pool and rt.is_main:
+        uri = storage.join(stage_uri(cfg, "distill"), GRAMMAR_POOL_NAME)
+        storage.write_text(uri, "\n".join(stream.pool) + "\n")
     mcfg = pipeline.config
     buckets = distill_buckets(cfg, mcfg)
     # Teacher and fake score start as the parent (rlhf) weights; on resume the fake

@@ -384,6 +384,32 @@ class TableTextEncoder:
         return out, mask
 
 
+def add_texts(carry_dir: str, texts: list[str]) -> int:
+    """Embed ``texts`` with the frozen text encoder into the carry's table (texts already
+    there are kept as they are); returns how many were added.
+
+    What a job on the host will encode besides the clips' conditioning texts (prompts
+    without their dialogue, a distillation's grammar pool) has to be embedded here,
+    where the encoder is: the host has only the table."""
+    from safetensors.torch import load_file, save_file
+
+    from model.text_encoder import FrozenTextEncoder
+
+    path = os.path.join(carry_dir, TEXTS_NAME)
+    table = load_file(path)
+    new = sorted({t for t in texts if t and t not in table})
+    encoder = FrozenTextEncoder()
+    for i in range(0, len(new), 64):
+        chunk = new[i : i + 64]
+        tokens, mask = encoder.encode(chunk)
+        for text, tok, m in zip(chunk, tokens, mask, strict=True):
+            table[text] = tok[m].to(torch.float16).contiguous()
+    if new:
+        save_file(table, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return len(new)
+
+
 def use_text_table(carry_dir: str) -> None:
     """Pipelines built from now on embed text from the carried table."""
     use_text_table_file(os.path.join(carry_dir, TEXTS_NAME))
@@ -469,9 +495,13 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Pack a carry folder for the GPU job.")
-    parser.add_argument("--manifest", action="append", required=True, help="clips.parquet")
+    parser.add_argument("--manifest", action="append", help="clips.parquet")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--wheel", required=True, help="PyAV wheel (abi3)")
+    parser.add_argument("--wheel", help="PyAV wheel (abi3)")
+    parser.add_argument(
+        "--add-texts", metavar="FILE",
+        help="only embed the texts of FILE (one a line) into the carry at --out",
+    )  # fmt: skip
     parser.add_argument(
         "--wheel-xz", action="store_true", help="carry the wheel's files xz-packed (smaller)"
     )
@@ -482,6 +512,14 @@ def main(argv: list[str] | None = None) -> None:
         "--plan-tokens", type=int, action="append", help="model text.max_tokens (default 77)"
     )
     args = parser.parse_args(argv)
+    if args.add_texts:
+        with open(args.add_texts, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f]
+        added = add_texts(args.out, texts)
+        print(f"{added} text(s) added to {os.path.join(args.out, TEXTS_NAME)}")
+        return
+    if not args.manifest or not args.wheel:
+        parser.error("packing needs --manifest and --wheel (or --add-texts FILE)")
 
     def progress(n: int, used: int) -> None:
         if n % 50 == 0:

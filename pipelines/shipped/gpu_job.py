@@ -138,6 +138,76 @@ def build_config(args, manifest: str, steps: dict[str, int], every: int):
     )  # fmt: skip
 
 
+class TimedStages:
+    """Runs stages of :mod:`pipelines.train` inside wall-clock shares: a stage past its
+    stop time is stopped at its next logged step and finished from its newest
+    checkpoint (resumed for one step, which writes its final). Each stage's steps,
+    wall time, seconds per step and first/last metrics rows go to ``stages``; its
+    metrics rows are appended to ``out_dir/metrics.jsonl`` (one file for every stage)."""
+
+    def __init__(self, rt, t0: float, out_dir: str, stages: dict, show=("reward", "rater")):
+        self.rt, self.t0, self.out_dir, self.stages = rt, t0, out_dir, stages
+        self.show = show  # metrics printed beside the loss when a row has them
+        self.times: dict[str, list[tuple[int, float]]] = {}
+        self.stop_at: dict[str, float] = {}
+
+    def progress(self, stage: str, step: int, total: int, row: dict) -> None:
+        now = time.monotonic()
+        self.times.setdefault(stage, []).append((step, now))
+        extra = "".join(f" {k} {row[k]:.4f}" for k in self.show if k in row)
+        print(
+            f"[ship] {stage} {step}/{total} loss {row.get('loss', 0):.4f}{extra} "
+            f"tok/s {row.get('tokens_per_s', 0):.0f} t {now - self.t0:.0f}s",
+            flush=True,
+        )
+        if stage in self.stop_at and now > self.stop_at[stage] and step < total:
+            raise StageDeadline(f"{stage} at step {step}")
+
+    def run(self, cfg, stage: str, stop: float) -> int:
+        """Run a stage, stopping at ``stop``; then finish it from its newest checkpoint."""
+        from pipelines.train import loop
+        from pipelines.train import state as ckpt
+
+        begin = time.monotonic()
+        if loop.stage_done(cfg, stage):  # a rerun on a warm machine goes on from here
+            print(f"[ship] {stage} already final", flush=True)
+            return getattr(cfg, stage).steps
+        self.stop_at[stage] = stop
+        try:
+            done = loop.run_stage(cfg, stage, self.rt, self.progress).steps
+        except StageDeadline as err:
+            self.stop_at.pop(stage)
+            newest = ckpt.latest_checkpoint(loop.stage_uri(cfg, stage))
+            if newest is None:
+                print(f"[ship] stopped {err} before its first checkpoint", flush=True)
+                self.stages[stage] = {"steps": 0, "stopped": str(err)}
+                return 0
+            done = ckpt.read_train_state(newest).step
+            print(f"[ship] stopped {err}; finishing from step {done}", flush=True)
+            getattr(cfg, stage).steps = done + 1
+            done = loop.run_stage(cfg, stage, self.rt, self.progress).steps
+        self.stop_at.pop(stage, None)
+        marks = self.times.get(stage, [])
+        info = {"steps": done, "wall_s": round(time.monotonic() - begin, 1)}
+        if len(marks) > 2:
+            (s0, a), (s1, b) = marks[1], marks[-1]
+            info["s_per_step"] = (b - a) / max(1, s1 - s0)
+        metrics = os.path.join(loop.stage_uri(cfg, stage), "metrics.jsonl")
+        if os.path.exists(metrics):  # one file for every stage: 8 files come back at most
+            rows = [json.loads(line) for line in open(metrics)]
+            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+                f.writelines(json.dumps({"stage": stage, **r}) + "\n" for r in rows)
+            info["first_row"], info["last_row"] = (rows[0], rows[-1]) if rows else (None, None)
+        final_meta = os.path.join(loop.final_uri(cfg, stage), "config.json")
+        if os.path.exists(final_meta):
+            with open(final_meta) as f:
+                extra = json.load(f).get("extra", {})
+            info["final_metrics"] = extra.get("metrics")
+        self.stages[stage] = info
+        print(f"[ship] {stage} done: {json.dumps(info, default=str)}", flush=True)
+        return done
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--carry", required=True)
@@ -235,19 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
         "args": vars(args),
         "stages": {},
     }
-    times: dict[str, list[tuple[int, float]]] = {}
-    stop_at: dict[str, float] = {}
-
-    def progress(stage: str, step: int, total: int, row: dict) -> None:
-        now = time.monotonic()
-        times.setdefault(stage, []).append((step, now))
-        print(
-            f"[ship] {stage} {step}/{total} loss {row.get('loss', 0):.4f} "
-            f"tok/s {row.get('tokens_per_s', 0):.0f} t {now - t0:.0f}s",
-            flush=True,
-        )
-        if stage in stop_at and now > stop_at[stage] and step < total:
-            raise StageDeadline(f"{stage} at step {step}")
+    stages = TimedStages(rt, t0, args.out, summary["stages"])
+    progress, run_timed, times = stages.progress, stages.run, stages.times
 
     last_export = [time.monotonic()]
     original_save = loop._save
@@ -264,46 +323,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[ship] exported {stage} step {state.step}", flush=True)
 
     loop._save = save_and_export
-
-    def run_timed(cfg, stage: str, stop: float) -> int:
-        """Run a stage, stopping at ``stop``; then finish it from its newest checkpoint."""
-        begin = time.monotonic()
-        if loop.stage_done(cfg, stage):  # a rerun on a warm machine goes on from here
-            print(f"[ship] {stage} already final", flush=True)
-            return getattr(cfg, stage).steps
-        stop_at[stage] = stop
-        try:
-            done = loop.run_stage(cfg, stage, rt, progress).steps
-        except StageDeadline as err:
-            stop_at.pop(stage)
-            newest = ckpt.latest_checkpoint(loop.stage_uri(cfg, stage))
-            if newest is None:
-                print(f"[ship] stopped {err} before its first checkpoint", flush=True)
-                summary["stages"][stage] = {"steps": 0, "stopped": str(err)}
-                return 0
-            done = ckpt.read_train_state(newest).step
-            print(f"[ship] stopped {err}; finishing from step {done}", flush=True)
-            getattr(cfg, stage).steps = done + 1
-            done = loop.run_stage(cfg, stage, rt, progress).steps
-        stop_at.pop(stage, None)
-        marks = times.get(stage, [])
-        info = {"steps": done, "wall_s": round(time.monotonic() - begin, 1)}
-        if len(marks) > 2:
-            (s0, a), (s1, b) = marks[1], marks[-1]
-            info["s_per_step"] = (b - a) / max(1, s1 - s0)
-        metrics = os.path.join(loop.stage_uri(cfg, stage), "metrics.jsonl")
-        if os.path.exists(metrics):  # one file for every stage: 8 files come back at most
-            rows = [json.loads(line) for line in open(metrics)]
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.writelines(json.dumps({"stage": stage, **r}) + "\n" for r in rows)
-            info["first_row"], info["last_row"] = (rows[0], rows[-1]) if rows else (None, None)
-        final_meta = os.path.join(loop.final_uri(cfg, stage), "config.json")
-        if os.path.exists(final_meta):
-            with open(final_meta) as f:
-                info["final_metrics"] = json.load(f).get("extra", {}).get("metrics")
-        summary["stages"][stage] = info
-        print(f"[ship] {stage} done: {json.dumps(info, default=str)}", flush=True)
-        return done
 
     # -- vae: its steps or its time share, whichever ends first ----------------------
     cfg = build_config(args, manifest, {"pretrain": 1, "sft": 1}, 10**9)

@@ -1,0 +1,350 @@
+"""Align a trained checkpoint on one GPU and score it: DanceGRPO with the learned reward,
+a Fast student by DMD2, both against their parents on held-out prompts.
+
+    python -m pipelines.shipped.align_job --carry CARRY --checkpoint checkpoints/default \
+        --out OUT --rlhf-until-s 700 --distill-until-s 1000
+
+    # where the text encoder is (the host may have only the carry's table):
+    python -m pipelines.shipped.align_job --carry CARRY --list-texts texts.txt
+    python -m pipelines.shipped.carry --out CARRY --add-texts texts.txt
+
+Runs the ``rlhf`` and ``distill`` stages of :mod:`pipelines.train` (local runner) from
+``--checkpoint`` on the carried corpus (:mod:`pipelines.shipped.carry`):
+
+1. ``rlhf``: candidates of the checkpoint for the training prompts (the manifest's
+   captions less every third, the held-out prompts), rated by the programmatic rater
+   in ``--rater-workers`` processes; the reward model trained on them and on
+   known-order pairs of corpus clips, its agreement with the rater reported per head
+   on preference prompts it never saw; then DanceGRPO with that reward model (KL to
+   the checkpoint on), until ``--rlhf-until-s``.
+2. ``distill``: DMD2 from the RLHF model over the caption distribution (the training
+   captions and a pool of captions from the caption grammar; the held-out prompts
+   never), until ``--distill-until-s``.
+3. Held-out prompts (never in preference data, rollouts or distillation), ``--seeds``
+   seeds each, generated through ``model.generate`` in ``--eval-workers`` processes on
+   the same GPU and rated: the checkpoint and the RLHF model with the full sampler,
+   the Fast student at 4 Euler steps. Paired differences and ratios are checked
+   against issue 23's targets (:func:`target_rows`).
+
+``OUT`` gets ``summary.json`` (settings, stage reports, reward agreement, targets),
+``eval.json`` (every rated clip), ``metrics.jsonl`` (every logged step) and the RLHF and
+Fast weights as bf16 shards (``ship_rlhf/``, ``ship_fast/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from pipelines.shipped.gpu_job import TimedStages, export_bf16
+
+TARGETS = {
+    "agreement": 0.8,  # reward model vs rater on held-out preference prompts...
+    "agreement_heads": ("sync", "adherence", "motion"),  # ...on these heads
+    "rlhf_gain_se": 3.0,  # RLHF - parent, paired, on these heads...
+    "rlhf_gain_heads": ("adherence", "sync"),
+    "rlhf_max_fall_se": 1.0,  # ...and no other head falling by more
+    "fast_ratio": 0.9,  # Fast / its teacher (the RLHF model)
+    "fast_heads": ("adherence", "sync"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--carry", required=True)
+    parser.add_argument("--checkpoint", default="checkpoints/default")
+    parser.add_argument("--run", default="/tmp/duet_align_run")
+    parser.add_argument("--out", default="")
+    parser.add_argument(
+        "--list-texts",
+        default="",
+        metavar="FILE",
+        help="write the texts the job will encode (one a line) and stop",
+    )
+    parser.add_argument("--preset", default="compact")
+    parser.add_argument("--frames", type=int, default=33, help="the carry's clip length")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-prompts", type=int, default=1000)
+    # Preference data and the reward model.
+    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--reward-preset", default="small")
+    parser.add_argument("--reward-steps", type=int, default=2000)
+    parser.add_argument("--corpus-contrasts", type=int, default=256)
+    parser.add_argument("--min-agreement", type=float, default=0.6)
+    parser.add_argument("--rater-workers", type=int, default=12)
+    # DanceGRPO.
+    parser.add_argument("--rlhf-steps", type=int, default=400)
+    parser.add_argument("--rlhf-batch", type=int, default=4, help="prompts per step")
+    parser.add_argument("--rlhf-lr", type=float, default=2e-5)
+    parser.add_argument("--rlhf-until-s", type=float, default=700.0)
+    # DMD2.
+    parser.add_argument("--distill-steps", type=int, default=3000)
+    parser.add_argument("--distill-batch", type=int, default=16)
+    parser.add_argument("--distill-until-s", type=float, default=1000.0)
+    # Each pooled caption costs its embedding in the carry's table (about 12 KB).
+    parser.add_argument("--grammar-pool", type=int, default=150)
+    # Held-out scoring.
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--eval-steps", type=int, default=12, help="Heun steps, full models")
+    parser.add_argument("--eval-workers", type=int, default=8)
+    parser.add_argument("--max-eval-prompts", type=int, default=0, help="0: every held-out one")
+    args = parser.parse_args(argv)
+    if not args.list_texts and not args.out:
+        parser.error("--out is required (or --list-texts FILE)")
+    if args.distill_until_s <= args.rlhf_until_s:
+        parser.error("--distill-until-s must come after --rlhf-until-s")
+    return args
+
+
+def build_config(args, manifest: str):
+    """The run's TrainConfig through the one config loader (``train_config_from``)."""
+    from pipelines.train.config import train_config_from
+
+    return train_config_from(
+        {
+            "preset": args.preset,
+            "run_uri": args.run,
+            "seed": args.seed,
+            "init_from": os.path.abspath(args.checkpoint),
+            "keep_checkpoints": 1,
+            "data": {"curated_uri": manifest, "frame_buckets": [args.frames],
+                     "encode_with_ray_data": False},
+            "rlhf": {
+                "steps": args.rlhf_steps, "batch_size": args.rlhf_batch, "lr": args.rlhf_lr,
+                "checkpoint_every": 20, "log_every": 10,
+                "rater_workers": args.rater_workers,
+                "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3},
+                "preferences": {"candidates_per_prompt": args.candidates,
+                                "rounds": args.rounds, "write_mp4": False},
+                "reward": {"preset": args.reward_preset, "steps": args.reward_steps,
+                           "corpus_contrasts": args.corpus_contrasts,
+                           "min_agreement": args.min_agreement},
+            },
+            "distill": {
+                "method": "dmd2", "steps": args.distill_steps,
+                "batch_size": args.distill_batch, "checkpoint_every": 100, "log_every": 25,
+                "dmd": {"grammar_pool": args.grammar_pool, "frame_buckets": [17, args.frames]},
+            },
+        }
+    )  # fmt: skip
+
+
+def needed_texts(cfg) -> list[str]:
+    """Every text the job encodes: the manifest's prompts (dialogue removed) and the
+    DMD2 stage's grammar pool."""
+    from model.configs import get_config
+    from pipelines.align.prompts import manifest_prompts
+    from pipelines.align.stages import distill_prompt_stream
+
+    prompts = manifest_prompts(cfg.data, get_config(cfg.preset).fps)
+    return sorted({*prompts, *distill_prompt_stream(cfg).pool})
+
+
+# ---------------------------------------------------------------------------------
+# Held-out scoring in worker processes.
+
+_WORKER: dict = {}
+
+
+def _init_worker(texts_path: str, threads: int) -> None:
+    from pipelines.shipped.carry import use_text_table_file
+
+    torch.set_num_threads(threads)
+    if texts_path:
+        use_text_table_file(texts_path)
+
+
+def _evaluate(job: tuple) -> dict:
+    """Rows of one (model, prompts) shard: ``job`` = (name, checkpoint, reward_uri,
+    prompts, settings as a dict)."""
+    from model.pipeline import DuetPipeline
+    from pipelines.align.evaluate import EvalSettings, evaluate_prompts
+    from pipelines.align.reward import load_reward_model
+
+    name, uri, reward_uri, prompts, settings = job
+    key = (name, uri)
+    if key not in _WORKER:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        _WORKER[key] = DuetPipeline.from_checkpoint(uri).to(device).eval()
+    reward = load_reward_model(reward_uri)[0].eval() if reward_uri else None
+    return evaluate_prompts(_WORKER[key], prompts, EvalSettings(**settings), reward)
+
+
+def evaluate_models(models: dict, prompts: list[str], args, texts_path: str, reward_uri: str):
+    """{name: evaluate_prompts result} for ``models`` = {name: (checkpoint, settings)},
+    the prompts split over ``--eval-workers`` spawned processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipelines.align.evaluate import summarize
+
+    workers = max(1, args.eval_workers)
+    shards = [prompts[i::workers] for i in range(workers)]
+    jobs = [(name, uri, reward_uri, shard, settings)
+            for name, (uri, settings) in models.items() for shard in shards if shard]  # fmt: skip
+    threads = max(1, (os.cpu_count() or 2) // workers)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, ctx, _init_worker, (texts_path, threads)) as pool:
+        results = list(pool.map(_evaluate, jobs))
+    out = {}
+    for (name, *_), result in zip(jobs, results, strict=True):
+        out.setdefault(name, []).extend(result["rows"])
+    return {name: {"rows": rows, "summary": summarize(rows)} for name, rows in out.items()}
+
+
+# ---------------------------------------------------------------------------------
+# Targets.
+
+
+def target_rows(evals: dict, agreement: dict, targets: dict = TARGETS) -> list[dict]:
+    """One row per target of issue 23: measured, bar, met.
+
+    ``evals``: {"parent", "rlhf", "fast"} results of ``evaluate_prompts`` on the same
+    (prompt, seed) pairs; ``agreement``: the reward model's held-out ``val_agreement``."""
+    from pipelines.align.config import HEADS
+    from pipelines.align.evaluate import paired_difference
+
+    rows = []
+
+    def row(name: str, measured: str, bar: str, met: bool) -> None:
+        rows.append({"target": name, "measured": measured, "bar": bar, "met": bool(met)})
+
+    for h in targets["agreement_heads"]:
+        found = (agreement or {}).get(h) or {}
+        value, pairs = found.get("agreement"), found.get("pairs", 0)
+        shown = "no held-out pairs" if value is None else f"{value:.3f} ({pairs} pairs)"
+        bar = targets["agreement"]
+        row(f"reward model held-out agreement, {h}", shown, f">= {bar}",
+            value is not None and value >= bar)  # fmt: skip
+    if "rlhf" in evals and "parent" in evals:
+        for h in HEADS:
+            d, se = paired_difference(evals["parent"], evals["rlhf"], h)
+            if h in targets["rlhf_gain_heads"]:
+                k = targets["rlhf_gain_se"]
+                row(f"RLHF - parent, {h}", f"{d:+.4f} +- {se:.4f}", f">= {k} se",
+                    se > 0 and d >= k * se)  # fmt: skip
+            else:
+                k = targets["rlhf_max_fall_se"]
+                row(f"RLHF - parent, {h}", f"{d:+.4f} +- {se:.4f}", f">= -{k} se",
+                    d == d and d >= -k * se)  # fmt: skip
+    if "fast" in evals and "rlhf" in evals:
+        for h in targets["fast_heads"]:
+            teacher = evals["rlhf"]["summary"][h]["mean"]
+            student = evals["fast"]["summary"][h]["mean"]
+            ratio = student / teacher if teacher else float("nan")
+            bar = targets["fast_ratio"]
+            row(f"Fast (4 steps) / teacher, {h}", f"{ratio:.3f} ({student:.4f} / {teacher:.4f})",
+                f">= {bar}", teacher > 0 and ratio >= bar)  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    if args.list_texts:
+        from pipelines.shipped.carry import MANIFEST_NAME
+
+        cfg = build_config(args, os.path.join(os.path.abspath(args.carry), MANIFEST_NAME))
+        texts = needed_texts(cfg)
+        with open(args.list_texts, "w", encoding="utf-8") as f:
+            f.writelines(t + "\n" for t in texts)
+        print(f"{len(texts)} texts written to {args.list_texts}")
+        return {"texts": len(texts)}
+    os.makedirs(args.out, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    from pipelines.shipped.carry import TEXTS_NAME, TableTextEncoder, unpack
+
+    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(f"[align] device {device_name}, torch {torch.__version__}", flush=True)
+    manifest = unpack(args.carry, os.path.join(args.run, "data"))  # installs PyAV first
+    from pipelines.align.stages import prompt_sets
+    from pipelines.train import loop
+    from pipelines.train.runtime import local_runtime
+
+    cfg = build_config(args, manifest)
+    missing = [t for t in needed_texts(cfg) if t not in TableTextEncoder.table]
+    if missing:
+        raise SystemExit(
+            f"[align] {len(missing)} text(s) the job encodes are not in the carry's table "
+            f"(first: {missing[0]!r}): run --list-texts and carry --add-texts where the "
+            "text encoder is"
+        )
+    train_prompts, held_out = prompt_sets(cfg)
+    print(f"[align] {len(train_prompts)} training prompts, {len(held_out)} held out", flush=True)
+    summary: dict = {"device": device_name, "torch": torch.__version__, "args": vars(args),
+                     "train_prompts": len(train_prompts), "held_out_prompts": held_out,
+                     "stages": {}}  # fmt: skip
+    stages = TimedStages(local_runtime(), t0, args.out, summary["stages"])
+
+    from pipelines.align.reward import RewardFloorError, load_reward_model
+
+    rlhf_final = loop.final_uri(cfg, "rlhf")
+    try:
+        if stages.run(cfg, "rlhf", t0 + args.rlhf_until_s) == 0:
+            summary["rlhf_refused"] = "stopped by --rlhf-until-s before its first checkpoint"
+            rlhf_final = ""
+    except RewardFloorError as err:  # measured and said; the Fast student still comes
+        print(f"[align] DanceGRPO refused: {err}", flush=True)
+        summary["rlhf_refused"] = str(err)
+        rlhf_final = ""
+    reward_uri = os.path.join(loop.stage_uri(cfg, "rlhf"), "reward")
+    report = load_reward_model(reward_uri)[1].get("report", {})
+    summary["reward"] = {k: report.get(k) for k in (
+        "val_agreement", "train_agreement", "train_pairs", "train_prompt_count",
+        "candidates", "corpus_contrasts", "parameters", "final_loss")}  # fmt: skip
+    summary["reward"]["held_out_prompt_count"] = len(report.get("held_out", {}).get("prompts", []))
+    _save(summary, args)
+
+    cfg.init_from = rlhf_final or os.path.abspath(args.checkpoint)
+    stages.run(cfg, "distill", t0 + args.distill_until_s)
+    fast_final = loop.final_uri(cfg, "distill")
+    # Weights first: a host lost during scoring still gives them back.
+    for name, src in (("ship_rlhf", rlhf_final), ("ship_fast", fast_final)):
+        if src:
+            export_bf16(
+                src, os.path.join(args.out, name), {"stage": name[5:], "device": device_name}
+            )
+    _save(summary, args)
+
+    prompts = held_out[: args.max_eval_prompts or None]
+    seeds = list(range(args.seeds))
+    full = {"seeds": seeds, "steps": args.eval_steps, "sampler": "heun"}
+    fast = {"seeds": seeds, "steps": 4, "sampler": "euler", "quality": "fast"}
+    models = {"parent": (os.path.abspath(args.checkpoint), full), "rlhf": (rlhf_final, full),
+              "fast": (fast_final, fast)}  # fmt: skip
+    if not rlhf_final:  # the Fast student's teacher is then the parent
+        models["rlhf"] = models.pop("parent")
+    started = time.monotonic()
+    texts_path = os.path.join(os.path.abspath(args.carry), TEXTS_NAME)
+    evals = evaluate_models(models, prompts, args, texts_path, reward_uri)
+    summary["eval_s"] = round(time.monotonic() - started, 1)
+    summary["evals"] = {k: v["summary"] for k, v in evals.items()}
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump({k: v["rows"] for k, v in evals.items()}, f)
+    summary["targets"] = target_rows(evals, summary["reward"]["val_agreement"])
+    for r in summary["targets"]:
+        print(f"[align] {'met ' if r['met'] else 'MISS'} {r['target']}: {r['measured']} "
+              f"(bar {r['bar']})", flush=True)  # fmt: skip
+    summary["wall_s"] = round(time.monotonic() - t0, 1)
+    _save(summary, args)
+    return summary
+
+
+def _save(summary: dict, args) -> None:
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())
+    main()
