@@ -78,6 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--corpus-contrasts", type=int, default=256)
     parser.add_argument("--min-agreement", type=float, default=0.6)
     parser.add_argument("--rater-workers", type=int, default=12)
+    parser.add_argument(
+        "--reward-only",
+        action="store_true",
+        help="stop after the preference data and the reward model's report",
+    )
+    parser.add_argument(
+        "--skip-rlhf",
+        action="store_true",
+        help="distil the Fast student from --checkpoint itself (its teacher)",
+    )
     # DanceGRPO.
     parser.add_argument("--rlhf-steps", type=int, default=400)
     parser.add_argument("--rlhf-batch", type=int, default=4, help="prompts per step")
@@ -215,7 +225,7 @@ def target_rows(evals: dict, agreement: dict, targets: dict = TARGETS) -> list[d
     def row(name: str, measured: str, bar: str, met: bool) -> None:
         rows.append({"target": name, "measured": measured, "bar": bar, "met": bool(met)})
 
-    for h in targets["agreement_heads"]:
+    for h in targets["agreement_heads"] if agreement is not None else ():
         found = (agreement or {}).get(h) or {}
         value, pairs = found.get("agreement"), found.get("pairs", 0)
         shown = "no held-out pairs" if value is None else f"{value:.3f} ({pairs} pairs)"
@@ -288,22 +298,31 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipelines.align.reward import RewardFloorError, load_reward_model
 
-    rlhf_final = loop.final_uri(cfg, "rlhf")
-    try:
-        if stages.run(cfg, "rlhf", t0 + args.rlhf_until_s) == 0:
-            summary["rlhf_refused"] = "stopped by --rlhf-until-s before its first checkpoint"
-            rlhf_final = ""
-    except RewardFloorError as err:  # measured and said; the Fast student still comes
-        print(f"[align] DanceGRPO refused: {err}", flush=True)
-        summary["rlhf_refused"] = str(err)
+    rlhf_final, reward_uri = loop.final_uri(cfg, "rlhf"), ""
+    if args.reward_only:  # preference data and the reward model, then its report
+        from pipelines.align.stages import ensure_reward_model
+
+        pipeline, _ = loop.build_pipeline(cfg, "rlhf")
+        ensure_reward_model(cfg, pipeline.to(stages.rt.device), stages.rt)
         rlhf_final = ""
-    reward_uri = os.path.join(loop.stage_uri(cfg, "rlhf"), "reward")
-    report = load_reward_model(reward_uri)[1].get("report", {})
-    summary["reward"] = {k: report.get(k) for k in (
-        "val_agreement", "train_agreement", "train_pairs", "train_prompt_count",
-        "candidates", "corpus_contrasts", "parameters", "final_loss")}  # fmt: skip
-    summary["reward"]["held_out_prompt_count"] = len(report.get("held_out", {}).get("prompts", []))
+    elif args.skip_rlhf:
+        rlhf_final = ""
+    else:
+        try:
+            if stages.run(cfg, "rlhf", t0 + args.rlhf_until_s) == 0:
+                summary["rlhf_refused"] = "stopped by --rlhf-until-s before its first checkpoint"
+                rlhf_final = ""
+        except RewardFloorError as err:  # measured and said; the Fast student still comes
+            print(f"[align] DanceGRPO refused: {err}", flush=True)
+            summary["rlhf_refused"] = str(err)
+            rlhf_final = ""
+    if not args.skip_rlhf:
+        reward_uri = os.path.join(loop.stage_uri(cfg, "rlhf"), "reward")
+        summary["reward"] = reward_summary(load_reward_model(reward_uri)[1].get("report", {}))
     _save(summary, args)
+    if args.reward_only:
+        summary["targets"] = target_rows({}, summary["reward"]["val_agreement"])
+        return _finish(summary, args, t0)
 
     cfg.init_from = rlhf_final or os.path.abspath(args.checkpoint)
     stages.run(cfg, "distill", t0 + args.distill_until_s)
@@ -331,8 +350,21 @@ def main(argv: list[str] | None = None) -> dict:
     summary["evals"] = {k: v["summary"] for k, v in evals.items()}
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump({k: v["rows"] for k, v in evals.items()}, f)
-    summary["targets"] = target_rows(evals, summary["reward"]["val_agreement"])
-    for r in summary["targets"]:
+    agreement = summary["reward"]["val_agreement"] if "reward" in summary else None
+    summary["targets"] = target_rows(evals, agreement)
+    return _finish(summary, args, t0)
+
+
+def reward_summary(report: dict) -> dict:
+    out = {k: report.get(k) for k in (
+        "val_agreement", "train_agreement", "train_pairs", "train_prompt_count",
+        "candidates", "corpus_contrasts", "parameters", "final_loss")}  # fmt: skip
+    out["held_out_prompt_count"] = len((report.get("held_out") or {}).get("prompts", []))
+    return out
+
+
+def _finish(summary: dict, args, t0: float) -> dict:
+    for r in summary.get("targets", []):
         print(f"[align] {'met ' if r['met'] else 'MISS'} {r['target']}: {r['measured']} "
               f"(bar {r['bar']})", flush=True)  # fmt: skip
     summary["wall_s"] = round(time.monotonic() - t0, 1)
