@@ -225,7 +225,28 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
     assert meta["method"] == "dmd2" and meta["modes"] == ["t2av"] and meta["frame_buckets"] == [9]
 
 
-@pytest.mark.parametrize("bad", [{"method": "lcm"}, {"dmd": {"fake_updates": 0}}])
+def test_a_grammar_pool_is_fixed_by_the_seed_and_every_grammar_draw_comes_from_it():
+    def pool(seed: int) -> list[str]:
+        return PromptStream(CAPTIONS, HELD_OUT, 0.5, pool_size=12, seed=seed).pool
+
+    first = pool(0)
+    # The same on every host that reads the same captions (its texts can be embedded
+    # ahead of time); another seed draws another pool.
+    assert first == pool(0) and len(first) == 12 and len(set(first)) == 12
+    assert first != pool(1)
+    assert not set(first) & set(HELD_OUT)
+    stream = PromptStream(CAPTIONS, HELD_OUT, 0.5, pool_size=12, seed=0)
+    drawn = stream.draw(2000, torch.Generator().manual_seed(3))
+    assert set(drawn) <= set(first) | set(CAPTIONS)
+    assert set(drawn) - set(CAPTIONS)  # the grammar half is still drawn, from the pool
+    # No pool without the grammar, and none by default.
+    assert PromptStream(CAPTIONS, HELD_OUT, 0.0, pool_size=12).pool == []
+    assert PromptStream(CAPTIONS, HELD_OUT, 0.5).pool == []
+
+
+@pytest.mark.parametrize(
+    "bad", [{"method": "lcm"}, {"dmd": {"fake_updates": 0}}, {"dmd": {"grammar_pool": -1}}]
+)
 def test_bad_distill_settings_are_refused(bad):
     from pipelines.train.config import train_config_from
 

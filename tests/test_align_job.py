@@ -1,0 +1,125 @@
+"""What ``pipelines.shipped.align_job`` and the alignment stages it drives rely on: the
+rater in worker processes, reward inputs joined across prompt lengths, the carry's text
+table grown in place, and issue 23's targets checked against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.media import AVClip
+from pipelines.align.evaluate import summarize
+from pipelines.align.rater import rate_clips, rater_pool
+from pipelines.align.stages import concat_inputs
+from pipelines.shipped.align_job import target_rows
+
+
+def _clips(count: int) -> list[AVClip]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        frames = np.full((9, 64, 64, 3), 120, np.uint8)
+        frames[:, 20:40, 10 + 3 * i : 30 + 3 * i] = (230, 40, 40)  # a red square
+        audio = (rng.standard_normal((2, 9000)) * 0.05 * (i + 1)).astype(np.float32)
+        out.append(AVClip(frames=frames, fps=16.0, audio=audio, sample_rate=16000))
+    return out
+
+
+def test_the_rater_scores_the_same_in_worker_processes_as_in_process():
+    clips = _clips(3)
+    prompts = ["a red square bounces on a gray floor"] * 3
+    here = rate_clips(prompts, clips, ("sync",))
+    pool = rater_pool(2)
+    try:
+        there = rate_clips(prompts, clips, ("sync",), pool)
+    finally:
+        pool.shutdown()
+    assert there == here
+    assert all(s["sync"] is None and s["adherence"] is not None for s in there)
+    assert rater_pool(0) is None
+    with pytest.raises(ValueError, match="2 prompts for 3 clips"):
+        rate_clips(prompts[:2], clips)
+
+
+def test_bad_rater_workers_are_refused():
+    from pipelines.train.config import train_config_from
+
+    with pytest.raises(ValueError, match="rater_workers"):
+        train_config_from({"rlhf": {"rater_workers": -1}}).rlhf.validate()
+
+
+def test_reward_inputs_of_two_row_sets_join_with_prompt_tokens_padded_to_the_longer():
+    a = {"video": torch.zeros(2, 4, 3, 2, 2), "audio": torch.zeros(2, 4, 6),
+         "tokens": torch.ones(2, 3, 5), "mask": torch.ones(2, 3, dtype=torch.bool)}  # fmt: skip
+    b = {"video": torch.ones(1, 4, 3, 2, 2), "audio": torch.ones(1, 4, 6),
+         "tokens": torch.full((1, 7, 5), 2.0), "mask": torch.ones(1, 7, dtype=torch.bool)}  # fmt: skip
+    out = concat_inputs(a, b)
+    assert out["tokens"].shape == (3, 7, 5) and out["mask"].shape == (3, 7)
+    assert out["mask"][:2, :3].all() and not out["mask"][:2, 3:].any() and out["mask"][2].all()
+    assert torch.equal(out["tokens"][:2, :3], a["tokens"]) and not out["tokens"][:2, 3:].any()
+    assert torch.equal(out["tokens"][2], b["tokens"][0])
+    assert torch.equal(out["video"], torch.cat([a["video"], b["video"]]))
+    # Either order, and equal lengths left as they are.
+    assert concat_inputs(b, a)["tokens"].shape == (3, 7, 5)
+    assert torch.equal(concat_inputs(a, a)["tokens"], torch.cat([a["tokens"], a["tokens"]]))
+
+
+def _result(values: dict[str, list[float]]) -> dict:
+    rows = []
+    for i in range(4):
+        row = {"prompt": f"p{i // 2}", "seed": i % 2, "wall_s": 1.0, "network_evals": 4,
+               "sync_recall": 0.0, "sync_precision": 0.0}  # fmt: skip
+        row.update({h: v[i] for h, v in values.items()})
+        rows.append(row)
+    return {"rows": rows, "summary": summarize(rows)}
+
+
+def test_issue_23_targets_against_hand_computed_values():
+    flat = {"motion": [0.5] * 4, "visual": [0.5] * 4, "audio": [0.9] * 4}
+    parent = _result({"sync": [0.0] * 4, "adherence": [0.0] * 4, **flat})
+    # Adherence +0.15, paired differences 0.1, 0.2, 0.1, 0.2: se = 0.0577 / 2 = 0.0289,
+    # 5.2 standard errors. Sync unchanged (se 0: no gain). Visual falls 0.1 for every
+    # pair (se 0: a fall of 0.1 > 1 se).
+    rlhf = _result({"sync": [0.0] * 4, "adherence": [0.1, 0.2, 0.1, 0.2],
+                    "motion": [0.5] * 4, "visual": [0.4] * 4, "audio": [0.9] * 4})  # fmt: skip
+    fast = _result({"sync": [0.0] * 4, "adherence": [0.1, 0.1, 0.1, 0.2], **flat})
+    agreement = {"sync": {"agreement": 0.85, "pairs": 40},
+                 "adherence": {"agreement": 0.79, "pairs": 300}, "motion": {"pairs": 0}}  # fmt: skip
+    rows = {r["target"]: r for r in target_rows({"parent": parent, "rlhf": rlhf, "fast": fast},
+                                                agreement)}  # fmt: skip
+    assert rows["reward model held-out agreement, sync"]["met"]
+    assert not rows["reward model held-out agreement, adherence"]["met"]
+    assert rows["reward model held-out agreement, motion"]["measured"] == "no held-out pairs"
+    assert not rows["reward model held-out agreement, motion"]["met"]
+    adherence = rows["RLHF - parent, adherence"]
+    assert adherence["met"] and adherence["measured"] == "+0.1500 +- 0.0289"
+    assert not rows["RLHF - parent, sync"]["met"]
+    assert rows["RLHF - parent, motion"]["met"] and rows["RLHF - parent, audio"]["met"]
+    assert not rows["RLHF - parent, visual"]["met"]
+    # Fast keeps 0.125 / 0.15 = 0.833 of its teacher's adherence: under 0.9.
+    fast_row = rows["Fast (4 steps) / teacher, adherence"]
+    assert not fast_row["met"] and fast_row["measured"].startswith("0.833 ")
+    assert not rows["Fast (4 steps) / teacher, sync"]["met"]  # a teacher at 0 is no bar met
+    # Without RLHF (refused) only the agreement rows; without a reward model, none of them.
+    assert len(target_rows({"rlhf": parent}, agreement)) == 3
+    assert not [r for r in target_rows({"parent": parent, "rlhf": rlhf}, None)
+                if r["target"].startswith("reward")]  # fmt: skip
+
+
+def test_texts_added_to_a_carry_are_embedded_once_and_the_table_keeps_the_rest(tmp_path):
+    from model.text_encoder import FrozenTextEncoder
+    from pipelines.shipped.carry import TEXTS_NAME, add_texts
+
+    kept = torch.randn(4, 384).to(torch.float16)
+    save_file({"a red circle": kept}, str(tmp_path / TEXTS_NAME))
+    assert (
+        add_texts(str(tmp_path), ["a red circle", "two blue squares", "", "two blue squares"]) == 1
+    )
+    table = load_file(str(tmp_path / TEXTS_NAME))
+    assert set(table) == {"a red circle", "two blue squares"}
+    assert torch.equal(table["a red circle"], kept)  # not re-embedded
+    tokens, mask = FrozenTextEncoder().encode(["two blue squares"])
+    assert torch.equal(table["two blue squares"], tokens[0][mask[0]].to(torch.float16))
+    assert add_texts(str(tmp_path), ["two blue squares"]) == 0
