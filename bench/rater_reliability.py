@@ -40,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--candidates", type=int, default=8)
     ap.add_argument("--eta", type=float, default=0.3, help="the SDE sampler's noise level")
+    ap.add_argument("--duration", type=float, default=17 / 16, help="seconds a candidate")
     ap.add_argument("--min-margin", type=float, default=0.05)
+    ap.add_argument(
+        "--adherence-score", default="colour_frames", choices=("colour_frames", "objects"),
+        help="what ranks adherence (rlhf.preferences.adherence_score)",
+    )  # fmt: skip
     ap.add_argument("--second-crf", type=int, default=23, help="the second copy's H.264 CRF")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.align.config import HEADS
     from pipelines.align.preferences import TABLE_NAME, read_preferences
     from pipelines.align.prompts import manifest_prompts
-    from pipelines.align.rater import rate_clip
+    from pipelines.align.rater import preference_scores, rate_clip
     from pipelines.align.stages import build_preferences
     from pipelines.train.config import train_config_from
 
@@ -71,11 +76,14 @@ def main(argv: list[str] | None = None) -> int:
                 "preferences": {
                     "candidates_per_prompt": args.candidates,
                     "rounds": 1,
+                    "duration_s": args.duration,
                     "eta": args.eta,
+                    "adherence_score": args.adherence_score,
                 }
             },
         }
     )
+    adherence = args.adherence_score
     pipe = DuetPipeline.from_checkpoint(args.checkpoint).eval()
     every = manifest_prompts(cfg.data, pipe.config.fps)
     prompts = random.Random(args.seed).sample(every, min(args.prompts, len(every)))
@@ -91,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         key = (row["group_id"], row["candidate"])
         scores["own"][key] = {h: row[f"score_{h}"] for h in HEADS}
         clip = read_clip(row["clip_uri"])
-        scores["copy"][key] = rate_clip(row["prompt"], clip)
+        scores["copy"][key] = preference_scores(rate_clip(row["prompt"], clip), adherence)
         second = row["clip_uri"][:-4] + f"-crf{args.second_crf}.mp4"
         write_mp4(second, clip, crf=args.second_crf, aac_coder="fast")
-        scores["second"][key] = rate_clip(row["prompt"], read_clip(second))
+        rated = rate_clip(row["prompt"], read_clip(second))
+        scores["second"][key] = preference_scores(rated, adherence)
     scores["mean"] = {
         k: {h: _mean(scores["own"][k].get(h), scores["copy"][k].get(h)) for h in HEADS}
         for k in scores["own"]

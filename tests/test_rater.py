@@ -63,3 +63,36 @@ def test_adherence_is_zero_for_absent_colours_and_an_empty_floor(world_clips):
                        sample_rate=RATE)  # fmt: skip
         scores = rate_clip("a red circle bounces", empty)
         assert scores["adherence"] == 0.0 and scores["motion"] == 0.0
+
+
+def test_colour_adherence_frame_by_frame_against_hand_computed_values():
+    from pipelines.align.rater import colour_frames_score
+
+    def det(colour: str, shape: str = "circle") -> dict:
+        return {"color": colour, "shape": shape}
+
+    prompt = "two red circles and a blue square slide and collide on a gray floor"
+    frames = [
+        [det("red"), det("red"), det("blue", "square")],  # IoU 3/3
+        [det("red", "square"), det("blue")],  # shapes do not count: 2/3
+        [],  # 0/3
+        [det("red"), det("red"), det("blue"), det("green")],  # 3/4
+    ]
+    assert colour_frames_score(prompt, frames) == pytest.approx((1 + 2 / 3 + 0 + 3 / 4) / 4)
+    assert colour_frames_score("a circle bounces on a gray floor", frames) is None
+    assert colour_frames_score(prompt, []) is None
+
+
+def test_preference_scores_take_adherence_from_the_chosen_rater_score():
+    from pipelines.align.rater import preference_scores
+    from pipelines.train.config import train_config_from
+
+    scores = {"sync": 0.5, "adherence": 0.0, "adherence_colour_frames": 0.8, "motion": 0.7,
+              "visual": 0.4, "audio": 0.9, "visual_events": 2}  # fmt: skip
+    assert preference_scores(scores) == {"sync": 0.5, "adherence": 0.8, "motion": 0.7,
+                                         "visual": 0.4, "audio": 0.9}  # fmt: skip
+    assert preference_scores(scores, "objects")["adherence"] == 0.0
+    with pytest.raises(ValueError, match="adherence_score"):
+        preference_scores(scores, "shapes")
+    with pytest.raises(ValueError, match="adherence_score"):
+        train_config_from({"rlhf": {"preferences": {"adherence_score": "shapes"}}}).rlhf.validate()

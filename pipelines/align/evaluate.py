@@ -69,6 +69,7 @@ def evaluate_prompts(
             row.update({h: scores.get(h) for h in HEADS})
             row["sync_recall"] = scores["sync_recall"]
             row["sync_precision"] = scores["sync_precision"]
+            row["adherence_colour_frames"] = scores["adherence_colour_frames"]
             if reward_model is not None:
                 v, a = result.latents
                 r = reward_model(
@@ -81,7 +82,8 @@ def evaluate_prompts(
 
 
 def summarize(rows: list[dict]) -> dict:
-    keys = [*HEADS, "sync_recall", "sync_precision", "network_evals", "wall_s"]
+    keys = [*HEADS, "sync_recall", "sync_precision", "adherence_colour_frames"]
+    keys += ["network_evals", "wall_s"]
     keys += [k for k in rows[0] if k.startswith("reward_")] if rows else []
     out = {"clips": len(rows)}
     for key in keys:

@@ -91,26 +91,43 @@ def select_candidates(adv: torch.Tensor, k: int) -> list[int]:
 
 
 def rater_scores(
-    pipeline, prompt: str, video, audio, frames: int, skip: tuple[str, ...] = (), pool=None
+    pipeline,
+    prompt: str,
+    video,
+    audio,
+    frames: int,
+    skip: tuple[str, ...] = (),
+    pool=None,
+    adherence_score: str = "colour_frames",
 ) -> torch.Tensor:
     """(G, H) rater scores of decoded candidates; NaN where a head does not apply.
-    ``pool``: :func:`pipelines.align.rater.rater_pool` processes to rate in."""
-    from pipelines.align.rater import rate_clips
+    ``pool``: :func:`pipelines.align.rater.rater_pool` processes to rate in;
+    ``adherence_score``: which rater score is the adherence head (as in the preference
+    table, ``rlhf.preferences.adherence_score``)."""
+    from pipelines.align.rater import preference_scores, rate_clips
 
     clips = [
         pipeline.decode_latents(video[c : c + 1], audio[c : c + 1], frames, seed=c)
         for c in range(video.shape[0])
     ]
     rated = rate_clips([prompt] * len(clips), clips, skip, pool)
+    rated = [preference_scores(r, adherence_score) for r in rated]
     out = [[math.nan if s.get(h) is None else float(s[h]) for h in HEADS] for s in rated]
     return torch.tensor(out, dtype=torch.float32)
 
 
 def rater_rewards(
-    pipeline, prompt: str, video, audio, frames: int, skip=(), pool=None
+    pipeline,
+    prompt: str,
+    video,
+    audio,
+    frames: int,
+    skip=(),
+    pool=None,
+    adherence_score="colour_frames",
 ) -> torch.Tensor:
     """Rater scores as rewards: a head that does not apply gives 0 (no advantage)."""
-    scores = rater_scores(pipeline, prompt, video, audio, frames, skip, pool)
+    scores = rater_scores(pipeline, prompt, video, audio, frames, skip, pool, adherence_score)
     return torch.nan_to_num(scores, nan=0.0)
 
 
@@ -200,7 +217,7 @@ class GRPO:
         if self.settings.reward_source == "rater":
             return rater_rewards(
                 self.pipeline, self.prompts[prompt_index], video, audio, self.shapes[2],
-                self.skip_heads, self.rater_pool,
+                self.skip_heads, self.rater_pool, self.settings.preferences.adherence_score,
             ).to(self.device)  # fmt: skip
         if self.settings.reward_source == "judge":  # a JudgeReward: decodes and asks
             prompt = self.prompts[prompt_index]
@@ -226,7 +243,7 @@ class GRPO:
                 with torch.no_grad():
                     rated = rater_scores(
                         self.pipeline, self.prompts[pi], final_v, final_a, self.shapes[2],
-                        self.skip_heads, self.rater_pool,
+                        self.skip_heads, self.rater_pool, s.preferences.adherence_score,
                     )  # fmt: skip
                 rater_means.append(rated.nanmean(0))
             adv = head_advantages(rewards, s.adv_clip_max)  # (G, H)

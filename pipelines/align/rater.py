@@ -127,6 +127,24 @@ def adherence_score(prompt: str, frames_dets: list[list[dict]], side_px: int) ->
     return multiset_iou(colours, Counter({c: n for (c, _), n in seen.items()}))
 
 
+def colour_frames_score(prompt: str, frames_dets: list[list[dict]]) -> float | None:
+    """Mean over frames of the multiset IoU of the colours the prompt names (with their
+    counts) and the colours detected in that frame; ``None`` when it names no colour.
+
+    The preference labels' adherence (``rlhf.preferences.adherence_score``): candidates
+    of one group differ little, and on them the whole-clip object score (shape calls on
+    generated blobs, a median count) flips under an invisible re-encode, while this one
+    keeps 87-96% of its pair orders (BENCHMARKS.md, session 20)."""
+    colours: Counter = Counter()
+    for (colour, _), n in parse_caption(prompt).items():
+        if colour:
+            colours[colour] += n
+    if not colours or not frames_dets:
+        return None
+    per_frame = [multiset_iou(colours, Counter(d["color"] for d in f)) for f in frames_dets]
+    return float(np.mean(per_frame))
+
+
 def motion_score(frames_dets: list[list[dict]], gate_px: float) -> float:
     counts = np.array([len(d) for d in frames_dets])
     median = int(round(float(np.median(counts)))) if counts.size else 0
@@ -189,6 +207,7 @@ def rate_clip(prompt: str, clip, skip: tuple[str, ...] = ()) -> dict:
     visual = [e["time_s"] for e in probe["visual_events"] if e["type"] in IMPACT_TYPES]
     scores = sync_score(visual, probe["audio_onsets_s"], fps)
     scores["adherence"] = adherence_score(prompt, frames_dets, side_px)
+    scores["adherence_colour_frames"] = colour_frames_score(prompt, frames_dets)
     gate = TRACK_GATE_FRACTION * min(clip.frames.shape[1], clip.frames.shape[2])
     scores["motion"] = motion_score(frames_dets, gate)
     scores["visual"] = visual_score(clip.frames)
@@ -197,7 +216,26 @@ def rate_clip(prompt: str, clip, skip: tuple[str, ...] = ()) -> dict:
     scores["audio_onsets"] = len(probe["audio_onsets_s"])
     for h in skip:
         scores[h] = None
+        if h == "adherence":
+            scores["adherence_colour_frames"] = None
     return scores
+
+
+# The rate_clip key that fills a preference table's adherence column, per
+# rlhf.preferences.adherence_score (config.ADHERENCE_SCORES).
+ADHERENCE_KEYS = {"objects": "adherence", "colour_frames": "adherence_colour_frames"}
+
+
+def preference_scores(scores: dict, adherence_score: str = "colour_frames") -> dict:
+    """The per-head scores that rank a group's candidates: ``rate_clip``'s heads with
+    adherence taken from ``ADHERENCE_KEYS[adherence_score]``."""
+    if adherence_score not in ADHERENCE_KEYS:
+        raise ValueError(
+            f"adherence_score must be one of {sorted(ADHERENCE_KEYS)}, got {adherence_score!r}"
+        )
+    out = {h: scores.get(h) for h in HEADS}
+    out["adherence"] = scores.get(ADHERENCE_KEYS[adherence_score])
+    return out
 
 
 def _rate_one(prompt: str, clip, skip: tuple[str, ...]) -> dict:

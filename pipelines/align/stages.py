@@ -65,7 +65,13 @@ from pipelines.align.preferences import (
     write_preferences,
 )
 from pipelines.align.prompts import manifest_prompts, split_prompts
-from pipelines.align.rater import ranks, rate_clips, rater_pool, skipped_heads
+from pipelines.align.rater import (
+    preference_scores,
+    ranks,
+    rate_clips,
+    rater_pool,
+    skipped_heads,
+)
 from pipelines.align.reward import (
     check_agreement_floor,
     load_reward_model,
@@ -190,6 +196,7 @@ def _build_preferences(cfg, pipeline, prompts, out_uri, log, skip, pool) -> str:
                 for c in range(g)
             ]
             rated = rate_clips([prompt] * g, clips, skip, pool)
+            rated = [preference_scores(r, p.adherence_score) for r in rated]
             for c, (clip, scores) in enumerate(zip(clips, rated, strict=True)):
                 base = storage.join(out_uri, "candidates", f"{group_id}-c{c}")
                 clip_uri = ""
@@ -360,6 +367,7 @@ def ensure_reward_model(cfg, pipeline, rt, log=print):
         model, report = train_reward_model(rows, inputs, r, reward_dims(pipeline),
                                            pairs_of=all_pairs_of, device=rt.device)  # fmt: skip
         report["corpus_contrasts"] = contrasts
+        report["adherence_score"] = cfg.rlhf.preferences.adherence_score
         report.update({"train_prompts": train_prompts, "held_out_prompts": held,
                        "preferences": table, "candidates": candidates,
                        "judgements": len(judgements),
