@@ -44,6 +44,10 @@ class PreferenceConfig:
     steps: int = 10  # SDE sampler steps (the same sampler DanceGRPO explores with)
     eta: float = 0.3
     text_scale: float = 4.0
+    # Seconds a candidate (and a DanceGRPO rollout). On 1 s candidates of the shipped
+    # checkpoint the rater's sync pairs keep their order under an invisible re-encode
+    # 42-53% of the time, on 2 s (33 / 16) ones 75-91%, motion's 72-80% -> 79-87%
+    # (BENCHMARKS.md, session 20); 2 s costs twice the sampling.
     duration_s: float = 17 / 16
     write_mp4: bool = True  # candidate clips as MP4 beside the table (the schema's URIs)
     rater_id: str = "probe-rater-v1"

@@ -71,6 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-prompts", type=int, default=1000)
     # Preference data and the reward model.
+    # 2 s candidates: on 1 s ones the rater's sync pairs keep their order under a
+    # re-encode 42-53% of the time, on 2 s ones 75-91% (bench/rater_reliability.py).
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=33 / 16,
+        help="seconds a candidate, a rollout and a held-out clip",
+    )
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reward-preset", default="small")
@@ -131,7 +139,8 @@ def build_config(args, manifest: str):
                 "rater_workers": args.rater_workers,
                 "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3},
                 "preferences": {"candidates_per_prompt": args.candidates,
-                                "rounds": args.rounds, "write_mp4": False},
+                                "rounds": args.rounds, "write_mp4": False,
+                                "duration_s": args.duration},
                 "reward": {"preset": args.reward_preset, "steps": args.reward_steps,
                            "corpus_contrasts": args.corpus_contrasts,
                            "min_agreement": args.min_agreement},
@@ -337,8 +346,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     prompts = held_out[: args.max_eval_prompts or None]
     seeds = list(range(args.seeds))
-    full = {"seeds": seeds, "steps": args.eval_steps, "sampler": "heun"}
-    fast = {"seeds": seeds, "steps": 4, "sampler": "euler", "quality": "fast"}
+    full = {"seeds": seeds, "steps": args.eval_steps, "sampler": "heun",
+            "duration_s": args.duration}  # fmt: skip
+    fast = {**full, "steps": 4, "sampler": "euler", "quality": "fast"}
     models = {"parent": (os.path.abspath(args.checkpoint), full), "rlhf": (rlhf_final, full),
               "fast": (fast_final, fast)}  # fmt: skip
     if not rlhf_final:  # the Fast student's teacher is then the parent
