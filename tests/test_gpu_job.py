@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,22 @@ def test_an_xz_packed_wheel_installs_pyav_on_a_host_without_it(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 1 and "no PyAV wheel and no PyAV installed" in done.stderr
+
+
+def test_a_carry_unpacked_twice_keeps_the_first_unpacking_in_place(tmp_path):
+    from pipelines.shipped import carry
+
+    packed = carry._pack_wheel_xz(str(_fake_wheel(tmp_path / "av-0-cp311-abi3-any.whl")),
+                                  str(tmp_path))  # fmt: skip
+    site = tmp_path / "_site"
+    carry.extract_once(packed, str(site))
+    assert (site / "av" / "codecs.py").read_text() == "NAME = 'h264' * 1000\n"
+    # Stands for the library a job has loaded: the second unpacking must not touch it.
+    (site / "av" / "codecs.py").write_text("LOADED = True\n")
+    (tmp_path / "_site.tmp-99999").mkdir()  # a job that died mid-unpack leaves this
+    carry.extract_once(packed, str(site))
+    assert (site / "av" / "codecs.py").read_text() == "LOADED = True\n"
+    assert not list(tmp_path.glob(f"_site.tmp-{os.getpid()}"))
 
 
 def test_an_xz_wheel_with_an_entry_outside_its_folder_is_refused(tmp_path):

@@ -286,6 +286,24 @@ def extract_wheel_xz(archive: str, target: str) -> None:
         tar.extractall(root, members=members, filter="data")
 
 
+def extract_once(archive: str, target: str) -> None:
+    """:func:`extract_wheel_xz` into ``target`` unless it is already there: unpacked into
+    a folder of this process, then renamed into place in one step. Jobs that unpack
+    the same carry side by side never write over libraries another one has loaded
+    (two did, and one died of a bus error)."""
+    if os.path.isdir(target):
+        return
+    staging = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    extract_wheel_xz(archive, staging)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another job renamed its copy first: use that one
+        if not os.path.isdir(target):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def install_pyav(carry_dir: str) -> None:
     """Make ``import av`` work: already there, else the carried wheel (pip, or unzipped),
     else the carried xz-packed wheel (unpacked onto ``sys.path``)."""
@@ -301,7 +319,7 @@ def install_pyav(carry_dir: str) -> None:
     packed = glob.glob(os.path.join(carry_dir, "av-*.tar.xz"))
     if not wheels and packed:
         target = os.path.join(carry_dir, "_site")
-        extract_wheel_xz(packed[0], target)
+        extract_once(packed[0], target)
         sys.path.insert(0, target)
         importlib.invalidate_caches()
         import av  # noqa: F401
