@@ -19,6 +19,15 @@ prompts' pairs (with the number of pairs and the binomial standard error), and
 shot when the rater does (the pairs only the prompt can order: both are clean);
 ``noprompt`` is the ``tiny`` preset with every prompt replaced by one constant token
 (what the prompt contributes).
+
+**A checkpoint's own candidates** (``--manifest``): the preference table the ``rlhf``
+stage draws (:func:`pipelines.align.stages.build_preferences`: a group of
+``--candidates`` SDE samples of the checkpoint per prompt, the rater's labels), the
+prompts the manifest's captions less every third (the stage's held-out prompts), up
+to ``--max-prompts``, clips of ``--duration`` seconds; written once under ``--cache``
+(a directory then) and reused. ``--train-prompts 30,70,0`` trains each variant on the
+first K training prompts (0: all), the held-out prompts the same: how agreement grows
+with the number of prompts.
 """
 
 from __future__ import annotations
@@ -97,6 +106,44 @@ def build(pipe, shots: int, scenes: list[str], seed: int):
     return rows, inputs
 
 
+def stage_table(pipe, args):
+    """Rows and inputs of the rlhf stage's preference table for the manifest's prompts,
+    drawn with ``args.checkpoint`` into ``args.cache`` (reused when there)."""
+    from core import storage
+    from pipelines.align.preferences import TABLE_NAME, read_preferences
+    from pipelines.align.stages import build_preferences, prompt_sets, reward_inputs, skipped_heads
+    from pipelines.train.config import train_config_from
+
+    if not args.cache:
+        raise SystemExit("--manifest needs --cache DIR (the preference table goes there)")
+    cache = os.path.abspath(args.cache)
+    cfg = train_config_from({
+        "preset": pipe.config.name, "run_uri": cache, "seed": args.seed,
+        "data": {"curated_uri": os.path.abspath(args.manifest)},
+        "rlhf": {"prompts": {"max_prompts": args.max_prompts, "holdout_every": 3},
+                 "preferences": {"candidates_per_prompt": args.candidates, "rounds": 1,
+                                 "write_mp4": False, "duration_s": args.duration}},
+    })  # fmt: skip
+    table = storage.join(cache, "preferences", TABLE_NAME)
+    if not storage.exists(table):
+        train, held = prompt_sets(cfg)
+        skip, _ = skipped_heads(train + held)
+        build_preferences(cfg, pipe, train, storage.join(cache, "preferences"), print, skip)
+    rows = read_preferences(table)
+    inputs_file = os.path.join(cache, "inputs.safetensors")
+    if os.path.exists(inputs_file):
+        return rows, load_file(inputs_file)
+    inputs = reward_inputs(pipe, rows)
+    save_file({k: v.contiguous() for k, v in inputs.items()}, inputs_file)
+    return rows, inputs
+
+
+def first_prompts(rows: list[dict], k: int) -> list[dict]:
+    """``rows`` with the training rows cut to the first ``k`` training prompts (0: all)."""
+    keep = sorted({r["prompt"] for r in rows if r["split"] == "train"})[: k or None]
+    return [r for r in rows if r["split"] == "val" or r["prompt"] in keep]
+
+
 def prompt_match(model, rows, inputs) -> tuple[float, int]:
     """Held-out groups where the rater puts the clean shot above the other shot on
     adherence: the fraction where the model does too, and how many."""
@@ -106,7 +153,7 @@ def prompt_match(model, rows, inputs) -> tuple[float, int]:
     k = HEADS.index("adherence")
     by_group = {}
     for i, r in enumerate(rows):
-        if r["split"] == "val" and r["kind"] in ("clean", "other-shot"):
+        if r["split"] == "val" and r.get("kind") in ("clean", "other-shot"):
             by_group.setdefault(r["group_id"], {})[r["kind"]] = i
     pairs = [
         (g["clean"], g["other-shot"]) for g in by_group.values()
@@ -132,6 +179,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="write the results here too")
     ap.add_argument("--cache", default="", help="corpus file (.safetensors + .json): reuse")
+    ap.add_argument("--manifest", default="", help="clips.parquet: the checkpoint's candidates")
+    ap.add_argument("--max-prompts", type=int, default=270)
+    ap.add_argument("--candidates", type=int, default=8)
+    ap.add_argument("--duration", type=float, default=33 / 16)
+    ap.add_argument("--train-prompts", default="0", help="K,K,...: first K training prompts")
     args = ap.parse_args(argv)
 
     from model.pipeline import DuetPipeline
@@ -143,7 +195,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     pipe = DuetPipeline.from_checkpoint(args.checkpoint).eval()
     t0 = time.perf_counter()
-    if args.cache and os.path.exists(args.cache + ".json"):
+    if args.manifest:
+        rows, inputs = stage_table(pipe, args)
+    elif args.cache and os.path.exists(args.cache + ".json"):
         rows = json.loads(open(args.cache + ".json").read())
         inputs = load_file(args.cache + ".safetensors")
     else:
@@ -160,9 +214,14 @@ def main(argv=None) -> int:
           f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
     results = {"shots": args.shots, "candidates": len(rows), "prompts": {
         k: len(v) for k, v in prompts.items()}, "pairs": pairs, "variants": {}}  # fmt: skip
-    for variant in args.variants.split(","):
+    runs = [(v, int(k)) for v in args.variants.split(",") for k in args.train_prompts.split(",")]
+    all_rows = rows
+    for variant, k in runs:
+        rows = first_prompts(all_rows, k)
+        kept = {id(r) for r in rows}
+        index = [i for i, r in enumerate(all_rows) if id(r) in kept] if k else None
         preset = "tiny" if variant == "noprompt" else variant
-        data = dict(inputs)
+        data = dict(inputs) if index is None else {n: v[index] for n, v in inputs.items()}
         if variant == "noprompt":
             data["tokens"] = torch.ones_like(inputs["tokens"][:, :1])
             data["mask"] = torch.ones_like(inputs["mask"][:, :1])
@@ -172,7 +231,8 @@ def main(argv=None) -> int:
         took = time.perf_counter() - t1
         match = prompt_match(model, rows, data)
         val = report["val_agreement"]
-        print(f"\n{variant}: {report['parameters']} parameters, {took:.0f} s, "
+        print(f"\n{variant}, {report['train_prompt_count']} training prompts: "
+              f"{report['parameters']} parameters, {took:.0f} s, "
               f"final loss {report['final_loss']:.3f}")  # fmt: skip
         print(f"  {'head':10s} {'held-out':>9s} {'+-se':>6s} {'pairs':>6s} {'train':>7s}")
         for h in HEADS:
@@ -180,10 +240,13 @@ def main(argv=None) -> int:
             if v["agreement"] is None:
                 print(f"  {h:10s} {'-':>9s}")
                 continue
+            seen = "-" if tr["agreement"] is None else f"{tr['agreement']:.3f}"
             print(f"  {h:10s} {v['agreement']:9.3f} {v['stderr']:6.3f} {v['pairs']:6d} "
-                  f"{tr['agreement']:7.3f}")  # fmt: skip
-        print(f"  match (adherence, shot vs other shot, held-out): {match[0]:.3f} on {match[1]}")
-        results["variants"][variant] = {"seconds": round(took, 1), "val": val, "match": match,
+                  f"{seen:>7s}")  # fmt: skip
+        if match[1]:
+            print(f"  match (adherence, shot vs other shot, held-out): {match[0]:.3f} on "
+                  f"{match[1]}")  # fmt: skip
+        results["variants"][f"{variant}/{report['train_prompt_count']}"] = {"seconds": round(took, 1), "val": val, "match": match,
                                         "parameters": report["parameters"]}  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
