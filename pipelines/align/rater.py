@@ -114,15 +114,21 @@ def sync_score(visual: list[float], onsets: list[float], fps: float) -> dict:
     return {"sync": f1, "sync_recall": recall, "sync_precision": precision}
 
 
+def colour_counts(wanted: Counter) -> Counter:
+    """{colour: count} of a parsed caption's {(colour, shape): count}."""
+    colours: Counter = Counter()
+    for (colour, _), n in wanted.items():
+        colours[colour] += n
+    return colours
+
+
 def adherence_score(prompt: str, frames_dets: list[list[dict]], side_px: int) -> float | None:
     wanted = parse_caption(prompt)
     if not wanted:
         return None
     if side_px >= SHAPE_MIN_SIDE_PX:
         return caption_adherence(prompt, frames_dets)
-    colours: Counter = Counter()
-    for (colour, _), n in wanted.items():
-        colours[colour] += n
+    colours = colour_counts(wanted)
     seen = observed_objects([[{"color": d["color"], "shape": ""} for d in f] for f in frames_dets])
     return multiset_iou(colours, Counter({c: n for (c, _), n in seen.items()}))
 
@@ -135,10 +141,8 @@ def colour_frames_score(prompt: str, frames_dets: list[list[dict]]) -> float | N
     of one group differ little, and on them the whole-clip object score (shape calls on
     generated blobs, a median count) flips under an invisible re-encode, while this one
     keeps 87-96% of its pair orders (BENCHMARKS.md, session 20)."""
-    colours: Counter = Counter()
-    for (colour, _), n in parse_caption(prompt).items():
-        if colour:
-            colours[colour] += n
+    colours = colour_counts(parse_caption(prompt))
+    colours.pop(None, None)  # a shape named without a colour asks for no colour
     if not colours or not frames_dets:
         return None
     per_frame = [multiset_iou(colours, Counter(d["color"] for d in f)) for f in frames_dets]
