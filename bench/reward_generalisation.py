@@ -27,7 +27,14 @@ prompts the manifest's captions less every third (the stage's held-out prompts),
 to ``--max-prompts``, clips of ``--duration`` seconds; written once under ``--cache``
 (a directory then) and reused. ``--train-prompts 30,70,0`` trains each variant on the
 first K training prompts (0: all), the held-out prompts the same: how agreement grows
-with the number of prompts.
+with the number of prompts. ``--grammar-prompts N`` adds N training prompts drawn from
+the captions' grammar (``rlhf.prompts.grammar_prompts``), the held-out ones never.
+
+On a GPU host without the text encoder's weights: ``--texts TABLE`` (a carry's
+``texts.safetensors`` holding every prompt, :mod:`pipelines.shipped.carry`; only the
+manifest's captions are read, not its clips), ``--device cuda`` (sampling and the
+reward model's training), ``--rater-workers 12`` (the rater in processes) and
+``--groups-per-batch 8`` (groups sampled together).
 """
 
 from __future__ import annotations
@@ -106,24 +113,33 @@ def build(pipe, shots: int, scenes: list[str], seed: int):
     return rows, inputs
 
 
+def stage_config(preset: str, run_uri: str, args):
+    """The training config the rlhf stage would draw this table with."""
+    from pipelines.train.config import train_config_from
+
+    return train_config_from({
+        "preset": preset, "run_uri": run_uri, "seed": args.seed,
+        "data": {"curated_uri": os.path.abspath(args.manifest)},
+        "rlhf": {"rater_workers": args.rater_workers,
+                 "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3,
+                             "grammar_prompts": args.grammar_prompts},
+                 "preferences": {"candidates_per_prompt": args.candidates, "rounds": 1,
+                                 "groups_per_batch": args.groups_per_batch,
+                                 "write_mp4": False, "duration_s": args.duration}},
+    })  # fmt: skip
+
+
 def stage_table(pipe, args):
     """Rows and inputs of the rlhf stage's preference table for the manifest's prompts,
     drawn with ``args.checkpoint`` into ``args.cache`` (reused when there)."""
     from core import storage
     from pipelines.align.preferences import TABLE_NAME, read_preferences
     from pipelines.align.stages import build_preferences, prompt_sets, reward_inputs, skipped_heads
-    from pipelines.train.config import train_config_from
 
     if not args.cache:
         raise SystemExit("--manifest needs --cache DIR (the preference table goes there)")
     cache = os.path.abspath(args.cache)
-    cfg = train_config_from({
-        "preset": pipe.config.name, "run_uri": cache, "seed": args.seed,
-        "data": {"curated_uri": os.path.abspath(args.manifest)},
-        "rlhf": {"prompts": {"max_prompts": args.max_prompts, "holdout_every": 3},
-                 "preferences": {"candidates_per_prompt": args.candidates, "rounds": 1,
-                                 "write_mp4": False, "duration_s": args.duration}},
-    })  # fmt: skip
+    cfg = stage_config(pipe.config.name, cache, args)
     table = storage.join(cache, "preferences", TABLE_NAME)
     if not storage.exists(table):
         train, held = prompt_sets(cfg)
@@ -184,7 +200,17 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", type=int, default=8)
     ap.add_argument("--duration", type=float, default=33 / 16)
     ap.add_argument("--train-prompts", default="0", help="K,K,...: first K training prompts")
+    ap.add_argument("--grammar-prompts", type=int, default=0)
+    ap.add_argument("--texts", default="", help="text table (safetensors) for the encoder")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rater-workers", type=int, default=0)
+    ap.add_argument("--groups-per-batch", type=int, default=1)
+    ap.add_argument("--list-texts", default="", help="write the prompts the table needs; exit")
     args = ap.parse_args(argv)
+    if args.texts:
+        from pipelines.shipped.carry import use_text_table_file
+
+        use_text_table_file(args.texts)
 
     from model.pipeline import DuetPipeline
     from pipelines.align.config import HEADS, RewardConfig
@@ -193,7 +219,15 @@ def main(argv=None) -> int:
     from pipelines.align.stages import reward_dims
 
     torch.manual_seed(args.seed)
-    pipe = DuetPipeline.from_checkpoint(args.checkpoint).eval()
+    pipe = DuetPipeline.from_checkpoint(args.checkpoint).to(args.device).eval()
+    if args.list_texts:
+        from pipelines.align.stages import prompt_sets
+
+        train, held = prompt_sets(stage_config(pipe.config.name, "/tmp/unused", args))
+        with open(args.list_texts, "w", encoding="utf-8") as f:
+            f.writelines(p + "\n" for p in sorted({*train, *held}))
+        print(f"{len(train)} training and {len(held)} held-out prompts -> {args.list_texts}")
+        return 0
     t0 = time.perf_counter()
     if args.manifest:
         rows, inputs = stage_table(pipe, args)
@@ -227,7 +261,7 @@ def main(argv=None) -> int:
             data["mask"] = torch.ones_like(inputs["mask"][:, :1])
         cfg = RewardConfig(preset=preset, steps=args.steps, seed=args.seed)
         t1 = time.perf_counter()
-        model, report = train_reward_model(rows, data, cfg, reward_dims(pipe))
+        model, report = train_reward_model(rows, data, cfg, reward_dims(pipe), device=args.device)
         took = time.perf_counter() - t1
         match = prompt_match(model, rows, data)
         val = report["val_agreement"]

@@ -89,6 +89,35 @@ def test_distill_prompts_add_extra_prompts_and_refuse_held_out_ones():
         distill_prompts(train_prompts, ["two red circles"], cfg.distill.extra_prompts)
 
 
+def test_grammar_prompts_add_training_prompts_from_the_seed_and_never_a_held_out_one(
+    tiny_curated_corpus,
+):
+    """``rlhf.prompts.grammar_prompts``: the captions' split unchanged, then that many
+    grammar captions (the same for the same seed) added to the training prompts, each
+    one the rater can read and none a held-out prompt."""
+    from pipelines.align.dmd import normalise
+    from pipelines.align.rater import parse_caption
+
+    def sets(n: int, seed: int = 0):
+        return prompt_sets(train_config_from({
+            "seed": seed, "data": {"curated_uri": tiny_curated_corpus},
+            "rlhf": {"prompts": {"max_prompts": 1000, "grammar_prompts": n}},
+        }))  # fmt: skip
+
+    train0, held0 = sets(0)
+    train, held = sets(24)
+    assert held == held0
+    assert train[: len(train0)] == train0
+    extra = train[len(train0) :]
+    assert 12 <= len(extra) <= 24, extra  # a grammar draw may repeat a caption
+    assert not {normalise(p) for p in extra} & {normalise(p) for p in held}
+    assert all(parse_caption(p) for p in extra)
+    assert sets(24) == (train, held)
+    assert sets(24, seed=1)[0][len(train0) :] != extra
+    with pytest.raises(ValueError, match="grammar_prompts"):
+        train_config_from({"rlhf": {"prompts": {"grammar_prompts": -1}}})
+
+
 # -- the stages on the session's short chain ---------------------------------------
 
 

@@ -123,3 +123,51 @@ def test_texts_added_to_a_carry_are_embedded_once_and_the_table_keeps_the_rest(t
     tokens, mask = FrozenTextEncoder().encode(["two blue squares"])
     assert torch.equal(table["two blue squares"], tokens[0][mask[0]].to(torch.float16))
     assert add_texts(str(tmp_path), ["two blue squares"]) == 0
+
+
+def test_preferences_rated_in_processes_while_the_next_groups_sample_match_in_process(
+    tiny_checkpoint, tmp_path
+):
+    """The table the rlhf stage writes is the same, row for row and latent for latent,
+    whether the rater runs in the stage's process or in worker processes that rate a
+    group while later groups are sampled (groups finish out of step with sampling)."""
+    from core import storage
+    from model.pipeline import DuetPipeline
+    from pipelines.align.preferences import read_preferences
+    from pipelines.align.stages import build_preferences
+    from pipelines.train.config import train_config_from
+
+    pipe = DuetPipeline.from_checkpoint(tiny_checkpoint).eval()
+    prompts = ["a red circle bounces on a gray floor", "two blue squares collide",
+               "a green face and a red circle bounce on a floor at night"]  # fmt: skip
+    tables = {}
+    for workers, batch in ((0, 1), (3, 1), (0, 4)):
+        cfg = train_config_from({
+            "preset": "tiny", "rlhf": {"rater_workers": workers, "preferences": {
+                "candidates_per_prompt": 2, "rounds": 2, "steps": 2, "write_mp4": False,
+                "groups_per_batch": batch}},
+        })  # fmt: skip
+        out = str(tmp_path / f"w{workers}-b{batch}")
+        table = build_preferences(cfg, pipe, prompts, out, None)
+        tables[workers, batch] = read_preferences(table)
+    here, there = tables[0, 1], tables[3, 1]
+    assert len(here) == 3 * 2 * 2
+    assert [r["group_id"] for r in here] == [r["group_id"] for r in there]
+    for a, b in zip(here, there, strict=True):
+        assert {k: v for k, v in a.items() if k != "latent_uri"} == {
+            k: v for k, v in b.items() if k != "latent_uri"
+        }
+        la, lb = (load_file(r["latent_uri"]) for r in (a, b))
+        assert all(torch.equal(la[k], lb[k]) for k in ("video", "audio"))
+    assert len({r["noise_seed"] for r in here}) == 6
+    assert storage.exists(here[-1]["latent_uri"])
+    # Four groups a batch (the last batch short): each group from its own seeds, so
+    # the same candidates up to the batched forward's floating-point order.
+    batched = tables[0, 4]
+    keys = ("group_id", "candidate", "prompt", "seed", "noise_seed")
+    assert [[r[k] for k in keys] for r in batched] == [[r[k] for k in keys] for r in here]
+    for a, b in zip(here, batched, strict=True):
+        la, lb = (load_file(r["latent_uri"]) for r in (a, b))
+        assert all(torch.allclose(la[k], lb[k], atol=1e-4) for k in ("video", "audio"))
+    with pytest.raises(ValueError, match="groups_per_batch"):
+        train_config_from({"rlhf": {"preferences": {"groups_per_batch": 0}}})

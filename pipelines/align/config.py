@@ -29,10 +29,18 @@ class PromptSplit:
     any corpus: synthetic or real footage. Every ``holdout_every``-th prompt (sorted, so the split
     does not depend on file order) is held out: neither the preference data nor
     DanceGRPO sees it, and evaluation uses only those.
+
+    ``grammar_prompts`` adds that many training prompts drawn from the captions'
+    grammar (:class:`pipelines.align.dmd.CaptionGrammar`: new count, colour and shape
+    words in the captions' sentence frames), never a held-out prompt: a corpus has a few
+    hundred captions, and a reward model trained on that few memorises them
+    (BENCHMARKS.md, session 21). Captions with no ``count [colour] shape`` phrase
+    (real footage) give no grammar, so no extra prompts.
     """
 
     holdout_every: int = 3
     max_prompts: int = 64
+    grammar_prompts: int = 0
 
 
 @dataclass
@@ -50,6 +58,9 @@ class PreferenceConfig:
     # (BENCHMARKS.md, session 20); 2 s costs twice the sampling.
     duration_s: float = 17 / 16
     write_mp4: bool = True  # candidate clips as MP4 beside the table (the schema's URIs)
+    # Groups sampled in one batched rollout (each from its own seeds, so the same
+    # candidates as one at a time up to floating-point order).
+    groups_per_batch: int = 1
     rater_id: str = "probe-rater-v1"
     # Which rater score ranks candidates on adherence: "colour_frames" (the named colours
     # with their counts, frame by frame, averaged) or "objects" (the whole clip's
@@ -187,6 +198,10 @@ class RLHFStageConfig:
             )
         if self.rater_workers < 0:
             raise ValueError("rater_workers must be >= 0 (0 rates in the stage's process)")
+        if self.preferences.groups_per_batch < 1:
+            raise ValueError("rlhf.preferences.groups_per_batch must be >= 1")
+        if self.prompts.grammar_prompts < 0:
+            raise ValueError("rlhf.prompts.grammar_prompts must be >= 0 (0: the captions only)")
         if self.updates_per_rollout < 1:
             raise ValueError("updates_per_rollout must be >= 1")
         if self.kl_weight is not None and self.kl_weight < 0:

@@ -266,11 +266,22 @@ def rate_clips(
 ) -> list[dict]:
     """:func:`rate_clip` of each (prompt, clip), in ``pool``'s processes when given; the
     scores are the same either way (the probes are deterministic)."""
+    return rate_clips_later(prompts, clips, skip, pool)()
+
+
+def rate_clips_later(prompts: list[str], clips: list, skip: tuple[str, ...] = (), pool=None):
+    """:func:`rate_clips`, handed to ``pool`` at once: returns a function that waits for
+    and returns the scores, so the caller samples the next group while these are rated
+    (without a pool the clips are rated now)."""
     if len(prompts) != len(clips):
         raise ValueError(f"{len(prompts)} prompts for {len(clips)} clips")
     if pool is None:
-        return [rate_clip(p, c, skip) for p, c in zip(prompts, clips, strict=True)]
-    return list(pool.map(_rate_one, prompts, clips, [tuple(skip)] * len(clips)))
+        scores = [rate_clip(p, c, skip) for p, c in zip(prompts, clips, strict=True)]
+        return lambda: scores
+    futures = [
+        pool.submit(_rate_one, p, c, tuple(skip)) for p, c in zip(prompts, clips, strict=True)
+    ]
+    return lambda: [f.result() for f in futures]
 
 
 def head_vector(scores: dict) -> list[float | None]:

@@ -103,6 +103,17 @@ class Trajectory:
         return self.videos[-1], self.audios[-1]
 
 
+def step_noise(shape: torch.Size, gen: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise of ``shape``; from a list of generators, block by block."""
+    if isinstance(gen, torch.Generator):
+        return torch.randn(shape, generator=gen)
+    rows, blocks = shape[0], len(gen)
+    if rows % blocks:
+        raise ValueError(f"{rows} rows do not split into {blocks} equal blocks")
+    block = (rows // blocks, *shape[1:])
+    return torch.cat([torch.randn(block, generator=g) for g in gen])
+
+
 @torch.no_grad()
 def sde_rollout(
     model,
@@ -113,9 +124,12 @@ def sde_rollout(
     times: list[float],
     eta: float,
     text_scale: float,
-    gen: torch.Generator,
+    gen: torch.Generator | list[torch.Generator],
 ) -> Trajectory:
-    """Sample from ``times[0]`` to 0 with the SDE; every row draws its own noise."""
+    """Sample from ``times[0]`` to 0 with the SDE; every row draws its own noise.
+
+    ``gen`` a list: the rows are that many equal blocks (groups sampled in one batch),
+    each drawing its noise from its own generator, as it would sampled alone."""
     videos, audios, logps = [video], [audio], []
     for t, t_next in zip(times, times[1:], strict=False):
         b = video.shape[0]
@@ -124,8 +138,8 @@ def sde_rollout(
         mean_v = step_mean(video, vel_v, t, t_next, eta)
         mean_a = step_mean(audio, vel_a, t, t_next, eta)
         std = step_std(t, t_next, eta)
-        noise_v = torch.randn(video.shape, generator=gen).to(video.device)
-        noise_a = torch.randn(audio.shape, generator=gen).to(audio.device)
+        noise_v = step_noise(video.shape, gen).to(video.device)
+        noise_a = step_noise(audio.shape, gen).to(audio.device)
         video = mean_v + std * noise_v
         audio = mean_a + std * noise_a
         logps.append(gaussian_logprob(video, audio, mean_v, mean_a, std))

@@ -68,7 +68,7 @@ from pipelines.align.prompts import manifest_prompts, split_prompts
 from pipelines.align.rater import (
     preference_scores,
     ranks,
-    rate_clips,
+    rate_clips_later,
     rater_pool,
     skipped_heads,
 )
@@ -97,11 +97,24 @@ class PromptRow:
         self.prompt = prompt
 
 
+# Offsets the grammar prompts' draw from the run's seed, so it is not DMD2's pool.
+_GRAMMAR_PROMPTS_SEED = 7919
+
+
 def prompt_sets(cfg) -> tuple[list[str], list[str]]:
+    """(training, held-out) prompts: the manifest's captions split, then
+    ``rlhf.prompts.grammar_prompts`` grammar captions added to the training ones (drawn
+    from the run's seed, so every host reading the same manifest draws the same)."""
     from model.configs import get_config
+    from pipelines.align.dmd import PromptStream
 
     prompts = manifest_prompts(cfg.data, get_config(cfg.preset).fps)
-    return split_prompts(prompts, cfg.rlhf.prompts)
+    train, held = split_prompts(prompts, cfg.rlhf.prompts)
+    n = cfg.rlhf.prompts.grammar_prompts
+    if n > 0:
+        stream = PromptStream(train, held, 1.0, n, cfg.seed + _GRAMMAR_PROMPTS_SEED)
+        train = list(dict.fromkeys([*train, *stream.pool]))
+    return train, held
 
 
 def distill_prompts(train_prompts: list[str], held_out: list[str], extra) -> list[str]:
@@ -161,6 +174,8 @@ def build_preferences(
 
 
 def _build_preferences(cfg, pipeline, prompts, out_uri, log, skip, pool) -> str:
+    from model.dit import TextConditioning
+
     p = cfg.rlhf.preferences
     mcfg = pipeline.config
     pipeline.eval()
@@ -169,75 +184,92 @@ def _build_preferences(cfg, pipeline, prompts, out_uri, log, skip, pool) -> str:
     times = sampling_times(mcfg, v_shape, a_shape, p.steps)
     tokens, mask = encode_prompts(pipeline, prompts)
     g = p.candidates_per_prompt
-    rows = []
-    for pi, prompt in enumerate(prompts):
-        text = pad_text([tokens[pi][mask[pi]]] * g, None, mcfg.text.max_tokens)
-        from model.dit import TextConditioning
-
+    # Groups sampled ahead of their ratings: enough to keep every rater process busy
+    # while the GPU samples (a group of 4 alone would leave 8 of 12 idle).
+    ahead = 0 if pool is None else -(-2 * cfg.rlhf.rater_workers // g)
+    rows, pending = [], []
+    jobs = [(pi, r) for pi in range(len(prompts)) for r in range(p.rounds)]
+    for start in range(0, len(jobs), p.groups_per_batch):
+        batch = jobs[start : start + p.groups_per_batch]
+        text = pad_text(
+            [tokens[pi][mask[pi]] for pi, _ in batch for _ in range(g)], None, mcfg.text.max_tokens
+        )
         cond = TextConditioning(text[0].to(device), text[1].to(device))
-        null = pipeline.dit.null_text_conditioning(g, device)
-        for r in range(p.rounds):
-            seed = _seed(cfg.seed, pi, r)
+        null = pipeline.dit.null_text_conditioning(g * len(batch), device)
+        seeds = [_seed(cfg.seed, pi, r) for pi, r in batch]
+        noise_seeds = [_seed(seed, 1) for seed in seeds]
+        video, audio = [], []
+        for seed in seeds:  # one initial noise per group, shared by its candidates
             gen = torch.Generator().manual_seed(seed)
-            video = torch.randn(v_shape, generator=gen).expand(g, *v_shape[1:]).clone()
-            audio = torch.randn(a_shape, generator=gen).expand(g, *a_shape[1:]).clone()
-            noise_seed = _seed(seed, 1)
-            traj = sde_rollout(
-                pipeline.dit, video.to(device), audio.to(device), cond, null, times, p.eta,
-                p.text_scale, torch.Generator().manual_seed(noise_seed),
-            )  # fmt: skip
-            final_v, final_a = traj.final
-            group_id = f"p{pi:03d}-r{r:02d}"
-            scored = []
+            video.append(torch.randn(v_shape, generator=gen).expand(g, *v_shape[1:]))
+            audio.append(torch.randn(a_shape, generator=gen).expand(g, *a_shape[1:]))
+        traj = sde_rollout(
+            pipeline.dit, torch.cat(video).to(device), torch.cat(audio).to(device), cond, null,
+            times, p.eta, p.text_scale, [torch.Generator().manual_seed(s) for s in noise_seeds],
+        )  # fmt: skip
+        final_v, final_a = traj.final
+        for k, (pi, r) in enumerate(batch):
+            rows_k = range(k * g, (k + 1) * g)
             clips = [
                 pipeline.decode_latents(
-                    final_v[c : c + 1], final_a[c : c + 1], frames, seed=noise_seed + c
+                    final_v[i : i + 1], final_a[i : i + 1], frames, seed=noise_seeds[k] + c
                 )
-                for c in range(g)
+                for c, i in enumerate(rows_k)
             ]
-            rated = rate_clips([prompt] * g, clips, skip, pool)
-            rated = [preference_scores(r, p.adherence_score) for r in rated]
-            for c, (clip, scores) in enumerate(zip(clips, rated, strict=True)):
-                base = storage.join(out_uri, "candidates", f"{group_id}-c{c}")
-                clip_uri = ""
-                if p.write_mp4:
-                    from core.media import write_mp4
-
-                    clip_uri = base + ".mp4"
-                    write_mp4(clip_uri, clip, crf=18, aac_coder="fast")
-                latent_uri = base + ".safetensors"
-                storage.write_bytes(
-                    latent_uri,
-                    save_safetensors(
-                        {
-                            "video": final_v[c].cpu().contiguous(),
-                            "audio": final_a[c].cpu().contiguous(),
-                        }
-                    ),
-                )
-                scored.append((scores, clip_uri, latent_uri))
-            head_ranks = {h: ranks([s[0].get(h) for s in scored]) for h in HEADS}
-            for c, (scores, clip_uri, latent_uri) in enumerate(scored):
-                row = {
-                    "group_id": group_id,
-                    "candidate": c,
-                    "prompt": prompt,
-                    "references": NO_REFERENCES,
-                    "seed": seed,
-                    "noise_seed": noise_seed,
-                    "clip_uri": clip_uri,
-                    "latent_uri": latent_uri,
-                    "rater_id": p.rater_id,
-                    "split": "train",  # set by prompt below
-                }
-                for h in HEADS:
-                    row[f"score_{h}"] = scores.get(h)
-                    row[f"rank_{h}"] = head_ranks[h][c]
-                rows.append(row)
+            group = {"group_id": f"p{pi:03d}-r{r:02d}", "prompt": prompts[pi],
+                     "seed": seeds[k], "noise_seed": noise_seeds[k], "clips": clips,
+                     "latents": [(final_v[i].cpu(), final_a[i].cpu()) for i in rows_k],
+                     "scores": rate_clips_later([prompts[pi]] * g, clips, skip, pool)}  # fmt: skip
+            pending.append(group)
+            while len(pending) > ahead:
+                rows += _group_rows(pending.pop(0), p, out_uri)
         if log is not None:
-            log(f"preferences: prompt {pi + 1}/{len(prompts)}")
+            log(f"preferences: prompt {batch[-1][0] + 1}/{len(prompts)}")
+    for group in pending:
+        rows += _group_rows(group, p, out_uri)
     split_by_prompt(rows, cfg.rlhf.reward.holdout_fraction)
     return write_preferences(storage.join(out_uri, TABLE_NAME), rows)
+
+
+def _group_rows(group: dict, p, out_uri: str) -> list[dict]:
+    """A sampled group's rows once its ratings are in; its latents (and MP4s) written."""
+    rated = [preference_scores(r, p.adherence_score) for r in group["scores"]()]
+    scored = []
+    for c, (clip, scores) in enumerate(zip(group["clips"], rated, strict=True)):
+        base = storage.join(out_uri, "candidates", f"{group['group_id']}-c{c}")
+        clip_uri = ""
+        if p.write_mp4:
+            from core.media import write_mp4
+
+            clip_uri = base + ".mp4"
+            write_mp4(clip_uri, clip, crf=18, aac_coder="fast")
+        latent_uri = base + ".safetensors"
+        video, audio = group["latents"][c]
+        storage.write_bytes(
+            latent_uri,
+            save_safetensors({"video": video.contiguous(), "audio": audio.contiguous()}),
+        )
+        scored.append((scores, clip_uri, latent_uri))
+    head_ranks = {h: ranks([s[0].get(h) for s in scored]) for h in HEADS}
+    rows = []
+    for c, (scores, clip_uri, latent_uri) in enumerate(scored):
+        row = {
+            "group_id": group["group_id"],
+            "candidate": c,
+            "prompt": group["prompt"],
+            "references": NO_REFERENCES,
+            "seed": group["seed"],
+            "noise_seed": group["noise_seed"],
+            "clip_uri": clip_uri,
+            "latent_uri": latent_uri,
+            "rater_id": p.rater_id,
+            "split": "train",  # set by prompt below
+        }
+        for h in HEADS:
+            row[f"score_{h}"] = scores.get(h)
+            row[f"rank_{h}"] = head_ranks[h][c]
+        rows.append(row)
+    return rows
 
 
 def reward_inputs(pipeline, rows: list[dict]) -> dict:

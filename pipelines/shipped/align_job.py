@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=33 / 16,
         help="seconds a candidate, a rollout and a held-out clip",
     )
+    parser.add_argument(
+        "--grammar-prompts", type=int, default=0,
+        help="training prompts drawn from the caption grammar, beside the captions",
+    )  # fmt: skip
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reward-preset", default="small")
@@ -137,7 +141,8 @@ def build_config(args, manifest: str):
                 "steps": args.rlhf_steps, "batch_size": args.rlhf_batch, "lr": args.rlhf_lr,
                 "checkpoint_every": 20, "log_every": 10,
                 "rater_workers": args.rater_workers,
-                "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3},
+                "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3,
+                            "grammar_prompts": args.grammar_prompts},
                 "preferences": {"candidates_per_prompt": args.candidates,
                                 "rounds": args.rounds, "write_mp4": False,
                                 "duration_s": args.duration},
@@ -155,14 +160,15 @@ def build_config(args, manifest: str):
 
 
 def needed_texts(cfg) -> list[str]:
-    """Every text the job encodes: the manifest's prompts (dialogue removed) and the
-    DMD2 stage's grammar pool."""
+    """Every text the job encodes: the manifest's prompts (dialogue removed), the
+    preference prompts drawn from the caption grammar and the DMD2 stage's grammar pool."""
     from model.configs import get_config
     from pipelines.align.prompts import manifest_prompts
-    from pipelines.align.stages import distill_prompt_stream
+    from pipelines.align.stages import distill_prompt_stream, prompt_sets
 
     prompts = manifest_prompts(cfg.data, get_config(cfg.preset).fps)
-    return sorted({*prompts, *distill_prompt_stream(cfg).pool})
+    train, _ = prompt_sets(cfg)
+    return sorted({*prompts, *train, *distill_prompt_stream(cfg).pool})
 
 
 # ---------------------------------------------------------------------------------
