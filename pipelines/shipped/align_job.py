@@ -12,8 +12,9 @@ Runs the ``rlhf`` and ``distill`` stages of :mod:`pipelines.train` (local runner
 ``--checkpoint`` on the carried corpus (:mod:`pipelines.shipped.carry`):
 
 1. ``rlhf``: candidates of the checkpoint for the training prompts (the manifest's
-   captions less every third, the held-out prompts), rated by the programmatic rater
-   in ``--rater-workers`` processes; the reward model trained on them and on
+   captions less every third, the held-out prompts, and ``--grammar-prompts`` captions
+   drawn from the caption grammar), ``--groups-per-batch`` groups sampled together and
+   rated by the programmatic rater in ``--rater-workers`` processes; the reward model trained on them and on
    known-order pairs of corpus clips, its agreement with the rater reported per head
    on preference prompts it never saw; then DanceGRPO with that reward model (KL to
    the checkpoint on), until ``--rlhf-until-s``.
@@ -84,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training prompts drawn from the caption grammar, beside the captions",
     )  # fmt: skip
     parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--groups-per-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reward-preset", default="small")
     parser.add_argument("--reward-steps", type=int, default=2000)
@@ -144,6 +146,7 @@ def build_config(args, manifest: str):
                 "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3,
                             "grammar_prompts": args.grammar_prompts},
                 "preferences": {"candidates_per_prompt": args.candidates,
+                                "groups_per_batch": args.groups_per_batch,
                                 "rounds": args.rounds, "write_mp4": False,
                                 "duration_s": args.duration},
                 "reward": {"preset": args.reward_preset, "steps": args.reward_steps,
