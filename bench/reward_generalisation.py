@@ -125,6 +125,7 @@ def stage_config(preset: str, run_uri: str, args):
                              "grammar_prompts": args.grammar_prompts},
                  "preferences": {"candidates_per_prompt": args.candidates, "rounds": 1,
                                  "groups_per_batch": args.groups_per_batch,
+                                 "shared_noise": not args.independent_noise,
                                  "write_mp4": False, "duration_s": args.duration}},
     })  # fmt: skip
 
@@ -205,6 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rater-workers", type=int, default=0)
     ap.add_argument("--groups-per-batch", type=int, default=1)
+    ap.add_argument(
+        "--independent-noise", action="store_true", help="rlhf.preferences.shared_noise = false"
+    )
     ap.add_argument("--list-texts", default="", help="write the prompts the table needs; exit")
     args = ap.parse_args(argv)
     if args.texts:

@@ -171,3 +171,30 @@ def test_preferences_rated_in_processes_while_the_next_groups_sample_match_in_pr
         assert all(torch.allclose(la[k], lb[k], atol=1e-4) for k in ("video", "audio"))
     with pytest.raises(ValueError, match="groups_per_batch"):
         train_config_from({"rlhf": {"preferences": {"groups_per_batch": 0}}})
+
+
+def test_a_groups_candidates_share_their_initial_noise_unless_told_not_to(
+    tiny_checkpoint, tmp_path
+):
+    """With the sampler's own noise off (eta 0), a group's candidates are the same clip
+    when they share their initial noise (rlhf.preferences.shared_noise, DanceGRPO's
+    groups) and different clips when each draws its own."""
+    from model.pipeline import DuetPipeline
+    from pipelines.align.preferences import read_preferences
+    from pipelines.align.stages import build_preferences
+    from pipelines.train.config import train_config_from
+
+    pipe = DuetPipeline.from_checkpoint(tiny_checkpoint).eval()
+    latents = {}
+    for shared in (True, False):
+        cfg = train_config_from({"preset": "tiny", "rlhf": {"preferences": {
+            "candidates_per_prompt": 3, "rounds": 1, "steps": 2, "eta": 0.0,
+            "write_mp4": False, "shared_noise": shared, "groups_per_batch": 2}}})  # fmt: skip
+        table = build_preferences(cfg, pipe, ["a red circle", "two blue squares"],
+                                  str(tmp_path / str(shared)), None)  # fmt: skip
+        latents[shared] = [load_file(r["latent_uri"])["video"] for r in read_preferences(table)]
+    same, own = latents[True], latents[False]
+    assert all(torch.equal(same[0], v) for v in same[1:3])
+    assert all(torch.equal(same[3], v) for v in same[4:6])
+    assert not torch.allclose(same[0], same[3])  # groups still differ
+    assert not torch.allclose(own[0], own[1]) and not torch.allclose(own[1], own[2])

@@ -47,7 +47,10 @@ class PromptSplit:
 class PreferenceConfig:
     """Preference data drawn from the parent model and ranked by the programmatic rater."""
 
-    candidates_per_prompt: int = 6  # G candidates from one shared initial noise each
+    candidates_per_prompt: int = 6  # G candidates a group
+    # One initial noise shared by a group's candidates (as DanceGRPO's groups are), so
+    # they differ only by the sampler's noise; False: each candidate its own.
+    shared_noise: bool = True
     rounds: int = 4  # groups per training prompt (different initial noise each)
     steps: int = 10  # SDE sampler steps (the same sampler DanceGRPO explores with)
     eta: float = 0.3

@@ -199,10 +199,11 @@ def _build_preferences(cfg, pipeline, prompts, out_uri, log, skip, pool) -> str:
         seeds = [_seed(cfg.seed, pi, r) for pi, r in batch]
         noise_seeds = [_seed(seed, 1) for seed in seeds]
         video, audio = [], []
-        for seed in seeds:  # one initial noise per group, shared by its candidates
+        n = 1 if p.shared_noise else g  # initial noises a group
+        for seed in seeds:
             gen = torch.Generator().manual_seed(seed)
-            video.append(torch.randn(v_shape, generator=gen).expand(g, *v_shape[1:]))
-            audio.append(torch.randn(a_shape, generator=gen).expand(g, *a_shape[1:]))
+            video.append(torch.randn((n, *v_shape[1:]), generator=gen).expand(g, *v_shape[1:]))
+            audio.append(torch.randn((n, *a_shape[1:]), generator=gen).expand(g, *a_shape[1:]))
         traj = sde_rollout(
             pipeline.dit, torch.cat(video).to(device), torch.cat(audio).to(device), cond, null,
             times, p.eta, p.text_scale, [torch.Generator().manual_seed(s) for s in noise_seeds],
