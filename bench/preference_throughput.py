@@ -74,9 +74,10 @@ def main(argv=None) -> int:
             f"{per_group:.3f} s a group, x{speedup:.2f} the first setting",
             flush=True,
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    if args.json:  # a local path or any URI storage writes (s3://...)
+        from core import storage
+
+        storage.write_text(args.json, json.dumps(results, indent=1) + "\n")
     return 0
 
 
