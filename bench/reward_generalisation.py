@@ -34,7 +34,7 @@ On a GPU host without the text encoder's weights: ``--texts TABLE`` (a carry's
 ``texts.safetensors`` holding every prompt, :mod:`pipelines.shipped.carry`; only the
 manifest's captions are read, not its clips), ``--device cuda`` (sampling and the
 reward model's training), ``--rater-workers 12`` (the rater in processes) and
-``--groups-per-batch 8`` (groups sampled together).
+``--groups-per-batch 16`` (groups sampled together).
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     if args.list_texts:
         from pipelines.align.stages import prompt_sets
 
-        train, held = prompt_sets(stage_config(pipe.config.name, "/tmp/unused", args))
+        train, held = prompt_sets(stage_config(pipe.config.name, args.cache or ".", args))
         with open(args.list_texts, "w", encoding="utf-8") as f:
             f.writelines(p + "\n" for p in sorted({*train, *held}))
         print(f"{len(train)} training and {len(held)} held-out prompts -> {args.list_texts}")
@@ -284,8 +284,9 @@ def main(argv=None) -> int:
         if match[1]:
             print(f"  match (adherence, shot vs other shot, held-out): {match[0]:.3f} on "
                   f"{match[1]}")  # fmt: skip
-        results["variants"][f"{variant}/{report['train_prompt_count']}"] = {"seconds": round(took, 1), "val": val, "match": match,
-                                        "parameters": report["parameters"]}  # fmt: skip
+        name = f"{variant}/{report['train_prompt_count']}"  # preset / training prompts
+        results["variants"][name] = {"seconds": round(took, 1), "val": val, "match": match,
+                                     "parameters": report["parameters"]}  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -174,62 +174,71 @@ def build_preferences(
 
 
 def _build_preferences(cfg, pipeline, prompts, out_uri, log, skip, pool) -> str:
-    from model.dit import TextConditioning
+    from collections import deque
 
     p = cfg.rlhf.preferences
-    mcfg = pipeline.config
     pipeline.eval()
-    device = pipeline.device
-    v_shape, a_shape, frames = latent_shapes(mcfg, p.duration_s)
-    times = sampling_times(mcfg, v_shape, a_shape, p.steps)
+    frames = latent_shapes(pipeline.config, p.duration_s)[2]
     tokens, mask = encode_prompts(pipeline, prompts)
     g = p.candidates_per_prompt
     # Groups sampled ahead of their ratings: enough to keep every rater process busy
     # while the GPU samples (a group of 4 alone would leave 8 of 12 idle).
     ahead = 0 if pool is None else -(-2 * cfg.rlhf.rater_workers // g)
-    rows, pending = [], []
+    rows, pending = [], deque()
     jobs = [(pi, r) for pi in range(len(prompts)) for r in range(p.rounds)]
     for start in range(0, len(jobs), p.groups_per_batch):
         batch = jobs[start : start + p.groups_per_batch]
-        text = pad_text(
-            [tokens[pi][mask[pi]] for pi, _ in batch for _ in range(g)], None, mcfg.text.max_tokens
-        )
-        cond = TextConditioning(text[0].to(device), text[1].to(device))
-        null = pipeline.dit.null_text_conditioning(g * len(batch), device)
         seeds = [_seed(cfg.seed, pi, r) for pi, r in batch]
-        noise_seeds = [_seed(seed, 1) for seed in seeds]
-        video, audio = [], []
-        n = 1 if p.shared_noise else g  # initial noises a group
-        for seed in seeds:
-            gen = torch.Generator().manual_seed(seed)
-            video.append(torch.randn((n, *v_shape[1:]), generator=gen).expand(g, *v_shape[1:]))
-            audio.append(torch.randn((n, *a_shape[1:]), generator=gen).expand(g, *a_shape[1:]))
-        traj = sde_rollout(
-            pipeline.dit, torch.cat(video).to(device), torch.cat(audio).to(device), cond, null,
-            times, p.eta, p.text_scale, [torch.Generator().manual_seed(s) for s in noise_seeds],
-        )  # fmt: skip
-        final_v, final_a = traj.final
+        texts = [tokens[pi][mask[pi]] for pi, _ in batch]
+        final_v, final_a = _sample_groups(cfg, pipeline, texts, seeds)
         for k, (pi, r) in enumerate(batch):
-            rows_k = range(k * g, (k + 1) * g)
+            noise_seed = _seed(seeds[k], 1)
+            group_v, group_a = final_v[k * g : (k + 1) * g], final_a[k * g : (k + 1) * g]
             clips = [
-                pipeline.decode_latents(
-                    final_v[i : i + 1], final_a[i : i + 1], frames, seed=noise_seeds[k] + c
-                )
-                for c, i in enumerate(rows_k)
-            ]
-            group = {"group_id": f"p{pi:03d}-r{r:02d}", "prompt": prompts[pi],
-                     "seed": seeds[k], "noise_seed": noise_seeds[k], "clips": clips,
-                     "latents": [(final_v[i].cpu(), final_a[i].cpu()) for i in rows_k],
-                     "scores": rate_clips_later([prompts[pi]] * g, clips, skip, pool)}  # fmt: skip
-            pending.append(group)
+                pipeline.decode_latents(group_v[c : c + 1], group_a[c : c + 1], frames,
+                                        seed=noise_seed + c)
+                for c in range(g)
+            ]  # fmt: skip
+            pending.append({
+                "group_id": f"p{pi:03d}-r{r:02d}", "prompt": prompts[pi], "seed": seeds[k],
+                "noise_seed": noise_seed, "clips": clips,
+                "latents": list(zip(group_v.cpu(), group_a.cpu(), strict=True)),
+                "scores": rate_clips_later([prompts[pi]] * g, clips, skip, pool),
+            })  # fmt: skip
             while len(pending) > ahead:
-                rows += _group_rows(pending.pop(0), p, out_uri)
+                rows += _group_rows(pending.popleft(), p, out_uri)
         if log is not None:
             log(f"preferences: prompt {batch[-1][0] + 1}/{len(prompts)}")
     for group in pending:
         rows += _group_rows(group, p, out_uri)
     split_by_prompt(rows, cfg.rlhf.reward.holdout_fraction)
     return write_preferences(storage.join(out_uri, TABLE_NAME), rows)
+
+
+def _sample_groups(cfg, pipeline, texts: list[torch.Tensor], seeds: list[int]):
+    """Final (video, audio) latents of one group of G candidates per (prompt tokens,
+    seed), all sampled in one SDE rollout: rows ``k G .. (k + 1) G - 1`` are group k.
+    Each group draws its initial noise from its seed (one shared by its candidates, or
+    one each) and its sampler noise from ``_seed(seed, 1)``, as it would alone."""
+    from model.dit import TextConditioning
+
+    p, mcfg, device = cfg.rlhf.preferences, pipeline.config, pipeline.device
+    g = p.candidates_per_prompt
+    v_shape, a_shape, _ = latent_shapes(mcfg, p.duration_s)
+    n = 1 if p.shared_noise else g  # initial noises a group
+    video, audio = [], []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        video.append(torch.randn((n, *v_shape[1:]), generator=gen).expand(g, *v_shape[1:]))
+        audio.append(torch.randn((n, *a_shape[1:]), generator=gen).expand(g, *a_shape[1:]))
+    text = pad_text([t for t in texts for _ in range(g)], None, mcfg.text.max_tokens)
+    cond = TextConditioning(text[0].to(device), text[1].to(device))
+    null = pipeline.dit.null_text_conditioning(g * len(seeds), device)
+    times = sampling_times(mcfg, v_shape, a_shape, p.steps)
+    noise = [torch.Generator().manual_seed(_seed(seed, 1)) for seed in seeds]
+    traj = sde_rollout(pipeline.dit, torch.cat(video).to(device), torch.cat(audio).to(device),
+                       cond, null, times, p.eta, p.text_scale, noise)  # fmt: skip
+    return traj.final
 
 
 def _group_rows(group: dict, p, out_uri: str) -> list[dict]:

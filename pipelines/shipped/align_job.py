@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training prompts drawn from the caption grammar, beside the captions",
     )  # fmt: skip
     parser.add_argument("--candidates", type=int, default=8)
-    parser.add_argument("--groups-per-batch", type=int, default=8)
+    parser.add_argument("--groups-per-batch", type=int, default=16)  # BENCHMARKS, session 22
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reward-preset", default="small")
     parser.add_argument("--reward-steps", type=int, default=2000)
