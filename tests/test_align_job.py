@@ -198,3 +198,15 @@ def test_a_groups_candidates_share_their_initial_noise_unless_told_not_to(
     assert all(torch.equal(same[3], v) for v in same[4:6])
     assert not torch.allclose(same[0], same[3])  # groups still differ
     assert not torch.allclose(own[0], own[1]) and not torch.allclose(own[1], own[2])
+
+
+def test_align_job_hands_its_reward_source_to_the_rlhf_stage():
+    from pipelines.shipped.align_job import build_config, parse_args
+
+    def cfg(*extra):
+        return build_config(parse_args(["--carry", "c", "--out", "o", *extra]), "/m/clips.parquet")
+
+    rater = cfg("--reward-source", "rater").rlhf
+    assert rater.reward_source == "rater" and rater.kl_coefficient() == 0.0
+    learned = cfg().rlhf
+    assert learned.reward_source == "model" and learned.kl_coefficient() > 0

@@ -91,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reward-steps", type=int, default=2000)
     parser.add_argument("--corpus-contrasts", type=int, default=256)
     parser.add_argument("--min-agreement", type=float, default=0.6)
+    parser.add_argument(
+        "--reward-source", choices=("model", "rater"), default="model",
+        help="what DanceGRPO optimises: the learned reward model, or the rater itself "
+        "(an ablation: tells the RL method's gain from the reward model's)",
+    )  # fmt: skip
     parser.add_argument("--rater-workers", type=int, default=12)
     parser.add_argument(
         "--reward-only",
@@ -142,7 +147,7 @@ def build_config(args, manifest: str):
             "rlhf": {
                 "steps": args.rlhf_steps, "batch_size": args.rlhf_batch, "lr": args.rlhf_lr,
                 "checkpoint_every": 20, "log_every": 10,
-                "rater_workers": args.rater_workers,
+                "rater_workers": args.rater_workers, "reward_source": args.reward_source,
                 "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3,
                             "grammar_prompts": args.grammar_prompts},
                 "preferences": {"candidates_per_prompt": args.candidates,
