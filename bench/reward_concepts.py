@@ -1,0 +1,299 @@
+"""Where does the reward model lose the rater: reading the clip, or relating it to the prompt?
+
+    python -m bench.reward_concepts --cache DIR --concepts exact,learned,none
+
+A diagnostic of the learned reward model (``pipelines.align.reward``) on a preference
+table that ``python -m bench.reward_generalisation --manifest ... --cache DIR`` drew
+(``DIR/preferences/preferences.parquet`` and ``DIR/inputs.safetensors``, the rows'
+latents and prompt tokens). It splits the reward model in two, as a concept-bottleneck
+model does:
+
+1. **observations**, per video latent step (the VAE's temporal windows): how many
+   objects of each palette colour the probes detect (averaged over the window's
+   frames), whether the probes see an impact in it, whether they hear an onset in it.
+   Labelled once by decoding every candidate's latents and probing the clip
+   (``DIR/observations.safetensors``, reused; ``--workers`` processes);
+2. **scores** per head, read only from those observations and the prompt: a small
+   network over each step's (observed counts, counts the prompt asks for, impact,
+   onset, frame-to-frame change), averaged over steps; "asks for" is attention from a
+   learned query per colour over the prompt's word tokens. Trained with the stage's
+   per-head Bradley-Terry loss on the training prompts' pairs.
+
+``--concepts``: ``exact`` feeds the scores the probes' own observations (what the
+reward model could do if it read the clip perfectly), ``learned`` those predicted
+from the latents by the reward model's trunk (``--preset``; trained on the
+observations of the training rows beside the pairs, observations detached from the
+pair loss), ``none`` the product's reward model unchanged (its own heads). Held-out
+agreement per head is on the pairs of prompts never trained on (the stage's split),
+with binomial standard errors; ``--train-prompts`` cuts training to the first K
+training prompts. The palette and the probes are the synthetic world's: this measures
+the world heads (sync, adherence, motion), not footage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+OBS_NAME = "observations.safetensors"
+WORLD = ("sync", "adherence", "motion")
+
+
+def step_of(frame: int, temporal_factor: int) -> int:
+    """The video latent step that holds ``frame`` (step 0 is frame 0 alone)."""
+    return 0 if frame <= 0 else (frame - 1) // temporal_factor + 1
+
+
+_PIPE: dict = {}
+
+
+def _observe(job) -> dict:
+    """Probe one candidate decoded from its latents: per-step colour counts, impact, onset."""
+    from core.probes.detect import COLOR_NAMES, min_object_area
+    from core.probes.probe import probe_clip
+    from model.pipeline import DuetPipeline
+    from pipelines.align.rater import IMPACT_TYPES
+
+    checkpoint, video, audio, frames = job
+    if "pipe" not in _PIPE:
+        torch.set_num_threads(1)
+        _PIPE["pipe"] = DuetPipeline.from_checkpoint(checkpoint).eval()
+    pipe = _PIPE["pipe"]
+    tf = pipe.config.video_vae.temporal_factor
+    steps = video.shape[1]
+    clip = pipe.decode_latents(video[None], audio[None], num_frames=frames)
+    side = min(clip.frames.shape[1:3])
+    probe = probe_clip(clip, include_frames=True, min_object_area=min_object_area(side))
+    counts = np.zeros((steps, len(COLOR_NAMES)), np.float32)
+    for f, dets in enumerate(probe["frames"]):
+        for d in dets:
+            counts[step_of(f, tf), COLOR_NAMES.index(d["color"])] += 1
+    per_step = np.bincount([step_of(f, tf) for f in range(len(probe["frames"]))], minlength=steps)
+    counts /= np.maximum(per_step, 1)[:, None]
+    impact, onset = np.zeros(steps, np.float32), np.zeros(steps, np.float32)
+    for e in probe["visual_events"]:
+        if e["type"] in IMPACT_TYPES:
+            impact[min(steps - 1, step_of(round(e["time_s"] * clip.fps), tf))] = 1
+    for t in probe["audio_onsets_s"]:
+        onset[min(steps - 1, step_of(round(t * clip.fps), tf))] = 1
+    return {"counts": counts, "impact": impact, "onset": onset}
+
+
+def observations(cache: str, inputs: dict, checkpoint: str, frames: int, workers: int) -> dict:
+    path = os.path.join(cache, OBS_NAME)
+    if os.path.exists(path):
+        return load_file(path)
+    jobs = [(checkpoint, v, a, frames) for v, a in zip(inputs["video"], inputs["audio"],
+                                                       strict=True)]  # fmt: skip
+    t0 = time.perf_counter()
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            found = list(pool.map(_observe, jobs, chunksize=8))
+    else:
+        found = [_observe(j) for j in jobs]
+    out = {k: torch.from_numpy(np.stack([f[k] for f in found])) for k in found[0]}
+    save_file(out, path)
+    print(f"observations of {len(jobs)} candidates in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+class ConceptScores(nn.Module):
+    """Per-head scores from per-step observations (B, T, P), impact, onset and the prompt."""
+
+    def __init__(self, colours: int, text_dim: int, heads: int, width: int = 64):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(colours, width) / math.sqrt(width))
+        self.key = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, width))
+        self.value = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, width), nn.GELU(),
+                                   nn.Linear(width, 1))  # fmt: skip
+        self.read = nn.Sequential(nn.Linear(6 * colours + 4, width), nn.GELU(),
+                                  nn.Linear(width, width), nn.GELU(), nn.Linear(width, heads))  # fmt: skip
+
+    def forward(self, counts, impact, onset, tokens, mask) -> torch.Tensor:
+        k = self.key(tokens.float())  # (B, L, w)
+        att = torch.einsum("pw,blw->bpl", self.query, k) / math.sqrt(k.shape[-1])
+        att = att.masked_fill(~mask.bool()[:, None], float("-inf")).softmax(-1)
+        asked = torch.einsum("bpl,bl->bp", att, self.value(tokens.float())[..., 0])  # (B, P)
+        asked = asked[:, None].expand_as(counts)
+        change = torch.cat([torch.zeros_like(counts[:, :1]), counts.diff(dim=1)], 1)
+        i, o = impact[..., None], onset[..., None]
+        feats = torch.cat([counts, asked, counts * asked, (counts - asked).abs(), change.abs(),
+                           change, i, o, i * o, (i - o).abs()], -1)  # fmt: skip
+        return self.read(feats).mean(1)  # (B, heads)
+
+
+class ObservingTrunk(nn.Module):
+    """The product's reward network with observation heads on its video and audio tokens."""
+
+    def __init__(self, reward, colours: int):
+        super().__init__()
+        self.reward = reward
+        w = reward.net.width
+        self.counts = nn.Linear(w, colours)  # per patch, summed over the step's patches
+        nn.init.constant_(self.counts.bias, -4.0)  # near-empty patches at the start
+        self.impact = nn.Linear(w, 1)
+        self.onset = nn.Linear(w, 1)
+
+    def forward(self, video, audio, tokens, mask):
+        captured = {}
+        hook = self.reward.norm.register_forward_hook(lambda m, i, o: captured.update(x=o))
+        try:
+            scores = self.reward(video, audio, tokens, mask)
+        finally:
+            hook.remove()
+        x = captured["x"]  # (B, N, w): video patches, audio steps, words
+        b, _, t, h, w = video.shape
+        p = self.reward.patch
+        patches = t * (-(-h // p)) * (-(-w // p))
+        xv = x[:, :patches].reshape(b, t, patches // t, -1)
+        counts = F.softplus(self.counts(xv)).sum(2)  # (B, T, P)
+        impact = self.impact(xv.mean(2))[..., 0]
+        onset = self.onset(x[:, patches : patches + t])[..., 0]
+        return scores, counts, impact, onset
+
+
+def run(rows, inputs, obs, args, concepts: str) -> dict:
+    from pipelines.align.config import HEADS, RewardConfig
+    from pipelines.align.preferences import preference_pairs
+    from pipelines.align.reward import RewardModel, bradley_terry_loss, net_config
+
+    cfg = RewardConfig(preset=args.preset, steps=args.steps, seed=args.seed)
+    dev = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    keep = set(sorted({r["prompt"] for r in rows if r["split"] == "train"})[: args.train_prompts
+                                                                          or None])  # fmt: skip
+    train = [i for i, r in enumerate(rows) if r["split"] == "train" and r["prompt"] in keep]
+    val = [i for i, r in enumerate(rows) if r["split"] == "val"]
+
+    def pairs_of(index):
+        sub = [rows[i] for i in index]
+        where = {id(r): i for r, i in zip(sub, index, strict=True)}
+        return {h: [(where[id(a)], where[id(b)]) for a, b in preference_pairs(sub, h, cfg.min_margin)]
+                for h in HEADS}  # fmt: skip
+
+    pairs = pairs_of(train)
+    usable = [h for h in HEADS if pairs[h]]
+    data = {k: v.to(dev) for k, v in {**inputs, **obs}.items()}
+    colours = obs["counts"].shape[-1]
+    dims = {"video_channels": inputs["video"].shape[1], "audio_channels": inputs["audio"].shape[1],
+            "text_dim": inputs["tokens"].shape[-1],
+            "audio_per_video": inputs["audio"].shape[-1] // inputs["video"].shape[2]}  # fmt: skip
+    trunk = ObservingTrunk(RewardModel(**dims, net=net_config(cfg)), colours).to(dev)
+    head = ConceptScores(colours, dims["text_dim"], len(HEADS)).to(dev)
+    params = list(head.parameters()) + (list(trunk.parameters()) if concepts != "exact" else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_head = max(1, cfg.batch_pairs // len(usable))
+
+    def scores(idx, with_loss=False):
+        s, counts, impact, onset = trunk(
+            *(data[k][idx] for k in ("video", "audio", "tokens", "mask"))
+        )
+        aux = None
+        if concepts == "none":
+            return s, aux
+        if with_loss and concepts == "learned":
+            aux = (F.mse_loss(counts, data["counts"][idx])
+                   + F.binary_cross_entropy_with_logits(impact, data["impact"][idx])
+                   + F.binary_cross_entropy_with_logits(onset, data["onset"][idx]))  # fmt: skip
+        if concepts == "exact":
+            seen = (data["counts"][idx], data["impact"][idx], data["onset"][idx])
+        else:  # detached: the pairs train the scores, the observations train the trunk
+            seen = (counts.detach(), impact.detach().sigmoid(), onset.detach().sigmoid())
+        return head(*seen, data["tokens"][idx], data["mask"][idx]), aux
+
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        win, lose, cols = [], [], []
+        for h in usable:
+            pick = torch.randint(0, len(pairs[h]), (per_head,), generator=gen).tolist()
+            win += [pairs[h][i][0] for i in pick]
+            lose += [pairs[h][i][1] for i in pick]
+            cols += [HEADS.index(h)] * per_head
+        s, aux = scores(torch.tensor(win + lose, device=dev), with_loss=True)
+        n, c = len(win), torch.tensor(cols, device=dev)
+        loss = bradley_terry_loss(s[torch.arange(n), c] - s[torch.arange(n, 2 * n), c])
+        if aux is not None:
+            loss = loss + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    trunk.eval()
+    head.eval()
+    with torch.no_grad():
+        every = torch.cat([scores(torch.arange(i, min(i + 128, len(rows)), device=dev))[0]
+                           for i in range(0, len(rows), 128)]).cpu()  # fmt: skip
+        _, counts, _, _ = trunk(*(data[k][val] for k in ("video", "audio", "tokens", "mask")))
+    out = {"seconds": round(time.perf_counter() - t0, 1), "train_prompts": len(keep),
+           "count_mae_val": round(float((counts - data["counts"][val]).abs().mean()), 4)}  # fmt: skip
+    for name, index in (("train", train), ("held_out", val)):
+        found = pairs_of(index)
+        out[name] = {}
+        for h in WORLD:
+            k = HEADS.index(h)
+            right = sum(float(every[a, k] > every[b, k]) for a, b in found[h])
+            p = right / max(1, len(found[h]))
+            out[name][h] = {"agreement": round(p, 3), "pairs": len(found[h]),
+                            "stderr": round(math.sqrt(p * (1 - p) / max(1, len(found[h]))), 3)}  # fmt: skip
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", required=True, help="a bench.reward_generalisation --cache DIR")
+    ap.add_argument("--checkpoint", default="checkpoints/default")
+    ap.add_argument("--frames", type=int, default=33, help="frames a candidate")
+    ap.add_argument("--concepts", default="exact,learned,none")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument(
+        "--train-prompts", type=int, default=0, help="first K training prompts (0: all)"
+    )
+    ap.add_argument("--holdout", type=float, default=0.25)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=1, help="processes that label observations")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+
+    from pipelines.align.preferences import TABLE_NAME, read_preferences
+    from pipelines.align.reward import split_by_prompt
+
+    rows = read_preferences(os.path.join(args.cache, "preferences", TABLE_NAME))
+    split_by_prompt(rows, args.holdout)
+    inputs = load_file(os.path.join(args.cache, "inputs.safetensors"))
+    obs = observations(args.cache, inputs, os.path.abspath(args.checkpoint), args.frames,
+                       args.workers)  # fmt: skip
+    results = {}
+    for concepts in args.concepts.split(","):
+        results[concepts] = r = run(rows, inputs, obs, args, concepts)
+        print(f"\n{concepts} observations, {r['train_prompts']} training prompts, {r['seconds']} s "
+              f"(held-out count error {r['count_mae_val']}):")  # fmt: skip
+        for h in WORLD:
+            v, t = r["held_out"][h], r["train"][h]
+            print(f"  {h:10s} held-out {v['agreement']:.3f} +- {v['stderr']:.3f} ({v['pairs']} "
+                  f"pairs)  train {t['agreement']:.3f}")  # fmt: skip
+    if args.json:
+        from core import storage
+
+        storage.write_text(args.json, json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
