@@ -88,10 +88,32 @@ def _observe(job) -> dict:
     return {"counts": counts, "impact": impact, "onset": onset}
 
 
-def observations(cache: str, inputs: dict, checkpoint: str, frames: int, workers: int) -> dict:
+def per_step(file: dict, steps: int, temporal_factor: int) -> dict:
+    """A candidate file's frame-by-frame observations (``rlhf`` stage tables since session
+    23) as this bench's per-step ones."""
+    counts = file["observed_colour_counts"].float()  # (frames, colours)
+    index = torch.tensor([step_of(f, temporal_factor) for f in range(counts.shape[0])])
+    summed = torch.zeros(steps, counts.shape[1]).index_add_(0, index, counts)
+    out = {"counts": summed / torch.bincount(index, minlength=steps).clamp_min(1)[:, None]}
+    for name in ("impact", "onset"):
+        out[name] = torch.zeros(steps).index_reduce_(
+            0, index, file[f"observed_{name}"].float(), "amax", include_self=True
+        )
+    return out
+
+
+def observations(cache: str, rows, inputs: dict, checkpoint: str, frames: int, workers: int):
     path = os.path.join(cache, OBS_NAME)
     if os.path.exists(path):
         return load_file(path)
+    files = [load_file(r["latent_uri"]) if r["latent_uri"] else {} for r in rows]
+    if all("observed_colour_counts" in f for f in files):  # written by the stage
+        from model.checkpoint import model_config, read_meta
+
+        tf = model_config(read_meta(checkpoint), checkpoint).video_vae.temporal_factor
+        steps = inputs["video"].shape[2]
+        found = [per_step(f, steps, tf) for f in files]
+        return {k: torch.stack([f[k] for f in found]) for k in found[0]}
     jobs = [(checkpoint, v, a, frames) for v, a in zip(inputs["video"], inputs["audio"],
                                                        strict=True)]  # fmt: skip
     t0 = time.perf_counter()
@@ -279,7 +301,7 @@ def main(argv=None) -> int:
     rows = read_preferences(os.path.join(args.cache, "preferences", TABLE_NAME))
     split_by_prompt(rows, args.holdout)
     inputs = load_file(os.path.join(args.cache, "inputs.safetensors"))
-    obs = observations(args.cache, inputs, os.path.abspath(args.checkpoint), args.frames,
+    obs = observations(args.cache, rows, inputs, os.path.abspath(args.checkpoint), args.frames,
                        args.workers)  # fmt: skip
     results = {}
     for concepts in args.concepts.split(","):

@@ -159,6 +159,11 @@ def test_preferences_rated_in_processes_while_the_next_groups_sample_match_in_pr
         }
         la, lb = (load_file(r["latent_uri"]) for r in (a, b))
         assert all(torch.equal(la[k], lb[k]) for k in ("video", "audio"))
+        # The probes' frame-by-frame observations beside the latents, the same too.
+        observed = ("observed_colour_counts", "observed_impact", "observed_onset")
+        assert all(torch.equal(la[k], lb[k]) for k in observed)
+        frames = la["observed_impact"].shape[0]
+        assert la["observed_colour_counts"].shape == (frames, 8) and frames > 1
     assert len({r["noise_seed"] for r in here}) == 6
     assert storage.exists(here[-1]["latent_uri"])
     # Four groups a batch (the last batch short): each group from its own seeds, so
@@ -181,6 +186,7 @@ def test_a_groups_candidates_share_their_initial_noise_unless_told_not_to(
     groups) and different clips when each draws its own."""
     from model.pipeline import DuetPipeline
     from pipelines.align.preferences import read_preferences
+    from pipelines.align.rater import WORLD_HEADS
     from pipelines.align.stages import build_preferences
     from pipelines.train.config import train_config_from
 
@@ -190,9 +196,13 @@ def test_a_groups_candidates_share_their_initial_noise_unless_told_not_to(
         cfg = train_config_from({"preset": "tiny", "rlhf": {"preferences": {
             "candidates_per_prompt": 3, "rounds": 1, "steps": 2, "eta": 0.0,
             "write_mp4": False, "shared_noise": shared, "groups_per_batch": 2}}})  # fmt: skip
+        # Own noise drawn as for footage (the world heads skipped): no observations then.
+        skip = () if shared else WORLD_HEADS
         table = build_preferences(cfg, pipe, ["a red circle", "two blue squares"],
-                                  str(tmp_path / str(shared)), None)  # fmt: skip
-        latents[shared] = [load_file(r["latent_uri"])["video"] for r in read_preferences(table)]
+                                  str(tmp_path / str(shared)), None, skip)  # fmt: skip
+        files = [load_file(r["latent_uri"]) for r in read_preferences(table)]
+        assert all(("observed_colour_counts" in f) == shared for f in files)
+        latents[shared] = [f["video"] for f in files]
     same, own = latents[True], latents[False]
     assert all(torch.equal(same[0], v) for v in same[1:3])
     assert all(torch.equal(same[3], v) for v in same[4:6])
@@ -210,3 +220,17 @@ def test_align_job_hands_its_reward_source_to_the_rlhf_stage():
     assert rater.reward_source == "rater" and rater.kl_coefficient() == 0.0
     learned = cfg().rlhf
     assert learned.reward_source == "model" and learned.kl_coefficient() > 0
+
+
+def test_the_rater_reports_what_it_saw_frame_by_frame_when_asked():
+    from pipelines.align.rater import rate_clip
+
+    clip = _clips(1)[0]
+    clip.frames[4:, 44:58, 40:54] = (40, 60, 230)  # a blue square from frame 4 on
+    seen = rate_clip("a red square and a blue square", clip, observe=True)["observations"]
+    counts = np.array(seen["colour_counts"])  # (frames, colours): red 0, blue 2
+    assert counts.shape == (9, 8)
+    assert counts[:, 0].tolist() == [1] * 9
+    assert counts[:, 2].tolist() == [0] * 4 + [1] * 5
+    assert counts.sum() == 9 + 5 and len(seen["impact"]) == len(seen["onset"]) == 9
+    assert "observations" not in rate_clip("a red square", clip)

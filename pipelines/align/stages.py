@@ -46,6 +46,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from core import storage
+from core.probes.detect import COLOR_NAMES
 from model.flow_matching import resolution_shift, schedule
 from model.parallelize import apply_ddp, parallelize_dit
 from pipelines.align import grpo
@@ -66,6 +67,7 @@ from pipelines.align.preferences import (
 )
 from pipelines.align.prompts import manifest_prompts, split_prompts
 from pipelines.align.rater import (
+    WORLD_HEADS,
     preference_scores,
     ranks,
     rate_clips_later,
@@ -184,6 +186,9 @@ def _build_preferences(cfg, pipeline, prompts, out_uri, log, skip, pool) -> str:
     # Groups sampled ahead of their ratings: enough to keep every rater process busy
     # while the GPU samples (a group of 4 alone would leave 8 of 12 idle).
     ahead = 0 if pool is None else -(-2 * cfg.rlhf.rater_workers // g)
+    # The probes' frame-by-frame observations go beside each candidate's latents where
+    # they mean something: on the synthetic world (its palette), not on footage.
+    observe = not set(WORLD_HEADS) & set(skip)
     rows, pending = [], deque()
     jobs = [(pi, r) for pi in range(len(prompts)) for r in range(p.rounds)]
     for start in range(0, len(jobs), p.groups_per_batch):
@@ -203,7 +208,7 @@ def _build_preferences(cfg, pipeline, prompts, out_uri, log, skip, pool) -> str:
                 "group_id": f"p{pi:03d}-r{r:02d}", "prompt": prompts[pi], "seed": seeds[k],
                 "noise_seed": noise_seed, "clips": clips,
                 "latents": list(zip(group_v.cpu(), group_a.cpu(), strict=True)),
-                "scores": rate_clips_later([prompts[pi]] * g, clips, skip, pool),
+                "scores": rate_clips_later([prompts[pi]] * g, clips, skip, pool, observe),
             })  # fmt: skip
             while len(pending) > ahead:
                 rows += _group_rows(pending.popleft(), p, out_uri)
@@ -243,7 +248,8 @@ def _sample_groups(cfg, pipeline, texts: list[torch.Tensor], seeds: list[int]):
 
 def _group_rows(group: dict, p, out_uri: str) -> list[dict]:
     """A sampled group's rows once its ratings are in; its latents (and MP4s) written."""
-    rated = [preference_scores(r, p.adherence_score) for r in group["scores"]()]
+    raw = group["scores"]()
+    rated = [preference_scores(r, p.adherence_score) for r in raw]
     scored = []
     for c, (clip, scores) in enumerate(zip(group["clips"], rated, strict=True)):
         base = storage.join(out_uri, "candidates", f"{group['group_id']}-c{c}")
@@ -255,10 +261,12 @@ def _group_rows(group: dict, p, out_uri: str) -> list[dict]:
             write_mp4(clip_uri, clip, crf=18, aac_coder="fast")
         latent_uri = base + ".safetensors"
         video, audio = group["latents"][c]
-        storage.write_bytes(
-            latent_uri,
-            save_safetensors({"video": video.contiguous(), "audio": audio.contiguous()}),
-        )
+        tensors = {"video": video.contiguous(), "audio": audio.contiguous()}
+        metadata = None
+        if "observations" in raw[c]:
+            tensors.update(observation_tensors(raw[c]["observations"]))
+            metadata = {"observed_colours": ",".join(COLOR_NAMES)}
+        storage.write_bytes(latent_uri, save_safetensors(tensors, metadata=metadata))
         scored.append((scores, clip_uri, latent_uri))
     head_ranks = {h: ranks([s[0].get(h) for s in scored]) for h in HEADS}
     rows = []
@@ -280,6 +288,18 @@ def _group_rows(group: dict, p, out_uri: str) -> list[dict]:
             row[f"rank_{h}"] = head_ranks[h][c]
         rows.append(row)
     return rows
+
+
+def observation_tensors(observations: dict) -> dict[str, torch.Tensor]:
+    """:func:`pipelines.align.rater.frame_observations` as a candidate file's tensors:
+    ``observed_colour_counts`` (frames, colours) int16 (the colours' names in the file's
+    metadata, ``observed_colours``), ``observed_impact`` and ``observed_onset`` (frames,)
+    uint8."""
+    return {
+        "observed_colour_counts": torch.tensor(observations["colour_counts"], dtype=torch.int16),
+        "observed_impact": torch.tensor(observations["impact"], dtype=torch.uint8),
+        "observed_onset": torch.tensor(observations["onset"], dtype=torch.uint8),
+    }
 
 
 def reward_inputs(pipeline, rows: list[dict]) -> dict:
