@@ -1,6 +1,6 @@
 """Where does the reward model lose the rater: reading the clip, or relating it to the prompt?
 
-    python -m bench.reward_concepts --cache DIR --concepts exact,learned,none
+    python -m bench.reward_concepts --cache DIR --concepts exact,learned,none,frames,pixels
 
 A diagnostic of the learned reward model (``pipelines.align.reward``) on a preference
 table that ``python -m bench.reward_generalisation --manifest ... --cache DIR`` drew
@@ -23,7 +23,15 @@ model does:
 reward model could do if it read the clip perfectly), ``learned`` those predicted
 from the latents by the reward model's trunk (``--preset``; trained on the
 observations of the training rows beside the pairs, observations detached from the
-pair loss), ``none`` the product's reward model unchanged (its own heads). Held-out
+pair loss), ``none`` the product's reward model unchanged (its own heads).
+``frames`` and ``pixels`` work frame by frame on tables whose candidate files carry
+the stage's observations (``rlhf`` tables since session 23): ``frames`` the probes'
+own, ``pixels`` those a small convolutional observer reads from the candidates'
+decoded frames (``--size`` pixels a side, decoded once into the cache) and their
+audio latents, trained first on the training rows' observations (``--observer-steps``
+of ``--observer-batch`` candidates, ``--observer-window`` frames each), then frozen
+while the scores train on the pairs; it prints the held-out count error (and that of
+predicting no object), and impact and onset precision and recall within a frame. Held-out
 agreement per head is on the pairs of prompts never trained on (the stage's split),
 with binomial standard errors; ``--train-prompts`` cuts training to the first K
 training prompts. The palette and the probes are the synthetic world's: this measures
@@ -187,38 +195,114 @@ class ObservingTrunk(nn.Module):
         return scores, counts, impact, onset
 
 
-def run(rows, inputs, obs, args, concepts: str) -> dict:
-    from pipelines.align.config import HEADS, RewardConfig
-    from pipelines.align.preferences import preference_pairs
-    from pipelines.align.reward import RewardModel, bradley_terry_loss, net_config
+FRAMES_NAME = "frames{size}.safetensors"
 
-    cfg = RewardConfig(preset=args.preset, steps=args.steps, seed=args.seed)
-    dev = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    keep = set(sorted({r["prompt"] for r in rows if r["split"] == "train"})[: args.train_prompts
+
+def observed_inputs(cache: str, rows, inputs: dict, checkpoint: str, size: int) -> dict:
+    """``inputs`` as the ``rlhf`` stage hands them to a reward model with an observer
+    (:func:`pipelines.align.stages.observer_inputs`: every candidate's decoded frames and
+    the probes' observations from its file); the decoding is cached in ``cache``."""
+    from model.pipeline import DuetPipeline
+    from pipelines.align.stages import observer_inputs
+
+    path = os.path.join(cache, FRAMES_NAME.format(size=size))
+    if os.path.exists(path):
+        return {**inputs, **load_file(path)}
+    t0 = time.perf_counter()
+    pipe = DuetPipeline.from_checkpoint(checkpoint).eval()
+    out = observer_inputs(pipe, rows, inputs, size)
+    if "frames" not in out:
+        raise SystemExit(f"{cache}: the candidates carry no observations (a table drawn "
+                         "before session 23, or on footage): draw it again")  # fmt: skip
+    save_file({k: v.contiguous() for k, v in out.items() if k not in inputs}, path)
+    print(f"frames of {len(rows)} candidates decoded in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def _split(rows, train_prompts: int) -> tuple[list[int], list[int], int]:
+    keep = set(sorted({r["prompt"] for r in rows if r["split"] == "train"})[: train_prompts
                                                                           or None])  # fmt: skip
     train = [i for i, r in enumerate(rows) if r["split"] == "train" and r["prompt"] in keep]
     val = [i for i, r in enumerate(rows) if r["split"] == "val"]
+    return train, val, len(keep)
 
-    def pairs_of(index):
-        sub = [rows[i] for i in index]
-        where = {id(r): i for r, i in zip(sub, index, strict=True)}
-        return {h: [(where[id(a)], where[id(b)]) for a, b in preference_pairs(sub, h, cfg.min_margin)]
-                for h in HEADS}  # fmt: skip
 
-    pairs = pairs_of(train)
+def _pairs(rows, index, min_margin: float) -> dict:
+    from pipelines.align.config import HEADS
+    from pipelines.align.preferences import preference_pairs
+
+    sub = [rows[i] for i in index]
+    where = {id(r): i for r, i in zip(sub, index, strict=True)}
+    return {h: [(where[id(a)], where[id(b)]) for a, b in preference_pairs(sub, h, min_margin)]
+            for h in HEADS}  # fmt: skip
+
+
+def _fit(params, scores, pairs: dict, args, lr: float, weight_decay: float, batch_pairs: int):
+    """Per-head Bradley-Terry on ``pairs`` (positions in the table): ``scores(idx, True)``
+    gives (B, heads) scores and an optional extra loss."""
+    from pipelines.align.config import HEADS
+    from pipelines.align.reward import bradley_terry_loss
+
+    gen = torch.Generator().manual_seed(args.seed)
     usable = [h for h in HEADS if pairs[h]]
-    data = {k: v.to(dev) for k, v in {**inputs, **obs}.items()}
-    colours = obs["counts"].shape[-1]
-    dims = {"video_channels": inputs["video"].shape[1], "audio_channels": inputs["audio"].shape[1],
+    per_head = max(1, batch_pairs // len(usable))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        win, lose, cols = [], [], []
+        for h in usable:
+            pick = torch.randint(0, len(pairs[h]), (per_head,), generator=gen).tolist()
+            win += [pairs[h][i][0] for i in pick]
+            lose += [pairs[h][i][1] for i in pick]
+            cols += [HEADS.index(h)] * per_head
+        s, aux = scores(torch.tensor(win + lose), True)
+        n, c = len(win), torch.tensor(cols)
+        loss = bradley_terry_loss(s[torch.arange(n), c] - s[torch.arange(n, 2 * n), c])
+        if aux is not None:
+            loss = loss + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def _agreements(rows, every: torch.Tensor, train, val, min_margin: float) -> dict:
+    from pipelines.align.config import HEADS
+
+    out = {}
+    for name, index in (("train", train), ("held_out", val)):
+        found = _pairs(rows, index, min_margin)
+        out[name] = {}
+        for h in WORLD:
+            k = HEADS.index(h)
+            right = sum(float(every[a, k] > every[b, k]) for a, b in found[h])
+            p = right / max(1, len(found[h]))
+            out[name][h] = {"agreement": round(p, 3), "pairs": len(found[h]),
+                            "stderr": round(math.sqrt(p * (1 - p) / max(1, len(found[h]))), 3)}  # fmt: skip
+    return out
+
+
+def _dims(inputs) -> dict:
+    return {"video_channels": inputs["video"].shape[1], "audio_channels": inputs["audio"].shape[1],
             "text_dim": inputs["tokens"].shape[-1],
             "audio_per_video": inputs["audio"].shape[-1] // inputs["video"].shape[2]}  # fmt: skip
+
+
+def run(rows, inputs, obs, args, concepts: str) -> dict:
+    """``exact``, ``learned`` (latents) or ``none``: per-step observations."""
+    from pipelines.align.config import HEADS, RewardConfig
+    from pipelines.align.reward import RewardModel, net_config
+
+    cfg = RewardConfig(preset=args.preset, steps=args.steps, seed=args.seed)
+    torch.manual_seed(args.seed)
+    train, val, n_prompts = _split(rows, args.train_prompts)
+    dev = torch.device(args.device)
+    data = {k: v.to(dev) for k, v in {**inputs, **obs}.items()}
+    colours = obs["counts"].shape[-1]
+    dims = _dims(inputs)
     trunk = ObservingTrunk(RewardModel(**dims, net=net_config(cfg)), colours).to(dev)
     head = ConceptScores(colours, dims["text_dim"], len(HEADS)).to(dev)
     params = list(head.parameters()) + (list(trunk.parameters()) if concepts != "exact" else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_head = max(1, cfg.batch_pairs // len(usable))
 
     def scores(idx, with_loss=False):
         s, counts, impact, onset = trunk(
@@ -238,43 +322,80 @@ def run(rows, inputs, obs, args, concepts: str) -> dict:
         return head(*seen, data["tokens"][idx], data["mask"][idx]), aux
 
     t0 = time.perf_counter()
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        win, lose, cols = [], [], []
-        for h in usable:
-            pick = torch.randint(0, len(pairs[h]), (per_head,), generator=gen).tolist()
-            win += [pairs[h][i][0] for i in pick]
-            lose += [pairs[h][i][1] for i in pick]
-            cols += [HEADS.index(h)] * per_head
-        s, aux = scores(torch.tensor(win + lose, device=dev), with_loss=True)
-        n, c = len(win), torch.tensor(cols, device=dev)
-        loss = bradley_terry_loss(s[torch.arange(n), c] - s[torch.arange(n, 2 * n), c])
-        if aux is not None:
-            loss = loss + aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    _fit(params, scores, _pairs(rows, train, cfg.min_margin), args, cfg.lr, cfg.weight_decay,
+         cfg.batch_pairs)  # fmt: skip
     trunk.eval()
     head.eval()
     with torch.no_grad():
-        every = torch.cat([scores(torch.arange(i, min(i + 128, len(rows)), device=dev))[0]
+        every = torch.cat([scores(torch.arange(i, min(i + 128, len(rows))))[0]
                            for i in range(0, len(rows), 128)]).cpu()  # fmt: skip
         _, counts, _, _ = trunk(*(data[k][val] for k in ("video", "audio", "tokens", "mask")))
-    out = {"seconds": round(time.perf_counter() - t0, 1), "train_prompts": len(keep),
+    out = {"seconds": round(time.perf_counter() - t0, 1), "train_prompts": n_prompts,
            # only the learned trunk's observation heads are trained
            "count_mae_val": round(float((counts - data["counts"][val]).abs().mean()), 4)
            if concepts == "learned" else None}  # fmt: skip
-    for name, index in (("train", train), ("held_out", val)):
-        found = pairs_of(index)
-        out[name] = {}
-        for h in WORLD:
-            k = HEADS.index(h)
-            right = sum(float(every[a, k] > every[b, k]) for a, b in found[h])
-            p = right / max(1, len(found[h]))
-            out[name][h] = {"agreement": round(p, 3), "pairs": len(found[h]),
-                            "stderr": round(math.sqrt(p * (1 - p) / max(1, len(found[h]))), 3)}  # fmt: skip
-    return out
+    return out | _agreements(rows, every, train, val, cfg.min_margin)
+
+
+def colour_centres(objects: torch.Tensor, colours: int) -> torch.Tensor:
+    """Objects (B, F, K, 3) as (colour, x, y) -> (B, F, colours, 2) each colour's mean
+    centre (y, x), 0 where the frame has none: the observer's ``where``, from the probes."""
+    colour = objects[..., 0].long()
+    one_hot = torch.nn.functional.one_hot(colour.clamp_min(0), colours).float()
+    one_hot = one_hot * (colour >= 0)[..., None]  # (B, F, K, P)
+    total = torch.einsum("bfkp,bfkc->bfpc", one_hot, objects[..., [2, 1]])
+    return total / one_hot.sum(2)[..., None].clamp_min(1)
+
+
+def run_frames(rows, inputs, args, concepts: str) -> dict:
+    """``frames``: the probes' frame-by-frame observations scored by the product's
+    :class:`pipelines.align.observer.ObservedScores`; ``pixels``: the product's reward
+    model with its observer (:func:`pipelines.align.reward.train_reward_model` on the
+    stage's inputs), which learns to see them in the decoded frames first."""
+    from pipelines.align.config import HEADS, RewardConfig
+    from pipelines.align.observer import OBSERVED_HEADS, ObservedScores, ObserverConfig
+    from pipelines.align.reward import score_rows, train_reward_model
+
+    cfg = RewardConfig(preset=args.preset, steps=args.steps, seed=args.seed,
+                       observer_steps=args.observer_steps, observer_batch=args.observer_batch,
+                       observer_window=args.observer_window, observer_size=args.size)  # fmt: skip
+    train, val, n_prompts = _split(rows, args.train_prompts)
+    t0 = time.perf_counter()
+    out = {"train_prompts": n_prompts}
+    dev = torch.device(args.device)
+    if concepts == "pixels":
+        kept = set(train) | set(val)
+        sub = [r | {"split": r["split"] if i in kept else "unused"} for i, r in enumerate(rows)]
+        model, report = train_reward_model(sub, inputs, cfg, _dims(inputs), device=dev)
+        out["observer"] = report["observer"]
+        with torch.no_grad():
+            every = torch.cat([score_rows(model, inputs, range(i, min(i + 64, len(rows))))
+                               for i in range(0, len(rows), 64)])  # fmt: skip
+    else:
+        seen = {k: inputs[f"observed_{k}"].to(dev) for k in ("counts", "impact", "onset")}
+        seen["where"] = colour_centres(inputs["observed_objects"], seen["counts"].shape[-1])
+        seen["where"] = seen["where"].to(dev)
+        torch.manual_seed(args.seed)
+        head = ObservedScores(ObserverConfig(colours=seen["counts"].shape[-1]),
+                              inputs["tokens"].shape[-1]).to(dev)  # fmt: skip
+        tokens, mask = inputs["tokens"].to(dev), inputs["mask"].to(dev)
+        cols = [HEADS.index(h) for h in OBSERVED_HEADS]
+
+        def scores(idx, with_loss=False):
+            full = torch.zeros(len(idx), len(HEADS), device=dev)
+            full[:, cols] = head({k: v[idx] for k, v in seen.items()}, tokens[idx], mask[idx])
+            return full, None
+
+        pairs = _pairs(rows, train, cfg.min_margin)
+        pairs = {h: (v if h in OBSERVED_HEADS else []) for h, v in pairs.items()}
+        _fit(list(head.parameters()), scores, pairs, args, cfg.lr, cfg.weight_decay,
+             cfg.batch_pairs)  # fmt: skip
+        head.eval()
+        with torch.no_grad():
+            every = torch.cat([scores(torch.arange(i, min(i + 128, len(rows))))[0]
+                               for i in range(0, len(rows), 128)])  # fmt: skip
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out | _agreements(rows, every.cpu(), train, val, cfg.min_margin)
 
 
 def main(argv=None) -> int:
@@ -282,7 +403,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", required=True, help="a bench.reward_generalisation --cache DIR")
     ap.add_argument("--checkpoint", default="checkpoints/default")
     ap.add_argument("--frames", type=int, default=33, help="frames a candidate")
-    ap.add_argument("--concepts", default="exact,learned,none")
+    ap.add_argument("--concepts", default="exact,learned,none,frames,pixels")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument(
@@ -292,6 +413,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=1, help="processes that label observations")
+    ap.add_argument("--size", type=int, default=64, help="decoded frames' side (pixels)")
+    ap.add_argument("--observer-steps", type=int, default=1500)
+    ap.add_argument("--observer-batch", type=int, default=8, help="candidates a step")
+    ap.add_argument("--observer-window", type=int, default=16, help="frames a candidate a step")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
 
@@ -304,9 +429,21 @@ def main(argv=None) -> int:
     obs = observations(args.cache, rows, inputs, os.path.abspath(args.checkpoint), args.frames,
                        args.workers)  # fmt: skip
     results = {}
+    observed = None
     for concepts in args.concepts.split(","):
-        results[concepts] = r = run(rows, inputs, obs, args, concepts)
-        error = "" if r["count_mae_val"] is None else f", held-out count error {r['count_mae_val']}"
+        if concepts in ("frames", "pixels"):
+            observed = observed or observed_inputs(
+                args.cache, rows, inputs, os.path.abspath(args.checkpoint), args.size
+            )
+            r = run_frames(rows, observed, args, concepts)
+        else:
+            r = run(rows, inputs, obs, args, concepts)
+        results[concepts] = r
+        error = ""
+        if r.get("count_mae_val") is not None:
+            error = f", held-out count error {r['count_mae_val']}"
+        if (r.get("observer") or {}).get("val"):
+            error = f", observer on held-out candidates: {json.dumps(r['observer']['val'])}"
         print(f"\n{concepts} observations, {r['train_prompts']} training prompts, "
               f"{r['seconds']} s{error}:")  # fmt: skip
         for h in WORLD:

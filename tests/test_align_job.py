@@ -183,11 +183,13 @@ def test_a_groups_candidates_share_their_initial_noise_unless_told_not_to(
 ):
     """With the sampler's own noise off (eta 0), a group's candidates are the same clip
     when they share their initial noise (rlhf.preferences.shared_noise, DanceGRPO's
-    groups) and different clips when each draws its own."""
+    groups) and different clips when each draws its own. On the synthetic world the
+    candidates carry the probes' observations, which the reward model's inputs gather
+    beside the decoded frames."""
     from model.pipeline import DuetPipeline
     from pipelines.align.preferences import read_preferences
     from pipelines.align.rater import WORLD_HEADS
-    from pipelines.align.stages import build_preferences
+    from pipelines.align.stages import build_preferences, observer_inputs, reward_inputs
     from pipelines.train.config import train_config_from
 
     pipe = DuetPipeline.from_checkpoint(tiny_checkpoint).eval()
@@ -200,9 +202,27 @@ def test_a_groups_candidates_share_their_initial_noise_unless_told_not_to(
         skip = () if shared else WORLD_HEADS
         table = build_preferences(cfg, pipe, ["a red circle", "two blue squares"],
                                   str(tmp_path / str(shared)), None, skip)  # fmt: skip
-        files = [load_file(r["latent_uri"]) for r in read_preferences(table)]
+        rows = read_preferences(table)
+        files = [load_file(r["latent_uri"]) for r in rows]
         assert all(("observed_colour_counts" in f) == shared for f in files)
         latents[shared] = [f["video"] for f in files]
+        # What the reward model's observer learns from: decoded frames beside the
+        # probes' observations, only where the candidates carry them.
+        inputs = reward_inputs(pipe, rows)
+        seen = observer_inputs(pipe, rows, inputs, 16)
+        if not shared:
+            assert seen is inputs
+            continue
+        frames = files[0]["observed_impact"].shape[0]
+        assert seen["frames"].shape == (6, frames, 3, 16, 16)
+        assert seen["frames"].dtype == torch.uint8 and bool(seen["observed"].all())
+        assert torch.equal(seen["observed_counts"][4], files[4]["observed_colour_counts"].float())
+        held = files[4]["observed_objects"]
+        assert torch.equal(seen["observed_objects"][4, :, : held.shape[1]], held)
+        # The objects' colours add up to the counts, frame by frame.
+        colours = seen["observed_objects"][..., 0].long()
+        per_colour = torch.stack([(colours == c).sum(-1) for c in range(8)], -1).float()
+        assert torch.equal(per_colour, seen["observed_counts"])
     same, own = latents[True], latents[False]
     assert all(torch.equal(same[0], v) for v in same[1:3])
     assert all(torch.equal(same[3], v) for v in same[4:6])

@@ -75,7 +75,8 @@ class PreferenceConfig:
 
 @dataclass
 class RewardConfig:
-    """The learned multi-head reward model (per-head Bradley-Terry on latents + prompt).
+    """The learned multi-head reward model (per-head Bradley-Terry on latents + prompt,
+    and on what an observer sees in the decoded frames where it can be taught).
 
     The network is :class:`pipelines.align.reward.RewardNetConfig` preset ``preset``
     (``tiny`` for CPU, ``small``, ``base`` for a GPU); ``width`` and ``depth`` override
@@ -112,6 +113,19 @@ class RewardConfig:
     corpus_contrasts: int = 0
     contrast_weight: float = 1.0
     contrast_shift_steps: int = 2
+    # The observer (pipelines.align.observer): where the preference table's candidates
+    # carry the probes' frame-by-frame observations (the synthetic world), a network
+    # learns to see them in the decoded frames (observer_size pixels a side) first,
+    # observer_steps steps of observer_batch candidates (a random observer_window
+    # frames each), and sync, adherence and motion are then scored from what it sees
+    # and the prompt. False: every head from the latents, as on footage.
+    observe: bool = True
+    observer_steps: int = 1000
+    observer_batch: int = 8
+    observer_window: int = 16
+    observer_width: int = 32
+    observer_size: int = 64
+    observer_lr: float = 2e-3
 
 
 @dataclass
@@ -209,6 +223,15 @@ class RLHFStageConfig:
             raise ValueError("updates_per_rollout must be >= 1")
         if self.kl_weight is not None and self.kl_weight < 0:
             raise ValueError("kl_weight must be >= 0 (or unset: on with a learned reward)")
+        r = self.reward
+        small = [name for name in ("observer_batch", "observer_window", "observer_width",
+                                   "observer_size") if getattr(r, name) < 1]  # fmt: skip
+        if small or r.observer_steps < 0 or r.observer_lr <= 0:
+            raise ValueError(
+                "rlhf.reward needs observer_batch, observer_window, observer_width and "
+                "observer_size >= 1, observer_steps >= 0 and observer_lr > 0"
+                + (f" ({', '.join(small)} below 1)" if small else "")
+            )
 
     def kl_coefficient(self) -> float:
         """The KL weight in force: ``kl_weight``, or by default 0.04 with a learned reward

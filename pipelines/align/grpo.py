@@ -43,6 +43,7 @@ import torch
 
 from model.dit import TextConditioning
 from pipelines.align.config import HEADS
+from pipelines.align.observer import decode_frames
 from pipelines.align.sde import gaussian_logprob, guided_velocities, sde_rollout, step_mean
 from pipelines.train.batches import pad_text
 
@@ -225,7 +226,11 @@ class GRPO:
         g = video.shape[0]
         tokens = self.tokens[prompt_index : prompt_index + 1].expand(g, -1, -1)
         mask = self.mask[prompt_index : prompt_index + 1].expand(g, -1)
-        return self.reward_model(video, audio, tokens, mask).float()
+        frames = None
+        if getattr(self.reward_model, "reads_frames", False):
+            size = self.reward_model.observer_config.size
+            frames = decode_frames(self.pipeline.video_vae, video, self.shapes[2], size)
+        return self.reward_model(video, audio, tokens, mask, frames=frames).float()
 
     def collect(self, indices: list[int], gen: torch.Generator, step: int = 0, parts: int = 1):
         """Roll out, score and turn one batch of prompts into training rows (no gradient)."""

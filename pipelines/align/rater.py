@@ -199,11 +199,17 @@ def audio_score(audio: np.ndarray, sample_rate: int) -> float:
 
 
 def frame_observations(
-    frames_dets: list[list[dict]], impacts_s: list[float], onsets_s: list[float], fps: float
+    frames_dets: list[list[dict]],
+    impacts_s: list[float],
+    onsets_s: list[float],
+    fps: float,
+    size: tuple[int, int],
 ) -> dict:
     """What the probes saw, frame by frame: ``colour_counts`` (frames, palette colours)
-    objects of each colour of :data:`core.probes.detect.COLOR_NAMES`, ``impact`` and
-    ``onset`` (frames,) 1 where an impact is seen / an onset heard, JSON-able.
+    objects of each colour of :data:`core.probes.detect.COLOR_NAMES`, ``objects`` per
+    frame a list of ``[colour index, x, y]`` (centres as fractions of the frame's
+    ``size`` (height, width)), ``impact`` and ``onset`` (frames,) 1 where an impact is
+    seen / an onset heard, JSON-able.
 
     The dense labels behind the world heads' scores: a reward model can learn to read
     them from a clip on every candidate, where a pair gives one bit (BENCHMARKS.md,
@@ -219,7 +225,12 @@ def frame_observations(
         marks[name] = [0] * n
         for t in times:
             marks[name][min(n - 1, max(0, round(t * fps)))] = 1
-    return {"colour_counts": counts.tolist(), **marks}
+    h, w = size
+    objects = [
+        [[COLOR_NAMES.index(d["color"]), (d["x"] + 0.5) / w, (d["y"] + 0.5) / h] for d in dets]
+        for dets in frames_dets
+    ]
+    return {"colour_counts": counts.tolist(), "objects": objects, **marks}
 
 
 def rate_clip(prompt: str, clip, skip: tuple[str, ...] = (), observe: bool = False) -> dict:
@@ -245,7 +256,7 @@ def rate_clip(prompt: str, clip, skip: tuple[str, ...] = (), observe: bool = Fal
     scores["audio_onsets"] = len(probe["audio_onsets_s"])
     if observe:
         scores["observations"] = frame_observations(
-            frames_dets, visual, probe["audio_onsets_s"], fps
+            frames_dets, visual, probe["audio_onsets_s"], fps, clip.frames.shape[1:3]
         )
     for h in skip:
         scores[h] = None

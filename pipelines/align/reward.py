@@ -32,6 +32,16 @@ as DiT), so colour and count are read *relative to the prompt* and attention can
 match a word to a patch. Each head then pools the sequence with its own learned query
 and reads one score. Nothing in it repeats the rater's rules (no colour tables, no
 onset detector): agreement on held-out *prompts* measures how far it generalises.
+
+**What it sees** (schema version 3): where the preference table's candidates carry the
+probes' frame-by-frame observations (the synthetic world), the model also holds an
+observer (:mod:`pipelines.align.observer`) that reads the *decoded frames* and the audio
+latents; it is trained on those observations first (dense labels on every candidate),
+then frozen, and sync, adherence and motion are scored from what it sees and the prompt.
+Read from latents alone, those heads ordered unseen prompts' pairs at chance
+(BENCHMARKS.md, sessions 20-23). Such a model needs the frames to score:
+:func:`pipelines.align.observer.decode_frames` (DanceGRPO and the evaluation decode
+them with the pipeline's video VAE).
 """
 
 from __future__ import annotations
@@ -49,13 +59,24 @@ from torch import nn
 
 from core import storage
 from pipelines.align.config import HEADS, RewardConfig
+from pipelines.align.observer import (
+    OBSERVED_HEADS,
+    ClipObserver,
+    ObservedScores,
+    ObserverConfig,
+    as_observations,
+    event_recall_precision,
+    observation_loss,
+)
 
 MODEL_NAME = "reward.safetensors"
 META_NAME = "reward.json"
 FORMAT = "duet-reward-model"
 # 1: the convolutional net over latents (no format tag); 2: the prompt-conditioned
-# transformer with its network config in the JSON.
-REWARD_SCHEMA_VERSION = 2
+# transformer with its network config in the JSON; 3: and optionally the observer of
+# decoded frames (pipelines.align.observer) with the scores read from what it sees.
+REWARD_SCHEMA_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # a version 2 file is a version 3 model without an observer
 
 
 class RewardModelFileError(ValueError):
@@ -132,6 +153,7 @@ class RewardModel(nn.Module):
         audio_per_video: int,
         net: RewardNetConfig | None = None,
         heads: tuple[str, ...] = HEADS,
+        observer: ObserverConfig | None = None,
     ):
         super().__init__()
         net = net or RewardNetConfig()
@@ -172,6 +194,24 @@ class RewardModel(nn.Module):
         self.read = nn.Sequential(nn.Linear(2 * w, w), nn.GELU())
         self.out_w = nn.Parameter(torch.randn(len(heads), w) / math.sqrt(w))
         self.out_b = nn.Parameter(torch.zeros(len(heads)))
+        # With an observer, the heads it serves are scored from what it sees in the
+        # decoded frames (pipelines.align.observer), the others from the latents above.
+        self.observer_config = observer
+        self.observer = self.observed = None
+        if observer is not None:
+            self.observer = ClipObserver(observer, audio_channels)
+            self.observed = ObservedScores(observer, text_dim)
+            self.observed_columns = [self.heads.index(h) for h in OBSERVED_HEADS]
+
+    @property
+    def reads_frames(self) -> bool:
+        """Whether :meth:`forward` needs the decoded frames
+        (:func:`pipelines.align.observer.decode_frames` at ``observer_config.size``)."""
+        return self.observer is not None
+
+    def observe(self, frames: torch.Tensor, audio: torch.Tensor) -> dict:
+        """What the observer sees: :func:`pipelines.align.observer.as_observations`."""
+        return as_observations(self.observer(frames, audio))
 
     def prompt_vector(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.float().unsqueeze(-1)
@@ -188,7 +228,26 @@ class RewardModel(nn.Module):
         audio: torch.Tensor,  # (B, Ca, Na), Na = T * m
         tokens: torch.Tensor,  # (B, L, D)
         mask: torch.Tensor,  # (B, L)
+        frames: torch.Tensor | None = None,  # (B, F, 3, s, s) uint8, with an observer
+        seen: dict | None = None,  # what the observer saw, if already known
     ) -> torch.Tensor:  # (B, heads)
+        scores = self.latent_scores(video, audio, tokens, mask)
+        if self.observer is None:
+            return scores
+        if seen is None:
+            if frames is None:
+                raise ValueError(
+                    "this reward model reads decoded frames: pass frames "
+                    "(pipelines.align.observer.decode_frames of the video latents at "
+                    f"{self.observer_config.size} pixels)"
+                )
+            seen = self.observe(frames, audio)
+        scores = scores.clone()
+        scores[:, self.observed_columns] = self.observed(seen, tokens, mask)
+        return scores
+
+    def latent_scores(self, video, audio, tokens, mask) -> torch.Tensor:
+        """(B, heads) scores read from the latents and the prompt alone."""
         b, _, t, h, w = video.shape
         dev = video.device
         p = self.prompt_vector(tokens, mask)
@@ -235,7 +294,9 @@ def save_reward_model(uri: str, model: RewardModel, meta: dict) -> None:
     storage.write_json(
         storage.join(uri, META_NAME),
         {"format": FORMAT, "schema_version": REWARD_SCHEMA_VERSION, "dims": model.dims,
-         "net": dataclasses.asdict(model.net), "heads": list(model.heads), **meta},
+         "net": dataclasses.asdict(model.net), "heads": list(model.heads),
+         "observer": dataclasses.asdict(model.observer_config) if model.reads_frames else None,
+         **meta},
     )  # fmt: skip
 
 
@@ -251,7 +312,7 @@ def load_reward_model(uri: str) -> tuple[RewardModel, dict]:
     if not isinstance(meta, dict) or (meta.get("format") != FORMAT and "dims" not in meta):
         raise RewardModelFileError(f"{meta_uri}: not a Duet reward model (no format {FORMAT!r})")
     version = meta.get("schema_version")
-    if version != REWARD_SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         what = "the convolutional model without the prompt's words" if version == 1 else "unknown"
         raise RewardModelFileError(
             f"{meta_uri}: reward model schema version {version!r} ({what}); this code reads "
@@ -259,7 +320,9 @@ def load_reward_model(uri: str) -> tuple[RewardModel, dict]:
         )
     try:
         net = RewardNetConfig(**meta["net"])
-        model = RewardModel(**meta["dims"], net=net, heads=tuple(meta["heads"]))
+        observer = ObserverConfig(**meta["observer"]) if meta.get("observer") else None
+        model = RewardModel(**meta["dims"], net=net, heads=tuple(meta["heads"]),
+                            observer=observer)  # fmt: skip
         model.load_state_dict(load_safetensors(storage.read_bytes(storage.join(uri, MODEL_NAME))))
     except (KeyError, TypeError, RuntimeError) as err:
         raise RewardModelFileError(f"{uri}: reward model weights or config unreadable: {err}"
@@ -330,10 +393,11 @@ def agreement(
     model: RewardModel, rows: list[dict], inputs: dict, min_margin: float, pairs_of=None
 ) -> dict[str, dict]:
     """Per head: the (weighted) fraction of pairs the model orders the same way."""
+    batch = 64 if model.reads_frames else 256  # frames take memory
     with torch.no_grad():
         scores = torch.cat(
-            [score_rows(model, inputs, range(i, min(i + 256, len(rows))))
-             for i in range(0, len(rows), 256)]
+            [score_rows(model, inputs, range(i, min(i + batch, len(rows))))
+             for i in range(0, len(rows), batch)]
         ).cpu()  # fmt: skip
     out = {}
     for h, pairs in _pair_index(rows, pairs_of or rater_pairs(min_margin)).items():
@@ -352,11 +416,94 @@ def agreement(
     return out
 
 
-def score_rows(model: RewardModel, inputs: dict, index) -> torch.Tensor:
+def score_rows(model: RewardModel, inputs: dict, index, seen: dict | None = None):
+    """(len(index), heads) scores of those rows; ``seen``: every row's observations
+    (:func:`observe_rows`), else the observer (if any) reads ``inputs["frames"]``."""
     idx = torch.as_tensor(list(index), dtype=torch.long)
+    frames = None
+    if model.reads_frames and seen is None:
+        if "frames" not in inputs:
+            raise ValueError("this reward model reads decoded frames; the inputs hold none")
+        frames = inputs["frames"][idx]
     return model(
-        inputs["video"][idx], inputs["audio"][idx], inputs["tokens"][idx], inputs["mask"][idx]
-    )
+        inputs["video"][idx], inputs["audio"][idx], inputs["tokens"][idx], inputs["mask"][idx],
+        frames=frames, seen=None if seen is None else {k: v[idx] for k, v in seen.items()},
+    )  # fmt: skip
+
+
+def observe_rows(model: RewardModel, inputs: dict, batch: int = 32) -> dict:
+    """What the (frozen) observer sees in every row's frames, detached."""
+    found = []
+    with torch.no_grad():
+        for i in range(0, inputs["frames"].shape[0], batch):
+            found.append(
+                model.observe(inputs["frames"][i : i + batch], inputs["audio"][i : i + batch])
+            )
+    return {k: torch.cat([f[k] for f in found]) for k in found[0]}
+
+
+def _cosine_lr(opt, base: float, step: int, steps: int) -> None:
+    for group in opt.param_groups:
+        group["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def _step(opt, loss: torch.Tensor, losses: list[float], step: int, log) -> None:
+    """One optimiser step on ``loss``; ``log(step, mean loss)`` every 100 steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    losses.append(float(loss.detach()))
+    if log is not None and (step + 1) % 100 == 0:
+        log(step + 1, statistics.fmean(losses[-100:]))
+
+
+OBSERVATION_KEYS = ("counts", "impact", "onset")
+
+
+def observation_labels(inputs: dict, index) -> dict:
+    keys = OBSERVATION_KEYS + (("objects",) if "observed_objects" in inputs else ())
+    return {k: inputs[f"observed_{k}"][index] for k in keys}
+
+
+def fit_observer(model: RewardModel, inputs: dict, train: list[int], val: list[int], cfg,
+                 log=None) -> dict:  # fmt: skip
+    """Train ``model.observer`` on the observations of the ``train`` rows that carry
+    them (``inputs["observed"]``): ``cfg.observer_steps`` steps of ``observer_batch``
+    rows, a random window of ``observer_window`` frames each. Returns its report: on the
+    ``val`` rows' observations, the count error per colour and frame (and that of
+    seeing nothing), impact and onset recall and precision within a frame."""
+    has = inputs["observed"].cpu()
+    train = [i for i in train if has[i]]
+    val = [i for i in val if has[i]]
+    frames = inputs["frames"]
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.AdamW(model.observer.parameters(), lr=cfg.observer_lr,
+                            weight_decay=cfg.weight_decay)  # fmt: skip
+    losses = []
+    length = min(cfg.observer_window, frames.shape[1])
+    for step in range(cfg.observer_steps):
+        _cosine_lr(opt, cfg.observer_lr, step, cfg.observer_steps)
+        pick = torch.tensor(train)[
+            torch.randint(0, len(train), (cfg.observer_batch,), generator=gen)
+        ]
+        start = int(torch.randint(0, frames.shape[1] - length + 1, (1,), generator=gen))
+        window = slice(start, start + length)
+        seen = model.observer(frames[pick], inputs["audio"][pick], (start, length))
+        labels = {k: v[:, window] for k, v in observation_labels(inputs, pick).items()}
+        _step(opt, observation_loss(seen, labels), losses, step, log)
+    report = {"steps": cfg.observer_steps, "train_rows": len(train), "val_rows": len(val),
+              "final_loss": statistics.fmean(losses[-50:]) if losses else None}  # fmt: skip
+    if val:
+        idx = torch.tensor(val)
+        seen = observe_rows(model, {k: inputs[k][idx] for k in ("frames", "audio")})
+        labels = observation_labels(inputs, idx)
+        report["val"] = {
+            "count_error": round(float((seen["counts"] - labels["counts"]).abs().mean()), 4),
+            "count_error_seeing_nothing": round(float(labels["counts"].abs().mean()), 4),
+            "impact": event_recall_precision(seen["impact"].cpu(), labels["impact"].cpu()),
+            "onset": event_recall_precision(seen["onset"].cpu(), labels["onset"].cpu()),
+        }
+    return report
 
 
 def train_reward_model(
@@ -391,14 +538,26 @@ def train_reward_model(
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(device or "cpu")
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    model = RewardModel(**dims, net=net_config(cfg)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Observations on training rows (the synthetic world's candidates): the observer
+    # learns to see them first, then stays as it is while the scores learn the pairs.
+    observing = (cfg.observe and "observed" in inputs
+                 and bool(inputs["observed"][train_rows].any()))  # fmt: skip
+    observer = None
+    if observing:
+        observer = ObserverConfig(colours=inputs["observed_counts"].shape[-1],
+                                  width=cfg.observer_width, size=inputs["frames"].shape[-1])  # fmt: skip
+    model = RewardModel(**dims, net=net_config(cfg), observer=observer).to(device)
+    seen = observer_report = None
+    if observing:
+        observer_report = fit_observer(model, inputs, train_rows, val_rows, cfg, log)
+        model.observer.requires_grad_(False)
+        seen = observe_rows(model, inputs)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)  # fmt: skip
     losses = []
     per_head = max(1, cfg.batch_pairs // len(usable))
     for step in range(cfg.steps):
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        _cosine_lr(opt, cfg.lr, step, cfg.steps)
         # One forward for every head's pairs: winners then losers, head by head.
         win, lose, head_of, weight = [], [], [], []
         for h in usable:
@@ -407,22 +566,17 @@ def train_reward_model(
             lose += [pairs[h][i][1] for i in pick]
             weight += [pairs[h][i][2] for i in pick]
             head_of += [HEADS.index(h)] * per_head
-        scores = score_rows(model, inputs, win + lose)
+        scores = score_rows(model, inputs, win + lose, seen)
         cols = torch.tensor(head_of)
         n = len(win)
         margin = scores[torch.arange(n), cols] - scores[torch.arange(n, 2 * n), cols]
-        loss = bradley_terry_loss(margin, torch.tensor(weight))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if log is not None and (step + 1) % 100 == 0:
-            log(step + 1, statistics.fmean(losses[-100:]))
+        _step(opt, bradley_terry_loss(margin, torch.tensor(weight)), losses, step, log)
     model.eval()
     train_prompts = {r["prompt"] for r in sub}
     val_prompts = sorted({rows[i]["prompt"] for i in val_rows})
     report = {
         "net": dataclasses.asdict(model.net),
+        "observer": observer_report,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_pairs": {h: len(pairs[h]) for h in HEADS},
         "train_prompt_count": len(train_prompts),

@@ -57,6 +57,7 @@ from pipelines.align.contrast_pairs import (
     contrast_rows,
     pick_contrasts,
 )
+from pipelines.align.observer import decode_frames
 from pipelines.align.preferences import (
     NO_REFERENCES,
     TABLE_NAME,
@@ -293,10 +294,18 @@ def _group_rows(group: dict, p, out_uri: str) -> list[dict]:
 def observation_tensors(observations: dict) -> dict[str, torch.Tensor]:
     """:func:`pipelines.align.rater.frame_observations` as a candidate file's tensors:
     ``observed_colour_counts`` (frames, colours) int16 (the colours' names in the file's
-    metadata, ``observed_colours``), ``observed_impact`` and ``observed_onset`` (frames,)
-    uint8."""
+    metadata, ``observed_colours``), ``observed_objects`` (frames, K, 3) float32 each
+    frame's objects as (colour index, x, y), rows of colour -1 past the frame's last,
+    ``observed_impact`` and ``observed_onset`` (frames,) uint8."""
+    per_frame = observations["objects"]
+    most = max(1, max((len(f) for f in per_frame), default=0))
+    objects = torch.full((len(per_frame), most, 3), -1.0)
+    for f, found in enumerate(per_frame):
+        if found:
+            objects[f, : len(found)] = torch.tensor(found, dtype=torch.float32)
     return {
         "observed_colour_counts": torch.tensor(observations["colour_counts"], dtype=torch.int16),
+        "observed_objects": objects,
         "observed_impact": torch.tensor(observations["impact"], dtype=torch.uint8),
         "observed_onset": torch.tensor(observations["onset"], dtype=torch.uint8),
     }
@@ -328,6 +337,44 @@ def reward_inputs(pipeline, rows: list[dict]) -> dict:
         "tokens": tokens[index],
         "mask": mask[index],
     }
+
+
+def observer_inputs(pipeline, rows: list[dict], inputs: dict, size: int) -> dict:
+    """``inputs`` plus what the reward model's observer learns from
+    (:mod:`pipelines.align.observer`): every row's frames decoded from its latents at
+    ``size`` pixels a side, and the probes' observations of the rows whose candidate
+    files carry them (``observed`` True; zeros elsewhere). ``inputs`` unchanged when no
+    row carries any (footage, people's clips): nothing to learn to see."""
+    files = [load_safetensors(storage.read_bytes(r["latent_uri"])) if r.get("latent_uri")
+             else {} for r in rows]  # fmt: skip
+    found = [f for f in files if "observed_colour_counts" in f]
+    if not found:
+        return inputs
+    frames, colours = found[0]["observed_colour_counts"].shape
+    n = len(rows)
+    out = dict(inputs)
+    out["observed"] = torch.tensor(["observed_colour_counts" in f for f in files])
+    out["observed_counts"] = torch.zeros(n, frames, colours)
+    out["observed_impact"] = torch.zeros(n, frames)
+    out["observed_onset"] = torch.zeros(n, frames)
+    most = max(f["observed_objects"].shape[1] for f in found if "observed_objects" in f) \
+        if all("observed_objects" in f for f in found) else 0  # fmt: skip
+    if most:  # each frame's objects, padded to the most any frame holds
+        out["observed_objects"] = torch.full((n, frames, most, 3), -1.0)
+    for i, f in enumerate(files):
+        if "observed_colour_counts" in f:
+            out["observed_counts"][i] = f["observed_colour_counts"][:frames].float()
+            if most:
+                k = f["observed_objects"].shape[1]
+                out["observed_objects"][i, :, :k] = f["observed_objects"][:frames]
+            out["observed_impact"][i] = f["observed_impact"][:frames].float()
+            out["observed_onset"][i] = f["observed_onset"][:frames].float()
+    device = next(pipeline.video_vae.parameters()).device
+    out["frames"] = torch.cat([
+        decode_frames(pipeline.video_vae, inputs["video"][i : i + 16].to(device), frames, size).cpu()
+        for i in range(0, n, 16)
+    ])  # fmt: skip
+    return out
 
 
 def corpus_contrast_inputs(cfg, pipeline, held_out: list[str], like: dict):
@@ -425,6 +472,9 @@ def ensure_reward_model(cfg, pipeline, rt, log=print):
 
         def all_pairs_of(sub: list[dict], head: str):
             return pairs_of(sub, head) + contrast_pairs(sub, head, r.contrast_weight)
+
+        if r.observe:
+            inputs = observer_inputs(pipeline, rows, inputs, r.observer_size)
 
         model, report = train_reward_model(rows, inputs, r, reward_dims(pipeline),
                                            pairs_of=all_pairs_of, device=rt.device)  # fmt: skip

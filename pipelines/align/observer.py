@@ -1,0 +1,232 @@
+"""What a clip shows, frame by frame, read from its decoded frames: the reward model's eyes.
+
+**Why.** Every reward model that read only the VAE latents fitted its training pairs
+and ordered unseen prompts' pairs at chance. Split in two (``bench/reward_concepts.py``,
+BENCHMARKS.md session 23), the failure is perception: given the probes' own per-frame
+observations (objects of each palette colour, impacts seen, onsets heard), a small
+network over those and the prompt orders unseen prompts' pairs at 0.94 (sync) and
+0.83 (adherence); predicted from the latents, the same observations are too coarse and
+everything falls to chance. A group's candidates differ by a ball here or a frame there,
+and the VAE decoder already knows how to turn latents into pixels; so the observer reads
+the decoded frames, where a colour is a few pixels' values.
+
+**What it learns from.** Dense labels on every candidate instead of one bit per pair:
+the ``rlhf`` stage stores the probes' observations beside each candidate's latents
+(:func:`pipelines.align.stages.observation_tensors`) wherever they mean something (the
+synthetic world). The observer is trained on them first, then frozen, and the heads it
+serves (:data:`OBSERVED_HEADS`) are scored by :class:`ObservedScores` from its
+observations and the prompt, trained on the preference pairs (the rater's or people's).
+A team with footage would supply the same per-frame observations from its own
+detector; without them the reward model reads latents only
+(:mod:`pipelines.align.reward`).
+
+**The network.** :class:`ClipObserver`: per frame, a small convolution over the picture
+and its change from the previous frame (at half the decoded resolution) gives a density
+map per palette colour, whose sum is the count (an object counts wherever it is); each
+colour's density centre says where it is; pooled per frame, a temporal convolution
+gives the impact logit; the audio latents, resampled to the frame rate, the onset logit.
+:class:`ObservedScores`: per frame, the observed counts, the counts the prompt asks for
+(attention from a learned query per colour over the prompt's word tokens), their
+match, the frame-to-frame change, the colours' movement, impact and onset, through a
+small MLP, averaged over frames.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The heads scored from observations: those the probes' observations describe.
+OBSERVED_HEADS = ("sync", "adherence", "motion")
+DENSITY_SHARPNESS = 8.0  # density = softplus(8 x) / 8 per cell and colour
+# An object's density target peaks near 0.16 a cell, so its squared error is small
+# beside the count's; weighted up as crowd counting scales its maps (drawn clips, 300
+# steps: held-out count error 0.12 with it, 0.27 from counts alone).
+DENSITY_LOSS_WEIGHT = 100.0
+
+
+@dataclass(frozen=True)
+class ObserverConfig:
+    colours: int = 8  # palette colours counted (core.probes.detect.COLOR_NAMES)
+    width: int = 32  # channels of the frame convolution and the temporal ones
+    size: int = 64  # decoded frames are read at size x size pixels
+    score_width: int = 64  # hidden width of ObservedScores
+
+
+class ClipObserver(nn.Module):
+    def __init__(self, cfg: ObserverConfig, audio_channels: int):
+        super().__init__()
+        w, p = cfg.width, cfg.colours
+        # Half resolution at once (4 x 4 windows, stride 2): a full-resolution layer
+        # would cost most of a CPU step.
+        self.picture = nn.Sequential(
+            nn.Conv2d(6, w, 4, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
+        )  # fmt: skip
+        self.density = nn.Conv2d(w, p, 1)
+        # A sharp softplus, starting just below its knee: empty cells reach ~0 after a
+        # small move. A plain softplus needs its input near -12 for that, which Adam's
+        # bounded steps take thousands of steps to reach, and until then the floor of
+        # every empty cell adds up to whole objects (measured on drawn clips: held-out
+        # count error 0.30 after 300 steps against 0.22 for seeing nothing).
+        nn.init.constant_(self.density.bias, -1.0)
+        self.impact = nn.Sequential(
+            nn.Conv1d(2 * w + 3 * p, w, 5, padding=2), nn.GELU(), nn.Conv1d(w, 1, 5, padding=2)
+        )
+        self.onset = nn.Sequential(
+            nn.Conv1d(audio_channels, w, 5, padding=2), nn.GELU(),
+            nn.Conv1d(w, w, 5, padding=2), nn.GELU(), nn.Conv1d(w, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, frames: torch.Tensor, audio: torch.Tensor, window=None) -> dict:
+        """frames (B, F, 3, s, s) uint8, audio latents (B, Ca, Na) -> ``counts`` (B, F', P),
+        ``where`` (B, F', P, 2) each colour's centre (y, x) in [0, 1], ``impact`` and
+        ``onset`` logits (B, F'); ``window`` (start, length): those F' frames only."""
+        start, f = window or (0, frames.shape[1])
+        b = frames.shape[0]
+        x = frames[:, max(0, start - 1) : start + f].float() / 127.5 - 1
+        change = x.diff(dim=1)
+        if start == 0:
+            change = torch.cat([torch.zeros_like(x[:, :1]), change], 1)
+        else:
+            x = x[:, 1:]
+        h = self.picture(torch.cat([x, change], 2).flatten(0, 1))  # (B F', w, s/2, s/2)
+        dens = F.softplus(DENSITY_SHARPNESS * self.density(h)) / DENSITY_SHARPNESS
+        mass = dens.sum((2, 3))  # (B F', P)
+        ys = torch.linspace(0, 1, dens.shape[2], device=dens.device)[:, None]
+        xs = torch.linspace(0, 1, dens.shape[3], device=dens.device)[None]
+        cy = (dens * ys).sum((2, 3)) / mass.clamp_min(1e-3)
+        cx = (dens * xs).sum((2, 3)) / mass.clamp_min(1e-3)
+        counts, where = mass.view(b, f, -1), torch.stack([cy, cx], -1).view(b, f, -1, 2)
+        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1).view(b, f, -1)
+        feats = torch.cat([pooled, counts, where.flatten(2)], -1).transpose(1, 2)  # (B, C, F')
+        sound = self.onset(audio.float())  # (B, 1, Na)
+        onset = F.interpolate(sound, size=frames.shape[1], mode="linear", align_corners=False)
+        return {
+            "counts": counts,
+            "where": where,
+            "density": dens.view(b, f, *dens.shape[1:]),  # (B, F', P, s/2, s/2)
+            "impact": self.impact(feats)[:, 0],
+            "onset": onset[:, 0, start : start + f],
+        }
+
+
+def density_targets(objects: torch.Tensor, colours: int, grid: int, sigma: float = 1.0):
+    """Objects (B, F, K, 3) as (colour index, x, y), x and y fractions of the frame, rows
+    of colour -1 empty -> (B, F, colours, grid, grid) density maps: each object a
+    Gaussian of ``sigma`` cells around its centre summing to 1 (the maps' sums are the
+    counts), as crowd counting learns from points."""
+    centres = (torch.arange(grid, device=objects.device, dtype=torch.float32) + 0.5) / grid
+
+    def bump(coord):  # (B, F, K) -> (B, F, K, grid), each row summing to 1
+        w = torch.exp(-0.5 * ((centres - coord[..., None]) * grid / sigma) ** 2)
+        return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    colour = objects[..., 0].long()
+    one_hot = F.one_hot(colour.clamp_min(0), colours).float() * (colour >= 0)[..., None]
+    return torch.einsum("bfkp,bfky,bfkx->bfpyx", one_hot, bump(objects[..., 2]),
+                        bump(objects[..., 1]))  # fmt: skip
+
+
+def observation_loss(seen: dict, labels: dict) -> torch.Tensor:
+    """Squared count error plus impact and onset cross-entropy against the probes' labels
+    (``counts`` (B, F, P), ``impact`` and ``onset`` (B, F) in {0, 1}); with ``objects``
+    (B, F, K, 3) also the squared error of the density maps against
+    :func:`density_targets` (summed over cells): where each object is, not only how many
+    there are, which a count alone teaches slowly (measured in
+    ``tests/test_reward_observer.py``)."""
+
+    def events(logit, target):
+        # Events are rare (a few frames of 33): a missed one costs as much as the quiet
+        # frames together.
+        pos = target.sum().clamp_min(1)
+        weight = (target.numel() - pos) / pos
+        return F.binary_cross_entropy_with_logits(logit, target, pos_weight=weight)
+
+    loss = (
+        F.mse_loss(seen["counts"], labels["counts"])
+        + events(seen["impact"], labels["impact"])
+        + events(seen["onset"], labels["onset"])
+    )
+    if "objects" in labels:
+        dens = seen["density"]
+        target = density_targets(labels["objects"], dens.shape[2], dens.shape[-1])
+        loss = loss + DENSITY_LOSS_WEIGHT * (dens - target).square().sum((-2, -1)).mean()
+    return loss
+
+
+def as_observations(seen: dict) -> dict:
+    """The observer's output as :class:`ObservedScores` reads it (events as probabilities)."""
+    return {
+        "counts": seen["counts"],
+        "where": seen["where"],
+        "impact": seen["impact"].sigmoid(),
+        "onset": seen["onset"].sigmoid(),
+    }
+
+
+class ObservedScores(nn.Module):
+    """Scores of :data:`OBSERVED_HEADS` from observations and the prompt's word tokens."""
+
+    def __init__(self, cfg: ObserverConfig, text_dim: int):
+        super().__init__()
+        w, p = cfg.score_width, cfg.colours
+        self.query = nn.Parameter(torch.randn(p, w) / math.sqrt(w))
+        self.key = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, w))
+        self.value = nn.Sequential(
+            nn.LayerNorm(text_dim), nn.Linear(text_dim, w), nn.GELU(), nn.Linear(w, 1)
+        )
+        self.read = nn.Sequential(
+            nn.Linear(7 * p + 4, w), nn.GELU(), nn.Linear(w, w), nn.GELU(),
+            nn.Linear(w, len(OBSERVED_HEADS)),
+        )  # fmt: skip
+
+    def asked(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) word tokens -> (B, P) the count of each colour the prompt asks for."""
+        k = self.key(tokens.float())  # (B, L, w)
+        att = torch.einsum("pw,blw->bpl", self.query, k) / math.sqrt(k.shape[-1])
+        att = att.masked_fill(~mask.bool()[:, None], float("-inf")).softmax(-1)
+        return torch.einsum("bpl,bl->bp", att, self.value(tokens.float())[..., 0])
+
+    def forward(self, seen: dict, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        counts = seen["counts"]  # (B, F, P)
+        asked = self.asked(tokens, mask)[:, None].expand_as(counts)
+        change = torch.cat([torch.zeros_like(counts[:, :1]), counts.diff(dim=1)], 1)
+        where = seen["where"]  # (B, F, P, 2)
+        step = torch.cat([torch.zeros_like(where[:, :1]), where.diff(dim=1)], 1)
+        moved = step.norm(dim=-1) * counts.clamp(0, 1)  # a colour's centre moving, if there
+        i, o = seen["impact"][..., None], seen["onset"][..., None]
+        feats = torch.cat(
+            [counts, asked, counts * asked, (counts - asked).abs(), change.abs(), change,
+             moved, i, o, i * o, (i - o).abs()], -1,
+        )  # fmt: skip
+        return self.read(feats).mean(1)  # (B, len(OBSERVED_HEADS))
+
+
+@torch.no_grad()
+def decode_frames(video_vae: nn.Module, video: torch.Tensor, frames: int, size: int):
+    """Latents (B, Cv, T, h, w) -> the first ``frames`` decoded frames at ``size`` pixels
+    a side, (B, frames, 3, size, size) uint8 (what :class:`ClipObserver` reads)."""
+    x = video_vae.decode(video.float())[:, :, :frames]  # (B, 3, F, H, W) in [-1, 1]
+    b, _, f, h, w = x.shape
+    x = x.transpose(1, 2).flatten(0, 1)
+    if (h, w) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="area")
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).view(b, f, 3, size, size)
+
+
+def event_recall_precision(found: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Events (B, F) of probability ``found`` > 0.5 against ``labels`` in {0, 1}: a found
+    event counts when a label lies within one frame of it, and the other way round."""
+    hit = found > 0.5
+    near = F.max_pool1d(labels.float()[:, None], 3, 1, 1)[:, 0] > 0
+    around = F.max_pool1d(hit.float()[:, None], 3, 1, 1)[:, 0] > 0
+    return {
+        "precision": round(float((hit & near).sum()) / max(1, int(hit.sum())), 4),
+        "recall": round(float((labels.bool() & around).sum()) / max(1, int(labels.sum())), 4),
+    }
