@@ -43,6 +43,7 @@ from torch import nn
 # The heads scored from observations: those the probes' observations describe.
 OBSERVED_HEADS = ("sync", "adherence", "motion")
 DENSITY_SHARPNESS = 8.0  # density = softplus(8 x) / 8 per cell and colour
+EVENT_FEATURES = 8  # ObservedScores' features of the impacts and onsets around a frame
 # An object's density target peaks near 0.16 a cell, so its squared error is small
 # beside the count's; weighted up as crowd counting scales its maps (drawn clips, 300
 # steps: held-out count error 0.12 with it, 0.27 from counts alone).
@@ -181,8 +182,11 @@ class ObservedScores(nn.Module):
         self.value = nn.Sequential(
             nn.LayerNorm(text_dim), nn.Linear(text_dim, w), nn.GELU(), nn.Linear(w, 1)
         )
+        # Impacts and onsets a few frames apart still match (the rater allows two):
+        # a learned window over both tracks says what happens around each frame.
+        self.events = nn.Conv1d(2, EVENT_FEATURES, 5, padding=2)
         self.read = nn.Sequential(
-            nn.Linear(7 * p + 4, w), nn.GELU(), nn.Linear(w, w), nn.GELU(),
+            nn.Linear(7 * p + 4 + EVENT_FEATURES, w), nn.GELU(), nn.Linear(w, w), nn.GELU(),
             nn.Linear(w, len(OBSERVED_HEADS)),
         )  # fmt: skip
 
@@ -201,9 +205,10 @@ class ObservedScores(nn.Module):
         step = torch.cat([torch.zeros_like(where[:, :1]), where.diff(dim=1)], 1)
         moved = step.norm(dim=-1) * counts.clamp(0, 1)  # a colour's centre moving, if there
         i, o = seen["impact"][..., None], seen["onset"][..., None]
+        around = self.events(torch.cat([i, o], -1).transpose(1, 2)).transpose(1, 2)
         feats = torch.cat(
             [counts, asked, counts * asked, (counts - asked).abs(), change.abs(), change,
-             moved, i, o, i * o, (i - o).abs()], -1,
+             moved, i, o, i * o, (i - o).abs(), around], -1,
         )  # fmt: skip
         return self.read(feats).mean(1)  # (B, len(OBSERVED_HEADS))
 
