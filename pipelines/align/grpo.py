@@ -226,11 +226,11 @@ class GRPO:
         g = video.shape[0]
         tokens = self.tokens[prompt_index : prompt_index + 1].expand(g, -1, -1)
         mask = self.mask[prompt_index : prompt_index + 1].expand(g, -1)
-        frames = None
-        if getattr(self.reward_model, "reads_frames", False):
+        if getattr(self.reward_model, "reads_frames", False):  # it sees decoded frames
             size = self.reward_model.observer_config.size
             frames = decode_frames(self.pipeline.video_vae, video, self.shapes[2], size)
-        return self.reward_model(video, audio, tokens, mask, frames=frames).float()
+            return self.reward_model(video, audio, tokens, mask, frames=frames).float()
+        return self.reward_model(video, audio, tokens, mask).float()
 
     def collect(self, indices: list[int], gen: torch.Generator, step: int = 0, parts: int = 1):
         """Roll out, score and turn one batch of prompts into training rows (no gradient)."""
