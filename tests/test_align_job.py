@@ -207,7 +207,15 @@ def test_a_groups_candidates_share_their_initial_noise_unless_told_not_to(
         assert all(("observed_colour_counts" in f) == shared for f in files)
         latents[shared] = [f["video"] for f in files]
         # What the reward model's observer learns from: decoded frames beside the
-        # probes' observations, only where the candidates carry them.
+        # probes' observations, only where the candidates carry them. (A red ball in
+        # every frame of one candidate: the tiny model may draw nothing to detect.)
+        if shared:
+            frames = files[4]["observed_impact"].shape[0]
+            counts = torch.zeros(frames, 8, dtype=torch.int16)
+            counts[:, 0] = 1
+            ball = torch.tensor([[[0.0, 0.25, 0.75]]]).expand(frames, 1, 3).contiguous()
+            files[4] |= {"observed_colour_counts": counts, "observed_objects": ball}
+            save_file(files[4], rows[4]["latent_uri"])
         inputs = reward_inputs(pipe, rows)
         seen = observer_inputs(pipe, rows, inputs, 16)
         if not shared:
@@ -217,8 +225,7 @@ def test_a_groups_candidates_share_their_initial_noise_unless_told_not_to(
         assert seen["frames"].shape == (6, frames, 3, 16, 16)
         assert seen["frames"].dtype == torch.uint8 and bool(seen["observed"].all())
         assert torch.equal(seen["observed_counts"][4], files[4]["observed_colour_counts"].float())
-        held = files[4]["observed_objects"]
-        assert torch.equal(seen["observed_objects"][4, :, : held.shape[1]], held)
+        assert seen["observed_objects"][4, :, 0].tolist() == [[0.0, 0.25, 0.75]] * frames
         # The objects' colours add up to the counts, frame by frame.
         colours = seen["observed_objects"][..., 0].long()
         per_colour = torch.stack([(colours == c).sum(-1) for c in range(8)], -1).float()

@@ -73,14 +73,14 @@ def evaluate_prompts(
             row["adherence_colour_frames"] = scores["adherence_colour_frames"]
             if reward_model is not None:
                 v, a = result.latents
-                seen = {}
+                extra = {}
                 if getattr(reward_model, "reads_frames", False):  # it sees decoded frames
-                    seen["frames"] = decode_frames(pipeline.video_vae, v,
+                    extra["frames"] = decode_frames(pipeline.video_vae, v,
                                                    result.clip.frames.shape[0],
                                                    reward_model.observer_config.size).cpu()  # fmt: skip
                 r = reward_model(
                     v.float().cpu(), a.float().cpu(), tokens[pi : pi + 1], mask[pi : pi + 1],
-                    **seen,
+                    **extra,
                 )[0]  # fmt: skip
                 for k, h in enumerate(HEADS):
                     row[f"reward_{h}"] = float(r[k])

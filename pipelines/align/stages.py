@@ -357,16 +357,14 @@ def observer_inputs(pipeline, rows: list[dict], inputs: dict, size: int) -> dict
     out["observed_counts"] = torch.zeros(n, frames, colours)
     out["observed_impact"] = torch.zeros(n, frames)
     out["observed_onset"] = torch.zeros(n, frames)
-    most = max(f["observed_objects"].shape[1] for f in found if "observed_objects" in f) \
-        if all("observed_objects" in f for f in found) else 0  # fmt: skip
-    if most:  # each frame's objects, padded to the most any frame holds
-        out["observed_objects"] = torch.full((n, frames, most, 3), -1.0)
+    # Each frame's objects, padded to the most any frame holds.
+    most = max(f["observed_objects"].shape[1] for f in found)
+    out["observed_objects"] = torch.full((n, frames, most, 3), -1.0)
     for i, f in enumerate(files):
         if "observed_colour_counts" in f:
             out["observed_counts"][i] = f["observed_colour_counts"][:frames].float()
-            if most:
-                k = f["observed_objects"].shape[1]
-                out["observed_objects"][i, :, :k] = f["observed_objects"][:frames]
+            k = f["observed_objects"].shape[1]
+            out["observed_objects"][i, :, :k] = f["observed_objects"][:frames]
             out["observed_impact"][i] = f["observed_impact"][:frames].float()
             out["observed_onset"][i] = f["observed_onset"][:frames].float()
     device = next(pipeline.video_vae.parameters()).device
