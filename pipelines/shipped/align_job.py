@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reward-preset", default="small")
     parser.add_argument("--reward-steps", type=int, default=2000)
+    parser.add_argument(
+        "--observer-steps", type=int, default=4000,
+        help="steps of the reward model's frame observer (0: latents only)",
+    )  # fmt: skip
     parser.add_argument("--corpus-contrasts", type=int, default=256)
     parser.add_argument("--min-agreement", type=float, default=0.6)
     parser.add_argument(
@@ -155,6 +159,8 @@ def build_config(args, manifest: str):
                                 "rounds": args.rounds, "write_mp4": False,
                                 "duration_s": args.duration},
                 "reward": {"preset": args.reward_preset, "steps": args.reward_steps,
+                           "observe": args.observer_steps > 0,
+                           "observer_steps": max(args.observer_steps, 1),
                            "corpus_contrasts": args.corpus_contrasts,
                            "min_agreement": args.min_agreement},
             },
@@ -382,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
 def reward_summary(report: dict) -> dict:
     out = {k: report.get(k) for k in (
         "val_agreement", "train_agreement", "train_pairs", "train_prompt_count",
-        "candidates", "corpus_contrasts", "parameters", "final_loss")}  # fmt: skip
+        "candidates", "corpus_contrasts", "parameters", "final_loss", "observer")}  # fmt: skip
     out["held_out_prompt_count"] = len((report.get("held_out") or {}).get("prompts", []))
     return out
 
