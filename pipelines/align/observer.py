@@ -21,10 +21,13 @@ detector; without them the reward model reads latents only
 (:mod:`pipelines.align.reward`).
 
 **The network.** :class:`ClipObserver`: per frame, a small convolution over the picture
-and its change from the previous frame (at half the decoded resolution) gives a density
-map per palette colour, whose sum is the count (an object counts wherever it is); each
-colour's density centre says where it is; pooled per frame, a temporal convolution
-gives the impact logit; the audio latents, resampled to the frame rate, the onset logit.
+and its change from the previous frame (at half the decoded resolution) gives a heatmap
+per palette colour, as CenterNet finds objects: trained towards a peak of 1 at each
+object's cell (penalty-reduced focal loss), an object is a local maximum above 0.5, the
+count the number of them and ``where`` their mean cell; pooled per frame, a temporal
+convolution gives the impact logit; the audio latents, resampled to the frame rate, the
+onset logit. A density map whose sum is the count, tried first, did not learn to count
+on decoded candidates in 3000 steps (BENCHMARKS.md, session 24).
 :class:`ObservedScores`: per frame, the observed counts, the counts the prompt asks for
 (attention from a learned query per colour over the prompt's word tokens), their
 match, the frame-to-frame change, the colours' movement, impact and onset, through a
@@ -42,12 +45,9 @@ from torch import nn
 
 # The heads scored from observations: those the probes' observations describe.
 OBSERVED_HEADS = ("sync", "adherence", "motion")
-DENSITY_SHARPNESS = 8.0  # density = softplus(8 x) / 8 per cell and colour
 EVENT_FEATURES = 8  # ObservedScores' features of the impacts and onsets around a frame
-# An object's density target peaks near 0.16 a cell, so its squared error is small
-# beside the count's; weighted up as crowd counting scales its maps (drawn clips, 300
-# steps: held-out count error 0.12 with it, 0.27 from counts alone).
-DENSITY_LOSS_WEIGHT = 100.0
+HEAT_PRIOR = 0.1  # every cell's heatmap starts at this probability (CenterNet's choice)
+PEAK = 0.5  # a local maximum of the heatmap above this is an object
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,10 @@ class ClipObserver(nn.Module):
             nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
             nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
         )  # fmt: skip
-        self.density = nn.Conv2d(w, p, 1)
-        # A sharp softplus, starting just below its knee: empty cells reach ~0 after a
-        # small move. A plain softplus needs its input near -12 for that, which Adam's
-        # bounded steps take thousands of steps to reach, and until then the floor of
-        # every empty cell adds up to whole objects (measured on drawn clips: held-out
-        # count error 0.30 after 300 steps against 0.22 for seeing nothing).
-        nn.init.constant_(self.density.bias, -1.0)
+        # One heatmap a colour. It starts low everywhere: the many empty cells then
+        # cost little at once, and the focal loss spends the steps on the objects.
+        self.heat = nn.Conv2d(w, p, 1)
+        nn.init.constant_(self.heat.bias, math.log(HEAT_PRIOR / (1 - HEAT_PRIOR)))
         self.impact = nn.Sequential(
             nn.Conv1d(2 * w + 3 * p, w, 5, padding=2), nn.GELU(), nn.Conv1d(w, 1, 5, padding=2)
         )
@@ -85,9 +82,10 @@ class ClipObserver(nn.Module):
         )  # fmt: skip
 
     def forward(self, frames: torch.Tensor, audio: torch.Tensor, window=None) -> dict:
-        """frames (B, F, 3, s, s) uint8, audio latents (B, Ca, Na) -> ``counts`` (B, F', P),
-        ``where`` (B, F', P, 2) each colour's centre (y, x) in [0, 1], ``impact`` and
-        ``onset`` logits (B, F'); ``window`` (start, length): those F' frames only."""
+        """frames (B, F, 3, s, s) uint8, audio latents (B, Ca, Na) -> ``heat`` logits
+        (B, F', P, s/2, s/2), ``counts`` (B, F', P) and ``where`` (B, F', P, 2) of its
+        peaks (:func:`heat_peaks`), ``impact`` and ``onset`` logits (B, F'); ``window``
+        (start, length): those F' frames only."""
         start, f = window or (0, frames.shape[1])
         b = frames.shape[0]
         x = frames[:, max(0, start - 1) : start + f].float() / 127.5 - 1
@@ -97,13 +95,9 @@ class ClipObserver(nn.Module):
         else:
             x = x[:, 1:]
         h = self.picture(torch.cat([x, change], 2).flatten(0, 1))  # (B F', w, s/2, s/2)
-        dens = F.softplus(DENSITY_SHARPNESS * self.density(h)) / DENSITY_SHARPNESS
-        mass = dens.sum((2, 3))  # (B F', P)
-        ys = torch.linspace(0, 1, dens.shape[2], device=dens.device)[:, None]
-        xs = torch.linspace(0, 1, dens.shape[3], device=dens.device)[None]
-        cy = (dens * ys).sum((2, 3)) / mass.clamp_min(1e-3)
-        cx = (dens * xs).sum((2, 3)) / mass.clamp_min(1e-3)
-        counts, where = mass.view(b, f, -1), torch.stack([cy, cx], -1).view(b, f, -1, 2)
+        heat = self.heat(h)  # (B F', P, s/2, s/2) logits
+        counts, where = heat_peaks(heat)
+        counts, where = counts.view(b, f, -1), where.view(b, f, -1, 2)
         pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1).view(b, f, -1)
         feats = torch.cat([pooled, counts, where.flatten(2)], -1).transpose(1, 2)  # (B, C, F')
         sound = self.onset(audio.float())  # (B, 1, Na)
@@ -111,36 +105,66 @@ class ClipObserver(nn.Module):
         return {
             "counts": counts,
             "where": where,
-            "density": dens.view(b, f, *dens.shape[1:]),  # (B, F', P, s/2, s/2)
+            "heat": heat.view(b, f, *heat.shape[1:]),
             "impact": self.impact(feats)[:, 0],
             "onset": onset[:, 0, start : start + f],
         }
 
 
-def density_targets(objects: torch.Tensor, colours: int, grid: int, sigma: float = 1.0):
-    """Objects (B, F, K, 3) as (colour index, x, y), x and y fractions of the frame, rows
-    of colour -1 empty -> (B, F, colours, grid, grid) density maps: each object a
-    Gaussian of ``sigma`` cells around its centre summing to 1 (the maps' sums are the
-    counts), as crowd counting learns from points."""
-    centres = (torch.arange(grid, device=objects.device, dtype=torch.float32) + 0.5) / grid
+def heat_peaks(heat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heatmap logits (N, P, g, g) -> the objects in them: counts (N, P), the cells that
+    are the largest of their 3 x 3 neighbourhood with probability above :data:`PEAK`,
+    and ``where`` (N, P, 2), their mean cell centre (y, x) in [0, 1], 0 where none
+    (as :func:`bench.reward_concepts.colour_centres` gives the probes'). Not
+    differentiable: the focal loss trains the heatmap, these read it."""
+    p = heat.detach().sigmoid()
+    peak = ((p == F.max_pool2d(p, 3, 1, 1)) & (p > PEAK)).float()
+    counts = peak.sum((2, 3))
+    g = heat.shape[-1]
+    centres = (torch.arange(g, device=heat.device, dtype=torch.float32) + 0.5) / g
+    cy = (peak * centres[:, None]).sum((2, 3))
+    cx = (peak * centres[None]).sum((2, 3))
+    return counts, torch.stack([cy, cx], -1) / counts.clamp_min(1)[..., None]
 
-    def bump(coord):  # (B, F, K) -> (B, F, K, grid), each row summing to 1
-        w = torch.exp(-0.5 * ((centres - coord[..., None]) * grid / sigma) ** 2)
-        return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+
+def heat_targets(objects: torch.Tensor, colours: int, grid: int, sigma: float = 1.0):
+    """Objects (B, F, K, 3) as (colour index, x, y), x and y fractions of the frame, rows
+    of colour -1 empty -> (B, F, colours, grid, grid) heatmap targets: 1 at each object's
+    cell, falling off as a Gaussian of ``sigma`` cells around it (the largest where two
+    of a colour overlap), as CenterNet trains its keypoints."""
+    cells = torch.arange(grid, device=objects.device, dtype=torch.float32)
+
+    def bump(coord):  # (B, F, K) fractions -> (B, F, K, grid), 1 at the object's cell
+        cell = (coord * grid).floor().clamp(0, grid - 1)
+        return torch.exp(-0.5 * ((cells - cell[..., None]) / sigma) ** 2)
 
     colour = objects[..., 0].long()
     one_hot = F.one_hot(colour.clamp_min(0), colours).float() * (colour >= 0)[..., None]
-    return torch.einsum("bfkp,bfky,bfkx->bfpyx", one_hot, bump(objects[..., 2]),
-                        bump(objects[..., 1]))  # fmt: skip
+    per_object = torch.einsum("bfkp,bfky,bfkx->bfkpyx", one_hot, bump(objects[..., 2]),
+                              bump(objects[..., 1]))  # fmt: skip
+    return per_object.amax(2)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss of heatmap ``logits`` against
+    :func:`heat_targets`, per object: cells of target 1 are pulled up, the rest down,
+    less near an object (the (1 - target)^4 factor) and less where already right."""
+    p = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
+    at_object = target > 1 - 1e-6
+    pull_up = ((1 - p) ** 2 * p.log()).masked_fill(~at_object, 0)
+    pull_down = ((1 - target) ** 4 * p**2 * (1 - p).log()).masked_fill(at_object, 0)
+    return -(pull_up.sum() + pull_down.sum()) / at_object.sum().clamp_min(1)
 
 
 def observation_loss(seen: dict, labels: dict) -> torch.Tensor:
-    """Squared count error plus impact and onset cross-entropy against the probes' labels
-    (``counts`` (B, F, P), ``impact`` and ``onset`` (B, F) in {0, 1}); with ``objects``
-    (B, F, K, 3) also the squared error of the density maps against
-    :func:`density_targets` (summed over cells): where each object is, not only how many
-    there are, which a count alone teaches slowly (measured in
-    ``tests/test_reward_observer.py``)."""
+    """The heatmaps' focal loss against the objects the probes found (``objects``
+    (B, F, K, 3): colour, x, y) plus impact and onset cross-entropy against their labels
+    (``impact`` and ``onset`` (B, F) in {0, 1})."""
+    if "objects" not in labels:
+        raise ValueError(
+            "the observer learns where each object is: its labels need 'objects' "
+            "(B, F, K, 3) as (colour index, x, y) beside the counts"
+        )
 
     def events(logit, target):
         # Events are rare (a few frames of 33): a missed one costs as much as the quiet
@@ -149,16 +173,13 @@ def observation_loss(seen: dict, labels: dict) -> torch.Tensor:
         weight = (target.numel() - pos) / pos
         return F.binary_cross_entropy_with_logits(logit, target, pos_weight=weight)
 
-    loss = (
-        F.mse_loss(seen["counts"], labels["counts"])
+    heat = seen["heat"]
+    target = heat_targets(labels["objects"], heat.shape[2], heat.shape[-1])
+    return (
+        focal_loss(heat, target)
         + events(seen["impact"], labels["impact"])
         + events(seen["onset"], labels["onset"])
     )
-    if "objects" in labels:
-        dens = seen["density"]
-        target = density_targets(labels["objects"], dens.shape[2], dens.shape[-1])
-        loss = loss + DENSITY_LOSS_WEIGHT * (dens - target).square().sum((-2, -1)).mean()
-    return loss
 
 
 def as_observations(seen: dict) -> dict:
