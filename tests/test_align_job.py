@@ -247,6 +247,10 @@ def test_align_job_hands_its_reward_source_to_the_rlhf_stage():
     assert rater.reward_source == "rater" and rater.kl_coefficient() == 0.0
     learned = cfg().rlhf
     assert learned.reward_source == "model" and learned.kl_coefficient() > 0
+    assert learned.reward.observe and learned.reward.observer_steps == 4000
+    watched = cfg("--observer-steps", "300").rlhf.reward
+    assert watched.observe and watched.observer_steps == 300
+    assert not cfg("--observer-steps", "0").rlhf.reward.observe  # latents only
 
 
 def test_the_rater_reports_what_it_saw_frame_by_frame_when_asked():
