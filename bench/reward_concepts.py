@@ -36,6 +36,16 @@ agreement per head is on the pairs of prompts never trained on (the stage's spli
 with binomial standard errors; ``--train-prompts`` cuts training to the first K
 training prompts. The palette and the probes are the synthetic world's: this measures
 the world heads (sync, adherence, motion), not footage.
+
+``--impact-rule 0,0.25,0.5`` first reads impacts the rater's way (its tracker and kink
+rule, ``core.probes.tracks``) from the probes' object centres, moved by Gaussian
+jitter of each given size in pixels of the candidates, and prints their precision and
+recall against the stored impacts: how exactly an observer must place objects before
+the rater's own rule finds its impacts.
+
+``--spoil`` (``frames`` only) takes one part of the exact observations away to say
+what it is worth: ``impacts`` (none seen) or ``grid:N`` (each object's centre
+snapped to an N-cell grid, as an observer with N cells a side places it).
 """
 
 from __future__ import annotations
@@ -347,6 +357,55 @@ def colour_centres(objects: torch.Tensor, colours: int) -> torch.Tensor:
     return total / one_hot.sum(2)[..., None].clamp_min(1)
 
 
+def impacts_by_rule(objects: torch.Tensor, fps: float, side: int, jitter: float,
+                    seed: int = 0) -> torch.Tensor:  # fmt: skip
+    """Objects (N, F, K, 3) as (colour, x, y) fractions -> (N, F) impacts as the rater
+    finds them (:func:`core.probes.tracks.build_tracks`, ``track_events``,
+    ``merge_events``) from the centres in pixels of a ``side``-pixel frame, each moved by
+    Gaussian noise of ``jitter`` pixels."""
+    import numpy as np
+
+    from core.probes.detect import COLOR_NAMES
+    from core.probes.probe import TRACK_GATE_FRACTION
+    from core.probes.tracks import build_tracks, merge_events, track_events
+    from pipelines.align.rater import IMPACT_TYPES
+
+    rng = np.random.default_rng(seed)
+    n, f = objects.shape[:2]
+    found = torch.zeros(n, f)
+    for i in range(n):
+        dets = []
+        for row in objects[i].numpy():
+            row = row[row[:, 0] >= 0]
+            xy = row[:, 1:] * side - 0.5 + rng.normal(0, jitter, row[:, 1:].shape)
+            dets.append([
+                {"color": COLOR_NAMES[int(c)], "shape": "circle", "x": float(x), "y": float(y),
+                 "area": 1.0} for c, (x, y) in zip(row[:, 0], xy, strict=True)
+            ])  # fmt: skip
+        tracks = build_tracks(dets, (0, f), TRACK_GATE_FRACTION * side)
+        for ev in merge_events([e for t in tracks for e in track_events(t, fps)], fps):
+            if ev["type"] in IMPACT_TYPES:
+                found[i, min(f - 1, max(0, round(ev["time_s"] * fps)))] = 1
+    return found
+
+
+def spoil(inputs: dict, how: str) -> dict:
+    """``inputs`` with one part of the probes' observations taken away (``--spoil``)."""
+    if not how:
+        return inputs
+    out = dict(inputs)
+    if how == "impacts":
+        out["observed_impact"] = torch.zeros_like(inputs["observed_impact"])
+    elif how.startswith("grid:") and how[5:].isdigit() and int(how[5:]) > 0:
+        cells, objects = int(how[5:]), inputs["observed_objects"].clone()
+        snapped = ((objects[..., 1:] * cells).floor().clamp(0, cells - 1) + 0.5) / cells
+        objects[..., 1:] = torch.where(objects[..., :1] >= 0, snapped, objects[..., 1:])
+        out["observed_objects"] = objects
+    else:
+        raise SystemExit(f"--spoil {how!r}: give impacts or grid:N (N cells a side)")
+    return out
+
+
 def run_frames(rows, inputs, args, concepts: str) -> dict:
     """``frames``: the probes' frame-by-frame observations scored by the product's
     :class:`pipelines.align.observer.ObservedScores`; ``pixels``: the product's reward
@@ -417,6 +476,8 @@ def main(argv=None) -> int:
     ap.add_argument("--observer-steps", type=int, default=1500)
     ap.add_argument("--observer-batch", type=int, default=8, help="candidates a step")
     ap.add_argument("--observer-window", type=int, default=16, help="frames a candidate a step")
+    ap.add_argument("--spoil", default="", help="frames only: impacts | grid:N")
+    ap.add_argument("--impact-rule", default="", help="jitters in pixels, e.g. 0,0.25,0.5")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
 
@@ -430,12 +491,31 @@ def main(argv=None) -> int:
                        args.workers)  # fmt: skip
     results = {}
     observed = None
+    if args.impact_rule:
+        from pipelines.align.observer import event_recall_precision
+
+        observed = observed_inputs(
+            args.cache, rows, inputs, os.path.abspath(args.checkpoint), args.size
+        )
+        with open(os.path.join(args.checkpoint, "config.json")) as f:
+            model_cfg = json.load(f)["config"]
+        stored = observed["observed_impact"]
+        results["impact_rule"] = {}
+        for jitter in [float(j) for j in args.impact_rule.split(",")]:
+            found = impacts_by_rule(observed["observed_objects"], float(model_cfg["fps"]),
+                                    int(model_cfg["width"]), jitter, args.seed)  # fmt: skip
+            pr = event_recall_precision(found, stored)
+            results["impact_rule"][str(jitter)] = pr
+            print(f"impacts by the rater's rule, centres jittered {jitter} px: precision "
+                  f"{pr['precision']:.3f}, recall {pr['recall']:.3f} ({int(found.sum())} found, "
+                  f"{int(stored.sum())} stored)")  # fmt: skip
     for concepts in args.concepts.split(","):
         if concepts in ("frames", "pixels"):
             observed = observed or observed_inputs(
                 args.cache, rows, inputs, os.path.abspath(args.checkpoint), args.size
             )
-            r = run_frames(rows, observed, args, concepts)
+            given = spoil(observed, args.spoil) if concepts == "frames" else observed
+            r = run_frames(rows, given, args, concepts)
         else:
             r = run(rows, inputs, obs, args, concepts)
         results[concepts] = r
@@ -444,7 +524,8 @@ def main(argv=None) -> int:
             error = f", held-out count error {r['count_mae_val']}"
         if (r.get("observer") or {}).get("val"):
             error = f", observer on held-out candidates: {json.dumps(r['observer']['val'])}"
-        print(f"\n{concepts} observations, {r['train_prompts']} training prompts, "
+        spoiled = f" less {args.spoil}" if concepts == "frames" and args.spoil else ""
+        print(f"\n{concepts} observations{spoiled}, {r['train_prompts']} training prompts, "
               f"{r['seconds']} s{error}:")  # fmt: skip
         for h in WORLD:
             v, t = r["held_out"][h], r["train"][h]
