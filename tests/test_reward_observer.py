@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from core import storage
 from core.synth.palette import COLOR_NAMES, color_prototypes
 from pipelines.align.config import HEADS, RewardConfig
 from pipelines.align.observer import (
@@ -26,6 +27,7 @@ from pipelines.align.observer import (
     heat_targets,
 )
 from pipelines.align.reward import (
+    RewardModelFileError,
     fit_observer,
     load_reward_model,
     save_reward_model,
@@ -172,6 +174,10 @@ def test_a_reward_model_taught_to_see_scores_the_observed_heads_from_frames(tmp_
     loaded, meta = load_reward_model(uri)
     assert meta["observer"] == dataclasses.asdict(model.observer_config)
     assert torch.equal(loaded(*batch, frames=inputs["frames"][:4]), scored)
+    # A session-24 file (schema 3, density-map observer) is refused by name, not half-read.
+    storage.write_json(f"{uri}/reward.json", {**meta, "schema_version": 3})
+    with pytest.raises(RewardModelFileError, match="density-map observer"):
+        load_reward_model(uri)
 
 
 @pytest.mark.parametrize("how", ["observe off", "no observations"])

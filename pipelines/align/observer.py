@@ -115,7 +115,7 @@ def heat_peaks(heat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Heatmap logits (N, P, g, g) -> the objects in them: counts (N, P), the cells that
     are the largest of their 3 x 3 neighbourhood with probability above :data:`PEAK`,
     and ``where`` (N, P, 2), their mean cell centre (y, x) in [0, 1], 0 where none
-    (as :func:`bench.reward_concepts.colour_centres` gives the probes'). Not
+    (as the probes' centres of a colour are averaged). Not
     differentiable: the focal loss trains the heatmap, these read it."""
     p = heat.detach().sigmoid()
     peak = ((p == F.max_pool2d(p, 3, 1, 1)) & (p > PEAK)).float()

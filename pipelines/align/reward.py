@@ -74,9 +74,11 @@ META_NAME = "reward.json"
 FORMAT = "duet-reward-model"
 # 1: the convolutional net over latents (no format tag); 2: the prompt-conditioned
 # transformer with its network config in the JSON; 3: and optionally the observer of
-# decoded frames (pipelines.align.observer) with the scores read from what it sees.
-REWARD_SCHEMA_VERSION = 3
-READABLE_VERSIONS = (2, 3)  # a version 2 file is a version 3 model without an observer
+# decoded frames (pipelines.align.observer) with the scores read from what it sees;
+# 4: the observer finds objects as heatmap peaks (version 3's density maps are gone).
+REWARD_SCHEMA_VERSION = 4
+# Versions 2 and 3 without an observer are version 4 models without one.
+READABLE_VERSIONS = (2, 3, 4)
 
 
 class RewardModelFileError(ValueError):
@@ -317,6 +319,12 @@ def load_reward_model(uri: str) -> tuple[RewardModel, dict]:
         raise RewardModelFileError(
             f"{meta_uri}: reward model schema version {version!r} ({what}); this code reads "
             f"version {REWARD_SCHEMA_VERSION}" + retrain
+        )
+    if version == 3 and meta.get("observer"):
+        raise RewardModelFileError(
+            f"{meta_uri}: reward model schema version 3 with a density-map observer, which "
+            f"this code no longer has (version {REWARD_SCHEMA_VERSION} finds objects as "
+            "heatmap peaks)" + retrain
         )
     try:
         net = RewardNetConfig(**meta["net"])
