@@ -229,6 +229,18 @@ def observed_inputs(cache: str, rows, inputs: dict, checkpoint: str, size: int) 
     return out
 
 
+def stored(rows, inputs: dict) -> dict:
+    """``inputs`` plus the probes' observations stored in the candidates' files
+    (:func:`pipelines.align.stages.stored_observations`), without decoding frames."""
+    from pipelines.align.stages import stored_observations
+
+    seen = stored_observations(rows)
+    if not seen:
+        raise SystemExit("the candidates carry no observations (a table drawn before "
+                         "session 23, or on footage): draw it again")  # fmt: skip
+    return {**inputs, **seen}
+
+
 def _split(rows, train_prompts: int) -> tuple[list[int], list[int], int]:
     keep = set(sorted({r["prompt"] for r in rows if r["split"] == "train"})[: train_prompts
                                                                           or None])  # fmt: skip
@@ -490,32 +502,32 @@ def main(argv=None) -> int:
     obs = observations(args.cache, rows, inputs, os.path.abspath(args.checkpoint), args.frames,
                        args.workers)  # fmt: skip
     results = {}
-    observed = None
+    observed = None  # the stored observations and the decoded frames, once needed
     if args.impact_rule:
         from pipelines.align.observer import event_recall_precision
 
-        observed = observed_inputs(
-            args.cache, rows, inputs, os.path.abspath(args.checkpoint), args.size
-        )
+        seen = stored(rows, inputs)
         with open(os.path.join(args.checkpoint, "config.json")) as f:
             model_cfg = json.load(f)["config"]
-        stored = observed["observed_impact"]
+        labelled = seen["observed_impact"]
         results["impact_rule"] = {}
         for jitter in [float(j) for j in args.impact_rule.split(",")]:
-            found = impacts_by_rule(observed["observed_objects"], float(model_cfg["fps"]),
+            found = impacts_by_rule(seen["observed_objects"], float(model_cfg["fps"]),
                                     int(model_cfg["width"]), jitter, args.seed)  # fmt: skip
-            pr = event_recall_precision(found, stored)
+            pr = event_recall_precision(found, labelled)
             results["impact_rule"][str(jitter)] = pr
             print(f"impacts by the rater's rule, centres jittered {jitter} px: precision "
                   f"{pr['precision']:.3f}, recall {pr['recall']:.3f} ({int(found.sum())} found, "
-                  f"{int(stored.sum())} stored)")  # fmt: skip
+                  f"{int(labelled.sum())} stored)")  # fmt: skip
     for concepts in args.concepts.split(","):
-        if concepts in ("frames", "pixels"):
-            observed = observed or observed_inputs(
+        if concepts == "pixels":
+            observed = observed_inputs(
                 args.cache, rows, inputs, os.path.abspath(args.checkpoint), args.size
             )
-            given = spoil(observed, args.spoil) if concepts == "frames" else observed
-            r = run_frames(rows, given, args, concepts)
+            r = run_frames(rows, observed, args, concepts)
+        elif concepts == "frames":  # the stored observations alone: no frames decoded
+            r = run_frames(rows, spoil(observed or stored(rows, inputs), args.spoil), args,
+                           concepts)  # fmt: skip
         else:
             r = run(rows, inputs, obs, args, concepts)
         results[concepts] = r

@@ -339,24 +339,25 @@ def reward_inputs(pipeline, rows: list[dict]) -> dict:
     }
 
 
-def observer_inputs(pipeline, rows: list[dict], inputs: dict, size: int) -> dict:
-    """``inputs`` plus what the reward model's observer learns from
-    (:mod:`pipelines.align.observer`): every row's frames decoded from its latents at
-    ``size`` pixels a side, and the probes' observations of the rows whose candidate
-    files carry them (``observed`` True; zeros elsewhere). ``inputs`` unchanged when no
-    row carries any (footage, people's clips): nothing to learn to see."""
+def stored_observations(rows: list[dict]) -> dict:
+    """The probes' observations stored in the rows' candidate files
+    (:func:`observation_tensors`): ``observed`` (N,) which rows carry them, and
+    ``observed_counts`` (N, F, P), ``observed_objects`` (N, F, K, 3), ``observed_impact``
+    and ``observed_onset`` (N, F), zeros (objects -1) elsewhere; empty when no row
+    carries any (footage, people's clips)."""
     files = [load_safetensors(storage.read_bytes(r["latent_uri"])) if r.get("latent_uri")
              else {} for r in rows]  # fmt: skip
     found = [f for f in files if "observed_colour_counts" in f]
     if not found:
-        return inputs
+        return {}
     frames, colours = found[0]["observed_colour_counts"].shape
     n = len(rows)
-    out = dict(inputs)
-    out["observed"] = torch.tensor(["observed_colour_counts" in f for f in files])
-    out["observed_counts"] = torch.zeros(n, frames, colours)
-    out["observed_impact"] = torch.zeros(n, frames)
-    out["observed_onset"] = torch.zeros(n, frames)
+    out = {
+        "observed": torch.tensor(["observed_colour_counts" in f for f in files]),
+        "observed_counts": torch.zeros(n, frames, colours),
+        "observed_impact": torch.zeros(n, frames),
+        "observed_onset": torch.zeros(n, frames),
+    }
     # Each frame's objects, padded to the most any frame holds.
     most = max(f["observed_objects"].shape[1] for f in found)
     out["observed_objects"] = torch.full((n, frames, most, 3), -1.0)
@@ -367,12 +368,25 @@ def observer_inputs(pipeline, rows: list[dict], inputs: dict, size: int) -> dict
             out["observed_objects"][i, :, :k] = f["observed_objects"][:frames]
             out["observed_impact"][i] = f["observed_impact"][:frames].float()
             out["observed_onset"][i] = f["observed_onset"][:frames].float()
+    return out
+
+
+def observer_inputs(pipeline, rows: list[dict], inputs: dict, size: int) -> dict:
+    """``inputs`` plus what the reward model's observer learns from
+    (:mod:`pipelines.align.observer`): the probes' observations of the rows
+    (:func:`stored_observations`) and every row's frames decoded from its latents at
+    ``size`` pixels a side. ``inputs`` unchanged when no row carries observations:
+    nothing to learn to see."""
+    seen = stored_observations(rows)
+    if not seen:
+        return inputs
+    frames, n = seen["observed_counts"].shape[1], len(rows)
     device = next(pipeline.video_vae.parameters()).device
-    out["frames"] = torch.cat([
+    decoded = torch.cat([
         decode_frames(pipeline.video_vae, inputs["video"][i : i + 16].to(device), frames, size).cpu()
         for i in range(0, n, 16)
     ])  # fmt: skip
-    return out
+    return {**inputs, **seen, "frames": decoded}
 
 
 def corpus_contrast_inputs(cfg, pipeline, held_out: list[str], like: dict):
