@@ -375,8 +375,6 @@ def impacts_by_rule(objects: torch.Tensor, fps: float, side: int, jitter: float,
     finds them (:func:`core.probes.tracks.build_tracks`, ``track_events``,
     ``merge_events``) from the centres in pixels of a ``side``-pixel frame, each moved by
     Gaussian noise of ``jitter`` pixels."""
-    import numpy as np
-
     from core.probes.detect import COLOR_NAMES
     from core.probes.probe import TRACK_GATE_FRACTION
     from core.probes.tracks import build_tracks, merge_events, track_events
