@@ -251,6 +251,13 @@ def test_align_job_hands_its_reward_source_to_the_rlhf_stage():
     watched = cfg("--observer-steps", "300").rlhf.reward
     assert watched.observe and watched.observer_steps == 300
     assert not cfg("--observer-steps", "0").rlhf.reward.observe  # latents only
+    # DanceGRPO's own settings: shared noise and group std by default, KL unset.
+    assert learned.shared_noise and learned.advantage_norm == "group"
+    tuned = cfg("--rlhf-own-noise", "--advantage-norm", "batch", "--kl-weight", "0.01").rlhf
+    assert not tuned.shared_noise and tuned.advantage_norm == "batch"
+    assert tuned.kl_coefficient() == 0.01
+    with pytest.raises(SystemExit):
+        parse_args(["--carry", "c", "--out", "o", "--skip-rlhf", "--skip-distill"])
 
 
 def test_the_rater_reports_what_it_saw_frame_by_frame_when_asked():

@@ -23,7 +23,13 @@ from torch import nn
 from core.media import AVClip
 from model.dit import TextConditioning
 from pipelines.align.config import HEADS, RewardConfig, RLHFStageConfig
-from pipelines.align.grpo import GRPO, clipped_objective, group_advantages, head_advantages
+from pipelines.align.grpo import (
+    GRPO,
+    batch_advantages,
+    clipped_objective,
+    group_advantages,
+    head_advantages,
+)
 from pipelines.align.prompts import caption_prompts, split_prompts
 from pipelines.align.rater import WORLD_HEADS, rate_clip, skipped_heads
 from pipelines.align.reward import (
@@ -70,6 +76,40 @@ def test_per_head_advantages_and_clipped_loss_worked_by_hand():
     loss, _ = clipped_objective(ratio, adv[:, :1], (1.0,), 1e-3)
     by_hand = (0.999 * Z + Z / 3 - 1.0005 * Z / 3 - 1.001 * Z) / 4
     assert float(loss) == pytest.approx(by_hand, abs=1e-7)
+
+
+def test_batch_advantages_scale_each_head_by_its_spread_over_the_whole_batch():
+    # Group A differs by 0.001 on head 0 (the rater's noise), group B by 2.
+    a = torch.tensor([[1.000, 0.0], [1.001, 1.0]])
+    b = torch.tensor([[0.0, 3.0], [2.0, 5.0]])
+    # DanceGRPO's group std makes both groups' advantages +-1 on head 0.
+    by_group = batch_advantages([a, b], 5.0, "group")
+    assert torch.allclose(by_group[0][:, 0], torch.tensor([-1.0, 1.0]), atol=1e-3)
+    # Batch: centred rewards on head 0 are +-0.0005 and +-1, so the scale is
+    # sqrt((2 * 0.0005**2 + 2 * 1) / 4); head 1: +-0.5 and +-1, sqrt((0.5 + 2) / 4).
+    got = batch_advantages([a, b], 5.0, "batch")
+    s0 = math.sqrt((2 * 0.0005**2 + 2.0) / 4)
+    s1 = math.sqrt(2.5 / 4)
+    assert torch.allclose(got[0][:, 0], torch.tensor([-0.0005, 0.0005]) / s0, atol=1e-6)
+    assert torch.allclose(got[1][:, 0], torch.tensor([-1.0, 1.0]) / s0, atol=1e-6)
+    assert torch.allclose(got[0][:, 1], torch.tensor([-0.5, 0.5]) / s1, atol=1e-6)
+    # The clip still acts per head, and a batch without spread gives zeros.
+    assert float(batch_advantages([a, b], 1.0, "batch")[1].abs().max()) == 1.0
+    flat = batch_advantages([torch.ones(2, 2), torch.zeros(2, 2)], 5.0, "batch")
+    assert all(float(x.abs().max()) == 0.0 for x in flat)
+    with pytest.raises(ValueError, match="advantage_norm"):
+        RLHFStageConfig(advantage_norm="global").validate()
+
+
+def test_rollout_groups_share_their_noise_unless_told_otherwise():
+    def first_latents(**settings):
+        policy, _ = _policy(**settings)
+        return policy.rollout(0, torch.Generator().manual_seed(3)).videos[0]  # (G, ...)
+
+    shared = first_latents()
+    assert all(torch.equal(shared[0], shared[c]) for c in range(1, 4))
+    own = first_latents(shared_noise=False)
+    assert not any(torch.equal(own[0], own[c]) for c in range(1, 4))
 
 
 # -- several optimiser steps per rollout -------------------------------------------

@@ -19,6 +19,7 @@ DISTILL_METHODS = ("reflow", "dmd2")
 ADHERENCE_SCORES = ("colour_frames", "objects")
 # Flow-GRPO's KL coefficient (the same per-element-mean Gaussian KL as grpo.py's).
 DEFAULT_KL_WEIGHT = 0.04
+ADVANTAGE_NORMS = ("group", "batch")  # rlhf.advantage_norm
 
 
 @dataclass
@@ -159,13 +160,20 @@ class RLHFStageConfig:
     checkpoint_every: int = 20
     log_every: int = 5
     # DanceGRPO.
-    group_size: int = 8  # G candidates per prompt, from one shared initial noise
+    group_size: int = 8  # G candidates per prompt
+    # One initial noise shared by a group's candidates (DanceGRPO); false: each its own
+    # (Flow-GRPO), so they differ by more than the sampler's noise.
+    shared_noise: bool = True
     sample_steps: int = 10  # SDE sampler steps per rollout
     eta: float = 0.3  # SDE noise level
     text_scale: float = 4.0  # the policy samples with the guidance it is used with
     timestep_fraction: float = 0.6  # fraction of sampling steps trained on, drawn per step
     clip_range: float = 1e-3  # PPO ratio clip (log-probs are per-element means)
     adv_clip_max: float = 5.0  # per head, on its group-normalised advantage
+    # "group": each head's rewards divided by the group's std (DanceGRPO); "batch":
+    # centred in the group, divided by the head's spread over the rollout batch (a group
+    # whose candidates differ only by the rater's noise then pulls little).
+    advantage_norm: str = "group"
     # Optimiser steps per rollout batch: the batch's (candidate, step) rows are split
     # over this many updates (as DanceGRPO's gradient-accumulation chunks), so from the
     # second on the policy has moved, the ratio differs from 1 and the clip acts.
@@ -206,6 +214,11 @@ class RLHFStageConfig:
             raise ValueError(f"judge.heads {unknown} are not reward heads ({', '.join(HEADS)})")
         if len(self.head_weights) != len(HEADS):
             raise ValueError(f"head_weights needs {len(HEADS)} entries ({', '.join(HEADS)})")
+        if self.advantage_norm not in ADVANTAGE_NORMS:
+            raise ValueError(
+                f"advantage_norm must be one of {', '.join(ADVANTAGE_NORMS)}, "
+                f"got {self.advantage_norm!r}"
+            )
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2 (advantages are relative within a group)")
         if not 0.0 < self.timestep_fraction <= 1.0:

@@ -2,7 +2,8 @@
 
 A rollout batch, for each prompt of the worker's batch:
 
-1. **Rollout** (no gradient): ``G`` candidates from one shared initial noise, sampled
+1. **Rollout** (no gradient): ``G`` candidates from one shared initial noise
+   (``shared_noise = false``: each its own, as Flow-GRPO's groups), sampled
    with the SDE of :mod:`pipelines.align.sde` (noise level ``eta``) and the text
    guidance the model is used with; the log-probability of every step is kept.
 2. **Reward**: the learned reward model scores the final latents per head
@@ -11,8 +12,9 @@ A rollout batch, for each prompt of the worker's batch:
    reward-hacking monitor: both are logged, and the stage's report flags a reward
    model score that rises while the rater's falls).
 3. **Advantages, per head**: each head's rewards normalised within the group
-   (``(r - mean) / std``; a head on which the group does not differ gives 0) and
-   clipped to ``adv_clip_max``. Optionally only the best and worst ``k`` candidates by
+   (``(r - mean) / std``; a head on which the group does not differ gives 0), or with
+   ``advantage_norm = "batch"`` centred in the group and divided by the head's spread
+   over the whole batch; clipped to ``adv_clip_max``. Optionally only the best and worst ``k`` candidates by
    weighted advantage are trained on (best-and-worst-of-N).
 4. **Rows**: each candidate trains on its own random ``timestep_fraction`` of the
    sampling steps (a permutation per sample, as DanceGRPO); the (candidate, step) rows
@@ -50,14 +52,34 @@ from pipelines.train.batches import pad_text
 ROW_KEYS = ("x_v", "x_a", "next_v", "next_a", "t", "t_next", "old", "adv", "prompt")
 
 
-def head_advantages(rewards: torch.Tensor, clip: float) -> torch.Tensor:
-    """(G, H) per-head advantages of one group's (G, H) rewards, each clipped to ``clip``."""
+def head_advantages(
+    rewards: torch.Tensor, clip: float, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(G, H) per-head advantages of one group's (G, H) rewards, each clipped to ``clip``.
+
+    Centred within the group and divided by ``scale`` (H,) when given, else by the
+    group's own std per head (DanceGRPO); a head with no spread gives 0."""
     mean = rewards.mean(0, keepdim=True)
-    std = rewards.std(0, unbiased=False, keepdim=True)
+    std = rewards.std(0, unbiased=False, keepdim=True) if scale is None else scale.view(1, -1)
     norm = torch.where(
         std > 1e-6, (rewards - mean) / std.clamp_min(1e-6), torch.zeros_like(rewards)
     )
     return norm.clamp(-clip, clip)
+
+
+def batch_advantages(groups: list[torch.Tensor], clip: float, norm: str) -> list[torch.Tensor]:
+    """Per-head advantages of a rollout batch's groups (each (G, H) rewards).
+
+    ``norm = "group"``: each group by its own std (DanceGRPO). ``"batch"``: each group
+    centred on its own mean, all divided by the head's std of those centred rewards
+    over the whole batch, so a group whose candidates barely differ (differences at the
+    rater's noise) gets small advantages instead of full-size ones.
+    """
+    if norm == "group":
+        return [head_advantages(r, clip) for r in groups]
+    centred = torch.cat([r - r.mean(0, keepdim=True) for r in groups])  # (N, H)
+    scale = centred.pow(2).mean(0).sqrt()  # (H,)
+    return [head_advantages(r, clip, scale) for r in groups]
 
 
 def group_advantages(
@@ -200,8 +222,9 @@ class GRPO:
         s = self.settings
         g = s.group_size
         v_shape, a_shape, _ = self.shapes
-        video = torch.randn(v_shape, generator=gen).expand(g, *v_shape[1:]).clone()
-        audio = torch.randn(a_shape, generator=gen).expand(g, *a_shape[1:]).clone()
+        n = 1 if s.shared_noise else g  # initial noises a group
+        video = torch.randn(n, *v_shape[1:], generator=gen).expand(g, *v_shape[1:]).clone()
+        audio = torch.randn(n, *a_shape[1:], generator=gen).expand(g, *a_shape[1:]).clone()
         text = self._text(prompt_index, g)
         null = self.dit.null_text_conditioning(g, self.device)
         was_training = self.module.training
@@ -238,7 +261,7 @@ class GRPO:
         n_steps = len(self.times) - 1
         n_train = max(1, round(s.timestep_fraction * n_steps))
         rows: dict[str, list] = {k: [] for k in ROW_KEYS}
-        model_means, rater_means = [], []
+        model_means, rater_means, trajs, group_rewards = [], [], [], []
         for pi in indices:
             traj = self.rollout(pi, gen)
             final_v, final_a = traj.final
@@ -251,7 +274,10 @@ class GRPO:
                         self.skip_heads, self.rater_pool, s.preferences.adherence_score,
                     )  # fmt: skip
                 rater_means.append(rated.nanmean(0))
-            adv = head_advantages(rewards, s.adv_clip_max)  # (G, H)
+            trajs.append(traj)
+            group_rewards.append(rewards)
+        advantages = batch_advantages(group_rewards, s.adv_clip_max, s.advantage_norm)
+        for pi, traj, adv in zip(indices, trajs, advantages, strict=True):  # adv: (G, H)
             w = torch.tensor(self.weights, dtype=adv.dtype, device=adv.device)
             chosen = select_candidates((adv * w).sum(-1), s.best_worst_k)
             for c in chosen:

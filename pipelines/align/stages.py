@@ -20,7 +20,8 @@ skipped when present (so a resumed or restarted stage reuses it):
      reward it first checks the reward model's held-out agreement against
      ``rlhf.reward.min_agreement`` (the floor) and refuses to start below it. With
      ``reward_source = "judge"`` steps 1-2 are skipped: a vision-language endpoint
-     (:mod:`pipelines.align.judge`) scores the decoded candidates.
+     (:mod:`pipelines.align.judge`) scores the decoded candidates; with ``"rater"``
+     (the ablation) too: the probes score them.
 
 Prompts are the manifest's captions, of any corpus; on a corpus that is not the
 synthetic world the rater heads that need it (:data:`pipelines.align.rater.WORLD_HEADS`)
@@ -631,6 +632,9 @@ def rlhf_task(cfg, pipeline, rt):
         # The judge answers only the heads it is asked; the others carry no reward.
         weights = tuple(w if h in s.judge.heads else 0.0
                         for h, w in zip(HEADS, s.head_weights, strict=True))  # fmt: skip
+    elif s.reward_source == "rater":  # the ablation asks the probes: no reward model
+        reward_model, report = None, {}
+        weights = tuple(0.0 if h in skip else w for h, w in zip(HEADS, s.head_weights, strict=True))
     else:
         reward_model, reward_meta = ensure_reward_model(cfg, pipeline, rt)
         reward_model.to(rt.device)

@@ -116,6 +116,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rlhf-batch", type=int, default=4, help="prompts per step")
     parser.add_argument("--rlhf-lr", type=float, default=2e-5)
     parser.add_argument("--rlhf-until-s", type=float, default=700.0)
+    parser.add_argument(
+        "--rlhf-own-noise", action="store_true",
+        help="each rollout candidate from its own initial noise (rlhf.shared_noise false)",
+    )  # fmt: skip
+    parser.add_argument("--advantage-norm", choices=("group", "batch"), default="group")
+    parser.add_argument(
+        "--kl-weight", type=float, default=None,
+        help="KL to the parent (default: on with the learned reward, off with the rater)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--skip-distill", action="store_true",
+        help="no Fast student: score the parent and the RLHF model only",
+    )  # fmt: skip
     # DMD2.
     parser.add_argument("--distill-steps", type=int, default=3000)
     parser.add_argument("--distill-batch", type=int, default=16)
@@ -130,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.list_texts and not args.out:
         parser.error("--out is required (or --list-texts FILE)")
+    if args.skip_rlhf and args.skip_distill:
+        parser.error("--skip-rlhf and --skip-distill leave nothing to train")
     if args.distill_until_s <= args.rlhf_until_s:
         parser.error("--distill-until-s must come after --rlhf-until-s")
     return args
@@ -152,6 +167,8 @@ def build_config(args, manifest: str):
                 "steps": args.rlhf_steps, "batch_size": args.rlhf_batch, "lr": args.rlhf_lr,
                 "checkpoint_every": 20, "log_every": 10,
                 "rater_workers": args.rater_workers, "reward_source": args.reward_source,
+                "shared_noise": not args.rlhf_own_noise, "kl_weight": args.kl_weight,
+                "advantage_norm": args.advantage_norm,
                 "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3,
                             "grammar_prompts": args.grammar_prompts},
                 "preferences": {"candidates_per_prompt": args.candidates,
@@ -345,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[align] DanceGRPO refused: {err}", flush=True)
             summary["rlhf_refused"] = str(err)
             rlhf_final = ""
-    if not args.skip_rlhf:
+    # The rater ablation trains no reward model (unless asked for one alone).
+    if args.reward_only or (not args.skip_rlhf and args.reward_source == "model"):
         reward_uri = os.path.join(loop.stage_uri(cfg, "rlhf"), "reward")
         summary["reward"] = reward_summary(load_reward_model(reward_uri)[1].get("report", {}))
     _save(summary, args)
@@ -354,8 +372,10 @@ def main(argv: list[str] | None = None) -> dict:
         return _finish(summary, args, t0)
 
     cfg.init_from = rlhf_final or os.path.abspath(args.checkpoint)
-    stages.run(cfg, "distill", t0 + args.distill_until_s)
-    fast_final = loop.final_uri(cfg, "distill")
+    fast_final = ""
+    if not args.skip_distill:
+        stages.run(cfg, "distill", t0 + args.distill_until_s)
+        fast_final = loop.final_uri(cfg, "distill")
     # Weights first: a host lost during scoring still gives them back.
     for name, src in (("ship_rlhf", rlhf_final), ("ship_fast", fast_final)):
         if src:
@@ -371,6 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
     fast = {**full, "steps": 4, "sampler": "euler", "quality": "fast"}
     models = {"parent": (os.path.abspath(args.checkpoint), full), "rlhf": (rlhf_final, full),
               "fast": (fast_final, fast)}  # fmt: skip
+    if not fast_final:
+        models.pop("fast")
     if not rlhf_final:  # the Fast student's teacher is then the parent
         models["rlhf"] = models.pop("parent")
     started = time.monotonic()
