@@ -162,7 +162,8 @@ class RLHFStageConfig:
     # DanceGRPO.
     group_size: int = 8  # G candidates per prompt
     # One initial noise shared by a group's candidates (DanceGRPO); false: each its own
-    # (Flow-GRPO), so they differ by more than the sampler's noise.
+    # (Flow-GRPO). Own noise makes candidates differ more, but by a noise the policy does
+    # not choose: on a toy policy it learned far less (BENCHMARKS.md, session 26).
     shared_noise: bool = True
     sample_steps: int = 10  # SDE sampler steps per rollout
     eta: float = 0.3  # SDE noise level

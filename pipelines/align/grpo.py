@@ -14,8 +14,8 @@ A rollout batch, for each prompt of the worker's batch:
 3. **Advantages, per head**: each head's rewards normalised within the group
    (``(r - mean) / std``; a head on which the group does not differ gives 0), or with
    ``advantage_norm = "batch"`` centred in the group and divided by the head's spread
-   over the whole batch; clipped to ``adv_clip_max``. Optionally only the best and worst ``k`` candidates by
-   weighted advantage are trained on (best-and-worst-of-N).
+   over the whole batch; clipped to ``adv_clip_max``. Optionally only the best and
+   worst ``k`` candidates by weighted advantage are trained on (best-and-worst-of-N).
 4. **Rows**: each candidate trains on its own random ``timestep_fraction`` of the
    sampling steps (a permutation per sample, as DanceGRPO); the (candidate, step) rows
    of the batch are shuffled and split over ``updates_per_rollout`` optimiser steps.
