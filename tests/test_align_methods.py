@@ -18,10 +18,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from core.media import AVClip
-from model.dit import TextConditioning
 from pipelines.align.config import HEADS, RewardConfig, RLHFStageConfig
 from pipelines.align.grpo import (
     GRPO,
@@ -39,6 +37,7 @@ from pipelines.align.reward import (
     train_reward_model,
 )
 from pipelines.align.stages import RolloutSchedule, reward_trends
+from pipelines.align.toy_policy import head0_reward, toy_grpo
 
 Z = 1.5 / math.sqrt(1.25)  # the z-score of 1 and 4 in a group 1, 2, 3, 4
 
@@ -114,51 +113,9 @@ def test_rollout_groups_share_their_noise_unless_told_otherwise():
 
 # -- several optimiser steps per rollout -------------------------------------------
 
-D = 4  # text width of the toy policy
-
-
-class ToyPolicy(nn.Module):
-    """A velocity field with a handful of weights, read from the prompt's tokens."""
-
-    patch = 1
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.text = nn.Linear(D, 2)
-        self.scale = nn.Parameter(torch.tensor(-0.5))
-
-    def forward(self, video, audio, t, text, *rest, **kw):
-        m = text.mask.float().unsqueeze(-1)
-        c = self.text((text.tokens * m).sum(1) / m.sum(1).clamp_min(1.0))  # (B, 2)
-        v = self.scale * video + c[:, 0].view(-1, 1, 1, 1, 1) + 0.1 * t.view(-1, 1, 1, 1, 1)
-        return v, self.scale * audio + c[:, 1].view(-1, 1, 1)
-
-    def null_text_conditioning(self, b, device):
-        return TextConditioning(torch.zeros(b, 1, D), torch.ones(b, 1, dtype=torch.bool))
-
-
-class VideoMean(nn.Module):
-    def forward(self, video, audio, tokens, mask):  # (G, heads): head h rewards (-1)^h mean
-        m = video.float().mean(dim=(1, 2, 3, 4))
-        return torch.stack([m * (-1) ** k for k in range(len(HEADS))], 1)
-
 
 def _policy(**settings) -> tuple[GRPO, RLHFStageConfig]:
-    s = RLHFStageConfig(
-        group_size=4, sample_steps=4, timestep_fraction=0.5, clip_range=1e-3,
-        monitor_rater=False, **settings,
-    )  # fmt: skip
-    toy = ToyPolicy()
-    tokens = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(1))
-    policy = GRPO(
-        settings=s, module=toy, dit=toy, reference=None, reward_model=VideoMean(),
-        pipeline=None, tokens=tokens, mask=torch.ones(2, 3, dtype=torch.bool),
-        prompts=["a red circle", "a blue square"], shapes=((1, 2, 2, 2, 2), (1, 2, 4), 5),
-        times=[1.0, 0.75, 0.5, 0.25, 0.0], device=torch.device("cpu"),
-        weights=(1.0, 0.5, 0.0, 0.0, 0.0),
-    )  # fmt: skip
-    return policy, s
+    return toy_grpo(**settings)
 
 
 def _gen(step: int) -> torch.Generator:
@@ -212,11 +169,7 @@ def test_ratio_leaves_1_on_the_second_update_of_a_rollout_and_resume_is_exact(tm
 
 def _mean_reward(policy: GRPO) -> float:
     """The toy reward (head 0: the video's mean) of 4 fresh groups per prompt."""
-    gen = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        r = [policy.rewards(p, *policy.rollout(p, gen).final)[:, 0].mean()
-             for _ in range(4) for p in (0, 1)]  # fmt: skip
-    return float(sum(r)) / len(r)
+    return sum(head0_reward(policy)) / 2
 
 
 @pytest.mark.parametrize("norm", ["group", "batch"])
