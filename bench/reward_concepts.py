@@ -505,13 +505,16 @@ def main(argv=None) -> int:
         from pipelines.align.observer import event_recall_precision
 
         seen = stored(rows, inputs)
-        with open(os.path.join(args.checkpoint, "config.json")) as f:
-            model_cfg = json.load(f)["config"]
+        from model.checkpoint import model_config
+
+        where = os.path.join(args.checkpoint, "config.json")
+        with open(where) as f:
+            model_cfg = model_config(json.load(f), where)
         labelled = seen["observed_impact"]
         results["impact_rule"] = {}
         for jitter in [float(j) for j in args.impact_rule.split(",")]:
-            found = impacts_by_rule(seen["observed_objects"], float(model_cfg["fps"]),
-                                    int(model_cfg["width"]), jitter, args.seed)  # fmt: skip
+            found = impacts_by_rule(seen["observed_objects"], float(model_cfg.fps),
+                                    int(model_cfg.width), jitter, args.seed)  # fmt: skip
             pr = event_recall_precision(found, labelled)
             results["impact_rule"][str(jitter)] = pr
             print(f"impacts by the rater's rule, centres jittered {jitter} px: precision "

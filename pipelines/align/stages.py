@@ -522,15 +522,13 @@ def _wrap(cfg, pipeline, rt):
 MIN_HEAD_PAIRS = 10
 
 
-def active_head_weights(weights, train_pairs: dict, reward_source: str) -> tuple[float, ...]:
-    """Head weights with the heads the reward model never learned set to 0.
+def active_head_weights(weights, train_pairs: dict) -> tuple[float, ...]:
+    """Head weights with the heads the learned reward model never learned set to 0.
 
     A head with (almost) no preference pairs in the training groups (sync, when the
     parent model makes no candidate with a matched impact sound) has an untrained
     output; group-normalised, it would add pure noise to every advantage.
     """
-    if reward_source != "model":
-        return tuple(weights)
     return tuple(
         w if train_pairs.get(h, 0) >= MIN_HEAD_PAIRS else 0.0
         for h, w in zip(HEADS, weights, strict=True)
@@ -633,13 +631,13 @@ def rlhf_task(cfg, pipeline, rt):
         weights = tuple(w if h in s.judge.heads else 0.0
                         for h, w in zip(HEADS, s.head_weights, strict=True))  # fmt: skip
     elif s.reward_source == "rater":  # the ablation asks the probes: no reward model
-        reward_model, report = None, {}
-        weights = tuple(0.0 if h in skip else w for h, w in zip(HEADS, s.head_weights, strict=True))
+        reward_model, report, weights = None, {}, tuple(s.head_weights)
     else:
         reward_model, reward_meta = ensure_reward_model(cfg, pipeline, rt)
         reward_model.to(rt.device)
         report = reward_meta["report"]
-        weights = active_head_weights(s.head_weights, report["train_pairs"], s.reward_source)
+        weights = active_head_weights(s.head_weights, report["train_pairs"])
+    if s.reward_source != "judge":  # the judge sees footage; the rater's world heads do not
         weights = tuple(0.0 if h in skip else w for h, w in zip(HEADS, weights, strict=True))
     if s.reward_source == "model":
         check_agreement_floor(report, weights, s.reward.min_agreement)
