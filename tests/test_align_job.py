@@ -258,6 +258,11 @@ def test_align_job_hands_its_reward_source_to_the_rlhf_stage():
     assert tuned.kl_coefficient() == 0.01
     with pytest.raises(SystemExit):
         parse_args(["--carry", "c", "--out", "o", "--skip-rlhf", "--skip-distill"])
+    with pytest.raises(SystemExit):
+        parse_args(["--carry", "c", "--out", "o", "--rlhf-until-s", "900", "--distill-until-s", "700"])
+    # One stage alone has one deadline: the other's does not have to come before it.
+    alone = parse_args(["--carry", "c", "--out", "o", "--skip-rlhf", "--distill-until-s", "700"])
+    assert alone.distill_until_s == 700
 
 
 def test_the_rater_reports_what_it_saw_frame_by_frame_when_asked():

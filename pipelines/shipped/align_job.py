@@ -145,7 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--out is required (or --list-texts FILE)")
     if args.skip_rlhf and args.skip_distill:
         parser.error("--skip-rlhf and --skip-distill leave nothing to train")
-    if args.distill_until_s <= args.rlhf_until_s:
+    # Both are deadlines from the job's start; distillation starts where RL stopped.
+    both_stages = not (args.skip_rlhf or args.skip_distill)
+    if both_stages and args.distill_until_s <= args.rlhf_until_s:
         parser.error("--distill-until-s must come after --rlhf-until-s")
     return args
 
