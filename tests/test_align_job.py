@@ -237,7 +237,7 @@ def test_a_groups_candidates_share_their_initial_noise_unless_told_not_to(
     assert not torch.allclose(own[0], own[1]) and not torch.allclose(own[1], own[2])
 
 
-def test_align_job_hands_its_reward_source_to_the_rlhf_stage():
+def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     from pipelines.shipped.align_job import build_config, parse_args
 
     def cfg(*extra):
@@ -256,6 +256,9 @@ def test_align_job_hands_its_reward_source_to_the_rlhf_stage():
     tuned = cfg("--rlhf-own-noise", "--advantage-norm", "batch", "--kl-weight", "0.01").rlhf
     assert not tuned.shared_noise and tuned.advantage_norm == "batch"
     assert tuned.kl_coefficient() == 0.01
+    dmd = cfg("--fake-updates", "2", "--regression-weight", "0.5").distill.dmd
+    assert (dmd.fake_updates, dmd.regression_weight) == (2, 0.5)
+    assert cfg().distill.dmd.fake_updates == 4 and cfg().distill.dmd.regression_weight == 0.0
     with pytest.raises(SystemExit):
         parse_args(["--carry", "c", "--out", "o", "--skip-rlhf", "--skip-distill"])
     with pytest.raises(SystemExit):

@@ -133,6 +133,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distill-steps", type=int, default=3000)
     parser.add_argument("--distill-batch", type=int, default=16)
     parser.add_argument("--distill-until-s", type=float, default=1000.0)
+    parser.add_argument(
+        "--fake-updates", type=int, default=4,
+        help="fake-score updates per student update (DMD2's two time-scale rule)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--regression-weight", type=float, default=0.0,
+        help="weight of the regression on the guided teacher's endpoint (0: DMD2 alone)",
+    )  # fmt: skip
     # Each pooled caption costs its embedding in the carry's table (about 12 KB).
     parser.add_argument("--grammar-pool", type=int, default=150)
     # Held-out scoring.
@@ -186,7 +194,9 @@ def build_config(args, manifest: str):
             "distill": {
                 "method": "dmd2", "steps": args.distill_steps,
                 "batch_size": args.distill_batch, "checkpoint_every": 100, "log_every": 25,
-                "dmd": {"grammar_pool": args.grammar_pool, "frame_buckets": [17, args.frames]},
+                "dmd": {"grammar_pool": args.grammar_pool, "frame_buckets": [17, args.frames],
+                        "fake_updates": args.fake_updates,
+                        "regression_weight": args.regression_weight},
             },
         }
     )  # fmt: skip
