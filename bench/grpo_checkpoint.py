@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-prompts", type=int, default=16)
     ap.add_argument("--held-out", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=1, help="groups per held-out prompt")
+    ap.add_argument("--own-noise", action="store_true", help="rlhf.shared_noise false")
+    ap.add_argument("--eta", type=float, default=None, help="SDE noise level (default: the stage's)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     s = cfg.rlhf
     s.reward_source = "model" if args.reward == "brightness" else "rater"
     s.monitor_rater = False
+    s.shared_noise = not args.own_noise
+    if args.eta is not None:
+        s.eta = args.eta
     pipeline = DuetPipeline.from_checkpoint(args.checkpoint).eval()
     v_shape, a_shape, frames = latent_shapes(pipeline.config, s.preferences.duration_s)
     tokens, mask = encode_prompts(pipeline, prompts)
@@ -137,16 +142,22 @@ def main(argv: list[str] | None = None) -> int:
             f"t {time.monotonic() - t0:.0f}s",
             flush=True,
         )
-    after = held_out_scores(policy, held_rows, args.seeds)
-
     w = torch.tensor(weights)
-    total = lambda x: (x * w).sum(-1).mean(1)  # noqa: E731  (N,) per group
-    gain, se = mean_se(total(after) - total(before))
     spread = (before * w).sum(-1)
     room = mean_se(spread.max(1).values - spread.mean(1))
+    print(f"best of {before.shape[1]} over the group mean, before: {room[0]:+.4f} +- {room[1]:.4f}")
+    for k, h in enumerate(HEADS):
+        if weights[k] > 0:
+            head = before[:, :, k]
+            std = mean_se(head.std(1))
+            print(f"  {h:10s} within-group std {std[0]:.4f} +- {std[1]:.4f}")
+    if args.steps == 0:
+        return 0
+    after = held_out_scores(policy, held_rows, args.seeds)
+    total = lambda x: (x * w).sum(-1).mean(1)  # noqa: E731  (N,) per group
+    gain, se = mean_se(total(after) - total(before))
     print(f"held-out weighted reward: before {total(before).mean():.4f}, after {total(after).mean():.4f}")
     print(f"gain {gain:+.4f} +- {se:.4f} ({gain / se if se > 0 else float('nan'):+.1f} se)")
-    print(f"best of {before.shape[1]} over the group mean, before: {room[0]:+.4f} +- {room[1]:.4f}")
     for k, h in enumerate(HEADS):
         if weights[k] > 0:
             g, e = mean_se(after[:, :, k].mean(1) - before[:, :, k].mean(1))

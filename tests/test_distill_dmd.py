@@ -108,6 +108,31 @@ def test_student_gets_no_gradient_when_fake_equals_real_and_one_otherwise():
             assert (norm == 0.0) == zero, (scale, norm, metrics)
 
 
+def test_the_regression_term_pulls_the_student_toward_the_teachers_endpoint():
+    """``dmd.regression_weight``: with the fake score equal to the real one the DMD
+    term gives no gradient, so what moves the student is the regression alone; one
+    gradient step on it lowers the same draw's regression loss."""
+    step, pair = _tiny_step(1.0)
+    step.s.dmd.regression_weight = 1.0
+    draw = torch.Generator().manual_seed(0)
+
+    def regression() -> tuple[torch.Tensor, dict]:
+        loss, metrics, _ = step([0, 1], draw.manual_seed(3), 1)  # a generator step
+        return loss, metrics
+
+    loss, metrics = regression()
+    assert metrics["regression_loss"] > 0 and metrics["dmd_loss"] == 0.0
+    pair.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p for p in pair.dit.parameters() if p.grad is not None]
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in grads))
+    with torch.no_grad():
+        for p in grads:  # a small step down the whole gradient
+            p.sub_(1e-3 * p.grad / norm)
+    _, after = regression()
+    assert after["regression_loss"] < 0.95 * metrics["regression_loss"], (metrics, after)
+
+
 def _gaussian_x0(x_t, t, mean, var):
     """E[x0 | x_t] for x0 ~ N(mean, var), x_t = (1 - t) x0 + t eps (closed form)."""
     a = 1 - t
