@@ -111,6 +111,18 @@ def test_rollout_groups_share_their_noise_unless_told_otherwise():
     assert not any(torch.equal(own[0], own[c]) for c in range(1, 4))
 
 
+def test_group_spread_is_each_weighted_heads_std_within_its_group_averaged():
+    from pipelines.align.grpo import group_spread
+
+    a = torch.tensor([[0.0, 1.0, 5.0, 0, 0], [2.0, 1.0, 5.0, 0, 0]])  # stds 1.414, 0, 0
+    b = torch.tensor([[1.0, 0.0, 0.0, 0, 0], [1.0, 4.0, 2.0, 0, 0]])  # stds 0, 2.828, 1.414
+    got = group_spread([a, b], (1.0, 1.0, 0.0, 0.0, 0.0))
+    assert got == pytest.approx({"spread_sync": 2**0.5 / 2, "spread_adherence": 2**0.5})
+    policy, _ = _policy()  # the rollout's metrics carry it for the heads trained on
+    rollout = policy.collect([0, 1], torch.Generator().manual_seed(0))
+    assert rollout.metrics["spread_sync"] > 0 and "spread_motion" not in rollout.metrics
+
+
 # -- several optimiser steps per rollout -------------------------------------------
 
 

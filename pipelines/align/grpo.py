@@ -105,6 +105,15 @@ def clipped_objective(
     return (per_head * w).sum(), per_head
 
 
+def group_spread(groups: list[torch.Tensor], weights) -> dict[str, float]:
+    """``spread_<head>``: the std of each weighted head's reward within a group, averaged
+    over the batch's (G, H) groups. What the group-relative advantages are made of: a
+    reward whose candidates of one group barely differ (or differ only by a rater's
+    threshold noise) leaves the policy little to learn from."""
+    std = torch.stack([g.float().std(0) for g in groups]).mean(0)
+    return {f"spread_{h}": float(std[k]) for k, h in enumerate(HEADS) if weights[k] > 0}
+
+
 def select_candidates(adv: torch.Tensor, k: int) -> list[int]:
     """Indices of the best and worst ``k`` candidates (all when ``k`` is 0)."""
     if k <= 0:
@@ -295,6 +304,7 @@ class GRPO:
         stacked = {k: torch.stack(v).to(self.device) for k, v in rows.items()}
         order = torch.randperm(stacked["old"].shape[0], generator=gen)
         metrics = self._reward_metrics(model_means, rater_means)
+        metrics.update(group_spread(group_rewards, self.weights))
         return Rollout(step, stacked, order, max(1, parts), metrics)
 
     def _reward_metrics(self, model_means: list, rater_means: list) -> dict[str, float]:
