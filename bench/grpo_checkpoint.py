@@ -56,6 +56,22 @@ def scores(policy, prompt_index: int, seed: int) -> torch.Tensor:
         return policy.rewards(prompt_index, *traj.final).cpu()
 
 
+def perturbed_scores(policy, prompt_index: int, seed: int, sigma: float):
+    """(G, heads) rewards of the same group as :func:`scores`, of its final latents plus
+    noise of std ``sigma`` (a change no one would see: how much of a group's spread is
+    the reward's own noise), and the rms distance of its candidates' video latents from
+    their mean (how far apart the group's candidates lie)."""
+    with torch.no_grad():
+        traj = policy.rollout(prompt_index, torch.Generator().manual_seed(seed))
+        video, audio = traj.final
+        gen = torch.Generator().manual_seed(seed + 1)
+        shaken = (video + sigma * torch.randn(video.shape, generator=gen).to(video.device),
+                  audio + sigma * torch.randn(audio.shape, generator=gen).to(audio.device))  # fmt: skip
+        apart = float((video - video.mean(0, keepdim=True)).pow(2).mean().sqrt())
+        clean = policy.rewards(prompt_index, video, audio).cpu()
+        return clean, policy.rewards(prompt_index, *shaken).cpu(), apart
+
+
 def held_out_scores(policy, prompts: list[int], seeds: int) -> torch.Tensor:
     """(prompts * seeds, G, heads) rewards on held-out prompts."""
     return torch.stack([scores(policy, p, 7919 * (k + 1)) for p in prompts for k in range(seeds)])
@@ -69,7 +85,9 @@ def mean_se(x: torch.Tensor) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--carry", required=True, help="a carried corpus (its captions give the prompts)")
+    ap.add_argument(
+        "--carry", required=True, help="a carried corpus (its captions give the prompts)"
+    )
     ap.add_argument("--checkpoint", default="checkpoints/default")
     ap.add_argument("--reward", choices=("brightness", "rater"), default="brightness")
     ap.add_argument("--steps", type=int, default=24, help="loop steps (2 a rollout batch)")
@@ -79,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--held-out", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=1, help="groups per held-out prompt")
     ap.add_argument("--own-noise", action="store_true", help="rlhf.shared_noise false")
-    ap.add_argument("--eta", type=float, default=None, help="SDE noise level (default: the stage's)")
+    ap.add_argument(
+        "--perturb", type=float, default=0.0,
+        help="also rate each held-out group's final latents plus noise of this std",
+    )  # fmt: skip
+    ap.add_argument(
+        "--eta", type=float, default=None, help="SDE noise level (default: the stage's)"
+    )
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
@@ -121,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     held_rows = list(range(len(train), len(prompts)))
     t0 = time.monotonic()
     before = held_out_scores(policy, held_rows, args.seeds)  # (N, G, H)
-    print(f"{len(train)} training prompts, {len(held)} held out; before: {time.monotonic() - t0:.0f} s")
+    print(
+        f"{len(train)} training prompts, {len(held)} held out; before: {time.monotonic() - t0:.0f} s"
+    )
 
     schedule = RolloutSchedule(policy, s, os.path.join(work, "rlhf"), rank=0)
     params = [p for p in pipeline.dit.parameters() if p.requires_grad]
@@ -151,17 +177,32 @@ def main(argv: list[str] | None = None) -> int:
             head = before[:, :, k]
             std = mean_se(head.std(1))
             print(f"  {h:10s} within-group std {std[0]:.4f} +- {std[1]:.4f}")
+    if args.perturb > 0:  # the reward's own noise against the groups' spread
+        pairs = [perturbed_scores(policy, p, 7919, args.perturb) for p in held_rows]
+        diff = torch.stack([b - a for a, b, _ in pairs])  # (N, G, H)
+        apart = statistics.fmean(x for _, _, x in pairs)
+        print(f"candidates' video latents lie {apart:.4f} (rms) from their group's mean; "
+              f"rewards of the final latents plus noise of std {args.perturb:g}:")  # fmt: skip
+        for k, h in enumerate(HEADS):
+            if weights[k] > 0:
+                flipped = float((diff[:, :, k] != 0).float().mean())
+                own = float(diff[:, :, k].pow(2).mean().sqrt() / 2**0.5)
+                print(f"  {h:10s} own noise std {own:.4f}, changed on {flipped:.0%} of candidates")
     if args.steps == 0:
         return 0
     after = held_out_scores(policy, held_rows, args.seeds)
     total = lambda x: (x * w).sum(-1).mean(1)  # noqa: E731  (N,) per group
     gain, se = mean_se(total(after) - total(before))
-    print(f"held-out weighted reward: before {total(before).mean():.4f}, after {total(after).mean():.4f}")
+    print(
+        f"held-out weighted reward: before {total(before).mean():.4f}, after {total(after).mean():.4f}"
+    )
     print(f"gain {gain:+.4f} +- {se:.4f} ({gain / se if se > 0 else float('nan'):+.1f} se)")
     for k, h in enumerate(HEADS):
         if weights[k] > 0:
             g, e = mean_se(after[:, :, k].mean(1) - before[:, :, k].mean(1))
-            print(f"  {h:10s} {before[:, :, k].mean():.4f} -> {after[:, :, k].mean():.4f}  {g:+.4f} +- {e:.4f}")
+            print(
+                f"  {h:10s} {before[:, :, k].mean():.4f} -> {after[:, :, k].mean():.4f}  {g:+.4f} +- {e:.4f}"
+            )
     return 0
 
 

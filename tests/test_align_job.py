@@ -262,7 +262,9 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     with pytest.raises(SystemExit):
         parse_args(["--carry", "c", "--out", "o", "--skip-rlhf", "--skip-distill"])
     with pytest.raises(SystemExit):
-        parse_args(["--carry", "c", "--out", "o", "--rlhf-until-s", "900", "--distill-until-s", "700"])
+        parse_args(
+            ["--carry", "c", "--out", "o", "--rlhf-until-s", "900", "--distill-until-s", "700"]
+        )
     # One stage alone has one deadline: the other's does not have to come before it.
     alone = parse_args(["--carry", "c", "--out", "o", "--skip-rlhf", "--distill-until-s", "700"])
     assert alone.distill_until_s == 700
