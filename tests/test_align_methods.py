@@ -111,6 +111,18 @@ def test_rollout_groups_share_their_noise_unless_told_otherwise():
     assert not any(torch.equal(own[0], own[c]) for c in range(1, 4))
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_groups_sampled_in_one_batch_come_out_as_each_group_sampled_alone(shared):
+    policy, _ = _policy(shared_noise=shared)
+    together = policy.rollout_groups([1, 0], [torch.Generator().manual_seed(s) for s in (5, 6)])
+    for k, (prompt, seed) in enumerate(((1, 5), (0, 6))):
+        alone = policy.rollout(prompt, torch.Generator().manual_seed(seed))
+        rows = together.rows(4 * k, 4 * (k + 1))
+        for a, b in zip(rows.videos + rows.audios, alone.videos + alone.audios, strict=True):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(rows.logprobs, alone.logprobs)
+
+
 def test_group_spread_is_each_weighted_heads_std_within_its_group_averaged():
     from pipelines.align.grpo import group_spread
 

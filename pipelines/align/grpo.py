@@ -46,7 +46,13 @@ import torch
 from model.dit import TextConditioning
 from pipelines.align.config import HEADS
 from pipelines.align.observer import decode_frames
-from pipelines.align.sde import gaussian_logprob, guided_velocities, sde_rollout, step_mean
+from pipelines.align.sde import (
+    Trajectory,
+    gaussian_logprob,
+    guided_velocities,
+    sde_rollout,
+    step_mean,
+)
 from pipelines.train.batches import pad_text
 
 ROW_KEYS = ("x_v", "x_a", "next_v", "next_a", "t", "t_next", "old", "adv", "prompt")
@@ -227,20 +233,33 @@ class GRPO:
         t, m, _ = pad_text([tokens] * rows, None, self.tokens.shape[1])
         return TextConditioning(t.to(self.device), m.to(self.device))
 
-    def rollout(self, prompt_index: int, gen: torch.Generator):
+    def rollout(self, prompt_index: int, gen: torch.Generator) -> Trajectory:
+        """One prompt's group of ``group_size`` candidates."""
+        return self.rollout_groups([prompt_index], [gen])
+
+    def rollout_groups(self, prompts: list[int], gens: list[torch.Generator]) -> Trajectory:
+        """The groups of several prompts sampled in one batch, (P * G) rows in prompt
+        order: each group draws its noises from its own generator, so it comes out as
+        it would sampled alone, while the network sees one batch (a small DiT on a GPU
+        is bound by launches, not arithmetic)."""
         s = self.settings
         g = s.group_size
         v_shape, a_shape, _ = self.shapes
         n = 1 if s.shared_noise else g  # initial noises a group
-        video = torch.randn(n, *v_shape[1:], generator=gen).expand(g, *v_shape[1:]).clone()
-        audio = torch.randn(n, *a_shape[1:], generator=gen).expand(g, *a_shape[1:]).clone()
-        text = self._text(prompt_index, g)
-        null = self.dit.null_text_conditioning(g, self.device)
+        videos, audios = [], []
+        for gen in gens:
+            videos.append(torch.randn(n, *v_shape[1:], generator=gen).expand(g, *v_shape[1:]))
+            audios.append(torch.randn(n, *a_shape[1:], generator=gen).expand(g, *a_shape[1:]))
+        texts = [self._text(p, g) for p in prompts]
+        text = TextConditioning(
+            torch.cat([t.tokens for t in texts]), torch.cat([t.mask for t in texts])
+        )
+        null = self.dit.null_text_conditioning(g * len(prompts), self.device)
         was_training = self.module.training
         self.module.eval()
         traj = sde_rollout(
-            self.module, video.to(self.device), audio.to(self.device), text, null,
-            self.times, s.eta, s.text_scale, gen,
+            self.module, torch.cat(videos).to(self.device), torch.cat(audios).to(self.device),
+            text, null, self.times, s.eta, s.text_scale, list(gens),
         )  # fmt: skip
         self.module.train(was_training)
         return traj
@@ -271,8 +290,11 @@ class GRPO:
         n_train = max(1, round(s.timestep_fraction * n_steps))
         rows: dict[str, list] = {k: [] for k in ROW_KEYS}
         model_means, rater_means, trajs, group_rewards = [], [], [], []
-        for pi in indices:
-            traj = self.rollout(pi, gen)
+        # One generator a group, seeded from the step's: the batch's groups sample together.
+        seeds = torch.randint(0, 2**62, (len(indices),), generator=gen).tolist()
+        batch = self.rollout_groups(indices, [torch.Generator().manual_seed(x) for x in seeds])
+        for k, pi in enumerate(indices):
+            traj = batch.rows(k * s.group_size, (k + 1) * s.group_size)
             final_v, final_a = traj.final
             rewards = self.rewards(pi, final_v, final_a)  # (G, H)
             model_means.append(rewards.mean(0).cpu())

@@ -102,6 +102,13 @@ class Trajectory:
     def final(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.videos[-1], self.audios[-1]
 
+    def rows(self, start: int, stop: int) -> Trajectory:
+        """Rows ``start:stop`` of every state (one group of a batch of groups)."""
+        return Trajectory(
+            self.times, [v[start:stop] for v in self.videos], [a[start:stop] for a in self.audios],
+            self.logprobs[:, start:stop],
+        )  # fmt: skip
+
 
 def step_noise(shape: torch.Size, gen: torch.Generator | list[torch.Generator]) -> torch.Tensor:
     """Standard normal noise of ``shape``; from a list of generators, block by block."""
