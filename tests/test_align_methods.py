@@ -121,6 +121,14 @@ def test_groups_sampled_in_one_batch_come_out_as_each_group_sampled_alone(shared
         for a, b in zip(rows.videos + rows.audios, alone.videos + alone.audios, strict=True):
             torch.testing.assert_close(a, b)
         torch.testing.assert_close(rows.logprobs, alone.logprobs)
+    # A rollout batch split over several network batches (memory) draws the same rows.
+    split, _ = _policy(shared_noise=shared, rollout_groups_per_batch=1)
+    a = policy.collect([0, 1], torch.Generator().manual_seed(9))
+    b = split.collect([0, 1], torch.Generator().manual_seed(9))
+    for key in ("x_v", "next_a", "old", "adv"):
+        torch.testing.assert_close(a.rows[key], b.rows[key])
+    with pytest.raises(ValueError, match="rollout_groups_per_batch"):
+        RLHFStageConfig(rollout_groups_per_batch=-1).validate()
 
 
 def test_group_spread_is_each_weighted_heads_std_within_its_group_averaged():

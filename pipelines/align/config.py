@@ -179,6 +179,9 @@ class RLHFStageConfig:
     # over this many updates (as DanceGRPO's gradient-accumulation chunks), so from the
     # second on the policy has moved, the ratio differs from 1 and the clip acts.
     updates_per_rollout: int = 2
+    # Groups sampled in one batch of the network (0: all of a worker's rollout batch).
+    # Each group draws from its own generator, so this changes memory, not the samples.
+    rollout_groups_per_batch: int = 0
     # Candidates trained on per group: the best and worst k by total reward (0 = all G).
     best_worst_k: int = 0
     # KL to the frozen parent (SFT) policy, per trained step; 0 = off (as in DanceGRPO).
@@ -219,6 +222,10 @@ class RLHFStageConfig:
             raise ValueError(
                 f"advantage_norm must be one of {', '.join(ADVANTAGE_NORMS)}, "
                 f"got {self.advantage_norm!r}"
+            )
+        if self.rollout_groups_per_batch < 0:
+            raise ValueError(
+                "rlhf.rollout_groups_per_batch must be >= 0 (0: a whole rollout batch)"
             )
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2 (advantages are relative within a group)")

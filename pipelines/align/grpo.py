@@ -292,9 +292,15 @@ class GRPO:
         model_means, rater_means, trajs, group_rewards = [], [], [], []
         # One generator a group, seeded from the step's: the batch's groups sample together.
         seeds = torch.randint(0, 2**62, (len(indices),), generator=gen).tolist()
-        batch = self.rollout_groups(indices, [torch.Generator().manual_seed(x) for x in seeds])
+        gens = [torch.Generator().manual_seed(x) for x in seeds]
+        chunk = s.rollout_groups_per_batch or len(indices)
+        batches = [
+            self.rollout_groups(indices[i : i + chunk], gens[i : i + chunk])
+            for i in range(0, len(indices), chunk)
+        ]
         for k, pi in enumerate(indices):
-            traj = batch.rows(k * s.group_size, (k + 1) * s.group_size)
+            j = k % chunk  # the group's rows in its batch
+            traj = batches[k // chunk].rows(j * s.group_size, (j + 1) * s.group_size)
             final_v, final_a = traj.final
             rewards = self.rewards(pi, final_v, final_a)  # (G, H)
             model_means.append(rewards.mean(0).cpu())
