@@ -122,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--advantage-norm", choices=("group", "batch"), default="group")
     parser.add_argument(
+        "--eta", type=float, default=0.3,
+        help="the rollouts' SDE noise level (a group's candidates differ more as it rises)",
+    )  # fmt: skip
+    parser.add_argument(
         "--kl-weight", type=float, default=None,
         help="KL to the parent (default: on with the learned reward, off with the rater)",
     )  # fmt: skip
@@ -178,7 +182,7 @@ def build_config(args, manifest: str):
                 "checkpoint_every": 20, "log_every": 10,
                 "rater_workers": args.rater_workers, "reward_source": args.reward_source,
                 "shared_noise": not args.rlhf_own_noise, "kl_weight": args.kl_weight,
-                "advantage_norm": args.advantage_norm,
+                "advantage_norm": args.advantage_norm, "eta": args.eta,
                 "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3,
                             "grammar_prompts": args.grammar_prompts},
                 "preferences": {"candidates_per_prompt": args.candidates,
