@@ -228,11 +228,6 @@ class GRPO:
         if not self.weights:
             self.weights = tuple(self.settings.head_weights)
 
-    def _text(self, prompt_index: int, rows: int) -> TextConditioning:
-        tokens = self.tokens[prompt_index][self.mask[prompt_index]].cpu()
-        t, m, _ = pad_text([tokens] * rows, None, self.tokens.shape[1])
-        return TextConditioning(t.to(self.device), m.to(self.device))
-
     def rollout(self, prompt_index: int, gen: torch.Generator) -> Trajectory:
         """One prompt's group of ``group_size`` candidates."""
         return self.rollout_groups([prompt_index], [gen])
@@ -250,10 +245,7 @@ class GRPO:
         for gen in gens:
             videos.append(torch.randn(n, *v_shape[1:], generator=gen).expand(g, *v_shape[1:]))
             audios.append(torch.randn(n, *a_shape[1:], generator=gen).expand(g, *a_shape[1:]))
-        texts = [self._text(p, g) for p in prompts]
-        text = TextConditioning(
-            torch.cat([t.tokens for t in texts]), torch.cat([t.mask for t in texts])
-        )
+        text = self._texts([p for p in prompts for _ in range(g)])  # (P * G) rows
         null = self.dit.null_text_conditioning(g * len(prompts), self.device)
         was_training = self.module.training
         self.module.eval()
