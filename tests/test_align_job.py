@@ -257,6 +257,8 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     assert not tuned.shared_noise and tuned.advantage_norm == "batch"
     assert tuned.kl_coefficient() == 0.01
     assert learned.eta == 0.3 and cfg("--eta", "0.7").rlhf.eta == 0.7
+    assert learned.loss_rows_per_chunk == 128
+    assert cfg("--loss-rows-per-chunk", "0").rlhf.loss_rows_per_chunk == 0
     dmd = cfg("--fake-updates", "2", "--regression-weight", "0.5").distill.dmd
     assert (dmd.fake_updates, dmd.regression_weight) == (2, 0.5)
     assert cfg().distill.dmd.fake_updates == 4 and cfg().distill.dmd.regression_weight == 0.0

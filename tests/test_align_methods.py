@@ -131,6 +131,59 @@ def test_groups_sampled_in_one_batch_come_out_as_each_group_sampled_alone(shared
         RLHFStageConfig(rollout_groups_per_batch=-1).validate()
 
 
+def test_a_loss_in_chunks_has_the_whole_losss_value_gradient_and_metrics():
+    # Rows of an update that do not fit one forward are accumulated chunk by chunk:
+    # the same loss, gradient and metrics as one forward over them all, KL included.
+    import copy
+
+    def update(chunk: int):
+        policy, _ = _policy(loss_rows_per_chunk=chunk, kl_weight=0.5)
+        policy.reference = copy.deepcopy(policy.module)
+        with torch.no_grad():  # a reference the policy has moved away from
+            for p in policy.reference.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+        rollout = policy.collect([0, 1], torch.Generator().manual_seed(4))
+        rollout.rows["old"] = rollout.rows["old"] - 0.002  # ratios off 1: the clip acts
+        loss, metrics, _ = policy.loss(rollout, None)
+        loss.backward()
+        grads = [p.grad.clone() for p in policy.module.parameters()]
+        return float(loss.detach()), grads, metrics
+
+    whole, grads, metrics = update(0)  # 16 rows: 2 groups of 4, 2 of 4 steps each
+    assert metrics["clip_fraction"] > 0 and metrics["kl"] > 0
+    for chunk in (3, 5):  # chunks of unequal sizes
+        got, got_grads, got_metrics = update(chunk)
+        assert got == pytest.approx(whole, rel=1e-5, abs=1e-7)
+        for a, b in zip(got_grads, grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert got_metrics == pytest.approx(metrics, rel=1e-5, abs=1e-7)
+    # Under DDP the gradients are all-reduced once, on the last chunk's backward.
+    from contextlib import contextmanager
+
+    from pipelines.align.grpo import ChunkedLoss
+
+    synced = []
+
+    class Wrapped:
+        @contextmanager
+        def no_sync(self):
+            synced.append(False)
+            yield
+
+    w = torch.ones(1, requires_grad=True)
+    chunked = ChunkedLoss([lambda: w.sum(), lambda: 2 * w.sum(), lambda: 3 * w.sum()],
+                          Wrapped(), lambda: synced.append(True))  # fmt: skip
+    chunked.backward()
+    assert synced == [False, False, True] and float(w.grad) == 6.0
+    assert float(chunked.detach()) == 6.0
+    policy, _ = _policy(loss_rows_per_chunk=4)
+    loss, _, _ = policy.loss(policy.collect([0], torch.Generator().manual_seed(4)), None)
+    with pytest.raises(RuntimeError, match="backward"):
+        loss.detach()
+    with pytest.raises(ValueError, match="loss_rows_per_chunk"):
+        RLHFStageConfig(loss_rows_per_chunk=-1).validate()
+
+
 def test_group_spread_is_each_weighted_heads_std_within_its_group_averaged():
     from pipelines.align.grpo import group_spread
 

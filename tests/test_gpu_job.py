@@ -183,3 +183,45 @@ def test_settings_that_cannot_run_are_refused_before_any_work(capsys):
             parse_args(base + extra)
         assert err.value.code == 2 and said in capsys.readouterr().err
     assert parse_args(base + ["--decoders-only", "--init-from", "ck"]).vae_only
+
+
+def test_a_stage_past_its_deadline_is_finished_after_the_stopped_run_is_freed(
+    tmp_path, monkeypatch
+):
+    # The finishing run (from the newest checkpoint) must not start while the stopped
+    # run's frames are alive: on a GPU they hold its networks and batch.
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from pipelines.shipped.gpu_job import TimedStages
+    from pipelines.train import loop
+    from pipelines.train import state as ckpt
+
+    class Networks:  # stands for what a stopped run holds
+        pass
+
+    alive: list = []
+    calls: list = []
+
+    def run_stage(cfg, stage, rt, progress):
+        calls.append(cfg.rlhf.steps)
+        if len(calls) == 1:
+            held = Networks()
+            alive.append(weakref.ref(held))
+            progress(stage, 40, 400, {"loss": 1.0})  # past the stop time: raises
+        gc.collect()
+        alive.append(alive[0]() is not None)
+        return SimpleNamespace(steps=cfg.rlhf.steps)
+
+    monkeypatch.setattr(loop, "run_stage", run_stage)
+    monkeypatch.setattr(loop, "stage_done", lambda cfg, stage: False)
+    monkeypatch.setattr(loop, "stage_uri", lambda cfg, stage: str(tmp_path / stage))
+    monkeypatch.setattr(loop, "final_uri", lambda cfg, stage: str(tmp_path / "final"))
+    monkeypatch.setattr(ckpt, "latest_checkpoint", lambda uri: uri + "/checkpoint_20")
+    monkeypatch.setattr(ckpt, "read_train_state", lambda uri: SimpleNamespace(step=20))
+    cfg = SimpleNamespace(rlhf=SimpleNamespace(steps=400))
+    timed = TimedStages(rt=None, t0=0.0, out_dir=str(tmp_path), stages={})
+    assert timed.run(cfg, "rlhf", stop=0.0) == 21
+    assert calls == [400, 21]  # finished from the checkpoint for one step
+    assert alive[1] is False  # the stopped run's objects were gone when it began

@@ -182,6 +182,11 @@ class RLHFStageConfig:
     # Groups sampled in one batch of the network (0: all of a worker's rollout batch).
     # Each group draws from its own generator, so this changes memory, not the samples.
     rollout_groups_per_batch: int = 0
+    # Rows of an update run forward together (0: all of them). Fewer: the update's
+    # loss is accumulated chunk by chunk (grpo.ChunkedLoss), the same gradient with one
+    # chunk's activations. 16 groups of 8 at 60% of 10 steps over 2 updates are 384
+    # guided rows of 2 s clips: more than 139 GiB on one H200 (BENCHMARKS.md, session 28).
+    loss_rows_per_chunk: int = 0
     # Candidates trained on per group: the best and worst k by total reward (0 = all G).
     best_worst_k: int = 0
     # KL to the frozen parent (SFT) policy, per trained step; 0 = off (as in DanceGRPO).
@@ -227,6 +232,8 @@ class RLHFStageConfig:
             raise ValueError(
                 "rlhf.rollout_groups_per_batch must be >= 0 (0: a whole rollout batch)"
             )
+        if self.loss_rows_per_chunk < 0:
+            raise ValueError("rlhf.loss_rows_per_chunk must be >= 0 (0: an update's rows at once)")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2 (advantages are relative within a group)")
         if not 0.0 < self.timestep_fraction <= 1.0:

@@ -20,8 +20,8 @@ A rollout batch, for each prompt of the worker's batch:
    sampling steps (a permutation per sample, as DanceGRPO); the (candidate, step) rows
    of the batch are shuffled and split over ``updates_per_rollout`` optimiser steps.
 
-An update, on its share of the rows: one batched forward of the policy (so DDP sees
-one forward per backward) gives ``r = exp(logp_new - logp_old)`` of the step the
+An update, on its share of the rows: one batched forward of the policy (or chunks of
+``loss_rows_per_chunk`` rows, accumulated, DDP synchronising on the last) gives ``r = exp(logp_new - logp_old)`` of the step the
 sampler took, and the loss is a clipped PPO objective per head,
 
     L_h = mean_rows max(-A_h r, -A_h clip(r, 1 - c, 1 + c)),   L = sum_h w_h L_h
@@ -37,6 +37,7 @@ frozen parent policy's step to this one's (both Gaussians of the same width:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -202,6 +203,38 @@ class Rollout:
         return cls(step, rows, t["order"], parts, metrics)
 
 
+class ChunkedLoss:
+    """A loss whose rows do not fit one forward, as gradient accumulation.
+
+    Stands where the training loop expects the loss tensor: ``backward()`` runs each
+    chunk's forward and backward in turn (activation memory is one chunk's; the
+    gradient is the whole loss's, since each chunk returns its share of the mean),
+    under the module's ``no_sync`` but for the last chunk, so DDP all-reduces once;
+    ``detach()`` then gives the total. ``done`` is called after the last chunk (it
+    fills the update's metrics, which need every chunk's ratios)."""
+
+    def __init__(self, chunks: list, module, done):
+        self.chunks, self.module, self.done = chunks, module, done
+        self.value: torch.Tensor | None = None
+
+    def backward(self) -> None:
+        total = None
+        for k, run in enumerate(self.chunks):
+            last = k == len(self.chunks) - 1
+            sync = getattr(self.module, "no_sync", None)
+            with contextlib.nullcontext() if last or sync is None else sync():
+                loss = run()
+                loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        self.value = total
+        self.done()
+
+    def detach(self) -> torch.Tensor:
+        if self.value is None:
+            raise RuntimeError("a chunked loss has its value once backward() has run")
+        return self.value
+
+
 @dataclass
 class GRPO:
     settings: object  # RLHFStageConfig
@@ -344,9 +377,43 @@ class GRPO:
         return out
 
     def loss(self, rollout: Rollout, part: int | None = None):
-        """The clipped per-head objective (plus KL) on one update's share of a rollout."""
+        """The clipped per-head objective (plus KL) on one update's share of a rollout.
+
+        With ``loss_rows_per_chunk`` below the share's rows the loss comes back as a
+        :class:`ChunkedLoss`: the same gradient, accumulated chunk by chunk."""
         s = self.settings
         rows = rollout.part(part)
+        x_v, x_a = rows["x_v"], rows["x_a"]
+        metrics = dict(rollout.metrics)
+        tokens = x_v[0, 0].numel() // self.dit.patch**2 + x_a.shape[-1]
+        prompts = max(1, len(set(rollout.rows["prompt"].tolist())))
+        tokens = int(tokens * x_v.shape[0] / prompts)
+        n, size = x_v.shape[0], s.loss_rows_per_chunk
+        if size <= 0 or size >= n:
+            loss, per_head, kl, ratio = self._terms(rows)
+            self._loss_metrics(metrics, rows, [(per_head.detach(), kl, ratio.detach())])
+            return loss, metrics, tokens
+        shares: list[tuple] = []
+
+        def chunk(a: int):
+            def run() -> torch.Tensor:
+                sub = {k: v[a : a + size] for k, v in rows.items()}
+                loss, per_head, kl, ratio = self._terms(sub)
+                share = sub["old"].shape[0] / n  # chunk means -> the share's mean
+                kl = None if kl is None else kl * share
+                shares.append((per_head.detach() * share, kl, ratio.detach()))
+                return loss * share
+
+            return run
+
+        chunks = [chunk(a) for a in range(0, n, size)]
+        done = lambda: self._loss_metrics(metrics, rows, shares)  # noqa: E731
+        return ChunkedLoss(chunks, self.module, done), metrics, tokens
+
+    def _terms(self, rows: dict[str, torch.Tensor]):
+        """(loss, (H,) per-head losses, KL or None, (R,) ratios) of some rows: means
+        over them."""
+        s = self.settings
         x_v, x_a = rows["x_v"], rows["x_a"]
         t, t_next = rows["t"], rows["t_next"]
         text = self._texts(rows["prompt"].tolist())
@@ -356,31 +423,33 @@ class GRPO:
         new = gaussian_logprob(rows["next_v"], rows["next_a"], mean_v, mean_a, std)
         ratio = torch.exp(new - rows["old"])
         loss, per_head = clipped_objective(ratio, rows["adv"], self.weights, s.clip_range)
-        metrics = dict(rollout.metrics)
         kl_weight = s.kl_coefficient()
-        if self.reference is not None and kl_weight > 0:
-            with torch.no_grad():
-                ref_v, ref_a = guided_velocities(
-                    self.reference, x_v, x_a, t, text, null, s.text_scale
-                )
-                rmean_v, rmean_a, _ = self._means(x_v, x_a, ref_v, ref_a, t, t_next, s.eta)
-            n = x_v[0].numel() + x_a[0].numel()
-            sq = ((mean_v - rmean_v) ** 2).flatten(1).sum(1)
-            sq = sq + ((mean_a - rmean_a) ** 2).flatten(1).sum(1)
-            kl = (sq / (2 * std**2 * n)).mean()
-            loss = loss + kl_weight * kl
-            metrics["kl"] = float(kl.detach())
-        r = ratio.detach()
+        if self.reference is None or kl_weight <= 0:
+            return loss, per_head, None, ratio
+        with torch.no_grad():
+            ref_v, ref_a = guided_velocities(self.reference, x_v, x_a, t, text, null, s.text_scale)
+            rmean_v, rmean_a, _ = self._means(x_v, x_a, ref_v, ref_a, t, t_next, s.eta)
+        n = x_v[0].numel() + x_a[0].numel()
+        sq = ((mean_v - rmean_v) ** 2).flatten(1).sum(1)
+        sq = sq + ((mean_a - rmean_a) ** 2).flatten(1).sum(1)
+        kl = (sq / (2 * std**2 * n)).mean()
+        return loss + kl_weight * kl, per_head, kl.detach(), ratio
+
+    def _loss_metrics(self, metrics: dict, rows: dict, shares: list[tuple]) -> None:
+        """Adds the update's ratio, clip, KL and per-head figures to ``metrics``; each
+        share is ((H,) per-head losses, KL or None, (r,) ratios), summing to the rows'."""
+        s = self.settings
+        per_head = sum(p for p, _, _ in shares)
+        if shares[0][1] is not None:
+            metrics["kl"] = float(sum(k for _, k, _ in shares))
+        r = torch.cat([x for _, _, x in shares])
         metrics["ratio"] = float(r.mean())
         metrics["ratio_dev_max"] = float((r - 1.0).abs().max())
         metrics["clip_fraction"] = float(((r - 1.0).abs() > s.clip_range).float().mean())
         metrics["adv_abs"] = statistics.fmean(float(a) for a in rows["adv"].abs().mean(1))
         for k, h in enumerate(HEADS):
             if self.weights[k] > 0:
-                metrics[f"loss_{h}"] = float(per_head[k].detach())
-        tokens = x_v[0, 0].numel() // self.dit.patch**2 + x_a.shape[-1]
-        prompts = max(1, len(set(rollout.rows["prompt"].tolist())))
-        return loss, metrics, int(tokens * x_v.shape[0] / prompts)
+                metrics[f"loss_{h}"] = float(per_head[k])
 
     def step(self, indices: list[int], gen: torch.Generator):
         """One rollout and one update on all its rows (the stage splits a rollout over

@@ -126,6 +126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the rollouts' SDE noise level (a group's candidates differ more as it rises)",
     )  # fmt: skip
     parser.add_argument(
+        "--loss-rows-per-chunk", type=int, default=128,
+        help="rows of an update run forward together; the loss is accumulated over "
+             "chunks of this many (0: all at once; 384 rows of --rlhf-batch 16 need more "
+             "than 139 GiB)",
+    )  # fmt: skip
+    parser.add_argument(
         "--kl-weight", type=float, default=None,
         help="KL to the parent (default: on with the learned reward, off with the rater)",
     )  # fmt: skip
@@ -183,6 +189,7 @@ def build_config(args, manifest: str):
                 "rater_workers": args.rater_workers, "reward_source": args.reward_source,
                 "shared_noise": not args.rlhf_own_noise, "kl_weight": args.kl_weight,
                 "advantage_norm": args.advantage_norm, "eta": args.eta,
+                "loss_rows_per_chunk": args.loss_rows_per_chunk,
                 "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3,
                             "grammar_prompts": args.grammar_prompts},
                 "preferences": {"candidates_per_prompt": args.candidates,

@@ -20,6 +20,7 @@ final: the VAE calibration, or the DiT's EMA weights).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -173,17 +174,27 @@ class TimedStages:
             print(f"[ship] {stage} already final", flush=True)
             return getattr(cfg, stage).steps
         self.stop_at[stage] = stop
+        stopped = None
         try:
             done = loop.run_stage(cfg, stage, self.rt, self.progress).steps
         except StageDeadline as err:
+            stopped = str(err)
+        if stopped is not None:
+            # Finished outside the handler: the exception's traceback holds the stopped
+            # run's frames, and with them its networks, optimiser and batch on the GPU,
+            # which the finishing run needs (a DanceGRPO at 16 prompts a step ran out of
+            # an H200's 139 GiB finishing inside it).
             self.stop_at.pop(stage)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             newest = ckpt.latest_checkpoint(loop.stage_uri(cfg, stage))
             if newest is None:
-                print(f"[ship] stopped {err} before its first checkpoint", flush=True)
-                self.stages[stage] = {"steps": 0, "stopped": str(err)}
+                print(f"[ship] stopped {stopped} before its first checkpoint", flush=True)
+                self.stages[stage] = {"steps": 0, "stopped": stopped}
                 return 0
             done = ckpt.read_train_state(newest).step
-            print(f"[ship] stopped {err}; finishing from step {done}", flush=True)
+            print(f"[ship] stopped {stopped}; finishing from step {done}", flush=True)
             getattr(cfg, stage).steps = done + 1
             done = loop.run_stage(cfg, stage, self.rt, self.progress).steps
         self.stop_at.pop(stage, None)
