@@ -262,6 +262,7 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     dmd = cfg("--fake-updates", "2", "--regression-weight", "0.5").distill.dmd
     assert (dmd.fake_updates, dmd.regression_weight) == (2, 0.5)
     assert cfg().distill.dmd.fake_updates == 4 and cfg().distill.dmd.regression_weight == 0.0
+    assert cfg("--regression-pairs", "512").distill.dmd.regression_pairs == 512
     with pytest.raises(SystemExit):
         parse_args(["--carry", "c", "--out", "o", "--skip-rlhf", "--skip-distill"])
     with pytest.raises(SystemExit):

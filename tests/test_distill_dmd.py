@@ -133,6 +133,67 @@ def test_the_regression_term_pulls_the_student_toward_the_teachers_endpoint():
     assert after["regression_loss"] < 0.95 * metrics["regression_loss"], (metrics, after)
 
 
+def test_regression_pairs_are_the_teachers_endpoints_and_pull_the_student_to_them():
+    """``dmd.regression_pairs``: (noise, endpoint) pairs drawn once; a student update
+    regresses a batch of them in the same forward as its own samples. The endpoints
+    are the guided teacher's Heun samples of their noise; one gradient step lowers the
+    same draw's regression loss; the pairs survive their file."""
+    from model.flow_matching import resolution_shift, schedule
+    from model.samplers import Conditioning, Guidance, sample
+    from pipelines.align.dmd import (
+        frame_shapes,
+        pairs_from_bytes,
+        pairs_to_bytes,
+        teacher_pairs,
+        token_count,
+    )
+
+    step, pair = _tiny_step(1.0)
+    step.s.teacher_steps = 3
+    step.s.dmd.regression_weight = 1.0
+    pairs = teacher_pairs(step, 5, seed=0, batch=2)
+    got = pairs[9]
+    assert len(got["prompts"]) == 5 and got["video"].shape[0] == 5
+    assert not set(got["prompts"]) & set(HELD_OUT)
+    v_shape, a_shape = frame_shapes(step.mcfg, 9)
+    ts = schedule(3, resolution_shift(token_count(step.mcfg, v_shape, a_shape), step.mcfg.flow))
+    v, a = sample(step.teacher, got["noise_v"][4:], got["noise_a"][4:],
+                  Conditioning(text=step.text(got["prompts"][4:])), ts, "heun",
+                  Guidance(1.0, 1.0))  # fmt: skip
+    torch.testing.assert_close(v, got["video"][4:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a, got["audio"][4:], rtol=1e-4, atol=1e-5)
+    back = pairs_from_bytes(pairs_to_bytes(pairs))
+    assert back[9]["prompts"] == got["prompts"]
+    assert all(torch.equal(back[9][k], got[k]) for k in ("noise_v", "noise_a", "video", "audio"))
+    with pytest.raises(ValueError, match="regression pairs"):
+        from safetensors.torch import save
+
+        pairs_from_bytes(save({"x": torch.zeros(1)}, {"format": "other"}))
+
+    # The fake score equals the real one (no guidance): only the regression moves it.
+    step.pairs = pairs
+    draw = torch.Generator()
+
+    def regression() -> tuple[torch.Tensor, dict]:
+        loss, metrics, _ = step([0, 1], draw.manual_seed(3), 1)  # a generator step
+        return loss, metrics
+
+    loss, metrics = regression()
+    assert metrics["regression_loss"] > 0 and metrics["dmd_loss"] == 0.0
+    pair.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p for p in pair.dit.parameters() if p.grad is not None]
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in grads))
+    with torch.no_grad():
+        for p in grads:
+            p.sub_(1e-3 * p.grad / norm)
+    _, after = regression()
+    assert after["regression_loss"] < 0.95 * metrics["regression_loss"], (metrics, after)
+    # Its targets are the pairs' (not the teacher run on the step's own noise).
+    step.pairs = {9: {**got, "video": torch.full_like(got["video"], 10.0)}}
+    assert regression()[1]["regression_loss"] > 50
+
+
 def _gaussian_x0(x_t, t, mean, var):
     """E[x0 | x_t] for x0 ~ N(mean, var), x_t = (1 - t) x0 + t eps (closed form)."""
     a = 1 - t
@@ -201,7 +262,8 @@ def _manifest(root) -> str:
     return uri
 
 
-def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("pairs", [0, 4])
+def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_run(tmp_path, pairs):
     from model.pipeline import DuetPipeline
     from pipelines.train.config import train_config_from
     from pipelines.train.loop import run_stage
@@ -217,7 +279,9 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
             "keep_checkpoints": 10, "data": {"curated_uri": _manifest(tmp_path), "frame_buckets": [9]},
             "distill": {"method": "dmd2", "steps": 4, "batch_size": 2,
                         "checkpoint_every": 2, "log_every": 1, "student_steps": [2],
-                        "default_steps": 2, "dmd": {"fake_updates": 2, "lr": 1e-3}},
+                        "default_steps": 2, "dmd": {"fake_updates": 2, "lr": 1e-3,
+                                                    "regression_weight": 0.5 if pairs else 0.0,
+                                                    "regression_pairs": pairs}},
         })  # fmt: skip
 
     straight = config(str(tmp_path / "straight"))
@@ -227,6 +291,9 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
     resumed = config(str(tmp_path / "resumed"))
     shutil.copytree(checkpoint_dir(f"{straight.run_uri}/distill", 2),
                     checkpoint_dir(f"{resumed.run_uri}/distill", 2))  # fmt: skip
+    if pairs:  # drawn once at the start of the killed run, beside its checkpoints
+        shutil.copy(f"{straight.run_uri}/distill/regression_pairs.safetensors",
+                    f"{resumed.run_uri}/distill/regression_pairs.safetensors")  # fmt: skip
     result = run_stage(resumed, "distill", Runtime())
     assert result.resumed_from.endswith("checkpoint_00000002")
 
@@ -248,6 +315,7 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
     meta = storage.read_json(f"{resumed.run_uri}/distill/final/config.json")["extra"]["fast"]
     assert meta["method"] == "dmd2" and meta["modes"] == ["t2av"] and meta["frame_buckets"] == [9]
+    assert meta["regression_pairs"] == pairs
 
 
 def test_a_grammar_pool_is_fixed_by_the_seed_and_every_grammar_draw_comes_from_it():

@@ -304,8 +304,19 @@ class DMDConfig:
     # parent's stages trained on (data, pretrain and sft frame_buckets).
     frame_buckets: tuple[int, ...] = ()
     # Optional regression on the guided teacher's ODE endpoint of the same initial
-    # noise (DMD's regression loss; DMD2 drops it): 0 = off.
+    # noise (DMD's regression loss; DMD2 drops it): 0 = off. On the H200 a student of
+    # 100 updates with weight 0.25 kept 0.816 of its teacher's held-out adherence, one
+    # of 350 updates without it 0.728 (BENCHMARKS.md, session 28).
     regression_weight: float = 0.0
+    # Where the regression's targets come from. 0: the teacher's Heun endpoint of the
+    # step's own noise, sampled at every student update (teacher_steps guided
+    # evaluations of the batch: with fake_updates 1 the run's steps took 3.7 times as
+    # long on an H200). N > 0: N
+    # (noise, endpoint) pairs drawn once at the stage's start over the caption
+    # distribution and clip lengths, kept beside the checkpoints (DMD's paired
+    # dataset); a student update regresses a batch of them in the same forward as its
+    # distribution-matching samples.
+    regression_pairs: int = 0
 
 
 @dataclass
@@ -358,6 +369,8 @@ class DistillStageConfig:
             raise ValueError("distill.dmd.grammar_fraction must be in [0, 1]")
         if d.regression_weight < 0 or d.fake_lr <= 0 or d.lr <= 0:
             raise ValueError("distill.dmd needs lr > 0, fake_lr > 0, regression_weight >= 0")
+        if d.regression_pairs < 0:
+            raise ValueError("distill.dmd.regression_pairs must be >= 0 (0: sampled per step)")
         if self.default_steps not in self.student_steps:
             raise ValueError(f"default_steps {self.default_steps} not in {self.student_steps}")
         if any(s < 1 for s in self.student_steps):

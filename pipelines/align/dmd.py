@@ -276,6 +276,9 @@ class DMD2:
         self.stream = stream
         self.device = device
         self._rows: dict[str, torch.Tensor] = {}
+        # Regression pairs by clip length (distill.dmd.regression_pairs), set by the
+        # stage: {frames: {"noise_v", "noise_a", "video", "audio": (N, ...), "prompts"}}.
+        self.pairs: dict[int, dict] = {}
 
     def phase(self, step: int) -> str:
         period = self.s.dmd.fake_updates + 1
@@ -323,7 +326,8 @@ class DMD2:
         n = s.student_steps[int(torch.randint(0, len(s.student_steps), (1,), generator=gen))]
         times = [float(x) for x in schedule(n, shift)]
         k = int(torch.randint(0, n, (1,), generator=gen))
-        text = self.text(self.stream.draw(b, gen))
+        text_prompts = self.stream.draw(b, gen)
+        text = self.text(text_prompts)
         noise = (
             torch.randn((b, *v_shape[1:]), generator=gen).to(self.device),
             torch.randn((b, *a_shape[1:]), generator=gen).to(self.device),
@@ -332,7 +336,18 @@ class DMD2:
         eps_v = torch.randn((b, *v_shape[1:]), generator=gen).to(self.device)
         eps_a = torch.randn((b, *a_shape[1:]), generator=gen).to(self.device)
         phase = self.phase(step)
-        x0v, x0a = self.student_x0(noise, times, k, text, grad=phase == "generator")
+        regress = phase == "generator" and s.dmd.regression_weight > 0
+        paired = self.pairs.get(frames) if regress and self.pairs else None
+        start, text_all = noise, text
+        if paired is not None:
+            # The pairs go through the student in the same forward as the step's own
+            # samples (one forward per backward, as DDP wants), after them in the batch.
+            pick = torch.randint(0, len(paired["prompts"]), (b,), generator=gen)
+            start = (torch.cat([noise[0], paired["noise_v"][pick].to(self.device)]),
+                     torch.cat([noise[1], paired["noise_a"][pick].to(self.device)]))  # fmt: skip
+            text_all = self.text(self.prompts_of(text_prompts, paired, pick))
+        x0v, x0a = self.student_x0(start, times, k, text_all, grad=phase == "generator")
+        x0v, x0a, pv0, pa0 = x0v[:b], x0a[:b], x0v[b:], x0a[b:]
         xv, xa = noised(x0v.detach(), eps_v, t), noised(x0a.detach(), eps_a, t)
         if phase == "fake":
             # The fake score learns the student's samples by flow matching.
@@ -352,11 +367,21 @@ class DMD2:
                     (real_v - fake_v).abs().mean() + (real_a - fake_a).abs().mean()
                 ),
             }
-            if s.dmd.regression_weight > 0:
-                reg = self.regression(noise, times, k, x0v, x0a, text, shift)
+            if regress:
+                if paired is not None:
+                    target_v = paired["video"][pick].to(self.device)
+                    target_a = paired["audio"][pick].to(self.device)
+                    reg = torch.mean((pv0 - target_v.float()) ** 2)
+                    reg = reg + torch.mean((pa0 - target_a.float()) ** 2)
+                else:
+                    reg = self.regression(noise, times, k, x0v, x0a, text, shift)
                 loss = loss + s.dmd.regression_weight * reg
                 metrics["regression_loss"] = float(reg.detach())
         return loss, metrics, token_count(mcfg, v_shape, a_shape)
+
+    @staticmethod
+    def prompts_of(prompts: list[str], paired: dict, pick: torch.Tensor) -> list[str]:
+        return [*prompts, *(paired["prompts"][i] for i in pick.tolist())]
 
     def regression(self, noise, times, k, x0v, x0a, text, shift):
         """MSE to the guided teacher's Heun endpoint of the same initial noise."""
@@ -364,6 +389,69 @@ class DMD2:
         tv, ta = sample(self.teacher, noise[0], noise[1], Conditioning(text=text), ts, "heun",
                         Guidance(self.s.text_scale, 1.0))  # fmt: skip
         return torch.mean((x0v - tv.float()) ** 2) + torch.mean((x0a - ta.float()) ** 2)
+
+
+@torch.no_grad()
+def teacher_pairs(step: DMD2, count: int, seed: int, batch: int = 16) -> dict[int, dict]:
+    """``count`` (noise, guided teacher endpoint) pairs, split over ``step``'s clip
+    lengths, their prompts drawn from its prompt stream: DMD's paired dataset for
+    ``distill.dmd.regression_pairs``. Seeded, so every rank and every resume draws the
+    same ones."""
+    s, mcfg = step.s, step.mcfg
+    gen = torch.Generator().manual_seed(seed * 7919 + 29)
+    per_bucket = -(-count // len(step.buckets))
+    out: dict[int, dict] = {}
+    for frames in step.buckets:
+        v_shape, a_shape = frame_shapes(mcfg, frames)
+        ts = schedule(s.teacher_steps, resolution_shift(token_count(mcfg, v_shape, a_shape),
+                                                        mcfg.flow))  # fmt: skip
+        got: dict[str, list] = {"noise_v": [], "noise_a": [], "video": [], "audio": []}
+        prompts: list[str] = []
+        for start in range(0, per_bucket, batch):
+            b = min(batch, per_bucket - start)
+            drawn = step.stream.draw(b, gen)
+            nv = torch.randn((b, *v_shape[1:]), generator=gen)
+            na = torch.randn((b, *a_shape[1:]), generator=gen)
+            cond = Conditioning(text=step.text(drawn))
+            v, a = sample(step.teacher, nv.to(step.device), na.to(step.device), cond, ts, "heun",
+                          Guidance(s.text_scale, 1.0))  # fmt: skip
+            for key, value in zip(got, (nv, na, v.float().cpu(), a.float().cpu()), strict=True):
+                got[key].append(value)
+            prompts += drawn
+        out[frames] = {k: torch.cat(v) for k, v in got.items()} | {"prompts": prompts}
+    return out
+
+
+def pairs_to_bytes(pairs: dict[int, dict]) -> bytes:
+    """Regression pairs as safetensors (float32), their prompts as JSON metadata."""
+    import json
+
+    from safetensors.torch import save
+
+    tensors = {f"{frames}.{k}": v.contiguous() for frames, p in pairs.items()
+               for k, v in p.items() if k != "prompts"}  # fmt: skip
+    prompts = {str(frames): p["prompts"] for frames, p in pairs.items()}
+    return save(tensors, {"format": "duet.dmd_pairs", "version": "1",
+                          "prompts": json.dumps(prompts)})  # fmt: skip
+
+
+def pairs_from_bytes(data: bytes) -> dict[int, dict]:
+    import json
+    import struct
+
+    from safetensors.torch import load
+
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+    if meta.get("format") != "duet.dmd_pairs" or meta.get("version") != "1":
+        raise ValueError(f"not DMD regression pairs of version 1: {meta.get('format')!r}")
+    out: dict[int, dict] = {
+        int(f): {"prompts": list(p)} for f, p in json.loads(meta["prompts"]).items()
+    }
+    for key, value in load(data).items():
+        frames, name = key.split(".", 1)
+        out[int(frames)][name] = value
+    return out
 
 
 class PromptSlot:

@@ -90,6 +90,7 @@ from pipelines.train.batches import pad_text
 ALIGN_STAGES = ("rlhf", "distill")
 COUPLINGS_NAME = "couplings.safetensors"
 GRAMMAR_POOL_NAME = "grammar_prompts.txt"
+DMD_PAIRS_NAME = "regression_pairs.safetensors"
 
 
 class PromptRow:
@@ -765,6 +766,14 @@ def dmd_task(cfg, pipeline, rt):
         module = torch.nn.parallel.DistributedDataParallel(pair, find_unused_parameters=True)
     step_fn = dmd.DMD2(s, module, pair, teacher, pipeline.text_encoder, mcfg, buckets, stream,
                        rt.device)  # fmt: skip
+    if s.dmd.regression_weight > 0 and s.dmd.regression_pairs > 0:
+        # Drawn once (seeded) by the main worker and kept: a resumed run reads them back.
+        uri = storage.join(stage_uri(cfg, "distill"), DMD_PAIRS_NAME)
+        if rt.is_main and not storage.exists(uri):
+            pairs = dmd.teacher_pairs(step_fn, s.dmd.regression_pairs, cfg.seed)
+            storage.write_bytes(uri, dmd.pairs_to_bytes(pairs))
+        rt.barrier()
+        step_fn.pairs = dmd.pairs_from_bytes(storage.read_bytes(uri))
     rows = [dmd.PromptSlot(i) for i in range(s.batch_size * rt.world_size)]
     groups = [
         {"params": [p for p in pair.dit.parameters() if p.requires_grad], "lr": s.dmd.lr},
@@ -777,6 +786,8 @@ def dmd_task(cfg, pipeline, rt):
             **_fast_metadata(s),
             "method": "dmd2",
             "fake_updates": s.dmd.fake_updates,
+            "regression_weight": s.dmd.regression_weight,
+            "regression_pairs": s.dmd.regression_pairs,
             "frame_buckets": list(buckets),
             # Text-to-audio-video only: references, multi-shot and V2V are not
             # distilled, and the Fast deployment refuses them (serve fast.unsupported_modes).
