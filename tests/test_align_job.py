@@ -258,6 +258,17 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     assert tuned.kl_coefficient() == 0.01
     assert learned.eta == 0.3 and cfg("--eta", "0.7").rlhf.eta == 0.7
     assert learned.loss_rows_per_chunk == 128
+    assert tuple(cfg("--head-weights", "1,1,0.25,0,0.25").rlhf.head_weights) == (
+        1,
+        1,
+        0.25,
+        0,
+        0.25,
+    )
+    assert learned.head_weights == (1.0, 1.0, 0.25, 0.25, 0.25)
+    for bad in ("1,1", "1,1,1,1,x", "1,1,1,1,-1"):
+        with pytest.raises(SystemExit, match="head-weights"):
+            cfg("--head-weights", bad)
     assert cfg("--loss-rows-per-chunk", "0").rlhf.loss_rows_per_chunk == 0
     dmd = cfg("--fake-updates", "2", "--regression-weight", "0.5").distill.dmd
     assert (dmd.fake_updates, dmd.regression_weight) == (2, 0.5)

@@ -126,6 +126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the rollouts' SDE noise level (a group's candidates differ more as it rises)",
     )  # fmt: skip
     parser.add_argument(
+        "--head-weights", default="",
+        help="DanceGRPO's per-head weights, comma-separated in the order "
+             "sync,adherence,motion,visual,audio (default: the stage's 1,1,0.25,0.25,0.25); "
+             "a head at 0 is neither optimised nor held to the agreement floor",
+    )  # fmt: skip
+    parser.add_argument(
         "--loss-rows-per-chunk", type=int, default=128,
         help="rows of an update run forward together; the loss is accumulated over "
              "chunks of this many (0: all at once; 384 rows of --rlhf-batch 16 need more "
@@ -175,6 +181,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def head_weights(text: str) -> list[float]:
+    """``--head-weights`` as the stage's ``head_weights`` (one number a head)."""
+    from pipelines.align.config import HEADS
+
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != len(HEADS) or any(w < 0 for w in weights):
+        raise SystemExit(
+            f"--head-weights needs {len(HEADS)} numbers >= 0 ({','.join(HEADS)}), got {text!r}"
+        )
+    return weights
+
+
 def build_config(args, manifest: str):
     """The run's TrainConfig through the one config loader (``train_config_from``)."""
     from pipelines.train.config import train_config_from
@@ -195,6 +216,7 @@ def build_config(args, manifest: str):
                 "shared_noise": not args.rlhf_own_noise, "kl_weight": args.kl_weight,
                 "advantage_norm": args.advantage_norm, "eta": args.eta,
                 "loss_rows_per_chunk": args.loss_rows_per_chunk,
+                **({"head_weights": head_weights(args.head_weights)} if args.head_weights else {}),
                 "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3,
                             "grammar_prompts": args.grammar_prompts},
                 "preferences": {"candidates_per_prompt": args.candidates,
