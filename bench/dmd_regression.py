@@ -2,7 +2,7 @@
 drawn once as pairs, side by side.
 
     python -m bench.dmd_regression [--checkpoint checkpoints/default] [--batch 4] [--steps 3]
-    python -m bench.dmd_regression --texts CARRY/texts.safetensors --batch 16   # no text encoder
+    python -m bench.dmd_regression --carry CARRY --batch 16   # a host without the text encoder
 
 The checkpoint's DMD2 step (:class:`pipelines.align.dmd.DMD2`, the stage's defaults,
 one clip length) runs ``--steps`` student updates each way, alternating, on the same
@@ -29,20 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="student updates timed each way")
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--frames", type=int, default=17)
-    ap.add_argument("--texts", default="", help="a carry's text table, for a host without "
-                    "the text encoder")  # fmt: skip
+    ap.add_argument("--carry", default="", help="a carry: its captions, embedded from its "
+                    "table, for a host without the text encoder")  # fmt: skip
     args = ap.parse_args(argv)
+    captions = [f"a {c} circle bounces on a gray floor" for c in ("red", "blue", "green")]
+    if args.carry:  # before imports that need PyAV
+        from pipelines.shipped.carry import carried_captions, install_pyav, use_text_table
+
+        install_pyav(args.carry)
+        use_text_table(args.carry)
+        captions = carried_captions()
 
     from model.pipeline import DuetPipeline
     from pipelines.align import dmd
     from pipelines.align.config import DistillStageConfig
 
-    captions = [f"a {c} circle bounces on a gray floor" for c in ("red", "blue", "green")]
-    if args.texts:
-        from pipelines.shipped.carry import TableTextEncoder, use_text_table_file
-
-        use_text_table_file(args.texts)
-        captions = [k for k in TableTextEncoder.table if not k.startswith(("@", "\x1f"))]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = DuetPipeline.from_checkpoint(args.checkpoint).to(device)
     teacher = copy.deepcopy(pipeline.dit).eval().requires_grad_(False)

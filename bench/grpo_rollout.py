@@ -1,7 +1,7 @@
 """DanceGRPO's rollouts: a batch's groups sampled together against one group at a time.
 
     python -m bench.grpo_rollout [--checkpoint checkpoints/default] [--prompts 4] [--repeats 3]
-    python -m bench.grpo_rollout --texts CARRY/texts.safetensors --prompts 16   # no text encoder
+    python -m bench.grpo_rollout --carry CARRY --prompts 16   # a host without the text encoder
 
 The checkpoint's :class:`pipelines.align.grpo.GRPO` with the stage's defaults (groups of
 8, 10 SDE steps, text guidance) samples ``--prompts`` groups with
@@ -22,15 +22,17 @@ import time
 import torch
 
 
-def bench_prompts(n: int, texts: str) -> list[str]:
-    """``n`` prompts: the first captions of a carried text table, or made-up ones."""
-    if texts:
-        from pipelines.shipped.carry import TableTextEncoder, use_text_table_file
+def bench_prompts(n: int, carry: str) -> list[str]:
+    """``n`` prompts: the first captions of a carry's text table (its PyAV installed, its
+    table embedding them), or made-up ones."""
+    if carry:
+        from pipelines.shipped.carry import carried_captions, install_pyav, use_text_table
 
-        use_text_table_file(texts)
-        captions = [k for k in TableTextEncoder.table if not k.startswith(("@", "\x1f"))]
+        install_pyav(carry)
+        use_text_table(carry)
+        captions = carried_captions()
         if len(captions) < n:
-            raise SystemExit(f"{texts} holds {len(captions)} captions, fewer than {n}")
+            raise SystemExit(f"{carry} holds {len(captions)} captions, fewer than {n}")
         return captions[:n]
     colours = ("red", "blue", "green", "yellow", "purple", "orange", "white", "pink")
     return [f"a {colours[k % len(colours)]} circle bounces on a gray floor" for k in range(n)]
@@ -42,11 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=4, help="groups a rollout batch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
-        "--texts", default="",
-        help="a carry's text table (pipelines.shipped.carry): prompts are its captions, "
-             "embedded from the table, for a host without the text encoder",
+        "--carry", default="",
+        help="a carry (pipelines.shipped.carry): prompts are its captions, embedded from "
+             "its table, for a host without the text encoder",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    prompts = bench_prompts(args.prompts, args.carry)  # before imports that need PyAV
 
     from model.pipeline import DuetPipeline
     from pipelines.align import grpo
@@ -57,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = DuetPipeline.from_checkpoint(args.checkpoint).to(device).eval()
     s = RLHFStageConfig()
     v_shape, a_shape, frames = latent_shapes(pipeline.config, s.preferences.duration_s)
-    prompts = bench_prompts(args.prompts, args.texts)
     tokens, mask = encode_prompts(pipeline, prompts)
     policy = grpo.GRPO(
         settings=s, module=pipeline.dit, dit=pipeline.dit, reference=None, reward_model=None,

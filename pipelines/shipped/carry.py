@@ -443,6 +443,11 @@ def use_text_table_file(path: str) -> None:
     model.pipeline.FrozenTextEncoder = TableTextEncoder
 
 
+def carried_captions() -> list[str]:
+    """The texts of the table in use that are captions (not audio prompts or plans)."""
+    return [k for k in TableTextEncoder.table if not k.startswith(("@", _PLAN_PREFIX[0]))]
+
+
 def unpack(carry_dir: str, work_dir: str) -> str:
     """Install PyAV, point the manifest at the carried clips, use the text table.
 
