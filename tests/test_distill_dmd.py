@@ -169,6 +169,8 @@ def test_regression_pairs_are_the_teachers_endpoints_and_pull_the_student_to_the
         from safetensors.torch import save
 
         pairs_from_bytes(save({"x": torch.zeros(1)}, {"format": "other"}))
+    with pytest.raises(ValueError, match="regression pairs"):
+        pairs_from_bytes(b"\x03")
 
     # The fake score equals the real one (no guidance): only the regression moves it.
     step.pairs = pairs
@@ -316,6 +318,14 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
     meta = storage.read_json(f"{resumed.run_uri}/distill/final/config.json")["extra"]["fast"]
     assert meta["method"] == "dmd2" and meta["modes"] == ["t2av"] and meta["frame_buckets"] == [9]
     assert meta["regression_pairs"] == pairs
+    if pairs:  # a kept file that no longer matches the settings is refused, not reused
+        other = config(str(tmp_path / "other"))
+        other.distill.dmd.regression_pairs = 6
+        storage.makedirs(f"{other.run_uri}/distill")
+        shutil.copy(f"{straight.run_uri}/distill/regression_pairs.safetensors",
+                    f"{other.run_uri}/distill/regression_pairs.safetensors")  # fmt: skip
+        with pytest.raises(ValueError, match="delete it"):
+            run_stage(other, "distill", Runtime())
 
 
 def test_a_grammar_pool_is_fixed_by_the_seed_and_every_grammar_draw_comes_from_it():

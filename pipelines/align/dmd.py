@@ -391,6 +391,10 @@ class DMD2:
         return torch.mean((x0v - tv.float()) ** 2) + torch.mean((x0a - ta.float()) ** 2)
 
 
+def pairs_per_bucket(count: int, buckets) -> int:
+    return -(-count // len(buckets))
+
+
 @torch.no_grad()
 def teacher_pairs(step: DMD2, count: int, seed: int, batch: int = 16) -> dict[int, dict]:
     """``count`` (noise, guided teacher endpoint) pairs, split over ``step``'s clip
@@ -399,7 +403,7 @@ def teacher_pairs(step: DMD2, count: int, seed: int, batch: int = 16) -> dict[in
     same ones."""
     s, mcfg = step.s, step.mcfg
     gen = torch.Generator().manual_seed(seed * 7919 + 29)
-    per_bucket = -(-count // len(step.buckets))
+    per_bucket = pairs_per_bucket(count, step.buckets)
     out: dict[int, dict] = {}
     for frames in step.buckets:
         v_shape, a_shape = frame_shapes(mcfg, frames)
@@ -436,13 +440,17 @@ def pairs_to_bytes(pairs: dict[int, dict]) -> bytes:
 
 
 def pairs_from_bytes(data: bytes) -> dict[int, dict]:
+    """Regression pairs written by :func:`pairs_to_bytes`; anything else is refused."""
     import json
     import struct
 
     from safetensors.torch import load
 
-    (n,) = struct.unpack("<Q", data[:8])
-    meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    except (struct.error, UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise ValueError(f"not DMD regression pairs (no safetensors header): {err}") from err
     if meta.get("format") != "duet.dmd_pairs" or meta.get("version") != "1":
         raise ValueError(f"not DMD regression pairs of version 1: {meta.get('format')!r}")
     out: dict[int, dict] = {

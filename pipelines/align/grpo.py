@@ -21,8 +21,9 @@ A rollout batch, for each prompt of the worker's batch:
    of the batch are shuffled and split over ``updates_per_rollout`` optimiser steps.
 
 An update, on its share of the rows: one batched forward of the policy (or chunks of
-``loss_rows_per_chunk`` rows, accumulated, DDP synchronising on the last) gives ``r = exp(logp_new - logp_old)`` of the step the
-sampler took, and the loss is a clipped PPO objective per head,
+``loss_rows_per_chunk`` rows, accumulated, DDP synchronising on the last) gives
+``r = exp(logp_new - logp_old)`` of the step the sampler took, and the loss is a
+clipped PPO objective per head,
 
     L_h = mean_rows max(-A_h r, -A_h clip(r, 1 - c, 1 + c)),   L = sum_h w_h L_h
 

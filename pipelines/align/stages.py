@@ -774,6 +774,14 @@ def dmd_task(cfg, pipeline, rt):
             storage.write_bytes(uri, dmd.pairs_to_bytes(pairs))
         rt.barrier()
         step_fn.pairs = dmd.pairs_from_bytes(storage.read_bytes(uri))
+        want = dmd.pairs_per_bucket(s.dmd.regression_pairs, buckets)
+        found = {f: len(p["prompts"]) for f, p in step_fn.pairs.items()}
+        if found != dict.fromkeys(buckets, want):
+            raise ValueError(
+                f"{uri} holds regression pairs {found} (clip length: count), not {want} for "
+                f"each of {list(buckets)} as distill.dmd.regression_pairs and the frame "
+                "buckets ask: delete it to draw them again"
+            )
     rows = [dmd.PromptSlot(i) for i in range(s.batch_size * rt.world_size)]
     groups = [
         {"params": [p for p in pair.dit.parameters() if p.requires_grad], "lr": s.dmd.lr},
