@@ -114,13 +114,17 @@ def test_the_regression_term_pulls_the_student_toward_the_teachers_endpoint():
     gradient step on it lowers the same draw's regression loss."""
     step, pair = _tiny_step(1.0)
     step.s.dmd.regression_weight = 1.0
-    draw = torch.Generator().manual_seed(0)
+    _assert_a_gradient_step_lowers_the_regression(step, pair)
 
-    def regression() -> tuple[torch.Tensor, dict]:
-        loss, metrics, _ = step([0, 1], draw.manual_seed(3), 1)  # a generator step
-        return loss, metrics
 
-    loss, metrics = regression()
+def _regression_loss(step) -> tuple[torch.Tensor, dict]:
+    """A generator step's loss and metrics, the same draw every call."""
+    loss, metrics, _ = step([0, 1], torch.Generator().manual_seed(3), 1)
+    return loss, metrics
+
+
+def _assert_a_gradient_step_lowers_the_regression(step, pair) -> None:
+    loss, metrics = _regression_loss(step)
     assert metrics["regression_loss"] > 0 and metrics["dmd_loss"] == 0.0
     pair.zero_grad(set_to_none=True)
     loss.backward()
@@ -129,7 +133,7 @@ def test_the_regression_term_pulls_the_student_toward_the_teachers_endpoint():
     with torch.no_grad():
         for p in grads:  # a small step down the whole gradient
             p.sub_(1e-3 * p.grad / norm)
-    _, after = regression()
+    _, after = _regression_loss(step)
     assert after["regression_loss"] < 0.95 * metrics["regression_loss"], (metrics, after)
 
 
@@ -174,26 +178,10 @@ def test_regression_pairs_are_the_teachers_endpoints_and_pull_the_student_to_the
 
     # The fake score equals the real one (no guidance): only the regression moves it.
     step.pairs = pairs
-    draw = torch.Generator()
-
-    def regression() -> tuple[torch.Tensor, dict]:
-        loss, metrics, _ = step([0, 1], draw.manual_seed(3), 1)  # a generator step
-        return loss, metrics
-
-    loss, metrics = regression()
-    assert metrics["regression_loss"] > 0 and metrics["dmd_loss"] == 0.0
-    pair.zero_grad(set_to_none=True)
-    loss.backward()
-    grads = [p for p in pair.dit.parameters() if p.grad is not None]
-    norm = torch.sqrt(sum((p.grad**2).sum() for p in grads))
-    with torch.no_grad():
-        for p in grads:
-            p.sub_(1e-3 * p.grad / norm)
-    _, after = regression()
-    assert after["regression_loss"] < 0.95 * metrics["regression_loss"], (metrics, after)
+    _assert_a_gradient_step_lowers_the_regression(step, pair)
     # Its targets are the pairs' (not the teacher run on the step's own noise).
     step.pairs = {9: {**got, "video": torch.full_like(got["video"], 10.0)}}
-    assert regression()[1]["regression_loss"] > 50
+    assert _regression_loss(step)[1]["regression_loss"] > 50
 
 
 def _gaussian_x0(x_t, t, mean, var):
