@@ -266,14 +266,17 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
         0.25,
     )
     assert learned.head_weights == (1.0, 1.0, 0.25, 0.25, 0.25)
-    for bad in ("1,1", "1,1,1,1,x", "1,1,1,1,-1"):
+    for bad in ("1,1", "1,1,1,1,x", "1,1,1,1,-1", "1,nan,1,1,1", "1,1,inf,1,1"):
         with pytest.raises(SystemExit, match="head-weights"):
             cfg("--head-weights", bad)
     assert cfg("--loss-rows-per-chunk", "0").rlhf.loss_rows_per_chunk == 0
     dmd = cfg("--fake-updates", "2", "--regression-weight", "0.5").distill.dmd
     assert (dmd.fake_updates, dmd.regression_weight) == (2, 0.5)
     assert cfg().distill.dmd.fake_updates == 4 and cfg().distill.dmd.regression_weight == 0.0
-    assert cfg("--regression-pairs", "512").distill.dmd.regression_pairs == 512
+    paired = cfg("--regression-weight", "0.25", "--regression-pairs", "512").distill.dmd
+    assert paired.regression_pairs == 512
+    with pytest.raises(ValueError, match="regression_weight"):
+        cfg("--regression-pairs", "512")  # pairs without the regression would go unused
     with pytest.raises(SystemExit):
         parse_args(["--carry", "c", "--out", "o", "--skip-rlhf", "--skip-distill"])
     with pytest.raises(SystemExit):

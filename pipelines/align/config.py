@@ -311,11 +311,10 @@ class DMDConfig:
     # Where the regression's targets come from. 0: the teacher's Heun endpoint of the
     # step's own noise, sampled at every student update (teacher_steps guided
     # evaluations of the batch: with fake_updates 1 the run's steps took 3.7 times as
-    # long on an H200). N > 0: N
-    # (noise, endpoint) pairs drawn once at the stage's start over the caption
-    # distribution and clip lengths, kept beside the checkpoints (DMD's paired
-    # dataset); a student update regresses a batch of them in the same forward as its
-    # distribution-matching samples.
+    # long on an H200). N > 0: N (noise, endpoint) pairs drawn once at the stage's
+    # start over the caption distribution and clip lengths, kept beside the
+    # checkpoints (DMD's paired dataset); a student update regresses a batch of them
+    # in the same forward as its distribution-matching samples.
     regression_pairs: int = 0
 
 
@@ -371,6 +370,11 @@ class DistillStageConfig:
             raise ValueError("distill.dmd needs lr > 0, fake_lr > 0, regression_weight >= 0")
         if d.regression_pairs < 0:
             raise ValueError("distill.dmd.regression_pairs must be >= 0 (0: sampled per step)")
+        if d.regression_pairs and not d.regression_weight:
+            raise ValueError(
+                "distill.dmd.regression_pairs is for the regression: set "
+                "distill.dmd.regression_weight > 0 too, or regression_pairs to 0"
+            )
         if self.default_steps not in self.student_steps:
             raise ValueError(f"default_steps {self.default_steps} not in {self.student_steps}")
         if any(s < 1 for s in self.student_steps):

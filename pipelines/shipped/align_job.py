@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -189,7 +190,7 @@ def head_weights(text: str) -> list[float]:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
         weights = []
-    if len(weights) != len(HEADS) or any(w < 0 for w in weights):
+    if len(weights) != len(HEADS) or not all(math.isfinite(w) and w >= 0 for w in weights):
         raise SystemExit(
             f"--head-weights needs {len(HEADS)} numbers >= 0 ({','.join(HEADS)}), got {text!r}"
         )
