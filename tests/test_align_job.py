@@ -230,6 +230,11 @@ def test_a_groups_candidates_share_their_initial_noise_unless_told_not_to(
         colours = seen["observed_objects"][..., 0].long()
         per_colour = torch.stack([(colours == c).sum(-1) for c in range(8)], -1).float()
         assert torch.equal(per_colour, seen["observed_counts"])
+        # Given the files already read (as the stage does), neither reads them again.
+        gone = [{**r, "latent_uri": str(tmp_path / "gone" / f"{i}.safetensors")}
+                for i, r in enumerate(rows)]  # fmt: skip
+        again = observer_inputs(pipe, gone, reward_inputs(pipe, gone, files), 16, files)
+        assert all(torch.equal(again[k], seen[k]) for k in seen)
     same, own = latents[True], latents[False]
     assert all(torch.equal(same[0], v) for v in same[1:3])
     assert all(torch.equal(same[3], v) for v in same[4:6])

@@ -313,15 +313,23 @@ def observation_tensors(observations: dict) -> dict[str, torch.Tensor]:
     }
 
 
-def reward_inputs(pipeline, rows: list[dict]) -> dict:
+def candidate_files(rows: list[dict]) -> list[dict]:
+    """Each row's candidate file (latents, and the probes' observations where the stage
+    stored them); ``{}`` for a row without one."""
+    return [load_safetensors(storage.read_bytes(r["latent_uri"])) if r.get("latent_uri")
+            else {} for r in rows]  # fmt: skip
+
+
+def reward_inputs(pipeline, rows: list[dict], files: list[dict] | None = None) -> dict:
     """Stacked latents and prompt tokens of preference rows (clips without latents are
-    encoded with the pipeline's VAEs)."""
+    encoded with the pipeline's VAEs); ``files``: the rows' :func:`candidate_files`,
+    when already read."""
     from core.media import read_clip
 
+    files = candidate_files(rows) if files is None else files
     videos, audios = [], []
-    for row in rows:
+    for row, t in zip(rows, files, strict=True):
         if row["latent_uri"]:
-            t = load_safetensors(storage.read_bytes(row["latent_uri"]))
             videos.append(t["video"])
             audios.append(t["audio"])
         else:
@@ -341,14 +349,13 @@ def reward_inputs(pipeline, rows: list[dict]) -> dict:
     }
 
 
-def stored_observations(rows: list[dict]) -> dict:
+def stored_observations(rows: list[dict], files: list[dict] | None = None) -> dict:
     """The probes' observations stored in the rows' candidate files
     (:func:`observation_tensors`): ``observed`` (N,) which rows carry them, and
     ``observed_counts`` (N, F, P), ``observed_objects`` (N, F, K, 3), ``observed_impact``
     and ``observed_onset`` (N, F), zeros (objects -1) elsewhere; empty when no row
     carries any (footage, people's clips)."""
-    files = [load_safetensors(storage.read_bytes(r["latent_uri"])) if r.get("latent_uri")
-             else {} for r in rows]  # fmt: skip
+    files = candidate_files(rows) if files is None else files
     found = [f for f in files if "observed_colour_counts" in f]
     if not found:
         return {}
@@ -373,13 +380,16 @@ def stored_observations(rows: list[dict]) -> dict:
     return out
 
 
-def observer_inputs(pipeline, rows: list[dict], inputs: dict, size: int) -> dict:
+def observer_inputs(
+    pipeline, rows: list[dict], inputs: dict, size: int, files: list[dict] | None = None
+) -> dict:
     """``inputs`` plus what the reward model's observer learns from
     (:mod:`pipelines.align.observer`): the probes' observations of the rows
     (:func:`stored_observations`) and every row's frames decoded from its latents at
     ``size`` pixels a side. ``inputs`` unchanged when no row carries observations:
-    nothing to learn to see."""
-    seen = stored_observations(rows)
+    nothing to learn to see. ``files``: the rows' :func:`candidate_files`, when already
+    read."""
+    seen = stored_observations(rows, files)
     if not seen:
         return inputs
     frames, n = seen["observed_counts"].shape[1], len(rows)
@@ -476,11 +486,16 @@ def ensure_reward_model(cfg, pipeline, rt, log=print):
                                   human_weight=r.human_weight, rater_weight=r.rater_weight,
                                   rater_id=cfg.rlhf.preferences.rater_id)  # fmt: skip
 
-        inputs = reward_inputs(pipeline, rows)
+        # Each candidate file read once: latents here, the probes' observations (all
+        # that is kept of it) for the observer below.
+        files = candidate_files(rows)
+        inputs = reward_inputs(pipeline, rows, files)
+        files = [{k: v for k, v in f.items() if k.startswith("observed_")} for f in files]
         candidates, contrasts = len(rows), 0
         if r.corpus_contrasts > 0:
             extra, extra_inputs = corpus_contrast_inputs(cfg, pipeline, held, inputs)
             rows = rows + extra
+            files = files + candidate_files(extra)
             inputs = concat_inputs(inputs, extra_inputs)
             contrasts = len({row["contrast"] for row in extra})
 
@@ -488,7 +503,7 @@ def ensure_reward_model(cfg, pipeline, rt, log=print):
             return pairs_of(sub, head) + contrast_pairs(sub, head, r.contrast_weight)
 
         if r.observe:
-            inputs = observer_inputs(pipeline, rows, inputs, r.observer_size)
+            inputs = observer_inputs(pipeline, rows, inputs, r.observer_size, files)
 
         model, report = train_reward_model(rows, inputs, r, reward_dims(pipeline),
                                            pairs_of=all_pairs_of, device=rt.device)  # fmt: skip
