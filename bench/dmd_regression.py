@@ -34,11 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     captions = [f"a {c} circle bounces on a gray floor" for c in ("red", "blue", "green")]
     if args.carry:  # before imports that need PyAV
-        from pipelines.shipped.carry import carried_captions, install_pyav, use_text_table
+        from pipelines.shipped.carry import use_carry_texts
 
-        install_pyav(args.carry)
-        use_text_table(args.carry)
-        captions = carried_captions()
+        captions = use_carry_texts(args.carry)
 
     from model.pipeline import DuetPipeline
     from pipelines.align import dmd

@@ -26,11 +26,9 @@ def bench_prompts(n: int, carry: str) -> list[str]:
     """``n`` prompts: the first captions of a carry's text table (its PyAV installed, its
     table embedding them), or made-up ones."""
     if carry:
-        from pipelines.shipped.carry import carried_captions, install_pyav, use_text_table
+        from pipelines.shipped.carry import use_carry_texts
 
-        install_pyav(carry)
-        use_text_table(carry)
-        captions = carried_captions()
+        captions = use_carry_texts(carry)
         if len(captions) < n:
             raise SystemExit(f"{carry} holds {len(captions)} captions, fewer than {n}")
         return captions[:n]

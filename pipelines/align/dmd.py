@@ -385,10 +385,14 @@ class DMD2:
 
     def regression(self, noise, times, k, x0v, x0a, text, shift):
         """MSE to the guided teacher's Heun endpoint of the same initial noise."""
-        ts = schedule(self.s.teacher_steps, shift)
-        tv, ta = sample(self.teacher, noise[0], noise[1], Conditioning(text=text), ts, "heun",
-                        Guidance(self.s.text_scale, 1.0))  # fmt: skip
+        tv, ta = self.teacher_endpoint(noise[0], noise[1], text, shift)
         return torch.mean((x0v - tv.float()) ** 2) + torch.mean((x0a - ta.float()) ** 2)
+
+    def teacher_endpoint(self, noise_v, noise_a, text: TextConditioning, shift: float):
+        """The guided teacher's Heun sample (``teacher_steps``) of the given noise."""
+        ts = schedule(self.s.teacher_steps, shift)
+        return sample(self.teacher, noise_v, noise_a, Conditioning(text=text), ts, "heun",
+                      Guidance(self.s.text_scale, 1.0))  # fmt: skip
 
 
 def pairs_per_bucket(count: int, buckets) -> int:
@@ -401,14 +405,13 @@ def teacher_pairs(step: DMD2, count: int, seed: int, batch: int = 16) -> dict[in
     lengths, their prompts drawn from its prompt stream: DMD's paired dataset for
     ``distill.dmd.regression_pairs``. Seeded, so every rank and every resume draws the
     same ones."""
-    s, mcfg = step.s, step.mcfg
+    mcfg = step.mcfg
     gen = torch.Generator().manual_seed(seed * 7919 + 29)
     per_bucket = pairs_per_bucket(count, step.buckets)
     out: dict[int, dict] = {}
     for frames in step.buckets:
         v_shape, a_shape = frame_shapes(mcfg, frames)
-        ts = schedule(s.teacher_steps, resolution_shift(token_count(mcfg, v_shape, a_shape),
-                                                        mcfg.flow))  # fmt: skip
+        shift = resolution_shift(token_count(mcfg, v_shape, a_shape), mcfg.flow)
         got: dict[str, list] = {"noise_v": [], "noise_a": [], "video": [], "audio": []}
         prompts: list[str] = []
         for start in range(0, per_bucket, batch):
@@ -416,9 +419,8 @@ def teacher_pairs(step: DMD2, count: int, seed: int, batch: int = 16) -> dict[in
             drawn = step.stream.draw(b, gen)
             nv = torch.randn((b, *v_shape[1:]), generator=gen)
             na = torch.randn((b, *a_shape[1:]), generator=gen)
-            cond = Conditioning(text=step.text(drawn))
-            v, a = sample(step.teacher, nv.to(step.device), na.to(step.device), cond, ts, "heun",
-                          Guidance(s.text_scale, 1.0))  # fmt: skip
+            v, a = step.teacher_endpoint(nv.to(step.device), na.to(step.device),
+                                         step.text(drawn), shift)  # fmt: skip
             for key, value in zip(got, (nv, na, v.float().cpu(), a.float().cpu()), strict=True):
                 got[key].append(value)
             prompts += drawn

@@ -220,10 +220,10 @@ class ChunkedLoss:
 
     def backward(self) -> None:
         total = None
+        no_sync = getattr(self.module, "no_sync", None)  # DDP's; absent on a bare module
         for k, run in enumerate(self.chunks):
             last = k == len(self.chunks) - 1
-            sync = getattr(self.module, "no_sync", None)
-            with contextlib.nullcontext() if last or sync is None else sync():
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 loss = run()
                 loss.backward()
             total = loss.detach() if total is None else total + loss.detach()

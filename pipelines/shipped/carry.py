@@ -443,8 +443,11 @@ def use_text_table_file(path: str) -> None:
     model.pipeline.FrozenTextEncoder = TableTextEncoder
 
 
-def carried_captions() -> list[str]:
-    """The texts of the table in use that are captions (not audio prompts or plans)."""
+def use_carry_texts(carry_dir: str) -> list[str]:
+    """For a tool on a host without the text encoder: install the carry's PyAV, embed
+    text from its table, and return the table's captions (not audio prompts or plans)."""
+    install_pyav(carry_dir)
+    use_text_table(carry_dir)
     return [k for k in TableTextEncoder.table if not k.startswith(("@", _PLAN_PREFIX[0]))]
 
 
