@@ -246,6 +246,30 @@ def test_rlhf_resumes_after_a_kill_with_the_same_losses(aligned, tmp_path):
 
 
 @pytest.mark.slow
+def test_rlhf_refuses_a_head_whose_held_out_agreement_rests_on_too_few_pairs(aligned, tmp_path):
+    """The stage holds the learned reward to rlhf.reward.min_val_pairs as well as to the
+    floor: the run's reward model, with the floor barely on, is refused once a head it
+    optimises needs more held-out pairs than it has, before DanceGRPO's first step."""
+    import shutil
+
+    from pipelines.align.reward import RewardFloorError
+
+    run = tmp_path / "few_pairs"
+    for part in ("sft/final", "rlhf/preferences", "rlhf/reward"):
+        shutil.copytree(f"{aligned['cfg'].run_uri}/{part}", run / part)
+    config = config_to_dict(aligned["cfg"])
+    config["run_uri"] = str(run)
+    config["rlhf"]["reward"].update({"min_agreement": 1e-6, "min_val_pairs": 10**6})
+    with pytest.raises(RewardFloorError, match=r"on only \d+ pairs .*min_val_pairs = 1000000"):
+        train(train_config_from(config), stages=("rlhf",))
+    assert not storage.exists(f"{run}/rlhf/final/config.json")
+    config["rlhf"]["reward"]["min_val_pairs"] = 0  # the same run with the count unchecked
+    config["rlhf"]["steps"] = 1
+    train(train_config_from(config), stages=("rlhf",))
+    assert storage.exists(f"{run}/rlhf/final/config.json")
+
+
+@pytest.mark.slow
 def test_distill_runs_under_ray_train_with_two_workers(aligned, tmp_path):
     """The same stage task under Ray Train (2 gloo workers), reusing the run's couplings."""
     import shutil

@@ -263,6 +263,10 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     assert tuned.kl_coefficient() == 0.01
     assert learned.eta == 0.3 and cfg("--eta", "0.7").rlhf.eta == 0.7
     assert learned.loss_rows_per_chunk == 128
+    assert learned.reward.min_val_pairs == 50
+    assert cfg("--min-val-pairs", "10").rlhf.reward.min_val_pairs == 10
+    with pytest.raises(ValueError, match="min_val_pairs"):
+        cfg("--min-val-pairs", "-1")
     assert tuple(cfg("--head-weights", "1,1,0.25,0,0.25").rlhf.head_weights) == (
         1,
         1,

@@ -363,6 +363,13 @@ def test_floor_refuses_a_reward_model_that_disagrees_with_the_rater_on_held_out_
     # A head it optimises with no held-out pairs is unknown, and refused too.
     with pytest.raises(RewardFloorError, match="sync: no held-out pairs"):
         check_agreement_floor(good, (1.0, 0.0, 0.0, 1.0, 0.0), 0.6)
+    # ...and one measured on too few pairs to judge.
+    pairs = good["val_agreement"]["visual"]["pairs"]
+    with pytest.raises(RewardFloorError, match=rf"visual: .* on only {pairs} pairs.*"
+                       rf"min_val_pairs = {pairs + 1}"):  # fmt: skip
+        check_agreement_floor(good, WEIGHTS, 0.6, min_pairs=pairs + 1)
+    check_agreement_floor(good, WEIGHTS, 0.6, min_pairs=pairs)
+    check_agreement_floor(good, WEIGHTS, 0.0, min_pairs=pairs + 1)  # floor off
 
 
 def test_preferences_without_any_pair_say_what_to_change():

@@ -102,6 +102,11 @@ class RewardConfig:
     # unknown (no held-out pairs). 0 turns the floor off. (Optimising a reward that
     # orders held-out pairs no better than chance moves nothing the rater measures.)
     min_agreement: float = 0.6
+    # ...and when a head it optimises has fewer held-out pairs than this: at 17 pairs an
+    # agreement of 0.82 has a standard error of 0.09, and such a head (audio, weight
+    # 0.25) drove the policy where the rater's visual score fell by 6 standard errors
+    # (BENCHMARKS.md, session 29). Checked only while the floor is on.
+    min_val_pairs: int = 50
     # Weight in the loss of each preference pair by where it came from: people (the
     # /rank page, `duet prefs import`, human ranks in the table) or the programmatic
     # rater. 0 leaves that source out.
@@ -255,6 +260,8 @@ class RLHFStageConfig:
         if self.kl_weight is not None and self.kl_weight < 0:
             raise ValueError("kl_weight must be >= 0 (or unset: on with a learned reward)")
         r = self.reward
+        if r.min_val_pairs < 0:
+            raise ValueError("rlhf.reward.min_val_pairs must be >= 0")
         small = [name for name in ("observer_batch", "observer_window", "observer_width",
                                    "observer_size") if getattr(r, name) < 1]  # fmt: skip
         if small or r.observer_steps < 0 or r.observer_lr <= 0:

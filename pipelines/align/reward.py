@@ -637,9 +637,10 @@ def no_pairs_message(rows: list[dict], min_margin: float) -> str:
     )
 
 
-def check_agreement_floor(report: dict, weights, floor: float) -> None:
+def check_agreement_floor(report: dict, weights, floor: float, min_pairs: int = 0) -> None:
     """Refuse a reward model whose held-out agreement with the rater on a head with
-    weight > 0 is below ``floor`` or unknown (no held-out pairs). ``floor`` 0: no floor."""
+    weight > 0 is below ``floor``, unknown (no held-out pairs) or measured on fewer than
+    ``min_pairs`` pairs. ``floor`` 0: no floor."""
     if floor <= 0:
         return
     val = report.get("val_agreement") or {}
@@ -653,6 +654,11 @@ def check_agreement_floor(report: dict, weights, floor: float) -> None:
         value, pairs = found.get("agreement"), found.get("pairs", 0)
         if value is None:
             bad.append(f"{h}: no held-out pairs (agreement unknown)")
+        elif pairs < min_pairs:
+            bad.append(
+                f"{h}: held-out agreement {value:.3f} on only {pairs} pairs{where}, fewer "
+                f"than rlhf.reward.min_val_pairs = {min_pairs} to judge it"
+            )
         elif value < floor:
             bad.append(f"{h}: held-out agreement {value:.3f} on {pairs} pairs{where}")
     if bad:

@@ -656,7 +656,7 @@ def rlhf_task(cfg, pipeline, rt):
     if s.reward_source != "judge":  # the judge sees footage; the rater's world heads do not
         weights = tuple(0.0 if h in skip else w for h, w in zip(HEADS, weights, strict=True))
     if s.reward_source == "model":
-        check_agreement_floor(report, weights, s.reward.min_agreement)
+        check_agreement_floor(report, weights, s.reward.min_agreement, s.reward.min_val_pairs)
     rows = [PromptRow(i, p) for i, p in enumerate(train_prompts)]
     tokens, mask = encode_prompts(pipeline, train_prompts)
     reference = None

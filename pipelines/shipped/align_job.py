@@ -97,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--corpus-contrasts", type=int, default=256)
     parser.add_argument("--min-agreement", type=float, default=0.6)
     parser.add_argument(
+        "--min-val-pairs",
+        type=int,
+        default=50,
+        help="held-out pairs a head DanceGRPO optimises needs for the floor to judge it",
+    )
+    parser.add_argument(
         "--reward-source", choices=("model", "rater"), default="model",
         help="what DanceGRPO optimises: the learned reward model, or the rater itself "
         "(an ablation: tells the RL method's gain from the reward model's)",
@@ -228,7 +234,8 @@ def build_config(args, manifest: str):
                            "observe": args.observer_steps > 0,
                            "observer_steps": max(args.observer_steps, 1),
                            "corpus_contrasts": args.corpus_contrasts,
-                           "min_agreement": args.min_agreement},
+                           "min_agreement": args.min_agreement,
+                           "min_val_pairs": args.min_val_pairs},
             },
             "distill": {
                 "method": "dmd2", "steps": args.distill_steps,
