@@ -41,6 +41,7 @@ are skipped, and the reward model's and the stage's reports say so.
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -785,8 +786,12 @@ def dmd_task(cfg, pipeline, rt):
         # Drawn once (seeded) by the main worker and kept: a resumed run reads them back.
         uri = storage.join(stage_uri(cfg, "distill"), DMD_PAIRS_NAME)
         if rt.is_main and not storage.exists(uri):
+            began = time.perf_counter()
             pairs = dmd.teacher_pairs(step_fn, s.dmd.regression_pairs, cfg.seed)
             storage.write_bytes(uri, dmd.pairs_to_bytes(pairs))
+            took = time.perf_counter() - began
+            print(f"distill: {s.dmd.regression_pairs} regression pairs drawn in {took:.0f} s "
+                  f"({took / s.dmd.regression_pairs:.3f} s a pair)", flush=True)  # fmt: skip
         rt.barrier()
         step_fn.pairs = dmd.pairs_from_bytes(storage.read_bytes(uri))
         want = dmd.pairs_per_bucket(s.dmd.regression_pairs, buckets)
