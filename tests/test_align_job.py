@@ -309,3 +309,42 @@ def test_the_rater_reports_what_it_saw_frame_by_frame_when_asked():
     assert counts[:, 2].tolist() == [0] * 4 + [1] * 5
     assert counts.sum() == 9 + 5 and len(seen["impact"]) == len(seen["onset"]) == 9
     assert "observations" not in rate_clip("a red square", clip)
+
+
+def test_a_reward_model_from_an_earlier_job_is_reused_only_if_it_never_saw_a_held_out_prompt(
+    tmp_path,
+):
+    from pipelines.align.reward import RewardModel, load_reward_model, save_reward_model
+    from pipelines.shipped.align_job import copy_reward_model, install_reward_model
+
+    def saved(name: str, train_prompts: list[str]) -> str:
+        torch.manual_seed(0)
+        model = RewardModel(4, 2, 8, 2)
+        uri = str(tmp_path / name / "rlhf" / "reward")
+        save_reward_model(uri, model, {"report": {"train_prompts": train_prompts}})
+        return uri
+
+    held_out = ["a red ball bounces", "two blue squares slide"]
+    earlier = saved("earlier", ["three green balls bounce", "a yellow ball falls"])
+    out = str(tmp_path / "out" / "reward")
+    copy_reward_model(earlier, out)  # what the job leaves in OUT/reward
+    run = str(tmp_path / "run" / "rlhf")
+    install_reward_model(out, run, held_out)
+    model, meta = load_reward_model(f"{run}/reward")
+    assert meta == load_reward_model(earlier)[1]
+    original = load_reward_model(earlier)[0].state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    install_reward_model(out, run, held_out)  # the same one again (a resumed job): kept
+    # One that trained on a held-out prompt would score what it saw: refused.
+    leaky = saved("leaky", ["three green balls bounce", held_out[1]])
+    with pytest.raises(SystemExit, match=r"trained on 1 of this run's held-out.*two blue"):
+        install_reward_model(leaky, str(tmp_path / "run2" / "rlhf"), held_out)
+    with pytest.raises(SystemExit, match="no training prompts"):
+        install_reward_model(saved("silent", []), str(tmp_path / "run3" / "rlhf"), held_out)
+    # The run already has another reward model: not replaced behind its back.
+    other = saved("other", ["a purple triangle spins"])
+    with pytest.raises(SystemExit, match="already has another reward model"):
+        install_reward_model(other, run, held_out)
+    with pytest.raises(FileNotFoundError, match="no trained reward model"):
+        install_reward_model(str(tmp_path / "nothing"), str(tmp_path / "run4" / "rlhf"), held_out)
+

@@ -28,6 +28,8 @@ Runs the ``rlhf`` and ``distill`` stages of :mod:`pipelines.train` (local runner
    against issue 23's targets (:func:`target_rows`).
 
 ``OUT`` gets ``summary.json`` (settings, stage reports, reward agreement, targets),
+the reward model (``reward/``: weights and its report; ``--reward-from OUT/reward``
+reuses it in a later run on the same carry instead of drawing preferences again),
 ``eval.json`` (every rated clip), ``metrics.jsonl`` (every logged step) and the RLHF and
 Fast weights as bf16 shards (``ship_rlhf/``, ``ship_fast/``).
 """
@@ -108,6 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(an ablation: tells the RL method's gain from the reward model's)",
     )  # fmt: skip
     parser.add_argument("--rater-workers", type=int, default=12)
+    parser.add_argument(
+        "--reward-from",
+        default="",
+        help="a reward model folder (an earlier job's OUT/reward) used instead of drawing "
+        "preferences and training one; refused if it trained on a held-out prompt",
+    )
     parser.add_argument(
         "--reward-only",
         action="store_true",
@@ -404,6 +412,8 @@ def main(argv: list[str] | None = None) -> dict:
     from pipelines.align.reward import RewardFloorError, load_reward_model
 
     rlhf_final, reward_uri = loop.final_uri(cfg, "rlhf"), ""
+    if args.reward_from:
+        install_reward_model(args.reward_from, loop.stage_uri(cfg, "rlhf"), held_out)
     if args.reward_only:  # preference data and the reward model, then its report
         from pipelines.align.stages import ensure_reward_model
 
@@ -425,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.reward_only or (not args.skip_rlhf and args.reward_source == "model"):
         reward_uri = os.path.join(loop.stage_uri(cfg, "rlhf"), "reward")
         summary["reward"] = reward_summary(load_reward_model(reward_uri)[1].get("report", {}))
+        copy_reward_model(reward_uri, os.path.join(args.out, "reward"))
     _save(summary, args)
     if args.reward_only:
         summary["targets"] = target_rows({}, summary["reward"]["val_agreement"])
@@ -464,6 +475,49 @@ def main(argv: list[str] | None = None) -> dict:
     agreement = summary["reward"]["val_agreement"] if "reward" in summary else None
     summary["targets"] = target_rows(evals, agreement)
     return _finish(summary, args, t0)
+
+
+def copy_reward_model(src: str, dst: str) -> None:
+    """The reward model's weights and its JSON (settings, report, prompts) from ``src``
+    to ``dst``, a folder ``--reward-from`` reads."""
+    from core import storage
+    from pipelines.align.reward import META_NAME, MODEL_NAME
+
+    for name in (MODEL_NAME, META_NAME):
+        storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+
+
+def install_reward_model(src: str, rlhf_uri: str, held_out: list[str]) -> None:
+    """Put the reward model of ``src`` (``--reward-from``) where the rlhf stage looks
+    for it, so the stage draws no preferences and trains none. Refused when it trained
+    on one of this run's held-out prompts (its scores would have seen what the job
+    scores), when it is not a reward model, or when the run already has another."""
+    from pipelines.align.reward import load_reward_model, reward_exists
+
+    _, meta = load_reward_model(src)  # a clear error for a folder that is not one
+    seen = set((meta.get("report") or {}).get("train_prompts") or ())
+    if not seen:
+        raise SystemExit(
+            f"[align] --reward-from {src}: its report lists no training prompts, so it "
+            "cannot be shown to have never seen this run's held-out prompts"
+        )
+    overlap = sorted(seen.intersection(held_out))
+    if overlap:
+        raise SystemExit(
+            f"[align] --reward-from {src}: it trained on {len(overlap)} of this run's "
+            f"held-out prompt(s) (first: {overlap[0]!r}); use one trained on this carry "
+            "with the same --max-prompts and --seed, or train one here"
+        )
+    dst = os.path.join(rlhf_uri, "reward")
+    if reward_exists(dst):
+        if load_reward_model(dst)[1] != meta:
+            raise SystemExit(
+                f"[align] --reward-from {src}: the run folder already has another reward "
+                f"model ({dst}); use a fresh --run or delete it"
+            )
+        return
+    copy_reward_model(src, dst)
+    print(f"[align] reward model from {src} (trained on {len(seen)} prompts)", flush=True)
 
 
 def reward_summary(report: dict) -> dict:
