@@ -347,4 +347,3 @@ def test_a_reward_model_from_an_earlier_job_is_reused_only_if_it_never_saw_a_hel
         install_reward_model(other, run, held_out)
     with pytest.raises(FileNotFoundError, match="no trained reward model"):
         install_reward_model(str(tmp_path / "nothing"), str(tmp_path / "run4" / "rlhf"), held_out)
-
