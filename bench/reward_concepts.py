@@ -37,6 +37,12 @@ with binomial standard errors; ``--train-prompts`` cuts training to the first K
 training prompts. The palette and the probes are the synthetic world's: this measures
 the world heads (sync, adherence, motion), not footage.
 
+``--mix none,counts,where,impact`` (``pixels`` only) then scores the trained observer's
+own observations of every row with one part at a time replaced by the probes' (``none``:
+all its own), each with fresh scores trained on the same pairs, and prints where its
+counts miss (over, under, and the error rate on frames where the probes' count of a
+colour changes against steady frames): which part of what it sees costs the heads.
+
 ``--impact-rule 0,0.25,0.5`` first reads impacts the rater's way (its tracker and kink
 rule, ``core.probes.tracks``) from the probes' object centres, moved by Gaussian
 jitter of each given size in pixels of the candidates, and prints their precision and
@@ -421,9 +427,8 @@ def run_frames(rows, inputs, args, concepts: str) -> dict:
     :class:`pipelines.align.observer.ObservedScores`; ``pixels``: the product's reward
     model with its observer (:func:`pipelines.align.reward.train_reward_model` on the
     stage's inputs), which learns to see them in the decoded frames first."""
-    from pipelines.align.config import HEADS, RewardConfig
-    from pipelines.align.observer import OBSERVED_HEADS, ObservedScores, ObserverConfig
-    from pipelines.align.reward import score_rows, train_reward_model
+    from pipelines.align.config import RewardConfig
+    from pipelines.align.reward import observe_rows, score_rows, train_reward_model
 
     cfg = RewardConfig(preset=args.preset, steps=args.steps, seed=args.seed,
                        observer_steps=args.observer_steps, observer_batch=args.observer_batch,
@@ -432,6 +437,9 @@ def run_frames(rows, inputs, args, concepts: str) -> dict:
     t0 = time.perf_counter()
     out = {"train_prompts": n_prompts}
     dev = torch.device(args.device)
+    exact = {k: inputs[f"observed_{k}"].to(dev) for k in ("counts", "impact", "onset")}
+    exact["where"] = colour_centres(inputs["observed_objects"], exact["counts"].shape[-1])
+    exact["where"] = exact["where"].to(dev)
     if concepts == "pixels":
         kept = set(train) | set(val)
         sub = [r | {"split": r["split"] if i in kept else "unused"} for i, r in enumerate(rows)]
@@ -440,31 +448,66 @@ def run_frames(rows, inputs, args, concepts: str) -> dict:
         with torch.no_grad():
             every = torch.cat([score_rows(model, inputs, range(i, min(i + 64, len(rows))))
                                for i in range(0, len(rows), 64)])  # fmt: skip
+        if args.mix:
+            seen = {k: v.to(dev) for k, v in observe_rows(model, inputs).items() if k in exact}
+            out["count_errors"] = count_errors(seen["counts"][val], exact["counts"][val])
+            out["mixes"] = {}
+            for part in args.mix.split(","):  # the observer's, with this part exact
+                mixed = {**seen, **({} if part == "none" else {part: exact[part]})}
+                got = _agreements(rows, fit_scores(rows, mixed, inputs, args, cfg, train, dev),
+                                  train, val, cfg.min_margin)  # fmt: skip
+                out["mixes"][part] = got["held_out"]
     else:
-        seen = {k: inputs[f"observed_{k}"].to(dev) for k in ("counts", "impact", "onset")}
-        seen["where"] = colour_centres(inputs["observed_objects"], seen["counts"].shape[-1])
-        seen["where"] = seen["where"].to(dev)
-        torch.manual_seed(args.seed)
-        head = ObservedScores(ObserverConfig(colours=seen["counts"].shape[-1]),
-                              inputs["tokens"].shape[-1]).to(dev)  # fmt: skip
-        tokens, mask = inputs["tokens"].to(dev), inputs["mask"].to(dev)
-        cols = [HEADS.index(h) for h in OBSERVED_HEADS]
-
-        def scores(idx, with_loss=False):
-            full = torch.zeros(len(idx), len(HEADS), device=dev)
-            full[:, cols] = head({k: v[idx] for k, v in seen.items()}, tokens[idx], mask[idx])
-            return full, None
-
-        pairs = _pairs(rows, train, cfg.min_margin)
-        pairs = {h: (v if h in OBSERVED_HEADS else []) for h, v in pairs.items()}
-        _fit(list(head.parameters()), scores, pairs, args, cfg.lr, cfg.weight_decay,
-             cfg.batch_pairs)  # fmt: skip
-        head.eval()
-        with torch.no_grad():
-            every = torch.cat([scores(torch.arange(i, min(i + 128, len(rows))))[0]
-                               for i in range(0, len(rows), 128)])  # fmt: skip
+        every = fit_scores(rows, exact, inputs, args, cfg, train, dev)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out | _agreements(rows, every.cpu(), train, val, cfg.min_margin)
+
+
+def fit_scores(rows, seen: dict, inputs: dict, args, cfg, train, dev) -> torch.Tensor:
+    """The product's ObservedScores trained on the training pairs over the observations
+    ``seen`` (``counts``, ``where``, ``impact``, ``onset`` of every row); every row's
+    scores (N, heads)."""
+    from pipelines.align.config import HEADS
+    from pipelines.align.observer import OBSERVED_HEADS, ObservedScores, ObserverConfig
+
+    torch.manual_seed(args.seed)
+    head = ObservedScores(ObserverConfig(colours=seen["counts"].shape[-1]),
+                          inputs["tokens"].shape[-1]).to(dev)  # fmt: skip
+    tokens, mask = inputs["tokens"].to(dev), inputs["mask"].to(dev)
+    cols = [HEADS.index(h) for h in OBSERVED_HEADS]
+
+    def scores(idx, with_loss=False):
+        full = torch.zeros(len(idx), len(HEADS), device=dev)
+        full[:, cols] = head({k: v[idx] for k, v in seen.items()}, tokens[idx], mask[idx])
+        return full, None
+
+    pairs = _pairs(rows, train, cfg.min_margin)
+    pairs = {h: (v if h in OBSERVED_HEADS else []) for h, v in pairs.items()}
+    _fit(list(head.parameters()), scores, pairs, args, cfg.lr, cfg.weight_decay,
+         cfg.batch_pairs)  # fmt: skip
+    head.eval()
+    with torch.no_grad():
+        return torch.cat([scores(torch.arange(i, min(i + 128, len(rows))))[0]
+                          for i in range(0, len(rows), 128)]).cpu()  # fmt: skip
+
+
+def count_errors(found: torch.Tensor, exact: torch.Tensor) -> dict:
+    """Where the observer's counts (N, F, P) miss the probes': colour-frames over and
+    under, and the error rate on frames where the probes' count of a colour changes
+    (from or to the next frame: what the motion head reads) against steady ones."""
+    wrong = found != exact
+    change = torch.zeros_like(wrong)
+    step = exact.diff(dim=1) != 0
+    change[:, 1:] |= step
+    change[:, :-1] |= step
+    return {
+        "colour_frames": wrong.numel(),
+        "over": int((found > exact).sum()),
+        "under": int((found < exact).sum()),
+        "error_at_changes": round(float(wrong[change].float().mean()), 4),
+        "change_colour_frames": int(change.sum()),
+        "error_when_steady": round(float(wrong[~change].float().mean()), 4),
+    }
 
 
 def main(argv=None) -> int:
@@ -488,6 +531,9 @@ def main(argv=None) -> int:
     ap.add_argument("--observer-window", type=int, default=16, help="frames a candidate a step")
     ap.add_argument("--spoil", default="", help="frames only: impacts | grid:N")
     ap.add_argument("--impact-rule", default="", help="jitters in pixels, e.g. 0,0.25,0.5")
+    ap.add_argument("--mix", default="",
+                    help="pixels only: score the observer's observations with each named part "
+                    "exact, e.g. none,counts,where,impact")  # fmt: skip
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
 
@@ -544,6 +590,11 @@ def main(argv=None) -> int:
             v, t = r["held_out"][h], r["train"][h]
             print(f"  {h:10s} held-out {v['agreement']:.3f} +- {v['stderr']:.3f} ({v['pairs']} "
                   f"pairs)  train {t['agreement']:.3f}")  # fmt: skip
+        if r.get("count_errors"):
+            print(f"  the observer's counts against the probes' (held out): {r['count_errors']}")
+        for part, got in (r.get("mixes") or {}).items():
+            print(f"  its observations with {part} exact: held-out "
+                  + ", ".join(f"{h} {got[h]['agreement']:.3f}" for h in WORLD))  # fmt: skip
     if args.json:
         from core import storage
 
