@@ -270,6 +270,33 @@ def test_rlhf_refuses_a_head_whose_held_out_agreement_rests_on_too_few_pairs(ali
 
 
 @pytest.mark.slow
+def test_rlhf_with_the_rater_as_reward_trains_no_reward_model(aligned, tmp_path):
+    """``reward_source="rater"`` (the ablation): DanceGRPO's rewards are the probes'
+    scores of each rollout, weighted by ``head_weights``; the stage neither draws
+    preferences nor trains a reward model, keeps KL off, and says so in its summary."""
+    import shutil
+
+    run = tmp_path / "rater_reward"
+    shutil.copytree(f"{aligned['cfg'].run_uri}/sft/final", run / "sft/final")
+    config = config_to_dict(aligned["cfg"])
+    config["run_uri"] = str(run)
+    config["rlhf"].update({"reward_source": "rater", "steps": 2, "batch_size": 1,
+                           "group_size": 4, "sample_steps": 4, "log_every": 1,
+                           "checkpoint_every": 10, "rater_workers": 0})  # fmt: skip
+    train(train_config_from(config), stages=("rlhf",))
+    final = storage.read_json(f"{run}/rlhf/final/config.json")
+    summary = final["extra"]["metrics"]
+    assert summary["reward_source"] == "rater" and summary["kl_weight"] == 0.0
+    assert summary["reward_val_agreement"] is None and "reward_hacking" not in summary
+    assert not storage.exists(f"{run}/rlhf/reward") and not storage.exists(f"{run}/rlhf/preferences")
+    rows = _metrics(f"{run}/rlhf")
+    assert [r["step"] for r in rows] == [1, 2]
+    # The rewards are the rater's own weighted scores: in [0, sum of the weights].
+    top = sum(config["rlhf"]["head_weights"])
+    assert all(0.0 <= r["reward"] <= top + 1e-6 for r in rows), rows
+
+
+@pytest.mark.slow
 def test_distill_runs_under_ray_train_with_two_workers(aligned, tmp_path):
     """The same stage task under Ray Train (2 gloo workers), reusing the run's couplings."""
     import shutil

@@ -255,7 +255,8 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     assert learned.reward.observe and learned.reward.observer_steps == 4000
     watched = cfg("--observer-steps", "300").rlhf.reward
     assert watched.observe and watched.observer_steps == 300
-    assert not cfg("--observer-steps", "0").rlhf.reward.observe  # latents only
+    latents_only = cfg("--observer-steps", "0").rlhf.reward
+    assert not latents_only.observe and latents_only.observer_steps == 0
     # DanceGRPO's own settings: shared noise and group std by default, KL unset.
     assert learned.shared_noise and learned.advantage_norm == "group"
     tuned = cfg("--rlhf-own-noise", "--advantage-norm", "batch", "--kl-weight", "0.01").rlhf

@@ -240,7 +240,7 @@ def build_config(args, manifest: str):
                                 "duration_s": args.duration},
                 "reward": {"preset": args.reward_preset, "steps": args.reward_steps,
                            "observe": args.observer_steps > 0,
-                           "observer_steps": max(args.observer_steps, 1),
+                           "observer_steps": args.observer_steps,
                            "corpus_contrasts": args.corpus_contrasts,
                            "min_agreement": args.min_agreement,
                            "min_val_pairs": args.min_val_pairs},
