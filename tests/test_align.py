@@ -288,7 +288,8 @@ def test_rlhf_with_the_rater_as_reward_trains_no_reward_model(aligned, tmp_path)
     summary = final["extra"]["metrics"]
     assert summary["reward_source"] == "rater" and summary["kl_weight"] == 0.0
     assert summary["reward_val_agreement"] is None and "reward_hacking" not in summary
-    assert not storage.exists(f"{run}/rlhf/reward") and not storage.exists(f"{run}/rlhf/preferences")
+    for part in ("reward", "preferences"):
+        assert not storage.exists(f"{run}/rlhf/{part}"), part
     rows = _metrics(f"{run}/rlhf")
     assert [r["step"] for r in rows] == [1, 2]
     # The rewards are the rater's own weighted scores: in [0, sum of the weights].
