@@ -19,6 +19,12 @@ the second (does averaging two ratings give steadier labels?):
   half): the ceiling of any reward model's agreement with such labels;
 - ``groups with a pair``: how many groups give that head any pair at all.
 
+``--kink-mad-factor`` rates everything (the stage's labels included) with the impact
+rule's noise band at that factor (``core.probes.tracks.KINK_MAD_FACTOR``) instead of
+the product's: two runs with the same ``--seed`` and different factors draw the same
+groups and compare the rules on them. ``copy vs second`` (both copies rated by this
+bench) needs no stage labels.
+
 Reuses the groups of a finished run in ``--out``.
 """
 
@@ -48,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--second-crf", type=int, default=23, help="the second copy's H.264 CRF")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--kink-mad-factor", type=float, default=0.0,
+                    help="the impact rule's noise band (default: the product's)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="work folder (default: a temporary one)")
     ap.add_argument("--json", default="")
@@ -66,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.kink_mad_factor:
+        import core.probes.tracks as tracks
+
+        tracks.KINK_MAD_FACTOR = args.kink_mad_factor
     out = args.out or tempfile.mkdtemp(prefix="duet-rater-")
     cfg = train_config_from(
         {
@@ -108,11 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         k: {h: _mean(scores["own"][k].get(h), scores["copy"][k].get(h)) for h in HEADS}
         for k in scores["own"]
     }
-    result = {"prompts": len(prompts), "candidates": len(rows), "draw_s": round(drawn, 1)}
+    import core.probes.tracks as tracks
+
+    result = {"prompts": len(prompts), "candidates": len(rows), "draw_s": round(drawn, 1),
+              "kink_mad_factor": tracks.KINK_MAD_FACTOR}  # fmt: skip
     # (labels, check): the stage's labels against the copy; then, against the second
     # copy (which neither label saw), the stage's labels and the mean of own and copy.
     for name, labels, check in (("own vs copy", "own", "copy"), ("own vs second", "own", "second"),
-                                ("mean vs second", "mean", "second")):  # fmt: skip
+                                ("mean vs second", "mean", "second"),
+                                ("copy vs second", "copy", "second")):  # fmt: skip
         result[name] = {}
         for h in HEADS:
             pairs, kept, with_pair = _kept(rows, scores[labels], scores[check], h, args.min_margin)

@@ -47,7 +47,9 @@ colour changes against steady frames): which part of what it sees costs the head
 rule, ``core.probes.tracks``) from the probes' object centres, moved by Gaussian
 jitter of each given size in pixels of the candidates, and prints their precision and
 recall against the stored impacts: how exactly an observer must place objects before
-the rater's own rule finds its impacts.
+the rater's own rule finds its impacts; each row also scores the exact observations
+with those impacts (``frames``, ``ObservedScores``) and prints the held-out agreement: what
+an observer placing objects that exactly, reading impacts by the rule, would reach.
 
 ``--spoil`` (``frames`` only) takes one part of the exact observations away to say
 what it is worth: ``impacts`` (none seen) or ``grid:N`` (each object's centre
@@ -562,10 +564,15 @@ def main(argv=None) -> int:
             found = impacts_by_rule(seen["observed_objects"], float(model_cfg.fps),
                                     int(model_cfg.width), jitter, args.seed)  # fmt: skip
             pr = event_recall_precision(found, labelled)
+            # What the heads would agree if an observer placed objects this exactly and
+            # read impacts by the rule: the exact observations with these impacts.
+            r = run_frames(rows, {**seen, "observed_impact": found}, args, "frames")
+            pr["held_out"] = {h: r["held_out"][h]["agreement"] for h in WORLD}
             results["impact_rule"][str(jitter)] = pr
             print(f"impacts by the rater's rule, centres jittered {jitter} px: precision "
                   f"{pr['precision']:.3f}, recall {pr['recall']:.3f} ({int(found.sum())} found, "
-                  f"{int(labelled.sum())} stored)")  # fmt: skip
+                  f"{int(labelled.sum())} stored); scored with them, held-out "
+                  + ", ".join(f"{h} {v:.3f}" for h, v in pr["held_out"].items()))  # fmt: skip
     for concepts in args.concepts.split(","):
         if concepts == "pixels":
             observed = observed_inputs(
