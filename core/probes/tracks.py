@@ -36,9 +36,11 @@ MIN_KINK_PX = 3.0
 # The noise band only nominates contacts; the fitted velocity jump
 # (_meeting_time) confirms them, and keeps precision on its own. At 6 the band
 # followed any jitter of the centres up: a quarter of a pixel of it lost a
-# quarter of the bounces at 128 px and 16 fps, half a pixel half of them. At 2.5
-# synthetic footage keeps its impacts under half a pixel of jitter at
-# unchanged precision (BENCHMARKS.md, session 31).
+# quarter of the bounces at 128 px and 16 fps, half a pixel half of them, and on
+# generated clips, whose tracks are less regular, it missed nine bounces in ten
+# (velocity reversed, about 9 px a frame of jump). At 2.5 synthetic footage keeps
+# its impacts under half a pixel of jitter at unchanged precision
+# (BENCHMARKS.md, session 31).
 KINK_MAD_FACTOR = 2.5
 KINK_BASE_FACTOR = 1.5
 LOCAL_WINDOW = 6
