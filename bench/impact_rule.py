@@ -7,8 +7,7 @@ Renders ``--videos`` synthetic videos (``core.synth``, ground-truth sidecars), e
 each to MP4 and probes it once (the palette detector's object centres per frame). Then,
 for each noise-band factor of the kink rule (``core.probes.tracks.KINK_MAD_FACTOR``)
 and each jitter, it moves every detected centre by Gaussian noise of that many pixels,
-tracks and reads impacts as the probes do (``build_tracks``, ``track_events``,
-``merge_events``) and prints, against the sidecars' impacts and collisions (within one
+tracks and reads impacts as the probes do (``segment_events``) and prints, against the sidecars' impacts and collisions (within one
 frame): recall, precision, and the share of the unjittered rule's impacts still found.
 An observer that places objects to within so many pixels and reads impacts by the rule
 finds this much of what the rater finds.
@@ -31,13 +30,12 @@ IMPACTS = ("impact", "collision")
 def rule_impacts(probe: dict, frames: list, size: tuple[int, int]) -> list[float]:
     """Impact times (s) the probes' tracker and kink rule read from per-frame detections."""
     from core.probes.probe import TRACK_GATE_FRACTION, segments_from_transitions
-    from core.probes.tracks import build_tracks, merge_events, track_events
+    from core.probes.tracks import segment_events
 
-    fps = float(probe["fps"])
+    fps, gate = float(probe["fps"]), TRACK_GATE_FRACTION * min(size)
     found = []
     for segment in segments_from_transitions(probe["transitions"], probe["num_frames"]):
-        tracks = build_tracks(frames, segment, TRACK_GATE_FRACTION * min(size))
-        events = merge_events([e for t in tracks for e in track_events(t, fps)], fps)
+        _, events = segment_events(frames, segment, fps, gate)
         found.extend(e["time_s"] for e in events if e["type"] in IMPACTS)
     return sorted(found)
 

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    import core.probes.tracks as tracks
     from core.media import read_clip, write_mp4
     from model.pipeline import DuetPipeline
     from pipelines.align.config import HEADS
@@ -75,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.kink_mad_factor:
-        import core.probes.tracks as tracks
-
         tracks.KINK_MAD_FACTOR = args.kink_mad_factor
     out = args.out or tempfile.mkdtemp(prefix="duet-rater-")
     cfg = train_config_from(
@@ -120,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         k: {h: _mean(scores["own"][k].get(h), scores["copy"][k].get(h)) for h in HEADS}
         for k in scores["own"]
     }
-    import core.probes.tracks as tracks
-
     result = {"prompts": len(prompts), "candidates": len(rows), "draw_s": round(drawn, 1),
               "kink_mad_factor": tracks.KINK_MAD_FACTOR}  # fmt: skip
     # (labels, check): the stage's labels against the copy; then, against the second

@@ -380,12 +380,11 @@ def colour_centres(objects: torch.Tensor, colours: int) -> torch.Tensor:
 def impacts_by_rule(objects: torch.Tensor, fps: float, side: int, jitter: float,
                     seed: int = 0) -> torch.Tensor:  # fmt: skip
     """Objects (N, F, K, 3) as (colour, x, y) fractions -> (N, F) impacts as the rater
-    finds them (:func:`core.probes.tracks.build_tracks`, ``track_events``,
-    ``merge_events``) from the centres in pixels of a ``side``-pixel frame, each moved by
+    finds them (:func:`core.probes.tracks.segment_events`) from the centres in pixels of a ``side``-pixel frame, each moved by
     Gaussian noise of ``jitter`` pixels."""
     from core.probes.detect import COLOR_NAMES
     from core.probes.probe import TRACK_GATE_FRACTION
-    from core.probes.tracks import build_tracks, merge_events, track_events
+    from core.probes.tracks import segment_events
     from pipelines.align.rater import IMPACT_TYPES
 
     rng = np.random.default_rng(seed)
@@ -400,8 +399,7 @@ def impacts_by_rule(objects: torch.Tensor, fps: float, side: int, jitter: float,
                 {"color": COLOR_NAMES[int(c)], "shape": "circle", "x": float(x), "y": float(y),
                  "area": 1.0} for c, (x, y) in zip(row[:, 0], xy, strict=True)
             ])  # fmt: skip
-        tracks = build_tracks(dets, (0, f), TRACK_GATE_FRACTION * side)
-        for ev in merge_events([e for t in tracks for e in track_events(t, fps)], fps):
+        for ev in segment_events(dets, (0, f), fps, TRACK_GATE_FRACTION * side)[1]:
             if ev["type"] in IMPACT_TYPES:
                 found[i, min(f - 1, max(0, round(ev["time_s"] * fps)))] = 1
     return found

@@ -20,7 +20,7 @@ from core.probes import (
     probe_video,
 )
 from core.probes.probe import TRACK_GATE_FRACTION, segments_from_transitions
-from core.probes.tracks import build_tracks, kink_events, merge_events, track_events
+from core.probes.tracks import kink_events, segment_events
 from core.synth import (
     OBJECT_COLORS,
     SHAPES,
@@ -201,8 +201,7 @@ def _impacts_from(probe: dict, frames: list) -> list[float]:
     fps, gate = float(probe["fps"]), TRACK_GATE_FRACTION * min(probe["width"], probe["height"])
     found = []
     for segment in segments_from_transitions(probe["transitions"], probe["num_frames"]):
-        tracks = build_tracks(frames, segment, gate)
-        events = merge_events([e for t in tracks for e in track_events(t, fps)], fps)
+        _, events = segment_events(frames, segment, fps, gate)
         found += [e["time_s"] for e in events if e["type"] in ("impact", "collision")]
     return found
 

@@ -21,7 +21,7 @@ from core.probes.lipsync import estimate_lip_sync, mouth_track
 from core.probes.onsets import detect_onsets
 from core.probes.shots import detect_transitions, estimate_pan, segments_from_transitions
 from core.probes.sync import MAX_OFFSET_S, estimate_av_offset
-from core.probes.tracks import build_tracks, merge_events, track_events
+from core.probes.tracks import segment_events
 
 PROBE_SCHEMA_VERSION = 1
 # A tracked object may move this fraction of the frame's smaller side per frame.
@@ -60,10 +60,7 @@ def probe_clip(
     shots = []
     lip_offsets = []
     for index, segment in enumerate(segments):
-        seg_events = []
-        tracks = build_tracks(detections, segment, gate)
-        for track in tracks:
-            seg_events.extend(track_events(track, fps))
+        tracks, merged = segment_events(detections, segment, fps, gate)
         lip = None
         face = mouth_track(tracks)
         if face is not None and clip.audio.size:
@@ -76,7 +73,6 @@ def probe_clip(
             )
             if lip is not None:
                 lip_offsets.append(lip["offset_ms"])
-        merged = merge_events(seg_events, fps)
         for ev in merged:
             ev["shot"] = index
         visual_events.extend(merged)

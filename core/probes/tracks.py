@@ -294,6 +294,14 @@ def track_events(track: dict, fps: float) -> list[dict]:
     return out
 
 
+def segment_events(
+    detections: list[list[dict]], segment: tuple[int, int], fps: float, gate_px: float
+) -> tuple[list[dict], list[dict]]:
+    """One shot's tracks (:func:`build_tracks`) and their visual events, merged."""
+    tracks = build_tracks(detections, segment, gate_px)
+    return tracks, merge_events([e for t in tracks for e in track_events(t, fps)], fps)
+
+
 def merge_events(events: list[dict], fps: float) -> list[dict]:
     """Join simultaneous events of different tracks.
 
