@@ -60,7 +60,7 @@ def _curated(root) -> str:
         clips.append(
             {"clip_id": f"src-{i}", "source_uri": source, "source_id": "src", "shot_index": i,
              "clip_uri": clip_uri, "keep": True, "caption": CAPTIONS[i], "transcript": "",
-             "has_audio": True, "split": "train", **span}
+             "has_audio": True, "split": "train", "fps": float(FPS), **span}
         )  # fmt: skip
         shot_rows.append(
             {"source_id": "src", "index": i, "start_frame": start, "end_frame": start + n,
@@ -211,3 +211,45 @@ def test_a_carry_of_a_newer_format_is_refused_and_version_1_still_unpacks(tmp_pa
         carry.check_version(str(tmp_path))
     info.write_text(json.dumps({"schema_version": 1}))
     assert carry.check_version(str(tmp_path)) == 1
+
+
+def test_a_captions_only_carry_keeps_a_full_carrys_rows_and_texts_without_clips(
+    curated, tmp_path, monkeypatch
+):
+    import model.pipeline
+    from pipelines.shipped import align_job, carry
+
+    monkeypatch.setattr(model.pipeline, "FrozenTextEncoder", model.pipeline.FrozenTextEncoder)
+    monkeypatch.setattr(carry.TableTextEncoder, "table", {})
+    wheel = tmp_path / "av-0-cp311-abi3-any.whl"
+    wheel.write_bytes(b"not installed: PyAV is already importable here")
+    manifest = os.path.join(curated, "manifest", "clips.parquet")
+    full, slim = str(tmp_path / "full"), str(tmp_path / "slim")
+    carry.pack([manifest], full, str(wheel), frames=9)
+    info = carry.pack([manifest], slim, "", frames=9, captions_only=True)
+    # The same rows in the same order (so the same alignment prompt sets), no files.
+    rows = {
+        d: pq.read_table(os.path.join(d, carry.MANIFEST_NAME)).to_pylist() for d in (full, slim)
+    }
+    assert [r["clip_id"] for r in rows[slim]] == [r["clip_id"] for r in rows[full]]
+    assert [r["end_s"] for r in rows[slim]] == [r["end_s"] for r in rows[full]]
+    assert {r["clip_uri"] for r in rows[slim]} == {""} and info["has_clips"] is False
+    assert sorted(os.listdir(slim)) == [carry.INFO_NAME, carry.MANIFEST_NAME, carry.TEXTS_NAME]
+    texts = {d: set(safe_open_keys(os.path.join(d, carry.TEXTS_NAME))) for d in (full, slim)}
+    assert texts[slim] == {k for k in texts[full] if not carry.is_plan_key(k)}
+    # Unpacking it installs no PyAV and names no clip.
+    monkeypatch.setattr(carry, "install_pyav", lambda d: pytest.fail("PyAV installed"))
+    unpacked = pq.read_table(carry.unpack(slim, str(tmp_path / "work"))).to_pylist()
+    assert [r["clip_id"] for r in unpacked] == [r["clip_id"] for r in rows[slim]]
+    assert {r["clip_uri"] for r in unpacked} == {""}
+    # A job whose reward model would encode corpus clips is refused before any work.
+    with pytest.raises(SystemExit, match="carries captions only.*--corpus-contrasts 0"):
+        align_job.main(["--carry", slim, "--out", str(tmp_path / "out"), "--run",
+                        str(tmp_path / "run"), "--reward-only"])  # fmt: skip
+
+
+def safe_open_keys(path: str) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return list(f.keys())

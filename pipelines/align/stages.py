@@ -413,6 +413,12 @@ def corpus_contrast_inputs(cfg, pipeline, held_out: list[str], like: dict):
     n_lat, n_audio = like["video"].shape[2], like["audio"].shape[-1]
     frames = 1 + mcfg.video_vae.temporal_factor * (n_lat - 1)
     clips = [c for c in load_clip_rows(cfg.data, mcfg.fps, split="train") if c.num_frames >= frames]
+    if any(not c.clip_uri for c in clips):
+        raise ValueError(
+            f"{cfg.data.curated_uri}: the manifest names no clip files (a captions-only "
+            "carry), and the reward model's corpus contrasts encode clips: set "
+            "rlhf.reward.corpus_contrasts = 0 or use a carry with its clips"
+        )
     prompts, picks = pick_contrasts(
         [c.text for c in clips], [c.has_audio for c in clips], held_out, r.corpus_contrasts, r.seed
     )

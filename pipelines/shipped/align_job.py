@@ -385,11 +385,20 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    from pipelines.shipped.carry import TEXTS_NAME, TableTextEncoder, unpack
+    from pipelines.shipped.carry import TEXTS_NAME, TableTextEncoder, has_clips, unpack
 
     device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(f"[align] device {device_name}, torch {torch.__version__}", flush=True)
     manifest = unpack(args.carry, os.path.join(args.run, "data"))  # installs PyAV first
+    trains_reward = not args.reward_from and (
+        args.reward_only or (not args.skip_rlhf and args.reward_source == "model")
+    )
+    if trains_reward and args.corpus_contrasts > 0 and not has_clips(args.carry):
+        raise SystemExit(
+            f"[align] {args.carry} carries captions only, and the reward model's "
+            "--corpus-contrasts encode corpus clips: pass --corpus-contrasts 0, or "
+            "--reward-from an earlier job's reward model, or carry the clips"
+        )
     from pipelines.align.stages import prompt_sets
     from pipelines.train import loop
     from pipelines.train.runtime import local_runtime

@@ -30,9 +30,19 @@ absolute paths and swaps the pipeline's text encoder for the table, so
 :mod:`pipelines.train` runs ``vae -> pretrain -> sft`` there unchanged, multi-shot
 steps included.
 
+**Captions only** (``--captions-only``, ``carry.json`` ``"has_clips": false``): the same
+manifest rows, chosen and ordered as a full carry chooses them (so the alignment
+prompt sets are the same), and the text table, but no clips, sequences or PyAV. The
+alignment stages (``rlhf`` with the rater as the reward or with a reward model
+trained without corpus contrasts, ``distill``) and held-out scoring read captions
+alone, so a bounded carry spends its bytes on text embeddings instead: thousands of
+grammar captions (about 10 KB each) where a full carry has room for about a hundred.
+Stages that read clips refuse it with the reason.
+
 Versions (``carry.json`` ``schema_version``): 2 adds the sequences and the plan
-entries; a version 1 carry still unpacks (single-shot clips only: training warns
-that it has no sequences and takes no multi-shot steps); a newer one is refused.
+entries; 3 may hold captions only; a version 1 carry still unpacks (single-shot
+clips only: training warns that it has no sequences and takes no multi-shot steps);
+a newer one is refused.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ from collections import OrderedDict
 
 import torch
 
-CARRY_SCHEMA_VERSION = 2
+CARRY_SCHEMA_VERSION = 3
 TEXTS_NAME = "texts.safetensors"
 MANIFEST_NAME = "clips.parquet"
 SEQUENCES_NAME = "sequences.parquet"  # beside the manifest: where training looks
@@ -93,9 +103,11 @@ def pack(
     max_sequence_bytes: int = 8 * 1024 * 1024,
     plan_tokens: tuple[int, ...] = (77,),
     wheel_xz: bool = False,
+    captions_only: bool = False,
 ) -> dict:
     """Write the carry folder; returns a summary (clip counts, bytes). Plans are
-    embedded for each budget of ``plan_tokens`` (the model's ``text.max_tokens``)."""
+    embedded for each budget of ``plan_tokens`` (the model's ``text.max_tokens``).
+    ``captions_only``: the rows and texts without clips, sequences or ``wheel``."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -106,7 +118,7 @@ def pack(
     from model.text_encoder import FrozenTextEncoder
     from pipelines.train.data import conditioning_text
 
-    os.makedirs(os.path.join(out_dir, "clips"), exist_ok=True)
+    os.makedirs(out_dir if captions_only else os.path.join(out_dir, "clips"), exist_ok=True)
     tables = [pq.read_table(m) for m in manifests]
     schema = tables[0].schema
     rows = [r for t in tables for r in t.to_pylist() if r["keep"]]
@@ -118,6 +130,15 @@ def pack(
     train = [train[i] for i in rng.permutation(len(train))]
     written, used, skipped = [], 0, 0
     for row in val + train:
+        if captions_only:  # the rows a full carry keeps, by the manifest's frame count
+            if not row.get("fps"):
+                raise CarryError(f"{row['clip_id']}: no fps in the manifest to count frames by")
+            n = min(int((row["end_s"] - row["start_s"]) * row["fps"] + 1e-6), frames + 2)
+            if n < frames:
+                skipped += 1
+                continue
+            written.append({**row, "clip_uri": "", "end_s": row["start_s"] + n / row["fps"]})
+            continue
         rel = f"clips/{row['clip_id']}.mp4"
         done = os.path.join(out_dir, rel)
         clip = read_clip(done if os.path.exists(done) else row["clip_uri"], require_audio=False)
@@ -141,7 +162,9 @@ def pack(
     table = pa.Table.from_pylist(written, schema=schema)
     pq.write_table(table, os.path.join(out_dir, MANIFEST_NAME))
 
-    sequences, seq_bytes, seq_skipped = _pack_sequences(manifests, out_dir, max_sequence_bytes)
+    sequences, seq_bytes, seq_skipped = [], 0, 0
+    if not captions_only:
+        sequences, seq_bytes, seq_skipped = _pack_sequences(manifests, out_dir, max_sequence_bytes)
 
     encoder = FrozenTextEncoder()
     texts = sorted({conditioning_text(r["caption"], r["transcript"]) for r in written} - {""})
@@ -162,12 +185,15 @@ def pack(
             table_tensors[plan_shots_key(segments, budget)] = shot.contiguous()
             plans += 1
     save_file(table_tensors, os.path.join(out_dir, TEXTS_NAME))
-    if wheel_xz:
+    if captions_only:
+        pass
+    elif wheel_xz:
         _pack_wheel_xz(wheel, out_dir)
     else:
         shutil.copyfile(wheel, os.path.join(out_dir, os.path.basename(wheel)))
     info = {
         "schema_version": CARRY_SCHEMA_VERSION,
+        "has_clips": not captions_only,
         "manifests": manifests,
         "frames": frames,
         "clips": len(written),
@@ -452,7 +478,8 @@ def use_carry_texts(carry_dir: str) -> list[str]:
 
 
 def unpack(carry_dir: str, work_dir: str) -> str:
-    """Install PyAV, point the manifest at the carried clips, use the text table.
+    """Install PyAV, point the manifest at the carried clips, use the text table
+    (a captions-only carry: the table and the rows, ``clip_uri`` empty).
 
     Returns the manifest to train on (``data.curated_uri``).
     """
@@ -464,10 +491,12 @@ def unpack(carry_dir: str, work_dir: str) -> str:
         if not os.path.isfile(os.path.join(carry_dir, name)):
             raise CarryError(f"{carry_dir}: {name} missing")
     check_version(carry_dir)
-    install_pyav(carry_dir)
+    clips = has_clips(carry_dir)
+    if clips:
+        install_pyav(carry_dir)
     table = pq.read_table(os.path.join(carry_dir, MANIFEST_NAME))
     rows = table.to_pylist()
-    for row in rows:
+    for row in rows if clips else ():
         row["clip_uri"] = os.path.join(carry_dir, row["clip_uri"])
         if not os.path.isfile(row["clip_uri"]):
             raise CarryError(f"carried clip missing: {row['clip_uri']}")
@@ -477,6 +506,12 @@ def unpack(carry_dir: str, work_dir: str) -> str:
     _unpack_sequences(carry_dir, work_dir)
     use_text_table(carry_dir)
     return manifest
+
+
+def has_clips(carry_dir: str) -> bool:
+    """Whether the carry holds its clips (every carry before version 3 does)."""
+    with open(os.path.join(carry_dir, INFO_NAME)) as f:
+        return bool(json.load(f).get("has_clips", True))
 
 
 def check_version(carry_dir: str) -> int:
@@ -531,6 +566,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--wheel-xz", action="store_true", help="carry the wheel's files xz-packed (smaller)"
     )
+    parser.add_argument(
+        "--captions-only", action="store_true",
+        help="the rows and their texts only: no clips, sequences or PyAV (alignment jobs)",
+    )  # fmt: skip
     parser.add_argument("--frames", type=int, default=33)
     parser.add_argument("--max-clip-mib", type=float, default=16.0)
     parser.add_argument("--max-sequence-mib", type=float, default=8.0)
@@ -544,8 +583,10 @@ def main(argv: list[str] | None = None) -> None:
         added = add_texts(args.out, texts)
         print(f"{added} text(s) added to {os.path.join(args.out, TEXTS_NAME)}")
         return
-    if not args.manifest or not args.wheel:
-        parser.error("packing needs --manifest and --wheel (or --add-texts FILE)")
+    if not args.manifest or not (args.wheel or args.captions_only):
+        parser.error(
+            "packing needs --manifest and --wheel (or --captions-only, or --add-texts FILE)"
+        )
 
     def progress(n: int, used: int) -> None:
         if n % 50 == 0:
@@ -554,6 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     info = pack(
         args.manifest, args.out, args.wheel, args.frames, int(args.max_clip_mib * 2**20), progress,
         int(args.max_sequence_mib * 2**20), tuple(args.plan_tokens or (77,)), args.wheel_xz,
+        args.captions_only,
     )  # fmt: skip
     print(json.dumps(info, indent=1))
 
