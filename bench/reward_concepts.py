@@ -367,16 +367,6 @@ def run(rows, inputs, obs, args, concepts: str) -> dict:
     return out | _agreements(rows, every, train, val, cfg.min_margin)
 
 
-def colour_centres(objects: torch.Tensor, colours: int) -> torch.Tensor:
-    """Objects (B, F, K, 3) as (colour, x, y) -> (B, F, colours, 2) each colour's mean
-    centre (y, x), 0 where the frame has none: the observer's ``where``, from the probes."""
-    colour = objects[..., 0].long()
-    one_hot = torch.nn.functional.one_hot(colour.clamp_min(0), colours).float()
-    one_hot = one_hot * (colour >= 0)[..., None]  # (B, F, K, P)
-    total = torch.einsum("bfkp,bfkc->bfpc", one_hot, objects[..., [2, 1]])
-    return total / one_hot.sum(2)[..., None].clamp_min(1)
-
-
 def impacts_by_rule(objects: torch.Tensor, fps: float, side: int, jitter: float,
                     seed: int = 0) -> torch.Tensor:  # fmt: skip
     """Objects (N, F, K, 3) as (colour, x, y) fractions -> (N, F) impacts as the rater
@@ -428,6 +418,7 @@ def run_frames(rows, inputs, args, concepts: str) -> dict:
     model with its observer (:func:`pipelines.align.reward.train_reward_model` on the
     stage's inputs), which learns to see them in the decoded frames first."""
     from pipelines.align.config import RewardConfig
+    from pipelines.align.observer import colour_centres
     from pipelines.align.reward import observe_rows, score_rows, train_reward_model
 
     cfg = RewardConfig(preset=args.preset, steps=args.steps, seed=args.seed,

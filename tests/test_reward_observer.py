@@ -14,6 +14,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from core import storage
 from core.synth.palette import COLOR_NAMES, color_prototypes
@@ -22,6 +24,7 @@ from pipelines.align.observer import (
     OBSERVED_HEADS,
     ClipObserver,
     ObserverConfig,
+    centre_error,
     focal_loss,
     heat_peaks,
     heat_targets,
@@ -85,6 +88,14 @@ def test_the_observer_learns_to_count_colours_and_hear_onsets_on_clips_it_never_
     # 0.221 when measured; 0.159 for the density map it replaced).
     assert val["count_error"] < 0.3 * val["count_error_seeing_nothing"], val
     assert val["onset"]["recall"] > 0.8 and val["onset"]["precision"] > 0.8, val
+    # It places each object within its cell: closer than the cells' centres would.
+    with torch.no_grad():
+        seen = model.observer(data["frames"][64:], data["audio"][64:])
+    counts, at_cells = heat_peaks(seen["heat"].flatten(0, 1))
+    cells = centre_error(at_cells.view_as(seen["where"]), counts.view_as(seen["counts"]),
+                         data["observed_objects"][64:])  # fmt: skip
+    assert val["centre_error"]["colour_frames"] == cells["colour_frames"] > 100, val
+    assert val["centre_error"]["mean"] < 0.6 * cells["mean"], (val, cells)
 
 
 def test_the_observer_refuses_labels_without_where_the_objects_are():
@@ -174,6 +185,19 @@ def test_a_reward_model_taught_to_see_scores_the_observed_heads_from_frames(tmp_
     loaded, meta = load_reward_model(uri)
     assert meta["observer"] == dataclasses.asdict(model.observer_config)
     assert torch.equal(loaded(*batch, frames=inputs["frames"][:4]), scored)
+    # A version 4 file (no offset head) still loads: its objects sit at their cells' centres.
+    state = load_safetensors((tmp_path / "reward" / "reward.safetensors").read_bytes())
+    for key in ("observer.offset.weight", "observer.offset.bias"):
+        state.pop(key)
+    (tmp_path / "reward" / "reward.safetensors").write_bytes(save_safetensors(state))
+    storage.write_json(f"{uri}/reward.json", {**meta, "schema_version": 4})
+    old, _ = load_reward_model(uri)
+    assert torch.equal(old.observer.offset.weight, torch.zeros_like(old.observer.offset.weight))
+    assert torch.all(old.observer.offset.bias == 0.5)
+    seen = old.observer(inputs["frames"][:2], inputs["audio"][:2])
+    assert torch.equal(
+        seen["where"], heat_peaks(seen["heat"].flatten(0, 1))[1].view_as(seen["where"])
+    )
     # A session-24 file (schema 3, density-map observer) is refused by name, not half-read.
     storage.write_json(f"{uri}/reward.json", {**meta, "schema_version": 3})
     with pytest.raises(RewardModelFileError, match="density-map observer"):

@@ -24,7 +24,9 @@ detector; without them the reward model reads latents only
 and its change from the previous frame (at half the decoded resolution) gives a heatmap
 per palette colour, as CenterNet finds objects: trained towards a peak of 1 at each
 object's cell (penalty-reduced focal loss), an object is a local maximum above 0.5, the
-count the number of them and ``where`` their mean cell; pooled per frame, a temporal
+count the number of them; an offset map per colour (CenterNet's, L1 at each object's
+cell) says where in its cell the object lies, and ``where`` is the mean of those
+positions (a cell is 4 pixels of a 128-pixel candidate); pooled per frame, a temporal
 convolution gives the impact logit; the audio latents, resampled to the frame rate, the
 onset logit. A density map whose sum is the count, tried first, did not learn to count
 on decoded candidates in 3000 steps (BENCHMARKS.md, session 24).
@@ -73,6 +75,12 @@ class ClipObserver(nn.Module):
         # cost little at once, and the focal loss spends the steps on the objects.
         self.heat = nn.Conv2d(w, p, 1)
         nn.init.constant_(self.heat.bias, math.log(HEAT_PRIOR / (1 - HEAT_PRIOR)))
+        # Where in its cell each colour's object lies, (y, x) in [0, 1) (CenterNet's
+        # offset head): a cell is 4 pixels of a 128-pixel candidate, and the rater's
+        # impacts are kinks of centres measured to a fraction of a pixel.
+        self.offset = nn.Conv2d(w, 2 * p, 1)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.constant_(self.offset.bias, 0.5)
         self.impact = nn.Sequential(
             nn.Conv1d(2 * w + 3 * p, w, 5, padding=2), nn.GELU(), nn.Conv1d(w, 1, 5, padding=2)
         )
@@ -83,8 +91,9 @@ class ClipObserver(nn.Module):
 
     def forward(self, frames: torch.Tensor, audio: torch.Tensor, window=None) -> dict:
         """frames (B, F, 3, s, s) uint8, audio latents (B, Ca, Na) -> ``heat`` logits
-        (B, F', P, s/2, s/2), ``counts`` (B, F', P) and ``where`` (B, F', P, 2) of its
-        peaks (:func:`heat_peaks`), ``impact`` and ``onset`` logits (B, F'); ``window``
+        (B, F', P, s/2, s/2), ``offset`` (B, F', P, 2, s/2, s/2) in-cell positions,
+        ``counts`` (B, F', P) and ``where`` (B, F', P, 2) of its peaks
+        (:func:`heat_peaks`), ``impact`` and ``onset`` logits (B, F'); ``window``
         (start, length): those F' frames only."""
         start, f = window or (0, frames.shape[1])
         b = frames.shape[0]
@@ -96,7 +105,8 @@ class ClipObserver(nn.Module):
             x = x[:, 1:]
         h = self.picture(torch.cat([x, change], 2).flatten(0, 1))  # (B F', w, s/2, s/2)
         heat = self.heat(h)  # (B F', P, s/2, s/2) logits
-        counts, where = heat_peaks(heat)
+        offset = self.offset(h).unflatten(1, (-1, 2))  # (B F', P, 2, s/2, s/2)
+        counts, where = heat_peaks(heat, offset)
         counts, where = counts.view(b, f, -1), where.view(b, f, -1, 2)
         pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1).view(b, f, -1)
         feats = torch.cat([pooled, counts, where.flatten(2)], -1).transpose(1, 2)  # (B, C, F')
@@ -106,24 +116,32 @@ class ClipObserver(nn.Module):
             "counts": counts,
             "where": where,
             "heat": heat.view(b, f, *heat.shape[1:]),
+            "offset": offset.view(b, f, *offset.shape[1:]),
             "impact": self.impact(feats)[:, 0],
             "onset": onset[:, 0, start : start + f],
         }
 
 
-def heat_peaks(heat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def heat_peaks(
+    heat: torch.Tensor, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Heatmap logits (N, P, g, g) -> the objects in them: counts (N, P), the cells that
     are the largest of their 3 x 3 neighbourhood with probability above :data:`PEAK`,
-    and ``where`` (N, P, 2), their mean cell centre (y, x) in [0, 1], 0 where none
-    (as the probes' centres of a colour are averaged). Not
-    differentiable: the focal loss trains the heatmap, these read it."""
+    and ``where`` (N, P, 2), their mean position (y, x) in [0, 1], 0 where none (as the
+    probes' centres of a colour are averaged): each peak's cell plus its ``offset``
+    (N, P, 2, g, g) within the cell, or the cell's centre without one. Not
+    differentiable: the focal and offset losses train the maps, these read them."""
     p = heat.detach().sigmoid()
     peak = ((p == F.max_pool2d(p, 3, 1, 1)) & (p > PEAK)).float()
     counts = peak.sum((2, 3))
     g = heat.shape[-1]
-    centres = (torch.arange(g, device=heat.device, dtype=torch.float32) + 0.5) / g
-    cy = (peak * centres[:, None]).sum((2, 3))
-    cx = (peak * centres[None]).sum((2, 3))
+    cells = torch.arange(g, device=heat.device, dtype=torch.float32)
+    if offset is None:
+        inside = torch.full((2, 1, 1), 0.5, device=heat.device)
+    else:
+        inside = offset.detach().float().clamp(0, 1)  # (N, P, 2, g, g)
+    cy = (peak * (cells[:, None] + inside[..., 0, :, :]) / g).sum((2, 3))
+    cx = (peak * (cells[None] + inside[..., 1, :, :]) / g).sum((2, 3))
     return counts, torch.stack([cy, cx], -1) / counts.clamp_min(1)[..., None]
 
 
@@ -145,6 +163,20 @@ def heat_targets(objects: torch.Tensor, colours: int, grid: int, sigma: float = 
     return per_object.amax(2)
 
 
+def offset_loss(offset: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+    """L1 of the in-cell positions ``offset`` (B, F, P, 2, g, g) at each object's cell
+    against where in that cell the object (B, F, K, 3: colour, x, y) lies."""
+    g = offset.shape[-1]
+    b, f, k = torch.nonzero(objects[..., 0] >= 0, as_tuple=True)
+    if b.numel() == 0:
+        return offset.sum() * 0
+    colour = objects[b, f, k, 0].long()
+    pos = torch.stack([objects[b, f, k, 2], objects[b, f, k, 1]], -1) * g  # (n, 2) y, x
+    cell = pos.floor().clamp(0, g - 1)
+    found = offset[b, f, colour, :, cell[:, 0].long(), cell[:, 1].long()]  # (n, 2)
+    return (found - (pos - cell)).abs().mean()
+
+
 def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """CenterNet's penalty-reduced focal loss of heatmap ``logits`` against
     :func:`heat_targets`, per object: cells of target 1 are pulled up, the rest down,
@@ -158,8 +190,9 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def observation_loss(seen: dict, labels: dict) -> torch.Tensor:
     """The heatmaps' focal loss against the objects the probes found (``objects``
-    (B, F, K, 3): colour, x, y) plus impact and onset cross-entropy against their labels
-    (``impact`` and ``onset`` (B, F) in {0, 1})."""
+    (B, F, K, 3): colour, x, y), the in-cell positions' L1 at their cells, plus impact
+    and onset cross-entropy against their labels (``impact`` and ``onset`` (B, F) in
+    {0, 1})."""
     if "objects" not in labels:
         raise ValueError(
             "the observer learns where each object is: its labels need 'objects' "
@@ -177,6 +210,7 @@ def observation_loss(seen: dict, labels: dict) -> torch.Tensor:
     target = heat_targets(labels["objects"], heat.shape[2], heat.shape[-1])
     return (
         focal_loss(heat, target)
+        + offset_loss(seen["offset"], labels["objects"])
         + events(seen["impact"], labels["impact"])
         + events(seen["onset"], labels["onset"])
     )
@@ -244,6 +278,33 @@ def decode_frames(video_vae: nn.Module, video: torch.Tensor, frames: int, size: 
     if (h, w) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="area")
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).view(b, f, 3, size, size)
+
+
+def colour_centres(objects: torch.Tensor, colours: int) -> torch.Tensor:
+    """Objects (B, F, K, 3) as (colour, x, y) -> (B, F, colours, 2) each colour's mean
+    centre (y, x), 0 where the frame has none: the observer's ``where``, from the probes."""
+    colour = objects[..., 0].long()
+    one_hot = F.one_hot(colour.clamp_min(0), colours).float()
+    one_hot = one_hot * (colour >= 0)[..., None]  # (B, F, K, P)
+    total = torch.einsum("bfkp,bfkc->bfpc", one_hot, objects[..., [2, 1]])
+    return total / one_hot.sum(2)[..., None].clamp_min(1)
+
+
+def centre_error(where: torch.Tensor, counts: torch.Tensor, objects: torch.Tensor) -> dict:
+    """How far the observer's ``where`` (B, F, P, 2) lies from the labelled centres, in
+    fractions of the frame's side, over the colour-frames where both it (``counts``
+    (B, F, P)) and the labels see exactly one object of the colour (so ``where`` is that
+    object's centre): how many such colour-frames and the mean distance."""
+    exact = colour_centres(objects, counts.shape[-1]).to(where.device)
+    labelled = F.one_hot(objects[..., 0].long().clamp_min(0), counts.shape[-1])
+    labelled = (labelled * (objects[..., 0] >= 0)[..., None]).sum(2).to(counts.device)
+    one = (counts == 1) & (labelled == 1)
+    if not one.any():
+        return {"colour_frames": 0}
+    return {
+        "colour_frames": int(one.sum()),
+        "mean": round(float((where - exact).norm(dim=-1)[one].mean()), 5),
+    }
 
 
 def event_recall_precision(found: torch.Tensor, labels: torch.Tensor) -> dict:

@@ -65,6 +65,7 @@ from pipelines.align.observer import (
     ObservedScores,
     ObserverConfig,
     as_observations,
+    centre_error,
     event_recall_precision,
     observation_loss,
 )
@@ -75,10 +76,13 @@ FORMAT = "duet-reward-model"
 # 1: the convolutional net over latents (no format tag); 2: the prompt-conditioned
 # transformer with its network config in the JSON; 3: and optionally the observer of
 # decoded frames (pipelines.align.observer) with the scores read from what it sees;
-# 4: the observer finds objects as heatmap peaks (version 3's density maps are gone).
-REWARD_SCHEMA_VERSION = 4
-# Versions 2 and 3 without an observer are version 4 models without one.
-READABLE_VERSIONS = (2, 3, 4)
+# 4: the observer finds objects as heatmap peaks (version 3's density maps are gone);
+# 5: and places each within its cell (the observer's offset head).
+REWARD_SCHEMA_VERSION = 5
+# Versions 2 and 3 without an observer are version 5 models without one; a version 4
+# observer is a version 5 one that puts every object at its cell's centre.
+READABLE_VERSIONS = (2, 3, 4, 5)
+OFFSET_KEYS = ("observer.offset.weight", "observer.offset.bias")
 
 
 class RewardModelFileError(ValueError):
@@ -331,7 +335,10 @@ def load_reward_model(uri: str) -> tuple[RewardModel, dict]:
         observer = ObserverConfig(**meta["observer"]) if meta.get("observer") else None
         model = RewardModel(**meta["dims"], net=net, heads=tuple(meta["heads"]),
                             observer=observer)  # fmt: skip
-        model.load_state_dict(load_safetensors(storage.read_bytes(storage.join(uri, MODEL_NAME))))
+        state = load_safetensors(storage.read_bytes(storage.join(uri, MODEL_NAME)))
+        if version == 4 and observer is not None:  # the offset head as built: cell centres
+            state.update({k: model.state_dict()[k] for k in OFFSET_KEYS})
+        model.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError) as err:
         raise RewardModelFileError(f"{uri}: reward model weights or config unreadable: {err}"
                                    + retrain) from err  # fmt: skip
@@ -511,6 +518,10 @@ def fit_observer(model: RewardModel, inputs: dict, train: list[int], val: list[i
             "impact": event_recall_precision(seen["impact"].cpu(), labels["impact"].cpu()),
             "onset": event_recall_precision(seen["onset"].cpu(), labels["onset"].cpu()),
         }
+        if "objects" in labels:
+            report["val"]["centre_error"] = centre_error(
+                seen["where"].cpu(), seen["counts"].cpu(), labels["objects"].cpu()
+            )
     return report
 
 
