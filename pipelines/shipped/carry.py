@@ -36,7 +36,7 @@ prompt sets are the same), and the text table, but no clips, sequences or PyAV. 
 alignment stages (``rlhf`` with the rater as the reward or with a reward model
 trained without corpus contrasts, ``distill``) and held-out scoring read captions
 alone, so a bounded carry spends its bytes on text embeddings instead: thousands of
-grammar captions (about 10 KB each) where a full carry has room for about a hundred.
+grammar captions (about 13 KB each) where a full carry has room for about a hundred.
 Stages that read clips refuse it with the reason.
 
 Versions (``carry.json`` ``schema_version``): 2 adds the sequences and the plan
@@ -185,11 +185,9 @@ def pack(
             table_tensors[plan_shots_key(segments, budget)] = shot.contiguous()
             plans += 1
     save_file(table_tensors, os.path.join(out_dir, TEXTS_NAME))
-    if captions_only:
-        pass
-    elif wheel_xz:
+    if wheel_xz and not captions_only:
         _pack_wheel_xz(wheel, out_dir)
-    else:
+    elif not captions_only:
         shutil.copyfile(wheel, os.path.join(out_dir, os.path.basename(wheel)))
     info = {
         "schema_version": CARRY_SCHEMA_VERSION,
