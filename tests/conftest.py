@@ -110,6 +110,40 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Ports a test hands to a server that starts later (the stack's Ray, S3 and Prefect,
+# Ray Serve's proxy) come from below Linux's ephemeral range (32768-60999) and above
+# Ray's worker ports (10002-19999): a port taken from the ephemeral range and let go
+# was given again to one of Ray's own bind(0) listeners between the pick and the
+# dashboard's start (CI, 2026-12-06: "address already in use" for the dashboard).
+_LISTEN_PORTS = (20000, 32700)
+
+
+def _listen_port(taken: set[int]) -> int:
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*_LISTEN_PORTS)
+        if port in taken:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        taken.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_LISTEN_PORTS}")
+
+
+@pytest.fixture(scope="session")
+def listen_port():
+    """A callable giving a free loopback port outside the ranges that Ray and the
+    kernel hand out on their own; never the same port twice in a session."""
+    taken: set[int] = set()
+    return lambda: _listen_port(taken)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """Start moto's S3 server on 127.0.0.1 and point ``s3://`` URIs at it.

@@ -27,7 +27,7 @@ KEY = "ray-test-key"
 
 
 @pytest.fixture(scope="module")
-def app(tiny_checkpoint, tmp_path_factory):
+def app(tiny_checkpoint, tmp_path_factory, listen_port):
     import ray
     from ray import serve
 
@@ -39,7 +39,7 @@ def app(tiny_checkpoint, tmp_path_factory):
             "checkpoint": tiny_checkpoint,
             "jobs_uri": jobs,
             "api_keys": [KEY],
-            "port": _free_port(),
+            "port": listen_port(),
             "stale_after_s": 20.0,
             "ingress_num_cpus": 0.05,
             "fast": {
@@ -66,14 +66,6 @@ def app(tiny_checkpoint, tmp_path_factory):
         client.close()
         serve.shutdown()
         ray.shutdown()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _replicas(deployment: str, state: str = "RUNNING") -> int:

@@ -27,12 +27,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -72,12 +66,12 @@ API_KEY = "e2e-stack-key"
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_make_up_pipeline_through_deployments_make_down(tmp_path, monkeypatch):
+def test_make_up_pipeline_through_deployments_make_down(tmp_path, monkeypatch, listen_port):
     from infra.config import load_deploy_config
     from infra.stack import ENV_FILE, STATE_FILE, read_state
 
     state = tmp_path / "state"
-    ports = {name: _free_port() for name in ("gcs", "dash", "client", "s3", "prefect")}
+    ports = {name: listen_port() for name in ("gcs", "dash", "client", "s3", "prefect")}
     config = tmp_path / "stack.toml"
     config.write_text(
         f'state_dir = "{state}"\n'
@@ -133,7 +127,7 @@ def test_make_up_pipeline_through_deployments_make_down(tmp_path, monkeypatch):
         timings = asyncio.run(_run_pipeline(cfg, _curate_and_train(cfg)))
 
         # Serving on the stack's Ray, the trained checkpoint from S3, jobs in S3.
-        serve_port = _free_port()
+        serve_port = listen_port()
         serve_config = tmp_path / "serve.json"
         serve_config.write_text(json.dumps({
             "checkpoint": f"s3://{cfg.s3.runs_bucket}/e2e/pretrain/final",
