@@ -18,11 +18,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
-import av
 import cv2
 import numpy as np
 
 from core import storage
+
+
+class _PyAV:
+    """``av``, imported at its first use: the clip types here are read by code that
+    never touches media (the alignment stages on a carry of captions only), on hosts
+    where PyAV is not installed."""
+
+    def __getattr__(self, name: str):
+        import av as module
+
+        globals()["av"] = module
+        return getattr(module, name)
+
+
+av = _PyAV()
 
 # Inputs larger than this many pixels per frame are refused before decoding: an
 # 8K frame is 100 MB of RGB, and a corpus of them would exhaust a worker's memory.

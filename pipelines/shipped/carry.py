@@ -534,14 +534,16 @@ def check_version(carry_dir: str) -> int:
 def _unpack_sequences(carry_dir: str, work_dir: str) -> None:
     """The carried sequences table, with absolute ``sequence_uri``, beside the
     unpacked manifest (where training looks for it)."""
-    from pipelines.train.sequences import read_records, write_sequences
-
     path = os.path.join(carry_dir, SEQUENCES_NAME)
     target = os.path.join(work_dir, SEQUENCES_NAME)
     if not os.path.isfile(path):
         if os.path.exists(target):  # an earlier carry's table would name other files
             os.remove(target)
         return
+    # Imported only here: it reads media through PyAV, which a captions-only carry
+    # does not install.
+    from pipelines.train.sequences import read_records, write_sequences
+
     rows = read_records(path)
     for row in rows:
         row["sequence_uri"] = os.path.join(carry_dir, row["sequence_uri"])
