@@ -26,7 +26,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -298,12 +297,6 @@ def _newcomer_env() -> dict[str, str]:
     return {**env, "COLUMNS": "200"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
     """A folder laid out like a fresh clone: what the documents read is there, nothing
@@ -433,11 +426,11 @@ def _expect_outputs(words: list[str], cwd: Path, result: subprocess.CompletedPro
 
 
 def run_readme_chain(
-    clone: Path, quick_demo: subprocess.CompletedProcess, commands: list[Command]
+    clone: Path, quick_demo: subprocess.CompletedProcess, commands: list[Command], port: int
 ) -> list[str]:
-    """Run ``commands`` in order in ``clone``; returns what ran, as run."""
+    """Run ``commands`` in order in ``clone``, serving on ``port``; returns what ran."""
     (clone / "quick-train.toml").write_text(QUICK_TRAIN)
-    values = {"port": str(_free_port()), "key": "", "quick_train": "quick-train.toml"}
+    values = {"port": str(port), "key": "", "quick_train": "quick-train.toml"}
     prelude: list[str] = []
     services: list[_Service] = []
     ran: list[str] = []
@@ -488,11 +481,11 @@ def run_readme_chain(
 
 
 @pytest.mark.slow
-def test_the_readme_chain_runs_as_written_with_relative_paths(clone, quick_demo):
+def test_the_readme_chain_runs_as_written_with_relative_paths(clone, quick_demo, listen_port):
     """synth -> probe -> curate -> train -> generate -> probe -> serve (one job through
     the HTTP API) -> batch through it -> demo, each reading what the one before wrote."""
     chain = [c for c in document_commands("README.md") if c.text.split()[0] != "make"]
-    ran = run_readme_chain(clone, quick_demo, chain)
+    ran = run_readme_chain(clone, quick_demo, chain, listen_port())
     steps = [shlex.split(t)[1] for t in ran if duet_argv(shlex.split(t)) is not None]
     for step in ("synth", "probe", "curate", "train", "generate", "serve", "batch", "demo"):
         assert step in steps, (step, ran)

@@ -702,14 +702,10 @@ def test_a_local_ray_that_timed_out_starting_is_started_again(monkeypatch):
         ray_setup.init_ray(None)
 
 
-def _stack_config(tmp_path):
+def _stack_config(tmp_path, listen_port):
     from infra.config import load_deploy_config
 
-    ports = {}
-    for name in ("gcs", "dash", "client", "s3", "prefect"):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports[name] = sock.getsockname()[1]
+    ports = {name: listen_port() for name in ("gcs", "dash", "client", "s3", "prefect")}
     config = tmp_path / "stack.toml"
     config.write_text(
         f'state_dir = "{tmp_path / "state"}"\n'
@@ -737,7 +733,9 @@ def _ray_failing_once(tmp_path, message: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_up_starts_the_ray_head_again_when_its_node_registration_timed_out(tmp_path, monkeypatch):
+def test_up_starts_the_ray_head_again_when_its_node_registration_timed_out(
+    tmp_path, monkeypatch, listen_port
+):
     """`ray start` gives the raylet a fixed 30 s to register; a busy machine can miss it
     (seen once in `make test`): `up` starts the head again, once, and only for that.
     (The head's start as `up` runs it; the whole of `up` is tests/test_stack_e2e.py's.)"""
@@ -746,7 +744,7 @@ def test_up_starts_the_ray_head_again_when_its_node_registration_timed_out(tmp_p
     real_bin = stack._bin
 
     def head(folder: Path, message: str) -> tuple[list[str], bool]:
-        cfg = _stack_config(folder)
+        cfg = _stack_config(folder, listen_port)
         fake = _ray_failing_once(folder, message)
         monkeypatch.setattr(stack, "_bin", lambda name: fake if name == "ray" else real_bin(name))
         launch, lines = stack._new_launch(cfg), []
