@@ -27,8 +27,7 @@ object's cell (penalty-reduced focal loss), an object is a local maximum above 0
 count the number of them; an offset map per colour (CenterNet's, L1 at each object's
 cell) says where in its cell the object lies, and ``where`` is the mean of those
 positions (a cell is 4 pixels of a 128-pixel candidate); pooled per frame, a temporal
-convolution gives the impact logit, plus one over each colour's track (its
-steps between frames and their turns: a bounce); the audio latents, resampled to the frame rate, the
+convolution gives the impact logit; the audio latents, resampled to the frame rate, the
 onset logit. A density map whose sum is the count, tried first, did not learn to count
 on decoded candidates in 3000 steps (BENCHMARKS.md, session 24).
 :class:`ObservedScores`: per frame, the observed counts, the counts the prompt asks for
@@ -51,7 +50,6 @@ OBSERVED_HEADS = ("sync", "adherence", "motion")
 EVENT_FEATURES = 8  # ObservedScores' features of the impacts and onsets around a frame
 HEAT_PRIOR = 0.1  # every cell's heatmap starts at this probability (CenterNet's choice)
 PEAK = 0.5  # a local maximum of the heatmap above this is an object
-TRACK_FEATURES = 6  # per colour: seen, step (y, x), its change (y, x), the change's size
 
 
 @dataclass(frozen=True)
@@ -86,15 +84,6 @@ class ClipObserver(nn.Module):
         self.impact = nn.Sequential(
             nn.Conv1d(2 * w + 3 * p, w, 5, padding=2), nn.GELU(), nn.Conv1d(w, 1, 5, padding=2)
         )
-        # A bounce is a tracked object's velocity turning: each colour's step and its
-        # change between frames, in cells (a frame's pooled features carry them at a
-        # hundredth of their own size), added to the impact logit. Zero at first, so an
-        # observer saved without it (reward schema 5) reads as it did.
-        self.track = nn.Sequential(
-            nn.Conv1d(TRACK_FEATURES * p, w, 5, padding=2), nn.GELU(), nn.Conv1d(w, 1, 3, padding=1)
-        )
-        nn.init.zeros_(self.track[-1].weight)
-        nn.init.zeros_(self.track[-1].bias)
         self.onset = nn.Sequential(
             nn.Conv1d(audio_channels, w, 5, padding=2), nn.GELU(),
             nn.Conv1d(w, w, 5, padding=2), nn.GELU(), nn.Conv1d(w, 1, 1),
@@ -121,7 +110,6 @@ class ClipObserver(nn.Module):
         counts, where = counts.view(b, f, -1), where.view(b, f, -1, 2)
         pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1).view(b, f, -1)
         feats = torch.cat([pooled, counts, where.flatten(2)], -1).transpose(1, 2)  # (B, C, F')
-        turns = self.track(track_features(counts, where, heat.shape[-1]))  # (B, 1, F')
         sound = self.onset(audio.float())  # (B, 1, Na)
         onset = F.interpolate(sound, size=frames.shape[1], mode="linear", align_corners=False)
         return {
@@ -129,27 +117,9 @@ class ClipObserver(nn.Module):
             "where": where,
             "heat": heat.view(b, f, *heat.shape[1:]),
             "offset": offset.view(b, f, *offset.shape[1:]),
-            "impact": (self.impact(feats) + turns)[:, 0],
+            "impact": self.impact(feats)[:, 0],
             "onset": onset[:, 0, start : start + f],
         }
-
-
-def track_features(counts: torch.Tensor, where: torch.Tensor, grid: int) -> torch.Tensor:
-    """Counts (B, F, P) and ``where`` (B, F, P, 2) -> (B, TRACK_FEATURES * P, F): per
-    colour whether it is seen, its step from the frame before (in cells), the change of
-    that step to the next one, and that change's size. A step needs the colour in both
-    its frames and a change both steps, else they are 0 (an object coming into view
-    does not turn). A bounce at frame t is a large change there."""
-    seen = counts.clamp(0, 1)  # (B, F, P)
-    both = seen[:, 1:] * seen[:, :-1]  # (B, F-1, P): step t-1 -> t exists
-    step = (where * grid).diff(dim=1) * both[..., None]  # (B, F-1, P, 2)
-    pad = torch.zeros_like(step[:, :1])
-    before, after = torch.cat([pad, step], 1), torch.cat([step, pad], 1)  # (B, F, P, 2)
-    pad = torch.zeros_like(both[:, :1])
-    turns = torch.cat([pad, both], 1) * torch.cat([both, pad], 1)  # both steps exist
-    turn = (after - before) * turns[..., None]
-    feats = torch.cat([seen[..., None], before, turn, turn.norm(dim=-1, keepdim=True)], -1)
-    return feats.flatten(2).transpose(1, 2)
 
 
 def heat_peaks(

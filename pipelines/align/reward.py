@@ -77,15 +77,12 @@ FORMAT = "duet-reward-model"
 # transformer with its network config in the JSON; 3: and optionally the observer of
 # decoded frames (pipelines.align.observer) with the scores read from what it sees;
 # 4: the observer finds objects as heatmap peaks (version 3's density maps are gone);
-# 5: and places each within its cell (the observer's offset head); 6: and reads impacts
-# from the colours' tracks too (the observer's track convolution).
-REWARD_SCHEMA_VERSION = 6
-# Versions 2 and 3 without an observer are version 6 models without one; a version 4
-# observer is a version 5 one that puts every object at its cell's centre, and a
-# version 5 observer a version 6 one whose track convolution adds nothing (as built).
-READABLE_VERSIONS = (2, 3, 4, 5, 6)
+# 5: and places each within its cell (the observer's offset head).
+REWARD_SCHEMA_VERSION = 5
+# Versions 2 and 3 without an observer are version 5 models without one; a version 4
+# observer is a version 5 one that puts every object at its cell's centre.
+READABLE_VERSIONS = (2, 3, 4, 5)
 OFFSET_KEYS = ("observer.offset.weight", "observer.offset.bias")
-TRACK_KEYS = tuple(f"observer.track.{i}.{p}" for i in (0, 2) for p in ("weight", "bias"))
 
 
 class RewardModelFileError(ValueError):
@@ -341,8 +338,6 @@ def load_reward_model(uri: str) -> tuple[RewardModel, dict]:
         state = load_safetensors(storage.read_bytes(storage.join(uri, MODEL_NAME)))
         if version == 4 and observer is not None:  # the offset head as built: cell centres
             state.update({k: model.state_dict()[k] for k in OFFSET_KEYS})
-        if version in (4, 5) and observer is not None:  # the track as built: adds 0
-            state.update({k: model.state_dict()[k] for k in TRACK_KEYS})
         model.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError) as err:
         raise RewardModelFileError(f"{uri}: reward model weights or config unreadable: {err}"
