@@ -165,8 +165,8 @@ class TimedStages:
         )
         if stage in self.stop_at and now > self.stop_at[stage] and step < total:
             # A step that is also a checkpoint's is logged before the checkpoint is
-            # written: stopping there would finish from the one before (session 33 lost
-            # 100 of 200 steps so), so the stop waits for the next logged step.
+            # written: stopping there would finish from the one before (a run stopped at
+            # step 200 went on from step 100), so the stop waits for the next logged step.
             every = self.checkpoint_every.get(stage, 0)
             if not (every and step % every == 0):
                 raise StageDeadline(f"{stage} at step {step}")
