@@ -227,26 +227,6 @@ def test_a_stage_past_its_deadline_is_finished_after_the_stopped_run_is_freed(
     assert alive[1] is False  # the stopped run's objects were gone when it began
 
 
-def test_a_deadline_does_not_stop_a_stage_before_the_checkpoint_of_the_logged_step():
-    # The loop logs a step before it writes that step's checkpoint: a stop raised at
-    # a checkpoint's step would finish from the checkpoint before it.
-    import pytest
-
-    from pipelines.shipped.gpu_job import StageDeadline, TimedStages
-
-    timed = TimedStages(rt=None, t0=0.0, out_dir="unused", stages={})
-    timed.stop_at["distill"] = 0.0  # long past
-    timed.checkpoint_every["distill"] = 100
-    timed.progress("distill", 200, 3000, {"loss": 1.0})  # its checkpoint comes next
-    with pytest.raises(StageDeadline, match="distill at step 225"):
-        timed.progress("distill", 225, 3000, {"loss": 1.0})
-    timed.progress("distill", 3000, 3000, {"loss": 1.0})  # the last step never stops
-    # A stage whose checkpoints' steps are not known stops at once.
-    timed.stop_at["rlhf"] = 0.0
-    with pytest.raises(StageDeadline, match="rlhf at step 100"):
-        timed.progress("rlhf", 100, 400, {"loss": 1.0})
-
-
 # PyAV absent; what the alignment jobs import must load, and a carry of captions only
 # (no sequences table) must unpack.
 CAPTIONS_ONLY_PROGRAM = """

@@ -31,7 +31,7 @@ from pipelines.train.data import (
     load_clip_rows,
     sft_subset,
 )
-from pipelines.train.loop import TrainError, final_uri, run_stage
+from pipelines.train.loop import TrainError, final_uri, run_stage, stage_uri
 from pipelines.train.runtime import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,6 +276,31 @@ def test_killed_driver_resumes_with_the_same_losses_and_data(vae_run, tmp_path):
     wb = DuetPipeline.from_checkpoint(final_uri(killed, "pretrain")).dit.state_dict()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-6, atol=1e-7)
+
+
+def test_progress_is_told_of_a_step_after_its_checkpoint_is_written(vae_run, tmp_path):
+    """A wall-clock deadline stops a stage from its progress callback
+    (pipelines.shipped.gpu_job.TimedStages) and finishes from the newest checkpoint:
+    stopped at a checkpoint's step, that step's checkpoint must already be there."""
+    from pipelines.train.state import latest_checkpoint, read_train_state
+
+    class Stop(Exception):
+        pass
+
+    cfg = _config(vae_run.data.curated_uri, str(tmp_path / "run"),
+                  init_from=final_uri(vae_run, "vae"))  # fmt: skip
+    told = []
+
+    def progress(stage, step, total, row):
+        newest = latest_checkpoint(stage_uri(cfg, stage))
+        told.append((step, newest and read_train_state(newest).step))
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_stage(cfg, "pretrain", Runtime(), progress)
+    # Logged every step, checkpointed every third.
+    assert told == [(1, None), (2, None), (3, 3), (4, 3), (5, 3), (6, 6)]
 
 
 def test_sft_runs_on_the_quality_subset_from_its_parent(vae_run, tmp_path):

@@ -141,8 +141,7 @@ def build_config(args, manifest: str, steps: dict[str, int], every: int):
 
 class TimedStages:
     """Runs stages of :mod:`pipelines.train` inside wall-clock shares: a stage past its
-    stop time is stopped at its next logged step that is not a checkpoint's (whose
-    checkpoint is written after it is logged) and finished from its newest
+    stop time is stopped at its next logged step and finished from its newest
     checkpoint (resumed for one step, which writes its final). Each stage's steps,
     wall time, seconds per step and first/last metrics rows go to ``stages``; its
     metrics rows are appended to ``out_dir/metrics.jsonl`` (one file for every stage)."""
@@ -152,7 +151,6 @@ class TimedStages:
         self.show = show  # metrics printed beside the loss when a row has them
         self.times: dict[str, list[tuple[int, float]]] = {}
         self.stop_at: dict[str, float] = {}
-        self.checkpoint_every: dict[str, int] = {}
 
     def progress(self, stage: str, step: int, total: int, row: dict) -> None:
         now = time.monotonic()
@@ -164,12 +162,7 @@ class TimedStages:
             flush=True,
         )
         if stage in self.stop_at and now > self.stop_at[stage] and step < total:
-            # A step that is also a checkpoint's is logged before the checkpoint is
-            # written: stopping there would finish from the one before (a run stopped at
-            # step 200 went on from step 100), so the stop waits for the next logged step.
-            every = self.checkpoint_every.get(stage, 0)
-            if not (every and step % every == 0):
-                raise StageDeadline(f"{stage} at step {step}")
+            raise StageDeadline(f"{stage} at step {step}")
 
     def run(self, cfg, stage: str, stop: float) -> int:
         """Run a stage, stopping at ``stop``; then finish it from its newest checkpoint."""
@@ -181,7 +174,6 @@ class TimedStages:
             print(f"[ship] {stage} already final", flush=True)
             return getattr(cfg, stage).steps
         self.stop_at[stage] = stop
-        self.checkpoint_every[stage] = getattr(getattr(cfg, stage), "checkpoint_every", 0)
         stopped = None
         try:
             done = loop.run_stage(cfg, stage, self.rt, self.progress).steps

@@ -828,6 +828,7 @@ def run_stage(
         state.step, state.epoch, state.batch = step + 1, position.epoch, position.batch
         window.append({"loss": float(loss.detach()), "grad_norm": float(grad_norm), **metrics})
         losses.append((step, float(loss.detach())))
+        row = None
         if state.step % s.log_every == 0 or state.step == s.steps:
             elapsed = time.perf_counter() - tick
             # Each metric averaged over the steps that report it (DMD2's steps
@@ -838,13 +839,15 @@ def run_stage(
             row["lr"] = optimizer.param_groups[0]["lr"]
             row["tokens_per_s"] = tokens_since * rt.world_size / max(elapsed, 1e-9)
             log.add(state.step, row)
-            if progress is not None and rt.is_main:
-                progress(stage, state.step, s.steps, row)
             window, tick, tokens_since = [], time.perf_counter(), 0
         if state.step % s.checkpoint_every == 0 or state.step == s.steps:
             state.wall_s += time.perf_counter() - started
             started = time.perf_counter()
             _save(cfg, stage, task, pipeline, optimizer, ema, state, rt, log)
+        # Told after the step's checkpoint is written: a caller that stops the stage
+        # here (a wall-clock deadline) finds this step saved, not the one before.
+        if row is not None and progress is not None and rt.is_main:
+            progress(stage, state.step, s.steps, row)
     summary = {}
     if task.finish is not None:
         summary = task.finish()
