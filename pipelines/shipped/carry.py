@@ -185,9 +185,11 @@ def pack(
             table_tensors[plan_shots_key(segments, budget)] = shot.contiguous()
             plans += 1
     save_file(table_tensors, os.path.join(out_dir, TEXTS_NAME))
-    if wheel_xz and not captions_only:
+    if captions_only:
+        pass  # no clips to decode, so no PyAV
+    elif wheel_xz:
         _pack_wheel_xz(wheel, out_dir)
-    elif not captions_only:
+    else:
         shutil.copyfile(wheel, os.path.join(out_dir, os.path.basename(wheel)))
     info = {
         "schema_version": CARRY_SCHEMA_VERSION,
