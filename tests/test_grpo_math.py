@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model.dit import TextConditioning
-from pipelines.align.grpo import GRPO, group_advantages, select_candidates
+from pipelines.align.grpo import GRPO, gradient_noise, group_advantages, select_candidates
 from pipelines.align.sde import (
     gaussian_logprob,
     guided_velocities,
@@ -77,6 +77,34 @@ def _state(b: int = 3, seed: int = 0):
     video = torch.randn(b, 2, 3, 2, 2, generator=gen)
     audio = torch.randn(b, 4, 8, generator=gen)
     return video, audio, gen
+
+
+def test_gradient_noise_of_three_gradients_worked_by_hand():
+    grads = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])]
+    f = gradient_noise(grads, groups=4)
+    # Dot products of the pairs: 0, 1, 1; the mean (2/3, 2/3); squared deviations
+    # 5/9 + 5/9 + 2/9 over K - 1 = 2.
+    assert f["signal"] == pytest.approx(2 / 3)
+    assert f["signal_se"] == pytest.approx(1 / 3)  # std of (0, 1, 1) / sqrt(3)
+    assert f["trace"] == pytest.approx(2 / 3)
+    assert f["noise_scale"] == pytest.approx(4.0)  # 4 groups * (2/3) / (2/3)
+    assert f["cos"] == pytest.approx(math.sqrt(2) / 3)
+    assert f["grad_norm"] == pytest.approx((2 + math.sqrt(2)) / 3)
+    with pytest.raises(ValueError, match="at least 3"):
+        gradient_noise(grads[:2], groups=4)
+
+
+def test_gradient_noise_recovers_a_known_signal_and_finds_none_in_pure_noise():
+    gen = torch.Generator().manual_seed(0)
+    p, k, sigma = 2000, 40, 0.5
+    mean = torch.full((p,), 0.1)  # |G|^2 = 20; tr(S) = p * sigma^2 = 500
+    f = gradient_noise([mean + sigma * torch.randn(p, generator=gen) for _ in range(k)], 16)
+    assert f["signal"] == pytest.approx(20.0, rel=0.25)
+    assert f["trace"] == pytest.approx(500.0, rel=0.1)
+    assert f["noise_scale"] == pytest.approx(16 * 500 / 20, rel=0.35)
+    noise = gradient_noise([sigma * torch.randn(p, generator=gen) for _ in range(k)], 16)
+    assert abs(noise["signal"]) < 3 * noise["signal_se"]
+    assert noise["noise_scale"] > 20 * f["noise_scale"]
 
 
 def test_step_mean_and_width_follow_the_flow_algebra():

@@ -113,6 +113,36 @@ def clipped_objective(
     return (per_head * w).sum(), per_head
 
 
+def gradient_noise(grads: list[torch.Tensor], groups: int) -> dict[str, float]:
+    """How much of one rollout batch's policy gradient is signal, from the gradients
+    ``grads`` (K >= 3 flattened vectors) of K independent batches of ``groups`` groups.
+
+    ``signal``: |G|^2 of the expected gradient, the mean dot product of two different
+    batches' gradients (unbiased; can come out below 0 when noise swamps it), with
+    ``signal_se`` the standard error of those dot products; ``trace``: tr(S), one
+    batch's gradient variance; ``noise_scale``: ``groups * trace / signal``, the groups
+    a batch needs to hold as much signal as noise (McCandlish et al. 2018), infinite
+    when no signal shows; ``cos``: the mean cosine of two batches' gradients."""
+    k = len(grads)
+    if k < 3:
+        raise ValueError("the gradient noise needs at least 3 batches' gradients")
+    g = torch.stack([x.detach().flatten().double().cpu() for x in grads])  # (K, P)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    dots = torch.stack([g[i] @ g[j] for i, j in pairs])
+    norms = g.norm(dim=1)
+    signal = float(dots.mean())
+    trace = float(((g - g.mean(0)) ** 2).sum() / (k - 1))
+    cos = torch.stack([dots[n] / (norms[i] * norms[j]) for n, (i, j) in enumerate(pairs)])
+    return {
+        "grad_norm": float(norms.mean()),
+        "signal": signal,
+        "signal_se": float(dots.std() / math.sqrt(len(pairs))),
+        "trace": trace,
+        "noise_scale": groups * trace / signal if signal > 0 else math.inf,
+        "cos": float(cos.mean()),
+    }
+
+
 def group_spread(groups: list[torch.Tensor], weights) -> dict[str, float]:
     """``spread_<head>``: the std of each weighted head's reward within a group, averaged
     over the batch's (G, H) groups. What the group-relative advantages are made of: a
