@@ -280,7 +280,7 @@ def test_rlhf_with_the_rater_as_reward_trains_no_reward_model(aligned, tmp_path)
     shutil.copytree(f"{aligned['cfg'].run_uri}/sft/final", run / "sft/final")
     config = config_to_dict(aligned["cfg"])
     config["run_uri"] = str(run)
-    config["rlhf"].update({"reward_source": "rater", "steps": 2, "batch_size": 1,
+    config["rlhf"].update({"reward_source": "rater", "steps": 3, "batch_size": 1,
                            "group_size": 4, "sample_steps": 4, "log_every": 1,
                            "checkpoint_every": 10, "rater_workers": 0})  # fmt: skip
     train(train_config_from(config), stages=("rlhf",))
@@ -291,10 +291,19 @@ def test_rlhf_with_the_rater_as_reward_trains_no_reward_model(aligned, tmp_path)
     for part in ("reward", "preferences"):
         assert not storage.exists(f"{run}/rlhf/{part}"), part
     rows = _metrics(f"{run}/rlhf")
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     # The rewards are the rater's own weighted scores: in [0, sum of the weights].
     top = sum(config["rlhf"]["head_weights"])
     assert all(0.0 <= r["reward"] <= top + 1e-6 for r in rows), rows
+    # The gradient monitor reads the first update of each rollout (steps 1 and 3 of two
+    # updates a rollout), the second rollout's against the first's.
+    assert rows[0]["grad_sq"] > 0 and "grad_dot_previous" not in rows[0]
+    assert "grad_sq" not in rows[1] and "grad_dot_previous" in rows[2]
+    signal = summary["gradient_signal"]
+    assert signal["rows"] == 1
+    assert signal["signal_share"] == pytest.approx(
+        rows[2]["grad_dot_previous"] / rows[2]["grad_sq"]
+    )
 
 
 @pytest.mark.slow

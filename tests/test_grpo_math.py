@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from model.dit import TextConditioning
-from pipelines.align.grpo import GRPO, gradient_noise, group_advantages, select_candidates
+from pipelines.align.grpo import (
+    GRPO,
+    GradientMonitor,
+    gradient_noise,
+    gradient_signal,
+    group_advantages,
+    select_candidates,
+)
 from pipelines.align.sde import (
     gaussian_logprob,
     guided_velocities,
@@ -105,6 +112,39 @@ def test_gradient_noise_recovers_a_known_signal_and_finds_none_in_pure_noise():
     noise = gradient_noise([sigma * torch.randn(p, generator=gen) for _ in range(k)], 16)
     assert abs(noise["signal"]) < 3 * noise["signal_se"]
     assert noise["noise_scale"] > 20 * f["noise_scale"]
+
+
+def test_gradient_monitor_reads_each_rollouts_first_update_against_the_last():
+    w = torch.nn.Parameter(torch.zeros(2))
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    monitor = GradientMonitor([w, frozen], updates_per_rollout=2)
+    w.grad = torch.tensor([3.0, 4.0])
+    assert monitor(0) == {"grad_sq": 25.0}  # the first rollout: nothing to compare with
+    w.grad = torch.tensor([100.0, 100.0])
+    assert monitor(1) == {}  # the second update of that rollout
+    w.grad = torch.tensor([1.0, -2.0])
+    assert monitor(2) == {"grad_sq": 5.0, "grad_dot_previous": 3.0 - 8.0}
+    w.grad = None
+    assert monitor(4) == {}  # no gradient this step: nothing logged
+
+
+def test_gradient_signal_from_logged_rows_worked_by_hand():
+    rows = [
+        {"step": 2, "grad_sq": 10.0},  # the first rollout
+        {"step": 4, "grad_sq": 12.0, "grad_dot_previous": 1.0},
+        {"step": 6, "loss": 0.0},
+        {"step": 8, "grad_sq": 8.0, "grad_dot_previous": 3.0},
+    ]
+    got = gradient_signal(rows)
+    # Mean dot 2 over mean squared length 10; the dots' std sqrt(2), over sqrt(2) rows.
+    assert got["rows"] == 2
+    assert got["signal_share"] == pytest.approx(0.2)
+    assert got["signal_share_se"] == pytest.approx(1.0 / 10.0)
+    assert "warning" not in got
+    low = gradient_signal([{"grad_sq": 10.0, "grad_dot_previous": 0.1}])
+    assert low["signal_share"] == pytest.approx(0.01) and low["signal_share_se"] is None
+    assert "1.0% signal" in low["warning"] and "rlhf.batch_size" in low["warning"]
+    assert gradient_signal([{"grad_sq": 1.0}]) == {"rows": 0}
 
 
 def test_step_mean_and_width_follow_the_flow_algebra():

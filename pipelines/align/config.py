@@ -207,6 +207,10 @@ class RLHFStageConfig:
     # Rate every rollout with the programmatic rater too (reward_source="model"), log
     # both, and flag a reward model score that rises while the rater's falls.
     monitor_rater: bool = True
+    # The gradient-noise monitor: the first update of each rollout keeps its gradient
+    # (one fp32 copy of the trained weights) and logs its dot product with the previous
+    # rollout's; the report gives the share of a batch's gradient that is signal.
+    monitor_gradient: bool = True
     # Processes that run the rater beside the sampler (preference data and the monitor's
     # ratings; pipelines.align.rater.rater_pool). 0 rates in the stage's process; on a
     # GPU host the CPU-bound probes otherwise take most of each group's time.

@@ -143,6 +143,73 @@ def gradient_noise(grads: list[torch.Tensor], groups: int) -> dict[str, float]:
     }
 
 
+class GradientMonitor:
+    """How much of a rollout batch's gradient is signal, measured as the stage trains.
+
+    Called after each update's backward (``StageTask.after_backward``); on the first
+    update of each rollout (ratio 1: the plain policy gradient of a fresh batch) it logs
+    ``grad_sq`` (the gradient's squared length) and ``grad_dot_previous`` (its dot
+    product with the previous rollout's first gradient). Two rollouts' batches are
+    independent draws, so the mean dot product estimates the expected gradient's
+    squared length |G|^2 and the mean squared length |G|^2 + tr(S):
+    :func:`gradient_signal` turns the logged rows into the share of signal. (The
+    weights move between the two by an update or two; prompts drawn in both batches
+    count their own expected gradient as signal.)"""
+
+    def __init__(self, params, updates_per_rollout: int):
+        self.params = [p for p in params if p.requires_grad]
+        self.every = max(1, updates_per_rollout)
+        self.previous: torch.Tensor | None = None
+
+    def __call__(self, step: int) -> dict[str, float]:
+        if step % self.every:
+            return {}
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return {}
+        # Sharded weights (FSDP) hold a shard of each gradient: local parts, then sums.
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        flat = torch.cat([g.detach().flatten().float() for g in local])
+        sums = torch.stack([flat @ flat, flat @ self.previous if self.previous is not None
+                            else flat.new_zeros(())])  # fmt: skip
+        if local[0] is not grads[0] and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        out = {"grad_sq": float(sums[0])}
+        if self.previous is not None:
+            out["grad_dot_previous"] = float(sums[1])
+        self.previous = flat
+        return out
+
+
+# Below this share of signal a rollout batch's gradient is mostly noise (the report says so).
+LOW_SIGNAL_SHARE = 0.05
+
+
+def gradient_signal(rows: list[dict]) -> dict:
+    """The stage's gradient-noise figures from its logged rows (each a log window's
+    means): ``signal_share``, mean dot product of consecutive rollouts' gradients over
+    their mean squared length (the share of one batch's squared gradient that is the
+    expected gradient), its standard error over the rows, and a ``warning`` when it
+    stands below :data:`LOW_SIGNAL_SHARE`."""
+    pairs = [(r["grad_dot_previous"], r["grad_sq"]) for r in rows
+             if "grad_dot_previous" in r and "grad_sq" in r]  # fmt: skip
+    if not pairs:
+        return {"rows": 0}
+    dots = torch.tensor([d for d, _ in pairs], dtype=torch.float64)
+    sq = statistics.fmean(q for _, q in pairs)
+    share = float(dots.mean()) / sq if sq > 0 else 0.0
+    se = float(dots.std()) / math.sqrt(len(pairs)) / sq if len(pairs) > 1 and sq > 0 else None
+    out = {"rows": len(pairs), "signal_share": share, "signal_share_se": se}
+    if share < LOW_SIGNAL_SHARE:
+        out["warning"] = (
+            f"a rollout batch's gradient is {share:.1%} signal: the updates are mostly "
+            "noise, which Adam turns into steps the size of the learning rate; more groups "
+            "per step (rlhf.batch_size), a reward whose candidates differ more, or a lower "
+            "rate with more steps (python -m bench.grpo_gradient_noise measures it)"
+        )
+    return out
+
+
 def group_spread(groups: list[torch.Tensor], weights) -> dict[str, float]:
     """``spread_<head>``: the std of each weighted head's reward within a group, averaged
     over the batch's (G, H) groups. What the group-relative advantages are made of: a

@@ -713,8 +713,14 @@ def rlhf_task(cfg, pipeline, rt):
             "reward_held_out_prompts": (report.get("held_out") or {}).get("prompts"),
         }
         uri = storage.join(here, METRICS_NAME)
-        if policy.monitor and s.reward_source != "rater" and storage.exists(uri):
+        logged = []
+        if storage.exists(uri):
             logged = [json.loads(x) for x in storage.read_text(uri).splitlines()]
+        if s.monitor_gradient and logged:
+            summary["gradient_signal"] = signal = grpo.gradient_signal(logged)
+            if "warning" in signal:
+                print(f"rlhf: WARNING {signal['warning']}")
+        if policy.monitor and s.reward_source != "rater" and logged:
             heads = [h for h, w in zip(HEADS, weights, strict=True) if w > 0 and h not in skip]
             trends = reward_trends(logged, heads)
             summary["reward_hacking"] = trends
@@ -726,7 +732,9 @@ def rlhf_task(cfg, pipeline, rt):
         return summary
 
     groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": s.lr}]
-    return StageTask("rlhf", module, ("dit",), s, rows, batch, groups, finish)
+    monitor = grpo.GradientMonitor(module.parameters(), s.updates_per_rollout)
+    return StageTask("rlhf", module, ("dit",), s, rows, batch, groups, finish,
+                     after_backward=monitor if s.monitor_gradient else None)  # fmt: skip
 
 
 def distill_caption_pool(cfg) -> tuple[list[str], list[str]]:

@@ -263,6 +263,9 @@ class StageTask:
     # with losses of their own: one shared clip lets the largest gradient, the
     # vocoder's, scale every other network's step down); empty = one clip for all.
     clip_groups: tuple[str, ...] = ()
+    # Called with the step after its backward, before clipping; what it returns joins
+    # the step's metrics (DanceGRPO's gradient-noise monitor reads the gradient).
+    after_backward: Callable[[int], dict] | None = None
 
 
 def _window(video: torch.Tensor, s: VAEStageConfig, tf: int, sf: int, gen) -> torch.Tensor:
@@ -807,6 +810,8 @@ def run_stage(
         loss, metrics, tokens = task.batch_fn(indices, gen, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if task.after_backward is not None:
+            metrics = {**metrics, **task.after_backward(step)}
         if task.clip_groups:
             norms = [
                 torch.nn.utils.clip_grad_norm_(g["params"], s.grad_clip, foreach=True)
