@@ -283,6 +283,10 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     dmd = cfg("--fake-updates", "2", "--regression-weight", "0.5").distill.dmd
     assert (dmd.fake_updates, dmd.regression_weight) == (2, 0.5)
     assert cfg().distill.dmd.fake_updates == 4 and cfg().distill.dmd.regression_weight == 0.0
+    assert cfg("--real-guidance", "6").distill.dmd.real_guidance == 6.0
+    assert cfg().distill.dmd.real_guidance == 0.0
+    with pytest.raises(ValueError, match="real_guidance"):
+        cfg("--real-guidance", "-1")
     paired = cfg("--regression-weight", "0.25", "--regression-pairs", "512").distill.dmd
     assert paired.regression_pairs == 512
     with pytest.raises(ValueError, match="regression_weight"):

@@ -73,7 +73,7 @@ class _HashText:
         return torch.stack([torch.randn(self.dim, generator=g) for g in gens])
 
 
-def _tiny_step(text_scale: float, fake_updates: int = 1):
+def _tiny_step(text_scale: float, fake_updates: int = 1, real_guidance: float = 0.0):
     mcfg = get_config("tiny")
     torch.manual_seed(0)
     teacher = DualBranchDiT(mcfg)
@@ -85,6 +85,7 @@ def _tiny_step(text_scale: float, fake_updates: int = 1):
     s = DistillStageConfig(method="dmd2", text_scale=text_scale, student_steps=(2,),
                            default_steps=2)  # fmt: skip
     s.dmd.fake_updates = fake_updates
+    s.dmd.real_guidance = real_guidance
     stream = PromptStream(CAPTIONS, HELD_OUT, 0.5)
     step = DMD2(s, pair, pair, teacher, _HashText(mcfg.text.embed_dim), mcfg, (9,), stream, "cpu")
     return step, pair
@@ -93,9 +94,11 @@ def _tiny_step(text_scale: float, fake_updates: int = 1):
 def test_student_gets_no_gradient_when_fake_equals_real_and_one_otherwise():
     """Teacher without guidance = fake score (both the teacher's copy): the whole
     student step (backward simulation, noising, both denoisers) gives zero gradient;
-    with guidance 4 the real score differs and the gradient does not vanish."""
-    for scale, zero in ((1.0, True), (4.0, False)):
-        step, pair = _tiny_step(scale)
+    with guidance 4 the real score differs and the gradient does not vanish.
+    ``dmd.real_guidance`` sets the real score's guidance apart from the sampling one."""
+    cases = ((1.0, 0.0, True), (4.0, 0.0, False), (4.0, 1.0, True), (1.0, 4.0, False))
+    for scale, real, zero in cases:
+        step, pair = _tiny_step(scale, real_guidance=real)
         assert step.phase(1) == "generator" and step.phase(0) == "fake"
         for seed in range(3):  # step 1: a generator step (fake_updates = 1)
             loss, metrics, _ = step([0, 1], torch.Generator().manual_seed(seed), 1)
@@ -105,7 +108,7 @@ def test_student_gets_no_gradient_when_fake_equals_real_and_one_otherwise():
                 float(p.grad.abs().sum()) for p in pair.dit.parameters() if p.grad is not None
             )
             assert all(p.grad is None for p in pair.fake_score.parameters())
-            assert (norm == 0.0) == zero, (scale, norm, metrics)
+            assert (norm == 0.0) == zero, (scale, real, norm, metrics)
 
 
 def test_the_regression_term_pulls_the_student_toward_the_teachers_endpoint():

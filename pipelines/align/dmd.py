@@ -358,7 +358,8 @@ class DMD2:
             metrics = {"fake_loss": float(loss.detach())}
         else:
             with torch.no_grad():
-                real_v, real_a = guided_denoise(self.teacher, xv, xa, t, text, s.text_scale)
+                scale = s.dmd.real_guidance or s.text_scale
+                real_v, real_a = guided_denoise(self.teacher, xv, xa, t, text, scale)
                 fake_v, fake_a = guided_denoise(self.pair.fake_score, xv, xa, t, text, 1.0)
             loss = dmd_loss(x0v, real_v, fake_v) + dmd_loss(x0a, real_a, fake_a)
             metrics = {

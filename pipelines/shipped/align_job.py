@@ -177,6 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="(noise, teacher endpoint) pairs drawn once for the regression (0: the teacher "
              "samples each student update's own noise: 3.7 times slower with --fake-updates 1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--real-guidance", type=float, default=0.0,
+        help="the teacher's guidance in DMD2's real score (0: the guidance it samples with)",
+    )  # fmt: skip
     # Each pooled caption costs its embedding in the carry's table (about 12 KB).
     parser.add_argument("--grammar-pool", type=int, default=150)
     # Held-out scoring.
@@ -251,6 +255,7 @@ def build_config(args, manifest: str):
                 "dmd": {"grammar_pool": args.grammar_pool, "frame_buckets": [17, args.frames],
                         "fake_updates": args.fake_updates,
                         "regression_weight": args.regression_weight,
+                        "real_guidance": args.real_guidance,
                         "regression_pairs": args.regression_pairs},
             },
         }
