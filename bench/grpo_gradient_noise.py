@@ -23,6 +23,8 @@ of one batch's:
 Each head in ``--heads`` (``all``: the stage's weighted sum) is measured on the same
 rollouts, and a control with every group's advantages shuffled among its candidates
 (no signal by construction: its ``|G|^2`` should be zero within its spread).
+``--by-step`` trains every sampling step (``timestep_fraction`` 1) and adds the weighted
+gradient of each step's rows alone: where in the trajectory the signal is.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eta", type=float, default=0.3)
     ap.add_argument("--rater-workers", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=32, help="rows a forward (memory)")
+    ap.add_argument(
+        "--by-step", action="store_true",
+        help="also each sampling step's share of the weighted gradient (every step trained)",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.batches < 3:
@@ -97,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = DuetPipeline.from_checkpoint(args.checkpoint).to(device)
     s = RLHFStageConfig(reward_source="rater", kl_weight=0.0, shared_noise=not args.own_noise,
-                        eta=args.eta, loss_rows_per_chunk=args.chunk)  # fmt: skip
+                        eta=args.eta, loss_rows_per_chunk=args.chunk,
+                        timestep_fraction=1.0 if args.by_step else 0.6)  # fmt: skip
     s.preferences.duration_s = DURATION_S
     rng = random.Random(args.seed)
     drawn = rng.sample(captions, min(len(captions), args.batches * args.groups))
@@ -133,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                 grads[h].append(gradient(policy, shuffled, params))
             else:
                 grads[h].append(gradient(policy, rollout, params))
+        policy.weights = stage_weights
+        for j, t in enumerate(policy.times[:-1] if args.by_step else []):
+            rows = {k: v[rollout.rows["t"] == t] for k, v in rollout.rows.items()}
+            step = grpo.Rollout(rollout.step, rows, torch.arange(len(rows["old"])), 1)
+            grads.setdefault(f"step {j} t={t:.2f}", []).append(gradient(policy, step, params))
         print(f"  batch {b + 1}/{args.batches} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if pool is not None:
         pool.shutdown()
@@ -146,13 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "  within-group reward spread: " + ", ".join(f"{k[7:]} {v:.3f}" for k, v in spread.items())
     )
-    print(f"  {'advantages':<12} {'|g|':>10} {'|G|^2':>11} {'+-':>10} {'tr(S)':>10} "
+    print(f"  {'advantages':<14} {'|g|':>10} {'|G|^2':>11} {'+-':>10} {'tr(S)':>10} "
           f"{'noise scale':>12} {'signal share':>13} {'cos':>7}")  # fmt: skip
-    for h in heads:
+    for h in grads:
         f = grpo.gradient_noise(grads[h], args.groups)
         share = args.groups / (args.groups + f["noise_scale"]) if f["signal"] > 0 else 0.0
         print(
-            f"  {h:<12} {f['grad_norm']:10.3e} {f['signal']:11.3e} {f['signal_se']:10.2e} "
+            f"  {h:<14} {f['grad_norm']:10.3e} {f['signal']:11.3e} {f['signal_se']:10.2e} "
             f"{f['trace']:10.3e} {f['noise_scale']:12.1f} {share:13.3f} {f['cos']:7.3f}"
         )
     return 0
