@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", default="all,adherence,sync")
     ap.add_argument("--own-noise", action="store_true", help="rlhf.shared_noise false")
     ap.add_argument("--eta", type=float, default=0.3)
+    ap.add_argument("--sde-window", type=int, default=0, help="rlhf.sde_window (0: all steps)")
     ap.add_argument("--rater-workers", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=32, help="rows a forward (memory)")
     ap.add_argument(
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.batches < 3:
         raise SystemExit("--batches must be at least 3 (the spread of the dot products)")
+    if args.by_step and args.sde_window:
+        raise SystemExit("--by-step trains every step: leave --sde-window out")
     captions = prompts_of(args.carry)
 
     from model.pipeline import DuetPipeline
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = DuetPipeline.from_checkpoint(args.checkpoint).to(device)
     s = RLHFStageConfig(reward_source="rater", kl_weight=0.0, shared_noise=not args.own_noise,
                         eta=args.eta, loss_rows_per_chunk=args.chunk,
-                        timestep_fraction=1.0 if args.by_step else 0.6)  # fmt: skip
+                        timestep_fraction=1.0 if args.by_step else 0.6,
+                        sde_window=args.sde_window)  # fmt: skip
     s.preferences.duration_s = DURATION_S
     rng = random.Random(args.seed)
     drawn = rng.sample(captions, min(len(captions), args.batches * args.groups))
@@ -123,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     stage_weights = policy.weights
     heads = [h.strip() for h in args.heads.split(",") if h.strip()] + ["shuffled"]
     params = [p for p in pipeline.dit.parameters() if p.requires_grad]
-    n_train = max(1, round(s.timestep_fraction * s.sample_steps))
+    windowed = 0 < s.sde_window < s.sample_steps
+    n_train = s.sde_window if windowed else max(1, round(s.timestep_fraction * s.sample_steps))
     grads: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
     spreads, t0 = [], time.perf_counter()
     pipeline.dit.train()
@@ -153,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{name}, torch {torch.__version__}; {args.batches} batches of {args.groups} groups of "
         f"{s.group_size}, {s.sample_steps} SDE steps (eta {s.eta}, "
-        f"{'own' if args.own_noise else 'shared'} noise), {n_train} steps a candidate trained"
+        f"{'own' if args.own_noise else 'shared'} noise, "
+        f"{f'a window of {n_train} noisy steps' if windowed else 'every step noisy'}), "
+        f"{n_train} steps a candidate trained"
     )
     print(
         "  within-group reward spread: " + ", ".join(f"{k[7:]} {v:.3f}" for k, v in spread.items())

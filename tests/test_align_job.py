@@ -284,6 +284,7 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     assert (dmd.fake_updates, dmd.regression_weight) == (2, 0.5)
     assert cfg().distill.dmd.fake_updates == 4 and cfg().distill.dmd.regression_weight == 0.0
     assert cfg("--real-guidance", "6").distill.dmd.real_guidance == 6.0
+    assert cfg("--sde-window", "2").rlhf.sde_window == 2 and cfg().rlhf.sde_window == 0
     assert cfg().distill.dmd.real_guidance == 0.0
     with pytest.raises(ValueError, match="real_guidance"):
         cfg("--real-guidance", "-1")

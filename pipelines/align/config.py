@@ -174,6 +174,12 @@ class RLHFStageConfig:
     eta: float = 0.3  # SDE noise level
     text_scale: float = 4.0  # the policy samples with the guidance it is used with
     timestep_fraction: float = 0.6  # fraction of sampling steps trained on, drawn per step
+    # 0: every sampling step draws noise (DanceGRPO). k > 0: k consecutive steps do, their
+    # start drawn per rollout batch, the others are the ODE (MixGRPO's window), and only
+    # the window's steps are trained on (timestep_fraction unused): a candidate's
+    # advantage then comes from the noise of the steps it trains on, not from every
+    # step's (a rollout batch's gradient was under 1% signal; BENCHMARKS.md, session 34).
+    sde_window: int = 0
     clip_range: float = 1e-3  # PPO ratio clip (log-probs are per-element means)
     adv_clip_max: float = 5.0  # per head, on its group-normalised advantage
     # "group": each head's rewards divided by the group's std (DanceGRPO); "batch":
@@ -245,6 +251,10 @@ class RLHFStageConfig:
             raise ValueError("rlhf.loss_rows_per_chunk must be >= 0 (0: an update's rows at once)")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2 (advantages are relative within a group)")
+        if not 0 <= self.sde_window <= self.sample_steps:
+            raise ValueError(
+                f"sde_window must be in [0, sample_steps = {self.sample_steps}] (0: all steps)"
+            )
         if not 0.0 < self.timestep_fraction <= 1.0:
             raise ValueError("timestep_fraction must be in (0, 1]")
         if self.best_worst_k and 2 * self.best_worst_k > self.group_size:

@@ -363,11 +363,14 @@ class GRPO:
         """One prompt's group of ``group_size`` candidates."""
         return self.rollout_groups([prompt_index], [gen])
 
-    def rollout_groups(self, prompts: list[int], gens: list[torch.Generator]) -> Trajectory:
+    def rollout_groups(
+        self, prompts: list[int], gens: list[torch.Generator], etas: list[float] | None = None
+    ) -> Trajectory:
         """The groups of several prompts sampled in one batch, (P * G) rows in prompt
         order: each group draws its noises from its own generator, so it comes out as
         it would sampled alone, while the network sees one batch (a small DiT on a GPU
-        is bound by launches, not arithmetic)."""
+        is bound by launches, not arithmetic). ``etas``: a noise level per step (an SDE
+        window, :meth:`sde_steps`); the settings' ``eta`` at every step by default."""
         s = self.settings
         g = s.group_size
         v_shape, a_shape, _ = self.shapes
@@ -382,7 +385,7 @@ class GRPO:
         self.module.eval()
         traj = sde_rollout(
             self.module, torch.cat(videos).to(self.device), torch.cat(audios).to(self.device),
-            text, null, self.times, s.eta, s.text_scale, list(gens),
+            text, null, self.times, s.eta if etas is None else etas, s.text_scale, list(gens),
         )  # fmt: skip
         self.module.train(was_training)
         return traj
@@ -406,6 +409,15 @@ class GRPO:
             return self.reward_model(video, audio, tokens, mask, frames=frames).float()
         return self.reward_model(video, audio, tokens, mask).float()
 
+    def sde_steps(self, gen: torch.Generator) -> list[int]:
+        """The sampling steps that draw noise in a rollout batch: all of them, or with
+        ``sde_window = k`` k consecutive ones starting at a step drawn from ``gen``."""
+        n_steps, k = len(self.times) - 1, self.settings.sde_window
+        if k <= 0 or k >= n_steps:
+            return list(range(n_steps))
+        start = int(torch.randint(0, n_steps - k + 1, (1,), generator=gen))
+        return list(range(start, start + k))
+
     def collect(self, indices: list[int], gen: torch.Generator, step: int = 0, parts: int = 1):
         """Roll out, score and turn one batch of prompts into training rows (no gradient)."""
         s = self.settings
@@ -413,12 +425,14 @@ class GRPO:
         n_train = max(1, round(s.timestep_fraction * n_steps))
         rows: dict[str, list] = {k: [] for k in ROW_KEYS}
         model_means, rater_means, trajs, group_rewards = [], [], [], []
+        window = self.sde_steps(gen) if s.sde_window > 0 else None
+        etas = None if window is None else [s.eta if j in window else 0.0 for j in range(n_steps)]
         # One generator a group, seeded from the step's: the batch's groups sample together.
         seeds = torch.randint(0, 2**62, (len(indices),), generator=gen).tolist()
         gens = [torch.Generator().manual_seed(x) for x in seeds]
         chunk = s.rollout_groups_per_batch or len(indices)
         batches = [
-            self.rollout_groups(indices[i : i + chunk], gens[i : i + chunk])
+            self.rollout_groups(indices[i : i + chunk], gens[i : i + chunk], etas)
             for i in range(0, len(indices), chunk)
         ]
         for k, pi in enumerate(indices):
@@ -441,8 +455,10 @@ class GRPO:
             w = torch.tensor(self.weights, dtype=adv.dtype, device=adv.device)
             chosen = select_candidates((adv * w).sum(-1), s.best_worst_k)
             for c in chosen:
-                # A permutation of the sampling steps per sample (DanceGRPO), not per prompt.
-                for j in torch.randperm(n_steps, generator=gen)[:n_train].tolist():
+                # A permutation of the sampling steps per sample (DanceGRPO), not per
+                # prompt; with an SDE window, the window's steps (the others drew no noise).
+                steps = window or torch.randperm(n_steps, generator=gen)[:n_train].tolist()
+                for j in steps:
                     rows["x_v"].append(traj.videos[j][c])
                     rows["x_a"].append(traj.audios[j][c])
                     rows["next_v"].append(traj.videos[j + 1][c])

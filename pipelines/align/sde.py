@@ -129,27 +129,34 @@ def sde_rollout(
     text: TextConditioning,
     null: TextConditioning,
     times: list[float],
-    eta: float,
+    eta: float | list[float],
     text_scale: float,
     gen: torch.Generator | list[torch.Generator],
 ) -> Trajectory:
     """Sample from ``times[0]`` to 0 with the SDE; every row draws its own noise.
 
+    ``eta`` one noise level, or one per step: a step at 0 is the Euler ODE step (no
+    noise drawn; its log-probability is recorded as 0 and it cannot be trained on).
     ``gen`` a list: the rows are that many equal blocks (groups sampled in one batch),
     each drawing its noise from its own generator, as it would sampled alone."""
     videos, audios, logps = [video], [audio], []
-    for t, t_next in zip(times, times[1:], strict=False):
+    etas = eta if isinstance(eta, list) else [eta] * (len(times) - 1)
+    for t, t_next, eta_j in zip(times[:-1], times[1:], etas, strict=True):
         b = video.shape[0]
         tt = torch.full((b,), t, device=video.device)
         vel_v, vel_a = guided_velocities(model, video, audio, tt, text, null, text_scale)
-        mean_v = step_mean(video, vel_v, t, t_next, eta)
-        mean_a = step_mean(audio, vel_a, t, t_next, eta)
-        std = step_std(t, t_next, eta)
-        noise_v = step_noise(video.shape, gen).to(video.device)
-        noise_a = step_noise(audio.shape, gen).to(audio.device)
-        video = mean_v + std * noise_v
-        audio = mean_a + std * noise_a
-        logps.append(gaussian_logprob(video, audio, mean_v, mean_a, std))
+        mean_v = step_mean(video, vel_v, t, t_next, eta_j)
+        mean_a = step_mean(audio, vel_a, t, t_next, eta_j)
+        std = step_std(t, t_next, eta_j)
+        if std == 0.0:
+            video, audio = mean_v, mean_a
+            logps.append(torch.zeros(b, device=video.device))
+        else:
+            noise_v = step_noise(video.shape, gen).to(video.device)
+            noise_a = step_noise(audio.shape, gen).to(audio.device)
+            video = mean_v + std * noise_v
+            audio = mean_a + std * noise_a
+            logps.append(gaussian_logprob(video, audio, mean_v, mean_a, std))
         videos.append(video)
         audios.append(audio)
     return Trajectory(list(times), videos, audios, torch.stack(logps))

@@ -141,6 +141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the rollouts' SDE noise level (a group's candidates differ more as it rises)",
     )  # fmt: skip
     parser.add_argument(
+        "--sde-window", type=int, default=0,
+        help="noisy sampling steps a rollout (consecutive, the rest the ODE; the only "
+             "steps trained on); 0: every step",
+    )  # fmt: skip
+    parser.add_argument(
         "--head-weights", default="",
         help="DanceGRPO's per-head weights, comma-separated in the order "
              "sync,adherence,motion,visual,audio (default: the stage's 1,1,0.25,0.25,0.25); "
@@ -234,6 +239,7 @@ def build_config(args, manifest: str):
                 "rater_workers": args.rater_workers, "reward_source": args.reward_source,
                 "shared_noise": not args.rlhf_own_noise, "kl_weight": args.kl_weight,
                 "advantage_norm": args.advantage_norm, "eta": args.eta,
+                "sde_window": args.sde_window,
                 "loss_rows_per_chunk": args.loss_rows_per_chunk,
                 **({"head_weights": head_weights(args.head_weights)} if args.head_weights else {}),
                 "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3,
