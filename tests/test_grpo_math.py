@@ -126,6 +126,12 @@ def test_gradient_monitor_reads_each_rollouts_first_update_against_the_last():
     assert monitor(2) == {"grad_sq": 5.0, "grad_dot_previous": 3.0 - 8.0}
     w.grad = None
     assert monitor(4) == {}  # no gradient this step: nothing logged
+    other = torch.nn.Parameter(torch.zeros(1))
+    monitor = GradientMonitor([w, other], updates_per_rollout=1)
+    w.grad, other.grad = torch.tensor([1.0, 1.0]), None  # a weight unused this step: zeros
+    assert monitor(0) == {"grad_sq": 2.0}
+    w.grad, other.grad = torch.tensor([2.0, 0.0]), torch.tensor([5.0])
+    assert monitor(1) == {"grad_sq": 29.0, "grad_dot_previous": 2.0}
 
 
 def test_gradient_signal_from_logged_rows_worked_by_hand():

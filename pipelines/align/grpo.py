@@ -164,15 +164,17 @@ class GradientMonitor:
     def __call__(self, step: int) -> dict[str, float]:
         if step % self.every:
             return {}
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
+        if all(p.grad is None for p in self.params):
             return {}
+        # A weight without a gradient this step counts as zeros (the vectors stay aligned).
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         # Sharded weights (FSDP) hold a shard of each gradient: local parts, then sums.
+        sharded = any(hasattr(g, "to_local") for g in grads)
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         flat = torch.cat([g.detach().flatten().float() for g in local])
         sums = torch.stack([flat @ flat, flat @ self.previous if self.previous is not None
                             else flat.new_zeros(())])  # fmt: skip
-        if local[0] is not grads[0] and torch.distributed.is_initialized():
+        if sharded and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         out = {"grad_sq": float(sums[0])}
         if self.previous is not None:
