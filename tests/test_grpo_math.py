@@ -147,9 +147,12 @@ def test_gradient_signal_from_logged_rows_worked_by_hand():
     assert got["signal_share"] == pytest.approx(0.2)
     assert got["signal_share_se"] == pytest.approx(1.0 / 10.0)
     assert "warning" not in got
-    low = gradient_signal([{"grad_sq": 10.0, "grad_dot_previous": 0.1}])
-    assert low["signal_share"] == pytest.approx(0.01) and low["signal_share_se"] is None
-    assert "1.0% signal" in low["warning"] and "rlhf.batch_size" in low["warning"]
+    one = gradient_signal([{"grad_sq": 10.0, "grad_dot_previous": 0.1}])
+    assert one["signal_share"] == pytest.approx(0.01) and one["signal_share_se"] is None
+    assert "warning" not in one  # one row is too few to say it
+    low = gradient_signal([{"grad_sq": 10.0, "grad_dot_previous": d} for d in (0.0, 0.1, 0.2)])
+    assert low["signal_share"] == pytest.approx(0.01)
+    assert "1.0% +- 0.6% signal" in low["warning"] and "rlhf.batch_size" in low["warning"]
     assert gradient_signal([{"grad_sq": 1.0}]) == {"rows": 0}
 
 

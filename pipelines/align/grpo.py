@@ -183,8 +183,10 @@ class GradientMonitor:
         return out
 
 
-# Below this share of signal a rollout batch's gradient is mostly noise (the report says so).
+# Below this share of signal a rollout batch's gradient is mostly noise (the report says so,
+# once it has this many rows to say it from).
 LOW_SIGNAL_SHARE = 0.05
+MIN_SIGNAL_ROWS = 3
 
 
 def gradient_signal(rows: list[dict]) -> dict:
@@ -192,7 +194,7 @@ def gradient_signal(rows: list[dict]) -> dict:
     means): ``signal_share``, mean dot product of consecutive rollouts' gradients over
     their mean squared length (the share of one batch's squared gradient that is the
     expected gradient), its standard error over the rows, and a ``warning`` when it
-    stands below :data:`LOW_SIGNAL_SHARE`."""
+    stands below :data:`LOW_SIGNAL_SHARE` on :data:`MIN_SIGNAL_ROWS` rows or more."""
     pairs = [(r["grad_dot_previous"], r["grad_sq"]) for r in rows
              if "grad_dot_previous" in r and "grad_sq" in r]  # fmt: skip
     if not pairs:
@@ -202,9 +204,9 @@ def gradient_signal(rows: list[dict]) -> dict:
     share = float(dots.mean()) / sq if sq > 0 else 0.0
     se = float(dots.std()) / math.sqrt(len(pairs)) / sq if len(pairs) > 1 and sq > 0 else None
     out = {"rows": len(pairs), "signal_share": share, "signal_share_se": se}
-    if share < LOW_SIGNAL_SHARE:
+    if share < LOW_SIGNAL_SHARE and len(pairs) >= MIN_SIGNAL_ROWS:
         out["warning"] = (
-            f"a rollout batch's gradient is {share:.1%} signal: the updates are mostly "
+            f"a rollout batch's gradient is {share:.1%} +- {se:.1%} signal: the updates are mostly "
             "noise, which Adam turns into steps the size of the learning rate; more groups "
             "per step (rlhf.batch_size), a reward whose candidates differ more, or a lower "
             "rate with more steps (python -m bench.grpo_gradient_noise measures it)"
