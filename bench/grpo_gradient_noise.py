@@ -1,7 +1,8 @@
 """How much of a DanceGRPO update is signal? The policy gradient's noise scale.
 
     python -m bench.grpo_gradient_noise --carry CARRY [--batches 6] [--groups 8]
-    python -m bench.grpo_gradient_noise --carry CARRY --reward rater --heads all,adherence,sync
+    python -m bench.grpo_gradient_noise --carry CARRY --heads all,adherence,sync --sde-window 2
+    python -m bench.grpo_gradient_noise --carry CARRY --by-step --rater-workers 12 --chunk 128
 
 DanceGRPO steps with Adam, which moves every weight by about the learning rate whatever
 the gradient holds, so an update whose gradient is mostly noise walks the model away from
