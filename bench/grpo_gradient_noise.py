@@ -71,7 +71,9 @@ def gradient(policy, rollout, params) -> torch.Tensor:
         p.grad = None
     loss, _, _ = policy.loss(rollout, None)
     loss.backward()
-    return torch.cat([p.grad.detach().flatten().float().cpu() for p in params])
+    from pipelines.align.grpo import flat_gradient
+
+    return flat_gradient(params)[0].cpu()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ reward's gain on fresh groups of both prompts (mean +- standard error over seeds
 each seed's), and in the ``noisy`` rows the gain of each prompt apart.
 
 Settings: ``shared_noise`` (DanceGRPO's one initial noise a group, or each candidate its
-own, as Flow-GRPO) and ``advantage_norm`` (``group`` std or ``batch`` spread). ``noisy``:
+own, as Flow-GRPO), ``advantage_norm`` (``group`` std or ``batch`` spread) and
+``sde_window`` (noise at 1 or 2 of the 4 steps only, the rest the ODE). ``noisy``:
 the second prompt's reward is replaced by noise of 1e-3 that has nothing to do with the
 clip, as a group whose candidates differ only by the rater's noise; the question is how
 much such groups pull the policy about.
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         ("shared noise, batch spread", False, {"shared_noise": True, "advantage_norm": "batch"}),
         ("own noise, group std", False, {"shared_noise": False, "advantage_norm": "group"}),
         ("own noise, batch spread", False, {"shared_noise": False, "advantage_norm": "batch"}),
+        ("SDE window of 1 step, shared", False, {"sde_window": 1}),
+        ("SDE window of 2 steps, shared", False, {"sde_window": 2}),
+        ("SDE window of 2 steps, own", False, {"sde_window": 2, "shared_noise": False}),
         ("noisy 2nd prompt, group std", True, {"advantage_norm": "group"}),
         ("noisy 2nd prompt, batch spread", True, {"advantage_norm": "batch"}),
     ]

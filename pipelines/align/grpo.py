@@ -143,6 +143,16 @@ def gradient_noise(grads: list[torch.Tensor], groups: int) -> dict[str, float]:
     }
 
 
+def flat_gradient(params: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """The gradients of ``params`` as one fp32 vector (a weight without one counts as
+    zeros, so two steps' vectors line up), and whether they are shards (FSDP: this
+    rank's parts only, so dot products need summing over ranks)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    sharded = any(hasattr(g, "to_local") for g in grads)
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    return torch.cat([g.detach().flatten().float() for g in local]), sharded
+
+
 class GradientMonitor:
     """How much of a rollout batch's gradient is signal, measured as the stage trains.
 
@@ -166,12 +176,7 @@ class GradientMonitor:
             return {}
         if all(p.grad is None for p in self.params):
             return {}
-        # A weight without a gradient this step counts as zeros (the vectors stay aligned).
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        # Sharded weights (FSDP) hold a shard of each gradient: local parts, then sums.
-        sharded = any(hasattr(g, "to_local") for g in grads)
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        flat = torch.cat([g.detach().flatten().float() for g in local])
+        flat, sharded = flat_gradient(self.params)
         sums = torch.stack([flat @ flat, flat @ self.previous if self.previous is not None
                             else flat.new_zeros(())])  # fmt: skip
         if sharded and torch.distributed.is_initialized():

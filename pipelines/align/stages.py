@@ -732,9 +732,11 @@ def rlhf_task(cfg, pipeline, rt):
         return summary
 
     groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": s.lr}]
-    monitor = grpo.GradientMonitor(module.parameters(), s.updates_per_rollout)
+    monitor = None
+    if s.monitor_gradient:
+        monitor = grpo.GradientMonitor(module.parameters(), s.updates_per_rollout)
     return StageTask("rlhf", module, ("dit",), s, rows, batch, groups, finish,
-                     after_backward=monitor if s.monitor_gradient else None)  # fmt: skip
+                     after_backward=monitor)  # fmt: skip
 
 
 def distill_caption_pool(cfg) -> tuple[list[str], list[str]]:
