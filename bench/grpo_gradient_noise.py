@@ -3,6 +3,7 @@
     python -m bench.grpo_gradient_noise --carry CARRY [--batches 6] [--groups 8]
     python -m bench.grpo_gradient_noise --carry CARRY --heads all,adherence,sync --sde-window 2
     python -m bench.grpo_gradient_noise --carry CARRY --by-step --rater-workers 12 --chunk 128
+    python -m bench.grpo_gradient_noise --carry CARRY --advantage-norm batch
 
 DanceGRPO steps with Adam, which moves every weight by about the learning rate whatever
 the gradient holds, so an update whose gradient is mostly noise walks the model away from
@@ -25,13 +26,17 @@ Each head in ``--heads`` (``all``: the stage's weighted sum) is measured on the 
 rollouts, and a control with every group's advantages shuffled among its candidates
 (no signal by construction: its ``|G|^2`` should be zero within its spread).
 ``--by-step`` trains every sampling step (``timestep_fraction`` 1) and adds the weighted
-gradient of each step's rows alone: where in the trajectory the signal is.
+gradient of each step's rows alone: where in the trajectory the signal is. A second table
+splits the weighted gradient by the network's parts (each block's video and audio
+attention, text attention, MLP and modulation, the cross-modal exchange, the rest): where
+in the network the signal is, for a DanceGRPO that trains only part of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import time
 
 import torch
@@ -76,6 +81,37 @@ def gradient(policy, rollout, params) -> torch.Tensor:
     return flat_gradient(params)[0].cpu()
 
 
+def part_of(name: str) -> str:
+    """The network part a DiT parameter belongs to: ``video text_attn``, ``cross``, ..."""
+    m = re.match(r"blocks\.\d+\.(video|audio|cross)\.([a-z_]+)", name)
+    if m is None:
+        return "embed/out"
+    if m[1] == "cross":
+        return "cross"
+    return f"{m[1]} {'text_attn' if m[2] == 'norm_text' else m[2]}"  # the text norm feeds it
+
+
+def part_slices(named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Index of each part's entries in the flat gradient (parameters in ``named``'s order)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    at = 0
+    for name, p in named:
+        parts.setdefault(part_of(name), []).append(torch.arange(at, at + p.numel()))
+        at += p.numel()
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def print_row(label: str, grads: list[torch.Tensor], groups: int) -> None:
+    from pipelines.align import grpo
+
+    f = grpo.gradient_noise(grads, groups)
+    share = groups / (groups + f["noise_scale"]) if f["signal"] > 0 else 0.0
+    print(
+        f"  {label:<16} {f['grad_norm']:10.3e} {f['signal']:11.3e} {f['signal_se']:10.2e} "
+        f"{f['trace']:10.3e} {f['noise_scale']:12.1f} {share:13.3f} {f['cos']:7.3f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default="checkpoints/default")
@@ -86,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--own-noise", action="store_true", help="rlhf.shared_noise false")
     ap.add_argument("--eta", type=float, default=0.3)
     ap.add_argument("--sde-window", type=int, default=0, help="rlhf.sde_window (0: all steps)")
+    ap.add_argument("--advantage-norm", default="group", help="rlhf.advantage_norm")
     ap.add_argument("--rater-workers", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=32, help="rows a forward (memory)")
     ap.add_argument(
@@ -111,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     s = RLHFStageConfig(reward_source="rater", kl_weight=0.0, shared_noise=not args.own_noise,
                         eta=args.eta, loss_rows_per_chunk=args.chunk,
                         timestep_fraction=1.0 if args.by_step else 0.6,
-                        sde_window=args.sde_window)  # fmt: skip
+                        sde_window=args.sde_window,
+                        advantage_norm=args.advantage_norm)  # fmt: skip
     s.preferences.duration_s = DURATION_S
     rng = random.Random(args.seed)
     drawn = rng.sample(captions, min(len(captions), args.batches * args.groups))
@@ -129,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     stage_weights = policy.weights
     heads = [h.strip() for h in args.heads.split(",") if h.strip()] + ["shuffled"]
-    params = [p for p in pipeline.dit.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in pipeline.dit.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     windowed = 0 < s.sde_window < s.sample_steps
     n_train = s.sde_window if windowed else max(1, round(s.timestep_fraction * s.sample_steps))
     grads: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
@@ -161,22 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{name}, torch {torch.__version__}; {args.batches} batches of {args.groups} groups of "
         f"{s.group_size}, {s.sample_steps} SDE steps (eta {s.eta}, "
-        f"{'own' if args.own_noise else 'shared'} noise, "
+        f"{'own' if args.own_noise else 'shared'} noise, {s.advantage_norm} advantages, "
         f"{f'a window of {n_train} noisy steps' if windowed else 'every step noisy'}), "
         f"{n_train} steps a candidate trained"
     )
     print(
         "  within-group reward spread: " + ", ".join(f"{k[7:]} {v:.3f}" for k, v in spread.items())
     )
-    print(f"  {'advantages':<14} {'|g|':>10} {'|G|^2':>11} {'+-':>10} {'tr(S)':>10} "
-          f"{'noise scale':>12} {'signal share':>13} {'cos':>7}")  # fmt: skip
+    header = (f"{'|g|':>10} {'|G|^2':>11} {'+-':>10} {'tr(S)':>10} {'noise scale':>12} "
+              f"{'signal share':>13} {'cos':>7}")  # fmt: skip
+    print(f"  {'advantages':<16} {header}")
     for h in grads:
-        f = grpo.gradient_noise(grads[h], args.groups)
-        share = args.groups / (args.groups + f["noise_scale"]) if f["signal"] > 0 else 0.0
-        print(
-            f"  {h:<14} {f['grad_norm']:10.3e} {f['signal']:11.3e} {f['signal_se']:10.2e} "
-            f"{f['trace']:10.3e} {f['noise_scale']:12.1f} {share:13.3f} {f['cos']:7.3f}"
-        )
+        print_row(h, grads[h], args.groups)
+    print(f"  {'part (' + heads[0] + ')':<16} {header}")
+    for part, index in part_slices(named).items():
+        print_row(part, [g[index] for g in grads[heads[0]]], args.groups)
     return 0
 
 
