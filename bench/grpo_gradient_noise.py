@@ -4,6 +4,7 @@
     python -m bench.grpo_gradient_noise --carry CARRY --heads all,adherence,sync --sde-window 2
     python -m bench.grpo_gradient_noise --carry CARRY --by-step --rater-workers 12 --chunk 128
     python -m bench.grpo_gradient_noise --carry CARRY --advantage-norm batch
+    python -m bench.grpo_gradient_noise --carry CARRY --sde-window 1 --sde-window-start 0
 
 DanceGRPO steps with Adam, which moves every weight by about the learning rate whatever
 the gradient holds, so an update whose gradient is mostly noise walks the model away from
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--own-noise", action="store_true", help="rlhf.shared_noise false")
     ap.add_argument("--eta", type=float, default=0.3)
     ap.add_argument("--sde-window", type=int, default=0, help="rlhf.sde_window (0: all steps)")
+    ap.add_argument("--sde-window-start", type=int, default=-1,
+                    help="rlhf.sde_window_start (-1: drawn per batch)")  # fmt: skip
     ap.add_argument("--advantage-norm", default="group", help="rlhf.advantage_norm")
     ap.add_argument("--rater-workers", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=32, help="rows a forward (memory)")
@@ -148,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     s = RLHFStageConfig(reward_source="rater", kl_weight=0.0, shared_noise=not args.own_noise,
                         eta=args.eta, loss_rows_per_chunk=args.chunk,
                         timestep_fraction=1.0 if args.by_step else 0.6,
-                        sde_window=args.sde_window,
+                        sde_window=args.sde_window, sde_window_start=args.sde_window_start,
                         advantage_norm=args.advantage_norm)  # fmt: skip
     s.preferences.duration_s = DURATION_S
+    try:
+        s.validate()
+    except ValueError as e:
+        raise SystemExit(f"the settings asked for: {e}") from None
     rng = random.Random(args.seed)
     drawn = rng.sample(captions, min(len(captions), args.batches * args.groups))
     if len(drawn) < args.batches * args.groups:

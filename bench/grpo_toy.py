@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         ("own noise, batch spread", False, {"shared_noise": False, "advantage_norm": "batch"}),
         ("SDE window of 1 step, shared", False, {"sde_window": 1}),
         ("SDE window of 2 steps, shared", False, {"sde_window": 2}),
+        ("SDE window of the first step", False, {"sde_window": 1, "sde_window_start": 0}),
         ("SDE window of 2 steps, own", False, {"sde_window": 2, "shared_noise": False}),
         ("noisy 2nd prompt, group std", True, {"advantage_norm": "group"}),
         ("noisy 2nd prompt, batch spread", True, {"advantage_norm": "batch"}),

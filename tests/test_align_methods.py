@@ -301,6 +301,15 @@ def test_an_sde_window_draws_noise_only_in_its_steps_and_trains_only_on_them():
         assert len(rows["t"]) == 2 * 4 * 2  # 2 prompts x 4 candidates x the window's 2 steps
     with pytest.raises(ValueError, match="sde_window"):
         RLHFStageConfig(sde_window=11).validate()
+    # A fixed start: every rollout batch's window is the same steps.
+    policy, s = _policy(sde_window=1, sde_window_start=0)
+    for k in range(3):
+        rows = policy.collect([0, 1], _gen(k)).rows
+        assert set(rows["t"].tolist()) == {policy.times[0]}
+    for bad in ({"sde_window_start": 0}, {"sde_window": 2, "sde_window_start": 9},
+                {"sde_window": 2, "sde_window_start": -2}):  # fmt: skip
+        with pytest.raises(ValueError, match="sde_window_start"):
+            RLHFStageConfig(**bad).validate()
 
 
 def test_one_update_per_rollout_keeps_the_ratio_at_1():

@@ -180,6 +180,10 @@ class RLHFStageConfig:
     # advantage then comes from the noise of the steps it trains on, not from every
     # step's (a rollout batch's gradient was under 1% signal; BENCHMARKS.md, session 34).
     sde_window: int = 0
+    # -1: the window's start drawn per rollout batch; j >= 0: always sampling step j. On
+    # the H100 the first step (t = 1, where a shared-noise group's candidates first part)
+    # was the only one whose own gradient showed any signal (BENCHMARKS.md, session 35).
+    sde_window_start: int = -1
     clip_range: float = 1e-3  # PPO ratio clip (log-probs are per-element means)
     adv_clip_max: float = 5.0  # per head, on its group-normalised advantage
     # "group": each head's rewards divided by the group's std (DanceGRPO); "batch":
@@ -254,6 +258,15 @@ class RLHFStageConfig:
         if not 0 <= self.sde_window <= self.sample_steps:
             raise ValueError(
                 f"sde_window must be in [0, sample_steps = {self.sample_steps}] (0: all steps)"
+            )
+        if self.sde_window_start != -1 and not (
+            self.sde_window > 0
+            and 0 <= self.sde_window_start <= self.sample_steps - self.sde_window
+        ):
+            raise ValueError(
+                f"sde_window_start must be -1 (drawn) or a step in [0, sample_steps - "
+                f"sde_window = {self.sample_steps - self.sde_window}] with sde_window > 0, "
+                f"got {self.sde_window_start}"
             )
         if not 0.0 < self.timestep_fraction <= 1.0:
             raise ValueError("timestep_fraction must be in (0, 1]")

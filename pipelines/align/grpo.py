@@ -420,11 +420,14 @@ class GRPO:
 
     def sde_steps(self, gen: torch.Generator) -> list[int]:
         """The sampling steps that draw noise in a rollout batch: all of them, or with
-        ``sde_window = k`` k consecutive ones starting at a step drawn from ``gen``."""
+        ``sde_window = k`` k consecutive ones starting at ``sde_window_start`` or, when
+        that is -1, at a step drawn from ``gen``."""
         n_steps, k = len(self.times) - 1, self.settings.sde_window
         if k <= 0 or k >= n_steps:
             return list(range(n_steps))
-        start = int(torch.randint(0, n_steps - k + 1, (1,), generator=gen))
+        start = self.settings.sde_window_start
+        if start < 0:
+            start = int(torch.randint(0, n_steps - k + 1, (1,), generator=gen))
         return list(range(start, start + k))
 
     def collect(self, indices: list[int], gen: torch.Generator, step: int = 0, parts: int = 1):

@@ -146,6 +146,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "steps trained on); 0: every step",
     )  # fmt: skip
     parser.add_argument(
+        "--sde-window-start", type=int, default=-1,
+        help="the window's first sampling step (0: the first, t = 1); -1: drawn per batch",
+    )  # fmt: skip
+    parser.add_argument(
         "--head-weights", default="",
         help="DanceGRPO's per-head weights, comma-separated in the order "
              "sync,adherence,motion,visual,audio (default: the stage's 1,1,0.25,0.25,0.25); "
@@ -239,7 +243,7 @@ def build_config(args, manifest: str):
                 "rater_workers": args.rater_workers, "reward_source": args.reward_source,
                 "shared_noise": not args.rlhf_own_noise, "kl_weight": args.kl_weight,
                 "advantage_norm": args.advantage_norm, "eta": args.eta,
-                "sde_window": args.sde_window,
+                "sde_window": args.sde_window, "sde_window_start": args.sde_window_start,
                 "loss_rows_per_chunk": args.loss_rows_per_chunk,
                 **({"head_weights": head_weights(args.head_weights)} if args.head_weights else {}),
                 "prompts": {"max_prompts": args.max_prompts, "holdout_every": 3,
