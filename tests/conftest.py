@@ -22,6 +22,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # VM, BENCHMARKS.md "Test suite time").
 _SHARED_SESSION_FIXTURE = {
     "test_align.py": "tiny_chain_run",
+    "test_contrast_pairs.py": "tiny_chain_run",
     "test_learning_signal.py": "tiny_chain_run",
     "test_train_e2e.py": "tiny_curated_corpus",
     "test_train_pipeline.py": "tiny_curated_corpus",
@@ -31,7 +32,7 @@ _LONGEST_UNITS_FIRST = (
     "tiny_curated_corpus",  # ~400 s: curation, then the Ray Train chain with a kill
     "test_stack_e2e.py",  # ~320 s
     "test_docs.py",  # ~250 s: duet demo --quick, then the README's chain
-    "tiny_chain_run",  # ~200 s: the one-minute chain, then alignment and learning signals
+    "tiny_chain_run",  # ~210 s: the one-minute chain, then alignment, learning signals, contrasts
 )
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
