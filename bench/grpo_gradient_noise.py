@@ -203,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     if pool is not None:
         pool.shutdown()
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    start = s.sde_window_start
+    where = f"from step {start}" if start >= 0 else "its start drawn per batch"
     spread = {k: sum(d[k] for d in spreads) / len(spreads) for k in spreads[0]}
     print(
         f"{name}, torch {torch.__version__}; {args.batches} batches of {args.groups} groups of "
         f"{s.group_size}, {s.sample_steps} SDE steps (eta {s.eta}, "
         f"{'own' if args.own_noise else 'shared'} noise, {s.advantage_norm} advantages, "
-        f"{f'a window of {n_train} noisy steps' if windowed else 'every step noisy'}), "
+        f"{f'a window of {n_train} noisy steps, {where}' if windowed else 'every step noisy'}), "
         f"{n_train} steps a candidate trained"
     )
     print(
