@@ -257,18 +257,22 @@ def _mean_reward(policy: GRPO) -> float:
     return sum(head0_reward(policy)) / 2
 
 
-@pytest.mark.parametrize(("norm", "window"), [("group", 0), ("batch", 0), ("group", 1)])
-def test_dance_grpo_raises_the_reward_it_is_given(norm, window):
+@pytest.mark.parametrize(
+    ("norm", "window", "start"),
+    [("group", 0, -1), ("batch", 0, -1), ("group", 1, -1), ("group", 1, 0)],
+)
+def test_dance_grpo_raises_the_reward_it_is_given(norm, window, start):
     # The toy policy can move its video's mean through the prompt's bias; 40 steps of
     # DanceGRPO (shared-noise groups of 4, 2 updates a rollout) should raise head 0's
     # reward (weighted 1 against head 1's 0.5 for the opposite). Measured: +0.35 with
     # group advantages, +0.41 with batch ones; with the advantages' sign flipped, -0.36.
     # (Own-noise groups, 4 seeds: -0.06 to +0.18: the initial noise, which the policy
     # does not choose, then moves the reward more than its steps do.) With an SDE window
-    # of one step: +0.57 +- 0.03 over 6 seeds, against +0.33 +- 0.01 with every step
-    # noisy (python -m bench.grpo_toy).
+    # of one step: +0.57 +- 0.03 over 6 seeds (+0.53 +- 0.02 fixed at the first step),
+    # against +0.33 +- 0.01 with every step noisy (python -m bench.grpo_toy).
     policy, s = _policy(updates_per_rollout=2, steps=40, checkpoint_every=1000,
-                        advantage_norm=norm, sde_window=window)  # fmt: skip
+                        advantage_norm=norm, sde_window=window,
+                        sde_window_start=start)  # fmt: skip
     schedule = RolloutSchedule(policy, s, "/nonexistent-never-written", rank=0)
     opt = torch.optim.Adam(policy.module.parameters(), lr=0.01)
     before = _mean_reward(policy)
