@@ -83,7 +83,12 @@ def test_make_up_pipeline_through_deployments_make_down(tmp_path, monkeypatch, l
     make = ["make", "--no-print-directory", f"STACK_CONFIG={config}"]
     serving = None
     t0 = time.monotonic()
-    up = subprocess.run([*make, "up"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # The stack's worker inherits this environment: it looks for scheduled runs every
+    # second instead of Prefect's 10 (up to 10 s idle before each of three runs).
+    up = subprocess.run(
+        [*make, "up"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+    )  # fmt: skip
     up_s = time.monotonic() - t0
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -218,7 +223,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
                     return
         except (urllib.error.URLError, OSError):
             pass
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"{url} not ready after {timeout_s} s")
 
 
@@ -234,7 +239,8 @@ async def _run_pipeline(cfg, deployments: dict[str, dict]) -> dict[str, float]:
     with temporary_settings({PREFECT_API_URL: cfg.prefect_api_url()}):
         for name, parameters in deployments.items():
             t0 = time.monotonic()
-            run = await run_deployment(name, parameters=parameters, timeout=600)
+            # Polled every second (Prefect's default is 5 s).
+            run = await run_deployment(name, parameters=parameters, timeout=600, poll_interval=1)
             timings[name] = time.monotonic() - t0
             assert run.state.is_completed(), (name, run.state)
             runs[name] = run
