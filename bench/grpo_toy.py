@@ -11,7 +11,8 @@ each seed's), and in the ``noisy`` rows the gain of each prompt apart.
 
 Settings: ``shared_noise`` (DanceGRPO's one initial noise a group, or each candidate its
 own, as Flow-GRPO), ``advantage_norm`` (``group`` std or ``batch`` spread) and
-``sde_window`` (noise at 1 or 2 of the 4 steps only, the rest the ODE). ``noisy``:
+``sde_window`` (noise at 1 or 2 of the 4 steps only, the rest the ODE; the window's start
+drawn per rollout batch, or with ``sde_window_start`` fixed at the first step). ``noisy``:
 the second prompt's reward is replaced by noise of 1e-3 that has nothing to do with the
 clip, as a group whose candidates differ only by the rater's noise; the question is how
 much such groups pull the policy about.
