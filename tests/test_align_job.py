@@ -284,6 +284,9 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     assert (dmd.fake_updates, dmd.regression_weight) == (2, 0.5)
     assert cfg().distill.dmd.fake_updates == 4 and cfg().distill.dmd.regression_weight == 0.0
     assert cfg("--real-guidance", "6").distill.dmd.real_guidance == 6.0
+    assert (cfg("--distill-ema", "0.99").distill.ema_decay, cfg().distill.ema_decay) == (0.99, 0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        cfg("--distill-ema", "1")
     assert cfg("--sde-window", "2").rlhf.sde_window == 2 and cfg().rlhf.sde_window == 0
     fixed = cfg("--sde-window", "1", "--sde-window-start", "0").rlhf
     assert (fixed.sde_window_start, cfg().rlhf.sde_window_start) == (0, -1)

@@ -393,6 +393,8 @@ class DistillStageConfig:
     dmd: DMDConfig = field(default_factory=DMDConfig)
 
     def validate(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"distill.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if self.method not in DISTILL_METHODS:
             raise ValueError(
                 f"distill.method must be one of {DISTILL_METHODS}, got {self.method!r}"

@@ -174,6 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distill-batch", type=int, default=16)
     parser.add_argument("--distill-until-s", type=float, default=1000.0)
     parser.add_argument(
+        "--distill-ema", type=float, default=0.0,
+        help="EMA decay of the student's weights, written as the Fast model (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
         "--fake-updates", type=int, default=4,
         help="fake-score updates per student update (DMD2's two time-scale rule)",
     )  # fmt: skip
@@ -260,7 +264,7 @@ def build_config(args, manifest: str):
                            "min_val_pairs": args.min_val_pairs},
             },
             "distill": {
-                "method": "dmd2", "steps": args.distill_steps,
+                "method": "dmd2", "steps": args.distill_steps, "ema_decay": args.distill_ema,
                 "batch_size": args.distill_batch, "checkpoint_every": 100, "log_every": 25,
                 "dmd": {"grammar_pool": args.grammar_pool, "frame_buckets": [17, args.frames],
                         "fake_updates": args.fake_updates,
