@@ -6,6 +6,8 @@ i.e. pitch and phase) and a multi-resolution STFT discriminator (log-magnitude
 spectrograms at three resolutions: spectral texture). Both return per-scale logits
 and the feature maps of every layer, for least-squares GAN losses and feature
 matching. Video: a PatchGAN (pix2pix / taming-transformers' VQGAN) on single frames.
+Latents: a head on a diffusion network's last hidden tokens (DMD2's classifier on the
+fake score's features), for the Fast student's GAN term on real clips.
 
 Training with one backward pass: the trainers in Duet take one loss and one
 optimizer step per batch. The generator's adversarial terms are computed through
@@ -153,7 +155,52 @@ class PatchDiscriminator(nn.Module):
         return self.net(frames)
 
 
+# -- latents ----------------------------------------------------------------------
+
+
+class TokenCriticHead(nn.Module):
+    """DMD2's GAN classifier on a DiT's last hidden tokens: one logit per clip.
+
+    Each branch's tokens (video (B, Nv, Dv), audio (B, Na, Da)) go through a small
+    per-token MLP; a clip's logit is the mean over its video tokens plus the mean over
+    its audio tokens, so every place in the clip votes (a PatchGAN over tokens). The
+    tokens come from the fake score, which has seen the noise level and the prompt,
+    so the judgement is conditional on both. The last layer starts at zero: a new
+    head says "undecided" (logit 0) until it learns."""
+
+    def __init__(self, video_dim: int, audio_dim: int, hidden: int = 128):
+        super().__init__()
+        self.video = self._mlp(video_dim, hidden)
+        self.audio = self._mlp(audio_dim, hidden)
+
+    @staticmethod
+    def _mlp(dim: int, hidden: int) -> nn.Sequential:
+        net = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+        )
+        nn.init.zeros_(net[-1].weight)
+        nn.init.zeros_(net[-1].bias)
+        return net
+
+    def forward(self, video_tokens: torch.Tensor, audio_tokens: torch.Tensor) -> torch.Tensor:
+        video = self.video(video_tokens.float()).mean(dim=(1, 2))  # (B,)
+        audio = self.audio(audio_tokens.float()).mean(dim=(1, 2))  # (B,)
+        return video + audio
+
+
 # -- losses -----------------------------------------------------------------------
+
+
+def logistic_discriminator_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The non-saturating GAN's classifier loss: ``softplus(-real) + softplus(fake)``,
+    each averaged (logits of real and generated samples, any shape)."""
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def logistic_generator_loss(fake: torch.Tensor) -> torch.Tensor:
+    """The non-saturating generator loss ``softplus(-fake)``: large while the classifier
+    calls the samples generated."""
+    return F.softplus(-fake).mean()
 
 
 def lsgan_discriminator_loss(real: Outputs, fake: Outputs) -> torch.Tensor:

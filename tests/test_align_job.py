@@ -287,6 +287,11 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     assert (cfg("--distill-ema", "0.99").distill.ema_decay, cfg().distill.ema_decay) == (0.99, 0)
     with pytest.raises(ValueError, match="ema_decay"):
         cfg("--distill-ema", "1")
+    gan = cfg("--gan-weight", "0.01", "--classifier-weight", "0.1").distill.dmd
+    assert (gan.gan_weight, gan.classifier_weight) == (0.01, 0.1)
+    assert (cfg().distill.dmd.gan_weight, cfg().distill.dmd.classifier_weight) == (0, 0)
+    with pytest.raises(ValueError, match="gan_weight"):
+        cfg("--gan-weight", "0.01")
     assert cfg("--sde-window", "2").rlhf.sde_window == 2 and cfg().rlhf.sde_window == 0
     fixed = cfg("--sde-window", "1", "--sde-window-start", "0").rlhf
     assert (fixed.sde_window_start, cfg().rlhf.sde_window_start) == (0, -1)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import shutil
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +25,11 @@ import torch
 
 from core import storage
 from model.configs import get_config
+from model.discriminators import (
+    TokenCriticHead,
+    logistic_discriminator_loss,
+    logistic_generator_loss,
+)
 from model.dit import DualBranchDiT
 from pipelines.align.config import DistillStageConfig
 from pipelines.align.dmd import (
@@ -30,9 +37,12 @@ from pipelines.align.dmd import (
     CaptionGrammar,
     DMDPair,
     PromptStream,
+    RealClips,
+    critic_head,
     denoised,
     dmd_gradient,
     dmd_loss,
+    frame_shapes,
     noised,
 )
 
@@ -255,8 +265,21 @@ def _manifest(root) -> str:
     return uri
 
 
-@pytest.mark.parametrize("pairs", [0, 4])
-def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_run(tmp_path, pairs):
+def _clip_files(root) -> None:
+    """Real footage at every ``_manifest`` row's clip path (one synthetic video copied)."""
+    from core.synth import SynthConfig, generate_corpus
+
+    synth = SynthConfig(width=128, height=128, fps=16, sample_rate=16000, min_shots=1,
+                        max_shots=1, min_shot_s=2.5, max_shot_s=2.5, kinds=("bouncing_balls",))  # fmt: skip
+    (video,) = generate_corpus(f"{root}/raw", 1, seed=3, config=synth)
+    for i in range(len(CAPTIONS + HELD_OUT)):
+        shutil.copy(video, f"{root}/c{i}.mp4")
+
+
+@pytest.mark.parametrize("pairs,gan", [(0, False), (4, False), (0, True)])
+def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_run(
+    tmp_path, pairs, gan
+):
     from model.pipeline import DuetPipeline
     from pipelines.train.config import train_config_from
     from pipelines.train.loop import run_stage
@@ -274,8 +297,14 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
                         "checkpoint_every": 2, "log_every": 1, "student_steps": [2],
                         "default_steps": 2, "dmd": {"fake_updates": 2, "lr": 1e-3,
                                                     "regression_weight": 0.5 if pairs else 0.0,
-                                                    "regression_pairs": pairs}},
+                                                    "regression_pairs": pairs,
+                                                    "gan_weight": 0.5 if gan else 0.0,
+                                                    "classifier_weight": 0.5 if gan else 0.0,
+                                                    "classifier_hidden": 8}},
         })  # fmt: skip
+
+    if gan:  # real clips for the classifier, their latents cached by the stage
+        _clip_files(tmp_path)
 
     straight = config(str(tmp_path / "straight"))
     run_stage(straight, "distill", Runtime())
@@ -304,11 +333,20 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
         )
         for r in (straight.run_uri, resumed.run_uri)
     )
-    assert fa.keys() == fb.keys() and all(k.startswith("fake_score.") for k in fa)
+    prefixes = ("fake_score.", "critic.") if gan else ("fake_score.",)
+    assert fa.keys() == fb.keys() and all(k.startswith(prefixes) for k in fa)
+    assert any(k.startswith("critic.") for k in fa) == gan
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
     meta = storage.read_json(f"{resumed.run_uri}/distill/final/config.json")["extra"]["fast"]
     assert meta["method"] == "dmd2" and meta["modes"] == ["t2av"] and meta["frame_buckets"] == [9]
     assert meta["regression_pairs"] == pairs
+    # The held-out prompts' clips are not real data for the classifier.
+    assert meta["real_clips"] == (len(CAPTIONS) if gan else 0)
+    if gan:  # a clip length no real clip reaches is refused, naming it
+        other = config(str(tmp_path / "longer"))
+        other.data.frame_buckets, other.distill.dmd.frame_buckets = (9, 33), (33,)
+        with pytest.raises(ValueError, match=r"at least \[33\] frames"):
+            run_stage(other, "distill", Runtime())
     if pairs:  # a kept file that no longer matches the settings is refused, not reused
         other = config(str(tmp_path / "other"))
         other.distill.dmd.regression_pairs = 6
@@ -339,10 +377,137 @@ def test_a_grammar_pool_is_fixed_by_the_seed_and_every_grammar_draw_comes_from_i
 
 
 @pytest.mark.parametrize(
-    "bad", [{"method": "lcm"}, {"dmd": {"fake_updates": 0}}, {"dmd": {"grammar_pool": -1}}]
+    "bad",
+    [
+        {"method": "lcm"},
+        {"dmd": {"fake_updates": 0}},
+        {"dmd": {"grammar_pool": -1}},
+        {"dmd": {"gan_weight": 0.1}},  # a student term with no classifier trained
+        {"dmd": {"classifier_weight": 0.1}},  # a classifier nothing uses
+        {"dmd": {"gan_weight": -0.1, "classifier_weight": 0.1}},
+        {"ema_decay": 1.0},
+    ],
 )
 def test_bad_distill_settings_are_refused(bad):
     from pipelines.train.config import train_config_from
 
     with pytest.raises(ValueError, match="distill"):
         train_config_from({"distill": bad})
+
+
+# -- the GAN on real clips ---------------------------------------------------------
+
+
+def test_the_gan_losses_and_a_new_classifier_head_against_hand_computed_values():
+    real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5])
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    want = (softplus(-2.0) + softplus(1.0)) / 2 + softplus(0.5)
+    assert logistic_discriminator_loss(real, fake).item() == pytest.approx(want, rel=1e-6)
+    assert logistic_generator_loss(fake).item() == pytest.approx(softplus(-0.5), rel=1e-6)
+    # A new head is undecided (its last layers start at zero); a trained one gives a
+    # clip the mean of its video tokens' votes plus the mean of its audio tokens'.
+    head = TokenCriticHead(8, 4, hidden=16)
+    video, audio = torch.randn(3, 10, 8), torch.randn(3, 6, 4)
+    assert torch.equal(head(video, audio), torch.zeros(3))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    votes_v = head.video(video).squeeze(-1).mean(1)
+    votes_a = head.audio(audio).squeeze(-1).mean(1)
+    torch.testing.assert_close(head(video, audio), votes_v + votes_a)
+
+
+def _real_clips(mcfg, count: int = 4, value: float = 1.5) -> RealClips:
+    """Real clips unlike anything the tiny student draws: every video latent ``value``."""
+    v_shape, a_shape = frame_shapes(mcfg, 9)
+    embed = _HashText(mcfg.text.embed_dim)
+    samples = [
+        SimpleNamespace(video=torch.full(v_shape[1:], value), audio=torch.zeros(a_shape[1:]),
+                        text=embed.embed_tokens(CAPTIONS[i % len(CAPTIONS)]))
+        for i in range(count)
+    ]  # fmt: skip
+    return RealClips([9] * count, samples.__getitem__, mcfg.audio_latents_per_video_latent)
+
+
+def _gan_step(trained_head: bool):
+    """A tiny DMD2 step with the GAN on; the teacher unguided, so the fake score equals
+    the real one and the distribution-matching term gives the student nothing."""
+    step, pair = _tiny_step(1.0)
+    step.s.dmd.gan_weight = step.s.dmd.classifier_weight = 1.0
+    pair.critic = critic_head(pair.dit, 16)
+    if trained_head:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in pair.critic.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    step.real = _real_clips(step.mcfg)
+    return step, pair
+
+
+def _grad_norm(module) -> float | None:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(sum(g.abs().sum() for g in grads)) if grads else None
+
+
+def test_the_gan_term_moves_the_student_and_the_classifier_term_the_fake_score_and_head():
+    """One backward per step: a student update's gradient reaches the student only
+    (through the classifier with its and the fake score's weights detached); a fake-score
+    update's reaches the fake score and the head only. With the fake score equal to the
+    real one, the student's whole gradient is the GAN term's."""
+    step, pair = _gan_step(trained_head=True)
+    loss, metrics, _ = step([0, 1], torch.Generator().manual_seed(0), 1)  # generator
+    pair.zero_grad(set_to_none=True)
+    loss.backward()
+    assert metrics["dmd_loss"] == 0.0 and metrics["gan_loss"] > 0
+    assert _grad_norm(pair.dit) > 0
+    assert _grad_norm(pair.fake_score) is None and _grad_norm(pair.critic) is None
+    loss, metrics, _ = step([0, 1], torch.Generator().manual_seed(0), 0)  # fake score
+    pair.zero_grad(set_to_none=True)
+    loss.backward()
+    assert {"classifier_loss", "real_logit", "fake_logit"} <= metrics.keys()
+    assert _grad_norm(pair.dit) is None
+    assert _grad_norm(pair.fake_score) > 0 and _grad_norm(pair.critic) > 0
+    # Without real clips (the GAN off) the same student step gives no gradient at all.
+    step.real = None
+    loss, _, _ = step([0, 1], torch.Generator().manual_seed(0), 1)
+    pair.zero_grad(set_to_none=True)
+    loss.backward()
+    assert not _grad_norm(pair.dit)
+
+
+def test_the_classifier_learns_real_from_student_and_the_gan_term_moves_samples_toward_real():
+    """Fake-score updates (fixed student) teach the head to score the real clips above
+    the student's samples; a student step down the GAN term's gradient then raises the
+    classifier's logit of the same draw's samples (the teacher set to the trained fake
+    score, so that the distribution-matching term adds nothing)."""
+    step, pair = _gan_step(trained_head=False)
+    trained = [*pair.fake_score.parameters(), *pair.critic.parameters()]
+    opt = torch.optim.Adam(trained, lr=2e-3)
+    first = None
+    for i in range(25):
+        loss, metrics, _ = step([0, 1], torch.Generator().manual_seed(100 + i), 0)
+        first = first or metrics
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert first["real_logit"] == first["fake_logit"] == 0.0  # the new head: undecided
+    _, held = step([0, 1], torch.Generator().manual_seed(7), 0)[:2]
+    assert held["real_logit"] - held["fake_logit"] > 1.0, held
+    assert held["classifier_loss"] < 0.7 * first["classifier_loss"], (first, held)
+
+    def generator_step():
+        return step([0, 1], torch.Generator().manual_seed(11), 1)[:2]
+
+    step.teacher = copy.deepcopy(pair.fake_score).requires_grad_(False)
+    loss, before = generator_step()
+    assert before["dmd_loss"] == 0.0
+    pair.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p for p in pair.dit.parameters() if p.grad is not None]
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in grads))
+    with torch.no_grad():
+        for p in grads:
+            p.sub_(p.grad / norm)  # a step of length 1 over all the student's weights
+    _, after = generator_step()
+    assert after["fake_logit"] > before["fake_logit"] + 0.02, (before, after)
+    assert after["gan_loss"] < before["gan_loss"] - 0.02, (before, after)

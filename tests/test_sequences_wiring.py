@@ -246,6 +246,11 @@ def test_a_captions_only_carry_keeps_a_full_carrys_rows_and_texts_without_clips(
     with pytest.raises(SystemExit, match="carries captions only.*--corpus-contrasts 0"):
         align_job.main(["--carry", slim, "--out", str(tmp_path / "out"), "--run",
                         str(tmp_path / "run"), "--reward-only"])  # fmt: skip
+    # So is a Fast student trained against real clips.
+    with pytest.raises(SystemExit, match="carries captions only.*--gan-weight 0"):
+        align_job.main(["--carry", slim, "--out", str(tmp_path / "out"), "--run",
+                        str(tmp_path / "run"), "--skip-rlhf", "--gan-weight", "0.01",
+                        "--classifier-weight", "0.1"])  # fmt: skip
 
 
 def safe_open_keys(path: str) -> list[str]:

@@ -356,6 +356,17 @@ class DMDConfig:
     # (DMD2 picks its real-score guidance apart from sampling's): what the Fast
     # student loses is its teacher's adherence, not its sync (BENCHMARKS.md, session 34).
     real_guidance: float = 0.0
+    # DMD2's GAN on real clips (0 and 0: off). A classifier head on the fake score's
+    # last hidden tokens tells the corpus's clips (the manifest's kept clips, their
+    # latents from the training cache, held-out prompts' clips left out) from the
+    # student's samples, both noised to the same levels; ``classifier_weight`` weighs
+    # its loss in the fake-score updates, ``gan_weight`` the student's non-saturating
+    # term through it. Real data is what the distribution-matching term never sees:
+    # it lets the student correct what its teacher gets wrong (DMD2's reason), here a
+    # named object drawn in the wrong colour in some frames (BENCHMARKS.md, session 36).
+    gan_weight: float = 0.0
+    classifier_weight: float = 0.0
+    classifier_hidden: int = 128
 
 
 @dataclass
@@ -418,6 +429,15 @@ class DistillStageConfig:
             raise ValueError(
                 "distill.dmd.regression_pairs is for the regression: set "
                 "distill.dmd.regression_weight > 0 too, or regression_pairs to 0"
+            )
+        if not (d.gan_weight >= 0 and d.classifier_weight >= 0 and d.classifier_hidden >= 1):
+            raise ValueError(
+                "distill.dmd needs gan_weight >= 0, classifier_weight >= 0, classifier_hidden >= 1"
+            )
+        if (d.gan_weight > 0) != (d.classifier_weight > 0):
+            raise ValueError(
+                "distill.dmd.gan_weight and classifier_weight are the two sides of one GAN: "
+                f"set both > 0 or both 0, got {d.gan_weight} and {d.classifier_weight}"
             )
         if self.default_steps not in self.student_steps:
             raise ValueError(f"default_steps {self.default_steps} not in {self.student_steps}")

@@ -20,6 +20,13 @@ sample by ``mean |x0 - x0_real|`` (DMD's weighting), through the surrogate
 fake score is updated ``dmd.fake_updates`` times per student update (the two
 time-scale rule), on the same kind of samples, at the same noise levels.
 
+**GAN on real clips** (``dmd.gan_weight``, ``dmd.classifier_weight``; off by
+default). DMD2's second term: a classifier head on the fake score's last hidden
+tokens (:class:`model.discriminators.TokenCriticHead`) learns, in the fake-score
+updates, to tell real clips' latents from the student's samples at the same noise
+levels (both conditioned on their own captions); the student descends the
+non-saturating loss through it, the fake score's and the head's parameters detached.
+
 **Coverage.** Prompts are drawn per sample from the whole caption distribution
 (:class:`PromptStream`): the training prompts, every other manifest caption and
 ``distill.extra_prompts``, and new captions from the caption grammar
@@ -32,11 +39,18 @@ couplings are needed, so nothing limits the prompts to a precomputed set.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.discriminators import (
+    TokenCriticHead,
+    detached,
+    logistic_discriminator_loss,
+    logistic_generator_loss,
+)
 from model.dit import TextConditioning
 from model.flow_matching import resolution_shift, schedule, shift_timesteps
 from model.samplers import Conditioning, Guidance, sample
@@ -228,19 +242,78 @@ def guided_denoise(net, video, audio, t, text: TextConditioning, scale: float):
 
 
 class DMDPair(nn.Module):
-    """The student (``dit``, a pipeline component) and the fake score (``fake_score``,
-    training-only: checkpointed for resume, never in the final pipeline).
+    """The student (``dit``, a pipeline component), the fake score (``fake_score``) and,
+    with the GAN on, its classifier head (``critic``); the last two training-only:
+    checkpointed for resume, never in the final pipeline.
 
     One forward per step runs with gradient, through the (possibly DDP-wrapped) pair,
-    so that gradients are synchronised; ``net`` names which network it is."""
+    so that gradients are synchronised; ``net`` names which network it is, and
+    ``"critic"`` is the fake score returning its head's logits (B,) too."""
 
-    def __init__(self, student: nn.Module, fake_score: nn.Module):
+    def __init__(self, student: nn.Module, fake_score: nn.Module, critic: nn.Module | None = None):
         super().__init__()
         self.dit = student
         self.fake_score = fake_score
+        self.critic = critic
 
     def forward(self, net: str, video, audio, t, text):
+        if net == "critic":
+            return self.judge(video, audio, t, text)
         return getattr(self, net)(video, audio, t, text)
+
+    def judge(self, video, audio, t, text):
+        """The fake score's velocities and the head's logits from its last hidden
+        tokens (what enters its output layers, read by hooks for this call only)."""
+        tokens: dict[str, torch.Tensor] = {}
+        hooks = [
+            getattr(self.fake_score, f"{branch}_out").register_forward_pre_hook(
+                lambda _module, args, branch=branch: tokens.__setitem__(branch, args[0])
+            )
+            for branch in ("video", "audio")
+        ]
+        try:
+            v, a = self.fake_score(video, audio, t, text)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return v, a, self.critic(tokens["video"], tokens["audio"])
+
+
+def critic_head(dit, hidden: int) -> TokenCriticHead:
+    d = dit.cfg.dit
+    return TokenCriticHead(d.video.dim, d.audio.dim, hidden)
+
+
+class RealClips:
+    """The corpus's clips for the GAN term: latents (from the training cache) and
+    caption tokens, drawn per step among the clips at least the step's length and
+    cut to it, as the DiT's batches are."""
+
+    def __init__(
+        self, lengths: list[int], fetch: Callable[[int], object], audio_per_video_latent: int
+    ):
+        """``lengths``: each clip's frames; ``fetch(i)``: its
+        :class:`pipelines.train.latents.LatentSample` (video (Cv, T', h, w), audio
+        (Ca, Na), text (L, D)), read when drawn (the cache keeps a few shards)."""
+        if not lengths:
+            raise ValueError("the GAN term needs real clips: none were given")
+        self.lengths = list(lengths)
+        self.fetch = fetch
+        self.m = audio_per_video_latent
+
+    def usable(self, frames: int) -> list[int]:
+        return [i for i, n in enumerate(self.lengths) if n >= frames]
+
+    def draw(self, frames: int, latent_frames: int, b: int, gen: torch.Generator):
+        """(video (b, Cv, T', h, w), audio (b, Ca, T' m), [text (L, D)] * b)."""
+        pool = self.usable(frames)
+        if not pool:
+            raise ValueError(f"no real clip of at least {frames} frames for the GAN term")
+        picks = [pool[int(i)] for i in torch.randint(0, len(pool), (b,), generator=gen)]
+        rows = [self.fetch(i) for i in picks]
+        video = torch.stack([r.video[:, :latent_frames] for r in rows]).float()
+        audio = torch.stack([r.audio[:, : latent_frames * self.m] for r in rows]).float()
+        return video, audio, [r.text for r in rows]
 
 
 def frame_shapes(mcfg, frames: int) -> tuple[tuple, tuple]:
@@ -279,6 +352,8 @@ class DMD2:
         # Regression pairs by clip length (distill.dmd.regression_pairs), set by the
         # stage: {frames: {"noise_v", "noise_a", "video", "audio": (N, ...), "prompts"}}.
         self.pairs: dict[int, dict] = {}
+        # The corpus's clips for the GAN term (distill.dmd.gan_weight), set by the stage.
+        self.real: RealClips | None = None
 
     def phase(self, step: int) -> str:
         period = self.s.dmd.fake_updates + 1
@@ -290,7 +365,10 @@ class DMD2:
                 # One prompt at a time: a batched encoding depends (in the last bits) on
                 # its batch's padding, which a resumed run would not repeat.
                 self._rows[p] = self.text_encoder.embed_tokens(p)
-        tk, m, _ = pad_text([self._rows[p] for p in prompts], None, self.mcfg.text.max_tokens)
+        return self.text_of_rows([self._rows[p] for p in prompts])
+
+    def text_of_rows(self, rows: list[torch.Tensor]) -> TextConditioning:
+        tk, m, _ = pad_text(rows, None, self.mcfg.text.max_tokens)
         return TextConditioning(tk.to(self.device), m.to(self.device))
 
     def noise_times(self, b: int, shift: float, gen) -> torch.Tensor:
@@ -351,11 +429,29 @@ class DMD2:
         xv, xa = noised(x0v.detach(), eps_v, t), noised(x0a.detach(), eps_a, t)
         if phase == "fake":
             # The fake score learns the student's samples by flow matching.
-            pv, pa = self.module("fake_score", xv, xa, t, text)
+            if self.real is None:
+                pv, pa = self.module("fake_score", xv, xa, t, text)
+            else:
+                # Real clips go through in the same forward, after the student's.
+                real_v, real_a, real_text, real_t = self.real_batch(frames, v_shape, b, shift, gen)
+                both = self.text_of_rows([*(self._rows[p] for p in text_prompts), *real_text])
+                pv, pa, logits = self.module(
+                    "critic", torch.cat([xv, real_v]), torch.cat([xa, real_a]),
+                    torch.cat([t, real_t]), both,
+                )  # fmt: skip
+                pv, pa = pv[:b], pa[:b]
             loss_v = torch.mean((pv.float() - (eps_v - x0v)) ** 2)
             loss_a = torch.mean((pa.float() - (eps_a - x0a)) ** 2)
             loss = loss_v + loss_a
             metrics = {"fake_loss": float(loss.detach())}
+            if self.real is not None:
+                classifier = logistic_discriminator_loss(logits[b:], logits[:b])
+                loss = loss + s.dmd.classifier_weight * classifier
+                metrics |= {
+                    "classifier_loss": float(classifier.detach()),
+                    "real_logit": float(logits[b:].detach().mean()),
+                    "fake_logit": float(logits[:b].detach().mean()),
+                }
         else:
             with torch.no_grad():
                 scale = s.dmd.real_guidance or s.text_scale
@@ -378,7 +474,28 @@ class DMD2:
                     reg = self.regression(noise, times, k, x0v, x0a, text, shift)
                 loss = loss + s.dmd.regression_weight * reg
                 metrics["regression_loss"] = float(reg.detach())
+            if self.real is not None:
+                # Through the classifier with its and the fake score's weights cut
+                # from the graph: the gradient moves the student only.
+                gv, ga = noised(x0v, eps_v, t), noised(x0a, eps_a, t)
+                _, _, logits = detached(self.pair, "critic", gv, ga, t, text)
+                gan = logistic_generator_loss(logits)
+                loss = loss + s.dmd.gan_weight * gan
+                metrics |= {
+                    "gan_loss": float(gan.detach()),
+                    "fake_logit": float(logits.detach().mean()),
+                }
         return loss, metrics, token_count(mcfg, v_shape, a_shape)
+
+    def real_batch(self, frames: int, v_shape, b: int, shift: float, gen):
+        """``b`` real clips of the step's length, noised to levels drawn as the
+        student's are: (video, audio, caption token rows, times)."""
+        video, audio, texts = self.real.draw(frames, v_shape[2], b, gen)
+        t = self.noise_times(b, shift, gen)
+        eps_v = torch.randn(video.shape, generator=gen).to(self.device)
+        eps_a = torch.randn(audio.shape, generator=gen).to(self.device)
+        video, audio = video.to(self.device), audio.to(self.device)
+        return noised(video, eps_v, t), noised(audio, eps_a, t), texts, t
 
     @staticmethod
     def prompts_of(prompts: list[str], paired: dict, pick: torch.Tensor) -> list[str]:

@@ -771,6 +771,31 @@ def distill_buckets(cfg, mcfg) -> tuple[int, ...]:
     return tuple(buckets)
 
 
+def real_clips(cfg, pipeline, held_out: frozenset[str], buckets, rt):
+    """The manifest's kept clips as DMD2's real data (latents from the training cache,
+    encoded here if missing), less those captioned with a held-out prompt; every clip
+    length the student is distilled at must have one."""
+    from pipelines.align import dmd
+    from pipelines.train.data import load_clip_rows
+    from pipelines.train.latents import LatentStore
+    from pipelines.train.loop import ensure_latents
+
+    mcfg = pipeline.config
+    rows = load_clip_rows(cfg.data, mcfg.fps)
+    store = LatentStore(ensure_latents(cfg, pipeline, rows, rt, cfg.data))
+    rows = [r for r in rows if dmd.normalise(r.text) not in held_out]
+    real = dmd.RealClips([r.bucket for r in rows], lambda i: store.get(rows[i].clip_id),
+                         mcfg.audio_latents_per_video_latent)  # fmt: skip
+    short = [f for f in buckets if not real.usable(f)]
+    if short:
+        raise ValueError(
+            f"distill.dmd.gan_weight: no clip of the manifest {cfg.data.curated_uri} (held-out "
+            f"prompts' clips left out) is at least {short} frames long; the student is "
+            f"distilled at {list(buckets)} (distill.dmd.frame_buckets)"
+        )
+    return real
+
+
 def dmd_task(cfg, pipeline, rt):
     import copy
 
@@ -788,8 +813,12 @@ def dmd_task(cfg, pipeline, rt):
     # Teacher and fake score start as the parent (rlhf) weights; on resume the fake
     # score's trained weights come back from the checkpoint (a training-only component).
     teacher = copy.deepcopy(pipeline.dit).eval().requires_grad_(False)
-    pair = dmd.DMDPair(pipeline.dit, copy.deepcopy(pipeline.dit))
-    pair.train()
+    gan = s.dmd.gan_weight > 0
+    # Before the pair is put in training mode: encoding a missing cache sets eval mode.
+    real = real_clips(cfg, pipeline, stream.held_out, buckets, rt) if gan else None
+    critic = dmd.critic_head(pipeline.dit, s.dmd.classifier_hidden) if gan else None
+    pair = dmd.DMDPair(pipeline.dit, copy.deepcopy(pipeline.dit), critic)
+    pair.to(rt.device).train()
     parallelize_dit(pair.dit, cfg.parallel)
     parallelize_dit(pair.fake_score, cfg.parallel)
     module = pair
@@ -798,6 +827,7 @@ def dmd_task(cfg, pipeline, rt):
         module = torch.nn.parallel.DistributedDataParallel(pair, find_unused_parameters=True)
     step_fn = dmd.DMD2(s, module, pair, teacher, pipeline.text_encoder, mcfg, buckets, stream,
                        rt.device)  # fmt: skip
+    step_fn.real = real
     if s.dmd.regression_weight > 0 and s.dmd.regression_pairs > 0:
         # Drawn once (seeded) by the main worker and kept: a resumed run reads them back.
         uri = storage.join(stage_uri(cfg, "distill"), DMD_PAIRS_NAME)
@@ -824,7 +854,11 @@ def dmd_task(cfg, pipeline, rt):
         {"params": [p for p in pair.fake_score.parameters() if p.requires_grad],
          "lr": s.dmd.fake_lr},
     ]  # fmt: skip
-    task = StageTask("distill", module, ("dit", "fake_score"), s, rows, step_fn, groups, None)
+    components = ("dit", "fake_score")
+    if gan:
+        groups.append({"params": list(critic.parameters()), "lr": s.dmd.fake_lr})
+        components += ("critic",)
+    task = StageTask("distill", module, components, s, rows, step_fn, groups, None)
     task.final_extra = {
         "fast": {
             **_fast_metadata(s),
@@ -832,6 +866,9 @@ def dmd_task(cfg, pipeline, rt):
             "fake_updates": s.dmd.fake_updates,
             "regression_weight": s.dmd.regression_weight,
             "regression_pairs": s.dmd.regression_pairs,
+            "gan_weight": s.dmd.gan_weight,
+            "classifier_weight": s.dmd.classifier_weight,
+            "real_clips": len(real.lengths) if gan else 0,
             "frame_buckets": list(buckets),
             # Text-to-audio-video only: references, multi-shot and V2V are not
             # distilled, and the Fast deployment refuses them (serve fast.unsupported_modes).

@@ -194,6 +194,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--real-guidance", type=float, default=0.0,
         help="the teacher's guidance in DMD2's real score (0: the guidance it samples with)",
     )  # fmt: skip
+    parser.add_argument(
+        "--gan-weight", type=float, default=0.0,
+        help="DMD2's GAN on the carried clips: the student's term (0: off; needs a carry "
+             "with clips and --classifier-weight)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--classifier-weight", type=float, default=0.0,
+        help="DMD2's GAN: the fake score's classifier loss (real clips against the student's)",
+    )  # fmt: skip
     # Each pooled caption costs its embedding in the carry's table (about 12 KB).
     parser.add_argument("--grammar-pool", type=int, default=150)
     # Held-out scoring.
@@ -270,6 +279,8 @@ def build_config(args, manifest: str):
                         "fake_updates": args.fake_updates,
                         "regression_weight": args.regression_weight,
                         "real_guidance": args.real_guidance,
+                        "gan_weight": args.gan_weight,
+                        "classifier_weight": args.classifier_weight,
                         "regression_pairs": args.regression_pairs},
             },
         }
@@ -417,6 +428,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"[align] {args.carry} carries captions only, and the reward model's "
             "--corpus-contrasts encode corpus clips: pass --corpus-contrasts 0, or "
             "--reward-from an earlier job's reward model, or carry the clips"
+        )
+    if not args.skip_distill and args.gan_weight > 0 and not has_clips(args.carry):
+        raise SystemExit(
+            f"[align] {args.carry} carries captions only, and --gan-weight trains the "
+            "Fast student against real clips: carry the clips, or pass --gan-weight 0"
         )
     from pipelines.align.stages import prompt_sets
     from pipelines.train import loop
