@@ -254,11 +254,11 @@ def test_prompt_stream_covers_the_grammar_and_never_yields_a_held_out_prompt():
 # -- resume ------------------------------------------------------------------------
 
 
-def _manifest(root) -> str:
+def _manifest(root, uncaptioned: int = 0) -> str:
     rows = [
         {"clip_id": f"c{i}", "source_id": f"s{i}", "clip_uri": f"{root}/c{i}.mp4", "start_s": 0.0,
          "end_s": 2.0, "keep": True, "caption": c, "split": "train"}
-        for i, c in enumerate(CAPTIONS + HELD_OUT)
+        for i, c in enumerate(CAPTIONS + HELD_OUT + [""] * uncaptioned)
     ]  # fmt: skip
     uri = f"{root}/clips.parquet"
     pq.write_table(pa.Table.from_pylist(rows), uri)
@@ -266,13 +266,14 @@ def _manifest(root) -> str:
 
 
 def _clip_files(root) -> None:
-    """Real footage at every ``_manifest`` row's clip path (one synthetic video copied)."""
+    """Real footage at every ``_manifest`` row's clip path (one synthetic video copied),
+    one uncaptioned row's included."""
     from core.synth import SynthConfig, generate_corpus
 
     synth = SynthConfig(width=128, height=128, fps=16, sample_rate=16000, min_shots=1,
                         max_shots=1, min_shot_s=2.5, max_shot_s=2.5, kinds=("bouncing_balls",))  # fmt: skip
     (video,) = generate_corpus(f"{root}/raw", 1, seed=3, config=synth)
-    for i in range(len(CAPTIONS + HELD_OUT)):
+    for i in range(len(CAPTIONS + HELD_OUT) + 1):
         shutil.copy(video, f"{root}/c{i}.mp4")
 
 
@@ -282,7 +283,7 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
 ):
     from model.pipeline import DuetPipeline
     from pipelines.train.config import train_config_from
-    from pipelines.train.loop import run_stage
+    from pipelines.train.loop import TrainError, run_stage
     from pipelines.train.runtime import Runtime
     from pipelines.train.state import TRAINING_ONLY_NAME, checkpoint_dir
 
@@ -292,7 +293,8 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
     def config(run: str):
         return train_config_from({
             "preset": "tiny", "run_uri": run, "seed": 0, "init_from": parent,
-            "keep_checkpoints": 10, "data": {"curated_uri": _manifest(tmp_path), "frame_buckets": [9]},
+            "keep_checkpoints": 10, "data": {"curated_uri": _manifest(tmp_path, int(gan)),
+                                             "frame_buckets": [9]},
             "distill": {"method": "dmd2", "steps": 4, "batch_size": 2,
                         "checkpoint_every": 2, "log_every": 1, "student_steps": [2],
                         "default_steps": 2, "dmd": {"fake_updates": 2, "lr": 1e-3,
@@ -340,9 +342,14 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
     meta = storage.read_json(f"{resumed.run_uri}/distill/final/config.json")["extra"]["fast"]
     assert meta["method"] == "dmd2" and meta["modes"] == ["t2av"] and meta["frame_buckets"] == [9]
     assert meta["regression_pairs"] == pairs
-    # The held-out prompts' clips are not real data for the classifier.
+    # The held-out prompts' clips and a clip without a caption are not real data for
+    # the classifier.
     assert meta["real_clips"] == (len(CAPTIONS) if gan else 0)
-    if gan:  # a clip length no real clip reaches is refused, naming it
+    if gan:  # a clip length no real clip reaches is refused, naming it; so is FSDP
+        sharded = config(str(tmp_path / "sharded"))
+        sharded.parallel.fsdp = True
+        with pytest.raises(TrainError, match="parallel.fsdp = false"):
+            run_stage(sharded, "distill", Runtime())
         other = config(str(tmp_path / "longer"))
         other.data.frame_buckets, other.distill.dmd.frame_buckets = (9, 33), (33,)
         with pytest.raises(ValueError, match=r"at least \[33\] frames"):

@@ -773,8 +773,8 @@ def distill_buckets(cfg, mcfg) -> tuple[int, ...]:
 
 def real_clips(cfg, pipeline, held_out: frozenset[str], buckets, rt):
     """The manifest's kept clips as DMD2's real data (latents from the training cache,
-    encoded here if missing), less those captioned with a held-out prompt; every clip
-    length the student is distilled at must have one."""
+    encoded here if missing), less those captioned with a held-out prompt or without a
+    caption; every clip length the student is distilled at must have one."""
     from pipelines.align import dmd
     from pipelines.train.data import load_clip_rows
     from pipelines.train.latents import LatentStore
@@ -783,7 +783,8 @@ def real_clips(cfg, pipeline, held_out: frozenset[str], buckets, rt):
     mcfg = pipeline.config
     rows = load_clip_rows(cfg.data, mcfg.fps)
     store = LatentStore(ensure_latents(cfg, pipeline, rows, rt, cfg.data))
-    rows = [r for r in rows if dmd.normalise(r.text) not in held_out]
+    # A clip without a caption is no sample of any prompt's distribution.
+    rows = [r for r in rows if r.text.strip() and dmd.normalise(r.text) not in held_out]
     real = dmd.RealClips([r.bucket for r in rows], lambda i: store.get(rows[i].clip_id),
                          mcfg.audio_latents_per_video_latent)  # fmt: skip
     short = [f for f in buckets if not real.usable(f)]

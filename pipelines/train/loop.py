@@ -724,12 +724,13 @@ class StageResult:
     losses: list[tuple[int, float]]
 
 
-def check_fits(cfg: TrainConfig, pipeline: DuetPipeline) -> None:
-    """Config errors that would otherwise surface after minutes of decoding."""
+def check_fits(cfg: TrainConfig, pipeline: DuetPipeline, stage: str = "") -> None:
+    """Config errors that would otherwise surface after minutes of decoding (``stage``:
+    the one about to run, for its own settings' checks)."""
     mcfg = pipeline.config
     buckets = {"data": cfg.data.frame_buckets}
-    for stage in ("pretrain", "sft"):
-        buckets[stage] = cfg.stage(stage).frame_buckets
+    for name in ("pretrain", "sft"):
+        buckets[name] = cfg.stage(name).frame_buckets
     for where, frames_list in buckets.items():
         for frames in frames_list:
             try:
@@ -748,6 +749,13 @@ def check_fits(cfg: TrainConfig, pipeline: DuetPipeline) -> None:
         raise TrainError(
             f"vae.crop_candidates must be >= 1 (1 = uniform crops), got {s.crop_candidates}"
         )
+    gan = stage == "distill" and cfg.distill.method == "dmd2" and cfg.distill.dmd.gan_weight > 0
+    if cfg.parallel.fsdp and gan:
+        raise TrainError(
+            "distill.dmd.gan_weight needs parallel.fsdp = false (DDP): the student's GAN "
+            "term runs the fake score with its weights detached, which FSDP2's sharded "
+            "weights do not allow"
+        )
     if cfg.parallel.fsdp and not torch.distributed.is_initialized():
         raise TrainError("parallel.fsdp needs several workers (Ray Train or torchrun)")
 
@@ -758,7 +766,7 @@ def run_stage(
     """Train one stage to its configured step count (resuming if a checkpoint exists)."""
     started = time.perf_counter()
     pipeline, parent = build_pipeline(cfg, stage)
-    check_fits(cfg, pipeline)
+    check_fits(cfg, pipeline, stage)
     version = data_version(cfg.data.curated_uri)
     here = stage_uri(cfg, stage)
     resume = rt.restored_checkpoint() or ckpt.latest_checkpoint(here)
