@@ -186,7 +186,7 @@ def test_settings_that_cannot_run_are_refused_before_any_work(capsys):
 
 
 def test_a_stage_past_its_deadline_is_finished_after_the_stopped_run_is_freed(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, capsys
 ):
     # The finishing run (from the newest checkpoint) must not start while the stopped
     # run's frames are alive: on a GPU they hold its networks and batch.
@@ -225,6 +225,10 @@ def test_a_stage_past_its_deadline_is_finished_after_the_stopped_run_is_freed(
     assert timed.run(cfg, "rlhf", stop=0.0) == 21
     assert calls == [400, 21]  # finished from the checkpoint for one step
     assert alive[1] is False  # the stopped run's objects were gone when it began
+    # Where the 400-step cosine was when the deadline stopped it, said and recorded.
+    fraction = timed.stages["rlhf"]["lr_fraction_at_stop"]
+    assert abs(fraction - loop.lr_at(20, 400, 1.0, 0)) < 1e-4 and fraction > 0.9
+    assert "learning rate at 0.99 of its peak; steps about 20" in capsys.readouterr().out
 
 
 # PyAV absent; what the alignment jobs import must load, and a carry of captions only

@@ -194,12 +194,22 @@ class TimedStages:
                 self.stages[stage] = {"steps": 0, "stopped": stopped}
                 return 0
             done = ckpt.read_train_state(newest).step
-            print(f"[ship] stopped {stopped}; finishing from step {done}", flush=True)
-            getattr(cfg, stage).steps = done + 1
+            settings = getattr(cfg, stage)
+            # The cosine runs over the configured steps, not the deadline's: say where
+            # it was, so the next run can set steps that anneal it in time.
+            peak = loop.lr_at(done, settings.steps, 1.0, getattr(settings, "warmup_steps", 0))
+            print(
+                f"[ship] stopped {stopped}; finishing from step {done} (learning rate at "
+                f"{peak:.2f} of its peak; steps about {done} anneal it within this deadline)",
+                flush=True,
+            )
+            settings.steps = done + 1
             done = loop.run_stage(cfg, stage, self.rt, self.progress).steps
         self.stop_at.pop(stage, None)
         marks = self.times.get(stage, [])
         info = {"steps": done, "wall_s": round(time.monotonic() - begin, 1)}
+        if stopped is not None:
+            info["lr_fraction_at_stop"] = round(peak, 4)
         if len(marks) > 2:
             (s0, a), (s1, b) = marks[1], marks[-1]
             info["s_per_step"] = (b - a) / max(1, s1 - s0)
