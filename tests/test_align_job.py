@@ -76,6 +76,30 @@ def _result(values: dict[str, list[float]]) -> dict:
     return {"rows": rows, "summary": summarize(rows)}
 
 
+def test_fast_against_its_teacher_by_how_many_objects_the_prompt_names(capsys):
+    from pipelines.shipped.align_job import fast_by_objects
+
+    prompts = ["a red circle bounces", "a red circle bounces",
+               "a blue square and two green circles bounce", "a face talks"]  # fmt: skip
+
+    def result(adherence: list[float]) -> dict:
+        rows = [{"prompt": p, "seed": i, "adherence": a, "adherence_colour_frames": a,
+                 "sync": 0.0, "motion": 0.0}
+                for i, (p, a) in enumerate(zip(prompts, adherence, strict=True))]  # fmt: skip
+        return {"rows": rows}
+
+    # One object: differences 0 and -0.2 (mean -0.1, se 0.1); several: -0.5 (one clip,
+    # se 0); the prompt naming no coloured object is in neither group.
+    split = fast_by_objects({"rlhf": result([0.5, 0.6, 0.9, 0.1]),
+                             "fast": result([0.5, 0.4, 0.4, 0.9])})  # fmt: skip
+    assert split["adherence"] == {
+        "one object": {"mean": -0.1, "se": 0.1, "clips": 2},
+        "several objects": {"mean": -0.5, "se": 0.0, "clips": 1},
+    }
+    assert split["sync"]["several objects"]["mean"] == 0.0
+    assert "adherence: one object -0.100 +- 0.100 (2 clips)" in capsys.readouterr().out
+
+
 def test_issue_23_targets_against_hand_computed_values():
     flat = {"motion": [0.5] * 4, "visual": [0.5] * 4, "audio": [0.9] * 4}
     parent = _result({"sync": [0.0] * 4, "adherence": [0.0] * 4, **flat})

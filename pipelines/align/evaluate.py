@@ -100,6 +100,28 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def paired_by_objects(a: dict, b: dict, key: str) -> dict[str, dict]:
+    """``b - a`` as :func:`paired_difference`, split by how many objects the prompt
+    names: ``"one object"`` and ``"several objects"`` (prompts naming none are left
+    out). A few-step student that draws a lone object's colour but not which colour
+    goes with which of several shapes shows its loss in the second group only."""
+    from core.probes.captions import parse_caption
+
+    def group(prompt: str) -> str | None:
+        named = sum(parse_caption(prompt).values())
+        return None if named == 0 else ("one object" if named == 1 else "several objects")
+
+    def only(result: dict, name: str) -> dict:
+        return {"rows": [r for r in result["rows"] if group(r["prompt"]) == name]}
+
+    out = {}
+    for name in ("one object", "several objects"):
+        ours = only(b, name)
+        d, se = paired_difference(only(a, name), ours, key)
+        out[name] = {"mean": round(d, 4), "se": round(se, 4), "clips": len(ours["rows"])}
+    return out
+
+
 def paired_difference(a: dict, b: dict, key: str) -> tuple[float, float]:
     """Mean and standard error of ``b - a`` over the (prompt, seed) pairs both rated."""
     index = {(r["prompt"], r["seed"]): r for r in a["rows"]}

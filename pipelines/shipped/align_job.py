@@ -518,7 +518,23 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump({k: v["rows"] for k, v in evals.items()}, f)
     agreement = summary["reward"]["val_agreement"] if "reward" in summary else None
     summary["targets"] = target_rows(evals, agreement)
+    if "fast" in evals:
+        summary["fast_by_objects"] = fast_by_objects(evals)
     return _finish(summary, args, t0)
+
+
+def fast_by_objects(evals: dict) -> dict:
+    """Fast - teacher on the held-out clips, paired, for prompts naming one object and
+    several (:func:`pipelines.align.evaluate.paired_by_objects`), printed as it goes."""
+    from pipelines.align.evaluate import paired_by_objects
+
+    out = {}
+    for key in ("adherence", "adherence_colour_frames", "sync", "motion"):
+        out[key] = paired_by_objects(evals["rlhf"], evals["fast"], key)
+        shown = "; ".join(f"{name} {g['mean']:+.3f} +- {g['se']:.3f} ({g['clips']} clips)"
+                          for name, g in out[key].items())  # fmt: skip
+        print(f"[align] Fast - teacher, {key}: {shown}", flush=True)
+    return out
 
 
 def copy_reward_model(src: str, dst: str) -> None:
