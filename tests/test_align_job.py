@@ -311,6 +311,13 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     assert (cfg("--distill-ema", "0.99").distill.ema_decay, cfg().distill.ema_decay) == (0.99, 0)
     with pytest.raises(ValueError, match="ema_decay"):
         cfg("--distill-ema", "1")
+    assert cfg().distill.student_steps == (4, 8)
+    assert cfg("--student-steps", "4").distill.student_steps == (4,)
+    for bad in ("0", "4,x", ""):
+        with pytest.raises(SystemExit, match="student-steps"):
+            cfg("--student-steps", bad)
+    with pytest.raises(ValueError, match="default_steps 4"):  # Fast samples at 4
+        cfg("--student-steps", "8")
     gan = cfg("--gan-weight", "0.01", "--classifier-weight", "0.1").distill.dmd
     assert (gan.gan_weight, gan.classifier_weight) == (0.01, 0.1)
     assert (cfg().distill.dmd.gan_weight, cfg().distill.dmd.classifier_weight) == (0, 0)

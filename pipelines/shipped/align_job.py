@@ -174,6 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distill-batch", type=int, default=16)
     parser.add_argument("--distill-until-s", type=float, default=1000.0)
     parser.add_argument(
+        "--student-steps", default="4,8",
+        help="step counts the student is trained for, comma-separated (Fast samples at 4)",
+    )  # fmt: skip
+    parser.add_argument(
         "--distill-ema", type=float, default=0.0,
         help="EMA decay of the student's weights, written as the Fast model (0: none)",
     )  # fmt: skip
@@ -237,6 +241,17 @@ def head_weights(text: str) -> list[float]:
     return weights
 
 
+def student_steps(text: str) -> list[int]:
+    """``--student-steps`` as ``distill.student_steps``."""
+    try:
+        steps = [int(n) for n in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise SystemExit(f"--student-steps needs step counts >= 1, e.g. 4 or 4,8; got {text!r}")
+    return steps
+
+
 def build_config(args, manifest: str):
     """The run's TrainConfig through the one config loader (``train_config_from``)."""
     from pipelines.train.config import train_config_from
@@ -274,6 +289,7 @@ def build_config(args, manifest: str):
             },
             "distill": {
                 "method": "dmd2", "steps": args.distill_steps, "ema_decay": args.distill_ema,
+                "student_steps": student_steps(args.student_steps),
                 "batch_size": args.distill_batch, "checkpoint_every": 100, "log_every": 25,
                 "dmd": {"grammar_pool": args.grammar_pool, "frame_buckets": [17, args.frames],
                         "fake_updates": args.fake_updates,
