@@ -58,6 +58,20 @@ TARGETS = {
 }
 
 
+# DMD2's settings that are a number, 0 (off) by default: flag, help.
+DMD_SETTINGS = (
+    ("--distill-ema", "EMA decay of the student's weights, written as the Fast model (0: none)"),
+    ("--regression-weight",
+     "weight of the regression on the guided teacher's endpoint (0: DMD2 alone)"),
+    ("--real-guidance",
+     "the teacher's guidance in DMD2's real score (0: the guidance it samples with)"),
+    ("--gan-weight", "DMD2's GAN on the carried clips: the student's term (0: off; needs a "
+                     "carry with clips and --classifier-weight)"),
+    ("--classifier-weight",
+     "DMD2's GAN: the fake score's classifier loss (real clips against the student's)"),
+)  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--carry", required=True)
@@ -178,35 +192,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="step counts the student is trained for, comma-separated (Fast samples at 4)",
     )  # fmt: skip
     parser.add_argument(
-        "--distill-ema", type=float, default=0.0,
-        help="EMA decay of the student's weights, written as the Fast model (0: none)",
-    )  # fmt: skip
-    parser.add_argument(
         "--fake-updates", type=int, default=4,
         help="fake-score updates per student update (DMD2's two time-scale rule)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--regression-weight", type=float, default=0.0,
-        help="weight of the regression on the guided teacher's endpoint (0: DMD2 alone)",
     )  # fmt: skip
     parser.add_argument(
         "--regression-pairs", type=int, default=0,
         help="(noise, teacher endpoint) pairs drawn once for the regression (0: the teacher "
              "samples each student update's own noise: 3.7 times slower with --fake-updates 1)",
     )  # fmt: skip
-    parser.add_argument(
-        "--real-guidance", type=float, default=0.0,
-        help="the teacher's guidance in DMD2's real score (0: the guidance it samples with)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--gan-weight", type=float, default=0.0,
-        help="DMD2's GAN on the carried clips: the student's term (0: off; needs a carry "
-             "with clips and --classifier-weight)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--classifier-weight", type=float, default=0.0,
-        help="DMD2's GAN: the fake score's classifier loss (real clips against the student's)",
-    )  # fmt: skip
+    for flag, text in DMD_SETTINGS:
+        parser.add_argument(flag, type=float, default=0.0, help=text)
     # Each pooled caption costs its embedding in the carry's table (about 12 KB).
     parser.add_argument("--grammar-pool", type=int, default=150)
     # Held-out scoring.
