@@ -357,8 +357,8 @@ class DMDConfig:
     # student loses is its teacher's adherence, not its sync (BENCHMARKS.md, session 34).
     real_guidance: float = 0.0
     # DMD2's GAN on real clips (0 and 0: off). A classifier head on the fake score's
-    # last hidden tokens tells the corpus's clips (the manifest's kept clips, their
-    # latents from the training cache, held-out prompts' clips left out) from the
+    # last hidden tokens tells the corpus's clips (the manifest's kept, captioned clips,
+    # their latents from the training cache, held-out prompts' clips left out) from the
     # student's samples, both noised to the same levels; ``classifier_weight`` weighs
     # its loss in the fake-score updates, ``gan_weight`` the student's non-saturating
     # term through it. Real data is what the distribution-matching term never sees:

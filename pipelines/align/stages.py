@@ -790,8 +790,8 @@ def real_clips(cfg, pipeline, held_out: frozenset[str], buckets, rt):
     short = [f for f in buckets if not real.usable(f)]
     if short:
         raise ValueError(
-            f"distill.dmd.gan_weight: no clip of the manifest {cfg.data.curated_uri} (held-out "
-            f"prompts' clips left out) is at least {short} frames long; the student is "
+            f"distill.dmd.gan_weight: no captioned clip of the manifest {cfg.data.curated_uri} "
+            f"(held-out prompts' clips left out) is at least {short} frames long; the student is "
             f"distilled at {list(buckets)} (distill.dmd.frame_buckets)"
         )
     return real
