@@ -330,7 +330,10 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     with pytest.raises(ValueError, match="real_guidance"):
         cfg("--real-guidance", "-1")
     paired = cfg("--regression-weight", "0.25", "--regression-pairs", "512").distill.dmd
-    assert paired.regression_pairs == 512
+    assert paired.regression_pairs == 512 and paired.regression_pairs_batch == 16
+    assert cfg("--regression-pairs-batch", "64").distill.dmd.regression_pairs_batch == 64
+    with pytest.raises(ValueError, match="regression_pairs_batch"):
+        cfg("--regression-pairs-batch", "0")
     with pytest.raises(ValueError, match="regression_weight"):
         cfg("--regression-pairs", "512")  # pairs without the regression would go unused
     with pytest.raises(SystemExit):

@@ -171,6 +171,11 @@ def test_regression_pairs_are_the_teachers_endpoints_and_pull_the_student_to_the
     pairs = teacher_pairs(step, 5, seed=0, batch=2)
     got = pairs[9]
     assert len(got["prompts"]) == 5 and got["video"].shape[0] == 5
+    # The teacher's batch sets the speed, not the pairs.
+    at_once = teacher_pairs(step, 5, seed=0, batch=5)[9]
+    assert at_once["prompts"] == got["prompts"]
+    assert torch.equal(at_once["noise_v"], got["noise_v"])
+    torch.testing.assert_close(at_once["video"], got["video"], rtol=1e-4, atol=1e-5)
     assert not set(got["prompts"]) & set(HELD_OUT)
     v_shape, a_shape = frame_shapes(step.mcfg, 9)
     ts = schedule(3, resolution_shift(token_count(step.mcfg, v_shape, a_shape), step.mcfg.flow))

@@ -350,6 +350,9 @@ class DMDConfig:
     # checkpoints (DMD's paired dataset); a student update regresses a batch of them
     # in the same forward as its distribution-matching samples.
     regression_pairs: int = 0
+    # How many of them the teacher samples at once (the speed of the draw, not which
+    # pairs are drawn).
+    regression_pairs_batch: int = 16
     # Guidance of the real score (the teacher) in the distribution-matching term; 0:
     # distill.text_scale, the guidance the teacher samples with. Above it the student
     # is pulled toward a more prompt-bound distribution than the teacher's samples
@@ -423,6 +426,8 @@ class DistillStageConfig:
             raise ValueError("distill.dmd needs lr > 0, fake_lr > 0, regression_weight >= 0")
         if not d.real_guidance >= 0:  # NaN too
             raise ValueError("distill.dmd.real_guidance must be >= 0 (0: distill.text_scale)")
+        if d.regression_pairs_batch < 1:
+            raise ValueError("distill.dmd.regression_pairs_batch must be >= 1")
         if d.regression_pairs < 0:
             raise ValueError("distill.dmd.regression_pairs must be >= 0 (0: sampled per step)")
         if d.regression_pairs and not d.regression_weight:

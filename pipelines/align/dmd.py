@@ -522,7 +522,9 @@ def teacher_pairs(step: DMD2, count: int, seed: int, batch: int = 16) -> dict[in
     """``count`` (noise, guided teacher endpoint) pairs, split over ``step``'s clip
     lengths, their prompts drawn from its prompt stream: DMD's paired dataset for
     ``distill.dmd.regression_pairs``. Seeded, so every rank and every resume draws the
-    same ones."""
+    same ones. Each clip length's prompts and noise are drawn before the teacher runs,
+    so ``batch`` (how many the teacher samples at once) changes the speed, not the
+    pairs."""
     mcfg = step.mcfg
     gen = torch.Generator().manual_seed(seed * 7919 + 29)
     per_bucket = pairs_per_bucket(count, step.buckets)
@@ -530,19 +532,19 @@ def teacher_pairs(step: DMD2, count: int, seed: int, batch: int = 16) -> dict[in
     for frames in step.buckets:
         v_shape, a_shape = frame_shapes(mcfg, frames)
         shift = resolution_shift(token_count(mcfg, v_shape, a_shape), mcfg.flow)
-        got: dict[str, list] = {"noise_v": [], "noise_a": [], "video": [], "audio": []}
-        prompts: list[str] = []
+        prompts = step.stream.draw(per_bucket, gen)
+        noise_v = torch.randn((per_bucket, *v_shape[1:]), generator=gen)
+        noise_a = torch.randn((per_bucket, *a_shape[1:]), generator=gen)
+        video, audio = [], []
         for start in range(0, per_bucket, batch):
-            b = min(batch, per_bucket - start)
-            drawn = step.stream.draw(b, gen)
-            nv = torch.randn((b, *v_shape[1:]), generator=gen)
-            na = torch.randn((b, *a_shape[1:]), generator=gen)
-            v, a = step.teacher_endpoint(nv.to(step.device), na.to(step.device),
-                                         step.text(drawn), shift)  # fmt: skip
-            for key, value in zip(got, (nv, na, v.float().cpu(), a.float().cpu()), strict=True):
-                got[key].append(value)
-            prompts += drawn
-        out[frames] = {k: torch.cat(v) for k, v in got.items()} | {"prompts": prompts}
+            part = slice(start, start + batch)
+            v, a = step.teacher_endpoint(noise_v[part].to(step.device),
+                                         noise_a[part].to(step.device),
+                                         step.text(prompts[part]), shift)  # fmt: skip
+            video.append(v.float().cpu())
+            audio.append(a.float().cpu())
+        out[frames] = {"noise_v": noise_v, "noise_a": noise_a, "video": torch.cat(video),
+                       "audio": torch.cat(audio), "prompts": prompts}  # fmt: skip
     return out
 
 

@@ -834,7 +834,8 @@ def dmd_task(cfg, pipeline, rt):
         uri = storage.join(stage_uri(cfg, "distill"), DMD_PAIRS_NAME)
         if rt.is_main and not storage.exists(uri):
             began = time.perf_counter()
-            pairs = dmd.teacher_pairs(step_fn, s.dmd.regression_pairs, cfg.seed)
+            pairs = dmd.teacher_pairs(step_fn, s.dmd.regression_pairs, cfg.seed,
+                                      s.dmd.regression_pairs_batch)  # fmt: skip
             storage.write_bytes(uri, dmd.pairs_to_bytes(pairs))
             took = time.perf_counter() - began
             print(f"distill: {s.dmd.regression_pairs} regression pairs drawn in {took:.0f} s "

@@ -200,6 +200,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="(noise, teacher endpoint) pairs drawn once for the regression (0: the teacher "
              "samples each student update's own noise: 3.7 times slower with --fake-updates 1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--regression-pairs-batch", type=int, default=16,
+        help="how many regression pairs the teacher samples at once (speed, not the pairs)",
+    )  # fmt: skip
     for flag, text in DMD_SETTINGS:
         parser.add_argument(flag, type=float, default=0.0, help=text)
     # Each pooled caption costs its embedding in the carry's table (about 12 KB).
@@ -292,7 +296,8 @@ def build_config(args, manifest: str):
                         "real_guidance": args.real_guidance,
                         "gan_weight": args.gan_weight,
                         "classifier_weight": args.classifier_weight,
-                        "regression_pairs": args.regression_pairs},
+                        "regression_pairs": args.regression_pairs,
+                        "regression_pairs_batch": args.regression_pairs_batch},
             },
         }
     )  # fmt: skip
