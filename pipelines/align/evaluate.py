@@ -111,8 +111,10 @@ def paired_by_objects(a: dict, b: dict, key: str) -> dict[str, dict]:
         named = sum(parse_caption(prompt).values())
         return None if named == 0 else ("one object" if named == 1 else "several objects")
 
+    groups = {r["prompt"]: group(r["prompt"]) for r in (*a["rows"], *b["rows"])}
+
     def only(result: dict, name: str) -> dict:
-        return {"rows": [r for r in result["rows"] if group(r["prompt"]) == name]}
+        return {"rows": [r for r in result["rows"] if groups[r["prompt"]] == name]}
 
     out = {}
     for name in ("one object", "several objects"):

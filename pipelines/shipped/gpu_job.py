@@ -197,10 +197,12 @@ class TimedStages:
             settings = getattr(cfg, stage)
             # The cosine runs over the configured steps, not the deadline's: say where
             # it was, so the next run can set steps that anneal it in time.
-            peak = loop.lr_at(done, settings.steps, 1.0, getattr(settings, "warmup_steps", 0))
+            lr_fraction = loop.lr_at(
+                done, settings.steps, 1.0, getattr(settings, "warmup_steps", 0)
+            )
             print(
                 f"[ship] stopped {stopped}; finishing from step {done} (learning rate at "
-                f"{peak:.2f} of its peak; steps about {done} anneal it within this deadline)",
+                f"{lr_fraction:.2f} of its peak; steps about {done} anneal it within this deadline)",
                 flush=True,
             )
             settings.steps = done + 1
@@ -209,7 +211,7 @@ class TimedStages:
         marks = self.times.get(stage, [])
         info = {"steps": done, "wall_s": round(time.monotonic() - begin, 1)}
         if stopped is not None:
-            info["lr_fraction_at_stop"] = round(peak, 4)
+            info["lr_fraction_at_stop"] = round(lr_fraction, 4)
         if len(marks) > 2:
             (s0, a), (s1, b) = marks[1], marks[-1]
             info["s_per_step"] = (b - a) / max(1, s1 - s0)

@@ -724,7 +724,7 @@ class StageResult:
     losses: list[tuple[int, float]]
 
 
-def check_fits(cfg: TrainConfig, pipeline: DuetPipeline, stage: str = "") -> None:
+def check_fits(cfg: TrainConfig, pipeline: DuetPipeline, stage: str) -> None:
     """Config errors that would otherwise surface after minutes of decoding (``stage``:
     the one about to run, for its own settings' checks)."""
     mcfg = pipeline.config
