@@ -83,6 +83,31 @@ def test_colour_adherence_frame_by_frame_against_hand_computed_values():
     assert colour_frames_score(prompt, []) is None
 
 
+def test_the_colour_score_split_into_recall_precision_count_and_shape_binding():
+    from pipelines.align.rater import frame_parts
+
+    def det(colour: str, shape: str = "circle") -> dict:
+        return {"color": colour, "shape": shape}
+
+    prompt = "two red circles and a blue square slide and collide on a gray floor"
+    frames = [
+        [det("red"), det("red"), det("blue", "square")],  # all of it
+        [det("red", "square"), det("blue")],  # a red lost, shapes swapped
+        [],  # nothing seen
+        [det("red"), det("red"), det("blue", "square"), det("green")],  # one too many
+    ]
+    parts = frame_parts(prompt, frames)
+    assert parts["adherence_colour_frames"] == pytest.approx((1 + 2 / 3 + 0 + 3 / 4) / 4)
+    assert parts["colour_frames_recall"] == pytest.approx((1 + 2 / 3 + 0 + 1) / 4)
+    # Frames that see nothing have no precision: three frames count.
+    assert parts["colour_frames_precision"] == pytest.approx((1 + 1 + 3 / 4) / 3)
+    assert parts["count_frames"] == pytest.approx(1 / 4)
+    # (red, circle) x2 + (blue, square) named: frame 2 sees (red, square), (blue, circle).
+    assert parts["shape_colour_frames"] == pytest.approx((1 + 0 + 0 + 3 / 4) / 4)
+    assert frame_parts(prompt, [[], []])["colour_frames_precision"] is None
+    assert frame_parts("a circle bounces on a gray floor", frames) is None
+
+
 def test_preference_scores_take_adherence_from_the_chosen_rater_score():
     from pipelines.align.rater import preference_scores
     from pipelines.train.config import train_config_from

@@ -18,7 +18,7 @@ import torch
 
 from pipelines.align.config import HEADS
 from pipelines.align.observer import decode_frames
-from pipelines.align.rater import rate_clip
+from pipelines.align.rater import FRAME_PART_KEYS, rate_clip
 
 
 @dataclass
@@ -71,6 +71,7 @@ def evaluate_prompts(
             row["sync_recall"] = scores["sync_recall"]
             row["sync_precision"] = scores["sync_precision"]
             row["adherence_colour_frames"] = scores["adherence_colour_frames"]
+            row.update({k: scores[k] for k in FRAME_PART_KEYS})
             if reward_model is not None:
                 v, a = result.latents
                 extra = {}
@@ -89,7 +90,7 @@ def evaluate_prompts(
 
 
 def summarize(rows: list[dict]) -> dict:
-    keys = [*HEADS, "sync_recall", "sync_precision", "adherence_colour_frames"]
+    keys = [*HEADS, "sync_recall", "sync_precision", "adherence_colour_frames", *FRAME_PART_KEYS]
     keys += ["network_evals", "wall_s"]
     keys += [k for k in rows[0] if k.startswith("reward_")] if rows else []
     out = {"clips": len(rows)}

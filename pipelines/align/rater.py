@@ -141,12 +141,55 @@ def colour_frames_score(prompt: str, frames_dets: list[list[dict]]) -> float | N
     of one group differ little, and on them the whole-clip object score (shape calls on
     generated blobs, a median count) flips under an invisible re-encode, while this one
     keeps 87-96% of its pair orders (BENCHMARKS.md, session 20)."""
-    colours = colour_counts(parse_caption(prompt))
+    parts = frame_parts(prompt, frames_dets)
+    return None if parts is None else parts["adherence_colour_frames"]
+
+
+# What frame_parts adds to a clip's scores beside the colour score itself.
+FRAME_PART_KEYS = ("colour_frames_recall", "colour_frames_precision", "count_frames",
+                   "shape_colour_frames")  # fmt: skip
+
+
+def frame_parts(prompt: str, frames_dets: list[list[dict]]) -> dict | None:
+    """The colour score and what it is made of, each a mean over frames; ``None`` when
+    the prompt names no colour or there are no frames.
+
+    - ``adherence_colour_frames``: :func:`colour_frames_score`;
+    - ``colour_frames_recall``: the share of the named colours (with their counts) seen;
+    - ``colour_frames_precision``: the share of the objects seen whose colour was named
+      (frames that see nothing left out; ``None`` when no frame sees anything);
+    - ``count_frames``: the share of frames with exactly as many objects as named;
+    - ``shape_colour_frames``: the multiset IoU of the (colour, shape) pairs named and
+      seen: which colour goes with which shape. Shape calls on generated blobs are
+      noisy, so read it as a difference between two models on the same prompts and
+      seeds, not as a level.
+
+    A drop in the colour score is then a named object missing (recall), a colour not
+    asked for (precision), objects merging or splitting (count) or colours on the wrong
+    shapes (the pairs' score falling while the colours' holds)."""
+    wanted = parse_caption(prompt)
+    colours = colour_counts(wanted)
     colours.pop(None, None)  # a shape named without a colour asks for no colour
     if not colours or not frames_dets:
         return None
-    per_frame = [multiset_iou(colours, Counter(d["color"] for d in f)) for f in frames_dets]
-    return float(np.mean(per_frame))
+    named = sum(colours.values())
+    iou, recall, precision, count, pairs = [], [], [], [], []
+    for dets in frames_dets:
+        seen = Counter(d["color"] for d in dets)
+        hit = sum(min(n, seen.get(c, 0)) for c, n in colours.items())
+        iou.append(multiset_iou(colours, seen))
+        recall.append(hit / named)
+        if dets:
+            precision.append(hit / len(dets))
+        count.append(float(len(dets) == named))
+        pairs.append(multiset_iou(wanted, Counter((d["color"], d["shape"]) for d in dets)))
+    return {
+        "adherence_colour_frames": float(np.mean(iou)),
+        "colour_frames_recall": float(np.mean(recall)),
+        "colour_frames_precision": float(np.mean(precision)) if precision else None,
+        "count_frames": float(np.mean(count)),
+        "shape_colour_frames": float(np.mean(pairs)),
+    }
 
 
 def motion_score(frames_dets: list[list[dict]], gate_px: float) -> float:
@@ -247,7 +290,10 @@ def rate_clip(prompt: str, clip, skip: tuple[str, ...] = (), observe: bool = Fal
     visual = [e["time_s"] for e in probe["visual_events"] if e["type"] in IMPACT_TYPES]
     scores = sync_score(visual, probe["audio_onsets_s"], fps)
     scores["adherence"] = adherence_score(prompt, frames_dets, side_px)
-    scores["adherence_colour_frames"] = colour_frames_score(prompt, frames_dets)
+    parts = frame_parts(prompt, frames_dets) or {}
+    scores["adherence_colour_frames"] = parts.get("adherence_colour_frames")
+    for key in FRAME_PART_KEYS:
+        scores[key] = parts.get(key)
     gate = TRACK_GATE_FRACTION * min(clip.frames.shape[1], clip.frames.shape[2])
     scores["motion"] = motion_score(frames_dets, gate)
     scores["visual"] = visual_score(clip.frames)
@@ -261,7 +307,8 @@ def rate_clip(prompt: str, clip, skip: tuple[str, ...] = (), observe: bool = Fal
     for h in skip:
         scores[h] = None
         if h == "adherence":
-            scores["adherence_colour_frames"] = None
+            for key in ("adherence_colour_frames", *FRAME_PART_KEYS):
+                scores[key] = None
     return scores
 
 

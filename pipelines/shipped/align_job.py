@@ -543,9 +543,10 @@ def fast_by_objects(evals: dict) -> dict:
     """Fast - teacher on the held-out clips, paired, for prompts naming one object and
     several (:func:`pipelines.align.evaluate.paired_by_objects`), printed as it goes."""
     from pipelines.align.evaluate import paired_by_objects
+    from pipelines.align.rater import FRAME_PART_KEYS
 
     out = {}
-    for key in ("adherence", "adherence_colour_frames", "sync", "motion"):
+    for key in ("adherence", "adherence_colour_frames", *FRAME_PART_KEYS, "sync", "motion"):
         out[key] = paired_by_objects(evals["rlhf"], evals["fast"], key)
         shown = "; ".join(f"{name} {g['mean']:+.3f} +- {g['se']:.3f} ({g['clips']} clips)"
                           for name, g in out[key].items())  # fmt: skip
