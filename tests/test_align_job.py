@@ -126,6 +126,13 @@ def test_issue_23_targets_against_hand_computed_values():
     fast_row = rows["Fast (4 steps) / teacher, adherence"]
     assert not fast_row["met"] and fast_row["measured"].startswith("0.833 ")
     assert not rows["Fast (4 steps) / teacher, sync"]["met"]  # a teacher at 0 is no bar met
+    # The student at the other step count it learnt: a row of its own, the same bar.
+    fast_8 = _result({"sync": [0.0] * 4, "adherence": [0.1, 0.2, 0.1, 0.2], **flat})
+    rows = {r["target"]: r for r in target_rows({"rlhf": rlhf, "fast": fast, "fast_8": fast_8},
+                                                None)}  # fmt: skip
+    assert not rows["Fast (4 steps) / teacher, adherence"]["met"]
+    assert rows["Fast (8 steps) / teacher, adherence"]["met"]
+    assert rows["Fast (8 steps) / teacher, adherence"]["measured"].startswith("1.000 ")
     # Without RLHF (refused) only the agreement rows; without a reward model, none of them.
     assert len(target_rows({"rlhf": parent}, agreement)) == 3
     assert not [r for r in target_rows({"parent": parent, "rlhf": rlhf}, None)

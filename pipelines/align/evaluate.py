@@ -104,8 +104,8 @@ def summarize(rows: list[dict]) -> dict:
 def paired_by_objects(a: dict, b: dict, key: str) -> dict[str, dict]:
     """``b - a`` as :func:`paired_difference`, split by how many objects the prompt
     names: ``"one object"`` and ``"several objects"`` (prompts naming none are left
-    out). A few-step student that draws a lone object's colour but not which colour
-    goes with which of several shapes shows its loss in the second group only."""
+    out). A few-step student that draws a lone object as its teacher does but loses
+    objects of busier scenes shows its loss in the second group only."""
     from core.probes.captions import parse_caption
 
     def group(prompt: str) -> str | None:

@@ -402,14 +402,20 @@ def target_rows(evals: dict, agreement: dict, targets: dict = TARGETS) -> list[d
                 k = targets["rlhf_max_fall_se"]
                 row(f"RLHF - parent, {h}", f"{d:+.4f} +- {se:.4f}", f">= -{k} se",
                     d == d and d >= -k * se)  # fmt: skip
-    if "fast" in evals and "rlhf" in evals:
+    # The target is Fast at 4 steps ("fast"); "fast_N" (the student sampled with the
+    # other step counts it was trained for) say what more steps buy.
+    for name in (n for n in evals if n == "fast" or n.startswith("fast_")):
+        if "rlhf" not in evals:
+            break
+        steps = 4 if name == "fast" else int(name.split("_")[1])
         for h in targets["fast_heads"]:
             teacher = evals["rlhf"]["summary"][h]["mean"]
-            student = evals["fast"]["summary"][h]["mean"]
+            student = evals[name]["summary"][h]["mean"]
             ratio = student / teacher if teacher else float("nan")
             bar = targets["fast_ratio"]
-            row(f"Fast (4 steps) / teacher, {h}", f"{ratio:.3f} ({student:.4f} / {teacher:.4f})",
-                f">= {bar}", teacher > 0 and ratio >= bar)  # fmt: skip
+            row(f"Fast ({steps} steps) / teacher, {h}",
+                f"{ratio:.3f} ({student:.4f} / {teacher:.4f})", f">= {bar}",
+                teacher > 0 and ratio >= bar)  # fmt: skip
     return rows
 
 
@@ -519,10 +525,12 @@ def main(argv: list[str] | None = None) -> dict:
     full = {"seeds": seeds, "steps": args.eval_steps, "sampler": "heun",
             "duration_s": args.duration}  # fmt: skip
     fast = {**full, "steps": 4, "sampler": "euler", "quality": "fast"}
-    models = {"parent": (os.path.abspath(args.checkpoint), full), "rlhf": (rlhf_final, full),
-              "fast": (fast_final, fast)}  # fmt: skip
-    if not fast_final:
-        models.pop("fast")
+    models = {"parent": (os.path.abspath(args.checkpoint), full), "rlhf": (rlhf_final, full)}
+    if fast_final:
+        models["fast"] = (fast_final, fast)
+        for n in student_steps(args.student_steps):
+            if n != 4:  # Fast samples at 4; the other counts it learnt, beside it
+                models[f"fast_{n}"] = (fast_final, {**fast, "steps": n})
     if not rlhf_final:  # the Fast student's teacher is then the parent
         models["rlhf"] = models.pop("parent")
     started = time.monotonic()
