@@ -40,6 +40,7 @@ from model.samplers import Conditioning, Guidance, KeepLatents, sample
 if TYPE_CHECKING:
     from core.media import AVClip
 
+# Samplers a request may name ("renoise" is a Fast student's own, read from its checkpoint).
 SAMPLERS = ("euler", "heun")
 GIVEN_MODES = ("v2a", "a2v")
 QUALITIES = ("full", "fast")
@@ -377,7 +378,8 @@ def generate(
     cond = Conditioning(text=text, references=refs, shots=shots)
     counter = EvalCounter(pipe.dit, video.shape[0])
     try:
-        video, audio = sample(pipe.dit, video, audio, cond, times, sampler, guidance, keep)
+        video, audio = sample(pipe.dit, video, audio, cond, times, sampler, guidance, keep,
+                              generator)
     finally:
         counter.close()
 

@@ -1,4 +1,10 @@
-"""Samplers for the rectified flow: Euler and Heun, with two-scale guidance.
+"""Samplers for the rectified flow: Euler, Heun and renoise, with two-scale guidance.
+
+``renoise`` is the multi-step sampling of consistency models and DMD2's few-step
+students: each step predicts the clean latents ``x0 = x - t v`` and noises them
+afresh to the next time, ``(1 - t') x0 + t' e`` with new Gaussian noise ``e`` (from
+the request's generator), where Euler would carry the step's own implied noise
+forward. A student distilled with it (``distill.dmd.sampler``) is sampled with it.
 
 Classifier-free guidance has separate text and reference scales (as in
 InstructPix2Pix): with references present three predictions are combined,
@@ -23,6 +29,9 @@ import torch
 
 from model.dit import DualBranchDiT, ShotLayout, TextConditioning
 from model.references import ReferenceLatents, RefSlot
+
+
+METHODS = ("euler", "heun", "renoise")
 
 
 @dataclass
@@ -190,10 +199,18 @@ def sample(
     method: str = "heun",
     guidance: Guidance | None = None,
     keep: KeepLatents | None = None,
+    # renoise's fresh noise (CPU, seeded): one generator for the batch, or one per row
+    # (rows then draw as they would alone).
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integrate dx/dt = v from times[0] down to 0; returns clean latents."""
-    if method not in ("euler", "heun"):
-        raise ValueError(f"unknown sampler {method!r}; use 'euler' or 'heun'")
+    """Integrate dx/dt = v from times[0] down to 0 (or, ``renoise``, denoise and
+    noise again at each time); returns clean latents."""
+    if method not in METHODS:
+        raise ValueError(f"unknown sampler {method!r}; use one of {METHODS}")
+    if method == "renoise":
+        if generator is None:
+            raise ValueError("the renoise sampler draws fresh noise: pass a generator")
+        return _renoise(model, video, audio, cond, times, guidance, keep, generator)
     guidance = guidance or Guidance(1.0, 1.0)
     keep = keep or KeepLatents()
     ts = [float(x) for x in times]
@@ -209,3 +226,33 @@ def sample(
             video_e, audio_e = keep.hold(video + dt * 0.5 * (v1 + v2), audio + dt * 0.5 * (a1 + a2))
         video, audio = video_e, audio_e
     return video, audio
+
+
+def _renoise(model, video, audio, cond, times, guidance, keep, generator):
+    """Denoise to ``x0`` at each time, then noise ``x0`` afresh to the next one."""
+    guidance = guidance or Guidance(1.0, 1.0)
+    keep = keep or KeepLatents()
+    ts = [float(x) for x in times]
+    video, audio = keep.hold(video, audio)
+    for i in range(len(ts) - 1):
+        t_cur, t_next = ts[i], ts[i + 1]
+        v, a = guided_velocity(model, video, audio, keep.times(t_cur), cond, guidance)
+        x0_video, x0_audio = video - t_cur * v, audio - t_cur * a
+        if t_next > 0:
+            e_video, e_audio = _fresh_noise(video, audio, generator)
+            x0_video = (1 - t_next) * x0_video + t_next * e_video
+            x0_audio = (1 - t_next) * x0_audio + t_next * e_audio
+        video, audio = keep.hold(x0_video, x0_audio)
+    return video, audio
+
+
+def _fresh_noise(video, audio, generator):
+    """Standard normal noise like ``video`` and ``audio`` (video first, then audio)."""
+    if not isinstance(generator, list):
+        return (torch.randn(video.shape, generator=generator).to(video),
+                torch.randn(audio.shape, generator=generator).to(audio))  # fmt: skip
+    if len(generator) != video.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {video.shape[0]}")
+    rows = [(torch.randn((1, *video.shape[1:]), generator=g),
+             torch.randn((1, *audio.shape[1:]), generator=g)) for g in generator]  # fmt: skip
+    return (torch.cat([v for v, _ in rows]).to(video), torch.cat([a for _, a in rows]).to(audio))

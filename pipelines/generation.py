@@ -63,7 +63,7 @@ def student_request(pipeline: DuetPipeline, request: GenerationRequest) -> Gener
 
 def evaluations_per_request(steps: int, sampler: str) -> int:
     """Network evaluations ``model.samplers.sample`` makes (Heun skips t = 0)."""
-    return steps if sampler == "euler" else 2 * steps - 1
+    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 def batch_key(request: GenerationRequest, negative_prompt: str = "") -> tuple | None:
@@ -135,12 +135,14 @@ def _generate_batch(
     sf = cfg.video_vae.spatial_factor
     v_shape = (1, cfg.video_vae.latent_channels, n_lat, cfg.height // sf, cfg.width // sf)
     a_shape = (1, cfg.audio_vae.latent_channels, n_lat * cfg.audio_latents_per_video_latent)
-    videos, audios = [], []
+    videos, audios, generators = [], [], []
     for req in requests:
-        # Same draws, in the same order, as model.generate.generate.
+        # Same draws, in the same order, as model.generate.generate (a renoise
+        # student's fresh noise too: each row from its own request's generator).
         generator = torch.Generator().manual_seed(int(req.seed))
         videos.append(torch.randn(v_shape, generator=generator))
         audios.append(torch.randn(a_shape, generator=generator))
+        generators.append(generator)
     video = torch.cat(videos).to(device)
     audio = torch.cat(audios).to(device)
     text = pipeline.encode_text([r.prompt for r in requests])
@@ -158,7 +160,8 @@ def _generate_batch(
     model = _GuidedDiT(pipeline.dit, _negative_conditioning(pipeline, negatives, device), on_call)
     guidance = Guidance(first.text_scale, first.ref_scale)
     video, audio = sample(
-        model, video, audio, Conditioning(text=text), times, first.sampler, guidance
+        model, video, audio, Conditioning(text=text), times, first.sampler, guidance,
+        generator=generators,
     )
     elapsed = time.perf_counter() - started
     results = []

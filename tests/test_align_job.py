@@ -328,6 +328,10 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     gan = cfg("--gan-weight", "0.01", "--classifier-weight", "0.1").distill.dmd
     assert (gan.gan_weight, gan.classifier_weight) == (0.01, 0.1)
     assert (cfg().distill.dmd.gan_weight, cfg().distill.dmd.classifier_weight) == (0, 0)
+    assert cfg().distill.dmd.sampler == "euler"
+    assert cfg("--student-sampler", "renoise").distill.dmd.sampler == "renoise"
+    with pytest.raises(SystemExit):
+        cfg("--student-sampler", "heun")
     with pytest.raises(ValueError, match="gan_weight"):
         cfg("--gan-weight", "0.01")
     assert cfg("--sde-window", "2").rlhf.sde_window == 2 and cfg().rlhf.sde_window == 0

@@ -121,6 +121,49 @@ def test_student_gets_no_gradient_when_fake_equals_real_and_one_otherwise():
             assert (norm == 0.0) == zero, (scale, real, norm, metrics)
 
 
+def test_renoise_backward_simulation_noises_each_x0_afresh_and_regresses_first_steps_only():
+    """``dmd.sampler = "renoise"``: the student's input at ``t_k`` is its previous x0
+    noised with the given fresh noise (Euler carries the implied noise instead); in
+    the loop, the regression (initial noise -> teacher endpoint) is a term of the draws
+    that start at the first step only, and an Euler student's of every draw."""
+    step, pair = _tiny_step(1.0)
+    gen = torch.Generator().manual_seed(0)
+    v_shape, a_shape = frame_shapes(step.mcfg, 9)
+    noise = (torch.randn((2, *v_shape[1:]), generator=gen),
+             torch.randn((2, *a_shape[1:]), generator=gen))  # fmt: skip
+    fresh = [(torch.randn((2, *v_shape[1:]), generator=gen),
+              torch.randn((2, *a_shape[1:]), generator=gen))]  # fmt: skip
+    text = step.text(CAPTIONS[:2])
+    times = [1.0, 0.6, 0.0]
+    with torch.no_grad():
+        t0, t1 = torch.full((2,), 1.0), torch.full((2,), 0.6)
+        v, a = pair.dit(*noise, t0, text)
+        x1 = (noised(denoised(noise[0], v, t0), fresh[0][0], t1),
+              noised(denoised(noise[1], a, t0), fresh[0][1], t1))  # fmt: skip
+        v1, a1 = pair.dit(*x1, t1, text)
+        want = denoised(x1[0], v1, t1), denoised(x1[1], a1, t1)
+        got = step.student_x0(noise, times, 1, text, grad=False, fresh=fresh)
+        euler = step.student_x0(noise, times, 1, text, grad=False)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(euler[0], want[0], atol=1e-3)
+
+    calls = []
+    hook = pair.dit.register_forward_pre_hook(lambda m, args: calls.append(1))
+    step.s.dmd.regression_weight = 1.0
+    seen = {"euler": set(), "renoise": set()}
+    for sampler in seen:
+        step.s.dmd.sampler = sampler
+        for seed in range(8):
+            calls.clear()
+            _, metrics, _ = step([0, 1], torch.Generator().manual_seed(seed), 1)
+            k = len(calls) - 1  # backward simulation's steps, then the prediction
+            seen[sampler].add((k, "regression_loss" in metrics))
+    hook.remove()
+    assert seen["euler"] == {(0, True), (1, True)}
+    assert seen["renoise"] == {(0, True), (1, False)}
+
+
 def test_the_regression_term_pulls_the_student_toward_the_teachers_endpoint():
     """``dmd.regression_weight``: with the fake score equal to the real one the DMD
     term gives no gradient, so what moves the student is the regression alone; one
@@ -282,9 +325,12 @@ def _clip_files(root) -> None:
         shutil.copy(video, f"{root}/c{i}.mp4")
 
 
-@pytest.mark.parametrize("pairs,gan", [(0, False), (4, False), (0, True)])
+@pytest.mark.parametrize(
+    "pairs,gan,sampler",
+    [(0, False, "euler"), (4, False, "euler"), (0, True, "euler"), (4, False, "renoise")],
+)
 def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_run(
-    tmp_path, pairs, gan
+    tmp_path, pairs, gan, sampler
 ):
     from model.pipeline import DuetPipeline
     from pipelines.train.config import train_config_from
@@ -307,7 +353,8 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
                                                     "regression_pairs": pairs,
                                                     "gan_weight": 0.5 if gan else 0.0,
                                                     "classifier_weight": 0.5 if gan else 0.0,
-                                                    "classifier_hidden": 8}},
+                                                    "classifier_hidden": 8,
+                                                    "sampler": sampler}},
         })  # fmt: skip
 
     if gan:  # real clips for the classifier, their latents cached by the stage
@@ -346,7 +393,7 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
     meta = storage.read_json(f"{resumed.run_uri}/distill/final/config.json")["extra"]["fast"]
     assert meta["method"] == "dmd2" and meta["modes"] == ["t2av"] and meta["frame_buckets"] == [9]
-    assert meta["regression_pairs"] == pairs
+    assert meta["regression_pairs"] == pairs and meta["sampler"] == sampler
     # The held-out prompts' clips and a clip without a caption are not real data for
     # the classifier.
     assert meta["real_clips"] == (len(CAPTIONS) if gan else 0)
@@ -398,6 +445,8 @@ def test_a_grammar_pool_is_fixed_by_the_seed_and_every_grammar_draw_comes_from_i
         {"dmd": {"classifier_weight": 0.1}},  # a classifier nothing uses
         {"dmd": {"gan_weight": -0.1, "classifier_weight": 0.1}},
         {"ema_decay": 1.0},
+        {"method": "dmd2", "dmd": {"sampler": "ddim"}},
+        {"method": "reflow", "dmd": {"sampler": "renoise"}},  # reflow follows the ODE
     ],
 )
 def test_bad_distill_settings_are_refused(bad):

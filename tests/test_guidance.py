@@ -114,3 +114,42 @@ def test_the_sampler_integrates_the_guided_velocity():
     g2 = _expected(video - 0.5 * g1[0], audio - 0.5 * g1[1], 3.0, 0.0, torch.zeros(3))
     assert torch.allclose(v_out, video - 0.25 * (g1[0] + g2[0]), atol=1e-5)
     assert torch.allclose(a_out, audio - 0.25 * (g1[1] + g2[1]), atol=1e-5)
+
+
+def test_the_renoise_sampler_denoises_then_noises_afresh():
+    """``renoise``: x0 = x - t v at each time, then (1 - t') x0 + t' e with new noise e
+    from the generator (video, then audio); the last step returns x0. One generator per
+    row draws each row's noise as that row alone would; none is refused."""
+    video, audio, cond = _inputs()
+    times = torch.tensor([1.0, 0.5, 0.0])
+    guidance = Guidance(3.0, 1.0)
+
+    def expected(noises):
+        v, a = video, audio
+        gv, ga = _expected(v, a, 3.0, 0.0, torch.zeros(3))
+        v, a = 0.5 * (v - gv) + 0.5 * noises[0], 0.5 * (a - ga) + 0.5 * noises[1]
+        gv, ga = _expected(v, a, 3.0, 0.0, torch.zeros(3))
+        return v - 0.5 * gv, a - 0.5 * ga
+
+    out = sample(FakeVelocity(), video, audio, cond, times, "renoise", guidance,
+                 generator=torch.Generator().manual_seed(5))  # fmt: skip
+    gen = torch.Generator().manual_seed(5)
+    noises = (torch.randn(video.shape, generator=gen), torch.randn(audio.shape, generator=gen))
+    for got, want in zip(out, expected(noises), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Not Euler: the implied noise is not carried forward.
+    euler = sample(FakeVelocity(), video, audio, cond, times, "euler", guidance)
+    assert not torch.allclose(out[0], euler[0], atol=1e-3)
+
+    rows = [torch.Generator().manual_seed(s) for s in (7, 8, 9)]
+    out = sample(FakeVelocity(), video, audio, cond, times, "renoise", guidance, generator=rows)
+    replay = [torch.Generator().manual_seed(s) for s in (7, 8, 9)]
+    per_row = [(torch.randn((1, *video.shape[1:]), generator=g),
+                torch.randn((1, *audio.shape[1:]), generator=g)) for g in replay]  # fmt: skip
+    noises = (torch.cat([v for v, _ in per_row]), torch.cat([a for _, a in per_row]))
+    for got, want in zip(out, expected(noises), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="generator"):
+        sample(FakeVelocity(), video, audio, cond, times, "renoise", guidance)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sample(FakeVelocity(), video, audio, cond, times, "renoise", guidance, generator=rows[:2])

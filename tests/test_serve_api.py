@@ -259,3 +259,19 @@ def test_fast_uses_a_distilled_student_when_configured(tiny_checkpoint, tmp_path
         alone = generate(request, pipeline=pipeline, quality="fast")
         for a, b in zip(alone.latents, result.latents, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+    # A student distilled with the renoise sampler is sampled with it: fresh noise from
+    # each request's own generator, so batched clips are still what it makes alone.
+    renoise = str(tmp_path / "renoise")
+    weights.save(renoise, extra={"fast": {**fast, "sampler": "renoise"}})
+    pipeline = DuetPipeline.from_checkpoint(renoise).eval()
+    batched = generate_many(pipeline, requests, quality="fast", max_batch=3)
+    for request, result in zip(requests, batched, strict=True):
+        assert result.metadata["network_evals"] == 4
+        alone = generate(request, pipeline=pipeline, quality="fast")
+        assert alone.metadata["sampler"] == "renoise"
+        for a, b in zip(alone.latents, result.latents, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    euler = generate(requests[0], pipeline=DuetPipeline.from_checkpoint(student).eval(),
+                     quality="fast")  # fmt: skip
+    assert not torch.allclose(euler.latents[0], batched[0].latents[0], atol=1e-3)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 # Reward heads, in the order the reward model outputs them.
 HEADS = ("sync", "adherence", "motion", "visual", "audio")
 DISTILL_METHODS = ("reflow", "dmd2")
+STUDENT_SAMPLERS = ("euler", "renoise")  # distill.dmd.sampler (model.samplers)
 # What can rank a preference group on adherence (pipelines.align.rater.preference_scores).
 ADHERENCE_SCORES = ("colour_frames", "objects")
 # Flow-GRPO's KL coefficient (the same per-element-mean Gaussian KL as grpo.py's).
@@ -371,6 +372,14 @@ class DMDConfig:
     gan_weight: float = 0.0
     classifier_weight: float = 0.0
     classifier_hidden: int = 128
+    # How the student goes from one of its times to the next, in training (the
+    # backward simulation) and when served (recorded in the Fast model): "euler" (the
+    # ODE step, the step's own implied noise carried forward) or "renoise" (DMD2's
+    # and consistency models' multi-step sampling: predict x0, noise it afresh to the
+    # next time). Under renoise a later step's input depends on fresh noise, so the
+    # regression (initial noise -> the teacher's endpoint) applies to first-step draws
+    # only.
+    sampler: str = "euler"
 
 
 @dataclass
@@ -444,6 +453,15 @@ class DistillStageConfig:
             raise ValueError(
                 "distill.dmd.gan_weight and classifier_weight are the two sides of one GAN: "
                 f"set both > 0 or both 0, got {d.gan_weight} and {d.classifier_weight}"
+            )
+        if d.sampler not in STUDENT_SAMPLERS:
+            raise ValueError(
+                f"distill.dmd.sampler must be one of {STUDENT_SAMPLERS}, got {d.sampler!r}"
+            )
+        if d.sampler != "euler" and self.method != "dmd2":
+            raise ValueError(
+                f"distill.dmd.sampler {d.sampler!r} is for method 'dmd2': reflow's student "
+                "follows its teacher's ODE couplings (euler)"
             )
         if self.default_steps not in self.student_steps:
             raise ValueError(f"default_steps {self.default_steps} not in {self.student_steps}")

@@ -5,12 +5,13 @@ classifier-free guidance; the *fake score* is a copy of the teacher trained onli
 by the flow-matching loss, on the student's own samples, so it tracks the student's
 distribution; the *student* (initialised from the teacher) is the generator.
 
-**Student.** It is sampled as users sample it: Euler on the shifted schedule of ``n``
-steps (``distill.student_steps``), guidance distilled in (one evaluation a step). A
-training step draws ``n`` and a step index ``k < n`` and runs the student without
-gradient from noise through the first ``k`` steps (DMD2's backward simulation, so
-its inputs at ``t_k`` are what inference feeds it), then predicts with gradient
-``x0 = x_tk - t_k v`` at ``t_k``.
+**Student.** It is sampled as users sample it: on the shifted schedule of ``n`` steps
+(``distill.student_steps``), Euler or renoise (``dmd.sampler``: x0 predicted, then
+noised afresh to the next time, as DMD2's multi-step generator), guidance distilled in
+(one evaluation a step). A training step draws ``n`` and a step index ``k < n`` and
+runs the student without gradient from noise through the first ``k`` steps (DMD2's
+backward simulation, so its inputs at ``t_k`` are what inference feeds it), then
+predicts with gradient ``x0 = x_tk - t_k v`` at ``t_k``.
 
 **Distribution matching.** ``x0`` is noised again to a time ``t`` (uniform in
 ``[time_min, time_max]``, resolution-shifted like the teacher's training), both
@@ -376,8 +377,9 @@ class DMD2:
         u = d.time_min + (d.time_max - d.time_min) * torch.rand(b, generator=gen)
         return shift_timesteps(u, shift).to(self.device)
 
-    def student_x0(self, noise, times: list[float], k: int, text, grad: bool):
-        """Backward simulation: Euler through the first ``k`` steps without gradient,
+    def student_x0(self, noise, times: list[float], k: int, text, grad: bool, fresh=None):
+        """Backward simulation: the student's sampler through the first ``k`` steps
+        without gradient (Euler; or, given ``fresh``, k (video, audio) noises, renoise),
         then the prediction ``x0`` at ``t_k`` (with gradient when ``grad``)."""
         video, audio = noise
         b = video.shape[0]
@@ -385,8 +387,13 @@ class DMD2:
             for i in range(k):
                 t = torch.full((b,), times[i], device=self.device)
                 v, a = self.pair.dit(video, audio, t, text)
-                dt = times[i + 1] - times[i]
-                video, audio = video + dt * v.float(), audio + dt * a.float()
+                if fresh is None:
+                    dt = times[i + 1] - times[i]
+                    video, audio = video + dt * v.float(), audio + dt * a.float()
+                else:
+                    t_next = torch.full((b,), times[i + 1], device=self.device)
+                    video = noised(denoised(video, v.float(), t), fresh[i][0], t_next)
+                    audio = noised(denoised(audio, a.float(), t), fresh[i][1], t_next)
         t = torch.full((b,), times[k], device=self.device)
         if grad:
             v, a = self.module("dit", video, audio, t, text)
@@ -413,8 +420,18 @@ class DMD2:
         t = self.noise_times(b, shift, gen)
         eps_v = torch.randn((b, *v_shape[1:]), generator=gen).to(self.device)
         eps_a = torch.randn((b, *a_shape[1:]), generator=gen).to(self.device)
+        # Renoise's fresh noise of the backward simulation's k steps (drawn only then,
+        # so an Euler student draws as before).
+        fresh = None
+        if s.dmd.sampler == "renoise":
+            fresh = [(torch.randn((b, *v_shape[1:]), generator=gen).to(self.device),
+                      torch.randn((b, *a_shape[1:]), generator=gen).to(self.device))
+                     for _ in range(k)]  # fmt: skip
         phase = self.phase(step)
+        # Under renoise, x at a later time depends on fresh noise, so the teacher's
+        # endpoint of the initial noise is a regression target of first-step draws only.
         regress = phase == "generator" and s.dmd.regression_weight > 0
+        regress = regress and (fresh is None or k == 0)
         paired = self.pairs.get(frames) if regress and self.pairs else None
         start, text_all = noise, text
         if paired is not None:
@@ -424,7 +441,7 @@ class DMD2:
             start = (torch.cat([noise[0], paired["noise_v"][pick].to(self.device)]),
                      torch.cat([noise[1], paired["noise_a"][pick].to(self.device)]))  # fmt: skip
             text_all = self.text(self.prompts_of(text_prompts, paired, pick))
-        x0v, x0a = self.student_x0(start, times, k, text_all, grad=phase == "generator")
+        x0v, x0a = self.student_x0(start, times, k, text_all, phase == "generator", fresh)
         x0v, x0a, pv0, pa0 = x0v[:b], x0a[:b], x0v[b:], x0a[b:]
         xv, xa = noised(x0v.detach(), eps_v, t), noised(x0a.detach(), eps_a, t)
         if phase == "fake":

@@ -924,7 +924,7 @@ def _fast_metadata(s) -> dict:
     return {
         "steps": list(s.student_steps),
         "default_steps": s.default_steps,
-        "sampler": "euler",
+        "sampler": s.dmd.sampler if s.method == "dmd2" else "euler",
         "guidance": "distilled",
         "teacher_text_scale": s.text_scale,
     }

@@ -45,6 +45,7 @@ import time
 
 import torch
 
+from pipelines.align.config import STUDENT_SAMPLERS
 from pipelines.shipped.gpu_job import TimedStages, export_bf16
 
 TARGETS = {
@@ -192,6 +193,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="step counts the student is trained for, comma-separated (Fast samples at 4)",
     )  # fmt: skip
     parser.add_argument(
+        "--student-sampler", choices=STUDENT_SAMPLERS, default="euler",
+        help="how the student steps (renoise: x0, then fresh noise, as DMD2's multi-step "
+             "generator); the Fast model is served with it",
+    )  # fmt: skip
+    parser.add_argument(
         "--fake-updates", type=int, default=4,
         help="fake-score updates per student update (DMD2's two time-scale rule)",
     )  # fmt: skip
@@ -297,7 +303,8 @@ def build_config(args, manifest: str):
                         "gan_weight": args.gan_weight,
                         "classifier_weight": args.classifier_weight,
                         "regression_pairs": args.regression_pairs,
-                        "regression_pairs_batch": args.regression_pairs_batch},
+                        "regression_pairs_batch": args.regression_pairs_batch,
+                        "sampler": args.student_sampler},
             },
         }
     )  # fmt: skip
