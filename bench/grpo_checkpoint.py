@@ -109,13 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from model.pipeline import DuetPipeline
     from pipelines.align import grpo
-    from pipelines.align.stages import (
-        RolloutSchedule,
-        encode_prompts,
-        latent_shapes,
-        prompt_sets,
-        sampling_times,
-    )
+    from pipelines.align.sampling import encode_prompts, latent_shapes, sampling_times
+    from pipelines.align.stages import RolloutSchedule, prompt_sets
     from pipelines.shipped.align_job import build_config, parse_args
     from pipelines.shipped.carry import unpack
 

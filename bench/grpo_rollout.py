@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.pipeline import DuetPipeline
     from pipelines.align import grpo
     from pipelines.align.config import RLHFStageConfig
-    from pipelines.align.stages import encode_prompts, latent_shapes, sampling_times
+    from pipelines.align.sampling import encode_prompts, latent_shapes, sampling_times
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = DuetPipeline.from_checkpoint(args.checkpoint).to(device).eval()

@@ -15,12 +15,14 @@ checkpoint directory (schema 2)::
 Everything that can be checked is checked before a tensor is read or a network is
 built: the schema version, that every weight file exists with its recorded size
 (truncation), that every safetensors header parses and covers its file, and, for
-:func:`load_pipeline`, that every key and shape matches the config's networks
-(a checkpoint of another preset). File hashes are verified while the data is read.
+:func:`model.pipeline.load_pipeline`, that every key and shape matches the
+config's networks (a checkpoint of another preset). File hashes are verified while the data is read.
 Failures raise :class:`CheckpointError` naming the file.
 
-Pipelines load torchtitan style: built on the meta device (no memory, no init),
-then ``load_state_dict(..., assign=True)`` puts the stored tensors in place.
+This module knows state dicts and files, not networks: the pipeline's own save and
+load (:mod:`model.pipeline`) build on it. Pipelines load torchtitan style: built on
+the meta device (no memory, no init), then ``load_state_dict(..., assign=True)``
+puts the stored tensors in place.
 :func:`gather_full_state_dict` and :func:`load_full_state_dict` convert between a
 full state dict and an FSDP2-sharded module, so a checkpoint written at N workers
 loads at M.
@@ -44,7 +46,7 @@ from torch import nn
 
 from core import storage
 from model.configs import ModelConfig
-from model.dit import fill_new_keys, is_new_key
+from model.dit import fill_new_keys
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
@@ -165,22 +167,6 @@ def _weight_files_at(uri: str) -> set[str]:
         if parent == root and (name == WEIGHTS_NAME or _SHARD_RE.fullmatch(name)):
             names.add(name)
     return names
-
-
-def save_pipeline(
-    uri: str, pipeline, extra: dict | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES
-) -> None:
-    tensors = {}
-    for name in COMPONENTS:
-        for key, value in getattr(pipeline, name).state_dict().items():
-            tensors[f"{name}.{key}"] = value
-    meta = {
-        "config": pipeline.config.to_dict(),
-        "components": list(COMPONENTS),
-        "use_neural_vocoder": bool(pipeline.use_neural_vocoder),
-        "extra": extra or {},
-    }
-    save_state(uri, tensors, meta, max_shard_bytes)
 
 
 # -- checking (no tensor data read) --------------------------------------------------
@@ -330,13 +316,13 @@ def load_state(uri: str, prefix: str = "") -> tuple[dict[str, torch.Tensor], dic
     """
     specs, meta = inspect_state(uri)
     files = sorted({s.file for k, s in specs.items() if k.startswith(prefix)})
-    tensors = _read_tensors(uri, meta, files)
+    tensors = read_tensors(uri, meta, files)
     if prefix:
         tensors = {k: v for k, v in tensors.items() if k.startswith(prefix)}
     return tensors, meta
 
 
-def _read_tensors(uri: str, meta: dict, names: list[str]) -> dict[str, torch.Tensor]:
+def read_tensors(uri: str, meta: dict, names: list[str]) -> dict[str, torch.Tensor]:
     recorded = meta.get("weight_files", {})
     tensors: dict[str, torch.Tensor] = {}
     fs = storage.filesystem(uri)
@@ -368,68 +354,6 @@ def model_config(meta: dict, where: str) -> ModelConfig:
         return ModelConfig.from_dict(data)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: bad config: {err}") from err
-
-
-def load_pipeline(
-    uri: str,
-    text_encoder=None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-):
-    """Build the pipeline on the meta device and assign the stored tensors.
-
-    ``dtype`` casts the DiT's floating tensors (the VAEs and vocoder keep theirs);
-    ``device`` places everything (default CPU).
-    """
-    from model.audio_vae import MelSpectrogram
-    from model.pipeline import DuetPipeline
-
-    specs, meta = inspect_state(uri)
-    cfg = model_config(meta, uri)
-    components = meta.get("components", list(COMPONENTS))
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown:
-        raise CheckpointError(f"{uri}: unknown component(s) {unknown}")
-    with torch.device("meta"):
-        pipeline = DuetPipeline(cfg, text_encoder)
-    expected = {
-        f"{name}.{k}": v for name in components for k, v in getattr(pipeline, name).state_dict().items()
-    }  # fmt: skip
-    # Keys newer than the checkpoint may be absent: the DiT's load hook gives them zeros.
-    check_matches(
-        specs, {k: v for k, v in expected.items() if k in specs or not is_new_key(k)}, uri
-    )
-
-    device = torch.device(device or "cpu")
-    tensors = _read_tensors(uri, meta, sorted({s.file for s in specs.values()}))
-    for name in components:
-        prefix = f"{name}."
-        # ``dtype`` is the DiT's compute dtype; otherwise weights stored in half
-        # precision (a bf16 shipped checkpoint) compute in fp32, as the networks'
-        # inputs are fp32.
-        cast = dtype if name == "dit" and dtype is not None else torch.float32
-        state = {
-            k[len(prefix) :]: _to(v, device, cast) for k, v in tensors.items() if k.startswith(prefix)
-        }  # fmt: skip
-        getattr(pipeline, name).load_state_dict(state, strict=True, assign=True)
-    # Non-persistent buffers (the mel analysis) are not stored: compute them again.
-    a = cfg.audio_vae
-    # .to(device): the filterbank is built from numpy, outside any device context.
-    pipeline.audio_vae.mel = MelSpectrogram(
-        cfg.sample_rate, a.n_fft, cfg.mel_hop_length, a.n_mels, a.mel_fmin
-    ).to(device)
-    left = [n for n, t in _named_tensors(pipeline) if t.is_meta]
-    if left:
-        raise CheckpointError(f"{uri}: the checkpoint does not provide {left[:5]}")
-    pipeline.use_neural_vocoder = bool(meta.get("use_neural_vocoder", False))
-    pipeline.eval()
-    return pipeline
-
-
-def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    if dtype is not None and t.is_floating_point():
-        return t.to(device=device, dtype=dtype)
-    return t.to(device)
 
 
 def _named_tensors(module: nn.Module):

@@ -378,8 +378,9 @@ def generate(
     cond = Conditioning(text=text, references=refs, shots=shots)
     counter = EvalCounter(pipe.dit, video.shape[0])
     try:
-        video, audio = sample(pipe.dit, video, audio, cond, times, sampler, guidance, keep,
-                              generator)
+        video, audio = sample(
+            pipe.dit, video, audio, cond, times, sampler, guidance, keep, generator
+        )
     finally:
         counter.close()
 

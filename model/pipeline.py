@@ -16,9 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.audio_vae import AudioVAE, NeuralVocoder
+from model import checkpoint
+from model.audio_vae import AudioVAE, MelSpectrogram, NeuralVocoder
+from model.checkpoint import (
+    COMPONENTS,
+    DEFAULT_SHARD_BYTES,
+    CheckpointError,
+    check_matches,
+    inspect_state,
+    model_config,
+    read_meta,
+    save_state,
+)
 from model.configs import ModelConfig, get_config
-from model.dit import DualBranchDiT, TextConditioning
+from model.dit import DualBranchDiT, TextConditioning, is_new_key
 from model.rope import audio_front_pad_samples
 from model.text_encoder import FrozenTextEncoder
 from model.video_vae import VideoVAE, frames_to_tensor, tensor_to_frames
@@ -55,15 +66,11 @@ class DuetPipeline(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
-        from model.checkpoint import load_pipeline, read_meta
-
         pipeline = load_pipeline(uri, text_encoder, dtype=dtype, device=device)
         pipeline.fast = read_meta(uri).get("extra", {}).get("fast")
         return pipeline
 
     def save(self, uri: str, extra: dict | None = None, max_shard_bytes: int | None = None) -> None:
-        from model.checkpoint import DEFAULT_SHARD_BYTES, save_pipeline
-
         save_pipeline(uri, self, extra, max_shard_bytes or DEFAULT_SHARD_BYTES)
 
     # -- text --------------------------------------------------------------------
@@ -253,3 +260,86 @@ def _prepare_audio(audio: np.ndarray, c: ModelConfig, num_frames: int) -> torch.
     front_pad = audio_front_pad_samples(c.fps, c.sample_rate, c.video_vae.temporal_factor)
     wav = F.pad(wav, (front_pad, 0))[:, :total]
     return F.pad(wav, (0, total - wav.shape[1]))
+
+
+# -- checkpoints (model.checkpoint's files, this bundle's networks) ------------------
+
+
+def save_pipeline(
+    uri: str, pipeline, extra: dict | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> None:
+    tensors = {}
+    for name in COMPONENTS:
+        for key, value in getattr(pipeline, name).state_dict().items():
+            tensors[f"{name}.{key}"] = value
+    meta = {
+        "config": pipeline.config.to_dict(),
+        "components": list(COMPONENTS),
+        "use_neural_vocoder": bool(pipeline.use_neural_vocoder),
+        "extra": extra or {},
+    }
+    save_state(uri, tensors, meta, max_shard_bytes)
+
+
+def load_pipeline(
+    uri: str,
+    text_encoder=None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+):
+    """Build the pipeline on the meta device and assign the stored tensors.
+
+    ``dtype`` casts the DiT's floating tensors (the VAEs and vocoder keep theirs);
+    ``device`` places everything (default CPU).
+    """
+    specs, meta = inspect_state(uri)
+    cfg = model_config(meta, uri)
+    components = meta.get("components", list(COMPONENTS))
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise CheckpointError(f"{uri}: unknown component(s) {unknown}")
+    with torch.device("meta"):
+        pipeline = DuetPipeline(cfg, text_encoder)
+    expected = {
+        f"{name}.{k}": v for name in components for k, v in getattr(pipeline, name).state_dict().items()
+    }  # fmt: skip
+    # Keys newer than the checkpoint may be absent: the DiT's load hook gives them zeros.
+    check_matches(
+        specs, {k: v for k, v in expected.items() if k in specs or not is_new_key(k)}, uri
+    )
+
+    device = torch.device(device or "cpu")
+    tensors = checkpoint.read_tensors(uri, meta, sorted({s.file for s in specs.values()}))
+    for name in components:
+        prefix = f"{name}."
+        # ``dtype`` is the DiT's compute dtype; otherwise weights stored in half
+        # precision (a bf16 shipped checkpoint) compute in fp32, as the networks'
+        # inputs are fp32.
+        cast = dtype if name == "dit" and dtype is not None else torch.float32
+        state = {
+            k[len(prefix) :]: _to(v, device, cast) for k, v in tensors.items() if k.startswith(prefix)
+        }  # fmt: skip
+        getattr(pipeline, name).load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (the mel analysis) are not stored: compute them again.
+    a = cfg.audio_vae
+    # .to(device): the filterbank is built from numpy, outside any device context.
+    pipeline.audio_vae.mel = MelSpectrogram(
+        cfg.sample_rate, a.n_fft, cfg.mel_hop_length, a.n_mels, a.mel_fmin
+    ).to(device)
+    left = [n for n, t in _named_tensors(pipeline) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{uri}: the checkpoint does not provide {left[:5]}")
+    pipeline.use_neural_vocoder = bool(meta.get("use_neural_vocoder", False))
+    pipeline.eval()
+    return pipeline
+
+
+def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device)
+
+
+def _named_tensors(module: nn.Module):
+    yield from module.named_parameters()
+    yield from module.named_buffers()

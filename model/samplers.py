@@ -30,7 +30,6 @@ import torch
 from model.dit import DualBranchDiT, ShotLayout, TextConditioning
 from model.references import ReferenceLatents, RefSlot
 
-
 METHODS = ("euler", "heun", "renoise")
 
 

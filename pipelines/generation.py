@@ -159,9 +159,9 @@ def _generate_batch(
 
     model = _GuidedDiT(pipeline.dit, _negative_conditioning(pipeline, negatives, device), on_call)
     guidance = Guidance(first.text_scale, first.ref_scale)
+    cond = Conditioning(text=text)
     video, audio = sample(
-        model, video, audio, Conditioning(text=text), times, first.sampler, guidance,
-        generator=generators,
+        model, video, audio, cond, times, first.sampler, guidance, generator=generators
     )
     elapsed = time.perf_counter() - started
     results = []

@@ -15,13 +15,12 @@ from model.checkpoint import (
     CheckpointError,
     inspect_state,
     load_full_state_dict,
-    load_pipeline,
     load_state,
     plan_shards,
     save_state,
 )
 from model.dit import DualBranchDiT
-from model.pipeline import DuetPipeline
+from model.pipeline import DuetPipeline, load_pipeline
 
 SHARD = 400_000  # bytes: the tiny pipeline (~18 MB) becomes dozens of shards
 
@@ -58,7 +57,7 @@ def _no_reads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("tensor data read before the checkpoint was validated")
 
-    monkeypatch.setattr(ck, "_read_tensors", refuse)
+    monkeypatch.setattr(ck, "read_tensors", refuse)
 
 
 # -- layout ------------------------------------------------------------------------
@@ -153,13 +152,13 @@ def test_sharded_pipeline_round_trips_through_s3(pipeline, s3_bucket):
 
 def test_load_state_reads_only_the_shards_of_a_prefix(pipeline, sharded, monkeypatch):
     read = []
-    original = ck._read_tensors
+    original = ck.read_tensors
 
     def spy(uri, meta, names):
         read.extend(names)
         return original(uri, meta, names)
 
-    monkeypatch.setattr(ck, "_read_tensors", spy)
+    monkeypatch.setattr(ck, "read_tensors", spy)
     tensors, _ = load_state(sharded, prefix="dit.")
     expected = {f"dit.{k}": v for k, v in pipeline.dit.state_dict().items()}
     assert tensors.keys() == expected.keys()

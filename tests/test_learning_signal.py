@@ -27,7 +27,8 @@ from core.media import read_clip
 from model.pipeline import DuetPipeline
 from pipelines.align.config import HEADS, RewardConfig
 from pipelines.align.reward import train_reward_model
-from pipelines.align.stages import encode_prompts, latent_shapes, reward_dims, sampling_times
+from pipelines.align.sampling import encode_prompts, latent_shapes, sampling_times
+from pipelines.align.stages import reward_dims
 from pipelines.train.conditioning import CorpusSpec, build_corpus
 
 pytestmark = pytest.mark.slow

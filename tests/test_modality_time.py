@@ -160,8 +160,8 @@ def _summary(v, a) -> tuple[float, ...]:
 
 
 def test_an_older_checkpoint_loads_and_computes_what_it_did(tmp_path):
-    from model.checkpoint import COMPONENTS, load_full_state_dict, load_pipeline, save_state
-    from model.pipeline import DuetPipeline
+    from model.checkpoint import COMPONENTS, load_full_state_dict, save_state
+    from model.pipeline import DuetPipeline, load_pipeline
 
     pipe = DuetPipeline.from_preset("tiny")
     new_keys = [k for k in pipe.dit.state_dict() if is_new_key(k)]

@@ -17,10 +17,10 @@ import torch
 from typer.testing import CliRunner
 
 from core.media import AVClip, probe_media, read_clip
-from model.checkpoint import CheckpointError, load_pipeline
+from model.checkpoint import CheckpointError
 from model.generate import EditSpec, GenerationRequest, ReferenceSet, generate
 from model.multishot import Shot, ShotPlan, layout
-from model.pipeline import DuetPipeline
+from model.pipeline import DuetPipeline, load_pipeline
 from model.text_encoder import FrozenTextEncoder
 
 FPS, SR = 16.0, 16000

@@ -29,6 +29,7 @@ import torch
 
 from model.dit import TextConditioning
 from model.samplers import Conditioning, Guidance, sample
+from pipelines.align.sampling import encode_prompts, latent_shapes, sampling_times
 from pipelines.train.batches import pad_text
 
 
@@ -40,7 +41,6 @@ class CouplingRow:
 
 def student_grid(mcfg, v_shape, a_shape, student_steps) -> list[float]:
     """Sorted distinct times (> 0) at which the student is evaluated for its step counts."""
-    from pipelines.align.stages import sampling_times
 
     times = set()
     for n in student_steps:
@@ -51,7 +51,6 @@ def student_grid(mcfg, v_shape, a_shape, student_steps) -> list[float]:
 @torch.no_grad()
 def teacher_couplings(pipeline, prompts: list[str], s, seed: int, batch: int = 16) -> dict:
     """(noise, guided teacher sample) pairs for every prompt x trajectory."""
-    from pipelines.align.stages import encode_prompts, latent_shapes, sampling_times
 
     mcfg = pipeline.config
     pipeline.eval()

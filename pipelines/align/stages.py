@@ -49,7 +49,6 @@ from safetensors.torch import save as save_safetensors
 
 from core import storage
 from core.probes.detect import COLOR_NAMES
-from model.flow_matching import resolution_shift, schedule
 from model.parallelize import apply_ddp, parallelize_dit
 from pipelines.align import grpo
 from pipelines.align.config import HEADS
@@ -85,8 +84,10 @@ from pipelines.align.reward import (
     split_by_prompt,
     train_reward_model,
 )
+from pipelines.align.sampling import encode_prompts, latent_shapes, sampling_times
 from pipelines.align.sde import sde_rollout
 from pipelines.train.batches import pad_text
+from pipelines.train.task import StageTask, ensure_latents, stage_uri
 
 ALIGN_STAGES = ("rlhf", "distill")
 COUPLINGS_NAME = "couplings.safetensors"
@@ -129,27 +130,6 @@ def distill_prompts(train_prompts: list[str], held_out: list[str], extra) -> lis
     if leaked:
         raise ValueError(f"distill.extra_prompts holds held-out prompt(s) {leaked}")
     return list(dict.fromkeys([*train_prompts, *extra]))
-
-
-def latent_shapes(mcfg, duration_s: float) -> tuple[tuple, tuple, int]:
-    """Video and audio latent shapes (batch 1) of a clip, and its frame count."""
-    frames = mcfg.frames_for_duration(duration_s)
-    n_lat = mcfg.num_latent_frames(frames)
-    sf = mcfg.video_vae.spatial_factor
-    v = (1, mcfg.video_vae.latent_channels, n_lat, mcfg.height // sf, mcfg.width // sf)
-    a = (1, mcfg.audio_vae.latent_channels, n_lat * mcfg.audio_latents_per_video_latent)
-    return v, a, frames
-
-
-def sampling_times(mcfg, v_shape, a_shape, steps: int) -> list[float]:
-    p = mcfg.dit.video_patch
-    tokens = v_shape[2] * (v_shape[3] // p) * (v_shape[4] // p) + a_shape[2]
-    return [float(x) for x in schedule(steps, resolution_shift(tokens, mcfg.flow))]
-
-
-def encode_prompts(pipeline, prompts: list[str]):
-    tokens, mask = pipeline.text_encoder.encode(prompts)
-    return tokens, mask
 
 
 # ---------------------------------------------------------------------------------
@@ -471,7 +451,6 @@ def reward_dims(pipeline) -> dict:
 
 def ensure_reward_model(cfg, pipeline, rt, log=print):
     """Preference data and the reward model of the run's rlhf stage (built once)."""
-    from pipelines.train.loop import stage_uri
 
     here = stage_uri(cfg, "rlhf")
     pref_uri = storage.join(here, "preferences")
@@ -639,7 +618,6 @@ def reward_trends(rows: list[dict], heads: list[str]) -> dict:
 
 
 def rlhf_task(cfg, pipeline, rt):
-    from pipelines.train.loop import StageTask, stage_uri
 
     s = cfg.rlhf
     pipeline.to(rt.device)
@@ -778,7 +756,6 @@ def real_clips(cfg, pipeline, held_out: frozenset[str], buckets, rt):
     from pipelines.align import dmd
     from pipelines.train.data import load_clip_rows
     from pipelines.train.latents import LatentStore
-    from pipelines.train.loop import ensure_latents
 
     mcfg = pipeline.config
     rows = load_clip_rows(cfg.data, mcfg.fps)
@@ -801,7 +778,6 @@ def dmd_task(cfg, pipeline, rt):
     import copy
 
     from pipelines.align import dmd
-    from pipelines.train.loop import StageTask, stage_uri
 
     s = cfg.distill
     pipeline.to(rt.device)
@@ -882,7 +858,6 @@ def dmd_task(cfg, pipeline, rt):
 
 def distill_task(cfg, pipeline, rt):
     from pipelines.align import distill
-    from pipelines.train.loop import StageTask, stage_uri
 
     s = cfg.distill
     if s.method == "dmd2":

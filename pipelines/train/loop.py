@@ -18,7 +18,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +37,7 @@ from pipelines.train import state as ckpt
 from pipelines.train.batches import BatchBuilder, DiTBatch
 from pipelines.train.config import (
     PARENT_STAGE,
-    DataConfig,
     DiTStageConfig,
-    StageConfig,
     TrainConfig,
     VAEStageConfig,
     stage_data,
@@ -54,11 +52,19 @@ from pipelines.train.data import (
     load_clip_rows,
     sft_subset,
 )
-from pipelines.train.latents import LatentStore, cache_key, encode_cache
+from pipelines.train.latents import LatentStore
 from pipelines.train.logs import MetricsLog
 from pipelines.train.reference_pairs import load_pairs
 from pipelines.train.runtime import Runtime
 from pipelines.train.sequences import sequence_batches
+from pipelines.train.task import (
+    StageTask,
+    ensure_latents,
+    final_uri,
+    latent_cache_uri,
+    stage_done,
+    stage_uri,
+)
 from pipelines.train.vocabulary import VOCABULARY_KEY, checkpoint_vocabulary, vocabulary_of
 
 Progress = Callable[[str, int, int, dict], None]
@@ -66,18 +72,6 @@ Progress = Callable[[str, int, int, dict], None]
 
 class TrainError(RuntimeError):
     """A stage cannot run: its parent is missing, or the config does not fit the data."""
-
-
-def stage_uri(cfg: TrainConfig, stage: str) -> str:
-    return storage.join(cfg.run_uri, stage)
-
-
-def final_uri(cfg: TrainConfig, stage: str) -> str:
-    return storage.join(stage_uri(cfg, stage), ckpt.FINAL_NAME)
-
-
-def stage_done(cfg: TrainConfig, stage: str) -> bool:
-    return storage.exists(storage.join(final_uri(cfg, stage), "config.json"))
 
 
 def step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
@@ -242,30 +236,6 @@ def vocoder_loss(
     if speech is not None:
         metrics["speech_segments"] = speech_segment_count(s)
     return loss, metrics
-
-
-@dataclass
-class StageTask:
-    name: str
-    module: nn.Module  # what the optimizer trains (possibly wrapped)
-    components: tuple[str, ...]  # pipeline components the module's state covers
-    settings: StageConfig
-    rows: list[ClipRow]
-    batch_fn: Callable[[list[int], torch.Generator, int], tuple[torch.Tensor, dict, int]]
-    param_groups: list[dict] = field(default_factory=list)
-    finish: Callable[[], dict] | None = None
-    # Called once before the first step with the (possibly restored) data position
-    # and the number of steps left in the stage.
-    start: Callable[[SamplerPosition, int], None] | None = None
-    # Written into the final checkpoint's metadata (e.g. the Fast student's ``fast``).
-    final_extra: dict = field(default_factory=dict)
-    # Names of param_groups whose gradients are clipped each on its own (networks
-    # with losses of their own: one shared clip lets the largest gradient, the
-    # vocoder's, scale every other network's step down); empty = one clip for all.
-    clip_groups: tuple[str, ...] = ()
-    # Called with the step after its backward, before clipping; what it returns joins
-    # the step's metrics (DanceGRPO's gradient-noise monitor reads the gradient).
-    after_backward: Callable[[int], dict] | None = None
 
 
 def _window(video: torch.Tensor, s: VAEStageConfig, tf: int, sf: int, gen) -> torch.Tensor:
@@ -634,34 +604,6 @@ def _refs_to(refs, device):
         [move(s) for s in refs.images],
         [move(s) for s in refs.videos],
         [move(s) for s in refs.audios],
-    )
-
-
-def latent_cache_uri(
-    cfg: TrainConfig, pipeline: DuetPipeline, data: DataConfig | None = None
-) -> str:
-    """Where the latents of this pipeline's VAE live (the key hashes its weights)."""
-    data = data or cfg.data
-    base = data.latent_cache_uri or storage.join(cfg.run_uri, "latents")
-    return storage.join(base, cache_key(pipeline, data.frame_buckets))
-
-
-def ensure_latents(
-    cfg: TrainConfig,
-    pipeline: DuetPipeline,
-    rows: list[ClipRow],
-    rt: Runtime,
-    data: DataConfig | None = None,
-) -> str:
-    """Encode every clip once into the cache keyed by the VAE weights; returns its URI.
-
-    Under the Ray runner the driver has already filled it with a Ray Data job
-    (:mod:`pipelines.train.encode_job`); then this only finds the index.
-    """
-    uri = latent_cache_uri(cfg, pipeline, data)
-    pipeline.eval()
-    return encode_cache(
-        pipeline, rows, uri, cfg.data.latent_shard_clips, rt.rank, rt.world_size, rt.barrier
     )
 
 
