@@ -46,12 +46,21 @@ class ParallelConfig:
     param_dtype: str = "bf16"  # FSDP2 compute dtype of gathered parameters
     reduce_dtype: str = "fp32"  # FSDP2 gradient reduce-scatter dtype
     reshard_after_forward: bool = True  # False: keep gathered params until backward
+    # bf16 autocast around each training step's forward and loss, weights and optimiser
+    # state kept in fp32: mixed precision for a worker that does not shard (FSDP2 already
+    # computes in param_dtype).
+    autocast: bool = False
 
     def validate(self) -> ParallelConfig:
         if self.activation_checkpointing not in AC_MODES:
             raise ValueError(
                 f"activation_checkpointing must be one of {AC_MODES}, "
                 f"got {self.activation_checkpointing!r}"
+            )
+        if self.autocast and self.fsdp:
+            raise ValueError(
+                "parallel.autocast is mixed precision without sharding: with parallel.fsdp "
+                "the gathered weights already compute in parallel.param_dtype"
             )
         for name in ("param_dtype", "reduce_dtype"):
             if getattr(self, name) not in DTYPES:

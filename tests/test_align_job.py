@@ -329,6 +329,8 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     assert (gan.gan_weight, gan.classifier_weight) == (0.01, 0.1)
     assert (cfg().distill.dmd.gan_weight, cfg().distill.dmd.classifier_weight) == (0, 0)
     assert cfg().distill.dmd.sampler == "euler"
+    assert cfg("--compile").parallel.compile and not cfg().parallel.compile
+    assert cfg("--autocast").parallel.autocast and not cfg().parallel.autocast
     assert cfg("--student-sampler", "renoise").distill.dmd.sampler == "renoise"
     with pytest.raises(SystemExit):
         cfg("--student-sampler", "heun")

@@ -572,3 +572,48 @@ def test_the_classifier_learns_real_from_student_and_the_gan_term_moves_samples_
     _, after = generator_step()
     assert after["fake_logit"] > before["fake_logit"] + 0.02, (before, after)
     assert after["gan_loss"] < before["gan_loss"] - 0.02, (before, after)
+
+
+def test_parallel_autocast_runs_a_stage_in_bf16_with_fp32_weights(tmp_path):
+    """``parallel.autocast``: the step's forward runs in bf16 (a DiT linear's output),
+    the trained weights stay fp32 and move; with FSDP it is refused (FSDP2 computes in
+    its param_dtype already)."""
+    from model.pipeline import DuetPipeline
+    from pipelines.train.config import train_config_from
+    from pipelines.train.loop import run_stage
+    from pipelines.train.runtime import Runtime
+
+    parent = str(tmp_path / "parent")
+    DuetPipeline.from_preset("tiny", seed=0).save(parent)
+    seen = []
+    original = torch.nn.Linear.forward
+
+    def spy(self, x):
+        out = original(self, x)
+        seen.append(out.dtype)
+        return out
+
+    def run(autocast: bool) -> dict:
+        cfg = train_config_from({
+            "preset": "tiny", "run_uri": str(tmp_path / f"run{int(autocast)}"), "seed": 0,
+            "init_from": parent, "parallel": {"autocast": autocast},
+            "data": {"curated_uri": _manifest(tmp_path), "frame_buckets": [9]},
+            "distill": {"method": "dmd2", "steps": 2, "batch_size": 2, "student_steps": [2],
+                        "default_steps": 2, "dmd": {"fake_updates": 1, "lr": 1e-3}},
+        })  # fmt: skip
+        seen.clear()
+        torch.nn.Linear.forward = spy
+        try:
+            result = run_stage(cfg, "distill", Runtime())
+        finally:
+            torch.nn.Linear.forward = original
+        assert set(seen) == ({torch.bfloat16} if autocast else {torch.float32}), set(seen)
+        return DuetPipeline.from_checkpoint(result.final_uri).dit.state_dict()
+
+    first = DuetPipeline.from_checkpoint(parent).dit.state_dict()
+    after = run(True)
+    assert all(v.dtype == first[k].dtype for k, v in after.items())
+    assert any(not torch.equal(after[k], first[k]) for k in after), "the student never moved"
+    run(False)
+    with pytest.raises(ValueError, match="parallel.autocast"):
+        train_config_from({"parallel": {"autocast": True, "fsdp": True}})

@@ -88,6 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="compact")
     parser.add_argument("--frames", type=int, default=33, help="the carry's clip length")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile each DiT block of the trained networks (parallel.compile)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--autocast", action="store_true",
+        help="bf16 autocast around each training step, weights in fp32 (parallel.autocast)",
+    )  # fmt: skip
     parser.add_argument("--max-prompts", type=int, default=1000)
     # Preference data and the reward model.
     # 2 s candidates: on 1 s ones the rater's sync pairs keep their order under a
@@ -270,6 +278,7 @@ def build_config(args, manifest: str):
             "keep_checkpoints": 1,
             "data": {"curated_uri": manifest, "frame_buckets": [args.frames],
                      "encode_with_ray_data": False},
+            "parallel": {"compile": args.compile, "autocast": args.autocast},
             "rlhf": {
                 "steps": args.rlhf_steps, "batch_size": args.rlhf_batch, "lr": args.rlhf_lr,
                 "checkpoint_every": 20, "log_every": 10,

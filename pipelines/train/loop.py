@@ -757,7 +757,8 @@ def run_stage(
             global_batch = sampler.epoch_batches(epoch)[batch]
             log.add_samples(step + 1, epoch, batch, [task.rows[i].clip_id for i in global_batch])
         gen = step_generator(cfg.seed, stage, step, rt.rank)
-        loss, metrics, tokens = task.batch_fn(indices, gen, step)
+        with torch.autocast(rt.device.type, torch.bfloat16, enabled=cfg.parallel.autocast):
+            loss, metrics, tokens = task.batch_fn(indices, gen, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if task.after_backward is not None:
