@@ -410,3 +410,33 @@ def test_a_reward_model_from_an_earlier_job_is_reused_only_if_it_never_saw_a_hel
         install_reward_model(other, run, held_out)
     with pytest.raises(FileNotFoundError, match="no trained reward model"):
         install_reward_model(str(tmp_path / "nothing"), str(tmp_path / "run4" / "rlhf"), held_out)
+
+
+def test_the_contact_sheet_puts_each_models_frames_of_a_prompt_in_one_block(capsys):
+    import numpy as np
+
+    from pipelines.align.evaluate import contact_sheet
+    from pipelines.shipped.align_job import parse_args, sheet_keys
+
+    def clip(value: int) -> np.ndarray:  # 9 frames of 2x3 pixels, frame i at value + i
+        return np.stack([np.full((2, 3, 3), value + i, np.uint8) for i in range(9)])
+
+    a, b = ("two red circles bounce", 0), ("a red circle bounces", 0)
+    clips = {"rlhf": {a: clip(0), b: clip(100)}, "fast": {a: clip(50)}}
+    sheet = contact_sheet(clips, [a, b], every=4)
+    # Block a: the teacher's frames 0, 4, 8 then Fast's, side by side; a white rule;
+    # block b: the teacher alone (Fast did not keep it); no rule after the last block.
+    assert sheet.shape == (2 + 2 + 4 + 2, 3 * 3, 3)
+    assert [int(sheet[0, 3 * j, 0]) for j in range(3)] == [0, 4, 8]
+    assert [int(sheet[2, 3 * j, 0]) for j in range(3)] == [50, 54, 58]
+    assert (sheet[4:8] == 255).all()
+    assert [int(sheet[8, 3 * j, 0]) for j in range(3)] == [100, 104, 108]
+    with pytest.raises(ValueError, match="no frames"):
+        contact_sheet(clips, [("a blue square", 0)])
+    # Prompts naming several objects come first.
+    prompts = ["a red circle bounces", "two red circles bounce", "a cyan face", "a red circle "
+               "and a blue square slide and collide"]  # fmt: skip
+    assert sheet_keys(prompts, 3) == [(prompts[1], 0), (prompts[3], 0), (prompts[0], 0)]
+    with pytest.raises(SystemExit):
+        parse_args(["--carry", "c", "--out", "o", "--sheet", "-1"])
+    assert "--sheet must be >= 0" in capsys.readouterr().err

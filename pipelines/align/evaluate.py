@@ -14,6 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipelines.align.config import HEADS
@@ -41,12 +42,14 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate_prompts(
-    pipeline, prompts: list[str], settings: EvalSettings, reward_model=None
+    pipeline, prompts: list[str], settings: EvalSettings, reward_model=None, keep=frozenset()
 ) -> dict:
+    """Rows and their summary; ``keep``: (prompt, seed) pairs whose frames come back
+    too (``frames``: {(prompt, seed): (T, H, W, 3) uint8}), for a contact sheet."""
     from model.generate import GenerationRequest, generate
 
     pipeline.eval()
-    rows = []
+    rows, frames = [], {}
     tokens = mask = None
     if reward_model is not None:
         tokens, mask = pipeline.text_encoder.encode(prompts)
@@ -65,6 +68,8 @@ def evaluate_prompts(
             result = generate(request, pipeline=pipeline)
             wall = time.perf_counter() - started
             scores = rate_clip(prompt, result.clip)
+            if (prompt, seed) in keep:
+                frames[(prompt, seed)] = result.clip.frames
             row = {"prompt": prompt, "seed": seed, "wall_s": wall,
                    "network_evals": result.metadata["network_evals"]}  # fmt: skip
             row.update({h: scores.get(h) for h in HEADS})
@@ -86,7 +91,28 @@ def evaluate_prompts(
                 for k, h in enumerate(HEADS):
                     row[f"reward_{h}"] = float(r[k])
             rows.append(row)
-    return {"rows": rows, "summary": summarize(rows)}
+    return {"rows": rows, "summary": summarize(rows), "frames": frames}
+
+
+def contact_sheet(clips: dict[str, dict], keys: list, every: int = 4) -> np.ndarray:
+    """(H, W, 3) uint8: for each (prompt, seed) of ``keys``, one row of every
+    ``every``-th frame per model of ``clips`` ({model: {(prompt, seed): (T, H, W, 3)}}),
+    in the models' order, a 4-pixel white rule between keys. Models without a key's
+    frames are left out of its block."""
+    blocks = []
+    for key in keys:
+        rows = [np.concatenate(list(c[key][::every]), axis=1) for c in clips.values() if key in c]
+        if not rows:
+            continue
+        width = max(r.shape[1] for r in rows)
+        rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+        blocks.append(np.concatenate(rows, axis=0))
+        blocks.append(np.full((4, width, 3), 255, np.uint8))
+    if not blocks:
+        raise ValueError("contact_sheet: no frames for any of the keys")
+    width = max(b.shape[1] for b in blocks)
+    blocks = [np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0))) for b in blocks[:-1]]
+    return np.concatenate(blocks, axis=0)
 
 
 def summarize(rows: list[dict]) -> dict:

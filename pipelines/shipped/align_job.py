@@ -227,6 +227,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-steps", type=int, default=12, help="Heun steps, full models")
     parser.add_argument("--eval-workers", type=int, default=8)
     parser.add_argument("--max-eval-prompts", type=int, default=0, help="0: every held-out one")
+    parser.add_argument(
+        "--sheet", type=int, default=6,
+        help="held-out prompts (seed 0) drawn by every model into OUT/sheet.png (0: none)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not args.list_texts and not args.out:
         parser.error("--out is required (or --list-texts FILE)")
@@ -236,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     both_stages = not (args.skip_rlhf or args.skip_distill)
     if both_stages and args.distill_until_s <= args.rlhf_until_s:
         parser.error("--distill-until-s must come after --rlhf-until-s")
+    if args.sheet < 0:
+        parser.error("--sheet must be >= 0 (0: no contact sheet)")
     return args
 
 
@@ -352,18 +358,21 @@ def _evaluate(job: tuple) -> dict:
     from pipelines.align.evaluate import EvalSettings, evaluate_prompts
     from pipelines.align.reward import load_reward_model
 
-    name, uri, reward_uri, prompts, settings = job
+    name, uri, reward_uri, prompts, settings, keep = job
     key = (name, uri)
     if key not in _WORKER:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         _WORKER[key] = DuetPipeline.from_checkpoint(uri).to(device).eval()
     reward = load_reward_model(reward_uri)[0].eval() if reward_uri else None
-    return evaluate_prompts(_WORKER[key], prompts, EvalSettings(**settings), reward)
+    return evaluate_prompts(_WORKER[key], prompts, EvalSettings(**settings), reward, keep)
 
 
-def evaluate_models(models: dict, prompts: list[str], args, texts_path: str, reward_uri: str):
+def evaluate_models(
+    models: dict, prompts: list[str], args, texts_path: str, reward_uri: str, keep=frozenset()
+):
     """{name: evaluate_prompts result} for ``models`` = {name: (checkpoint, settings)},
-    the prompts split over ``--eval-workers`` spawned processes."""
+    the prompts split over ``--eval-workers`` spawned processes; ``keep``: (prompt,
+    seed) pairs whose frames come back (``frames``)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -371,16 +380,42 @@ def evaluate_models(models: dict, prompts: list[str], args, texts_path: str, rew
 
     workers = max(1, args.eval_workers)
     shards = [prompts[i::workers] for i in range(workers)]
-    jobs = [(name, uri, reward_uri, shard, settings)
+    jobs = [(name, uri, reward_uri, shard, settings, keep)
             for name, (uri, settings) in models.items() for shard in shards if shard]  # fmt: skip
     threads = max(1, (os.cpu_count() or 2) // workers)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, ctx, _init_worker, (texts_path, threads)) as pool:
         results = list(pool.map(_evaluate, jobs))
-    out = {}
+    rows, frames = {}, {}
     for (name, *_), result in zip(jobs, results, strict=True):
-        out.setdefault(name, []).extend(result["rows"])
-    return {name: {"rows": rows, "summary": summarize(rows)} for name, rows in out.items()}
+        rows.setdefault(name, []).extend(result["rows"])
+        frames.setdefault(name, {}).update(result["frames"])
+    return {name: {"rows": r, "summary": summarize(r), "frames": frames[name]}
+            for name, r in rows.items()}  # fmt: skip
+
+
+def sheet_keys(prompts: list[str], count: int) -> list[tuple[str, int]]:
+    """The contact sheet's (prompt, seed 0) pairs: prompts naming several objects first
+    (where a few-step student loses most), then the rest, ``count`` in all."""
+    from core.probes.captions import parse_caption
+
+    several = [p for p in prompts if sum(parse_caption(p).values()) > 1]
+    rest = [p for p in prompts if p not in several]
+    return [(p, 0) for p in (several + rest)[:count]]
+
+
+def write_sheet(path: str, evals: dict, keys: list) -> None:
+    """``path`` (PNG): the kept clips' frames, a row per model (in ``evals``' order), a
+    block per key; the models and prompts named in a text file beside it."""
+    from PIL import Image
+
+    from pipelines.align.evaluate import contact_sheet
+
+    clips = {name: e["frames"] for name, e in evals.items() if e.get("frames")}
+    Image.fromarray(contact_sheet(clips, keys)).save(path)
+    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+        f.write(f"rows per block: {', '.join(clips)}; every 4th frame\n")
+        f.writelines(f"block {i}: {p!r} seed {s}\n" for i, (p, s) in enumerate(keys))
 
 
 # ---------------------------------------------------------------------------------
@@ -551,9 +586,12 @@ def main(argv: list[str] | None = None) -> dict:
         models["rlhf"] = models.pop("parent")
     started = time.monotonic()
     texts_path = os.path.join(os.path.abspath(args.carry), TEXTS_NAME)
-    evals = evaluate_models(models, prompts, args, texts_path, reward_uri)
+    keys = sheet_keys(prompts, args.sheet) if args.seeds else []
+    evals = evaluate_models(models, prompts, args, texts_path, reward_uri, frozenset(keys))
     summary["eval_s"] = round(time.monotonic() - started, 1)
     summary["evals"] = {k: v["summary"] for k, v in evals.items()}
+    if keys:
+        write_sheet(os.path.join(args.out, "sheet.png"), evals, keys)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump({k: v["rows"] for k, v in evals.items()}, f)
     agreement = summary["reward"]["val_agreement"] if "reward" in summary else None
