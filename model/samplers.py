@@ -206,10 +206,8 @@ def sample(
     noise again at each time); returns clean latents."""
     if method not in METHODS:
         raise ValueError(f"unknown sampler {method!r}; use one of {METHODS}")
-    if method == "renoise":
-        if generator is None:
-            raise ValueError("the renoise sampler draws fresh noise: pass a generator")
-        return _renoise(model, video, audio, cond, times, guidance, keep, generator)
+    if method == "renoise" and generator is None:
+        raise ValueError("the renoise sampler draws fresh noise: pass a generator")
     guidance = guidance or Guidance(1.0, 1.0)
     keep = keep or KeepLatents()
     ts = [float(x) for x in times]
@@ -218,6 +216,9 @@ def sample(
         t_cur, t_next = ts[i], ts[i + 1]
         dt = t_next - t_cur
         v1, a1 = guided_velocity(model, video, audio, keep.times(t_cur), cond, guidance)
+        if method == "renoise":
+            video, audio = keep.hold(*_renoised(video, audio, v1, a1, (t_cur, t_next), generator))
+            continue
         video_e, audio_e = keep.hold(video + dt * v1, audio + dt * a1)
         if method == "heun" and t_next > 0:
             # Trapezoidal correction; skipped on the last step (t = 0 is not evaluated).
@@ -227,22 +228,14 @@ def sample(
     return video, audio
 
 
-def _renoise(model, video, audio, cond, times, guidance, keep, generator):
-    """Denoise to ``x0`` at each time, then noise ``x0`` afresh to the next one."""
-    guidance = guidance or Guidance(1.0, 1.0)
-    keep = keep or KeepLatents()
-    ts = [float(x) for x in times]
-    video, audio = keep.hold(video, audio)
-    for i in range(len(ts) - 1):
-        t_cur, t_next = ts[i], ts[i + 1]
-        v, a = guided_velocity(model, video, audio, keep.times(t_cur), cond, guidance)
-        x0_video, x0_audio = video - t_cur * v, audio - t_cur * a
-        if t_next > 0:
-            e_video, e_audio = _fresh_noise(video, audio, generator)
-            x0_video = (1 - t_next) * x0_video + t_next * e_video
-            x0_audio = (1 - t_next) * x0_audio + t_next * e_audio
-        video, audio = keep.hold(x0_video, x0_audio)
-    return video, audio
+def _renoised(video, audio, v, a, times: tuple[float, float], generator):
+    """The clean latents ``x - t v`` at ``t``, noised afresh to the next time (none at 0)."""
+    t_cur, t_next = times
+    x0_video, x0_audio = video - t_cur * v, audio - t_cur * a
+    if t_next == 0:
+        return x0_video, x0_audio
+    e_video, e_audio = _fresh_noise(video, audio, generator)
+    return (1 - t_next) * x0_video + t_next * e_video, (1 - t_next) * x0_audio + t_next * e_audio
 
 
 def _fresh_noise(video, audio, generator):

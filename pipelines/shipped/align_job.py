@@ -73,6 +73,13 @@ DMD_SETTINGS = (
 )  # fmt: skip
 
 
+# How the trained networks run (model.parallelize.ParallelConfig): flag, help.
+PARALLEL_FLAGS = (
+    ("--compile", "torch.compile each DiT block of the trained networks (parallel.compile)"),
+    ("--autocast", "bf16 autocast around each training step, weights fp32 (parallel.autocast)"),
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--carry", required=True)
@@ -88,14 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="compact")
     parser.add_argument("--frames", type=int, default=33, help="the carry's clip length")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--compile", action="store_true",
-        help="torch.compile each DiT block of the trained networks (parallel.compile)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--autocast", action="store_true",
-        help="bf16 autocast around each training step, weights in fp32 (parallel.autocast)",
-    )  # fmt: skip
+    for flag, text in PARALLEL_FLAGS:
+        parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("--max-prompts", type=int, default=1000)
     # Preference data and the reward model.
     # 2 s candidates: on 1 s ones the rater's sync pairs keep their order under a
