@@ -6,7 +6,9 @@
 - :mod:`.reward`: the learned multi-head reward model (per-head Bradley-Terry);
 - :mod:`.sde`: the flow sampler as an SDE with per-step log-probabilities;
 - :mod:`.grpo`: DanceGRPO's group rollouts, per-head advantages and clipped losses;
+- :mod:`.sampling`: a clip's latent shapes, the time grid and prompt tokens they share;
 - :mod:`.distill`: the Fast student (reflow on guided teacher couplings);
+- :mod:`.dmd`: the Fast student by distribution matching (DMD2);
 - :mod:`.stages`: both stages as tasks of :func:`pipelines.train.loop.run_stage`;
 - :mod:`.evaluate`: probe metrics on held-out prompts, Full against Fast.
 

@@ -4,6 +4,7 @@
 - :mod:`.data`: manifest rows, frame buckets, the resumable epoch sampler;
 - :mod:`.latents`: the pre-encoded latent cache, keyed by the VAE weights;
 - :mod:`.batches`: DiT batches with references and multi-shot sequences from data;
+- :mod:`.task`: what a stage hands the loop (:class:`~.task.StageTask`), its URIs and latents;
 - :mod:`.loop`: one stage, Ray-free (one process, torchrun, or a Ray Train worker);
 - :mod:`.state`: checkpoints (weights, EMA, optimizer, data position) at any URI;
 - :mod:`.ray_train`: the same loop under Ray Train's ``TorchTrainer``;
