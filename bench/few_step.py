@@ -2,13 +2,15 @@
 student at 4 network evaluations has to beat, and where the loss is.
 
     python -m bench.few_step --carry CARRY [--checkpoint checkpoints/default] \\
-        [--prompts 40] [--seeds 4] [--steps 4] [--all-prompts] [--threads 2]
+        [--student RUN/distill/final] [--prompts 40] [--seeds 4] [--steps 4] \\
+        [--all-prompts] [--threads 2]
 
 The held-out prompts are ``align_job``'s (the same split of the carry's captions),
 prompts naming several objects only unless ``--all-prompts``. The model samples each
 (prompt, seed) three ways: its full setting (Heun, ``--full-steps``, text guidance 4),
 ``--steps`` guided Euler steps (two network evaluations a step) and ``--steps``
-unguided Euler steps (one a step: what a student starts from). Printed: each way's
+unguided Euler steps (one a step: what a student starts from); with ``--student``, a
+Fast student of that model at ``--steps`` too (its own sampler). Printed: each way's
 rater scores, the colour score's parts (:func:`pipelines.align.rater.frame_parts`:
 recall, precision, count, shape-colour pairs) and each few-step way minus the full
 one, paired over the same (prompt, seed), with standard errors.
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--carry", required=True, help="an align_job carry (captions at least)")
     parser.add_argument("--checkpoint", default="checkpoints/default")
+    parser.add_argument("--student", default="", help="a Fast student of the checkpoint")
     parser.add_argument("--run", default="/tmp/duet_few_step", help="where the carry unpacks")
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=4)
@@ -75,11 +78,18 @@ def main(argv: list[str] | None = None) -> dict:
         f"euler {n}, guided ({2 * n} evaluations)": ("euler", n, 4.0),
         f"euler {n}, unguided ({n} evaluations)": ("euler", n, 1.0),
     }
+    models = dict.fromkeys(ways, pipeline)
+    if args.student:
+        ways[f"student, {n} steps ({n} evaluations)"] = ("euler", n, 1.0)
+        models[f"student, {n} steps ({n} evaluations)"] = (
+            DuetPipeline.from_checkpoint(args.student).to(device).eval()
+        )
     results = {}
     for name, (sampler, steps, scale) in ways.items():
         began = time.perf_counter()
-        settings = EvalSettings(seeds, "full", steps, sampler, scale, args.duration)
-        results[name] = evaluate_prompts(pipeline, prompts, settings)
+        quality = "full" if models[name] is pipeline else "fast"
+        settings = EvalSettings(seeds, quality, steps, sampler, scale, args.duration)
+        results[name] = evaluate_prompts(models[name], prompts, settings)
         print(f"{name}: {len(prompts)} prompts x {len(seeds)} seeds, "
               f"{time.perf_counter() - began:.0f} s", flush=True)  # fmt: skip
     print(f"\n{args.checkpoint} on {device}; {len(prompts)} held-out prompts"
