@@ -451,7 +451,6 @@ def reward_dims(pipeline) -> dict:
 
 def ensure_reward_model(cfg, pipeline, rt, log=print):
     """Preference data and the reward model of the run's rlhf stage (built once)."""
-
     here = stage_uri(cfg, "rlhf")
     pref_uri = storage.join(here, "preferences")
     reward_uri = storage.join(here, "reward")
@@ -618,7 +617,6 @@ def reward_trends(rows: list[dict], heads: list[str]) -> dict:
 
 
 def rlhf_task(cfg, pipeline, rt):
-
     s = cfg.rlhf
     pipeline.to(rt.device)
     train_prompts, held = prompt_sets(cfg)

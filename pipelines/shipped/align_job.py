@@ -456,9 +456,8 @@ def target_rows(evals: dict, agreement: dict, targets: dict = TARGETS) -> list[d
                     d == d and d >= -k * se)  # fmt: skip
     # The target is Fast at 4 steps ("fast"); "fast_N" (the student sampled with the
     # other step counts it was trained for) say what more steps buy.
-    for name in (n for n in evals if n == "fast" or n.startswith("fast_")):
-        if "rlhf" not in evals:
-            break
+    students = [n for n in evals if n == "fast" or n.startswith("fast_")] if "rlhf" in evals else []
+    for name in students:
         steps = 4 if name == "fast" else int(name.split("_")[1])
         for h in targets["fast_heads"]:
             teacher = evals["rlhf"]["summary"][h]["mean"]
@@ -591,10 +590,10 @@ def main(argv: list[str] | None = None) -> dict:
     evals = evaluate_models(models, prompts, args, texts_path, reward_uri, frozenset(keys))
     summary["eval_s"] = round(time.monotonic() - started, 1)
     summary["evals"] = {k: v["summary"] for k, v in evals.items()}
-    if keys:
-        write_sheet(os.path.join(args.out, "sheet.png"), evals, keys)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump({k: v["rows"] for k, v in evals.items()}, f)
+    if keys:  # after the rows: a picture that fails to draw loses no figures
+        write_sheet(os.path.join(args.out, "sheet.png"), evals, keys)
     agreement = summary["reward"]["val_agreement"] if "reward" in summary else None
     summary["targets"] = target_rows(evals, agreement)
     if "fast" in evals:
