@@ -356,7 +356,8 @@ def model_config(meta: dict, where: str) -> ModelConfig:
         raise CheckpointError(f"{where}: bad config: {err}") from err
 
 
-def _named_tensors(module: nn.Module):
+def named_tensors(module: nn.Module):
+    """(name, tensor) of a module's parameters, then its buffers."""
     yield from module.named_parameters()
     yield from module.named_buffers()
 
@@ -400,7 +401,7 @@ def load_full_state_dict(
         specs = {k: TensorSpec("", tuple(v.shape), "state") for k, v in state.items()}
         check_matches(specs, module.state_dict(), "state dict")
     if not _is_sharded(module):
-        assign = any(t.is_meta for _, t in _named_tensors(module))
+        assign = any(t.is_meta for _, t in named_tensors(module))
         module.load_state_dict(state, strict=True, assign=assign)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

@@ -25,6 +25,7 @@ from model.checkpoint import (
     check_matches,
     inspect_state,
     model_config,
+    named_tensors,
     read_meta,
     save_state,
 )
@@ -326,7 +327,7 @@ def load_pipeline(
     pipeline.audio_vae.mel = MelSpectrogram(
         cfg.sample_rate, a.n_fft, cfg.mel_hop_length, a.n_mels, a.mel_fmin
     ).to(device)
-    left = [n for n, t in _named_tensors(pipeline) if t.is_meta]
+    left = [n for n, t in named_tensors(pipeline) if t.is_meta]
     if left:
         raise CheckpointError(f"{uri}: the checkpoint does not provide {left[:5]}")
     pipeline.use_neural_vocoder = bool(meta.get("use_neural_vocoder", False))
@@ -338,8 +339,3 @@ def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> tor
     if dtype is not None and t.is_floating_point():
         return t.to(device=device, dtype=dtype)
     return t.to(device)
-
-
-def _named_tensors(module: nn.Module):
-    yield from module.named_parameters()
-    yield from module.named_buffers()
