@@ -212,6 +212,12 @@ def fast_settings(pipeline: DuetPipeline) -> dict:
     return fast
 
 
+def student_shift(fast: dict, resolution: float) -> float:
+    """The shift of a Fast student's step times: the one it was distilled at
+    (``extra.fast.time_shift``), or the resolution shift where it records none (0)."""
+    return float(fast.get("time_shift") or resolution)
+
+
 class EvalCounter:
     """Counts DiT forward rows per generated sample (guidance passes are rows too)."""
 
@@ -367,6 +373,7 @@ def generate(
         trained = max(int(n) for n in fast["steps"])
         steps = int(request.steps) if request.steps <= trained else int(fast["default_steps"])
         sampler = fast.get("sampler", "euler")
+        shift = student_shift(fast, shift)
         # Text guidance is distilled into the student; references, if any, condition
         # it directly (their guidance scale is not distilled).
         guidance = Guidance(1.0, 1.0)

@@ -28,7 +28,7 @@ from torch import nn
 
 from model.dit import TextConditioning
 from model.flow_matching import resolution_shift, schedule
-from model.generate import GeneratedClip, GenerationRequest, generate
+from model.generate import GeneratedClip, GenerationRequest, generate, student_shift
 from model.pipeline import DuetPipeline
 from model.samplers import Conditioning, Guidance, _concat_text, sample
 
@@ -124,8 +124,10 @@ def _generate_batch(
     requests: list[GenerationRequest],
     negatives: list[str],
     progress: Callable[[float], None],
+    fast: dict | None = None,
 ) -> list[GeneratedClip]:
-    """One denoising batch for requests sharing a :func:`batch_key`."""
+    """One denoising batch for requests sharing a :func:`batch_key`; ``fast``: a Fast
+    student's settings (its requests already made by :func:`student_request`)."""
     started = time.perf_counter()
     cfg = pipeline.config
     device = pipeline.device
@@ -149,6 +151,8 @@ def _generate_batch(
     patch = cfg.dit.video_patch
     num_tokens = video.shape[2] * (video.shape[3] // patch) * (video.shape[4] // patch)
     shift = resolution_shift(num_tokens + audio.shape[2], cfg.flow)
+    if fast is not None:
+        shift = student_shift(fast, shift)
     times = schedule(first.steps, shift, 1.0)
     total = evaluations_per_request(first.steps, first.sampler)
     calls = [0]
@@ -306,6 +310,7 @@ def generate_many(
                 clips = _generate_batch(
                     pipeline, [batched_requests[i] for i in chunk],
                     [negatives[i] for i in chunk], batch_progress,
+                    pipeline.fast if student else None,
                 )  # fmt: skip
                 for i, clip in zip(chunk, clips, strict=True):
                     if student:

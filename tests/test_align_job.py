@@ -332,6 +332,10 @@ def test_align_job_hands_its_settings_to_the_rlhf_and_distill_stages():
     assert cfg("--compile").parallel.compile and not cfg().parallel.compile
     assert cfg("--autocast").parallel.autocast and not cfg().parallel.autocast
     assert cfg("--student-sampler", "renoise").distill.dmd.sampler == "renoise"
+    assert cfg("--student-shift", "3").distill.dmd.time_shift == 3.0
+    assert cfg().distill.dmd.time_shift == 0.0
+    with pytest.raises(ValueError, match="time_shift"):
+        cfg("--student-shift", "-1")
     with pytest.raises(SystemExit):
         cfg("--student-sampler", "heun")
     with pytest.raises(ValueError, match="gan_weight"):

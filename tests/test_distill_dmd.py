@@ -44,6 +44,7 @@ from pipelines.align.dmd import (
     dmd_loss,
     frame_shapes,
     noised,
+    token_count,
 )
 
 CAPTIONS = [
@@ -162,6 +163,27 @@ def test_renoise_backward_simulation_noises_each_x0_afresh_and_regresses_first_s
     hook.remove()
     assert seen["euler"] == {(0, True), (1, True)}
     assert seen["renoise"] == {(0, True), (1, False)}
+
+
+def test_the_students_step_times_follow_dmd_time_shift():
+    """``dmd.time_shift``: the backward simulation and the student's prediction run at
+    ``schedule(n, time_shift)``; 0 keeps the resolution shift the teacher samples with."""
+    from model.flow_matching import resolution_shift, schedule
+
+    step, pair = _tiny_step(4.0)
+    v_shape, a_shape = frame_shapes(step.mcfg, 9)
+    resolution = resolution_shift(token_count(step.mcfg, v_shape, a_shape), step.mcfg.flow)
+    seen = []
+    hook = pair.dit.register_forward_pre_hook(lambda m, args: seen.append(float(args[2][0])))
+    for time_shift in (0.0, 3.0):
+        step.s.dmd.time_shift = time_shift
+        seen.clear()
+        for seed in range(8):
+            step([0, 1], torch.Generator().manual_seed(seed), 1)
+        want = [float(t) for t in schedule(2, time_shift or resolution)[:-1]]
+        assert sorted(set(seen)) == pytest.approx(sorted(want)), (time_shift, seen)
+    hook.remove()
+    assert abs(resolution - 3.0) > 0.5  # the two cases are different grids
 
 
 def test_the_regression_term_pulls_the_student_toward_the_teachers_endpoint():
@@ -326,11 +348,12 @@ def _clip_files(root) -> None:
 
 
 @pytest.mark.parametrize(
-    "pairs,gan,sampler",
-    [(0, False, "euler"), (4, False, "euler"), (0, True, "euler"), (4, False, "renoise")],
-)
+    "pairs,gan,sampler,shift",
+    [(0, False, "euler", 0.0), (4, False, "euler", 0.0), (0, True, "euler", 0.0),
+     (4, False, "renoise", 3.0)],
+)  # fmt: skip
 def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_run(
-    tmp_path, pairs, gan, sampler
+    tmp_path, pairs, gan, sampler, shift
 ):
     from model.pipeline import DuetPipeline
     from pipelines.train.config import train_config_from
@@ -354,7 +377,8 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
                                                     "gan_weight": 0.5 if gan else 0.0,
                                                     "classifier_weight": 0.5 if gan else 0.0,
                                                     "classifier_hidden": 8,
-                                                    "sampler": sampler}},
+                                                    "sampler": sampler,
+                                                    "time_shift": shift}},
         })  # fmt: skip
 
     if gan:  # real clips for the classifier, their latents cached by the stage
@@ -394,6 +418,7 @@ def test_dmd2_resumed_from_a_checkpoint_ends_bit_for_bit_like_an_uninterrupted_r
     meta = storage.read_json(f"{resumed.run_uri}/distill/final/config.json")["extra"]["fast"]
     assert meta["method"] == "dmd2" and meta["modes"] == ["t2av"] and meta["frame_buckets"] == [9]
     assert meta["regression_pairs"] == pairs and meta["sampler"] == sampler
+    assert meta["time_shift"] == shift
     # The held-out prompts' clips and a clip without a caption are not real data for
     # the classifier.
     assert meta["real_clips"] == (len(CAPTIONS) if gan else 0)
@@ -447,6 +472,9 @@ def test_a_grammar_pool_is_fixed_by_the_seed_and_every_grammar_draw_comes_from_i
         {"ema_decay": 1.0},
         {"method": "dmd2", "dmd": {"sampler": "ddim"}},
         {"method": "reflow", "dmd": {"sampler": "renoise"}},  # reflow follows the ODE
+        {"method": "dmd2", "dmd": {"time_shift": -1.0}},
+        {"method": "dmd2", "dmd": {"time_shift": float("nan")}},
+        {"method": "reflow", "dmd": {"time_shift": 3.0}},  # reflow's grid is its own
     ],
 )
 def test_bad_distill_settings_are_refused(bad):

@@ -275,3 +275,17 @@ def test_fast_uses_a_distilled_student_when_configured(tiny_checkpoint, tmp_path
     euler = generate(requests[0], pipeline=DuetPipeline.from_checkpoint(student).eval(),
                      quality="fast")  # fmt: skip
     assert not torch.allclose(euler.latents[0], batched[0].latents[0], atol=1e-3)
+
+    # A student distilled at its own time shift (distill.dmd.time_shift) steps at it,
+    # alone and batched; one that records none at the resolution shift.
+    shifted = str(tmp_path / "shifted")
+    weights.save(shifted, extra={"fast": {**fast, "time_shift": 3.0}})
+    pipeline = DuetPipeline.from_checkpoint(shifted).eval()
+    batched = generate_many(pipeline, requests, quality="fast", max_batch=3)
+    for request, result in zip(requests, batched, strict=True):
+        alone = generate(request, pipeline=pipeline, quality="fast")
+        assert alone.metadata["shift"] == result.metadata["shift"] == 3.0
+        for a, b in zip(alone.latents, result.latents, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert euler.metadata["shift"] != 3.0
+    assert not torch.allclose(euler.latents[0], batched[0].latents[0], atol=1e-3)

@@ -380,6 +380,13 @@ class DMDConfig:
     # regression (initial noise -> the teacher's endpoint) applies to first-step draws
     # only.
     sampler: str = "euler"
+    # The shift of the student's step times (model.flow_matching.schedule), recorded
+    # in the Fast model and served with it; 0: the resolution shift the teacher samples
+    # with (1.59 for a 2 s clip of the shipped model). A larger shift spends the steps
+    # nearer noise, where a clip's objects are laid out: the shipped teacher at 4 guided
+    # Euler steps kept more of its colour score at shift 3 than at its own 1.43
+    # (+0.020 +- 0.007; BENCHMARKS.md, session 38).
+    time_shift: float = 0.0
 
 
 @dataclass
@@ -436,6 +443,8 @@ class DistillStageConfig:
             raise ValueError("distill.dmd needs lr > 0, fake_lr > 0, regression_weight >= 0")
         if not d.real_guidance >= 0:  # NaN too
             raise ValueError("distill.dmd.real_guidance must be >= 0 (0: distill.text_scale)")
+        if not 0 <= d.time_shift <= 100:  # NaN too
+            raise ValueError("distill.dmd.time_shift must be in [0, 100] (0: the resolution shift)")
         if d.regression_pairs_batch < 1:
             raise ValueError("distill.dmd.regression_pairs_batch must be >= 1")
         if d.regression_pairs < 0:
@@ -462,6 +471,11 @@ class DistillStageConfig:
             raise ValueError(
                 f"distill.dmd.sampler {d.sampler!r} is for method 'dmd2': reflow's student "
                 "follows its teacher's ODE couplings (euler)"
+            )
+        if d.time_shift and self.method != "dmd2":
+            raise ValueError(
+                "distill.dmd.time_shift is for method 'dmd2': reflow's student learns its "
+                "teacher's couplings on the resolution shift's grid"
             )
         if self.default_steps not in self.student_steps:
             raise ValueError(f"default_steps {self.default_steps} not in {self.student_steps}")

@@ -409,7 +409,7 @@ class DMD2:
         v_shape, a_shape = frame_shapes(mcfg, frames)
         shift = resolution_shift(token_count(mcfg, v_shape, a_shape), mcfg.flow)
         n = s.student_steps[int(torch.randint(0, len(s.student_steps), (1,), generator=gen))]
-        times = [float(x) for x in schedule(n, shift)]
+        times = [float(x) for x in schedule(n, s.dmd.time_shift or shift)]
         k = int(torch.randint(0, n, (1,), generator=gen))
         text_prompts = self.stream.draw(b, gen)
         text = self.text(text_prompts)

@@ -898,6 +898,8 @@ def _fast_metadata(s) -> dict:
         "steps": list(s.student_steps),
         "default_steps": s.default_steps,
         "sampler": s.dmd.sampler if s.method == "dmd2" else "euler",
+        # 0: the resolution shift (reflow's grid follows it).
+        "time_shift": s.dmd.time_shift if s.method == "dmd2" else 0.0,
         "guidance": "distilled",
         "teacher_text_scale": s.text_scale,
     }

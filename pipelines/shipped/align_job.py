@@ -207,6 +207,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "generator); the Fast model is served with it",
     )  # fmt: skip
     parser.add_argument(
+        "--student-shift", type=float, default=0.0,
+        help="shift of the student's step times (0: the resolution shift); the Fast model "
+             "is served with it",
+    )  # fmt: skip
+    parser.add_argument(
         "--fake-updates", type=int, default=4,
         help="fake-score updates per student update (DMD2's two time-scale rule)",
     )  # fmt: skip
@@ -320,7 +325,8 @@ def build_config(args, manifest: str):
                         "classifier_weight": args.classifier_weight,
                         "regression_pairs": args.regression_pairs,
                         "regression_pairs_batch": args.regression_pairs_batch,
-                        "sampler": args.student_sampler},
+                        "sampler": args.student_sampler,
+                        "time_shift": args.student_shift},
             },
         }
     )  # fmt: skip
