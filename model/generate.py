@@ -215,7 +215,13 @@ def fast_settings(pipeline: DuetPipeline) -> dict:
 def student_shift(fast: dict, resolution: float) -> float:
     """The shift of a Fast student's step times: the one it was distilled at
     (``extra.fast.time_shift``), or the resolution shift where it records none (0)."""
-    return float(fast.get("time_shift") or resolution)
+    value = fast.get("time_shift") or 0
+    if value == 0:
+        return resolution
+    # Read from a checkpoint's config.json: a bad value is refused, not sampled with.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 100:
+        raise ValueError(f"the Fast student's time_shift must be in (0, 100], got {value!r}")
+    return float(value)
 
 
 class EvalCounter:

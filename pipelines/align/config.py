@@ -384,7 +384,7 @@ class DMDConfig:
     # in the Fast model and served with it; 0: the resolution shift the teacher samples
     # with (1.59 for a 2 s clip of the shipped model). A larger shift spends the steps
     # nearer noise, where a clip's objects are laid out: the shipped teacher at 4 guided
-    # Euler steps kept more of its colour score at shift 3 than at its own 1.43
+    # Euler steps kept more of its colour score at shift 3 than at its own 1.59
     # (+0.020 +- 0.007; BENCHMARKS.md, session 38).
     time_shift: float = 0.0
 
