@@ -13,10 +13,10 @@ unguided Euler steps (one a step: what a student starts from); with ``--student`
 Fast student of that model at ``--steps`` too (its own sampler); with ``--shifts``, the
 guided Euler steps again on the time grid of each shift given (the model's own is the
 resolution shift: ``distill.dmd.time_shift`` asks which grid a student should step on).
-Printed: each way's
-rater scores, the colour score's parts (:func:`pipelines.align.rater.frame_parts`:
-recall, precision, count, shape-colour pairs) and each few-step way minus the full
-one, paired over the same (prompt, seed), with standard errors.
+Printed: each way's rater scores, the colour score's parts
+(:func:`pipelines.align.rater.frame_parts`: recall, precision, count, shape-colour
+pairs) and each few-step way minus the full one, paired over the same (prompt, seed),
+with standard errors.
 """
 
 from __future__ import annotations
