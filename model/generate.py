@@ -215,8 +215,8 @@ def fast_settings(pipeline: DuetPipeline) -> dict:
 def student_shift(fast: dict, resolution: float) -> float:
     """The shift of a Fast student's step times: the one it was distilled at
     (``extra.fast.time_shift``), or the resolution shift where it records none (0)."""
-    value = fast.get("time_shift") or 0
-    if value == 0:
+    value = fast.get("time_shift")
+    if not value:
         return resolution
     # Read from a checkpoint's config.json: a bad value is refused, not sampled with.
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 100:

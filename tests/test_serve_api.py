@@ -288,8 +288,8 @@ def test_fast_uses_a_distilled_student_when_configured(tiny_checkpoint, tmp_path
         for a, b in zip(alone.latents, result.latents, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert euler.metadata["shift"] != 3.0
+    assert not torch.allclose(euler.latents[0], batched[0].latents[0], atol=1e-3)
     for bad in (-2.0, float("nan"), "3", True):
         pipeline.fast = {**fast, "time_shift": bad}
         with pytest.raises(ValueError, match="time_shift"):
             generate(requests[0], pipeline=pipeline, quality="fast")
-    assert not torch.allclose(euler.latents[0], batched[0].latents[0], atol=1e-3)
