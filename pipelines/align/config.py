@@ -385,7 +385,9 @@ class DMDConfig:
     # with (1.59 for a 2 s clip of the shipped model). A larger shift spends the steps
     # nearer noise, where a clip's objects are laid out: the shipped teacher at 4 guided
     # Euler steps kept more of its colour score at shift 3 than at its own 1.59
-    # (+0.020 +- 0.007; BENCHMARKS.md, session 38).
+    # (+0.020 +- 0.007; BENCHMARKS.md, session 38); a student trained on shift 3 did
+    # not keep more (adherence 0.78 of its teacher on the GPU, session 39), so the
+    # default stays the resolution shift.
     time_shift: float = 0.0
 
 
