@@ -213,7 +213,10 @@ class TimedStages:
         if stopped is not None:
             info["lr_fraction_at_stop"] = round(lr_fraction, 4)
         if len(marks) > 2:
-            (s0, a), (s1, b) = marks[1], marks[-1]
+            # The first window holds the warm-up (compilation too); the last, the final
+            # checkpoint's write: left out where enough windows are between them.
+            steady = marks[1:-1] if len(marks) > 3 else marks[1:]
+            (s0, a), (s1, b) = steady[0], steady[-1]
             info["s_per_step"] = (b - a) / max(1, s1 - s0)
         metrics = os.path.join(loop.stage_uri(cfg, stage), "metrics.jsonl")
         if os.path.exists(metrics):  # one file for every stage: 8 files come back at most
