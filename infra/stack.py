@@ -45,8 +45,8 @@ ENV_FILE = "env.sh"
 # Environment a started service must not inherit from whoever ran `make up`.
 _SCRUBBED_PREFIXES = ("RAY_ADDRESS", "RAY_AUTH_", "PREFECT_API_URL")
 # How often the head is started before `up` gives up when `ray start` says its raylet
-# did not register in time (RAY_NODE_STARTUP_TIMEOUT).
-RAY_START_ATTEMPTS = 2
+# did not register in time (RAY_NODE_STARTUP_TIMEOUT); CI once saw two misses in a row.
+RAY_START_ATTEMPTS = 3
 
 
 class StackError(RuntimeError):
@@ -446,10 +446,23 @@ def _cmdline_mentions(text: str) -> set[int]:
     return found
 
 
-def _stop_processes(
-    state: dict[str, Any], log=print, grace_s: float = 15.0, kill_wait_s: float = 60.0
-) -> list[int]:
-    """TERM, then KILL after ``grace_s``, every process the stack started (newest first)."""
+def _process_name(pid: int) -> str:
+    """What ``ps`` shows for ``pid`` (Ray names its workers ``ray::Actor``), shortened."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return str(pid)
+    words = [w.decode(errors="replace") for w in argv if w]
+    if not words:
+        return str(pid)
+    name = words[0].rsplit("/", 1)[-1]
+    if name.startswith("python"):  # the script, past the interpreter's options
+        name = next((w.rsplit("/", 1)[-1] for w in words[1:] if not w.startswith("-")), name)
+    return name[:60]
+
+
+def _stack_pids(state: dict[str, Any]) -> set[int]:
+    """Every live process the stack started, its children included (not this one)."""
     targets: set[int] = set()
     for proc in reversed(list(state["processes"].values())):
         targets |= _family(proc["pid"], proc["pgid"])
@@ -457,20 +470,36 @@ def _stop_processes(
     if state.get("ray_temp_dir"):
         targets |= _cmdline_mentions(state["ray_temp_dir"] + "/")
     targets.discard(os.getpid())
-    for pid in targets:
+    return targets
+
+
+def _terminate(pids: set[int], grace_s: float) -> None:
+    """SIGTERM ``pids`` and wait up to ``grace_s`` for them to be gone."""
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in targets):
-        time.sleep(0.3)
-    # Some of Ray's agents ignore SIGTERM once their raylet is gone, and a raylet or a
-    # Prefect worker may have started a child after the first look: look again.
-    for proc in state["processes"].values():
-        targets |= _family(proc["pid"], proc["pgid"])
-    if state.get("ray_temp_dir"):
-        targets |= _cmdline_mentions(state["ray_temp_dir"] + "/")
-    targets.discard(os.getpid())
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+
+
+def _stop_processes(
+    state: dict[str, Any], log=print, grace_s: float = 15.0, kill_wait_s: float = 60.0
+) -> list[int]:
+    """TERM every process the stack started but Ray's GCS and wait up to ``grace_s``;
+    then TERM the GCS and whatever is left and wait again; KILL what still runs."""
+    first = _stack_pids(state)
+    # Ray's own `ray stop` stops the GCS last: Serve's controller, proxy and replicas
+    # and the `ray start` parent wait on the GCS while they exit, so with the GCS
+    # signalled at the same moment they outlived the whole grace (an idle stack went
+    # down in 4 s, one that had served in 16).
+    gcs = {p for p in first if _process_name(p) == "gcs_server"}
+    _terminate(first - gcs, grace_s)
+    # A raylet or a Prefect worker may have started a child after the first look.
+    targets = first | _stack_pids(state)
+    _terminate({p for p in targets if _alive(p)}, grace_s)
     killed = [p for p in targets if _alive(p)]
+    names = ", ".join(sorted({_process_name(p) for p in killed}))
     for pid in killed:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
@@ -481,7 +510,7 @@ def _stop_processes(
     while killed and time.monotonic() < deadline and any(_alive(p) for p in killed):
         time.sleep(0.05)
     if killed:
-        log(f"killed {len(killed)} process(es) that ignored SIGTERM")
+        log(f"killed {len(killed)} process(es) that ignored SIGTERM: {names}")
     survivors = [p for p in killed if _alive(p)]
     if survivors:
         log(f"still alive {kill_wait_s:.0f} s after SIGKILL: {survivors}")
