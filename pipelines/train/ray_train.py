@@ -19,6 +19,14 @@ from core import storage
 from core.config import config_to_dict
 from pipelines.train.config import TrainConfig, train_config_from, with_absolute_uris
 
+# Ray Train's controller acts on what its workers did at its polls, every 2 s by default:
+# the start of a stage's training and the end of a finished stage each wait for one,
+# idle seconds that add up over a chain of short stages (`duet demo --quick`, three
+# stages: 78-79 s at 2 s, 68-74 s at 0.5 s; BENCHMARKS.md). A poll is one small call
+# per worker. The driver's value reaches the controller on a joined cluster too.
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_INTERVAL_S = "0.5"
+
 
 def _worker_entry(config: dict[str, Any]) -> None:
     from pipelines.train.loop import run_stage
@@ -72,6 +80,7 @@ def run_stage_on_ray(
 
     # The workers' working directory is Ray's, not the caller's.
     cfg = with_absolute_uris(cfg)
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)
     ensure_ray(ray_address)
     storage_path, filesystem = _storage(cfg.run_uri)
     trainer = TorchTrainer(
