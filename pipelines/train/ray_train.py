@@ -129,11 +129,16 @@ def _watch(cfg: TrainConfig, stage: str, progress, stop: threading.Event) -> Non
 
     uri = storage.join(cfg.run_uri, stage, METRICS_NAME)
     total = cfg.stage(stage).steps
-    while not stop.wait(2.0):
+    while True:
+        # One more read once the stage has ended: a stage shorter than the poll would
+        # otherwise show no step at all, and a longer one not its last.
+        ended = stop.wait(2.0)
         try:
             lines = storage.read_text(uri).splitlines()
         except (OSError, storage.StorageError):
-            continue
+            lines = []
         if lines:
             row = json.loads(lines[-1])
             progress(stage, int(row["step"]), total, row)
+        if ended:
+            return
