@@ -21,12 +21,8 @@ $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install -q --upgrade pip 2>&1 | $(PIPQ)
 	@# torch first, pinned to the local CPU build: a bare range would pull CUDA wheels.
-	@$(BIN)/python -c "import torch" 2>/dev/null || ($(BIN)/pip install -q --no-compile "torch==2.13.0" 2>&1 | $(PIPQ))
-	@$(BIN)/pip install -q --no-compile -e ".[dev]" 2>&1 | $(PIPQ)
-	@# pip byte-compiles on one core, compileall on all of them (131 s -> 113 s for a
-	@# fresh install on 2 cores). Its status is ignored as pip ignores it: some packages
-	@# ship files that are not Python 3 (templates, old tests).
-	@$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
+	@$(BIN)/python -c "import torch" 2>/dev/null || ($(BIN)/pip install -q "torch==2.13.0" 2>&1 | $(PIPQ))
+	@$(BIN)/pip install -q -e ".[dev]" 2>&1 | $(PIPQ)
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
