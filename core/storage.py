@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import posixpath
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -41,6 +42,37 @@ def _s3_options() -> dict[str, Any]:
     return opts
 
 
+# What decides which credentials and server a boto client uses, besides the options.
+_S3_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+)  # fmt: skip
+_s3_filesystems: dict[tuple, fsspec.AbstractFileSystem] = {}
+_s3_lock = threading.Lock()
+
+
+def _s3_filesystem() -> fsspec.AbstractFileSystem:
+    """One S3 filesystem per process and settings, reused by every call.
+
+    A new one per call built a boto session and parsed botocore's service models each
+    time: about 0.24 s of CPU per ``exists`` or ``read`` against a loopback server
+    (BENCHMARKS.md, session 41), which a job store polling S3 pays on every poll.
+    Listings are not cached (``use_listings_cache=False``), so reusing the client hides
+    no other process's writes. The key holds the process id (a forked child builds its
+    own: the parent's event loop thread is not in it) and the AWS settings of the
+    environment, so changed credentials or endpoint get a new client.
+    """
+    options = _s3_options()
+    key = (os.getpid(), tuple(sorted(options.items())), tuple(os.environ.get(k) for k in _S3_ENV))
+    with _s3_lock:
+        fs = _s3_filesystems.get(key)
+        if fs is None:
+            if len(_s3_filesystems) >= 16:  # settings that changed many times: start over
+                _s3_filesystems.clear()
+            fs = _s3_filesystems[key] = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    return fs
+
+
 def scheme_of(uri: str) -> str:
     """``s3`` for ``s3://...``, ``file`` for local paths and ``file://``."""
     if "://" not in uri:
@@ -54,7 +86,7 @@ def filesystem(uri: str) -> fsspec.AbstractFileSystem:
     if scheme == "file":
         return LocalFileSystem(auto_mkdir=True)
     if scheme in ("s3", "s3a"):
-        return fsspec.filesystem("s3", skip_instance_cache=True, **_s3_options())
+        return _s3_filesystem()
     return fsspec.filesystem(scheme)
 
 

@@ -76,3 +76,29 @@ def test_local_atomic_write_leaves_no_temp(tmp_path):
     target = str(tmp_path / "f.bin")
     storage.write_bytes(target, b"abc")
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_s3_reuses_one_client_and_still_sees_other_processes_writes(s3_bucket, monkeypatch):
+    """One S3 filesystem per process and settings (a new one per call parsed botocore's
+    models every time); what another process writes or removes shows at once, and other
+    credentials get another client."""
+    import subprocess
+    import sys
+
+    uri = f"{s3_bucket}/shared/one.txt"
+    fs = storage.filesystem(uri)
+    assert storage.filesystem(s3_bucket) is fs
+    assert not storage.exists(uri) and storage.list_files(f"{s3_bucket}/shared") == []
+    code = "import sys; from core import storage; storage.write_text(sys.argv[1], 'from afar')"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code, uri], cwd=root, check=True, timeout=120)
+    assert storage.exists(uri) and storage.read_text(uri) == "from afar"
+    assert storage.list_files(f"{s3_bucket}/shared") == [uri]
+    code = "import sys; from core import storage; storage.remove(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, uri], cwd=root, check=True, timeout=120)
+    assert not storage.exists(uri) and storage.list_files(f"{s3_bucket}/shared") == []
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
+    assert storage.filesystem(uri) is not fs
+    monkeypatch.undo()
+    assert storage.filesystem(uri) is fs
