@@ -17,7 +17,12 @@ def test_train_flow_skips_finished_stages_and_runs_the_rest(tiny_vae_run, tmp_pa
     before = os.stat(weights).st_mtime_ns
     config = {
         "run_uri": run,
-        "data": {"curated_uri": corpus, "latent_cache_uri": f"{tmp_path}/latents"},
+        # The shared VAE run's latent cache (keyed by the VAE's weights, which the
+        # copied final keeps): the training tests on this corpus encode the clips once.
+        "data": {
+            "curated_uri": corpus,
+            "latent_cache_uri": vae_final.rsplit("/vae/final")[0] + "-latents",
+        },
         "pretrain": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1},
         "sft": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1},
     }

@@ -246,11 +246,17 @@ def _duet_train(stage: str, cfg: TrainConfig, tmp_path, extra=()) -> subprocess.
 def test_killed_driver_resumes_with_the_same_losses_and_data(vae_run, tmp_path):
     """SIGKILL the whole training process mid-stage; rerunning the command resumes exactly."""
     parent = final_uri(vae_run, "vae")
-    straight = _config(vae_run.data.curated_uri, str(tmp_path / "straight"), init_from=parent)
+    # The shared VAE's latents, encoded once for the module (the cache is keyed by
+    # the VAE's weights): what this test checks starts after them.
+    latents = {"latent_cache_uri": vae_run.data.latent_cache_uri}
+    straight = _config(
+        vae_run.data.curated_uri, str(tmp_path / "straight"), init_from=parent, data=latents
+    )
     killed = _config(
         vae_run.data.curated_uri,
         str(tmp_path / "killed"),
         init_from=parent,
+        data=latents,
         debug_kill_at_step=5,
         debug_kill_stage="pretrain",
     )
@@ -288,7 +294,8 @@ def test_progress_is_told_of_a_step_after_its_checkpoint_is_written(vae_run, tmp
         pass
 
     cfg = _config(vae_run.data.curated_uri, str(tmp_path / "run"),
-                  init_from=final_uri(vae_run, "vae"))  # fmt: skip
+                  init_from=final_uri(vae_run, "vae"),
+                  data={"latent_cache_uri": vae_run.data.latent_cache_uri})  # fmt: skip
     told = []
 
     def progress(stage, step, total, row):
