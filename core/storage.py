@@ -51,6 +51,17 @@ _s3_filesystems: dict[tuple, fsspec.AbstractFileSystem] = {}
 _s3_lock = threading.Lock()
 
 
+def _forget_s3_filesystems() -> None:
+    """In a forked child: a fresh lock (another thread of the parent may have held it
+    at the fork) and no clients of the parent's."""
+    global _s3_lock
+    _s3_lock = threading.Lock()
+    _s3_filesystems.clear()
+
+
+os.register_at_fork(after_in_child=_forget_s3_filesystems)
+
+
 def _s3_filesystem() -> fsspec.AbstractFileSystem:
     """One S3 filesystem per process and settings, reused by every call.
 

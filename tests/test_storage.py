@@ -102,3 +102,25 @@ def test_s3_reuses_one_client_and_still_sees_other_processes_writes(s3_bucket, m
     assert storage.filesystem(uri) is not fs
     monkeypatch.undo()
     assert storage.filesystem(uri) is fs
+
+
+def test_a_forked_child_builds_its_own_s3_client_even_if_the_lock_was_held(s3_bucket):
+    """A fork while another thread holds the client cache's lock must not leave the
+    child waiting on it forever; the child reads S3 with a client of its own."""
+    import multiprocessing
+
+    uri = f"{s3_bucket}/forked.txt"
+    storage.write_text(uri, "seen by the child")
+    parent_fs = storage.filesystem(uri)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    def child():
+        results.put((storage.read_text(uri), storage.filesystem(uri) is parent_fs))
+
+    with storage._s3_lock:  # as if another thread were building a client at the fork
+        process = context.Process(target=child)
+        process.start()
+    process.join(timeout=30)
+    assert process.exitcode == 0, "the forked child never finished"
+    assert results.get(timeout=5) == ("seen by the child", False)
