@@ -124,7 +124,9 @@ def lying_mkv(frames: int) -> bytes:
     holds ``frames`` frames at 24 fps."""
     data = bytearray(video("matroska", frames, 16))
     info = data.index(b"\x15\x49\xa9\x66")  # the Info element
-    at = data.index(b"\x44\x89", info)  # its Duration, in TimestampScale units (1 ms)
+    # Its Duration (ID 0x4489, size 4 or 8; in TimestampScale units, 1 ms). The ID with
+    # its size byte: the random SegmentUID before it can hold the two ID bytes alone.
+    at = re.compile(rb"\x44\x89[\x84\x88]").search(data, info).start()
     if data[at + 2] == 0x88:
         data[at + 3 : at + 11] = struct.pack(">d", 1000.0)
     else:
