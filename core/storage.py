@@ -42,18 +42,13 @@ def _s3_options() -> dict[str, Any]:
     return opts
 
 
-# What decides which credentials and server a boto client uses, besides the options.
-_S3_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
-)  # fmt: skip
 _s3_filesystems: dict[tuple, fsspec.AbstractFileSystem] = {}
 _s3_lock = threading.Lock()
 
 
 def _forget_s3_filesystems() -> None:
     """In a forked child: a fresh lock (another thread of the parent may have held it
-    at the fork) and no clients of the parent's."""
+    at the fork) and no clients of the parent's (its event loop thread is not here)."""
     global _s3_lock
     _s3_lock = threading.Lock()
     _s3_filesystems.clear()
@@ -67,14 +62,14 @@ def _s3_filesystem() -> fsspec.AbstractFileSystem:
 
     A new one per call built a boto session and parsed botocore's service models each
     time: about 0.24 s of CPU per ``exists`` or ``read`` against a loopback server
-    (BENCHMARKS.md, session 41), which a job store polling S3 pays on every poll.
+    (``python -m bench.storage_s3``), which a job store polling S3 pays on every poll.
     Listings are not cached (``use_listings_cache=False``), so reusing the client hides
-    no other process's writes. The key holds the process id (a forked child builds its
-    own: the parent's event loop thread is not in it) and the AWS settings of the
-    environment, so changed credentials or endpoint get a new client.
+    no other process's writes. The key is the options and every ``AWS_*`` variable
+    (credentials, profile, region, role), so changed settings get a new client.
     """
     options = _s3_options()
-    key = (os.getpid(), tuple(sorted(options.items())), tuple(os.environ.get(k) for k in _S3_ENV))
+    aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = (tuple(sorted(options.items())), aws_env)
     with _s3_lock:
         fs = _s3_filesystems.get(key)
         if fs is None:

@@ -258,8 +258,10 @@ def _hold_out_last_sources(curated_uri: str, count: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_vae_run(tiny_curated_corpus, tmp_path_factory) -> tuple[str, str]:
-    """The ``vae`` stage trained once (6 steps) on the tiny corpus: (corpus, final URI).
+def tiny_vae_run(tiny_curated_corpus, tmp_path_factory) -> tuple[str, str, str]:
+    """The ``vae`` stage trained once (6 steps) on the tiny corpus: (corpus, final URI,
+    latent cache URI). The cache is keyed by the VAE's weights, so the later stages of
+    every test starting from this VAE share it and the clips are encoded once.
 
     The config matches ``tests/test_train_pipeline.py``'s base config, whose VAE
     checks read this run's logs and checkpoints.
@@ -268,16 +270,17 @@ def tiny_vae_run(tiny_curated_corpus, tmp_path_factory) -> tuple[str, str]:
     from pipelines.train.config import train_config_from
 
     run = str(tmp_path_factory.mktemp("train") / "base")
+    latents = run + "-latents"
     cfg = train_config_from(
         {
             "run_uri": run,
             "seed": 3,
-            "data": {"curated_uri": tiny_curated_corpus, "latent_cache_uri": run + "-latents"},
+            "data": {"curated_uri": tiny_curated_corpus, "latent_cache_uri": latents},
             "vae": {"steps": 6, "batch_size": 2, "checkpoint_every": 3, "log_every": 1},
         }
     )
     finals = train(cfg, stages=("vae",), runner="local")
-    return tiny_curated_corpus, finals["vae"]
+    return tiny_curated_corpus, finals["vae"], latents
 
 
 @pytest.fixture(scope="session")

@@ -117,8 +117,8 @@ def _config(corpus: str, run_uri: str, **overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def vae_run(tiny_vae_run) -> TrainConfig:
     """The config of the shared VAE run (tests/conftest.py); later stages start from it."""
-    corpus, vae_final = tiny_vae_run
-    return _config(corpus, vae_final.rsplit("/vae/final", 1)[0])
+    corpus, vae_final, latents = tiny_vae_run
+    return _config(corpus, vae_final.rsplit("/vae/final", 1)[0], data={"latent_cache_uri": latents})
 
 
 def _metrics(stage_uri: str) -> list[dict]:
@@ -246,8 +246,8 @@ def _duet_train(stage: str, cfg: TrainConfig, tmp_path, extra=()) -> subprocess.
 def test_killed_driver_resumes_with_the_same_losses_and_data(vae_run, tmp_path):
     """SIGKILL the whole training process mid-stage; rerunning the command resumes exactly."""
     parent = final_uri(vae_run, "vae")
-    # The shared VAE's latents, encoded once for the module (the cache is keyed by
-    # the VAE's weights): what this test checks starts after them.
+    # The shared VAE run's latent cache (tests/conftest.py): what this test checks
+    # starts after the clips are encoded.
     latents = {"latent_cache_uri": vae_run.data.latent_cache_uri}
     straight = _config(
         vae_run.data.curated_uri, str(tmp_path / "straight"), init_from=parent, data=latents
