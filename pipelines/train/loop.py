@@ -711,7 +711,8 @@ def run_stage(
     check_fits(cfg, pipeline, stage)
     version = data_version(cfg.data.curated_uri)
     here = stage_uri(cfg, stage)
-    resume = rt.restored_checkpoint() or ckpt.latest_checkpoint(here)
+    restored = rt.restored_checkpoint()
+    resume = restored or ckpt.latest_checkpoint(here)
     if resume:  # a corrupt or foreign checkpoint fails here, before any decoding
         opened = ckpt.open_checkpoint(resume)
         found = opened[0]
@@ -737,6 +738,8 @@ def run_stage(
         state = ckpt.restore_checkpoint(
             resume, task.components, task.module, optimizer, ema, opened
         )
+        if restored:
+            rt.release_restored(restored)
     log = MetricsLog(here, enabled=rt.is_main, resume_step=state.step)
     position = SamplerPosition(state.epoch, state.batch)
     if task.start is not None:

@@ -8,6 +8,7 @@ machine without Ray and inside Ray Train's ``TorchTrainer``.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -50,17 +51,32 @@ class Runtime:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        # The directory stays valid for the life of the worker (Ray's local copy).
+        # A local copy (a temporary directory) for the loop to read; the loop hands it to
+        # release_restored once the weights and optimizer state are in memory.
         return checkpoint.to_directory()
 
     def publish(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        """Ray Train: report metrics (and a checkpoint directory, rank 0) every time."""
+        """Ray Train: report metrics (and a checkpoint directory, rank 0) every time.
+
+        The directory is a staging copy: ``report`` has uploaded it to the run's storage
+        by the time it returns (synchronous upload), so it is removed then. Kept, every
+        checkpoint of a run would stay on the worker's local disk until it filled.
+        """
         if not self.under_ray:
             return
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        try:
+            ray.train.report(metrics, checkpoint=checkpoint)
+        finally:
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    def release_restored(self, local_dir: str) -> None:
+        """Remove the local copy :meth:`restored_checkpoint` made, once it has been read."""
+        if self.under_ray:
+            shutil.rmtree(local_dir, ignore_errors=True)
 
 
 def default_device() -> torch.device:
