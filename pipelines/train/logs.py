@@ -12,6 +12,7 @@ import html
 import io
 import json
 import os
+import shutil
 import tempfile
 
 from core import storage
@@ -107,6 +108,17 @@ class MetricsLog:
 <h2>Last logged step</h2><table>{last_rows}</table>
 </body></html>"""
         storage.write_text(storage.join(self.stage_uri, REPORT_NAME), page)
+        self.close()
+
+    def close(self) -> None:
+        """Close TensorBoard's writer; for an object store, remove its local mirror
+        (everything in it was copied up by :meth:`flush`)."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        if storage.scheme_of(self.stage_uri) not in ("", "file"):
+            shutil.rmtree(self._tb_local, ignore_errors=True)
 
     def _curve_png(self) -> bytes:
         import matplotlib
