@@ -60,3 +60,18 @@ def test_rays_restored_copy_is_released_once_read(tmp_path):
     copy = _staged(tmp_path)
     Runtime(under_ray=True).release_restored(copy)
     assert not os.path.exists(copy)
+
+
+def test_each_rank_restores_into_a_copy_of_its_own(tmp_path, monkeypatch):
+    # Ray's default local directory for a checkpoint is shared by the workers of a
+    # node: one rank releasing it must not remove what another is still reading.
+    stored = ray.train.Checkpoint.from_directory(_staged(tmp_path))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: stored)
+    rank0, rank1 = Runtime(rank=0, under_ray=True), Runtime(rank=1, under_ray=True)
+    first, second = rank0.restored_checkpoint(), rank1.restored_checkpoint()
+    assert first != second
+    rank0.release_restored(first)
+    assert not os.path.exists(first)
+    assert os.listdir(second) == ["model.safetensors"]
+    assert os.listdir(stored.path) == ["model.safetensors"]  # the stored checkpoint stays
+    rank1.release_restored(second)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +52,11 @@ class Runtime:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        # A local copy (a temporary directory) for the loop to read; the loop hands it to
-        # release_restored once the weights and optimizer state are in memory.
-        return checkpoint.to_directory()
+        # A local copy of this rank's own, which the loop hands to release_restored once
+        # the weights and optimizer state are in memory. Not Ray's default directory:
+        # that one is shared by every worker of a node, so one rank removing it could
+        # pull it from under another still reading.
+        return checkpoint.to_directory(tempfile.mkdtemp(prefix="duet-restore-"))
 
     def publish(self, metrics: dict, checkpoint_dir: str | None) -> None:
         """Ray Train: report metrics (and a checkpoint directory, rank 0) every time.
