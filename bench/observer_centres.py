@@ -186,7 +186,9 @@ def train_way(way: str, data: dict, train: torch.Tensor, args) -> nn.Module | No
             _, soft = centroids(logits.softmax(1)[:, 1:])
             on = present[pick, span].flatten(0, 1)
             err = (soft - centres[pick, span].flatten(0, 1)).abs().sum(-1)[on]
-            loss = F.cross_entropy(logits, target) + err.mean() * clip.shape[-1] / 4
+            loss = F.cross_entropy(logits, target)
+            if err.numel():  # no object in the whole batch: the classes alone
+                loss = loss + err.mean() * clip.shape[-1] / 4
         else:
             seen = model(resize(clip, PEAKS_SIZE[way]), torch.zeros(len(pick), 2, 2 * args.window))
             quiet = torch.zeros(len(pick), args.window)
