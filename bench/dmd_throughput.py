@@ -1,7 +1,7 @@
 """The DMD2 loop's seconds a step under each way of running it, side by side.
 
     python -m bench.dmd_throughput --carry CARRY [--checkpoint checkpoints/default] \\
-        [--ways fp32,autocast,compile,b64] [--steps 80] [--out /tmp/dmd_throughput]
+        [--ways fp32,autocast,compile,b64,b64compile] [--steps 80] [--out /tmp/dmd_throughput]
 
 How many student updates a fixed budget holds decides how far a Fast student gets
 (BENCHMARKS.md: 500-1050 updates so far). Each way runs ``align_job``'s ``distill``
@@ -12,7 +12,8 @@ held-out clip (``align_job`` always scores; its seconds are not counted). Ways:
 - ``fp32``: batch 16, fp32 weights and compute (TF32 matmuls on a GPU);
 - ``autocast``: batch 16, bf16 autocast around each step (``--autocast``);
 - ``compile``: batch 16, ``--autocast --compile`` (each DiT block compiled);
-- ``b64``: batch 64 with ``--autocast`` (a step then holds four times the samples).
+- ``b64``: batch 64 with ``--autocast`` (a step then holds four times the samples);
+- ``b64compile``: batch 64 with ``--autocast --compile``.
 
 Printed per way: loop steps, seconds a step (from the stage's own progress marks, every
 25 steps and the last; the first window, with compilation and warm-up, and the last,
@@ -38,6 +39,7 @@ WAYS = {
     "autocast": ("16", ["--autocast"]),
     "compile": ("16", ["--autocast", "--compile"]),
     "b64": ("64", ["--autocast"]),
+    "b64compile": ("64", ["--autocast", "--compile"]),
 }
 
 
