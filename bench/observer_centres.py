@@ -250,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown way(s) {unknown}")
 
+    from core.probes.detect import COLOR_NAMES
     from pipelines.align.observer import colour_centres
 
     data = load_or_make(args)
     objects = data["objects"]
-    colours = 8
+    colours = len(COLOR_NAMES)
     colour = objects[..., 0].long()
     one_hot = F.one_hot(colour.clamp_min(0), colours) * (colour >= 0)[..., None]
     labelled = one_hot.sum(2)  # (N, F, P) objects of each colour

@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 from contextlib import contextmanager
 from unittest import mock
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
 def _loopback_s3():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    from core.ports import free_port
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,16 +31,11 @@ sys.path.insert(0, ROOT)
 
 from core import storage  # noqa: E402
 from core.config import config_to_dict  # noqa: E402
+from core.ports import free_port  # noqa: E402
 from pipelines.train.config import train_config_from  # noqa: E402
 
 # Per-preset settings that fit this machine: batch per worker and clip length.
 PRESET_SETTINGS = {"tiny": (4, 33), "small": (1, 25)}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_corpus(root: str) -> str:
@@ -83,7 +77,7 @@ def run_pair(preset: str, data: str, work: str, steps: int) -> dict:
     with open(path, "w") as f:
         json.dump(config_to_dict(cfg), f)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "cli.main", "train", "pretrain", "--runner", "local", "--config", path]  # fmt: skip
     started = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from core import storage
+from core.ports import free_port
 
 console = Console()
 
@@ -290,14 +291,6 @@ colour = ["red", "blue"]
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def serve_step(out_uri: str, checkpoint: str | None) -> dict:
     """Start the Serve app on a local Ray, run a small ad-variant batch through it
     (the adgen flow), and print where the videos, results table and page are."""
@@ -319,7 +312,7 @@ def serve_step(out_uri: str, checkpoint: str | None) -> dict:
             "random_weights_preset": None if checkpoint else "tiny",
             "jobs_uri": storage.join(serve_uri, "jobs"),
             "api_keys": [key],
-            "port": _free_port(),
+            "port": free_port(),
             "fast": {"steps": 4, "sampler": "euler", "num_cpus": 0.5, "max_replicas": 2},
             "full": {"num_cpus": 0.5, "max_replicas": 1},
         }

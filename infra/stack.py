@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import config_to_dict
+from core.ports import free_port
 from core.ray_setup import RAY_NODE_STARTUP_TIMEOUT, process_table
 from infra.config import REPO_ROOT, DeployConfig
 
@@ -67,12 +68,6 @@ def read_state(directory: Path) -> dict[str, Any] | None:
 
 def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -298,10 +293,10 @@ def _ray_head_command(cfg: DeployConfig, ray_temp: Path) -> list[str]:
         f"--max-worker-port={cfg.ray.max_worker_port}",
         # Ports Ray would otherwise take at fixed defaults, which another Ray on
         # this machine may hold.
-        f"--dashboard-agent-listen-port={_free_port(host)}",
-        f"--dashboard-agent-grpc-port={_free_port(host)}",
-        f"--metrics-export-port={_free_port(host)}",
-        f"--runtime-env-agent-port={_free_port(host)}",
+        f"--dashboard-agent-listen-port={free_port(host)}",
+        f"--dashboard-agent-grpc-port={free_port(host)}",
+        f"--metrics-export-port={free_port(host)}",
+        f"--runtime-env-agent-port={free_port(host)}",
     ]  # fmt: skip
     if cfg.ray.num_cpus is not None:
         cmd.append(f"--num-cpus={cfg.ray.num_cpus}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from typing import NamedTuple
 
 import pytest
 
@@ -257,11 +258,18 @@ def _hold_out_last_sources(curated_uri: str, count: int) -> None:
     pq.write_table(table, uri)
 
 
+class VaeRun(NamedTuple):
+    corpus: str  # the curated corpus it trained on
+    run: str  # the run folder (its stage under run/vae)
+    final: str  # the stage's final checkpoint
+    latents: str  # the latent cache of the stages after it
+
+
 @pytest.fixture(scope="session")
-def tiny_vae_run(tiny_curated_corpus, tmp_path_factory) -> tuple[str, str, str]:
-    """The ``vae`` stage trained once (6 steps) on the tiny corpus: (corpus, final URI,
-    latent cache URI). The cache is keyed by the VAE's weights, so the later stages of
-    every test starting from this VAE share it and the clips are encoded once.
+def tiny_vae_run(tiny_curated_corpus, tmp_path_factory) -> VaeRun:
+    """The ``vae`` stage trained once (6 steps) on the tiny corpus. Its latent cache is
+    keyed by the VAE's weights, so the later stages of every test starting from this
+    VAE share it and the clips are encoded once.
 
     The config matches ``tests/test_train_pipeline.py``'s base config, whose VAE
     checks read this run's logs and checkpoints.
@@ -280,7 +288,7 @@ def tiny_vae_run(tiny_curated_corpus, tmp_path_factory) -> tuple[str, str, str]:
         }
     )
     finals = train(cfg, stages=("vae",), runner="local")
-    return tiny_curated_corpus, finals["vae"], latents
+    return VaeRun(corpus=tiny_curated_corpus, run=run, final=finals["vae"], latents=latents)
 
 
 @pytest.fixture(scope="session")

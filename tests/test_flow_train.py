@@ -9,16 +9,16 @@ from flows.train import train_flow
 
 
 def test_train_flow_skips_finished_stages_and_runs_the_rest(tiny_vae_run, tmp_path):
-    corpus, vae_final, latents = tiny_vae_run
+    vae = tiny_vae_run
     run = str(tmp_path / "run")
     for name in ("config.json", "model.safetensors"):
-        storage.write_bytes(f"{run}/vae/final/{name}", storage.read_bytes(f"{vae_final}/{name}"))
+        storage.write_bytes(f"{run}/vae/final/{name}", storage.read_bytes(f"{vae.final}/{name}"))
     weights = f"{run}/vae/final/model.safetensors"
     before = os.stat(weights).st_mtime_ns
     config = {
         "run_uri": run,
         # The shared VAE run's latent cache: the copied final keeps its weights.
-        "data": {"curated_uri": corpus, "latent_cache_uri": latents},
+        "data": {"curated_uri": vae.corpus, "latent_cache_uri": vae.latents},
         "pretrain": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1},
         "sft": {"steps": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1},
     }

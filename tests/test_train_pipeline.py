@@ -117,8 +117,8 @@ def _config(corpus: str, run_uri: str, **overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def vae_run(tiny_vae_run) -> TrainConfig:
     """The config of the shared VAE run (tests/conftest.py); later stages start from it."""
-    corpus, vae_final, latents = tiny_vae_run
-    return _config(corpus, vae_final.rsplit("/vae/final", 1)[0], data={"latent_cache_uri": latents})
+    return _config(tiny_vae_run.corpus, tiny_vae_run.run,
+                   data={"latent_cache_uri": tiny_vae_run.latents})  # fmt: skip
 
 
 def _metrics(stage_uri: str) -> list[dict]:
@@ -435,3 +435,30 @@ def test_bad_inputs_fail_before_any_compute(vae_run, tmp_path, compute_calls):
     )
     # The bad checkpoint is left as it was, for a person to look at.
     assert storage.read_bytes(storage.join(bad, "model.safetensors")) == b"not a safetensors file"
+
+
+def test_a_checkpoint_ray_restored_is_read_then_released(vae_run, tmp_path):
+    """Under Ray Train the loop resumes from a local copy of the newest checkpoint and
+    hands it back once the state is in memory (kept, every restart's copy stayed on
+    the worker's disk). A Runtime standing in for Ray's hands out a copy of the shared
+    VAE run's last checkpoint."""
+    from pipelines.train.state import latest_checkpoint
+
+    newest = latest_checkpoint(stage_uri(vae_run, "vae"))
+    copy = str(tmp_path / "restored")
+    fs = storage.filesystem(newest)
+    fs.get(storage.strip_scheme(newest), copy, recursive=True)
+    released = []
+
+    class RayLike(Runtime):
+        def restored_checkpoint(self):
+            return copy
+
+        def release_restored(self, local_dir):
+            released.append((local_dir, os.path.exists(local_dir)))
+
+    cfg = _config(vae_run.data.curated_uri, str(tmp_path / "run"),
+                  data={"latent_cache_uri": vae_run.data.latent_cache_uri})  # fmt: skip
+    result = run_stage(cfg, "vae", RayLike())
+    assert result.resumed_from == copy and result.steps == 6
+    assert released == [(copy, True)]

@@ -3,7 +3,8 @@
 Under Ray Train each checkpoint is written to a local staging directory and handed to
 ``ray.train.report``, which uploads it to the run's storage before returning; a copy
 kept afterwards would fill the worker's disk over a long run (one per checkpoint). The
-restore side reads Ray's local copy of the newest checkpoint once. Ray's ``report`` is
+restore side reads a local copy of the newest checkpoint once, then releases it (the
+loop's side is tests/test_train_pipeline.py's). Ray's ``report`` is
 replaced here by a recorder (the real upload is tests/test_train_e2e.py's).
 """
 
@@ -54,12 +55,6 @@ def test_without_ray_the_checkpoint_directory_is_the_checkpoint_and_stays(tmp_pa
     Runtime(under_ray=False).publish({"step": 4}, staged)
     Runtime(under_ray=False).release_restored(staged)
     assert os.listdir(staged) == ["model.safetensors"]
-
-
-def test_rays_restored_copy_is_released_once_read(tmp_path):
-    copy = _staged(tmp_path)
-    Runtime(under_ray=True).release_restored(copy)
-    assert not os.path.exists(copy)
 
 
 def test_each_rank_restores_into_a_copy_of_its_own(tmp_path, monkeypatch):
