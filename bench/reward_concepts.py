@@ -37,6 +37,11 @@ with binomial standard errors; ``--train-prompts`` cuts training to the first K
 training prompts. The palette and the probes are the synthetic world's: this measures
 the world heads (sync, adherence, motion), not footage.
 
+``--mask-width`` and ``--impacts`` (``pixels`` only) choose the observer's way of placing
+objects and reading impacts (defaults: the product's, a pixel mask and the rater's rule
+over its objects; ``--mask-width 0 --impacts learned --size 64`` is the observer of
+sessions 25-42).
+
 ``--mix none,counts,where,impact`` (``pixels`` only) then scores the trained observer's
 own observations of every row with one part at a time replaced by the probes' (``none``:
 all its own), each with fresh scores trained on the same pairs, and prints where its
@@ -423,7 +428,9 @@ def run_frames(rows, inputs, args, concepts: str) -> dict:
 
     cfg = RewardConfig(preset=args.preset, steps=args.steps, seed=args.seed,
                        observer_steps=args.observer_steps, observer_batch=args.observer_batch,
-                       observer_window=args.observer_window, observer_size=args.size)  # fmt: skip
+                       observer_window=args.observer_window, observer_size=args.size,
+                       observer_mask_width=args.mask_width,
+                       observer_rule_impacts=args.impacts == "rule")  # fmt: skip
     train, val, n_prompts = _split(rows, args.train_prompts)
     t0 = time.perf_counter()
     out = {"train_prompts": n_prompts}
@@ -502,6 +509,8 @@ def count_errors(found: torch.Tensor, exact: torch.Tensor) -> dict:
 
 
 def main(argv=None) -> int:
+    from pipelines.align.config import RewardConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", required=True, help="a bench.reward_generalisation --cache DIR")
     ap.add_argument("--checkpoint", default="checkpoints/default")
@@ -520,6 +529,12 @@ def main(argv=None) -> int:
     ap.add_argument("--observer-steps", type=int, default=1500)
     ap.add_argument("--observer-batch", type=int, default=8, help="candidates a step")
     ap.add_argument("--observer-window", type=int, default=16, help="frames a candidate a step")
+    ap.add_argument("--mask-width", type=int, default=RewardConfig.observer_mask_width,
+                    help="pixels only: the observer's pixel-mask channels (0: centres from "
+                    "the heatmap peaks)")  # fmt: skip
+    ap.add_argument("--impacts", choices=("rule", "learned"), default="rule",
+                    help="pixels only: impacts by the rater's rule from the mask's objects "
+                    "(needs --mask-width) or the observer's learned head")  # fmt: skip
     ap.add_argument("--spoil", default="", help="frames only: impacts | grid:N")
     ap.add_argument("--impact-rule", default="", help="jitters in pixels, e.g. 0,0.25,0.5")
     ap.add_argument("--mix", default="",
@@ -527,6 +542,8 @@ def main(argv=None) -> int:
                     "exact, e.g. none,counts,where,impact")  # fmt: skip
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
+    if args.impacts == "rule" and args.mask_width < 1:
+        ap.error("--impacts rule reads the observer's pixel masks: give --mask-width >= 1")
 
     from pipelines.align.preferences import TABLE_NAME, read_preferences
     from pipelines.align.reward import split_by_prompt
@@ -534,8 +551,7 @@ def main(argv=None) -> int:
     rows = read_preferences(os.path.join(args.cache, "preferences", TABLE_NAME))
     split_by_prompt(rows, args.holdout)
     inputs = load_file(os.path.join(args.cache, "inputs.safetensors"))
-    obs = observations(args.cache, rows, inputs, os.path.abspath(args.checkpoint), args.frames,
-                       args.workers)  # fmt: skip
+    obs = None  # the per-step observations (exact, learned, none), labelled once needed
     results = {}
     observed = None  # the stored observations and the decoded frames, once needed
     if args.impact_rule:
@@ -572,6 +588,9 @@ def main(argv=None) -> int:
             r = run_frames(rows, spoil(observed or stored(rows, inputs), args.spoil), args,
                            concepts)  # fmt: skip
         else:
+            if obs is None:
+                obs = observations(args.cache, rows, inputs, os.path.abspath(args.checkpoint),
+                                   args.frames, args.workers)  # fmt: skip
             r = run(rows, inputs, obs, args, concepts)
         results[concepts] = r
         error = ""

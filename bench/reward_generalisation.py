@@ -13,7 +13,8 @@ prompt, the pairs are those of :func:`pipelines.align.preferences.preference_pai
 the candidates are encoded with the checkpoint's VAEs (``--checkpoint``), and the
 split is by prompt (:func:`pipelines.align.reward.split_by_prompt`, every
 ``1 / --holdout``-th caption held out). Each ``--variants`` entry trains a reward
-model on the training prompts and prints its per-head agreement on the held-out
+model on the training prompts (``--variants ""``: none, the table only) and prints its
+per-head agreement on the held-out
 prompts' pairs (with the number of pairs and the binomial standard error), and
 "match": on held-out groups, how often adherence ranks the shot above the other
 shot when the rater does (the pairs only the prompt can order: both are clean);
@@ -252,7 +253,8 @@ def main(argv=None) -> int:
           f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
     results = {"shots": args.shots, "candidates": len(rows), "prompts": {
         k: len(v) for k, v in prompts.items()}, "pairs": pairs, "variants": {}}  # fmt: skip
-    runs = [(v, int(k)) for v in args.variants.split(",") for k in args.train_prompts.split(",")]
+    runs = [(v, int(k)) for v in args.variants.split(",") if v  # "": draw the table only
+            for k in args.train_prompts.split(",")]  # fmt: skip
     all_rows = rows
     for variant, k in runs:
         rows = first_prompts(all_rows, k)

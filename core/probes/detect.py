@@ -35,7 +35,7 @@ _SQUARE3 = np.ones((3, 3), dtype=bool)
 
 
 @functools.lru_cache(maxsize=1)
-def _color_lut() -> np.ndarray:
+def color_lut() -> np.ndarray:
     """(64, 64, 64) int8: colour index per quantised RGB, or BACKGROUND."""
     levels = (np.arange(256 >> LUT_SHIFT, dtype=np.float32) + 0.5) * (1 << LUT_SHIFT)
     grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
@@ -61,7 +61,7 @@ def label_pixels(frame: np.ndarray) -> np.ndarray:
     bits = 8 - LUT_SHIFT
     q = (frame >> LUT_SHIFT).astype(np.int32)
     flat = (q[..., 0] << (2 * bits)) | (q[..., 1] << bits) | q[..., 2]
-    return np.take(_color_lut().ravel(), flat)
+    return np.take(color_lut().ravel(), flat)
 
 
 def _size_for_area(shape: str, area: float) -> float:

@@ -134,8 +134,18 @@ class RewardConfig:
     observer_batch: int = 8
     observer_window: int = 16
     observer_width: int = 32
-    observer_size: int = 64
+    # Frames are decoded at observer_size pixels a side (the world's candidates' own
+    # 128) and the heatmaps read them pooled to observer_heat_size (64: at 128 the
+    # peaks were not learned, session 42).
+    observer_size: int = 128
+    observer_heat_size: int = 64
     observer_lr: float = 2e-3
+    # A full-resolution pixel-class mask of observer_mask_width channels (0: none) gives
+    # each colour's centre to about a quarter pixel (median, held out; the peaks: 1.3),
+    # and with observer_rule_impacts the impacts are read from its objects by the
+    # rater's own tracker and kink rule instead of a learned head (session 43).
+    observer_mask_width: int = 16
+    observer_rule_impacts: bool = True
 
 
 @dataclass
@@ -291,11 +301,13 @@ class RLHFStageConfig:
         if r.min_val_pairs < 0:
             raise ValueError("rlhf.reward.min_val_pairs must be >= 0")
         small = [name for name in ("observer_batch", "observer_window", "observer_width",
-                                   "observer_size") if getattr(r, name) < 1]  # fmt: skip
-        if small or r.observer_steps < 0 or r.observer_lr <= 0:
+                                   "observer_size", "observer_heat_size")
+                 if getattr(r, name) < 1]  # fmt: skip
+        if small or r.observer_steps < 0 or r.observer_lr <= 0 or r.observer_mask_width < 0:
             raise ValueError(
-                "rlhf.reward needs observer_batch, observer_window, observer_width and "
-                "observer_size >= 1, observer_steps >= 0 and observer_lr > 0"
+                "rlhf.reward needs observer_batch, observer_window, observer_width, "
+                "observer_size and observer_heat_size >= 1, observer_steps and "
+                "observer_mask_width >= 0 and observer_lr > 0"
                 + (f" ({', '.join(small)} below 1)" if small else "")
             )
 

@@ -41,15 +41,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
+
+from core.probes.detect import COLOR_NAMES, LUT_SHIFT, color_lut, min_object_area
+from core.probes.probe import TRACK_GATE_FRACTION
+from core.probes.tracks import segment_events
+from pipelines.align.rater import IMPACT_TYPES
 
 # The heads scored from observations: those the probes' observations describe.
 OBSERVED_HEADS = ("sync", "adherence", "motion")
 EVENT_FEATURES = 8  # ObservedScores' features of the impacts and onsets around a frame
 HEAT_PRIOR = 0.1  # every cell's heatmap starts at this probability (CenterNet's choice)
 PEAK = 0.5  # a local maximum of the heatmap above this is an object
+IMPACT_WAYS = ("learned", "rule")
+# A colour is in the mask when at least this share of the probes' smallest object's
+# area is confidently of it.
+MASK_MIN_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,26 @@ class ObserverConfig:
     width: int = 32  # channels of the frame convolution and the temporal ones
     size: int = 64  # decoded frames are read at size x size pixels
     score_width: int = 64  # hidden width of ObservedScores
+    # The heatmaps read the frames pooled to heat_size pixels a side (0: size): a
+    # full-resolution CenterNet did not learn to find objects (session 42).
+    heat_size: int = 0
+    # Channels of the full-resolution pixel-class network (0: none, ``where`` from the
+    # heatmap peaks): each colour's centre is then the centroid of its confident
+    # pixels, to a quarter of a pixel where the peaks place it to about one.
+    mask_width: int = 0
+    # How impacts are read: "learned" (a temporal convolution over the pooled frames)
+    # or "rule" (the rater's tracker and kink rule over the mask's objects; needs
+    # mask_width).
+    impacts: str = "learned"
+
+    def __post_init__(self):
+        if self.impacts not in IMPACT_WAYS:
+            raise ValueError(f"observer impacts {self.impacts!r}: one of {IMPACT_WAYS}")
+        if self.impacts == "rule" and self.mask_width < 1:
+            raise ValueError("observer impacts 'rule' reads the pixel masks: set mask_width")
+        heat = self.heat_size or self.size
+        if heat > self.size or self.size % heat:
+            raise ValueError(f"observer heat_size {heat} must divide size {self.size}")
 
 
 class ClipObserver(nn.Module):
@@ -88,13 +119,26 @@ class ClipObserver(nn.Module):
             nn.Conv1d(audio_channels, w, 5, padding=2), nn.GELU(),
             nn.Conv1d(w, w, 5, padding=2), nn.GELU(), nn.Conv1d(w, 1, 1),
         )  # fmt: skip
+        self.cfg = cfg
+        self.mask = None
+        if cfg.mask_width:
+            # Every pixel's class, background or a palette colour, at full resolution:
+            # two 3 x 3 layers see a 5 x 5 neighbourhood, enough for a colour's edge.
+            m = cfg.mask_width
+            self.mask = nn.Sequential(
+                nn.Conv2d(6, m, 3, padding=1), nn.GELU(),
+                nn.Conv2d(m, m, 3, padding=1), nn.GELU(),
+                nn.Conv2d(m, p + 1, 1),
+            )  # fmt: skip
 
     def forward(self, frames: torch.Tensor, audio: torch.Tensor, window=None) -> dict:
         """frames (B, F, 3, s, s) uint8, audio latents (B, Ca, Na) -> ``heat`` logits
-        (B, F', P, s/2, s/2), ``offset`` (B, F', P, 2, s/2, s/2) in-cell positions,
-        ``counts`` (B, F', P) and ``where`` (B, F', P, 2) of its peaks
-        (:func:`heat_peaks`), ``impact`` and ``onset`` logits (B, F'); ``window``
-        (start, length): those F' frames only."""
+        (B, F', P, g, g) (g: half the heatmaps' side), ``offset`` (B, F', P, 2, g, g)
+        in-cell positions, ``counts`` (B, F', P) of its peaks (:func:`heat_peaks`),
+        ``where`` (B, F', P, 2) (the mask's centroids where it sees the colour, else
+        the peaks'), ``impact`` and ``onset`` logits (B, F'), and with a mask
+        ``pixels`` (B, F', P + 1, s, s) class logits; ``window`` (start, length):
+        those F' frames only."""
         start, f = window or (0, frames.shape[1])
         b = frames.shape[0]
         x = frames[:, max(0, start - 1) : start + f].float() / 127.5 - 1
@@ -103,16 +147,24 @@ class ClipObserver(nn.Module):
             change = torch.cat([torch.zeros_like(x[:, :1]), change], 1)
         else:
             x = x[:, 1:]
-        h = self.picture(torch.cat([x, change], 2).flatten(0, 1))  # (B F', w, s/2, s/2)
-        heat = self.heat(h)  # (B F', P, s/2, s/2) logits
-        offset = self.offset(h).unflatten(1, (-1, 2))  # (B F', P, 2, s/2, s/2)
+        both = torch.cat([x, change], 2).flatten(0, 1)  # (B F', 6, s, s)
+        pool = frames.shape[-1] // (self.cfg.heat_size or frames.shape[-1])
+        h = self.picture(F.avg_pool2d(both, pool) if pool > 1 else both)  # (B F', w, g, g)
+        heat = self.heat(h)  # (B F', P, g, g) logits
+        offset = self.offset(h).unflatten(1, (-1, 2))  # (B F', P, 2, g, g)
         counts, where = heat_peaks(heat, offset)
+        seen = {}
+        if self.mask is not None:
+            pixels = self._pixel_logits(both)  # (B F', P + 1, s, s)
+            found, centre = mask_centres(pixels.detach().softmax(1)[:, 1:])
+            where = torch.where(found[..., None], centre, where)
+            seen["pixels"] = pixels.view(b, f, *pixels.shape[1:])
         counts, where = counts.view(b, f, -1), where.view(b, f, -1, 2)
         pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1).view(b, f, -1)
         feats = torch.cat([pooled, counts, where.flatten(2)], -1).transpose(1, 2)  # (B, C, F')
         sound = self.onset(audio.float())  # (B, 1, Na)
         onset = F.interpolate(sound, size=frames.shape[1], mode="linear", align_corners=False)
-        return {
+        return seen | {
             "counts": counts,
             "where": where,
             "heat": heat.view(b, f, *heat.shape[1:]),
@@ -120,6 +172,27 @@ class ClipObserver(nn.Module):
             "impact": self.impact(feats)[:, 0],
             "onset": onset[:, 0, start : start + f],
         }
+
+    def _pixel_logits(self, both: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """(N, 6, s, s) frames and changes -> (N, P + 1, s, s) class logits; without
+        gradients a chunk of frames at a time (full-resolution activations are large)."""
+        if torch.is_grad_enabled():
+            return self.mask(both)
+        return torch.cat([self.mask(both[i : i + chunk]) for i in range(0, len(both), chunk)])
+
+    @torch.no_grad()
+    def observe(self, frames: torch.Tensor, audio: torch.Tensor) -> dict:
+        """What :class:`ObservedScores` reads (:func:`as_observations`), impacts by the
+        rater's rule from the mask's objects when ``impacts`` is "rule"."""
+        seen = self(frames, audio)
+        out = as_observations(seen)
+        if self.cfg.impacts == "rule":
+            probs = seen["pixels"].softmax(2)[:, :, 1:]  # (B, F, P, s, s)
+            out["impact"] = torch.stack([
+                impacts_by_rule(mask_objects(clip.float().cpu().numpy()), frames.shape[-1])
+                for clip in probs
+            ]).to(out["onset"].device)  # fmt: skip
+        return out
 
 
 def heat_peaks(
@@ -143,6 +216,105 @@ def heat_peaks(
     cy = (peak * (cells[:, None] + inside[..., 0, :, :]) / g).sum((2, 3))
     cx = (peak * (cells[None] + inside[..., 1, :, :]) / g).sum((2, 3))
     return counts, torch.stack([cy, cx], -1) / counts.clamp_min(1)[..., None]
+
+
+def mask_centres(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, P, s, s) pixel probabilities of each colour -> found (N, P), where at least
+    half the probes' smallest object's pixels are above 0.5, and their centroid
+    (N, P, 2) as (y, x) fractions of the side."""
+    s = probs.shape[-1]
+    mass, centre = centroids((probs > 0.5).float())
+    return mass >= MASK_MIN_SHARE * min_object_area(s), centre
+
+
+def centroids(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, P, s, s) pixel weights -> their sum (N, P) and centroid (N, P, 2) as (y, x)
+    fractions of the side (pixel centres at (i + 0.5) / s)."""
+    s = weight.shape[-1]
+    c = (torch.arange(s, device=weight.device, dtype=weight.dtype) + 0.5) / s
+    mass = weight.sum((2, 3))
+    cy = (weight.sum(3) * c).sum(2) / mass.clamp_min(1e-6)
+    cx = (weight.sum(2) * c).sum(2) / mass.clamp_min(1e-6)
+    return mass, torch.stack([cy, cx], -1)
+
+
+def pixel_targets(frames: torch.Tensor, objects: torch.Tensor, colours: int) -> torch.Tensor:
+    """(B, F, 3, s, s) uint8 frames and the probes' objects (B, F, K, 3) -> (B, F, s, s)
+    class targets: 1 + the palette colour of each pixel (the probes' own colour table,
+    :func:`core.probes.detect.color_lut`) where the probes found that colour in the
+    frame, else 0 (background, and stray pixels of a colour no object has)."""
+    lut = torch.from_numpy(color_lut().astype(np.int64)).to(frames.device)
+    q = (frames >> LUT_SHIFT).long()  # (B, F, 3, s, s)
+    n = lut.shape[0]
+    cls = lut.flatten()[(q[:, :, 0] * n + q[:, :, 1]) * n + q[:, :, 2]]  # (B, F, s, s)
+    colour = objects[..., 0].long()
+    present = (F.one_hot(colour.clamp_min(0), colours) * (colour >= 0)[..., None]).sum(2) > 0
+    keep = torch.gather(present, 2, cls.clamp_min(0).flatten(2)).view_as(cls) & (cls >= 0)
+    return torch.where(keep, cls + 1, torch.zeros_like(cls))
+
+
+def mask_loss(pixels: torch.Tensor, target: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+    """Class logits ``pixels`` (B, F, P + 1, s, s) against :func:`pixel_targets`
+    (cross-entropy, the mean over background pixels plus that over objects'), plus the L1 of each colour's soft centroid against the probes'
+    centre where the frame has exactly one object of it, in units of 4 pixels (so a
+    quarter-pixel error still pulls)."""
+    s = pixels.shape[-1]
+    logits = pixels.flatten(0, 1)
+    # Objects are a few percent of the pixels: background and objects weigh alike, or
+    # calling everything background is where the steps go first.
+    per_pixel = F.cross_entropy(logits, target.flatten(0, 1), reduction="none")
+    on = target.flatten(0, 1) > 0
+    loss = per_pixel[~on].mean() + (per_pixel[on].mean() if on.any() else 0)
+    colour = objects[..., 0].long()
+    per = (F.one_hot(colour.clamp_min(0), logits.shape[1] - 1) * (colour >= 0)[..., None]).sum(2)
+    one = (per == 1).flatten(0, 1)  # (B F, P)
+    if not one.any():
+        return loss
+    _, soft = centroids(logits.softmax(1)[:, 1:])
+    exact = colour_centres(objects, logits.shape[1] - 1).flatten(0, 1).to(soft.dtype)
+    return loss + (soft - exact).abs().sum(-1)[one].mean() * s / 4
+
+
+def mask_objects(probs: np.ndarray) -> list[list[dict]]:
+    """One clip's pixel probabilities (F, P, s, s) -> per frame the objects as the
+    probes report them to the tracker: each colour's connected regions above 0.5 of at
+    least the probes' smallest object's area, centred at their probability-weighted
+    centroid in pixels (pixel centres at integers)."""
+    f, p, s, _ = probs.shape
+    least = min_object_area(s)
+    ys, xs = np.mgrid[0:s, 0:s]
+    out = []
+    for k in range(f):
+        found = []
+        for c in range(p):
+            regions, n = ndimage.label(probs[k, c] > 0.5)
+            if n == 0:
+                continue
+            idx = np.arange(1, n + 1)
+            area = ndimage.sum_labels(np.ones_like(probs[k, c]), regions, idx)
+            weight = ndimage.sum_labels(probs[k, c], regions, idx)
+            cy = ndimage.sum_labels(probs[k, c] * ys, regions, idx) / weight
+            cx = ndimage.sum_labels(probs[k, c] * xs, regions, idx) / weight
+            found += [
+                {"color": COLOR_NAMES[c], "shape": "circle", "x": float(x), "y": float(y),
+                 "area": float(a)}
+                for a, x, y in zip(area, cx, cy, strict=True) if a >= least
+            ]  # fmt: skip
+        out.append(found)
+    return out
+
+
+def impacts_by_rule(objects: list[list[dict]], side: int) -> torch.Tensor:
+    """Per-frame objects (:func:`mask_objects`) of ``side``-pixel frames -> (F,) 1 at
+    each frame where the rater's tracker and kink rule
+    (:func:`core.probes.tracks.segment_events`) find an impact or collision, else 0.
+    The rule's thresholds are in pixels a frame, so it runs in frame units (fps 1)."""
+    f = len(objects)
+    found = torch.zeros(f)
+    for ev in segment_events(objects, (0, f), 1.0, TRACK_GATE_FRACTION * side)[1]:
+        if ev["type"] in IMPACT_TYPES:
+            found[min(f - 1, max(0, round(ev["time_s"])))] = 1
+    return found
 
 
 def heat_targets(objects: torch.Tensor, colours: int, grid: int, sigma: float = 1.0):
@@ -192,7 +364,7 @@ def observation_loss(seen: dict, labels: dict) -> torch.Tensor:
     """The heatmaps' focal loss against the objects the probes found (``objects``
     (B, F, K, 3): colour, x, y), the in-cell positions' L1 at their cells, plus impact
     and onset cross-entropy against their labels (``impact`` and ``onset`` (B, F) in
-    {0, 1})."""
+    {0, 1}); with a mask, :func:`mask_loss` against ``pixels`` (:func:`pixel_targets`)."""
     if "objects" not in labels:
         raise ValueError(
             "the observer learns where each object is: its labels need 'objects' "
@@ -208,12 +380,20 @@ def observation_loss(seen: dict, labels: dict) -> torch.Tensor:
 
     heat = seen["heat"]
     target = heat_targets(labels["objects"], heat.shape[2], heat.shape[-1])
-    return (
+    loss = (
         focal_loss(heat, target)
         + offset_loss(seen["offset"], labels["objects"])
         + events(seen["impact"], labels["impact"])
         + events(seen["onset"], labels["onset"])
     )
+    if "pixels" in seen:
+        if "pixels" not in labels:
+            raise ValueError(
+                "this observer classifies pixels: its labels need 'pixels' (B, F, s, s), "
+                "pixel_targets of the frames it read"
+            )
+        loss = loss + mask_loss(seen["pixels"], labels["pixels"], labels["objects"])
+    return loss
 
 
 def as_observations(seen: dict) -> dict:

@@ -64,10 +64,10 @@ from pipelines.align.observer import (
     ClipObserver,
     ObservedScores,
     ObserverConfig,
-    as_observations,
     centre_error,
     event_recall_precision,
     observation_loss,
+    pixel_targets,
 )
 
 MODEL_NAME = "reward.safetensors"
@@ -77,11 +77,14 @@ FORMAT = "duet-reward-model"
 # transformer with its network config in the JSON; 3: and optionally the observer of
 # decoded frames (pipelines.align.observer) with the scores read from what it sees;
 # 4: the observer finds objects as heatmap peaks (version 3's density maps are gone);
-# 5: and places each within its cell (the observer's offset head).
-REWARD_SCHEMA_VERSION = 5
-# Versions 2 and 3 without an observer are version 5 models without one; a version 4
-# observer is a version 5 one that puts every object at its cell's centre.
-READABLE_VERSIONS = (2, 3, 4, 5)
+# 5: and places each within its cell (the observer's offset head); 6: optionally a
+# full-resolution pixel-class mask and impacts by the rater's rule (its config's
+# heat_size, mask_width and impacts).
+REWARD_SCHEMA_VERSION = 6
+# Versions 2 and 3 without an observer are version 6 models without one; a version 4
+# observer is a version 6 one that puts every object at its cell's centre; a version 5
+# observer is a version 6 one without a mask.
+READABLE_VERSIONS = (2, 3, 4, 5, 6)
 OFFSET_KEYS = ("observer.offset.weight", "observer.offset.bias")
 
 
@@ -216,8 +219,8 @@ class RewardModel(nn.Module):
         return self.observer is not None
 
     def observe(self, frames: torch.Tensor, audio: torch.Tensor) -> dict:
-        """What the observer sees: :func:`pipelines.align.observer.as_observations`."""
-        return as_observations(self.observer(frames, audio))
+        """What the observer sees: :meth:`pipelines.align.observer.ClipObserver.observe`."""
+        return self.observer.observe(frames, audio)
 
     def prompt_vector(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.float().unsqueeze(-1)
@@ -505,6 +508,9 @@ def fit_observer(model: RewardModel, inputs: dict, train: list[int], val: list[i
         window = slice(start, start + length)
         seen = model.observer(frames[pick], inputs["audio"][pick], (start, length))
         labels = {k: v[:, window] for k, v in observation_labels(inputs, pick).items()}
+        if "pixels" in seen:
+            labels["pixels"] = pixel_targets(frames[pick][:, window], labels["objects"],
+                                             model.observer_config.colours)  # fmt: skip
         _step(opt, observation_loss(seen, labels), losses, step, log)
     report = {"steps": cfg.observer_steps, "train_rows": len(train), "val_rows": len(val),
               "final_loss": statistics.fmean(losses[-50:]) if losses else None}  # fmt: skip
@@ -522,7 +528,28 @@ def fit_observer(model: RewardModel, inputs: dict, train: list[int], val: list[i
             report["val"]["centre_error"] = centre_error(
                 seen["where"].cpu(), seen["counts"].cpu(), labels["objects"].cpu()
             )
+        if model.observer.mask is not None:
+            report["val"]["pixels"] = pixel_recall_precision(
+                model.observer, inputs["frames"][idx], inputs["audio"][idx], labels["objects"]
+            )
     return report
+
+
+@torch.no_grad()
+def pixel_recall_precision(observer, frames, audio, objects, batch: int = 8) -> dict:
+    """The observer's pixel classes against :func:`pipelines.align.observer.pixel_targets`
+    on these rows: the share of the objects' pixels it gives their colour (recall) and
+    of the pixels it calls a colour that are that colour's (precision)."""
+    right = found = labelled = 0
+    for i in range(0, len(frames), batch):
+        guess = observer(frames[i : i + batch], audio[i : i + batch])["pixels"].argmax(2)
+        target = pixel_targets(frames[i : i + batch], objects[i : i + batch],
+                               observer.cfg.colours)  # fmt: skip
+        right += int(((guess == target) & (target > 0)).sum())
+        found += int((guess > 0).sum())
+        labelled += int((target > 0).sum())
+    return {"recall": round(right / max(1, labelled), 4),
+            "precision": round(right / max(1, found), 4)}  # fmt: skip
 
 
 def train_reward_model(
@@ -563,8 +590,13 @@ def train_reward_model(
                  and bool(inputs["observed"][train_rows].any()))  # fmt: skip
     observer = None
     if observing:
-        observer = ObserverConfig(colours=inputs["observed_counts"].shape[-1],
-                                  width=cfg.observer_width, size=inputs["frames"].shape[-1])  # fmt: skip
+        size = inputs["frames"].shape[-1]
+        observer = ObserverConfig(
+            colours=inputs["observed_counts"].shape[-1], width=cfg.observer_width, size=size,
+            heat_size=size // max(1, size // cfg.observer_heat_size), mask_width=cfg.observer_mask_width,
+            impacts="rule" if cfg.observer_mask_width and cfg.observer_rule_impacts
+            else "learned",
+        )  # fmt: skip
     model = RewardModel(**dims, net=net_config(cfg), observer=observer).to(device)
     seen = observer_report = None
     if observing:
