@@ -1,7 +1,7 @@
 """How exactly can a learned observer place objects in decoded frames, reading them which way?
 
     python -m bench.observer_centres --videos '/tmp/raw/*.mp4' --clips 100 \\
-        [--checkpoint checkpoints/default] [--steps 600] [--ways lut,peaks64,peaks128,mask128]
+        [--checkpoint checkpoints/default] [--steps 600] [--ways lut,peaks64,peaks128,mask128,product]
 
 The reward model's sync head needs each object's centre to a fraction of a pixel: the
 rater's kink rule finds 75% of its impacts at 0.25 px of centre error and 47% at 1 px
@@ -28,6 +28,14 @@ Ways:
   or a palette colour (cross-entropy against the palette's classes of the colours the
   probes found, plus the L1 of each colour's soft centroid against the probes' centre);
   a colour's centre is the centroid of its pixels above probability 0.5.
+- ``product``: the product's :class:`ClipObserver` as the reward stage builds it by
+  default (frames at 128 px, heatmaps at 64, a pixel mask of
+  ``RewardConfig.observer_mask_width`` channels), trained with its own loss; a colour's
+  centre is its ``where`` where the mask finds the colour.
+
+For ``product``, also the impacts the rater's tracker and kink rule read from its mask's
+objects (:func:`pipelines.align.observer.impacts_by_rule`) against those the same rule
+reads from the probes' objects, within a frame: precision and recall.
 
 Printed per way, on the held-out videos' colour-frames where the probes see exactly one
 object of the colour and the way finds it: how many, the mean, median and 90th
@@ -159,7 +167,12 @@ def resize(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def train_way(way: str, data: dict, train: torch.Tensor, args) -> nn.Module | None:
-    from pipelines.align.observer import ClipObserver, ObserverConfig, observation_loss
+    from pipelines.align.observer import (
+        ClipObserver,
+        ObserverConfig,
+        observation_loss,
+        pixel_targets,
+    )
 
     if way == "lut":
         return None
@@ -169,6 +182,13 @@ def train_way(way: str, data: dict, train: torch.Tensor, args) -> nn.Module | No
     colours = present.shape[-1]
     if way == "mask128":
         model = MaskCentres(colours)
+    elif way == "product":
+        from pipelines.align.config import RewardConfig
+
+        cfg = RewardConfig()
+        model = ClipObserver(ObserverConfig(colours=colours, width=cfg.observer_width,
+                                            size=frames.shape[-1], heat_size=cfg.observer_heat_size,
+                                            mask_width=cfg.observer_mask_width), audio_channels=2)  # fmt: skip
     else:
         model = ClipObserver(ObserverConfig(size=PEAKS_SIZE[way]), audio_channels=2)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -190,10 +210,13 @@ def train_way(way: str, data: dict, train: torch.Tensor, args) -> nn.Module | No
             if err.numel():  # no object in the whole batch: the classes alone
                 loss = loss + err.mean() * clip.shape[-1] / 4
         else:
-            seen = model(resize(clip, PEAKS_SIZE[way]), torch.zeros(len(pick), 2, 2 * args.window))
+            side = clip.shape[-1] if way == "product" else PEAKS_SIZE[way]
+            seen = model(resize(clip, side), torch.zeros(len(pick), 2, 2 * args.window))
             quiet = torch.zeros(len(pick), args.window)
-            loss = observation_loss(seen, {"objects": objects[pick, span], "impact": quiet,
-                                           "onset": quiet})  # fmt: skip
+            labels = {"objects": objects[pick, span], "impact": quiet, "onset": quiet}
+            if way == "product":
+                labels["pixels"] = pixel_targets(clip, labels["objects"], colours)
+            loss = observation_loss(seen, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -219,8 +242,41 @@ def read_centres(way: str, model, frames: torch.Tensor, present: torch.Tensor):
             found.append(mass > MIN_MASS)
             where.append(centre)
         return torch.stack(found), torch.stack(where)
+    if way == "product":
+        from pipelines.align.observer import mask_centres
+
+        found, where = [], []
+        for i in range(b):
+            seen = model(frames[i : i + 1], torch.zeros(1, 2, 2 * f))
+            found.append(mask_centres(seen["pixels"][0].softmax(1)[:, 1:])[0])
+            where.append(seen["where"][0])
+        return torch.stack(found), torch.stack(where)
     seen = model(resize(frames, PEAKS_SIZE[way]), torch.zeros(b, 2, 2 * f))
     return seen["counts"] == 1, seen["where"]
+
+
+@torch.no_grad()
+def rule_impacts(model, frames: torch.Tensor, objects: torch.Tensor) -> dict:
+    """Impacts by the rater's rule from the product observer's mask against those from
+    the probes' objects (N, F, K, 3), held-out windows: precision and recall."""
+    from core.probes.detect import COLOR_NAMES
+    from pipelines.align.observer import event_recall_precision, impacts_by_rule, mask_objects
+
+    side = frames.shape[-1]
+    found, probed = [], []
+    for i in range(len(frames)):
+        seen = model(frames[i : i + 1], torch.zeros(1, 2, 2 * frames.shape[1]))
+        probs = seen["pixels"][0].softmax(1)[:, 1:].numpy()
+        found.append(impacts_by_rule(mask_objects(probs), side))
+        dets = [
+            [{"color": COLOR_NAMES[int(c)], "shape": "circle", "x": float(x * side - 0.5),
+              "y": float(y * side - 0.5), "area": 1.0} for c, x, y in row if c >= 0]
+            for row in objects[i].tolist()
+        ]  # fmt: skip
+        probed.append(impacts_by_rule(dets, side))
+    found, probed = torch.stack(found), torch.stack(probed)
+    return {**event_recall_precision(found, probed), "probed": int(probed.sum()),
+            "found": int(found.sum())}  # fmt: skip
 
 
 def centre_errors(err: torch.Tensor) -> dict:
@@ -246,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     ways = [w for w in args.ways.split(",") if w]
-    unknown = sorted(set(ways) - {"lut", "peaks64", "peaks128", "mask128"})
+    unknown = sorted(set(ways) - {"lut", "peaks64", "peaks128", "mask128", "product"})
     if unknown:
         ap.error(f"unknown way(s) {unknown}")
 
@@ -282,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             "presence_error": round(float((found != data["present"][val]).float().mean()), 4),
             "seconds": round(time.monotonic() - began),
         })  # fmt: skip
+        if way == "product":
+            rows[-1]["impacts"] = rule_impacts(model, data["frames"][val], objects[val])
         print(json.dumps(rows[-1]), flush=True)
     print("\n| way | one-object colour-frames found | mean px | median px | p90 px | "
           "presence error | s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip

@@ -284,12 +284,12 @@ def mask_objects(probs: np.ndarray) -> list[list[dict]]:
     least = min_object_area(s)
     ys, xs = np.mgrid[0:s, 0:s]
     out = []
+    on = probs > 0.5
+    seen = on.any((2, 3))  # (F, P): most colours are absent from most frames
     for k in range(f):
         found = []
-        for c in range(p):
-            regions, n = ndimage.label(probs[k, c] > 0.5)
-            if n == 0:
-                continue
+        for c in np.nonzero(seen[k])[0]:
+            regions, n = ndimage.label(on[k, c])
             idx = np.arange(1, n + 1)
             area = ndimage.sum_labels(np.ones_like(probs[k, c]), regions, idx)
             weight = ndimage.sum_labels(probs[k, c], regions, idx)
