@@ -117,28 +117,6 @@ def load_or_make(args) -> dict:
     return data
 
 
-def palette_classes(frames: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """(B, F, 3, S, S) uint8, (B, F, P) bool -> (B, F, S, S) long: 1 + the palette colour
-    of each pixel (``label_pixels``) where the probes found that colour, else 0."""
-    from core.probes.detect import label_pixels
-
-    b, f, _, s, _ = frames.shape
-    pixels = frames.permute(0, 1, 3, 4, 2).reshape(-1, s, s, 3).numpy()
-    lab = torch.from_numpy(np.stack([label_pixels(x) for x in pixels])).long().view(b, f, s, s)
-    keep = torch.gather(present, 2, lab.clamp_min(0).flatten(2)).view_as(lab) & (lab >= 0)
-    return torch.where(keep, lab + 1, torch.zeros_like(lab))
-
-
-def centroids(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, P, S, S) pixel weights -> mass (N, P) and centre (N, P, 2) as (y, x) fractions."""
-    s = weight.shape[-1]
-    c = (torch.arange(s, dtype=torch.float32) + 0.5) / s
-    mass = weight.sum((2, 3))
-    cy = (weight.sum(3) * c).sum(2) / mass.clamp_min(1e-6)
-    cx = (weight.sum(2) * c).sum(2) / mass.clamp_min(1e-6)
-    return mass, torch.stack([cy, cx], -1)
-
-
 class MaskCentres(nn.Module):
     """Every pixel's class (background or a palette colour) at full resolution, from the
     frame and its change from the previous frame."""
@@ -170,6 +148,7 @@ def train_way(way: str, data: dict, train: torch.Tensor, args) -> nn.Module | No
     from pipelines.align.observer import (
         ClipObserver,
         ObserverConfig,
+        centroids,
         observation_loss,
         pixel_targets,
     )
@@ -202,7 +181,7 @@ def train_way(way: str, data: dict, train: torch.Tensor, args) -> nn.Module | No
         clip = frames[pick, span]
         if way == "mask128":
             logits = model(clip)
-            target = palette_classes(clip, present[pick, span]).flatten(0, 1)
+            target = pixel_targets(clip, objects[pick, span], colours).flatten(0, 1)
             _, soft = centroids(logits.softmax(1)[:, 1:])
             on = present[pick, span].flatten(0, 1)
             err = (soft - centres[pick, span].flatten(0, 1)).abs().sum(-1)[on]
@@ -226,14 +205,25 @@ def train_way(way: str, data: dict, train: torch.Tensor, args) -> nn.Module | No
 
 
 @torch.no_grad()
-def read_centres(way: str, model, frames: torch.Tensor, present: torch.Tensor):
-    """Held-out frames -> (found (N, F, P) bool, centres (N, F, P, 2)) as the way reads them."""
+def read_centres(way: str, model, frames: torch.Tensor, objects: torch.Tensor):
+    """Held-out frames -> (found (N, F, P) bool, centres (N, F, P, 2)) as the way reads
+    them, and for ``product`` the impacts (N, F) the rule reads from its mask's objects."""
+    from core.probes.detect import COLOR_NAMES
+    from pipelines.align.observer import (
+        centroids,
+        impacts_by_rule,
+        mask_centres,
+        mask_objects,
+        pixel_targets,
+    )
+
     b, f = frames.shape[:2]
     if way == "lut":
-        classes = palette_classes(frames, present)
-        weight = F.one_hot(classes, present.shape[-1] + 1)[..., 1:].permute(0, 1, 4, 2, 3)
+        colours = len(COLOR_NAMES)
+        classes = pixel_targets(frames, objects, colours)
+        weight = F.one_hot(classes, colours + 1)[..., 1:].permute(0, 1, 4, 2, 3)
         mass, where = centroids(weight.flatten(0, 1).float())
-        return (mass > 0).view(b, f, -1), where.view(b, f, -1, 2)
+        return (mass > 0).view(b, f, -1), where.view(b, f, -1, 2), None
     if way == "mask128":
         found, where = [], []
         for i in range(b):  # one window at a time: full-resolution maps are large
@@ -241,40 +231,27 @@ def read_centres(way: str, model, frames: torch.Tensor, present: torch.Tensor):
             mass, centre = centroids((p > 0.5).float())
             found.append(mass > MIN_MASS)
             where.append(centre)
-        return torch.stack(found), torch.stack(where)
+        return torch.stack(found), torch.stack(where), None
     if way == "product":
-        from pipelines.align.observer import mask_centres
-
-        found, where = [], []
+        found, where, impacts = [], [], []
         for i in range(b):
             seen = model(frames[i : i + 1], torch.zeros(1, 2, 2 * f))
-            found.append(mask_centres(seen["pixels"][0].softmax(1)[:, 1:])[0])
+            probs = seen["pixels"][0].softmax(1)[:, 1:]
+            found.append(mask_centres(probs)[0])
             where.append(seen["where"][0])
-        return torch.stack(found), torch.stack(where)
+            impacts.append(impacts_by_rule(mask_objects(probs.numpy()), frames.shape[-1]))
+        return torch.stack(found), torch.stack(where), torch.stack(impacts)
     seen = model(resize(frames, PEAKS_SIZE[way]), torch.zeros(b, 2, 2 * f))
-    return seen["counts"] == 1, seen["where"]
+    return seen["counts"] == 1, seen["where"], None
 
 
-@torch.no_grad()
-def rule_impacts(model, frames: torch.Tensor, objects: torch.Tensor) -> dict:
-    """Impacts by the rater's rule from the product observer's mask against those from
-    the probes' objects (N, F, K, 3), held-out windows: precision and recall."""
-    from core.probes.detect import COLOR_NAMES
-    from pipelines.align.observer import event_recall_precision, impacts_by_rule, mask_objects
+def rule_agreement(found: torch.Tensor, objects: torch.Tensor, side: int) -> dict:
+    """Impacts (N, F) the rule read from a mask's objects against those it reads from
+    the probes' objects (N, F, K, 3), within a frame: precision and recall."""
+    from bench.reward_concepts import impacts_by_rule
+    from pipelines.align.observer import event_recall_precision
 
-    side = frames.shape[-1]
-    found, probed = [], []
-    for i in range(len(frames)):
-        seen = model(frames[i : i + 1], torch.zeros(1, 2, 2 * frames.shape[1]))
-        probs = seen["pixels"][0].softmax(1)[:, 1:].numpy()
-        found.append(impacts_by_rule(mask_objects(probs), side))
-        dets = [
-            [{"color": COLOR_NAMES[int(c)], "shape": "circle", "x": float(x * side - 0.5),
-              "y": float(y * side - 0.5), "area": 1.0} for c, x, y in row if c >= 0]
-            for row in objects[i].tolist()
-        ]  # fmt: skip
-        probed.append(impacts_by_rule(dets, side))
-    found, probed = torch.stack(found), torch.stack(probed)
+    probed = impacts_by_rule(objects, side, jitter=0.0)
     return {**event_recall_precision(found, probed), "probed": int(probed.sum()),
             "found": int(found.sum())}  # fmt: skip
 
@@ -328,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     for way in ways:
         began = time.monotonic()
         model = train_way(way, data, train, args)
-        found, where = read_centres(way, model, data["frames"][val], data["present"][val])
+        found, where, impacts = read_centres(way, model, data["frames"][val], objects[val])
         one = labelled[val] == 1
         scored = one & found
         err = (where - data["centres"][val]).norm(dim=-1)[scored] * side
@@ -338,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             "presence_error": round(float((found != data["present"][val]).float().mean()), 4),
             "seconds": round(time.monotonic() - began),
         })  # fmt: skip
-        if way == "product":
-            rows[-1]["impacts"] = rule_impacts(model, data["frames"][val], objects[val])
+        if impacts is not None:
+            rows[-1]["impacts"] = rule_agreement(impacts, objects[val], side)
         print(json.dumps(rows[-1]), flush=True)
     print("\n| way | one-object colour-frames found | mean px | median px | p90 px | "
           "presence error | s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip

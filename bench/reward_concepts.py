@@ -372,32 +372,27 @@ def run(rows, inputs, obs, args, concepts: str) -> dict:
     return out | _agreements(rows, every, train, val, cfg.min_margin)
 
 
-def impacts_by_rule(objects: torch.Tensor, fps: float, side: int, jitter: float,
-                    seed: int = 0) -> torch.Tensor:  # fmt: skip
+def impacts_by_rule(objects: torch.Tensor, side: int, jitter: float, seed: int = 0) -> torch.Tensor:
     """Objects (N, F, K, 3) as (colour, x, y) fractions -> (N, F) impacts as the rater
-    finds them (:func:`core.probes.tracks.segment_events`) from the centres in pixels of a ``side``-pixel frame, each moved by
-    Gaussian noise of ``jitter`` pixels."""
+    finds them (:func:`pipelines.align.observer.impacts_by_rule`: its tracker and kink
+    rule) from the centres in pixels of a ``side``-pixel frame, each moved by Gaussian
+    noise of ``jitter`` pixels."""
     from core.probes.detect import COLOR_NAMES
-    from core.probes.probe import TRACK_GATE_FRACTION
-    from core.probes.tracks import segment_events
-    from pipelines.align.rater import IMPACT_TYPES
+    from pipelines.align.observer import impacts_by_rule as rule
 
     rng = np.random.default_rng(seed)
-    n, f = objects.shape[:2]
-    found = torch.zeros(n, f)
-    for i in range(n):
+    found = []
+    for clip in objects.numpy():
         dets = []
-        for row in objects[i].numpy():
+        for row in clip:
             row = row[row[:, 0] >= 0]
             xy = row[:, 1:] * side - 0.5 + rng.normal(0, jitter, row[:, 1:].shape)
             dets.append([
                 {"color": COLOR_NAMES[int(c)], "shape": "circle", "x": float(x), "y": float(y),
                  "area": 1.0} for c, (x, y) in zip(row[:, 0], xy, strict=True)
             ])  # fmt: skip
-        for ev in segment_events(dets, (0, f), fps, TRACK_GATE_FRACTION * side)[1]:
-            if ev["type"] in IMPACT_TYPES:
-                found[i, min(f - 1, max(0, round(ev["time_s"] * fps)))] = 1
-    return found
+        found.append(rule(dets, side))
+    return torch.stack(found)
 
 
 def spoil(inputs: dict, how: str) -> dict:
@@ -566,8 +561,8 @@ def main(argv=None) -> int:
         labelled = seen["observed_impact"]
         results["impact_rule"] = {}
         for jitter in [float(j) for j in args.impact_rule.split(",")]:
-            found = impacts_by_rule(seen["observed_objects"], float(model_cfg.fps),
-                                    int(model_cfg.width), jitter, args.seed)  # fmt: skip
+            found = impacts_by_rule(seen["observed_objects"], int(model_cfg.width), jitter,
+                                    args.seed)  # fmt: skip
             pr = event_recall_precision(found, labelled)
             # What the heads would agree if an observer placed objects this exactly and
             # read impacts by the rule: the exact observations with these impacts.

@@ -44,6 +44,7 @@ small MLP, averaged over frames.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -93,7 +94,7 @@ class ObserverConfig:
         if self.impacts == "rule" and self.mask_width < 1:
             raise ValueError("observer impacts 'rule' reads the pixel masks: set mask_width")
         heat = self.heat_size or self.size
-        if heat > self.size or self.size % heat:
+        if self.size % heat:
             raise ValueError(f"observer heat_size {heat} must divide size {self.size}")
 
 
@@ -249,7 +250,7 @@ def pixel_targets(frames: torch.Tensor, objects: torch.Tensor, colours: int) -> 
     class targets: 1 + the palette colour of each pixel (the probes' own colour table,
     :func:`core.probes.detect.color_lut`) where the probes found that colour in the
     frame, else 0 (background, and stray pixels of a colour no object has)."""
-    lut = torch.from_numpy(color_lut().astype(np.int64)).to(frames.device)
+    lut = _colour_table(frames.device)
     q = (frames >> LUT_SHIFT).long()  # (B, F, 3, s, s)
     n = lut.shape[0]
     cls = lut.flatten()[(q[:, :, 0] * n + q[:, :, 1]) * n + q[:, :, 2]]  # (B, F, s, s)
@@ -257,6 +258,12 @@ def pixel_targets(frames: torch.Tensor, objects: torch.Tensor, colours: int) -> 
     present = (F.one_hot(colour.clamp_min(0), colours) * (colour >= 0)[..., None]).sum(2) > 0
     keep = torch.gather(present, 2, cls.clamp_min(0).flatten(2)).view_as(cls) & (cls >= 0)
     return torch.where(keep, cls + 1, torch.zeros_like(cls))
+
+
+@functools.lru_cache(maxsize=4)
+def _colour_table(device: torch.device) -> torch.Tensor:
+    """The probes' colour table on ``device``, made once: every training step reads it."""
+    return torch.from_numpy(color_lut().astype(np.int64)).to(device)
 
 
 def mask_loss(pixels: torch.Tensor, target: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:

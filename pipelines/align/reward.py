@@ -506,10 +506,11 @@ def fit_observer(model: RewardModel, inputs: dict, train: list[int], val: list[i
         ]
         start = int(torch.randint(0, frames.shape[1] - length + 1, (1,), generator=gen))
         window = slice(start, start + length)
-        seen = model.observer(frames[pick], inputs["audio"][pick], (start, length))
+        clips = frames[pick]
+        seen = model.observer(clips, inputs["audio"][pick], (start, length))
         labels = {k: v[:, window] for k, v in observation_labels(inputs, pick).items()}
         if "pixels" in seen:
-            labels["pixels"] = pixel_targets(frames[pick][:, window], labels["objects"],
+            labels["pixels"] = pixel_targets(clips[:, window], labels["objects"],
                                              model.observer_config.colours)  # fmt: skip
         _step(opt, observation_loss(seen, labels), losses, step, log)
     report = {"steps": cfg.observer_steps, "train_rows": len(train), "val_rows": len(val),
