@@ -42,6 +42,10 @@ objects and reading impacts (defaults: the product's, a pixel mask and the rater
 over its objects; ``--mask-width 0 --impacts learned --size 64`` is the observer of
 sessions 25-42).
 
+``--rule-features off`` scores ``frames`` and ``pixels`` from per-frame features only, as
+the reward model did before session 44 (default ``on``: also the rater's sync and motion
+rules computed over the observations, :func:`pipelines.align.observer.rule_features`).
+
 ``--mix none,counts,where,impact`` (``pixels`` only) then scores the trained observer's
 own observations of every row with one part at a time replaced by the probes' (``none``:
 all its own), each with fresh scores trained on the same pairs, and prints where its
@@ -425,7 +429,8 @@ def run_frames(rows, inputs, args, concepts: str) -> dict:
                        observer_steps=args.observer_steps, observer_batch=args.observer_batch,
                        observer_window=args.observer_window, observer_size=args.size,
                        observer_mask_width=args.mask_width,
-                       observer_rule_impacts=args.impacts == "rule")  # fmt: skip
+                       observer_rule_impacts=args.impacts == "rule",
+                       observer_rule_features=args.rule_features == "on")  # fmt: skip
     train, val, n_prompts = _split(rows, args.train_prompts)
     t0 = time.perf_counter()
     out = {"train_prompts": n_prompts}
@@ -464,7 +469,8 @@ def fit_scores(rows, seen: dict, inputs: dict, args, cfg, train, dev) -> torch.T
     from pipelines.align.observer import OBSERVED_HEADS, ObservedScores, ObserverConfig
 
     torch.manual_seed(args.seed)
-    head = ObservedScores(ObserverConfig(colours=seen["counts"].shape[-1]),
+    head = ObservedScores(ObserverConfig(colours=seen["counts"].shape[-1],
+                                         rule_features=cfg.observer_rule_features),
                           inputs["tokens"].shape[-1]).to(dev)  # fmt: skip
     tokens, mask = inputs["tokens"].to(dev), inputs["mask"].to(dev)
     cols = [HEADS.index(h) for h in OBSERVED_HEADS]
@@ -527,6 +533,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-width", type=int, default=RewardConfig.observer_mask_width,
                     help="pixels only: the observer's pixel-mask channels (0: centres from "
                     "the heatmap peaks)")  # fmt: skip
+    ap.add_argument("--rule-features", choices=("on", "off"), default="on",
+                    help="the scores also read the rater's sync and motion rules over the "
+                    "observations (the product's default) or only per-frame features")
     ap.add_argument("--impacts", choices=("rule", "learned"), default="rule",
                     help="pixels only: impacts by the rater's rule from the mask's objects "
                     "(needs --mask-width) or the observer's learned head")  # fmt: skip

@@ -20,6 +20,7 @@ from torch import nn
 
 from core import storage
 from core.probes.detect import label_pixels
+from core.probes.probe import TRACK_GATE_FRACTION
 from core.synth.palette import COLOR_NAMES, color_prototypes
 from pipelines.align.config import HEADS, RewardConfig
 from pipelines.align.observer import (
@@ -34,7 +35,9 @@ from pipelines.align.observer import (
     mask_loss,
     mask_objects,
     pixel_targets,
+    rule_features,
 )
+from pipelines.align.rater import motion_score, sync_score
 from pipelines.align.reward import (
     RewardModelFileError,
     fit_observer,
@@ -224,6 +227,42 @@ def test_impacts_by_the_rule_are_read_from_the_masks_objects():
                            128).sum() == 0  # fmt: skip
 
 
+def test_rule_features_are_the_raters_sync_and_motion_over_the_observations():
+    frames, gate = 24, TRACK_GATE_FRACTION  # in fractions of the side, as ``where``
+    g = torch.Generator().manual_seed(3)
+    counts = torch.zeros(2, frames, len(COLOR_NAMES))
+    where = torch.zeros(2, frames, len(COLOR_NAMES), 2)
+    # Clip 0: a red ball walking (steps of 0.03), a blue one that vanishes for four
+    # frames and comes back far away; clip 1: nothing at all.
+    counts[0, :, 0] = 1
+    where[0, :, 0] = torch.stack([torch.linspace(0.2, 0.8, frames)] * 2, -1)
+    counts[0, :, 2] = 1
+    counts[0, 10:14, 2] = 0
+    where[0, :10, 2] = torch.rand(2, generator=g) * 0.1 + 0.2
+    where[0, 14:, 2] = torch.tensor([0.9, 0.1])
+    counts[0, :, 1] = 1  # and a green one that jumps beyond the gate at frame 6
+    where[0, 6:, 1] = 0.6
+    dets = [
+        [{"color": COLOR_NAMES[c], "x": float(where[0, f, c, 1]), "y": float(where[0, f, c, 0])}
+         for c in range(len(COLOR_NAMES)) if counts[0, f, c] > 0]
+        for f in range(frames)
+    ]  # fmt: skip
+    impact, onset = torch.zeros(2, frames), torch.zeros(2, frames)
+    impact[0, [3, 12, 20]] = 0.9
+    onset[0, [5, 13, 21]] = 0.8  # the first two frames late: still in time
+    onset[0, 9] = 0.7  # a sound without an impact
+    onset[0, 16] = 0.3  # not heard (below 0.5)
+    got = rule_features({"counts": counts, "where": where, "impact": impact, "onset": onset})
+    want = sync_score([3.0, 12.0, 20.0], [5.0, 9.0, 13.0, 21.0], 1.0)
+    f1, recall, precision, events, stable, continuity, motion = got[0].tolist()
+    assert (recall, precision) == pytest.approx((want["sync_recall"], want["sync_precision"]))
+    assert f1 == pytest.approx(want["sync"]) and events == 1
+    assert stable == pytest.approx(20 / 24)  # the four frames with two balls are off
+    assert motion == pytest.approx(motion_score(dets, gate))
+    assert continuity == pytest.approx(motion / stable) and continuity < 1
+    assert got[1].tolist() == [0.0] * 7  # no events, no objects: the rater's zeros
+
+
 def test_an_observer_reading_impacts_by_the_rule_serves_them_as_events():
     torch.manual_seed(0)
     net = ClipObserver(ObserverConfig(size=32, mask_width=4, impacts="rule"), 2).eval()
@@ -287,13 +326,20 @@ def test_a_reward_model_taught_to_see_scores_the_observed_heads_from_frames(tmp_
     assert meta["observer"] == dataclasses.asdict(model.observer_config)
     assert torch.equal(loaded(*batch, frames=inputs["frames"][:4]), scored)
     assert loaded.observer.mask is not None and meta["observer"]["impacts"] == "rule"
+    assert loaded.observed.sync_rules is not None and meta["observer"]["rule_features"]
+    # A version 6 file (its config has no rule_features) still loads, without them.
+    state = load_safetensors((tmp_path / "reward" / "reward.safetensors").read_bytes())
+    state = {k: v for k, v in state.items() if "_rules." not in k}
+    (tmp_path / "reward" / "reward.safetensors").write_bytes(save_safetensors(state))
+    six = {k: v for k, v in meta["observer"].items() if k != "rule_features"}
+    storage.write_json(f"{uri}/reward.json", {**meta, "schema_version": 6, "observer": six})
+    v6, _ = load_reward_model(uri)
+    assert v6.observed.sync_rules is None and v6.observer.mask is not None
     # A version 5 file (no mask: its config has no heat_size, mask_width or impacts)
     # still loads, placing objects by the heatmap peaks.
-    state = load_safetensors((tmp_path / "reward" / "reward.safetensors").read_bytes())
     state = {k: v for k, v in state.items() if not k.startswith("observer.mask.")}
     (tmp_path / "reward" / "reward.safetensors").write_bytes(save_safetensors(state))
-    before = {k: v for k, v in meta["observer"].items()
-              if k not in ("heat_size", "mask_width", "impacts")}  # fmt: skip
+    before = {k: v for k, v in six.items() if k not in ("heat_size", "mask_width", "impacts")}
     storage.write_json(f"{uri}/reward.json", {**meta, "schema_version": 5, "observer": before})
     v5, _ = load_reward_model(uri)
     assert v5.observer.mask is None and v5.observer_config.impacts == "learned"

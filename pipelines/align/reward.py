@@ -79,12 +79,14 @@ FORMAT = "duet-reward-model"
 # 4: the observer finds objects as heatmap peaks (version 3's density maps are gone);
 # 5: and places each within its cell (the observer's offset head); 6: optionally a
 # full-resolution pixel-class mask and impacts by the rater's rule (its config's
-# heat_size, mask_width and impacts).
-REWARD_SCHEMA_VERSION = 6
-# Versions 2 and 3 without an observer are version 6 models without one; a version 4
-# observer is a version 6 one that puts every object at its cell's centre; a version 5
-# observer is a version 6 one without a mask.
-READABLE_VERSIONS = (2, 3, 4, 5, 6)
+# heat_size, mask_width and impacts); 7: optionally the observed scores read the
+# rater's rules over the observations (its config's rule_features).
+REWARD_SCHEMA_VERSION = 7
+# Versions 2 and 3 without an observer are version 7 models without one; a version 4
+# observer is a version 7 one that puts every object at its cell's centre; a version 5
+# observer is a version 7 one without a mask; a version 6 one is a version 7 one
+# without rule features (the field's default).
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)
 OFFSET_KEYS = ("observer.offset.weight", "observer.offset.bias")
 
 
@@ -596,7 +598,7 @@ def train_reward_model(
             colours=inputs["observed_counts"].shape[-1], width=cfg.observer_width, size=size,
             heat_size=size // max(1, size // cfg.observer_heat_size), mask_width=cfg.observer_mask_width,
             impacts="rule" if cfg.observer_mask_width and cfg.observer_rule_impacts
-            else "learned",
+            else "learned", rule_features=cfg.observer_rule_features,
         )  # fmt: skip
     model = RewardModel(**dims, net=net_config(cfg), observer=observer).to(device)
     seen = observer_report = None

@@ -567,8 +567,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.init_from = rlhf_final or os.path.abspath(args.checkpoint)
     fast_final = ""
     if not args.skip_distill:
-        stages.run(cfg, "distill", t0 + args.distill_until_s)
-        fast_final = loop.final_uri(cfg, "distill")
+        if stages.run(cfg, "distill", t0 + args.distill_until_s) == 0:
+            summary["distill_refused"] = "stopped by --distill-until-s before its first checkpoint"
+        else:
+            fast_final = loop.final_uri(cfg, "distill")
     # Weights first: a host lost during scoring still gives them back.
     for name, src in (("ship_rlhf", rlhf_final), ("ship_fast", fast_final)):
         if src:
