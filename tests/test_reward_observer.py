@@ -19,7 +19,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from core import storage
-from core.probes.detect import label_pixels
+from core.probes.detect import detect_objects, label_pixels, min_object_area
 from core.probes.probe import TRACK_GATE_FRACTION
 from core.synth.palette import COLOR_NAMES, color_prototypes
 from pipelines.align.config import HEADS, RewardConfig
@@ -225,6 +225,26 @@ def test_impacts_by_the_rule_are_read_from_the_masks_objects():
     # The same ball falling on without the floor: no impact.
     assert impacts_by_rule(mask_objects(_ball_masks([10 + 0.12 * k * k for k in range(24)])),
                            128).sum() == 0  # fmt: skip
+
+
+def test_mask_objects_are_cleaned_as_the_probes_clean_theirs():
+    # A red disc with a 2-pixel orange fringe ring around it (chroma bleed, as a mask
+    # trained on the probes' colour table paints it) and a 1-pixel red spur: the probes'
+    # opening removes both, so one red object at the disc's centre, as detect_objects
+    # finds on the frame itself.
+    side = 64
+    probs = _ball_masks([30.0], x0=30.0, side=side)
+    yy, xx = np.mgrid[0:side, 0:side]
+    dist = np.hypot(yy - 30.0, xx - 30.0)
+    probs[0, COLOR_NAMES.index("orange")] = (dist > 4.5) & (dist <= 6.5)
+    probs[0, COLOR_NAMES.index("red"), 30, 35:50] = 1.0
+    objects = mask_objects(probs)[0]
+    assert [d["color"] for d in objects] == ["red"]
+    assert abs(objects[0]["x"] - 30.0) < 0.1 and abs(objects[0]["y"] - 30.0) < 0.1
+    frame = np.zeros((side, side, 3), np.uint8)
+    for name in ("orange", "red"):
+        frame[probs[0, COLOR_NAMES.index(name)] > 0.5] = RGB[name]
+    assert [d["color"] for d in detect_objects(frame, min_object_area(side))] == ["red"]
 
 
 def test_rule_features_are_the_raters_sync_and_motion_over_the_observations():

@@ -161,6 +161,23 @@ def min_object_area(side_px: int) -> int:
     return max(MIN_OBJECT_AREA_FLOOR, scaled)
 
 
+def object_pixels(component: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """One colour's connected component (a bool crop) -> the object the probes count in
+    it: ``opened`` (3 x 3 opening, its largest piece) and ``filled`` (that with its holes
+    filled), or ``None`` when the opening leaves nothing."""
+    # Opening drops the 1-2 px fringes that 4:2:0 chroma bleed paints around an object
+    # in a dimmed version of its hue: a fringe ring vanishes (it would otherwise enclose
+    # the object once holes are filled).
+    opened = ndimage.binary_opening(np.pad(component, 1), structure=_SQUARE3)[1:-1, 1:-1]
+    if not opened.any():
+        return None
+    pieces, num_pieces = ndimage.label(opened)
+    if num_pieces > 1:
+        keep = np.argmax(np.bincount(pieces.ravel())[1:]) + 1
+        opened = pieces == keep
+    return opened, ndimage.binary_fill_holes(opened)
+
+
 def detect_objects(frame: np.ndarray, min_area: int = MIN_OBJECT_AREA) -> list[dict]:
     """Objects in one frame: ``{"color", "shape", "x", "y", "area", "bbox", "fill", "shape_iou", "touches_edge", "lower_hole_px"}``.
 
@@ -178,18 +195,10 @@ def detect_objects(frame: np.ndarray, min_area: int = MIN_OBJECT_AREA) -> list[d
         for comp_id, sl in enumerate(ndimage.find_objects(components), start=1):
             if sl is None or sizes[comp_id] < min_area:
                 continue
-            # Opening drops the 1-2 px fringes that 4:2:0 chroma bleed paints around
-            # an object in a dimmed version of its hue: a fringe ring vanishes (it
-            # would otherwise enclose the object once holes are filled).
-            sub = np.pad(components[sl] == comp_id, 1)
-            opened = ndimage.binary_opening(sub, structure=_SQUARE3)[1:-1, 1:-1]
-            if not opened.any():
+            cleaned = object_pixels(components[sl] == comp_id)
+            if cleaned is None:
                 continue
-            pieces, num_pieces = ndimage.label(opened)
-            if num_pieces > 1:
-                keep = np.argmax(np.bincount(pieces.ravel())[1:]) + 1
-                opened = pieces == keep
-            filled = ndimage.binary_fill_holes(opened)
+            opened, filled = cleaned
             area = int(filled.sum())
             if area < min_area:
                 continue

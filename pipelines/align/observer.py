@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from core.probes.detect import COLOR_NAMES, LUT_SHIFT, color_lut, min_object_area
+from core.probes.detect import COLOR_NAMES, LUT_SHIFT, color_lut, min_object_area, object_pixels
 from core.probes.probe import TRACK_GATE_FRACTION
 from core.probes.tracks import segment_events
 from pipelines.align.rater import IMPACT_TYPES, SYNC_TOLERANCE_FRAMES
@@ -304,28 +304,35 @@ def mask_loss(pixels: torch.Tensor, target: torch.Tensor, objects: torch.Tensor)
 def mask_objects(probs: np.ndarray) -> list[list[dict]]:
     """One clip's pixel probabilities (F, P, s, s) -> per frame the objects as the
     probes report them to the tracker: each colour's connected regions above 0.5 of at
-    least the probes' smallest object's area, centred at their probability-weighted
-    centroid in pixels (pixel centres at integers)."""
+    least the probes' smallest object's area, cleaned as the probes clean theirs
+    (:func:`core.probes.detect.object_pixels`: the fringes a 3 x 3 opening removes go,
+    holes are filled) and centred at their probability-weighted centroid in pixels
+    (pixel centres at integers), in the probes' order (by x, then y)."""
     f, p, s, _ = probs.shape
     least = min_object_area(s)
-    ys, xs = np.mgrid[0:s, 0:s]
     out = []
     on = probs > 0.5
-    seen = on.any((2, 3))  # (F, P): most colours are absent from most frames
+    seen = on.sum((2, 3)) >= least  # (F, P): most colours are absent from most frames
     for k in range(f):
         found = []
         for c in np.nonzero(seen[k])[0]:
-            regions, n = ndimage.label(on[k, c])
-            idx = np.arange(1, n + 1)
-            area = ndimage.sum_labels(np.ones_like(probs[k, c]), regions, idx)
-            weight = ndimage.sum_labels(probs[k, c], regions, idx)
-            cy = ndimage.sum_labels(probs[k, c] * ys, regions, idx) / weight
-            cx = ndimage.sum_labels(probs[k, c] * xs, regions, idx) / weight
-            found += [
-                {"color": COLOR_NAMES[c], "shape": "circle", "x": float(x), "y": float(y),
-                 "area": float(a)}
-                for a, x, y in zip(area, cx, cy, strict=True) if a >= least
-            ]  # fmt: skip
+            regions, _ = ndimage.label(on[k, c])
+            sizes = np.bincount(regions.ravel())
+            for r, box in enumerate(ndimage.find_objects(regions), start=1):
+                if box is None or sizes[r] < least:
+                    continue
+                cleaned = object_pixels(regions[box] == r)
+                if cleaned is None or cleaned[1].sum() < least:
+                    continue
+                filled = cleaned[1]
+                weight = probs[k, c][box] * filled
+                ys, xs = np.mgrid[box[0], box[1]]
+                total = float(weight.sum())
+                found.append({"color": COLOR_NAMES[c], "shape": "circle",
+                              "x": float((weight * xs).sum() / total),
+                              "y": float((weight * ys).sum() / total),
+                              "area": float(filled.sum())})  # fmt: skip
+        found.sort(key=lambda d: (d["x"], d["y"]))
         out.append(found)
     return out
 
