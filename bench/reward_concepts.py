@@ -43,8 +43,9 @@ over its objects; ``--mask-width 0 --impacts learned --size 64`` is the observer
 sessions 25-42).
 
 ``--rule-features off`` scores ``frames`` and ``pixels`` from per-frame features only, as
-the reward model did before session 44 (default ``on``: also the rater's sync and motion
-rules computed over the observations, :func:`pipelines.align.observer.rule_features`).
+the reward model did before session 44 (default ``on``: sync and motion by a linear read
+of the rater's rules computed over the observations,
+:func:`pipelines.align.observer.rule_features`).
 
 ``--mix none,counts,where,impact`` (``pixels`` only) then scores the trained observer's
 own observations of every row with one part at a time replaced by the probes' (``none``:
@@ -534,8 +535,8 @@ def main(argv=None) -> int:
                     help="pixels only: the observer's pixel-mask channels (0: centres from "
                     "the heatmap peaks)")  # fmt: skip
     ap.add_argument("--rule-features", choices=("on", "off"), default="on",
-                    help="the scores also read the rater's sync and motion rules over the "
-                    "observations (the product's default) or only per-frame features")
+                    help="sync and motion scored by a read of the rater's rules over the "
+                    "observations (the product's default) or from per-frame features")  # fmt: skip
     ap.add_argument("--impacts", choices=("rule", "learned"), default="rule",
                     help="pixels only: impacts by the rater's rule from the mask's objects "
                     "(needs --mask-width) or the observer's learned head")  # fmt: skip
