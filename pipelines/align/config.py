@@ -146,9 +146,9 @@ class RewardConfig:
     # rater's own tracker and kink rule instead of a learned head (session 43).
     observer_mask_width: int = 16
     observer_rule_impacts: bool = True
-    # The observed heads also read the rater's sync and motion rules computed over what
-    # the observer sees (pipelines.align.observer.rule_features), not only a mean of
-    # per-frame features (session 44).
+    # Sync and motion are scored by a learned linear read of the rater's own rules
+    # computed over what the observer sees (pipelines.align.observer.rule_features)
+    # instead of a mean of per-frame features; adherence keeps the latter (session 44).
     observer_rule_features: bool = True
 
 

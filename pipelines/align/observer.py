@@ -322,16 +322,16 @@ def mask_objects(probs: np.ndarray) -> list[list[dict]]:
                 if box is None or sizes[r] < least:
                     continue
                 cleaned = object_pixels(regions[box] == r)
-                if cleaned is None or cleaned[1].sum() < least:
+                area = 0 if cleaned is None else int(cleaned[1].sum())
+                if area < least:
                     continue
-                filled = cleaned[1]
-                weight = probs[k, c][box] * filled
+                weight = probs[k, c][box] * cleaned[1]
                 ys, xs = np.mgrid[box[0], box[1]]
                 total = float(weight.sum())
                 found.append({"color": COLOR_NAMES[c], "shape": "circle",
                               "x": float((weight * xs).sum() / total),
                               "y": float((weight * ys).sum() / total),
-                              "area": float(filled.sum())})  # fmt: skip
+                              "area": float(area)})  # fmt: skip
         found.sort(key=lambda d: (d["x"], d["y"]))
         out.append(found)
     return out
