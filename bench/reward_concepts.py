@@ -37,10 +37,12 @@ with binomial standard errors; ``--train-prompts`` cuts training to the first K
 training prompts. The palette and the probes are the synthetic world's: this measures
 the world heads (sync, adherence, motion), not footage.
 
-``--mask-width`` and ``--impacts`` (``pixels`` only) choose the observer's way of placing
-objects and reading impacts (defaults: the product's, a pixel mask and the rater's rule
-over its objects; ``--mask-width 0 --impacts learned --size 64`` is the observer of
-sessions 25-42).
+``--mask-width``, ``--mask-reads``, ``--counts`` and ``--impacts`` (``pixels`` only)
+choose the observer's way of placing and counting objects and reading impacts
+(defaults: the product's, a pixel mask reading each pixel's colour, objects counted
+from it and impacts by the rater's rule over them; ``--mask-width 0 --counts peaks
+--impacts learned --size 64`` is the observer of sessions 25-42). ``--save DIR`` keeps
+the trained reward model.
 
 ``--rule-features off`` scores ``frames`` and ``pixels`` from per-frame features only, as
 the reward model did before session 44 (default ``on``: sync and motion by a linear read
@@ -52,6 +54,10 @@ own observations of every row with one part at a time replaced by the probes' (`
 all its own), each with fresh scores trained on the same pairs, and prints where its
 counts miss (over, under, and the error rate on frames where the probes' count of a
 colour changes against steady frames): which part of what it sees costs the heads.
+
+``--counts peaks,mask`` (``pixels`` with ``--mix``) reads the same trained observer's
+objects both ways, from its heatmap's peaks and from its mask's cleaned objects (as the
+probes count theirs), and prints the count errors and mixes of each.
 
 ``--impact-rule 0,0.25,0.5`` first reads impacts the rater's way (its tracker and kink
 rule, ``core.probes.tracks``) from the probes' object centres, moved by Gaussian
@@ -69,6 +75,7 @@ snapped to an N-cell grid, as an observer with N cells a side places it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -424,14 +431,20 @@ def run_frames(rows, inputs, args, concepts: str) -> dict:
     stage's inputs), which learns to see them in the decoded frames first."""
     from pipelines.align.config import RewardConfig
     from pipelines.align.observer import colour_centres
-    from pipelines.align.reward import observe_rows, score_rows, train_reward_model
+    from pipelines.align.reward import (
+        observe_rows,
+        save_reward_model,
+        score_rows,
+        train_reward_model,
+    )
 
     cfg = RewardConfig(preset=args.preset, steps=args.steps, seed=args.seed,
                        observer_steps=args.observer_steps, observer_batch=args.observer_batch,
                        observer_window=args.observer_window, observer_size=args.size,
-                       observer_mask_width=args.mask_width,
+                       observer_mask_width=args.mask_width, observer_mask_reads=args.mask_reads,
                        observer_rule_impacts=args.impacts == "rule",
-                       observer_rule_features=args.rule_features == "on")  # fmt: skip
+                       observer_rule_features=args.rule_features == "on",
+                       observer_mask_counts=args.counts.split(",")[0] == "mask")  # fmt: skip
     train, val, n_prompts = _split(rows, args.train_prompts)
     t0 = time.perf_counter()
     out = {"train_prompts": n_prompts}
@@ -444,18 +457,25 @@ def run_frames(rows, inputs, args, concepts: str) -> dict:
         sub = [r | {"split": r["split"] if i in kept else "unused"} for i, r in enumerate(rows)]
         model, report = train_reward_model(sub, inputs, cfg, _dims(inputs), device=dev)
         out["observer"] = report["observer"]
+        if args.save:  # before the reads below change how its observer counts
+            save_reward_model(args.save, model, {"report": report})
         with torch.no_grad():
             every = torch.cat([score_rows(model, inputs, range(i, min(i + 64, len(rows))))
                                for i in range(0, len(rows), 64)])  # fmt: skip
         if args.mix:
-            seen = {k: v.to(dev) for k, v in observe_rows(model, inputs).items() if k in exact}
-            out["count_errors"] = count_errors(seen["counts"][val], exact["counts"][val])
-            out["mixes"] = {}
-            for part in args.mix.split(","):  # the observer's, with this part exact
-                mixed = {**seen, **({} if part == "none" else {part: exact[part]})}
-                got = _agreements(rows, fit_scores(rows, mixed, inputs, args, cfg, train, dev),
-                                  train, val, cfg.min_margin)  # fmt: skip
-                out["mixes"][part] = got["held_out"]
+            out["reads"] = {}
+            for way in args.counts.split(","):  # the same observer, counting this way
+                model.observer.cfg = dataclasses.replace(model.observer.cfg, counts=way)
+                seen = {k: v.to(dev) for k, v in observe_rows(model, inputs).items()
+                        if k in exact}  # fmt: skip
+                read = {"count_errors": count_errors(seen["counts"][val], exact["counts"][val]),
+                        "mixes": {}}  # fmt: skip
+                for part in args.mix.split(","):  # the observer's, with this part exact
+                    mixed = {**seen, **({} if part == "none" else {part: exact[part]})}
+                    got = _agreements(rows, fit_scores(rows, mixed, inputs, args, cfg, train,
+                                                       dev), train, val, cfg.min_margin)  # fmt: skip
+                    read["mixes"][part] = got["held_out"]
+                out["reads"][way] = read
     else:
         every = fit_scores(rows, exact, inputs, args, cfg, train, dev)
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -534,21 +554,37 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-width", type=int, default=RewardConfig.observer_mask_width,
                     help="pixels only: the observer's pixel-mask channels (0: centres from "
                     "the heatmap peaks)")  # fmt: skip
+    ap.add_argument(
+        "--mask-reads",
+        choices=("colour", "neighbourhood"),
+        default=RewardConfig.observer_mask_reads,
+        help="pixels only: the mask reads each pixel's colour or its neighbourhood",
+    )
     ap.add_argument("--rule-features", choices=("on", "off"), default="on",
                     help="sync and motion scored by a read of the rater's rules over the "
                     "observations (the product's default) or from per-frame features")  # fmt: skip
     ap.add_argument("--impacts", choices=("rule", "learned"), default="rule",
                     help="pixels only: impacts by the rater's rule from the mask's objects "
                     "(needs --mask-width) or the observer's learned head")  # fmt: skip
+    ap.add_argument("--counts", default="mask" if RewardConfig.observer_mask_counts else "peaks",
+                    help="pixels only: how the observer counts objects, peaks or mask (needs "
+                    "--mask-width); with --mix a list, e.g. peaks,mask: its observations "
+                    "are read each way (the first trains the reward model)")  # fmt: skip
     ap.add_argument("--spoil", default="", help="frames only: impacts | grid:N")
     ap.add_argument("--impact-rule", default="", help="jitters in pixels, e.g. 0,0.25,0.5")
     ap.add_argument("--mix", default="",
                     help="pixels only: score the observer's observations with each named part "
                     "exact, e.g. none,counts,where,impact")  # fmt: skip
+    ap.add_argument("--save", default="", help="pixels only: keep its trained reward model here")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     if args.impacts == "rule" and args.mask_width < 1:
         ap.error("--impacts rule reads the observer's pixel masks: give --mask-width >= 1")
+    counts = args.counts.split(",")
+    if not set(counts) <= {"peaks", "mask"} or (len(counts) > 1 and not args.mix):
+        ap.error("--counts: peaks or mask, a list of them only with --mix")
+    if "mask" in counts and args.mask_width < 1:
+        ap.error("--counts mask reads the observer's pixel masks: give --mask-width >= 1")
 
     from pipelines.align.preferences import TABLE_NAME, read_preferences
     from pipelines.align.reward import split_by_prompt
@@ -610,11 +646,12 @@ def main(argv=None) -> int:
             v, t = r["held_out"][h], r["train"][h]
             print(f"  {h:10s} held-out {v['agreement']:.3f} +- {v['stderr']:.3f} ({v['pairs']} "
                   f"pairs)  train {t['agreement']:.3f}")  # fmt: skip
-        if r.get("count_errors"):
-            print(f"  the observer's counts against the probes' (held out): {r['count_errors']}")
-        for part, got in (r.get("mixes") or {}).items():
-            print(f"  its observations with {part} exact: held-out "
-                  + ", ".join(f"{h} {got[h]['agreement']:.3f}" for h in WORLD))  # fmt: skip
+        for way, read in (r.get("reads") or {}).items():
+            print(f"  counted by its {way}, against the probes' counts (held out): "
+                  f"{read['count_errors']}")  # fmt: skip
+            for part, got in read["mixes"].items():
+                print(f"    its observations with {part} exact: held-out "
+                      + ", ".join(f"{h} {got[h]['agreement']:.3f}" for h in WORLD))  # fmt: skip
     if args.json:
         from core import storage
 

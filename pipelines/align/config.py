@@ -144,12 +144,20 @@ class RewardConfig:
     # each colour's centre to about a quarter pixel (median, held out; the peaks: 1.3),
     # and with observer_rule_impacts the impacts are read from its objects by the
     # rater's own tracker and kink rule instead of a learned head (session 43).
-    observer_mask_width: int = 16
+    observer_mask_width: int = 64
     observer_rule_impacts: bool = True
+    # The mask reads each pixel's own colour ("colour", 1 x 1 layers) or its 5 x 5
+    # neighbourhood and change ("neighbourhood"): trained on sampled pixels, the colour
+    # one's objects counted as the probes' on 99.2% of held-out colour-frames, where
+    # the heatmap peaks miss 46% of those whose count changes (session 45).
+    observer_mask_reads: str = "colour"
     # Sync and motion are scored by a learned linear read of the rater's own rules
     # computed over what the observer sees (pipelines.align.observer.rule_features)
     # instead of a mean of per-frame features; adherence keeps the latter (session 44).
     observer_rule_features: bool = True
+    # Objects are counted and placed from the mask's cleaned objects, as the probes
+    # count theirs, instead of the heatmap's peaks (needs observer_mask_width).
+    observer_mask_counts: bool = True
 
 
 @dataclass
@@ -313,6 +321,11 @@ class RLHFStageConfig:
                 "observer_size and observer_heat_size >= 1, observer_steps and "
                 "observer_mask_width >= 0 and observer_lr > 0"
                 + (f" ({', '.join(small)} below 1)" if small else "")
+            )
+        if r.observer_mask_reads not in ("colour", "neighbourhood"):
+            raise ValueError(
+                f"rlhf.reward.observer_mask_reads {r.observer_mask_reads!r}: colour or "
+                "neighbourhood"
             )
 
     def kl_coefficient(self) -> float:

@@ -35,7 +35,11 @@ a pixel-class network at full resolution beside the heatmaps (read then at
 of a pixel off at the median where the peaks are 1.3 (session 43), and with ``impacts``
 "rule" the impacts are those the rater's own tracker and kink rule find in the mask's
 objects (:func:`impacts_by_rule`), which agree with the rule on the probes' objects at
-precision 0.88 and recall 0.91 where the learned head reached 0.14 / 0.52.
+precision 0.88 and recall 0.91 where the learned head reached 0.14 / 0.52. With
+``counts`` "mask" the counts and centres are those of the mask's cleaned objects too,
+as the probes count and place theirs; with ``mask_reads`` "colour" the mask reads each
+pixel's colour alone and learns the probes' colour table, which their cleaning of
+objects then turns into their objects (session 45).
 :class:`ObservedScores`: per frame, the observed counts, the counts the prompt asks for
 (attention from a learned query per colour over the prompt's word tokens), their
 match, the frame-to-frame change, the colours' movement, impact and onset, through a
@@ -68,6 +72,8 @@ EVENT_FEATURES = 8  # ObservedScores' features of the impacts and onsets around 
 HEAT_PRIOR = 0.1  # every cell's heatmap starts at this probability (CenterNet's choice)
 PEAK = 0.5  # a local maximum of the heatmap above this is an object
 IMPACT_WAYS = ("learned", "rule")
+COUNT_WAYS = ("peaks", "mask")
+MASK_READS = ("neighbourhood", "colour")
 # ObservedScores' clip-level features with ``rule_features`` (:func:`rule_features`):
 # the first SYNC_RULES score sync, the rest motion.
 RULE_FEATURES, SYNC_RULES = 7, 4
@@ -89,6 +95,14 @@ class ObserverConfig:
     # heatmap peaks): each colour's centre is then the centroid of its confident
     # pixels, to a quarter of a pixel where the peaks place it to about one.
     mask_width: int = 0
+    # What the mask reads: "neighbourhood" (two 3 x 3 layers over the frame and its
+    # change, trained to call a colour only where the probes found an object of it) or
+    # "colour" (each pixel's own colour through 1 x 1 layers, trained on the probes'
+    # colour table; their cleaning of objects is :func:`mask_objects`'). Without the
+    # found-only rule, which no local network can learn, and with a plain cross-entropy
+    # whose probabilities stay calibrated at 0.5, its objects count as the probes' do
+    # on 99% of held-out colour-frames (session 45).
+    mask_reads: str = "neighbourhood"
     # How impacts are read: "learned" (a temporal convolution over the pooled frames)
     # or "rule" (the rater's tracker and kink rule over the mask's objects; needs
     # mask_width).
@@ -99,12 +113,22 @@ class ObserverConfig:
     # the probes' exact observations it ordered unseen prompts' pairs at 0.75-0.81
     # (sync) and 0.74-0.80 (motion); beside the rules it still overfitted (session 44).
     rule_features: bool = False
+    # How a colour's objects are counted: "peaks" (the heatmap's, at heat_size) or
+    # "mask" (the mask's cleaned objects, :func:`mask_objects`, as the probes count
+    # theirs; needs mask_width).
+    counts: str = "peaks"
 
     def __post_init__(self):
         if self.impacts not in IMPACT_WAYS:
             raise ValueError(f"observer impacts {self.impacts!r}: one of {IMPACT_WAYS}")
-        if self.impacts == "rule" and self.mask_width < 1:
-            raise ValueError("observer impacts 'rule' reads the pixel masks: set mask_width")
+        if self.counts not in COUNT_WAYS:
+            raise ValueError(f"observer counts {self.counts!r}: one of {COUNT_WAYS}")
+        if self.mask_reads not in MASK_READS:
+            raise ValueError(f"observer mask_reads {self.mask_reads!r}: one of {MASK_READS}")
+        for way in ("impacts", "counts"):
+            if getattr(self, way) in ("rule", "mask") and self.mask_width < 1:
+                raise ValueError(f"observer {way} {getattr(self, way)!r} reads the pixel "
+                                 "masks: set mask_width")  # fmt: skip
         heat = self.heat_size or self.size
         if self.size % heat:
             raise ValueError(f"observer heat_size {heat} must divide size {self.size}")
@@ -140,7 +164,14 @@ class ClipObserver(nn.Module):
         )  # fmt: skip
         self.cfg = cfg
         self.mask = None
-        if cfg.mask_width:
+        if cfg.mask_width and cfg.mask_reads == "colour":
+            # Every pixel's class from its own colour: the probes' colour table is a
+            # function of it alone.
+            m = cfg.mask_width
+            self.mask = nn.Sequential(
+                nn.Conv2d(3, m, 1), nn.GELU(), nn.Conv2d(m, m, 1), nn.GELU(), nn.Conv2d(m, p + 1, 1)
+            )
+        elif cfg.mask_width:
             # Every pixel's class, background or a palette colour, at full resolution:
             # two 3 x 3 layers see a 5 x 5 neighbourhood, enough for a colour's edge.
             m = cfg.mask_width
@@ -195,6 +226,8 @@ class ClipObserver(nn.Module):
     def _pixel_logits(self, both: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """(N, 6, s, s) frames and changes -> (N, P + 1, s, s) class logits; without
         gradients a chunk of frames at a time (full-resolution activations are large)."""
+        if self.cfg.mask_reads == "colour":
+            both = both[:, :3]  # the frame, not its change
         if torch.is_grad_enabled():
             return self.mask(both)
         return torch.cat([self.mask(both[i : i + chunk]) for i in range(0, len(both), chunk)])
@@ -202,15 +235,22 @@ class ClipObserver(nn.Module):
     @torch.no_grad()
     def observe(self, frames: torch.Tensor, audio: torch.Tensor) -> dict:
         """What :class:`ObservedScores` reads (:func:`as_observations`), impacts by the
-        rater's rule from the mask's objects when ``impacts`` is "rule"."""
+        rater's rule from the mask's objects when ``impacts`` is "rule", and the counts
+        and centres of those objects when ``counts`` is "mask"."""
         seen = self(frames, audio)
         out = as_observations(seen)
+        if self.cfg.impacts == "learned" and self.cfg.counts == "peaks":
+            return out
+        probs = seen["pixels"].softmax(2)[:, :, 1:].float().cpu().numpy()  # (B, F, P, s, s)
+        clips = [mask_objects(clip) for clip in probs]
+        device = out["onset"].device
         if self.cfg.impacts == "rule":
-            probs = seen["pixels"].softmax(2)[:, :, 1:]  # (B, F, P, s, s)
-            out["impact"] = torch.stack([
-                impacts_by_rule(mask_objects(clip.float().cpu().numpy()), frames.shape[-1])
-                for clip in probs
-            ]).to(out["onset"].device)  # fmt: skip
+            side = frames.shape[-1]
+            out["impact"] = torch.stack([impacts_by_rule(c, side) for c in clips]).to(device)
+        if self.cfg.counts == "mask":  # and where they are, as the probes place them
+            counted = [object_counts(c, self.cfg.colours, frames.shape[-1]) for c in clips]
+            out["counts"] = torch.stack([c for c, _ in counted]).to(device)
+            out["where"] = torch.stack([w for _, w in counted]).to(device)
         return out
 
 
@@ -257,15 +297,20 @@ def centroids(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mass, torch.stack([cy, cx], -1)
 
 
-def pixel_targets(frames: torch.Tensor, objects: torch.Tensor, colours: int) -> torch.Tensor:
+def pixel_targets(
+    frames: torch.Tensor, objects: torch.Tensor, colours: int, found_only: bool = True
+) -> torch.Tensor:
     """(B, F, 3, s, s) uint8 frames and the probes' objects (B, F, K, 3) -> (B, F, s, s)
     class targets: 1 + the palette colour of each pixel (the probes' own colour table,
-    :func:`core.probes.detect.color_lut`) where the probes found that colour in the
-    frame, else 0 (background, and stray pixels of a colour no object has)."""
+    :func:`core.probes.detect.color_lut`), else 0; with ``found_only`` only where the
+    probes found that colour in the frame (stray pixels of a colour no object has are
+    background too)."""
     lut = _colour_table(frames.device)
     q = (frames >> LUT_SHIFT).long()  # (B, F, 3, s, s)
     n = lut.shape[0]
     cls = lut.flatten()[(q[:, :, 0] * n + q[:, :, 1]) * n + q[:, :, 2]]  # (B, F, s, s)
+    if not found_only:
+        return cls + 1  # the table says -1 where a pixel is no palette colour
     colour = objects[..., 0].long()
     present = (F.one_hot(colour.clamp_min(0), colours) * (colour >= 0)[..., None]).sum(2) > 0
     keep = torch.gather(present, 2, cls.clamp_min(0).flatten(2)).view_as(cls) & (cls >= 0)
@@ -278,9 +323,18 @@ def _colour_table(device: torch.device) -> torch.Tensor:
     return torch.from_numpy(color_lut().astype(np.int64)).to(device)
 
 
-def mask_loss(pixels: torch.Tensor, target: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+def observer_pixel_targets(cfg: ObserverConfig, frames: torch.Tensor, objects: torch.Tensor):
+    """:func:`pixel_targets` as an observer with ``cfg`` learns them: found-only for
+    the neighbourhood mask, the colour table's for the colour one."""
+    return pixel_targets(frames, objects, cfg.colours, found_only=cfg.mask_reads != "colour")
+
+
+def mask_loss(
+    pixels: torch.Tensor, target: torch.Tensor, objects: torch.Tensor, balanced: bool = True
+) -> torch.Tensor:
     """Class logits ``pixels`` (B, F, P + 1, s, s) against :func:`pixel_targets`
-    (cross-entropy, the mean over background pixels plus that over objects'), plus the
+    (cross-entropy; ``balanced``: the mean over background pixels plus that over
+    objects', else over all pixels, whose probabilities then stay calibrated), plus the
     L1 of each colour's soft centroid against the probes' centre where the frame has
     exactly one object of it, in units of 4 pixels (so a quarter-pixel error still
     pulls)."""
@@ -290,7 +344,10 @@ def mask_loss(pixels: torch.Tensor, target: torch.Tensor, objects: torch.Tensor)
     # calling everything background is where the steps go first.
     per_pixel = F.cross_entropy(logits, target.flatten(0, 1), reduction="none")
     on = target.flatten(0, 1) > 0
-    loss = per_pixel[~on].mean() + (per_pixel[on].mean() if on.any() else 0)
+    if balanced:
+        loss = per_pixel[~on].mean() + (per_pixel[on].mean() if on.any() else 0)
+    else:
+        loss = per_pixel.mean()
     colour = objects[..., 0].long()
     per = (F.one_hot(colour.clamp_min(0), logits.shape[1] - 1) * (colour >= 0)[..., None]).sum(2)
     one = (per == 1).flatten(0, 1)  # (B F, P)
@@ -335,6 +392,23 @@ def mask_objects(probs: np.ndarray) -> list[list[dict]]:
         found.sort(key=lambda d: (d["x"], d["y"]))
         out.append(found)
     return out
+
+
+def object_counts(
+    objects: list[list[dict]], colours: int, side: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame objects (:func:`mask_objects`) of ``side``-pixel frames -> counts
+    (F, colours) of each palette colour's objects in each frame and ``where``
+    (F, colours, 2), their mean centre (y, x) as fractions of the side, 0 where none
+    (the probes' centres: :func:`colour_centres`)."""
+    counts = torch.zeros(len(objects), colours)
+    where = torch.zeros(len(objects), colours, 2)
+    for k, found in enumerate(objects):
+        for d in found:
+            c = COLOR_NAMES.index(d["color"])
+            counts[k, c] += 1
+            where[k, c] += torch.tensor([d["y"] + 0.5, d["x"] + 0.5]) / side
+    return counts, where / counts.clamp_min(1)[..., None]
 
 
 def impacts_by_rule(objects: list[list[dict]], side: int) -> torch.Tensor:
@@ -393,11 +467,12 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(pull_up.sum() + pull_down.sum()) / at_object.sum().clamp_min(1)
 
 
-def observation_loss(seen: dict, labels: dict) -> torch.Tensor:
+def observation_loss(seen: dict, labels: dict, balanced_mask: bool = True) -> torch.Tensor:
     """The heatmaps' focal loss against the objects the probes found (``objects``
     (B, F, K, 3): colour, x, y), the in-cell positions' L1 at their cells, plus impact
     and onset cross-entropy against their labels (``impact`` and ``onset`` (B, F) in
-    {0, 1}); with a mask, :func:`mask_loss` against ``pixels`` (:func:`pixel_targets`)."""
+    {0, 1}); with a mask, :func:`mask_loss` against ``pixels`` (:func:`pixel_targets`),
+    ``balanced_mask`` or not."""
     if "objects" not in labels:
         raise ValueError(
             "the observer learns where each object is: its labels need 'objects' "
@@ -425,7 +500,7 @@ def observation_loss(seen: dict, labels: dict) -> torch.Tensor:
                 "this observer classifies pixels: its labels need 'pixels' (B, F, s, s), "
                 "pixel_targets of the frames it read"
             )
-        loss = loss + mask_loss(seen["pixels"], labels["pixels"], labels["objects"])
+        loss = loss + mask_loss(seen["pixels"], labels["pixels"], labels["objects"], balanced_mask)
     return loss
 
 

@@ -67,7 +67,7 @@ from pipelines.align.observer import (
     centre_error,
     event_recall_precision,
     observation_loss,
-    pixel_targets,
+    observer_pixel_targets,
 )
 
 MODEL_NAME = "reward.safetensors"
@@ -80,13 +80,16 @@ FORMAT = "duet-reward-model"
 # 5: and places each within its cell (the observer's offset head); 6: optionally a
 # full-resolution pixel-class mask and impacts by the rater's rule (its config's
 # heat_size, mask_width and impacts); 7: optionally the observed scores read the
-# rater's rules over the observations (its config's rule_features).
-REWARD_SCHEMA_VERSION = 7
-# Versions 2 and 3 without an observer are version 7 models without one; a version 4
-# observer is a version 7 one that puts every object at its cell's centre; a version 5
-# observer is a version 7 one without a mask; a version 6 one is a version 7 one
-# without rule features (the field's default).
-READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)
+# rater's rules over the observations (its config's rule_features); 8: optionally
+# objects are counted from the mask, which may read each pixel's colour alone (its
+# config's counts and mask_reads).
+REWARD_SCHEMA_VERSION = 8
+# Versions 2 and 3 without an observer are version 8 models without one; a version 4
+# observer is a version 8 one that puts every object at its cell's centre; a version 5
+# observer is a version 8 one without a mask; a version 6 one is one without rule
+# features (the field's default); a version 7 one counts its heatmap's peaks and its
+# mask reads neighbourhoods (the defaults of counts and mask_reads).
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8)
 OFFSET_KEYS = ("observer.offset.weight", "observer.offset.bias")
 
 
@@ -512,9 +515,10 @@ def fit_observer(model: RewardModel, inputs: dict, train: list[int], val: list[i
         seen = model.observer(clips, inputs["audio"][pick], (start, length))
         labels = {k: v[:, window] for k, v in observation_labels(inputs, pick).items()}
         if "pixels" in seen:
-            labels["pixels"] = pixel_targets(clips[:, window], labels["objects"],
-                                             model.observer_config.colours)  # fmt: skip
-        _step(opt, observation_loss(seen, labels), losses, step, log)
+            labels["pixels"] = observer_pixel_targets(model.observer_config, clips[:, window],
+                                                      labels["objects"])  # fmt: skip
+        balanced = model.observer_config.mask_reads != "colour"
+        _step(opt, observation_loss(seen, labels, balanced), losses, step, log)
     report = {"steps": cfg.observer_steps, "train_rows": len(train), "val_rows": len(val),
               "final_loss": statistics.fmean(losses[-50:]) if losses else None}  # fmt: skip
     if val:
@@ -546,8 +550,8 @@ def pixel_recall_precision(observer, frames, audio, objects, batch: int = 8) -> 
     right = found = labelled = 0
     for i in range(0, len(frames), batch):
         guess = observer(frames[i : i + batch], audio[i : i + batch])["pixels"].argmax(2)
-        target = pixel_targets(frames[i : i + batch], objects[i : i + batch],
-                               observer.cfg.colours)  # fmt: skip
+        target = observer_pixel_targets(observer.cfg, frames[i : i + batch],
+                                        objects[i : i + batch])  # fmt: skip
         right += int(((guess == target) & (target > 0)).sum())
         found += int((guess > 0).sum())
         labelled += int((target > 0).sum())
@@ -599,6 +603,8 @@ def train_reward_model(
             heat_size=size // max(1, size // cfg.observer_heat_size), mask_width=cfg.observer_mask_width,
             impacts="rule" if cfg.observer_mask_width and cfg.observer_rule_impacts
             else "learned", rule_features=cfg.observer_rule_features,
+            counts="mask" if cfg.observer_mask_counts and cfg.observer_mask_width else "peaks",
+            mask_reads=cfg.observer_mask_reads,
         )  # fmt: skip
     model = RewardModel(**dims, net=net_config(cfg), observer=observer).to(device)
     seen = observer_report = None
