@@ -370,10 +370,10 @@ def _rows_and_inputs(n_prompts: int = 8, per_group: int = 4):
 
 def test_a_reward_model_taught_to_see_scores_the_observed_heads_from_frames(tmp_path):
     rows, inputs = _rows_and_inputs()
-    cfg = RewardConfig(steps=20, observer_steps=120, observer_batch=4, observer_window=8,
+    cfg = RewardConfig(steps=20, observer_steps=40, observer_batch=4, observer_window=8,
                        observer_lr=1e-2, observer_size=32, min_margin=0.01)  # fmt: skip
     model, report = train_reward_model(rows, inputs, cfg, DIMS)
-    assert model.reads_frames and report["observer"]["steps"] == 120
+    assert model.reads_frames and report["observer"]["steps"] == 40
     assert report["observer"]["train_rows"] == sum(r["split"] == "train" for r in rows)
     assert set(report["observer"]["val"]) >= {"count_error", "impact", "onset"}
     batch = [inputs[k][:4] for k in ("video", "audio", "tokens", "mask")]
@@ -394,7 +394,7 @@ def test_a_reward_model_taught_to_see_scores_the_observed_heads_from_frames(tmp_
     assert torch.equal(loaded(*batch, frames=inputs["frames"][:4]), scored)
     assert loaded.observer.mask is not None and meta["observer"]["impacts"] == "rule"
     assert loaded.observed.sync_rules is not None and meta["observer"]["rule_features"]
-    assert meta["observer"]["counts"] == "mask" and meta["observer"]["mask_reads"] == "colour"
+    assert meta["observer"]["counts"] == "peaks" and meta["observer"]["mask_reads"] == "colour"
     # A version 7 file (no counts or mask_reads: a neighbourhood mask) still loads,
     # counting the peaks.
     seven = {k: v for k, v in meta["observer"].items() if k not in ("counts", "mask_reads")}

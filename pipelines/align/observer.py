@@ -100,8 +100,8 @@ class ObserverConfig:
     # "colour" (each pixel's own colour through 1 x 1 layers, trained on the probes'
     # colour table; their cleaning of objects is :func:`mask_objects`'). Without the
     # found-only rule, which no local network can learn, and with a plain cross-entropy
-    # whose probabilities stay calibrated at 0.5, its objects count as the probes' do
-    # on 99% of held-out colour-frames (session 45).
+    # whose probabilities stay calibrated at 0.5: an exact table's objects are the
+    # probes' own (session 45).
     mask_reads: str = "neighbourhood"
     # How impacts are read: "learned" (a temporal convolution over the pooled frames)
     # or "rule" (the rater's tracker and kink rule over the mask's objects; needs
