@@ -333,6 +333,7 @@ def _short_chain_config(manifest: str, run_uri: str) -> dict:
                  "preferences": {"candidates_per_prompt": 4, "rounds": 1, "steps": 4},
                  "reward": {"steps": 20, "holdout_fraction": 0.34, "min_margin": 0.01, "min_agreement": 0.0,
                             "observer_steps": 20, "observer_batch": 4, "observer_size": 64,
+                            "observer_colour_steps": 20,
                             "corpus_contrasts": 8}},
         "distill": {"steps": 20, "batch_size": 8, "trajectories_per_prompt": 2,
                     "teacher_steps": 4, "checkpoint_every": 10, "log_every": 5},

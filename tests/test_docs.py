@@ -74,7 +74,7 @@ log_every = 1
 preferences = {candidates_per_prompt = 2, rounds = 1, steps = 2}
 # A functional chain: at two steps the candidates can be alike, so every pair counts
 # and the agreement floor is off (what the reward model learns is bench/quality.py's).
-reward = {steps = 2, min_margin = 0.0, min_agreement = 0.0, observer_steps = 2, observer_batch = 2}
+reward = {steps = 2, min_margin = 0.0, min_agreement = 0.0, observer_steps = 2, observer_batch = 2, observer_colour_steps = 2}
 """  # noqa: E501
 
 

@@ -329,6 +329,16 @@ def observer_pixel_targets(cfg: ObserverConfig, frames: torch.Tensor, objects: t
     return pixel_targets(frames, objects, cfg.colours, found_only=cfg.mask_reads != "colour")
 
 
+def colour_table_loss(mask: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """A colour mask's cross-entropy on loose ``pixels`` (n, 3) uint8 against the probes'
+    colour table (:func:`pixel_targets` with ``found_only`` off): its classes are a
+    function of each pixel's colour alone, so pixels drawn from many frames teach it as
+    whole frames do, at a fraction of the cost."""
+    x = pixels.float().div(127.5).sub(1).T[None, :, :, None]  # (1, 3, n, 1)
+    target = pixel_targets(pixels.T[None, None, :, :, None], None, 0, found_only=False)
+    return F.cross_entropy(mask(x), target[0])  # (1, P + 1, n, 1) against (1, n, 1)
+
+
 def mask_loss(
     pixels: torch.Tensor, target: torch.Tensor, objects: torch.Tensor, balanced: bool = True
 ) -> torch.Tensor:

@@ -65,6 +65,7 @@ from pipelines.align.observer import (
     ObservedScores,
     ObserverConfig,
     centre_error,
+    colour_table_loss,
     event_recall_precision,
     observation_loss,
     observer_pixel_targets,
@@ -454,6 +455,37 @@ def score_rows(model: RewardModel, inputs: dict, index, seen: dict | None = None
     )  # fmt: skip
 
 
+# The colour mask's own training (fit_colour_mask): pixels a step, from this many
+# random frames, at this learning rate (cosine), as measured in session 45.
+COLOUR_PIXELS, COLOUR_FRAMES, COLOUR_LR = 8192, 64, 3e-3
+
+
+def fit_colour_mask(mask: nn.Module, frames: torch.Tensor, rows: list[int], steps: int, gen):
+    """Teach a colour mask (:class:`pipelines.align.observer.ClipObserver`'s with
+    ``mask_reads`` "colour") the probes' colour table on pixels drawn from the ``rows``'
+    frames (N, F, 3, s, s): ``steps`` steps of :data:`COLOUR_PIXELS` pixels
+    (:func:`pipelines.align.observer.colour_table_loss`). A pixel costs a few thousand
+    multiply-adds, so it takes many more steps than the observer's in less time."""
+    opt = torch.optim.AdamW(mask.parameters(), lr=COLOUR_LR)
+    for step in range(steps):
+        _cosine_lr(opt, COLOUR_LR, step, steps)
+        opt.zero_grad(set_to_none=True)
+        colour_table_loss(mask, sample_pixels(frames, rows, gen)).backward()
+        opt.step()
+
+
+def sample_pixels(frames: torch.Tensor, rows: list[int], gen) -> torch.Tensor:
+    """:data:`COLOUR_PIXELS` pixels (n, 3) uint8 of the ``rows``' frames (N, F, 3, s, s),
+    as many from each of :data:`COLOUR_FRAMES` random frames of random rows."""
+    k, each = COLOUR_FRAMES, COLOUR_PIXELS // COLOUR_FRAMES
+    row = torch.tensor(rows)[torch.randint(0, len(rows), (k,), generator=gen)]
+    frame = torch.randint(0, frames.shape[1], (k,), generator=gen)
+    ys, xs = (torch.randint(0, frames.shape[-1], (k, each), generator=gen) for _ in range(2))
+    dev = frames.device
+    picked = frames[row.to(dev), frame.to(dev)]  # (k, 3, s, s)
+    return picked[torch.arange(k, device=dev)[:, None], :, ys.to(dev), xs.to(dev)].flatten(0, 1)
+
+
 def observe_rows(model: RewardModel, inputs: dict, batch: int = 32) -> dict:
     """What the (frozen) observer sees in every row's frames, detached."""
     found = []
@@ -500,8 +532,12 @@ def fit_observer(model: RewardModel, inputs: dict, train: list[int], val: list[i
     val = [i for i in val if has[i]]
     frames = inputs["frames"]
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    opt = torch.optim.AdamW(model.observer.parameters(), lr=cfg.observer_lr,
-                            weight_decay=cfg.weight_decay)  # fmt: skip
+    colour = model.observer_config.mask_reads == "colour" and cfg.observer_colour_steps > 0
+    if colour:  # the colour mask first, on its own, then it stays as it is
+        fit_colour_mask(model.observer.mask, frames, train, cfg.observer_colour_steps, gen)
+        model.observer.mask.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.observer.parameters() if p.requires_grad],
+                            lr=cfg.observer_lr, weight_decay=cfg.weight_decay)  # fmt: skip
     losses = []
     length = min(cfg.observer_window, frames.shape[1])
     for step in range(cfg.observer_steps):
@@ -514,12 +550,15 @@ def fit_observer(model: RewardModel, inputs: dict, train: list[int], val: list[i
         clips = frames[pick]
         seen = model.observer(clips, inputs["audio"][pick], (start, length))
         labels = {k: v[:, window] for k, v in observation_labels(inputs, pick).items()}
-        if "pixels" in seen:
+        if colour:
+            seen.pop("pixels")  # learned already
+        elif "pixels" in seen:
             labels["pixels"] = observer_pixel_targets(model.observer_config, clips[:, window],
                                                       labels["objects"])  # fmt: skip
         balanced = model.observer_config.mask_reads != "colour"
         _step(opt, observation_loss(seen, labels, balanced), losses, step, log)
     report = {"steps": cfg.observer_steps, "train_rows": len(train), "val_rows": len(val),
+              "colour_steps": cfg.observer_colour_steps if colour else 0,
               "final_loss": statistics.fmean(losses[-50:]) if losses else None}  # fmt: skip
     if val:
         idx = torch.tensor(val)
