@@ -40,8 +40,8 @@ the world heads (sync, adherence, motion), not footage.
 ``--mask-width``, ``--mask-reads``, ``--counts`` and ``--impacts`` (``pixels`` only)
 choose the observer's way of placing and counting objects and reading impacts
 (defaults: the product's, a pixel mask reading each pixel's colour, objects counted
-from it and impacts by the rater's rule over them; ``--mask-width 0 --counts peaks
---impacts learned --size 64`` is the observer of sessions 25-42). ``--save DIR`` keeps
+by the heatmap's peaks and impacts by the rater's rule over the mask's objects;
+``--mask-width 0 --impacts learned --size 64`` is the observer of sessions 25-42). ``--save DIR`` keeps
 the trained reward model.
 
 ``--rule-features off`` scores ``frames`` and ``pixels`` from per-frame features only, as

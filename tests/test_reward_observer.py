@@ -260,7 +260,21 @@ def test_mask_objects_are_cleaned_as_the_probes_clean_theirs():
     frame = np.zeros((side, side, 3), np.uint8)
     for name in ("orange", "red"):
         frame[probs[0, COLOR_NAMES.index(name)] > 0.5] = RGB[name]
-    assert [d["color"] for d in detect_objects(frame, min_object_area(side))] == ["red"]
+    probes = detect_objects(frame, min_object_area(side))
+    assert [d["color"] for d in probes] == ["red"]
+    # Given the frame, its centre is the probes' own (their subpixel centroid), here
+    # on an off-grid disc whose edge pixels are blends of its colour and the backdrop.
+    yy, xx = np.mgrid[0:side, 0:side]
+    cover = np.clip(5.0 - np.hypot(yy - 30.3, xx - 29.6), 0, 1)[..., None]
+    blend = (cover * np.asarray(RGB["red"]) + (1 - cover) * 128).round().astype(np.uint8)
+    probes = detect_objects(blend, min_object_area(side))
+    probs = np.zeros((1, len(COLOR_NAMES), side, side), np.float32)
+    probs[0, COLOR_NAMES.index("red")] = label_pixels(blend) == COLOR_NAMES.index("red")
+    seen = mask_objects(probs, blend.transpose(2, 0, 1)[None])[0]
+    assert len(probes) == len(seen) == 1
+    assert (seen[0]["x"], seen[0]["y"]) == pytest.approx((probes[0]["x"], probes[0]["y"]), abs=1e-6)
+    weighted = mask_objects(probs)[0][0]
+    assert abs(weighted["x"] - probes[0]["x"]) + abs(weighted["y"] - probes[0]["y"]) > 0.02
 
 
 def test_rule_features_are_the_raters_sync_and_motion_over_the_observations():

@@ -143,7 +143,8 @@ class RewardConfig:
     # A full-resolution pixel-class mask of observer_mask_width channels (0: none) gives
     # each colour's centre to about a quarter pixel (median, held out; the peaks: 1.3),
     # and with observer_rule_impacts the impacts are read from its objects by the
-    # rater's own tracker and kink rule instead of a learned head (session 43).
+    # rater's own tracker and kink rule instead of a learned head (session 43). 64
+    # channels: the colour mask's (below) measured width.
     observer_mask_width: int = 64
     observer_rule_impacts: bool = True
     # The mask reads each pixel's own colour ("colour", 1 x 1 layers, learning the

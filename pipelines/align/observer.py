@@ -61,7 +61,15 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from core.probes.detect import COLOR_NAMES, LUT_SHIFT, color_lut, min_object_area, object_pixels
+from core.probes.detect import (
+    BACKGROUND,
+    COLOR_NAMES,
+    LUT_SHIFT,
+    color_lut,
+    min_object_area,
+    object_pixels,
+    subpixel_centroid,
+)
 from core.probes.probe import TRACK_GATE_FRACTION
 from core.probes.tracks import segment_events
 from pipelines.align.rater import IMPACT_TYPES, SYNC_TOLERANCE_FRAMES
@@ -98,10 +106,10 @@ class ObserverConfig:
     # What the mask reads: "neighbourhood" (two 3 x 3 layers over the frame and its
     # change, trained to call a colour only where the probes found an object of it) or
     # "colour" (each pixel's own colour through 1 x 1 layers, trained on the probes'
-    # colour table; their cleaning of objects is :func:`mask_objects`'). Without the
-    # found-only rule, which no local network can learn, and with a plain cross-entropy
-    # whose probabilities stay calibrated at 0.5: an exact table's objects are the
-    # probes' own (session 45).
+    # colour table; the probes' cleaning of objects is then :func:`mask_objects`'s).
+    # Without the found-only rule, which no local network can learn, and with a plain
+    # cross-entropy whose probabilities stay calibrated at 0.5: an exact table's
+    # objects are the probes' own (session 45).
     mask_reads: str = "neighbourhood"
     # How impacts are read: "learned" (a temporal convolution over the pooled frames)
     # or "rule" (the rater's tracker and kink rule over the mask's objects; needs
@@ -242,7 +250,8 @@ class ClipObserver(nn.Module):
         if self.cfg.impacts == "learned" and self.cfg.counts == "peaks":
             return out
         probs = seen["pixels"].softmax(2)[:, :, 1:].float().cpu().numpy()  # (B, F, P, s, s)
-        clips = [mask_objects(clip) for clip in probs]
+        pictures = frames.cpu().numpy()  # (B, F, 3, s, s): objects centred as the probes do
+        clips = [mask_objects(c, p) for c, p in zip(probs, pictures, strict=True)]
         device = out["onset"].device
         if self.cfg.impacts == "rule":
             side = frames.shape[-1]
@@ -368,13 +377,19 @@ def mask_loss(
     return loss + (soft - exact).abs().sum(-1)[one].mean() * s / 4
 
 
-def mask_objects(probs: np.ndarray) -> list[list[dict]]:
+def mask_objects(probs: np.ndarray, frames: np.ndarray | None = None) -> list[list[dict]]:
     """One clip's pixel probabilities (F, P, s, s) -> per frame the objects as the
     probes report them to the tracker: each colour's connected regions above 0.5 of at
     least the probes' smallest object's area, cleaned as the probes clean theirs
     (:func:`core.probes.detect.object_pixels`: the fringes a 3 x 3 opening removes go,
-    holes are filled) and centred at their probability-weighted centroid in pixels
-    (pixel centres at integers), in the probes' order (by x, then y)."""
+    holes are filled), in the probes' order (by x, then y), centred in pixels (pixel
+    centres at integers): with the clip's ``frames`` (F, 3, s, s) uint8 as the probes
+    centre theirs (:func:`core.probes.detect.subpixel_centroid`, each edge pixel
+    weighted by how far its colour lies from the backdrop's towards the object's),
+    else at the region's probability-weighted centroid. The rater's kink rule needs
+    the former: on the colour table's own regions, impacts from probability-weighted
+    centres had precision 0.69 and recall 0.78, from the probes' centring 1.0 and 1.0
+    (session 45)."""
     f, p, s, _ = probs.shape
     least = min_object_area(s)
     out = []
@@ -382,6 +397,9 @@ def mask_objects(probs: np.ndarray) -> list[list[dict]]:
     seen = on.sum((2, 3)) >= least  # (F, P): most colours are absent from most frames
     for k in range(f):
         found = []
+        if frames is not None:  # the probes' labels: a colour where one is confident
+            picture = np.ascontiguousarray(frames[k].transpose(1, 2, 0))
+            labels = np.where(on[k].any(0), on[k].argmax(0), BACKGROUND).astype(np.int8)
         for c in np.nonzero(seen[k])[0]:
             regions, _ = ndimage.label(on[k, c])
             sizes = np.bincount(regions.ravel())
@@ -392,12 +410,15 @@ def mask_objects(probs: np.ndarray) -> list[list[dict]]:
                 area = 0 if cleaned is None else int(cleaned[1].sum())
                 if area < least:
                     continue
-                weight = probs[k, c][box] * cleaned[1]
-                ys, xs = np.mgrid[box[0], box[1]]
-                total = float(weight.sum())
-                found.append({"color": COLOR_NAMES[c], "shape": "circle",
-                              "x": float((weight * xs).sum() / total),
-                              "y": float((weight * ys).sum() / total),
+                if frames is not None:
+                    origin = (box[0].start, box[1].start)
+                    x, y = subpixel_centroid(picture, labels, cleaned[1], origin, int(c))
+                else:
+                    weight = probs[k, c][box] * cleaned[1]
+                    ys, xs = np.mgrid[box[0], box[1]]
+                    total = float(weight.sum())
+                    x, y = float((weight * xs).sum() / total), float((weight * ys).sum() / total)
+                found.append({"color": COLOR_NAMES[c], "shape": "circle", "x": x, "y": y,
                               "area": float(area)})  # fmt: skip
         found.sort(key=lambda d: (d["x"], d["y"]))
         out.append(found)
