@@ -314,16 +314,23 @@ def pixel_targets(
     :func:`core.probes.detect.color_lut`), else 0; with ``found_only`` only where the
     probes found that colour in the frame (stray pixels of a colour no object has are
     background too)."""
-    lut = _colour_table(frames.device)
-    q = (frames >> LUT_SHIFT).long()  # (B, F, 3, s, s)
-    n = lut.shape[0]
-    cls = lut.flatten()[(q[:, :, 0] * n + q[:, :, 1]) * n + q[:, :, 2]]  # (B, F, s, s)
+    table = table_classes(frames)  # (B, F, s, s)
     if not found_only:
-        return cls + 1  # the table says -1 where a pixel is no palette colour
+        return table
+    cls = table - 1
     colour = objects[..., 0].long()
     present = (F.one_hot(colour.clamp_min(0), colours) * (colour >= 0)[..., None]).sum(2) > 0
     keep = torch.gather(present, 2, cls.clamp_min(0).flatten(2)).view_as(cls) & (cls >= 0)
     return torch.where(keep, cls + 1, torch.zeros_like(cls))
+
+
+def table_classes(pixels: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) uint8 pixels -> (..., H, W) 1 + each one's palette colour by the
+    probes' colour table (:func:`core.probes.detect.color_lut`), 0 where it is none."""
+    lut = _colour_table(pixels.device)
+    n = lut.shape[0]
+    r, g, b = (pixels >> LUT_SHIFT).long().unbind(-3)
+    return lut.flatten()[(r * n + g) * n + b] + 1  # the table says -1 for no colour
 
 
 @functools.lru_cache(maxsize=4)
@@ -340,12 +347,12 @@ def observer_pixel_targets(cfg: ObserverConfig, frames: torch.Tensor, objects: t
 
 def colour_table_loss(mask: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """A colour mask's cross-entropy on loose ``pixels`` (n, 3) uint8 against the probes'
-    colour table (:func:`pixel_targets` with ``found_only`` off): its classes are a
-    function of each pixel's colour alone, so pixels drawn from many frames teach it as
-    whole frames do, at a fraction of the cost."""
-    x = pixels.float().div(127.5).sub(1).T[None, :, :, None]  # (1, 3, n, 1)
-    target = pixel_targets(pixels.T[None, None, :, :, None], None, 0, found_only=False)
-    return F.cross_entropy(mask(x), target[0])  # (1, P + 1, n, 1) against (1, n, 1)
+    colour table (:func:`table_classes`): its classes are a function of each pixel's
+    colour alone, so pixels drawn from many frames teach it as whole frames do, at a
+    fraction of the cost."""
+    column = pixels.T[None, :, :, None]  # (1, 3, n, 1)
+    x = column.float().div(127.5).sub(1)
+    return F.cross_entropy(mask(x), table_classes(column))  # (1, P + 1, n, 1), (1, n, 1)
 
 
 def mask_loss(
@@ -432,14 +439,14 @@ def object_counts(
     (F, colours) of each palette colour's objects in each frame and ``where``
     (F, colours, 2), their mean centre (y, x) as fractions of the side, 0 where none
     (the probes' centres: :func:`colour_centres`)."""
-    counts = torch.zeros(len(objects), colours)
-    where = torch.zeros(len(objects), colours, 2)
+    table = torch.full((len(objects), max([1, *map(len, objects)]), 3), -1.0)  # (F, K, 3)
     for k, found in enumerate(objects):
-        for d in found:
-            c = COLOR_NAMES.index(d["color"])
-            counts[k, c] += 1
-            where[k, c] += torch.tensor([d["y"] + 0.5, d["x"] + 0.5]) / side
-    return counts, where / counts.clamp_min(1)[..., None]
+        for j, d in enumerate(found):
+            table[k, j] = torch.tensor([COLOR_NAMES.index(d["color"]), d["x"] + 0.5, d["y"] + 0.5])
+    table[..., 1:] /= side  # colour -1 rows stay out of both sums below
+    colour = table[..., 0].long()
+    counts = (F.one_hot(colour.clamp_min(0), colours) * (colour >= 0)[..., None]).sum(1)
+    return counts.float(), colour_centres(table[None], colours)[0]
 
 
 def impacts_by_rule(objects: list[list[dict]], side: int) -> torch.Tensor:
