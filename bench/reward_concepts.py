@@ -556,9 +556,10 @@ def main(argv=None) -> int:
                     "the heatmap peaks)")  # fmt: skip
     ap.add_argument(
         "--mask-reads",
-        choices=("colour", "neighbourhood"),
+        choices=("palette", "colour", "neighbourhood"),
         default=RewardConfig.observer_mask_reads,
-        help="pixels only: the mask reads each pixel's colour or its neighbourhood",
+        help="pixels only: the mask reads each pixel's colour as the colour table does, its "
+        "colour alone, or its neighbourhood",
     )
     ap.add_argument("--rule-features", choices=("on", "off"), default="on",
                     help="sync and motion scored by a read of the rater's rules over the "

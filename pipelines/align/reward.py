@@ -61,6 +61,7 @@ from core import storage
 from pipelines.align.config import HEADS, RewardConfig
 from pipelines.align.observer import (
     OBSERVED_HEADS,
+    PIXEL_READS,
     ClipObserver,
     ObservedScores,
     ObserverConfig,
@@ -83,14 +84,16 @@ FORMAT = "duet-reward-model"
 # heat_size, mask_width and impacts); 7: optionally the observed scores read the
 # rater's rules over the observations (its config's rule_features); 8: optionally
 # objects are counted from the mask, which may read each pixel's colour alone (its
-# config's counts and mask_reads).
-REWARD_SCHEMA_VERSION = 8
-# Versions 2 and 3 without an observer are version 8 models without one; a version 4
-# observer is a version 8 one that puts every object at its cell's centre; a version 5
-# observer is a version 8 one without a mask; a version 6 one is one without rule
+# config's counts and mask_reads); 9: the mask may read each pixel as the probes'
+# colour table does (its config's mask_reads "palette": a buffer of prototype colours).
+REWARD_SCHEMA_VERSION = 9
+# Versions 2 and 3 without an observer are version 9 models without one; a version 4
+# observer is a version 9 one that puts every object at its cell's centre; a version 5
+# observer is a version 9 one without a mask; a version 6 one is one without rule
 # features (the field's default); a version 7 one counts its heatmap's peaks and its
-# mask reads neighbourhoods (the defaults of counts and mask_reads).
-READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8)
+# mask reads neighbourhoods (the defaults of counts and mask_reads); a version 8 one
+# never reads "palette".
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8, 9)
 OFFSET_KEYS = ("observer.offset.weight", "observer.offset.bias")
 
 
@@ -462,7 +465,7 @@ COLOUR_PIXELS, COLOUR_FRAMES, COLOUR_LR = 8192, 64, 3e-3
 
 def fit_colour_mask(mask: nn.Module, frames: torch.Tensor, rows: list[int], steps: int, gen):
     """Teach a colour mask (:class:`pipelines.align.observer.ClipObserver`'s with
-    ``mask_reads`` "colour") the probes' colour table on pixels drawn from the ``rows``'
+    ``mask_reads`` "colour" or "palette") the probes' colour table on pixels drawn from the ``rows``'
     frames (N, F, 3, s, s): ``steps`` steps of :data:`COLOUR_PIXELS` pixels
     (:func:`pipelines.align.observer.colour_table_loss`). A pixel costs a few thousand
     multiply-adds, so it takes many more steps than the observer's in less time."""
@@ -532,7 +535,8 @@ def fit_observer(model: RewardModel, inputs: dict, train: list[int], val: list[i
     val = [i for i in val if has[i]]
     frames = inputs["frames"]
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    colour = model.observer_config.mask_reads == "colour" and cfg.observer_colour_steps > 0
+    pixel_reads = model.observer_config.mask_reads in PIXEL_READS
+    colour = pixel_reads and cfg.observer_colour_steps > 0
     if colour:  # the colour mask first, on its own, then it stays as it is
         fit_colour_mask(model.observer.mask, frames, train, cfg.observer_colour_steps, gen)
         model.observer.mask.requires_grad_(False)
@@ -555,7 +559,7 @@ def fit_observer(model: RewardModel, inputs: dict, train: list[int], val: list[i
         elif "pixels" in seen:
             labels["pixels"] = observer_pixel_targets(model.observer_config, clips[:, window],
                                                       labels["objects"])  # fmt: skip
-        balanced = model.observer_config.mask_reads != "colour"
+        balanced = not pixel_reads
         _step(opt, observation_loss(seen, labels, balanced), losses, step, log)
     report = {"steps": cfg.observer_steps, "train_rows": len(train), "val_rows": len(val),
               "colour_steps": cfg.observer_colour_steps if colour else 0,
